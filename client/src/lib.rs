@@ -1,0 +1,1 @@
+//! Allium client crate.

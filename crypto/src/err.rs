@@ -1,0 +1,68 @@
+//! Errors of the crypto crate.
+//!
+//! Crypto failures carry no detail that could serve as an oracle; callers turn them into a silent
+//! DESTROY (reason NONE) or a closed link.
+
+use std::path::PathBuf;
+
+/// An error from a cryptographic operation or from key handling.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CryptoError {
+    /// A key's bytes are malformed.
+    #[error("malformed {what}")]
+    BadKey {
+        /// Which key.
+        what: &'static str,
+    },
+    /// A signature did not verify.
+    #[error("signature verification failed")]
+    BadSignature,
+    /// A handshake failed (bad MAC, non-contributory DH, wrong identity or onion key, malformed data).
+    #[error("circuit handshake failed")]
+    HandshakeFailed,
+    /// A relay cell failed authentication, or arrived out of order, replayed or altered.
+    #[error("relay cell authentication failed")]
+    CellAuthFailed,
+    /// A per-circuit cell counter reached its limit; the circuit must be destroyed.
+    #[error("cell counter exhausted; circuit must be destroyed")]
+    CounterExhausted,
+    /// A message does not fit in a relay cell.
+    #[error("relay message too long ({len} bytes, at most {max})")]
+    MessageTooLong {
+        /// Requested length.
+        len: usize,
+        /// Maximum allowed.
+        max: usize,
+    },
+    /// The hop index is outside the circuit.
+    #[error("no such hop on this circuit")]
+    NoSuchHop,
+    /// A key file is group- or world-readable.
+    #[error(
+        "key file {path} is readable by other users (mode {mode:o}); run `chmod 600 {path}` and retry"
+    )]
+    InsecureKeyFile {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A key file could not be read or written.
+    #[error("key file {path}: {source}")]
+    KeyFileIo {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A key file has the wrong size or format.
+    #[error("key file {path} is malformed: {why}")]
+    KeyFileMalformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: &'static str,
+    },
+}

@@ -1,0 +1,1 @@
+//! Allium proto crate.

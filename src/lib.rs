@@ -1,0 +1,1 @@
+//! The `allium` binary's subcommands.

@@ -1,0 +1,2 @@
+//! The `allium` binary.
+fn main() {}

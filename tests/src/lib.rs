@@ -1,0 +1,1 @@
+//! Whole-network test helpers for Allium.
