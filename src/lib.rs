@@ -1,1 +1,58 @@
-//! The `allium` binary's subcommands.
+//! The `allium` binary's command-line front end: one module per subcommand.
+//!
+//! Not in this crate: protocol logic (see the workspace crates).
+
+pub mod cmd;
+mod logging;
+
+use clap::{Parser, Subcommand};
+
+/// Allium: an onion-routing anonymity overlay.
+#[derive(Parser, Debug)]
+#[command(name = "allium", version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter, e.g. `info` or `allium_relay=debug` (also read from `ALLIUM_LOG`).
+    #[arg(long, global = true)]
+    pub log: Option<String>,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create relay or authority keys.
+    Keygen(cmd::keygen::Args),
+    /// Run a directory authority, or issue its signing-key certificate.
+    Authority(cmd::authority::Args),
+    /// Run a relay.
+    Relay(cmd::relay::Args),
+    /// Run the client: a local SOCKS5 proxy.
+    Proxy(cmd::proxy::Args),
+    /// Show a consensus.
+    Consensus(cmd::consensus::Args),
+    /// Run a whole local network (authorities, relays, a proxy) on 127.0.0.1.
+    Testnet(cmd::testnet::Args),
+}
+
+/// Parse the command line, run the subcommand, and map errors to an exit code with a message.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log.as_deref());
+    let result = match cli.command {
+        Command::Keygen(a) => cmd::keygen::run(a),
+        Command::Authority(a) => cmd::authority::run(a),
+        Command::Relay(a) => cmd::relay::run(a),
+        Command::Proxy(a) => cmd::proxy::run(a),
+        Command::Consensus(a) => cmd::consensus::run(a),
+        Command::Testnet(a) => cmd::testnet::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("allium: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,2 +1,5 @@
-//! The `allium` binary.
-fn main() {}
+//! The `allium` binary: a thin shell over the library crates.
+
+fn main() -> std::process::ExitCode {
+    allium::main()
+}

@@ -1,0 +1,18 @@
+//! One module per subcommand. Each has `Args` (clap) and `run(Args) -> CmdResult`.
+
+pub mod authority;
+pub mod consensus;
+pub mod keygen;
+pub mod proxy;
+pub mod relay;
+pub mod testnet;
+
+/// The error a subcommand returns: a message for the person at the terminal.
+pub type CmdResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Build a multi-threaded tokio runtime for a long-running role.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
