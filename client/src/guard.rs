@@ -1,0 +1,248 @@
+//! Guards: a small, persistent set of first hops (a much reduced Tor guard-spec / prop 271).
+//!
+//! The state file `guards.json` in the data directory lists sampled guards in preference order.
+//! The *primary* guards are the first `n` entries that the current consensus lists as Running,
+//! Valid and Guard. When fewer than `n` are usable, new guards are sampled (weighted by
+//! consensus weight) and appended; old entries are kept (up to [`MAX_SAMPLED`]) so that a guard
+//! that comes back regains its place. Circuits use the first primary guard that is reachable and
+//! compatible with the chosen exit.
+
+use std::path::{Path, PathBuf};
+
+use allium_crypto::RelayId;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::err::ClientError;
+use crate::path::{RelayInfo, weighted_choice};
+
+/// Most sampled guards remembered in the state file.
+pub const MAX_SAMPLED: usize = 30;
+/// Largest state file we read.
+const MAX_FILE_LEN: u64 = 1 << 20;
+/// The state file's name inside the data directory.
+pub const STATE_FILE: &str = "guards.json";
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+struct GuardRecord {
+    /// Ed25519 identity, hex.
+    id: String,
+    /// When it was sampled (unix seconds).
+    added: u64,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct GuardFile {
+    version: u16,
+    guards: Vec<GuardRecord>,
+}
+
+/// The sampled guards, in preference order, and where they are kept.
+#[derive(Debug)]
+pub struct GuardSet {
+    path: PathBuf,
+    sampled: Vec<(RelayId, u64)>,
+}
+
+impl GuardSet {
+    /// Load `dir/guards.json` (an absent file means no guards yet; a corrupt one is set aside
+    /// as `guards.json.bad` with a warning).
+    pub fn load(dir: &Path) -> Result<Self, ClientError> {
+        let path = dir.join(STATE_FILE);
+        let mut set = Self {
+            path,
+            sampled: Vec::new(),
+        };
+        let meta = match std::fs::metadata(&set.path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(set),
+            Err(e) => return Err(ClientError::file(&set.path, "reading", e)),
+        };
+        let parsed = if meta.len() > MAX_FILE_LEN {
+            None
+        } else {
+            let text = std::fs::read_to_string(&set.path)
+                .map_err(|e| ClientError::file(&set.path, "reading", e))?;
+            serde_json::from_str::<GuardFile>(&text).ok()
+        };
+        match parsed {
+            Some(f) if f.version == 1 => {
+                for g in f.guards.into_iter().take(MAX_SAMPLED) {
+                    if let Ok(id) = RelayId::from_hex(&g.id)
+                        && !set.sampled.iter().any(|(x, _)| *x == id)
+                    {
+                        set.sampled.push((id, g.added));
+                    }
+                }
+            }
+            _ => {
+                let bad = set.path.with_extension("json.bad");
+                tracing::warn!(
+                    "guard state file {} is unreadable; moved it to {} and sampling new guards",
+                    set.path.display(),
+                    bad.display()
+                );
+                let _ = std::fs::rename(&set.path, &bad);
+            }
+        }
+        Ok(set)
+    }
+
+    /// Write the state file atomically (temporary file, then rename).
+    pub fn save(&self) -> Result<(), ClientError> {
+        let f = GuardFile {
+            version: 1,
+            guards: self
+                .sampled
+                .iter()
+                .map(|(id, added)| GuardRecord {
+                    id: id.to_hex(),
+                    added: *added,
+                })
+                .collect(),
+        };
+        let text = serde_json::to_string_pretty(&f)
+            .map_err(|e| ClientError::Config(format!("encoding guard state: {e}")))?;
+        let tmp = self.path.with_extension("json.tmp");
+        std::fs::write(&tmp, text).map_err(|e| ClientError::file(&tmp, "writing", e))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| ClientError::file(&self.path, "writing", e))
+    }
+
+    fn is_usable_guard(relays: &[RelayInfo], id: &RelayId) -> bool {
+        relays
+            .iter()
+            .any(|r| r.id == *id && r.usable() && r.flags.guard)
+    }
+
+    /// Make sure at least `n` sampled guards are usable in `relays`, sampling new ones if
+    /// needed. Returns whether the sample changed (then call [`GuardSet::save`]).
+    pub fn refresh<R: Rng + ?Sized>(
+        &mut self,
+        relays: &[RelayInfo],
+        n: usize,
+        now_unix: u64,
+        rng: &mut R,
+    ) -> bool {
+        let mut changed = false;
+        loop {
+            let usable = self
+                .sampled
+                .iter()
+                .filter(|(id, _)| Self::is_usable_guard(relays, id))
+                .count();
+            if usable >= n {
+                break;
+            }
+            let cands: Vec<&RelayInfo> = relays
+                .iter()
+                .filter(|r| {
+                    r.usable() && r.flags.guard && !self.sampled.iter().any(|(id, _)| *id == r.id)
+                })
+                .collect();
+            let Some(pick) = weighted_choice(&cands, rng) else {
+                break;
+            };
+            if self.sampled.len() >= MAX_SAMPLED {
+                // Forget the oldest entry that is not usable now.
+                if let Some(pos) = self
+                    .sampled
+                    .iter()
+                    .position(|(id, _)| !Self::is_usable_guard(relays, id))
+                {
+                    self.sampled.remove(pos);
+                } else {
+                    break;
+                }
+            }
+            self.sampled.push((pick.id, now_unix));
+            changed = true;
+        }
+        changed
+    }
+
+    /// The primary guards: the first `n` sampled guards usable in `relays`, in order.
+    pub fn primary(&self, relays: &[RelayInfo], n: usize) -> Vec<RelayId> {
+        self.sampled
+            .iter()
+            .filter(|(id, _)| Self::is_usable_guard(relays, id))
+            .map(|(id, _)| *id)
+            .take(n)
+            .collect()
+    }
+
+    /// Every sampled guard, in order.
+    pub fn sampled(&self) -> Vec<RelayId> {
+        self.sampled.iter().map(|(id, _)| *id).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::path::tests::relay;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn net() -> Vec<RelayInfo> {
+        (1..=12u8)
+            .map(|i| relay(i, [10, i, 0, 1], i <= 8, i > 8, 100))
+            .collect()
+    }
+
+    #[test]
+    fn persists_across_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let relays = net();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut g = GuardSet::load(dir.path()).unwrap();
+        assert!(g.primary(&relays, 3).is_empty());
+        assert!(g.refresh(&relays, 3, 1000, &mut rng));
+        let first = g.primary(&relays, 3);
+        assert_eq!(first.len(), 3);
+        for id in &first {
+            assert!(relays.iter().any(|r| r.id == *id && r.flags.guard));
+        }
+        g.save().unwrap();
+        assert!(!g.refresh(&relays, 3, 1001, &mut rng), "nothing to add");
+
+        let mut g2 = GuardSet::load(dir.path()).unwrap();
+        assert_eq!(
+            g2.primary(&relays, 3),
+            first,
+            "same guards, same order after restart"
+        );
+        assert!(!g2.refresh(&relays, 3, 2000, &mut rng));
+
+        // The first guard leaves the consensus: a new one is sampled, the old one is kept.
+        let gone = first[0];
+        let fewer: Vec<RelayInfo> = relays.iter().filter(|r| r.id != gone).cloned().collect();
+        assert!(g2.refresh(&fewer, 3, 3000, &mut rng));
+        let p = g2.primary(&fewer, 3);
+        assert_eq!(p.len(), 3);
+        assert_eq!(&p[..2], &first[1..]);
+        assert!(g2.sampled().contains(&gone));
+        // It comes back and regains first place.
+        assert_eq!(g2.primary(&relays, 3)[0], gone);
+    }
+
+    #[test]
+    fn corrupt_file_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), b"{not json").unwrap();
+        let g = GuardSet::load(dir.path()).unwrap();
+        assert!(g.sampled().is_empty());
+        assert!(dir.path().join("guards.json.bad").exists());
+    }
+
+    #[test]
+    fn too_few_guards_is_not_a_loop() {
+        let relays: Vec<RelayInfo> = (1..=3u8)
+            .map(|i| relay(i, [10, i, 0, 1], i == 1, false, 1))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = GuardSet::load(dir.path()).unwrap();
+        let mut rng = StdRng::seed_from_u64(1);
+        assert!(g.refresh(&relays, 3, 0, &mut rng));
+        assert_eq!(g.primary(&relays, 3), vec![relays[0].id]);
+    }
+}
