@@ -38,6 +38,15 @@ pub enum CryptoError {
     /// The hop index is outside the circuit.
     #[error("no such hop on this circuit")]
     NoSuchHop,
+    /// A circuit already has `MAX_HOPS` hops.
+    #[error("a circuit has at most {max} hops")]
+    TooManyHops {
+        /// Maximum allowed.
+        max: usize,
+    },
+    /// A TLV list (handshake extension fields) is truncated or malformed.
+    #[error("malformed TLV list in a handshake message")]
+    MalformedTlv,
     /// A key file is group- or world-readable.
     #[error(
         "key file {path} is readable by other users (mode {mode:o}); run `chmod 600 {path}` and retry"

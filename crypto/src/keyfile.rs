@@ -22,10 +22,10 @@ fn io_err(path: &Path, source: std::io::Error) -> CryptoError {
 
 /// Write a secret key file atomically with mode 0600. `kind` names the key (e.g. `identity`).
 pub fn write_secret(path: &Path, kind: &str, secret: &[u8; KEY_LEN]) -> Result<(), CryptoError> {
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() {
-            fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        }
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     }
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
