@@ -1,1 +1,22 @@
-//! Allium directory crate.
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+
+pub mod authority;
+pub mod client;
+pub mod doc;
+pub mod err;
+pub mod netdir;
+pub mod paths;
+
+pub use client::{AuthorityInfo, ConsensusCache, fetch_consensus, upload_descriptor};
+pub use err::{DirError, Result};
+pub use netdir::NetDir;
+
+/// The current time in unix seconds (the only wall-clock read in this crate's API surface;
+/// everything else takes `now` as a parameter).
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

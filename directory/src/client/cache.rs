@@ -1,0 +1,185 @@
+//! The consensus cache: the consensus held, its certificates, its file on disk, and when to
+//! fetch the next one (Tor's schedule, dir-spec §5.1).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{AuthorityInfo, FetchedConsensus, encode_cert_list, fetch_consensus_newer};
+use crate::doc::VerifiedConsensus;
+use crate::doc::consensus::MAX_CONSENSUS_LEN;
+use crate::doc::signed::decode_canonical;
+use crate::err::{DirError, Result};
+use crate::netdir::NetDir;
+
+/// Who fetches: caches (relays) fetch early, clients a little later (dir-spec §5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FetchRole {
+    /// A relay or directory cache: fetch at a random time in `[FU, FU + I/2)`, `I = FU - VA`.
+    Cache,
+    /// A client: random time in `[FU + 3I/4, FU + 3I/4 + 7/8 (VU - (FU + 3I/4)))`.
+    Client,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheFile {
+    consensus: Vec<u8>,
+    certs: Vec<u8>,
+}
+
+/// The held consensus, cached on disk, with rollback protection and a refetch schedule.
+#[derive(Debug)]
+pub struct ConsensusCache {
+    path: Option<PathBuf>,
+    authorities: Vec<AuthorityInfo>,
+    role: FetchRole,
+    current: Option<FetchedConsensus>,
+    next_fetch: u64,
+}
+
+impl ConsensusCache {
+    /// A cache backed by `path` (or memory only if `None`). A cached consensus that still
+    /// verifies and is valid at `now` is loaded and used; anything else in the file is ignored.
+    pub fn open(
+        path: Option<&Path>,
+        authorities: Vec<AuthorityInfo>,
+        role: FetchRole,
+        now: u64,
+    ) -> Self {
+        let mut c = Self {
+            path: path.map(Path::to_path_buf),
+            authorities,
+            role,
+            current: None,
+            next_fetch: 0,
+        };
+        if let Some(p) = &c.path {
+            match load_file(p, &c.authorities, now) {
+                Ok(Some(f)) => {
+                    tracing::info!(
+                        valid_after = f.verified.consensus().valid_after,
+                        "using cached consensus"
+                    );
+                    c.next_fetch = schedule(&f.verified, role);
+                    c.current = Some(f);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "ignoring cached consensus"),
+            }
+        }
+        c
+    }
+
+    /// The held consensus, if any.
+    pub fn current(&self) -> Option<&VerifiedConsensus> {
+        self.current.as_ref().map(|f| &f.verified)
+    }
+
+    /// A [`NetDir`] of the held consensus, if it is valid at `now`.
+    pub fn netdir(&self, now: u64) -> Option<NetDir> {
+        self.current()
+            .filter(|v| v.is_valid_at(now))
+            .map(|v| NetDir::new(v.clone()))
+    }
+
+    /// When to fetch next (unix seconds); 0 when nothing is held.
+    pub fn next_fetch_at(&self) -> u64 {
+        self.next_fetch
+    }
+
+    /// Whether a fetch is due at `now`.
+    pub fn needs_fetch(&self, now: u64) -> bool {
+        self.current.is_none() || now >= self.next_fetch
+    }
+
+    /// Offer a consensus obtained some other way (e.g. over BEGIN_DIR): envelope bytes and
+    /// certificate-list bytes. Accepted only if it verifies and is newer than the held one.
+    pub fn offer(&mut self, consensus: &[u8], certs: &[u8], now: u64) -> Result<()> {
+        let f = super::verify_consensus_bytes(consensus, certs, &self.authorities, now)?;
+        f.verified.check_newer_than(self.current())?;
+        self.install(f)
+    }
+
+    /// Fetch a newer consensus from the authorities and install it. Returns the new one.
+    pub async fn refresh(&mut self, now: u64) -> Result<&VerifiedConsensus> {
+        let f = fetch_consensus_newer(&self.authorities, now, self.current()).await?;
+        self.install(f)?;
+        self.current()
+            .ok_or(DirError::Internal("consensus vanished after install"))
+    }
+
+    fn install(&mut self, f: FetchedConsensus) -> Result<()> {
+        if let Some(p) = &self.path {
+            let file = CacheFile {
+                consensus: f.verified.signed().to_bytes(),
+                certs: encode_cert_list(&f.certs),
+            };
+            let bytes = postcard::to_allocvec(&file)
+                .map_err(|_| DirError::Internal("encoding cache file"))?;
+            write_atomic(p, &bytes)?;
+        }
+        self.next_fetch = schedule(&f.verified, self.role);
+        self.current = Some(f);
+        Ok(())
+    }
+}
+
+/// A random time in the role's window (see [`FetchRole`]).
+pub fn schedule(v: &VerifiedConsensus, role: FetchRole) -> u64 {
+    let c = v.consensus();
+    let interval = c.fresh_until.saturating_sub(c.valid_after);
+    let (start, len) = match role {
+        FetchRole::Cache => (c.fresh_until, interval / 2),
+        FetchRole::Client => {
+            let start = c.fresh_until.saturating_add(interval * 3 / 4);
+            let len = c.valid_until.saturating_sub(start) * 7 / 8;
+            (start.min(c.valid_until), len)
+        }
+    };
+    start.saturating_add(if len == 0 {
+        0
+    } else {
+        allium_crypto::rng::random_u64() % len
+    })
+}
+
+fn load_file(
+    path: &Path,
+    authorities: &[AuthorityInfo],
+    now: u64,
+) -> Result<Option<FetchedConsensus>> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(DirError::io(path, e)),
+    };
+    if meta.len() > (MAX_CONSENSUS_LEN + super::MAX_CERTS_LEN + 64) as u64 {
+        return Err(DirError::TooLarge {
+            object: "cached consensus file",
+            len: meta.len() as usize,
+            max: MAX_CONSENSUS_LEN,
+        });
+    }
+    let bytes = std::fs::read(path).map_err(|e| DirError::io(path, e))?;
+    let file: CacheFile = decode_canonical(&bytes, "cached consensus file")?;
+    super::verify_consensus_bytes(&file.consensus, &file.certs, authorities, now).map(Some)
+}
+
+/// Write a file atomically (temp file + rename).
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(|e| DirError::io(dir, e))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| DirError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| DirError::io(path, e))
+}
+
+/// Read a cached consensus file without verifying signatures (for `allium consensus show`).
+pub fn dangerously_read_cache_file(path: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
+    let bytes = std::fs::read(path).map_err(|e| DirError::io(path, e))?;
+    let file: CacheFile = decode_canonical(&bytes, "cached consensus file")?;
+    Ok((file.consensus, file.certs))
+}

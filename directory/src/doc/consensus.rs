@@ -1,0 +1,412 @@
+//! Votes and the consensus: the relay list each authority proposes, and the one they agree on.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use allium_crypto::{RelayId, X25519Public};
+use serde::{Deserialize, Serialize};
+
+use super::cert::VerifiedCert;
+use super::descriptor::{MAX_FAMILY, valid_nickname};
+use super::policy::{ExitPolicy, Flags};
+use super::signed::{Document, Signed};
+use crate::err::{DirError, Result};
+
+/// Signature domain of votes.
+pub const DOMAIN_VOTE: &str = "allium/v1/vote";
+/// Signature domain of consensuses (full and detached signatures alike).
+pub const DOMAIN_CONSENSUS: &str = "allium/v1/consensus";
+/// Size cap of a signed vote or consensus envelope.
+pub const MAX_CONSENSUS_LEN: usize = 8 * 1024 * 1024;
+/// The only vote format version.
+pub const VOTE_VERSION: u16 = 1;
+/// The only consensus format version.
+pub const CONSENSUS_VERSION: u16 = 1;
+/// The consensus method this code implements (how votes are combined).
+pub const CONSENSUS_METHOD: u16 = 1;
+/// Most parameters in a vote or consensus.
+pub const MAX_PARAMS: usize = 64;
+/// Longest parameter name.
+pub const MAX_PARAM_NAME: usize = 32;
+/// Most voters.
+pub const MAX_VOTERS: usize = 16;
+/// Clock-skew tolerance when checking a consensus' validity window (5 minutes).
+pub const CLOCK_SKEW: u64 = 300;
+
+/// One relay as listed in a consensus.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsensusEntry {
+    /// Ed25519 identity.
+    pub identity: RelayId,
+    /// x25519 link (Noise static) key.
+    pub link_key: X25519Public,
+    /// x25519 onion (ntor) key.
+    pub onion_key: X25519Public,
+    /// Nickname.
+    pub nickname: String,
+    /// Link addresses (1 or 2).
+    pub addrs: Vec<SocketAddr>,
+    /// Flags.
+    pub flags: Flags,
+    /// Path-selection weight (kilobytes per second).
+    pub weight: u32,
+    /// Exit-port summary (the descriptor's exit policy).
+    pub exit: ExitPolicy,
+    /// Declared family (sorted).
+    pub family: Vec<RelayId>,
+    /// SHA-256 of the descriptor body this entry was built from.
+    pub desc_digest: [u8; 32],
+}
+
+impl ConsensusEntry {
+    fn check(&self, object: &'static str) -> Result<()> {
+        if !valid_nickname(&self.nickname) {
+            return Err(DirError::invalid(object, "bad nickname in relay entry"));
+        }
+        if self.addrs.is_empty() || self.addrs.len() > 2 {
+            return Err(DirError::invalid(
+                object,
+                "relay entry needs 1 or 2 addresses",
+            ));
+        }
+        self.exit.check(object)?;
+        if self.family.len() > MAX_FAMILY || !strictly_sorted(&self.family) {
+            return Err(DirError::invalid(
+                object,
+                "relay family must be sorted, unique, at most 32",
+            ));
+        }
+        Ok(())
+    }
+    /// Whether all of `flags` are set.
+    pub fn has(&self, flags: Flags) -> bool {
+        self.flags.contains(flags)
+    }
+}
+
+/// One relay as listed in a vote: the consensus entry plus the descriptor's `published` time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoteEntry {
+    /// The proposed entry (`weight` is this authority's measurement).
+    pub entry: ConsensusEntry,
+    /// The descriptor's `published` time.
+    pub published: u64,
+}
+
+/// An authority's vote for one consensus period (signed by its online signing key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vote {
+    /// Format version, [`VOTE_VERSION`].
+    pub version: u16,
+    /// The voting authority's identity.
+    pub authority: RelayId,
+    /// Start of the period voted for.
+    pub valid_after: u64,
+    /// End of freshness.
+    pub fresh_until: u64,
+    /// End of validity.
+    pub valid_until: u64,
+    /// When the vote was made.
+    pub published: u64,
+    /// Network parameters this authority proposes.
+    pub params: BTreeMap<String, i32>,
+    /// Relays, sorted by identity.
+    pub relays: Vec<VoteEntry>,
+}
+
+/// The consensus (signed by a majority of authorities' signing keys).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consensus {
+    /// Format version, [`CONSENSUS_VERSION`].
+    pub version: u16,
+    /// Consensus method, [`CONSENSUS_METHOD`].
+    pub method: u16,
+    /// Start of validity.
+    pub valid_after: u64,
+    /// After this, fetch a newer one.
+    pub fresh_until: u64,
+    /// After this, do not use it.
+    pub valid_until: u64,
+    /// Identities of the authorities whose votes were combined (sorted).
+    pub voters: Vec<RelayId>,
+    /// Network parameters.
+    pub params: BTreeMap<String, i32>,
+    /// Relays, sorted by identity.
+    pub relays: Vec<ConsensusEntry>,
+}
+
+fn strictly_sorted<T: Ord>(v: &[T]) -> bool {
+    v.windows(2).all(|w| matches!(w, [a, b] if a < b))
+}
+
+fn check_timeline(object: &'static str, va: u64, fu: u64, vu: u64) -> Result<()> {
+    if !(va < fu && fu <= vu) {
+        return Err(DirError::invalid(
+            object,
+            "needs valid_after < fresh_until <= valid_until",
+        ));
+    }
+    Ok(())
+}
+
+fn check_params(object: &'static str, p: &BTreeMap<String, i32>) -> Result<()> {
+    if p.len() > MAX_PARAMS {
+        return Err(DirError::invalid(object, "too many parameters"));
+    }
+    if p.keys().any(|k| {
+        k.is_empty()
+            || k.len() > MAX_PARAM_NAME
+            || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    }) {
+        return Err(DirError::invalid(object, "bad parameter name"));
+    }
+    Ok(())
+}
+
+impl Document for Vote {
+    const DOMAIN: &'static str = DOMAIN_VOTE;
+    const MAX_LEN: usize = MAX_CONSENSUS_LEN;
+    const NAME: &'static str = "vote";
+
+    fn check_body(&self) -> Result<()> {
+        if self.version != VOTE_VERSION {
+            return Err(DirError::invalid(Self::NAME, "unsupported version"));
+        }
+        check_timeline(
+            Self::NAME,
+            self.valid_after,
+            self.fresh_until,
+            self.valid_until,
+        )?;
+        check_params(Self::NAME, &self.params)?;
+        if !self
+            .relays
+            .windows(2)
+            .all(|w| matches!(w, [a, b] if a.entry.identity < b.entry.identity))
+        {
+            return Err(DirError::invalid(
+                Self::NAME,
+                "relays not sorted by identity",
+            ));
+        }
+        for r in &self.relays {
+            r.entry.check(Self::NAME)?;
+        }
+        Ok(())
+    }
+}
+
+impl Document for Consensus {
+    const DOMAIN: &'static str = DOMAIN_CONSENSUS;
+    const MAX_LEN: usize = MAX_CONSENSUS_LEN;
+    const NAME: &'static str = "consensus";
+
+    fn check_body(&self) -> Result<()> {
+        if self.version != CONSENSUS_VERSION {
+            return Err(DirError::invalid(Self::NAME, "unsupported version"));
+        }
+        if self.method != CONSENSUS_METHOD {
+            return Err(DirError::invalid(
+                Self::NAME,
+                "unsupported consensus method",
+            ));
+        }
+        check_timeline(
+            Self::NAME,
+            self.valid_after,
+            self.fresh_until,
+            self.valid_until,
+        )?;
+        check_params(Self::NAME, &self.params)?;
+        if self.voters.len() > MAX_VOTERS || !strictly_sorted(&self.voters) {
+            return Err(DirError::invalid(
+                Self::NAME,
+                "voters must be sorted, unique, at most 16",
+            ));
+        }
+        if !self
+            .relays
+            .windows(2)
+            .all(|w| matches!(w, [a, b] if a.identity < b.identity))
+        {
+            return Err(DirError::invalid(
+                Self::NAME,
+                "relays not sorted by identity",
+            ));
+        }
+        for r in &self.relays {
+            r.check(Self::NAME)?;
+        }
+        Ok(())
+    }
+}
+
+/// A vote whose signature through a currently valid certificate has been checked.
+#[derive(Clone, Debug)]
+pub struct VerifiedVote {
+    signed: Signed<Vote>,
+    vote: Vote,
+}
+
+impl Signed<Vote> {
+    /// Check that `cert` is valid at `now` and its signing key signed this body, then decode and
+    /// check that the vote is by the cert's identity.
+    pub fn verify(self, cert: &VerifiedCert, now: u64) -> Result<VerifiedVote> {
+        if !cert.is_valid_at(now) {
+            return Err(DirError::NotValidNow {
+                object: "authority certificate",
+                why: "outside its validity window",
+            });
+        }
+        if !self.has_valid_sig_by(&cert.signing_key()) {
+            return Err(DirError::BadSignature {
+                object: Vote::NAME,
+                why: "no valid signature by the certified signing key",
+            });
+        }
+        let vote = self.decode_checked_body()?;
+        if !vote.authority.ct_eq(&cert.identity()) {
+            return Err(DirError::BadSignature {
+                object: Vote::NAME,
+                why: "vote names another authority than its certificate",
+            });
+        }
+        Ok(VerifiedVote { signed: self, vote })
+    }
+}
+
+impl VerifiedVote {
+    /// The vote.
+    pub fn vote(&self) -> &Vote {
+        &self.vote
+    }
+    /// The signed envelope.
+    pub fn signed(&self) -> &Signed<Vote> {
+        &self.signed
+    }
+}
+
+/// A consensus whose signatures and validity window have been checked.
+#[derive(Clone, Debug)]
+pub struct VerifiedConsensus {
+    signed: Signed<Consensus>,
+    consensus: Consensus,
+    signed_by: Vec<RelayId>,
+}
+
+/// Identities (from `authorities`) that validly signed `signed` through a certificate valid at
+/// `now`. Counted once per identity.
+pub fn valid_signers(
+    signed: &Signed<Consensus>,
+    authorities: &[RelayId],
+    certs: &[VerifiedCert],
+    now: u64,
+) -> Vec<RelayId> {
+    let mut ids: Vec<RelayId> = authorities.to_vec();
+    ids.sort();
+    ids.dedup();
+    ids.into_iter()
+        .filter(|id| {
+            certs.iter().any(|c| {
+                c.identity().ct_eq(id)
+                    && c.is_valid_at(now)
+                    && signed.has_valid_sig_by(&c.signing_key())
+            })
+        })
+        .collect()
+}
+
+impl Signed<Consensus> {
+    /// The client acceptance rule: valid signatures from more than half of the distinct
+    /// `authorities`, each through a certificate valid at `now` (identities counted, not
+    /// signatures); then decode; then `valid_after - 5 min <= now <= valid_until + 5 min`.
+    /// Rollback is checked by the caller that holds the previous consensus
+    /// ([`VerifiedConsensus::check_newer_than`]).
+    pub fn verify(
+        self,
+        authorities: &[RelayId],
+        certs: &[VerifiedCert],
+        now: u64,
+    ) -> Result<VerifiedConsensus> {
+        let v = self.verify_signatures_only(authorities, certs, now)?;
+        v.check_valid_at(now)?;
+        Ok(v)
+    }
+
+    /// As [`Self::verify`] without the time window (authorities use this on their own documents
+    /// before the period starts).
+    pub fn verify_signatures_only(
+        self,
+        authorities: &[RelayId],
+        certs: &[VerifiedCert],
+        now: u64,
+    ) -> Result<VerifiedConsensus> {
+        let mut n = authorities.to_vec();
+        n.sort();
+        n.dedup();
+        let signed_by = valid_signers(&self, &n, certs, now);
+        if signed_by.len() * 2 <= n.len() {
+            return Err(DirError::BadSignature {
+                object: Consensus::NAME,
+                why: "not signed by more than half of the configured authorities",
+            });
+        }
+        let consensus = self.decode_checked_body()?;
+        Ok(VerifiedConsensus {
+            signed: self,
+            consensus,
+            signed_by,
+        })
+    }
+}
+
+impl VerifiedConsensus {
+    /// The consensus.
+    pub fn consensus(&self) -> &Consensus {
+        &self.consensus
+    }
+    /// The signed envelope (for caching and re-serving).
+    pub fn signed(&self) -> &Signed<Consensus> {
+        &self.signed
+    }
+    /// The authority identities whose signatures were accepted.
+    pub fn signed_by(&self) -> &[RelayId] {
+        &self.signed_by
+    }
+    /// SHA-256 of the body.
+    pub fn digest(&self) -> [u8; 32] {
+        self.signed.digest()
+    }
+    /// `valid_after - CLOCK_SKEW <= now <= valid_until + CLOCK_SKEW`.
+    pub fn check_valid_at(&self, now: u64) -> Result<()> {
+        if now.saturating_add(CLOCK_SKEW) < self.consensus.valid_after {
+            return Err(DirError::NotValidNow {
+                object: Consensus::NAME,
+                why: "not yet valid (dated in the future; check the clock)",
+            });
+        }
+        if now > self.consensus.valid_until.saturating_add(CLOCK_SKEW) {
+            return Err(DirError::NotValidNow {
+                object: Consensus::NAME,
+                why: "expired (stale)",
+            });
+        }
+        Ok(())
+    }
+    /// Whether it is still usable at `now` (the validity window with skew).
+    pub fn is_valid_at(&self, now: u64) -> bool {
+        self.check_valid_at(now).is_ok()
+    }
+    /// Rollback protection: `valid_after` must be newer than `held`'s.
+    pub fn check_newer_than(&self, held: Option<&Self>) -> Result<()> {
+        match held {
+            Some(h) if self.consensus.valid_after <= h.consensus.valid_after => {
+                Err(DirError::Rollback {
+                    got: self.consensus.valid_after,
+                    held: h.consensus.valid_after,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Errors of the directory crate.
+//!
+//! Errors that end up in an HTTP reply are one line and carry no key material.
+
+/// An error from decoding, verifying, fetching or serving a directory document.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DirError {
+    /// A document is larger than its size cap; it was not parsed.
+    #[error("{object} too large ({len} bytes, at most {max})")]
+    TooLarge {
+        /// Which document.
+        object: &'static str,
+        /// Its length (or a lower bound).
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// A document's bytes do not decode, or are not in their one canonical form.
+    #[error("malformed {object}: {why}")]
+    Malformed {
+        /// Which document.
+        object: &'static str,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// A document decodes but breaks a rule (bounds, field values).
+    #[error("invalid {object}: {why}")]
+    Invalid {
+        /// Which document.
+        object: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// A signature is missing, forged, by the wrong key, or made for another document type.
+    #[error("{object}: {why}")]
+    BadSignature {
+        /// Which document.
+        object: &'static str,
+        /// What is wrong (no crypto detail).
+        why: &'static str,
+    },
+    /// A document is outside its validity window.
+    #[error("{object} is not valid now: {why}")]
+    NotValidNow {
+        /// Which document.
+        object: &'static str,
+        /// Stale, not yet valid, ...
+        why: &'static str,
+    },
+    /// A consensus is not newer than the one already held.
+    #[error("consensus rolled back (valid-after {got} is not newer than held {held})")]
+    Rollback {
+        /// The offered consensus' valid-after.
+        got: u64,
+        /// The held consensus' valid-after.
+        held: u64,
+    },
+    /// A descriptor is not newer than the one already held.
+    #[error("descriptor not newer than the one held")]
+    NotNewer,
+    /// A network operation failed.
+    #[error("{what}: {why}")]
+    Net {
+        /// What we were doing.
+        what: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// An HTTP peer answered with an error status.
+    #[error("{what}: HTTP {status}: {reason}")]
+    HttpStatus {
+        /// What we were doing.
+        what: String,
+        /// The status code.
+        status: u16,
+        /// The first line of the body.
+        reason: String,
+    },
+    /// No authority gave an acceptable answer.
+    #[error("no acceptable consensus from any authority (last error: {last})")]
+    NoConsensus {
+        /// The last error seen.
+        last: Box<Self>,
+    },
+    /// A configuration file is wrong.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A key file or key operation failed.
+    #[error(transparent)]
+    Crypto(#[from] allium_crypto::CryptoError),
+    /// Reading or writing the data directory failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An internal invariant broke (a bug).
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl DirError {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+    pub(crate) fn net(what: impl Into<String>, why: impl std::fmt::Display) -> Self {
+        Self::Net {
+            what: what.into(),
+            why: why.to_string(),
+        }
+    }
+    pub(crate) fn invalid(object: &'static str, why: impl Into<String>) -> Self {
+        Self::Invalid {
+            object,
+            why: why.into(),
+        }
+    }
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = DirError> = std::result::Result<T, E>;
