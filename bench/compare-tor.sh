@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Allium vs C Tor, side by side, on this machine (issue 5). Run by hand, never in CI:
+#
+#     bash bench/compare-tor.sh [compare.py options]     (e.g. --only tor, --keep)
+#
+# 1. installs Debian's tor (tor, tor-gencert) and curl with apt-get if they are missing;
+# 2. builds target/release/allium (`cargo build --release`; SKIP_BUILD=1 skips, ALLIUM_BIN overrides);
+# 3. runs bench/compare.py, which serves the payloads on 127.0.0.2, measures the no-overlay ceiling,
+#    then a private C Tor network, then `allium testnet` (one network at a time), prints one table
+#    and writes bench/results/compare-<UTC>.json.  See docs/BENCHMARKS.md.
+# Everything stays on loopback; every process is started and stopped by PID; every wait is bounded.
+set -Eeuo pipefail
+export LC_ALL=C
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+PY=${PY:-python3}
+
+need=()
+command -v tor >/dev/null || need+=(tor)
+command -v tor-gencert >/dev/null || need+=(tor)        # tor-gencert ships in Debian's tor package
+command -v curl >/dev/null || need+=(curl)
+command -v "$PY" >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+  mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
+  echo "installing with apt-get: ${need[*]}" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  # Note: on a host running systemd this also enables Debian's system tor service (not used here).
+  timeout 300 $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive timeout 600 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+for b in tor tor-gencert curl "$PY"; do
+  command -v "$b" >/dev/null || { echo "still missing after apt-get: $b" >&2; exit 2; }
+done
+
+ALLIUM_BIN=${ALLIUM_BIN:-$ROOT/target/release/allium}
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  echo "building Allium: cargo build --release (in $ROOT)" >&2
+  if ! (cd "$ROOT" && timeout 3600 cargo build --release --bin allium); then
+    echo "cargo build --release failed: the Allium column will read n/a" >&2
+  fi
+fi
+
+DRIVER_PID=""
+stop_driver() {
+  local rc=$? i
+  trap - EXIT INT TERM
+  if [ -n "$DRIVER_PID" ] && kill -0 "$DRIVER_PID" 2>/dev/null; then
+    kill -TERM "$DRIVER_PID" 2>/dev/null || true        # the driver stops everything it started
+    for i in $(seq 1 150); do kill -0 "$DRIVER_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$DRIVER_PID" 2>/dev/null || true
+  fi
+  exit "$rc"
+}
+trap stop_driver EXIT
+trap 'exit 130' INT TERM
+"$PY" "$HERE/compare.py" --allium-bin "$ALLIUM_BIN" "$@" &
+DRIVER_PID=$!
+set +e
+wait "$DRIVER_PID"; rc=$?
+DRIVER_PID=""
+exit "$rc"
