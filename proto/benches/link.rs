@@ -1,0 +1,2 @@
+//! Link transport throughput (filled in below).
+fn main() {}
