@@ -275,3 +275,139 @@ impl StreamWindow {
         self.recv.sendme_sent()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(i: u32) -> Tag {
+        let mut t = [0u8; 16];
+        t[..4].copy_from_slice(&i.to_be_bytes());
+        t
+    }
+
+    #[test]
+    fn circuit_send_window_records_every_100th_tag() {
+        let mut w = CircSendWindow::new();
+        for i in 1..=CIRC_WINDOW_START as u32 {
+            assert!(w.can_send());
+            w.note_data_sent(&tag(i)).unwrap();
+        }
+        assert!(!w.can_send());
+        assert_eq!(w.tags.len(), 10);
+        // Sending past the window is a violation.
+        assert_eq!(
+            w.note_data_sent(&tag(0)),
+            Err(ProtoError::Flow("sent DATA with an empty package window"))
+        );
+        // SENDMEs must carry the tags of cells 100, 200, ... in order.
+        w.on_sendme(Some(&tag(100))).unwrap();
+        assert_eq!(w.window(), 100);
+        w.on_sendme(Some(&tag(200))).unwrap();
+        assert_eq!(w.window(), 200);
+        assert_eq!(
+            w.on_sendme(Some(&tag(400))),
+            Err(ProtoError::Flow("SENDME tag mismatch"))
+        );
+    }
+
+    #[test]
+    fn circuit_sendme_without_tag_or_without_data_is_rejected() {
+        let mut w = CircSendWindow::new();
+        assert!(w.on_sendme(None).is_err());
+        assert_eq!(
+            w.on_sendme(Some(&tag(1))),
+            Err(ProtoError::Flow("SENDME without outstanding DATA"))
+        );
+    }
+
+    #[test]
+    fn send_window_overflow_is_an_error() {
+        let mut w = StreamSendWindow::new();
+        assert!(w.put().is_err(), "SENDME on a full window must fail");
+        for _ in 0..STREAM_SENDME_INC {
+            w.take().unwrap();
+        }
+        w.put().unwrap();
+        assert_eq!(w.window(), STREAM_WINDOW_START);
+        assert!(w.put().is_err());
+    }
+
+    #[test]
+    fn receive_window_underflow_is_an_error() {
+        let mut w = CircRecvWindow::new();
+        let mut due = Vec::new();
+        for i in 1..=CIRC_WINDOW_START as u32 {
+            if let Some(t) = w.on_data_received(&tag(i)).unwrap() {
+                due.push(t);
+            }
+        }
+        assert_eq!(due.len(), 10);
+        assert_eq!(due[0], tag(100));
+        assert_eq!(due[9], tag(1000));
+        assert_eq!(w.window(), 0);
+        assert_eq!(
+            w.on_data_received(&tag(1001)),
+            Err(ProtoError::Flow(
+                "DATA received with an empty deliver window"
+            ))
+        );
+    }
+
+    #[test]
+    fn receive_window_reopens_after_sendme() {
+        let mut w = CircRecvWindow::new();
+        assert!(w.sendme_sent().is_err(), "no SENDME is due yet");
+        for i in 1..=5000u32 {
+            if w.on_data_received(&tag(i)).unwrap().is_some() {
+                w.sendme_sent().unwrap();
+            }
+        }
+        assert_eq!(w.window(), CIRC_WINDOW_START);
+    }
+
+    #[test]
+    fn sender_and_receiver_agree_on_tags() {
+        let mut s = CircSendWindow::new();
+        let mut r = CircRecvWindow::new();
+        for i in 1..=10_000u32 {
+            assert!(s.can_send());
+            s.note_data_sent(&tag(i)).unwrap();
+            if let Some(t) = r.on_data_received(&tag(i)).unwrap() {
+                r.sendme_sent().unwrap();
+                s.on_sendme(Some(&t)).unwrap();
+            }
+        }
+        assert!(s.tags.is_empty());
+    }
+
+    #[test]
+    fn stream_window_cycle() {
+        let mut w = StreamWindow::new();
+        let mut sendmes = 0;
+        for _ in 0..STREAM_WINDOW_START {
+            w.note_data_sent().unwrap();
+            if w.on_data_received().unwrap() {
+                sendmes += 1;
+            }
+        }
+        assert!(!w.can_send());
+        assert!(w.note_data_sent().is_err());
+        assert_eq!(sendmes, 10);
+        assert!(w.on_data_received().is_err());
+        w.sendme_sent().unwrap();
+        w.on_sendme().unwrap();
+        assert!(w.can_send());
+    }
+
+    #[test]
+    fn tag_fifo_is_bounded() {
+        let mut t = SendmeTags::new();
+        for i in 0..MAX_PENDING_TAGS as u32 {
+            t.push(tag(i)).unwrap();
+        }
+        assert!(t.push(tag(99)).is_err());
+        t.check(&tag(0)).unwrap();
+        assert!(t.check(&tag(2)).is_err());
+    }
+}
