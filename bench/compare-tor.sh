@@ -15,6 +15,16 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 PY=${PY:-python3}
 
+for a in "$@"; do   # nothing to install or build just to print help or an old table
+  case $a in -h|--help|--table|--table=*) exec "$PY" "$HERE/compare.py" "$@" ;; esac
+done
+ONLY_TOR=0
+prev=""
+for a in "$@"; do
+  { [ "$prev" = --only ] && [ "$a" = tor ]; } || [ "$a" = --only=tor ] && ONLY_TOR=1
+  prev=$a
+done
+
 need=()
 command -v tor >/dev/null || need+=(tor)
 command -v tor-gencert >/dev/null || need+=(tor)        # tor-gencert ships in Debian's tor package
@@ -33,7 +43,7 @@ for b in tor tor-gencert curl "$PY"; do
 done
 
 ALLIUM_BIN=${ALLIUM_BIN:-$ROOT/target/release/allium}
-if [ "${SKIP_BUILD:-0}" != 1 ]; then
+if [ "${SKIP_BUILD:-0}" != 1 ] && [ "$ONLY_TOR" = 0 ]; then
   echo "building Allium: cargo build --release (in $ROOT)" >&2
   if ! (cd "$ROOT" && timeout 3600 cargo build --release --bin allium); then
     echo "cargo build --release failed: the Allium column will read n/a" >&2

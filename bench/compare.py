@@ -189,6 +189,7 @@ def clean_env():
 
 def port_free(addr, port):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no obstacle
     try:
         s.bind((addr, port))
         return True
@@ -858,8 +859,9 @@ def table(out):
     row("peak RSS, largest authority, MiB", ("rss", "max_by_role", "authority"), "%.1f")
     row("peak RSS, client, MiB", ("rss", "max_by_role", "client"), "%.1f")
     row("start until the first stream, s", ("first_stream_s",), "%.1f", "first_stream")
-    row("others' CPU load during the 8-circuit phase, cores", ("cpu_bulk_par", "others_busy_cores"), "%.2f",
+    row("machine CPU busy during the 8-circuit phase, cores", ("cpu_bulk_par", "machine_busy_cores"), "%.2f",
         ratio=False)
+    row("  of which other users of the machine, cores", ("cpu_bulk_par", "others_busy_cores"), "%.2f", ratio=False)
     dem = dig(T, "tiny_on_demand", "ttfb_ms_median")
     if dem is not None:
         rows.append(("Tor only: small GET, circuit built on demand, median ms", "—", "%.1f" % dem, "—", "info"))
@@ -921,7 +923,14 @@ def main():
     ap.add_argument("--bulk-timeout", type=int, default=300, help="per bulk download, s")
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory (all logs)")
+    ap.add_argument("--table", metavar="JSON", help="only print the table of an earlier results file")
     cfg = ap.parse_args()
+    if cfg.table:
+        with open(cfg.table) as f:
+            out = json.load(f)
+        out["figures"] = {}
+        print(table(out))
+        return 0
     if not 1024 <= cfg.base_port <= 65000:
         ap.error("--base-port must be in 1024..65000")
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
