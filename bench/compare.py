@@ -204,6 +204,15 @@ def run(argv, timeout, **kw):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
+def first_line(argv):
+    """First line of a short command's output ('' if it fails)."""
+    try:
+        out = run(argv, 20).stdout.decode("utf-8", "replace").strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.splitlines()[0][:100] if out else ""
+
+
 def median(xs):
     return statistics.median(xs) if xs else None
 
@@ -529,10 +538,11 @@ def run_tor(cfg):
     for p in [socks, ctlp] + list(orp.values()) + list(dirp.values()):
         if not port_free("127.0.0.1", p):
             raise Fatal("port 127.0.0.1:%d is busy: pick another --base-port" % p)
-    version = run(["tor", "--version"], 20).stdout.decode().splitlines()[0].replace("Tor version ", "").rstrip(".")
+    version = first_line(["tor", "--version"]).replace("Tor version ", "").rstrip(".")
 
     # keys: 3 v3 authority identities (tor-gencert), relay identities (tor --list-fingerprint)
     log("[tor] generating keys for %d relays" % len(names))
+    t_keys = time.monotonic()
     empty = os.path.join(w, "empty")
     open(empty, "w").close()
     with open(os.path.join(w, "resolv.conf"), "w") as f:
@@ -619,7 +629,8 @@ def run_tor(cfg):
             if p.poll() is not None:
                 raise Fatal("tor %s exited (%s):\n%s" % (n, p.returncode, tail(os.path.join(w, n, "notice.log"))))
 
-    res = {"version": version, "shape": "3 authorities (also relays) + %d relays (%d exits) + 1 client"
+    res = {"version": version, "keygen_s": time.monotonic() - t_keys,
+           "shape": "3 authorities (also relays, excluded from the client's paths) + %d relays (%d exits) + 1 client"
            % (cfg.relays, cfg.exits)}
     try:
         log("[tor] starting %d relays (3 authorities, %d exits)" % (len(names), cfg.exits))
@@ -749,7 +760,7 @@ def run_allium(cfg):
     socks_port = cfg.base_port + 70
     if not port_free("127.0.0.1", socks_port):
         raise Fatal("port 127.0.0.1:%d is busy: pick another --base-port" % socks_port)
-    res = {"binary": binp, "version": run([binp, "--version"], 20).stdout.decode(errors="replace").strip()[:80]}
+    res = {"binary": binp, "version": first_line([binp, "--version"])}
     logp = os.path.join(w, "testnet.log")
     data = os.path.join(w, "data")
     argv = [binp, "testnet", "--relays", str(cfg.relays), "--exits", str(cfg.exits),
@@ -782,6 +793,8 @@ def run_allium(cfg):
             raise Fatal("%s did not appear within 30 s of the first stream" % jpath)
         res["testnet_json"] = info
         res["ready_secs_reported"] = info.get("ready_secs")
+        if info.get("socks") != socks:
+            log("[allium] WARNING: testnet.json says socks=%r, expected %s" % (info.get("socks"), socks))
         nodes = []
         for n in info.get("nodes", []):
             pid = n.get("pid")
@@ -955,7 +968,7 @@ def main():
                 continue
             try:
                 out[side] = fn(cfg)
-            except Fatal as e:
+            except (Fatal, OSError, subprocess.SubprocessError) as e:
                 log("[%s] n/a: %s" % (side, e))
                 out[side] = {"error": str(e)}
                 rc = 1
@@ -973,6 +986,9 @@ def main():
             m.get("allium_commit", "?"), m.get("host_cpu"), m.get("ncpu") or 0, m.get("kernel"), m["utc"],
             m.get("loadavg_start"), m.get("loadavg_end")))
         print(txt)
+        for side in ("allium", "tor"):
+            if isinstance(out.get(side), dict) and out[side].get("error"):
+                print("\n%s: n/a, %s" % (side, out[side]["error"].splitlines()[0]))
         print("\nresults: %s" % os.path.relpath(path))
     except KeyboardInterrupt as e:
         log("interrupted (%s): stopping everything" % e)
