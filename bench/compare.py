@@ -374,7 +374,51 @@ def workload(cfg, side, socks, nodes, extra_latency=None):
         tot[k + "_per_mib"] = tot[k] / tot["mib"] if tot["mib"] else None
     res["cpu_bulk"] = tot
     res["rss"] = rss(nodes)
+    if cfg.perf:
+        res["perf"] = perf_phase(cfg, side, c, nodes, nonce)
     return res
+
+
+def perf_phase(cfg, side, c, nodes, nonce):
+    """--perf: one more N_PAR bulk phase (not counted above) with `perf record` on the relays and the
+    client; writes the flat profile to bench/results/perf-<side>-<UTC>.txt."""
+    if not shutil.which("perf"):
+        log("[%s] --perf: perf not found (apt-get install linux-perf)" % side)
+        return None
+    who = [n for n in nodes if n["role"] in ("relay", "client") and alive(n["pid"])]
+    data = os.path.join(cfg.work, "perf-%s.data" % side)
+    log("[%s] --perf: one more %d x %d MiB phase under perf record" % (side, cfg.n_par, cfg.bulk_mib))
+    p = PROCS.spawn(["perf", "record", "-F", "499", "-g", "-o", data, "-p", ",".join(str(n["pid"]) for n in who)],
+                    logpath=os.path.join(cfg.work, "perf-%s.log" % side))
+    time.sleep(1.0)
+    rows, wall = c.parallel(cfg.url_bulk, ["perf%s-%d" % (nonce, k) for k in range(cfg.n_par)], cfg.bulk_timeout)
+    p.send_signal(signal.SIGINT)
+    try:
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        PROCS.stop([p])
+    PROCS.popens = [x for x in PROCS.popens if x is not p]
+    tids = {}
+    for n in who:  # perf reports threads; name each thread's process
+        try:
+            tids[n["name"]] = sorted(int(t) for t in os.listdir("/proc/%d/task" % n["pid"]))
+        except (OSError, ValueError):
+            tids[n["name"]] = []
+    path = os.path.join(cfg.results, "perf-%s-%s.txt" % (side, cfg.stamp))
+    os.makedirs(cfg.results, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("# %s, %d x %d MiB under perf: %.1f MiB/s\n# process=thread ids: %s\n\n" % (
+            side, cfg.n_par, cfg.bulk_mib, summarize_bulk(rows, wall, cfg.bulk_bytes)["mib_s"] or 0,
+            "; ".join("%s=%s" % (n["name"], ",".join(map(str, tids[n["name"]]))) for n in who)))
+        for sort in ("pid", "dso,sym"):
+            try:
+                r = run(["perf", "report", "-i", data, "--stdio", "--no-children", "-g", "none",
+                         "--percent-limit", "0.3", "--sort", sort], 300)
+                f.write(r.stdout.decode("utf-8", "replace"))
+            except (OSError, subprocess.TimeoutExpired) as e:
+                f.write("perf report failed: %s\n" % e)
+    log("[%s] --perf: profile in %s" % (side, os.path.relpath(path)))
+    return {"file": os.path.relpath(path, ROOT), "mib_s_under_perf": summarize_bulk(rows, wall, cfg.bulk_bytes)["mib_s"]}
 
 
 def summarize_tiny(rows):
@@ -936,6 +980,8 @@ def main():
     ap.add_argument("--bulk-timeout", type=int, default=300, help="per bulk download, s")
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory (all logs)")
+    ap.add_argument("--perf", action="store_true",
+                    help="after the measured phases, profile one more parallel phase with perf (not in the table)")
     ap.add_argument("--table", metavar="JSON", help="only print the table of an earlier results file")
     cfg = ap.parse_args()
     if cfg.table:
