@@ -43,10 +43,12 @@ for b in tor tor-gencert curl "$PY"; do
 done
 
 ALLIUM_BIN=${ALLIUM_BIN:-$ROOT/target/release/allium}
+NA=()
 if [ "${SKIP_BUILD:-0}" != 1 ] && [ "$ONLY_TOR" = 0 ]; then
   echo "building Allium: cargo build --release (in $ROOT)" >&2
   if ! (cd "$ROOT" && timeout 3600 cargo build --release --bin allium); then
     echo "cargo build --release failed: the Allium column will read n/a" >&2
+    NA=(--allium-na "cargo build --release failed (its errors are above)")  # never run a stale binary
   fi
 fi
 
@@ -63,7 +65,7 @@ stop_driver() {
 }
 trap stop_driver EXIT
 trap 'exit 130' INT TERM
-"$PY" "$HERE/compare.py" --allium-bin "$ALLIUM_BIN" "$@" &
+"$PY" "$HERE/compare.py" --allium-bin "$ALLIUM_BIN" "${NA[@]}" "$@" &
 DRIVER_PID=$!
 set +e
 wait "$DRIVER_PID"; rc=$?

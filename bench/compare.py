@@ -796,6 +796,8 @@ def wait_tor_network(names, dirp, n_exit, deadline, check_alive):
 # ----------------------------------------------------------------------------------- Allium
 
 def run_allium(cfg):
+    if cfg.allium_na:
+        raise Fatal(cfg.allium_na)
     binp = cfg.allium_bin
     if not (os.path.isfile(binp) and os.access(binp, os.X_OK)):
         raise Fatal("%s not found: build it with `cargo build --release`" % binp)
@@ -968,6 +970,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=("tor", "allium", "both"), default="both")
     ap.add_argument("--allium-bin", default=os.path.join(ROOT, "target", "release", "allium"))
+    ap.add_argument("--allium-na", metavar="REASON", help="do not run Allium; its column reads n/a (REASON)")
     ap.add_argument("--base-port", type=int, default=27000, help="ports BASE..BASE+70 on 127.0.0.1/.2")
     ap.add_argument("--bulk-mib", type=int, default=100)
     ap.add_argument("--n-par", type=int, default=8)
