@@ -314,6 +314,14 @@ impl ChannelReceiver {
         }
     }
 
+    /// Noise frames opened so far on this link (statistics; each frame holds 1 to 32 cells).
+    pub fn frames_received(&self) -> u64 {
+        self.transport
+            .lock()
+            .map(|t| t.frames_received())
+            .unwrap_or(0)
+    }
+
     /// Why the link closed, if it closed because of an error seen by this receiver.
     pub fn error(&self) -> Option<&LinkError> {
         self.error.as_ref()
