@@ -128,6 +128,12 @@ impl<T: Document> fmt::Debug for Signed<T> {
     }
 }
 
+/// An upper bound on the envelope length for a body of `body_len` bytes and `nsigs` signatures
+/// (two varints of at most 5 bytes, 96 bytes per signature).
+fn envelope_len(body_len: usize, nsigs: usize) -> usize {
+    body_len + 10 + 96 * nsigs
+}
+
 /// SHA-256 of some bytes.
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
@@ -165,7 +171,7 @@ impl<T: Document> Signed<T> {
     pub fn sign(doc: &T, key: &IdentityKeypair) -> Result<Self> {
         doc.check_body()?;
         let body = encode(doc, T::NAME)?;
-        if body.len() + 32 + 100 * MAX_SIGS > T::MAX_LEN {
+        if envelope_len(body.len(), 1) > T::MAX_LEN {
             return Err(DirError::TooLarge {
                 object: T::NAME,
                 len: body.len(),
@@ -214,7 +220,9 @@ impl<T: Document> Signed<T> {
         if self.sigs.iter().any(|s| s.signer == entry.signer) {
             return true;
         }
-        if self.sigs.len() >= MAX_SIGS {
+        if self.sigs.len() >= MAX_SIGS
+            || envelope_len(self.body.len(), self.sigs.len() + 1) > T::MAX_LEN
+        {
             return false;
         }
         self.sigs.push(entry);

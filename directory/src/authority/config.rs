@@ -1,0 +1,207 @@
+//! Authority configuration (TOML). See `authority.example.toml` in the repository root.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use allium_crypto::RelayId;
+use serde::{Deserialize, Deserializer};
+
+use crate::client::AuthorityInfo;
+use crate::err::{DirError, Result};
+
+/// Thresholds for flag assignment (docs/protocol/80-directory.md, "Flags").
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlagThresholds {
+    /// Fast: bandwidth at least this (bytes/s) always qualifies (Tor: 100 KB/s).
+    pub fast_min_bandwidth: u64,
+    /// Guard: bandwidth at least this (bytes/s) always qualifies (Tor: 2 MB/s).
+    pub guard_min_bandwidth: u64,
+    /// Stable: continuous uptime at least this (seconds) always qualifies (Tor: 5 days).
+    pub stable_min_uptime_secs: u64,
+    /// Guard: known (first seen) at least this long always qualifies (Tor: 8 days).
+    pub guard_min_known_secs: u64,
+    /// Exit: the policy must allow every one of these ports.
+    pub exit_ports: Vec<u16>,
+    /// Weight cap (kilobytes/s) for self-reported bandwidth.
+    pub max_weight_kbps: u32,
+}
+
+impl Default for FlagThresholds {
+    fn default() -> Self {
+        Self {
+            fast_min_bandwidth: 100 * 1000,
+            guard_min_bandwidth: 2 * 1000 * 1000,
+            stable_min_uptime_secs: 5 * 24 * 3600,
+            guard_min_known_secs: 8 * 24 * 3600,
+            exit_ports: vec![80, 443],
+            max_weight_kbps: 10_000_000,
+        }
+    }
+}
+
+fn de_hex_id<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<RelayId, D::Error> {
+    let s = String::deserialize(d)?;
+    RelayId::from_hex(&s).map_err(serde::de::Error::custom)
+}
+
+fn de_hex_ids<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<RelayId>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    v.iter()
+        .map(|s| RelayId::from_hex(s).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// One configured authority, as written in TOML.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorityEntry {
+    /// Identity, 64 hex digits.
+    #[serde(deserialize_with = "de_hex_id")]
+    pub identity: RelayId,
+    /// HTTP address.
+    pub dir_addr: SocketAddr,
+}
+
+fn default_interval() -> u64 {
+    3600
+}
+fn default_max_conns() -> usize {
+    256
+}
+fn default_max_relays() -> usize {
+    20_000
+}
+
+/// The authority's configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorityConfig {
+    /// Where keys, descriptors, votes and the consensus live. The signing key and certificate
+    /// are read from `<data_dir>/keys/` (written there by `allium authority certify`).
+    pub data_dir: PathBuf,
+    /// HTTP listen address.
+    pub listen: SocketAddr,
+    /// Every authority of the network, this one included.
+    pub authorities: Vec<AuthorityEntry>,
+    /// Seconds between consensus periods (default 3600; test networks use a few seconds).
+    #[serde(default = "default_interval")]
+    pub voting_interval_secs: u64,
+    /// Accept relays on private/loopback addresses (test networks only).
+    #[serde(default)]
+    pub allow_private_addresses: bool,
+    /// Flag thresholds.
+    #[serde(default)]
+    pub flags: FlagThresholds,
+    /// Relays to mark BadExit (identities, hex).
+    #[serde(default, deserialize_with = "de_hex_ids")]
+    pub bad_exits: Vec<RelayId>,
+    /// Network parameters this authority votes for.
+    #[serde(default)]
+    pub params: BTreeMap<String, i32>,
+    /// Most simultaneous HTTP connections.
+    #[serde(default = "default_max_conns")]
+    pub max_connections: usize,
+    /// Most relay descriptors held.
+    #[serde(default = "default_max_relays")]
+    pub max_relays: usize,
+}
+
+impl AuthorityConfig {
+    /// A configuration with defaults for everything but the essentials.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr, authorities: Vec<AuthorityInfo>) -> Self {
+        Self {
+            data_dir,
+            listen,
+            authorities: authorities
+                .into_iter()
+                .map(|a| AuthorityEntry {
+                    identity: a.identity,
+                    dir_addr: a.dir_addr,
+                })
+                .collect(),
+            voting_interval_secs: default_interval(),
+            allow_private_addresses: false,
+            flags: FlagThresholds::default(),
+            bad_exits: Vec::new(),
+            params: BTreeMap::new(),
+            max_connections: default_max_conns(),
+            max_relays: default_max_relays(),
+        }
+    }
+
+    /// Settings for a small local test network: short interval, private addresses, flag
+    /// thresholds at zero so every reachable relay gets Fast/Stable/Guard.
+    pub fn for_test_network(mut self, voting_interval_secs: u64) -> Self {
+        self.voting_interval_secs = voting_interval_secs;
+        self.allow_private_addresses = true;
+        self.flags.fast_min_bandwidth = 0;
+        self.flags.guard_min_bandwidth = 0;
+        self.flags.stable_min_uptime_secs = 0;
+        self.flags.guard_min_known_secs = 0;
+        self.params
+            .insert("enforce_distinct_subnets".to_string(), 0);
+        self
+    }
+
+    /// Parse TOML text and validate.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let c: Self = toml::from_str(text).map_err(|e| DirError::Config(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Read and parse a file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| DirError::io(path, e))?;
+        Self::from_toml(&text).map_err(|e| DirError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Check the values.
+    pub fn validate(&self) -> Result<()> {
+        if self.authorities.is_empty() {
+            return Err(DirError::Config(
+                "list at least one [[authorities]] entry (this authority included)".into(),
+            ));
+        }
+        if self.authorities.len() > crate::doc::consensus::MAX_VOTERS {
+            return Err(DirError::Config("at most 16 authorities".into()));
+        }
+        let mut ids: Vec<RelayId> = self.authorities.iter().map(|a| a.identity).collect();
+        ids.sort();
+        ids.dedup();
+        if ids.len() != self.authorities.len() {
+            return Err(DirError::Config(
+                "an authority identity is listed twice".into(),
+            ));
+        }
+        if self.voting_interval_secs < 2 || self.voting_interval_secs > 24 * 3600 {
+            return Err(DirError::Config(
+                "voting_interval_secs must be between 2 and 86400".into(),
+            ));
+        }
+        if self.max_connections == 0 || self.max_relays == 0 {
+            return Err(DirError::Config(
+                "max_connections and max_relays must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The configured authorities as [`AuthorityInfo`].
+    pub fn authority_infos(&self) -> Vec<AuthorityInfo> {
+        self.authorities
+            .iter()
+            .map(|a| AuthorityInfo {
+                identity: a.identity,
+                dir_addr: a.dir_addr,
+            })
+            .collect()
+    }
+
+    /// The configured identities.
+    pub fn authority_ids(&self) -> Vec<RelayId> {
+        self.authorities.iter().map(|a| a.identity).collect()
+    }
+}

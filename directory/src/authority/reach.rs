@@ -1,0 +1,74 @@
+//! Reachability tests: can the authority open a link to a relay's advertised address and does
+//! the relay prove the advertised link key?
+//!
+//! The authority depends on the small [`Reachability`] trait so tests use a fake.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use allium_crypto::{RelayId, X25519Public};
+
+/// A boxed future returned by [`Reachability::probe`].
+pub type ProbeFuture = Pin<Box<dyn Future<Output = bool> + Send + 'static>>;
+
+/// Timeout of one probe.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Probes a relay: `true` iff a link to `addr` completed and the peer proved `link_key` for `id`.
+pub trait Reachability: Send + Sync + 'static {
+    /// Probe one relay (implementations bound their own time).
+    fn probe(&self, addr: SocketAddr, id: RelayId, link_key: X25519Public) -> ProbeFuture;
+}
+
+/// A TCP-connect-only probe: proves the port is open, not the link key. Used only until the
+/// link layer (`allium_proto::channel::connect`) is wired in; see the crate report.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TcpReachability;
+
+impl Reachability for TcpReachability {
+    fn probe(&self, addr: SocketAddr, _id: RelayId, _link_key: X25519Public) -> ProbeFuture {
+        Box::pin(async move {
+            matches!(
+                tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
+                Ok(Ok(_))
+            )
+        })
+    }
+}
+
+/// A fake for tests: relays are reachable unless their identity is marked down.
+#[derive(Debug, Default)]
+pub struct FakeReachability {
+    down: Mutex<BTreeSet<RelayId>>,
+}
+
+impl FakeReachability {
+    /// Everyone reachable.
+    pub fn all_up() -> Self {
+        Self::default()
+    }
+    /// Mark a relay reachable or not.
+    pub fn set_down(&self, id: RelayId, down: bool) {
+        let mut d = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        if down {
+            d.insert(id);
+        } else {
+            d.remove(&id);
+        }
+    }
+}
+
+impl Reachability for FakeReachability {
+    fn probe(&self, _addr: SocketAddr, id: RelayId, _link_key: X25519Public) -> ProbeFuture {
+        let up = !self
+            .down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id);
+        Box::pin(async move { up })
+    }
+}

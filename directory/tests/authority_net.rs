@@ -1,0 +1,364 @@
+//! In-process networks of authorities on 127.0.0.1: voting, signatures, client acceptance,
+//! uploads, restarts.
+
+mod common;
+
+use allium_directory::authority::run_round;
+use allium_directory::client::{self, ConsensusCache, FetchRole, http};
+use allium_directory::doc::{Flags, Signed};
+use allium_directory::{DirError, NetDir, fetch_consensus, now_unix, paths, upload_descriptor};
+use common::{Net, Relay};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+async fn upload_all(net: &Net, relays: &[Relay], published: u64) {
+    for (i, r) in relays.iter().enumerate() {
+        let bytes = r.signed(published, i % 2 == 0);
+        let (ok, errs) = client::upload_descriptor_to_all(&net.infos, &bytes).await;
+        assert_eq!(ok, net.live().len(), "upload errors: {errs:?}");
+    }
+}
+
+fn relays(n: u16) -> Vec<Relay> {
+    (0..n).map(|i| Relay::new(9000 + i)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_authorities_agree_and_clients_accept() {
+    let net = Net::start(3).await;
+    let rs = relays(5);
+    upload_all(&net, &rs, now_unix()).await;
+    let va = Net::current_va();
+    run_round(&net.live(), va).await.expect("round");
+
+    let docs: Vec<_> = net
+        .live()
+        .iter()
+        .map(|h| h.current_consensus().expect("published"))
+        .collect();
+    let first = docs[0].to_bytes();
+    for d in &docs {
+        assert_eq!(
+            d.body(),
+            docs[0].body(),
+            "bodies differ between authorities"
+        );
+        assert_eq!(d.sigs().len(), 3);
+        assert_eq!(d.to_bytes(), first);
+    }
+
+    let v = fetch_consensus(&net.infos, now_unix())
+        .await
+        .expect("fetch");
+    assert_eq!(v.signed_by().len(), 3);
+    let nd = NetDir::new(v);
+    assert_eq!(nd.relays().len(), 5);
+    assert_eq!(nd.valid_after(), va);
+    for (i, r) in rs.iter().enumerate() {
+        let e = nd.by_id(&r.id.public()).expect("listed");
+        assert!(e.has(Flags::RUNNING | Flags::VALID | Flags::FAST | Flags::STABLE | Flags::GUARD));
+        assert_eq!(e.has(Flags::EXIT), i % 2 == 0);
+        assert_eq!(
+            nd.by_link_key(&r.link.public()).map(|e| e.identity),
+            Some(r.id.public())
+        );
+    }
+    assert_eq!(nd.exits_for_port(443).count(), 3);
+    assert_eq!(nd.param("enforce_distinct_subnets", 1), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_authority_down_still_gives_two_of_three() {
+    let mut net = Net::start(3).await;
+    let rs = relays(5);
+    net.stop(2).await;
+    upload_all(&net, &rs, now_unix()).await;
+    let va = Net::current_va();
+    // Errors about the dead peer are logged, not fatal.
+    run_round(&net.live(), va).await.expect("round");
+    for h in net.live() {
+        let c = h.current_consensus().expect("published");
+        assert_eq!(c.sigs().len(), 2);
+    }
+    let v = fetch_consensus(&net.infos, now_unix())
+        .await
+        .expect("fetch");
+    assert_eq!(v.signed_by().len(), 2);
+    assert_eq!(v.consensus().relays.len(), 5);
+    assert_eq!(v.consensus().voters.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_three_signatures_rejected_and_relay_down_dropped() {
+    let net = Net::start(3).await;
+    let rs = relays(3);
+    upload_all(&net, &rs, now_unix()).await;
+    net.reach.set_down(rs[0].id.public(), true);
+    let va = Net::current_va();
+    run_round(&net.live(), va).await.expect("round");
+    let full = net.live()[0].current_consensus().expect("published");
+    assert_eq!(
+        full.dangerously_decode_unverified()
+            .expect("decode")
+            .relays
+            .len(),
+        2
+    );
+
+    // Keep only one signature.
+    let mut one =
+        Signed::<allium_directory::doc::Consensus>::from_body_unsigned(full.body().to_vec());
+    assert!(one.add_detached_signature(full.sigs()[0]));
+    let certs = http::request(
+        net.infos[0].dir_addr,
+        "GET",
+        paths::CERTS,
+        None,
+        client::MAX_CERTS_LEN,
+        http::DEFAULT_TIMEOUT,
+    )
+    .await
+    .expect("certs")
+    .into_ok("certs")
+    .expect("ok");
+    let now = now_unix();
+    let err = client::verify_consensus_bytes(&one.to_bytes(), &certs, &net.infos, now)
+        .expect_err("1 of 3 must be rejected");
+    assert!(matches!(err, DirError::BadSignature { .. }), "{err}");
+    // The full one verifies with the same certificates.
+    client::verify_consensus_bytes(&full.to_bytes(), &certs, &net.infos, now).expect("3 of 3");
+    // The same signature twice still counts once (duplicate signer entries are refused at
+    // parse time, and identities are counted, not signatures).
+    let mut dup = one.clone();
+    assert!(dup.add_detached_signature(full.sigs()[0]));
+    assert_eq!(dup.sigs().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_older_descriptor_is_ignored() {
+    let net = Net::start(1).await;
+    let r = Relay::new(9100);
+    let addr = net.infos[0].dir_addr;
+    let now = now_unix();
+    upload_descriptor(addr, &r.signed(now, false))
+        .await
+        .expect("first");
+    let err = upload_descriptor(addr, &r.signed(now - 10, false))
+        .await
+        .expect_err("older must be refused");
+    assert!(
+        matches!(err, DirError::HttpStatus { status: 409, .. }),
+        "{err}"
+    );
+    // Exact replay is refused too.
+    upload_descriptor(addr, &r.signed(now, false))
+        .await
+        .expect_err("replay must be refused");
+    // Nothing changed: the authority still serves the first descriptor.
+    let b = http::request(
+        addr,
+        "GET",
+        paths::DESCRIPTORS,
+        None,
+        1 << 20,
+        http::DEFAULT_TIMEOUT,
+    )
+    .await
+    .expect("get")
+    .into_ok("descriptors")
+    .expect("ok");
+    let list: Vec<Vec<u8>> = postcard::from_bytes(&b).expect("list");
+    assert_eq!(list, vec![r.signed(now, false)]);
+    // A newer one replaces it.
+    upload_descriptor(addr, &r.signed(now + 1, false))
+        .await
+        .expect("newer");
+}
+
+async fn raw_post(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(head.as_bytes()).await.expect("head");
+    let _ = s.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_malformed_uploads_are_refused() {
+    let net = Net::start(1).await;
+    let h = net.live()[0];
+    let addr = h.dir_addr();
+    // A huge declared length is refused before any body byte is read.
+    let resp = raw_post(
+        addr,
+        &format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 1000000000\r\n\r\n",
+            paths::DESCRIPTOR
+        ),
+        b"",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    // A chunked body that grows past 8 KiB is cut off at the cap.
+    let chunk = vec![b'a'; 4096];
+    let mut body = Vec::new();
+    for _ in 0..4 {
+        body.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        body.extend_from_slice(&chunk);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"0\r\n\r\n");
+    let resp = raw_post(
+        addr,
+        &format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n",
+            paths::DESCRIPTOR
+        ),
+        &body,
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    // Garbage: 400 with one line of reason, nothing stored.
+    let err = upload_descriptor(addr, b"\x01\x02garbage")
+        .await
+        .expect_err("garbage");
+    match &err {
+        DirError::HttpStatus { status, reason, .. } => {
+            assert_eq!(*status, 400);
+            assert!(reason.contains("malformed"), "{reason}");
+        }
+        e => panic!("unexpected {e}"),
+    }
+    let r = http::request(
+        addr,
+        "POST",
+        paths::DESCRIPTOR,
+        Some(b"\x01\x02garbage"),
+        4096,
+        http::DEFAULT_TIMEOUT,
+    )
+    .await
+    .expect("req");
+    let text = String::from_utf8(r.body).expect("utf8");
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.ends_with('\n'));
+    // A descriptor signed by another key than its identity.
+    let r1 = Relay::new(9200);
+    let r2 = Relay::new(9201);
+    let forged = Signed::sign(&r1.desc(now_unix(), false), &r2.id)
+        .expect("sign")
+        .to_bytes();
+    let err = upload_descriptor(addr, &forged).await.expect_err("forged");
+    assert!(
+        matches!(err, DirError::HttpStatus { status: 403, .. }),
+        "{err}"
+    );
+    // Future-dated by more than an hour.
+    let err = upload_descriptor(addr, &r1.signed(now_unix() + 7200, false))
+        .await
+        .expect_err("future");
+    assert!(
+        matches!(err, DirError::HttpStatus { status: 400, .. }),
+        "{err}"
+    );
+    assert_eq!(h.descriptor_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_addresses_refused_unless_allowed() {
+    use allium_directory::authority::{self, AuthorityConfig, StartOptions};
+    let d = tempfile::tempdir().expect("tmp");
+    let (_id, keys) = authority::keys::generate_for_test(d.path(), now_unix()).expect("keys");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let infos = vec![allium_directory::AuthorityInfo {
+        identity: keys.identity(),
+        dir_addr: addr,
+    }];
+    let cfg = AuthorityConfig::new(d.path().to_path_buf(), addr, infos);
+    let h = authority::start_with(
+        cfg,
+        StartOptions {
+            listener: Some(l),
+            reachability: std::sync::Arc::new(authority::FakeReachability::all_up()),
+            schedule: false,
+        },
+    )
+    .await
+    .expect("start");
+    let err = upload_descriptor(addr, &Relay::new(9300).signed(now_unix(), false))
+        .await
+        .expect_err("loopback relay on a public network");
+    assert!(err.to_string().contains("private"), "{err}");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_authority_rejoins_and_cache_protects_against_rollback() {
+    let mut net = Net::start(3).await;
+    let rs = relays(4);
+    upload_all(&net, &rs, now_unix()).await;
+    let va = Net::current_va();
+    run_round(&net.live(), va - common::INTERVAL)
+        .await
+        .expect("round 1");
+
+    let cache_dir = tempfile::tempdir().expect("tmp");
+    let cache_path = cache_dir.path().join("consensus");
+    let now = now_unix();
+    let mut cache =
+        ConsensusCache::open(Some(&cache_path), net.infos.clone(), FetchRole::Client, now);
+    assert!(cache.needs_fetch(now));
+    cache.refresh(now).await.expect("fetch 1");
+    let old_bytes = cache.current().expect("held").signed().to_bytes();
+    assert!(cache.next_fetch_at() >= cache.current().expect("held").consensus().fresh_until);
+
+    // Restart authority 2: it reloads descriptors and its consensus, then joins the next round.
+    net.stop(2).await;
+    net.restart(2).await;
+    let h2 = net.handles[2].as_ref().expect("restarted");
+    assert_eq!(h2.descriptor_count(), 4);
+    assert!(h2.current_consensus().is_some());
+    run_round(&net.live(), va).await.expect("round 2");
+    for h in net.live() {
+        assert_eq!(h.current_consensus().expect("c").sigs().len(), 3);
+    }
+    cache.refresh(now_unix()).await.expect("fetch 2");
+    assert_eq!(cache.current().expect("held").consensus().valid_after, va);
+
+    // Offering the older one again is a rollback.
+    let certs = allium_directory::client::encode_cert_list(&[]);
+    let err = cache
+        .offer(&old_bytes, &certs, now_unix())
+        .expect_err("rollback");
+    // (no certificates: signature check fails first); with certificates it is a rollback:
+    assert!(matches!(err, DirError::BadSignature { .. }), "{err}");
+    let certs = http::request(
+        net.infos[0].dir_addr,
+        "GET",
+        paths::CERTS,
+        None,
+        client::MAX_CERTS_LEN,
+        http::DEFAULT_TIMEOUT,
+    )
+    .await
+    .expect("certs")
+    .into_ok("certs")
+    .expect("ok");
+    let err = cache
+        .offer(&old_bytes, &certs, now_unix())
+        .expect_err("rollback");
+    assert!(matches!(err, DirError::Rollback { .. }), "{err}");
+
+    // A new cache on the same file reuses the cached consensus at start.
+    let again = ConsensusCache::open(
+        Some(&cache_path),
+        net.infos.clone(),
+        FetchRole::Client,
+        now_unix(),
+    );
+    assert_eq!(again.current().expect("cached").consensus().valid_after, va);
+    assert!(again.netdir(now_unix()).is_some());
+}
