@@ -1,12 +1,173 @@
 //! Allium's client: bootstrap, path selection, guards, circuits, streams and the SOCKS5 proxy.
+//!
+//! Start it in-process with [`start`]:
+//!
+//! ```no_run
+//! # async fn demo(cfg: allium_client::ProxyConfig) -> Result<(), allium_client::ClientError> {
+//! let proxy = allium_client::start(cfg).await?;
+//! proxy.wait_ready(std::time::Duration::from_secs(30)).await?;
+//! println!("SOCKS5 on {}", proxy.socks_addr());
+//! proxy.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Modules, in data-flow order: [`config`]; `dir` (consensus fetch and freshness); [`path`] and
+//! [`guard`] (path selection); `circmgr`, `circ` and `link` (circuits and links); `stream`
+//! (BEGIN/RESOLVE and splicing); [`socks`] (the listener); [`isolation`].
+//!
+//! Not in this crate: relay behaviour (`allium-relay`), document formats (`allium-directory`),
+//! cell formats and the link (`allium-proto`), cryptography (`allium-crypto`).
+//! The behaviour is specified in `docs/protocol/95-client.md`.
 #![forbid(unsafe_code)]
 
+mod circ;
+mod circmgr;
 pub mod config;
+mod dir;
 pub mod err;
 pub mod guard;
 pub mod isolation;
+mod link;
 pub mod path;
 pub mod socks;
+mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use allium_directory::client::AuthorityInfo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 pub use config::{AuthorityConfig, ProxyConfig};
 pub use err::ClientError;
+
+use crate::circmgr::CircMgr;
+use crate::guard::GuardSet;
+
+/// A running proxy. Dropping it stops the proxy's tasks; [`ProxyHandle::shutdown`] also
+/// closes circuits and links cleanly.
+#[derive(Debug)]
+pub struct ProxyHandle {
+    socks_addr: SocketAddr,
+    ready: watch::Receiver<bool>,
+    shutdown: watch::Sender<bool>,
+    mgr: Arc<CircMgr>,
+    tasks: JoinSet<()>,
+}
+
+impl ProxyHandle {
+    /// The address the SOCKS5 listener is bound to (the real port when 0 was configured).
+    pub fn socks_addr(&self) -> SocketAddr {
+        self.socks_addr
+    }
+
+    /// Wait until a consensus is verified and at least one circuit is built.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), ClientError> {
+        let mut rx = self.ready.clone();
+        match tokio::time::timeout(timeout, rx.wait_for(|r| *r)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(ClientError::Shutdown),
+            Err(_) => Err(ClientError::Timeout(
+                "bootstrapping (no verified consensus or no circuit yet; see the log for why)",
+            )),
+        }
+    }
+
+    /// Whether the proxy is ready (see [`ProxyHandle::wait_ready`]).
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Number of open circuits held for streams.
+    pub fn n_circuits(&self) -> usize {
+        self.mgr.n_circuits()
+    }
+
+    /// Stop accepting SOCKS connections, close every circuit and link, and stop the tasks.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        self.mgr.close_all().await;
+        self.tasks.shutdown().await;
+        tracing::info!("proxy stopped");
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        self.tasks.abort_all();
+    }
+}
+
+fn authorities(cfg: &ProxyConfig) -> Result<Vec<AuthorityInfo>, ClientError> {
+    cfg.authorities
+        .iter()
+        .map(|a| {
+            Ok(AuthorityInfo {
+                identity: a.relay_id()?,
+                dir_addr: a.address,
+            })
+        })
+        .collect()
+}
+
+fn make_data_dir(dir: &std::path::Path) -> Result<(), ClientError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ClientError::file(dir, "creating the data directory", e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    Ok(())
+}
+
+/// Start the proxy: bind the SOCKS port, then bootstrap in the background (fetch and verify the
+/// consensus, build circuits). Must be called inside a tokio runtime.
+pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
+    config.validate()?;
+    let auths = authorities(&config)?;
+    make_data_dir(&config.data_dir)?;
+    let guards = GuardSet::load(&config.data_dir)?;
+    let listener = TcpListener::bind(config.socks_listen).await.map_err(|e| {
+        ClientError::io(
+            format!(
+                "binding the SOCKS port {} (is another proxy already using it? choose another port)",
+                config.socks_listen
+            ),
+            e,
+        )
+    })?;
+    let socks_addr = listener
+        .local_addr()
+        .map_err(|e| ClientError::io("reading the SOCKS address", e))?;
+    if !socks_addr.ip().is_loopback() {
+        tracing::warn!(
+            "the SOCKS port {socks_addr} is not on a loopback address: anyone who can reach it can use your circuits"
+        );
+    }
+    let cfg = Arc::new(config);
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mgr = Arc::new(CircMgr::new(Arc::clone(&cfg), guards, ready_tx));
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(dir::run(Arc::clone(&mgr), auths, shutdown_rx.clone()));
+    tasks.spawn(Arc::clone(&mgr).maintain(shutdown_rx.clone()));
+    tasks.spawn(socks::server::serve(
+        listener,
+        Arc::clone(&mgr),
+        shutdown_rx,
+    ));
+    tracing::info!("bootstrap 0%: SOCKS5 proxy listening on {socks_addr}");
+    Ok(ProxyHandle {
+        socks_addr,
+        ready: ready_rx,
+        shutdown: shutdown_tx,
+        mgr,
+        tasks,
+    })
+}

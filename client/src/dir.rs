@@ -1,0 +1,132 @@
+//! Bootstrap and directory freshness: fetch and verify the consensus, keep it fresh, and turn it
+//! into the relay list path selection uses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use allium_directory::client::{AuthorityInfo, ConsensusCache, FetchRole};
+use allium_directory::doc::Flags;
+use allium_directory::{NetDir, now_unix};
+use tokio::sync::watch;
+
+use crate::circmgr::CircMgr;
+use crate::path::{RelayFlags, RelayInfo};
+
+/// The consensus file in the data directory.
+pub const CACHE_FILE: &str = "consensus.cache";
+
+/// The relays of one verified consensus, ready for path selection.
+#[derive(Debug)]
+pub(crate) struct DirView {
+    /// Every relay listed.
+    pub(crate) relays: Vec<RelayInfo>,
+}
+
+/// Convert a verified consensus.
+pub(crate) fn view_from(nd: &NetDir) -> DirView {
+    let relays = nd
+        .relays()
+        .iter()
+        .map(|e| RelayInfo {
+            id: e.identity,
+            link_key: e.link_key,
+            onion_key: e.onion_key,
+            addrs: e.addrs.clone(),
+            flags: RelayFlags {
+                running: e.flags.contains(Flags::RUNNING),
+                valid: e.flags.contains(Flags::VALID),
+                guard: e.flags.contains(Flags::GUARD),
+                exit: e.flags.contains(Flags::EXIT),
+                bad_exit: e.flags.contains(Flags::BAD_EXIT),
+                fast: e.flags.contains(Flags::FAST),
+                stable: e.flags.contains(Flags::STABLE),
+            },
+            weight: u64::from(e.weight),
+            family: e.family.clone(),
+            exit_ports: e.exit.accept.iter().map(|r| (r.lo, r.hi)).collect(),
+        })
+        .collect();
+    DirView { relays }
+}
+
+fn summary(v: &DirView) -> (usize, usize, usize) {
+    let usable = v.relays.iter().filter(|r| r.usable()).count();
+    let exits = v.relays.iter().filter(|r| r.is_exit_for(&[])).count();
+    let guards = v
+        .relays
+        .iter()
+        .filter(|r| r.usable() && r.flags.guard)
+        .count();
+    (usable, exits, guards)
+}
+
+/// Fetch the consensus now (or use a valid cached one), then again on Tor's client schedule.
+pub(crate) async fn run(
+    mgr: Arc<CircMgr>,
+    authorities: Vec<AuthorityInfo>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let path = mgr.config().data_dir.join(CACHE_FILE);
+    let mut cache = ConsensusCache::open(Some(&path), authorities, FetchRole::Client, now_unix());
+    if let Some(nd) = cache.netdir(now_unix()) {
+        let v = view_from(&nd);
+        let (u, e, g) = summary(&v);
+        tracing::info!(
+            "bootstrap 40%: using the cached consensus ({u} usable relays, {e} exits, {g} guards)"
+        );
+        mgr.set_dir(v);
+    } else {
+        tracing::info!("bootstrap 10%: fetching the consensus from the authorities");
+    }
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let now = now_unix();
+        let wait = if cache.needs_fetch(now) {
+            match cache.refresh(now).await {
+                Ok(_) => {
+                    backoff = Duration::from_secs(1);
+                    match cache.netdir(now_unix()) {
+                        Some(nd) => {
+                            let v = view_from(&nd);
+                            let (u, e, g) = summary(&v);
+                            if mgr.has_dir() {
+                                tracing::info!(
+                                    "new consensus: {u} usable relays, {e} exits, {g} guards"
+                                );
+                            } else {
+                                tracing::info!(
+                                    "bootstrap 40%: consensus verified ({u} usable relays, {e} exits, {g} guards)"
+                                );
+                            }
+                            mgr.set_dir(v);
+                        }
+                        None => tracing::warn!(
+                            "the fetched consensus is not valid now; check this machine's clock"
+                        ),
+                    }
+                    Duration::from_secs(
+                        cache
+                            .next_fetch_at()
+                            .saturating_sub(now_unix())
+                            .clamp(1, 3600),
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "could not fetch a consensus ({e}); retrying in {}s. Check the authority addresses and identities in the configuration",
+                        backoff.as_secs()
+                    );
+                    let w = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                    w
+                }
+            }
+        } else {
+            Duration::from_secs(cache.next_fetch_at().saturating_sub(now).clamp(1, 3600))
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
