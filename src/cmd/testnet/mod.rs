@@ -1,0 +1,438 @@
+//! `allium testnet`: a whole network on 127.0.0.1 — 3 directory authorities, N relays and a SOCKS
+//! proxy, each a child process of this one — plus a small HTTP server to try it with.
+//!
+//! It waits until the proxy carries a stream, prints the SOCKS address and a `curl` line, writes
+//! `testnet.json` in the data directory, and runs until Ctrl-C (or SIGTERM), then stops every child.
+
+pub mod httpd;
+mod procs;
+pub mod socks;
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use allium_client::ProxyConfig;
+use allium_relay::{ExitPolicy, RelayConfig};
+use serde::Serialize;
+
+use super::CmdResult;
+use procs::Node;
+
+/// Number of directory authorities in a test network.
+pub const N_AUTHORITIES: usize = 3;
+/// Voting interval of a test network, seconds.
+pub const VOTING_INTERVAL_SECS: u64 = 4;
+/// How long to wait for the network to carry its first stream.
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Arguments of `allium testnet`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Number of relays (at least 3; the first `--exits` are exits).
+    #[arg(long, default_value_t = 6)]
+    pub relays: usize,
+    /// How many of the relays are exits (at least 1).
+    #[arg(long, default_value_t = 2)]
+    pub exits: usize,
+    /// SOCKS5 port of the proxy on 127.0.0.1 (0 picks a free one).
+    #[arg(long, default_value_t = 9150)]
+    pub socks_port: u16,
+    /// Data directory (keys, configs, logs, testnet.json). Default: a fresh directory under the
+    /// system temp directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Exit as soon as the network is ready (for scripts and smoke tests).
+    #[arg(long)]
+    pub exit_when_ready: bool,
+}
+
+/// One node as recorded in `testnet.json`.
+#[derive(Serialize, Debug)]
+struct NodeInfo {
+    name: String,
+    role: &'static str,
+    pid: u32,
+    identity: String,
+    exit: bool,
+    addrs: serde_json::Map<String, serde_json::Value>,
+    log: PathBuf,
+}
+
+/// The contents of `testnet.json`.
+#[derive(Serialize, Debug)]
+struct TestnetInfo {
+    socks: SocketAddr,
+    http_target: SocketAddr,
+    ready_secs: f64,
+    data_dir: PathBuf,
+    nodes: Vec<NodeInfo>,
+}
+
+/// Run `allium testnet`.
+pub fn run(args: Args) -> CmdResult {
+    if args.relays < 3 {
+        return Err(
+            "--relays must be at least 3 (a circuit needs a guard, a middle and an exit)".into(),
+        );
+    }
+    if args.exits == 0 || args.exits > args.relays {
+        return Err("--exits must be between 1 and --relays".into());
+    }
+    let rt = super::runtime()?;
+    rt.block_on(run_async(args))
+}
+
+fn free_port() -> std::io::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    l.local_addr()
+}
+
+fn prepare_data_dir(arg: Option<PathBuf>) -> Result<PathBuf, String> {
+    let dir = arg.unwrap_or_else(|| std::env::temp_dir().join("allium-testnet"));
+    if dir.exists() {
+        let ours = dir.join("testnet.json").exists() || dir.join("testnet.lock").exists();
+        let empty = std::fs::read_dir(&dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        if !ours && !empty {
+            return Err(format!(
+                "{} exists and is not an Allium test network directory; choose another --data-dir",
+                dir.display()
+            ));
+        }
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::write(dir.join("testnet.lock"), b"")
+        .map_err(|e| format!("cannot write in {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+fn authority_toml(
+    data_dir: &Path,
+    listen: SocketAddr,
+    authorities: &[(String, SocketAddr)],
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "data_dir = {:?}", data_dir.display().to_string());
+    let _ = writeln!(s, "listen = \"{listen}\"");
+    let _ = writeln!(s, "voting_interval_secs = {VOTING_INTERVAL_SECS}");
+    let _ = writeln!(s, "allow_private_addresses = true");
+    let _ = writeln!(s);
+    for (id, addr) in authorities {
+        let _ = writeln!(
+            s,
+            "[[authorities]]\nidentity = \"{id}\"\ndir_addr = \"{addr}\"\n"
+        );
+    }
+    s.push_str(
+        "[flags]\nfast_min_bandwidth = 0\nguard_min_bandwidth = 0\nstable_min_uptime_secs = 0\nguard_min_known_secs = 0\n\n[params]\nenforce_distinct_subnets = 0\n",
+    );
+    s
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Print the last lines of a node's log (used when a node dies during start-up).
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+async fn run_async(args: Args) -> CmdResult {
+    let started = Instant::now();
+    let dir = prepare_data_dir(args.data_dir.clone())?;
+    let socks_addr = SocketAddr::from(([127, 0, 0, 1], args.socks_port));
+    if args.socks_port != 0 && TcpListener::bind(socks_addr).is_err() {
+        return Err(format!(
+            "127.0.0.1:{} is already in use; pass --socks-port with a free port (or 0)",
+            args.socks_port
+        )
+        .into());
+    }
+    eprintln!(
+        "allium testnet: starting {N_AUTHORITIES} authorities, {} relays ({} exits) and a proxy in {}",
+        args.relays,
+        args.exits,
+        dir.display()
+    );
+
+    // Authorities: keys (offline identity + certified signing key) and addresses first, since every
+    // node's configuration lists all of them.
+    let now = allium_directory::now_unix();
+    let mut auths = Vec::new();
+    for i in 0..N_AUTHORITIES {
+        let adir = dir.join(format!("auth{i}"));
+        let (identity, _keys) = allium_directory::authority::keys::generate_for_test(&adir, now)
+            .map_err(|e| format!("creating keys for auth{i}: {e}"))?;
+        auths.push((adir, identity.public().to_hex(), free_port()?));
+    }
+    let auth_list: Vec<(String, SocketAddr)> =
+        auths.iter().map(|(_, id, a)| (id.clone(), *a)).collect();
+
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut infos: Vec<NodeInfo> = Vec::new();
+    let result = start_and_serve(
+        &args, &dir, &auths, &auth_list, socks_addr, started, &mut nodes, &mut infos,
+    )
+    .await;
+    eprintln!("allium testnet: stopping {} processes", nodes.len());
+    procs::stop_all(&mut nodes, Duration::from_secs(5));
+    let _ = std::fs::remove_file(dir.join("testnet.lock"));
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start_and_serve(
+    args: &Args,
+    dir: &Path,
+    auths: &[(PathBuf, String, SocketAddr)],
+    auth_list: &[(String, SocketAddr)],
+    socks_addr: SocketAddr,
+    started: Instant,
+    nodes: &mut Vec<Node>,
+    infos: &mut Vec<NodeInfo>,
+) -> CmdResult {
+    for (i, (adir, id, addr)) in auths.iter().enumerate() {
+        let cfg = dir.join(format!("auth{i}.toml"));
+        write_file(&cfg, &authority_toml(adir, *addr, auth_list))?;
+        let log = dir.join(format!("auth{i}.log"));
+        let cfg_s = cfg.display().to_string();
+        let node = procs::spawn(
+            &format!("auth{i}"),
+            &["authority", "--config", &cfg_s],
+            &log,
+        )?;
+        let mut addrs = serde_json::Map::new();
+        addrs.insert("dir".into(), addr.to_string().into());
+        infos.push(NodeInfo {
+            name: node.name.clone(),
+            role: "authority",
+            pid: node.child.id(),
+            identity: id.clone(),
+            exit: false,
+            addrs,
+            log,
+        });
+        nodes.push(node);
+    }
+
+    let relay_auths: Vec<allium_relay::AuthorityConfig> = auth_list
+        .iter()
+        .map(|(id, a)| allium_relay::AuthorityConfig {
+            identity: id.clone(),
+            dir_addr: *a,
+        })
+        .collect();
+    for i in 0..args.relays {
+        let exit = i < args.exits;
+        let name = format!("relay{i}");
+        let listen = free_port()?;
+        let rdir = dir.join(&name);
+        let identity = allium_relay::keys::RelayKeys::load_or_create(&rdir)
+            .map_err(|e| format!("creating keys for {name}: {e}"))?
+            .id;
+        let mut cfg = RelayConfig::from_toml_str(
+            &format!(
+                "nickname = \"{}{i}\"\nlisten = \"{listen}\"\ndata_dir = {:?}\n",
+                if exit { "TestExit" } else { "TestRelay" },
+                rdir.display().to_string()
+            ),
+            Path::new("testnet relay config"),
+        )?;
+        cfg.contact = "allium testnet".into();
+        cfg.authorities = relay_auths.clone();
+        cfg.descriptor_publish_interval_secs = 60;
+        cfg.exit_policy = if exit {
+            ExitPolicy::accept_all(true)
+        } else {
+            ExitPolicy::default()
+        };
+        let cfg_path = dir.join(format!("{name}.toml"));
+        write_file(&cfg_path, &toml::to_string(&cfg)?)?;
+        let log = dir.join(format!("{name}.log"));
+        let cfg_s = cfg_path.display().to_string();
+        let node = procs::spawn(&name, &["relay", "--config", &cfg_s], &log)?;
+        let mut addrs = serde_json::Map::new();
+        addrs.insert("or".into(), listen.to_string().into());
+        infos.push(NodeInfo {
+            name: name.clone(),
+            role: "relay",
+            pid: node.child.id(),
+            identity: identity.to_hex(),
+            exit,
+            addrs,
+            log,
+        });
+        nodes.push(node);
+    }
+
+    let pdir = dir.join("proxy");
+    let pcfg = ProxyConfig {
+        socks_listen: socks_addr,
+        data_dir: pdir,
+        authorities: auth_list
+            .iter()
+            .map(|(id, a)| allium_client::AuthorityConfig {
+                identity: id.clone(),
+                address: *a,
+            })
+            .collect(),
+        test_network: true,
+        ..ProxyConfig::default()
+    };
+    let pcfg_path = dir.join("proxy.toml");
+    write_file(&pcfg_path, &toml::to_string(&pcfg)?)?;
+    let plog = dir.join("proxy.log");
+    let pcfg_s = pcfg_path.display().to_string();
+    let proxy = procs::spawn("proxy", &["proxy", "--config", &pcfg_s], &plog)?;
+    let mut addrs = serde_json::Map::new();
+    addrs.insert("socks".into(), socks_addr.to_string().into());
+    infos.push(NodeInfo {
+        name: "proxy".into(),
+        role: "client",
+        pid: proxy.child.id(),
+        identity: String::new(),
+        exit: false,
+        addrs,
+        log: plog,
+    });
+    nodes.push(proxy);
+
+    let (http_addr, _http_task) = httpd::spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+
+    wait_ready(nodes, socks_addr, http_addr, started).await?;
+    let ready_secs = started.elapsed().as_secs_f64();
+
+    let info = TestnetInfo {
+        socks: socks_addr,
+        http_target: http_addr,
+        ready_secs,
+        data_dir: dir.to_path_buf(),
+        nodes: std::mem::take(infos),
+    };
+    let json = serde_json::to_string_pretty(&info)?;
+    write_file(&dir.join("testnet.json"), &json)?;
+    *infos = info.nodes;
+
+    println!();
+    println!("Allium test network ready in {ready_secs:.1} s.");
+    println!("  SOCKS5 proxy:  {socks_addr}");
+    println!("  test page:     http://{http_addr}/");
+    println!("  details:       {}", dir.join("testnet.json").display());
+    println!();
+    println!("Try it:");
+    println!("  curl --socks5-hostname {socks_addr} http://{http_addr}/");
+    println!();
+    if args.exit_when_ready {
+        return Ok(());
+    }
+    println!("Press Ctrl-C to stop.");
+    wait_for_stop(nodes).await;
+    Ok(())
+}
+
+async fn wait_ready(
+    nodes: &mut [Node],
+    socks_addr: SocketAddr,
+    http_addr: SocketAddr,
+    started: Instant,
+) -> CmdResult {
+    let mut last_report = Instant::now();
+    loop {
+        for n in nodes.iter_mut() {
+            if let Some(status) = procs::exited(n) {
+                return Err(format!(
+                    "{} exited during start-up ({status}); the end of its log {}:\n{}",
+                    n.name,
+                    n.log.display(),
+                    log_tail(&n.log, 15)
+                )
+                .into());
+            }
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            return Err(format!(
+                "the network did not carry a stream within {} s; see the logs in the data directory",
+                READY_TIMEOUT.as_secs()
+            )
+            .into());
+        }
+        match probe(socks_addr, http_addr).await {
+            Ok(()) => return Ok(()),
+            Err(why) => {
+                if last_report.elapsed() >= Duration::from_secs(1) {
+                    eprintln!(
+                        "allium testnet: {:>4.1} s: waiting for the first stream ({why})",
+                        started.elapsed().as_secs_f64()
+                    );
+                    last_report = Instant::now();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+/// One GET of the test page through the proxy.
+async fn probe(socks_addr: SocketAddr, http_addr: SocketAddr) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let host = http_addr.ip().to_string();
+    let mut s = socks::connect(
+        socks_addr,
+        &host,
+        http_addr.port(),
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| match e {
+        socks::SocksError::Io(_) => "proxy not listening yet".to_owned(),
+        other => other.to_string(),
+    })?;
+    let fut = async {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).await?;
+        Ok::<_, std::io::Error>(body)
+    };
+    let body = tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .map_err(|_| "stream timed out".to_owned())?
+        .map_err(|e| format!("stream failed: {e}"))?;
+    if body.ends_with(httpd::HELLO.as_bytes()) {
+        Ok(())
+    } else {
+        Err("unexpected answer through the proxy".to_owned())
+    }
+}
+
+async fn wait_for_stop(nodes: &mut [Node]) {
+    let mut reported = vec![false; nodes.len()];
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break,
+            _ = tick.tick() => {
+                for (n, seen) in nodes.iter_mut().zip(reported.iter_mut()) {
+                    if *seen {
+                        continue;
+                    }
+                    if let Some(status) = procs::exited(n) {
+                        *seen = true;
+                        eprintln!("allium testnet: {} exited ({status}); see {}", n.name, n.log.display());
+                    }
+                }
+            }
+        }
+    }
+}
