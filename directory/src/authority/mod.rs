@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 
 pub use config::{AuthorityConfig, FlagThresholds};
 pub use keys::AuthorityKeys;
-pub use reach::{FakeReachability, Reachability, TcpReachability};
+pub use reach::{FakeReachability, LinkReachability, Reachability, TcpReachability};
 
 use crate::client::AuthorityInfo;
 use crate::doc::{Consensus, Signed};
@@ -38,7 +38,7 @@ pub struct StartOptions {
     /// A listener already bound (tests bind `127.0.0.1:0` first to learn every address);
     /// `None` binds `config.listen`.
     pub listener: Option<TcpListener>,
-    /// The reachability prober.
+    /// The reachability prober (default: [`LinkReachability`], a real link handshake).
     pub reachability: Arc<dyn Reachability>,
     /// Run the voting schedule in the background (off in tests that drive rounds by hand).
     pub schedule: bool,
@@ -48,7 +48,7 @@ impl Default for StartOptions {
     fn default() -> Self {
         Self {
             listener: None,
-            reachability: Arc::new(TcpReachability),
+            reachability: Arc::new(LinkReachability),
             schedule: true,
         }
     }

@@ -24,8 +24,33 @@ pub trait Reachability: Send + Sync + 'static {
     fn probe(&self, addr: SocketAddr, id: RelayId, link_key: X25519Public) -> ProbeFuture;
 }
 
-/// A TCP-connect-only probe: proves the port is open, not the link key. Used only until the
-/// link layer (`allium_proto::channel::connect`) is wired in; see the crate report.
+/// The real probe: a full link handshake with `allium_proto::channel::connect`, as a client
+/// (no static key of ours), which succeeds only if the peer holds the advertised link key.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinkReachability;
+
+impl Reachability for LinkReachability {
+    fn probe(&self, addr: SocketAddr, id: RelayId, link_key: X25519Public) -> ProbeFuture {
+        Box::pin(async move {
+            let r = tokio::time::timeout(
+                PROBE_TIMEOUT,
+                allium_proto::channel::connect(addr, &id, &link_key, None),
+            )
+            .await;
+            match r {
+                Ok(Ok(_channel)) => true,
+                Ok(Err(e)) => {
+                    tracing::debug!(relay = %id, error = %e, "reachability probe failed");
+                    false
+                }
+                Err(_) => false,
+            }
+        })
+    }
+}
+
+/// A TCP-connect-only probe: proves the port is open, not the link key (for diagnostics; the
+/// authority uses [`LinkReachability`]).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TcpReachability;
 

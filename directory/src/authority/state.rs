@@ -764,3 +764,40 @@ pub(crate) async fn schedule_loop(inner: Arc<Inner>, mut shutdown: watch::Receiv
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn detached_signature_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(d) = decode_canonical::<DetachedSignature>(&bytes, "x") {
+                prop_assert_eq!(encode(&d, "x").expect("encode"), bytes);
+            }
+        }
+    }
+
+    #[test]
+    fn private_addresses() {
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.0.1",
+            "172.16.5.4",
+            "169.254.1.1",
+            "100.64.0.1",
+            "0.1.2.3",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(is_private(a.parse().expect("ip")), "{a}");
+        }
+        for a in ["8.8.8.8", "100.128.0.1", "2001:4860::1"] {
+            assert!(!is_private(a.parse().expect("ip")), "{a}");
+        }
+    }
+}

@@ -193,3 +193,56 @@ fn parse_head(head: &[u8], what: &str) -> Result<(u16, Option<usize>)> {
     }
     Ok((status, cl))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn head_parsing() {
+        let (st, cl) =
+            parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\nx: y", "t").expect("ok");
+        assert_eq!((st, cl), (200, Some(12)));
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked", "t").is_err());
+        assert!(parse_head(b"SSH-2.0", "t").is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: -1", "t").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn head_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = parse_head(&bytes, "t");
+        }
+    }
+
+    #[tokio::test]
+    async fn response_size_is_bounded() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                    .await;
+                let _ = s.write_all(&[0u8; 2000]).await;
+            }
+        });
+        let err = request(addr, "GET", "/", None, 1000, DEFAULT_TIMEOUT)
+            .await
+            .expect_err("too big");
+        assert!(matches!(err, DirError::TooLarge { .. }), "{err}");
+        // Truncated body (server closes early).
+        let err = request(addr, "GET", "/", None, 1 << 20, DEFAULT_TIMEOUT)
+            .await
+            .expect_err("short");
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+}
