@@ -1,12 +1,102 @@
-//! `allium authority`.
+//! `allium authority --config FILE` runs a directory authority;
+//! `allium authority certify --identity FILE --out DIR [--months N]` issues its signing key.
+
+use std::path::PathBuf;
+
+use allium_directory::authority::{self, AuthorityConfig, keys as akeys};
 
 use super::CmdResult;
 
 /// Arguments of `allium authority`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Args {
+    /// The configuration file (see `authority.example.toml`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Key management instead of running.
+    #[command(subcommand)]
+    pub cmd: Option<Sub>,
+}
+
+/// `allium authority` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum Sub {
+    /// Create a new online signing key and certify it with the offline identity key.
+    Certify {
+        /// The offline identity key file (`authority_identity.key`).
+        #[arg(long)]
+        identity: PathBuf,
+        /// Where to write `authority_signing.key` and `authority.cert` (the authority reads them
+        /// from `<data_dir>/keys`).
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in months of 30 days (1 to 6).
+        #[arg(long, default_value_t = 3)]
+        months: u64,
+    },
+}
+
+fn certify(identity: PathBuf, out: PathBuf, months: u64) -> CmdResult {
+    let id = akeys::read_identity(&identity)?;
+    let cert = akeys::certify(&id, &out, months, allium_directory::now_unix())?;
+    println!("authority identity: {}", cert.identity().to_hex());
+    println!("signing key:        {}", cert.signing_key().to_hex());
+    println!(
+        "certificate valid until {} (unix); renew before then",
+        cert.cert().expires
+    );
+    println!(
+        "wrote {} and {}",
+        out.join(akeys::SIGNING_FILE).display(),
+        out.join(akeys::CERT_FILE).display()
+    );
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
 
 /// Run `allium authority`.
-pub fn run(_args: Args) -> CmdResult {
-    Err("not yet available".into())
+pub fn run(args: Args) -> CmdResult {
+    if let Some(Sub::Certify {
+        identity,
+        out,
+        months,
+    }) = args.cmd
+    {
+        return certify(identity, out, months);
+    }
+    let Some(path) = args.config else {
+        return Err(
+            "give --config FILE to run an authority (see authority.example.toml), \
+                    or use `allium authority certify`"
+                .into(),
+        );
+    };
+    let cfg = AuthorityConfig::load(&path)?;
+    let rt = super::runtime()?;
+    rt.block_on(async move {
+        let h = authority::start(cfg).await?;
+        tracing::info!(
+            addr = %h.dir_addr(),
+            identity = %h.identity(),
+            "authority running; stop with Ctrl-C or SIGTERM"
+        );
+        wait_for_signal().await;
+        h.shutdown().await;
+        Ok(())
+    })
 }
