@@ -1,0 +1,219 @@
+//! Whole-network tests over one shared network (3 authorities, 6 relays, a proxy) on 127.0.0.1.
+//!
+//! Tests here must not damage the network; destructive tests live in `failures.rs`.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use allium_tests::{
+    EXIT_ONLY_NAME, Options, REFUSED_PORT, TestNet, http_exchange, httpd, socks, split_response,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const T: Duration = Duration::from_secs(60);
+
+fn net() -> &'static TestNet {
+    static NET: OnceLock<TestNet> = OnceLock::new();
+    NET.get_or_init(|| TestNet::start(Options::default()))
+}
+
+#[test]
+fn http_get_through_socks() {
+    let net = net();
+    net.rt.block_on(async {
+        let (host, port) = net.http_target();
+        let mut s = socks::connect(net.socks, &host, port, None, T)
+            .await
+            .expect("SOCKS connect");
+        let resp = http_exchange(
+            &mut s,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            T,
+        )
+        .await
+        .expect("HTTP exchange");
+        let (status, body) = split_response(&resp).expect("HTTP response");
+        assert!(status.contains("200"), "status: {status}");
+        assert_eq!(body, httpd::HELLO.as_bytes());
+    });
+}
+
+const BIG: u64 = 20 * 1024 * 1024;
+
+#[test]
+fn download_20_mib_byte_exact() {
+    let net = net();
+    net.rt.block_on(async {
+        let (host, port) = net.http_target();
+        let mut s = socks::connect(net.socks, &host, port, None, T)
+            .await
+            .expect("SOCKS connect");
+        let req = format!("GET /bytes/{BIG} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let resp = http_exchange(&mut s, req.as_bytes(), Duration::from_secs(120))
+            .await
+            .expect("download");
+        let (status, body) = split_response(&resp).expect("HTTP response");
+        assert!(status.contains("200"), "status: {status}");
+        assert_eq!(body.len() as u64, BIG, "body length");
+        let mut expect = vec![0u8; body.len()];
+        httpd::fill_pattern(0, &mut expect);
+        assert!(
+            body == expect.as_slice(),
+            "downloaded bytes differ from what the server sent"
+        );
+    });
+}
+
+#[test]
+fn upload_20_mib_byte_exact() {
+    let net = net();
+    net.rt.block_on(async {
+        let (host, port) = net.http_target();
+        let mut s = socks::connect(net.socks, &host, port, None, T)
+            .await
+            .expect("SOCKS connect");
+        let head = format!(
+            "POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {BIG}\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.expect("write head");
+        let mut h = httpd::Fnv64::default();
+        let mut chunk = vec![0u8; 256 * 1024];
+        let mut off = 0u64;
+        let upload = async {
+            while off < BIG {
+                let n = (BIG - off).min(chunk.len() as u64) as usize;
+                httpd::fill_pattern(off, &mut chunk[..n]);
+                h.update(&chunk[..n]);
+                s.write_all(&chunk[..n]).await?;
+                off += n as u64;
+            }
+            let mut resp = Vec::new();
+            s.read_to_end(&mut resp).await?;
+            Ok::<_, std::io::Error>(resp)
+        };
+        let resp = tokio::time::timeout(Duration::from_secs(120), upload)
+            .await
+            .expect("upload timed out")
+            .expect("upload");
+        let (status, body) = split_response(&resp).expect("HTTP response");
+        assert!(status.contains("200"), "status: {status}");
+        let body = String::from_utf8_lossy(body);
+        assert_eq!(
+            body.trim(),
+            format!("{BIG} {:016x}", h.0),
+            "server saw other bytes"
+        );
+    });
+}
+
+#[test]
+fn fifty_concurrent_streams() {
+    let net = net();
+    net.rt.block_on(async {
+        let (host, port) = net.http_target();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..50u64 {
+            let host = host.clone();
+            let proxy = net.socks;
+            tasks.spawn(async move {
+                let len = 10_000 + i * 3_000;
+                let mut s = socks::connect(proxy, &host, port, None, T)
+                    .await
+                    .expect("SOCKS connect");
+                let req =
+                    format!("GET /bytes/{len} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let resp = http_exchange(&mut s, req.as_bytes(), T)
+                    .await
+                    .expect("exchange");
+                let (_, body) = split_response(&resp).expect("response");
+                let mut expect = vec![0u8; len as usize];
+                httpd::fill_pattern(0, &mut expect);
+                assert!(body == expect.as_slice(), "stream {i}: wrong body");
+            });
+        }
+        let mut ok = 0;
+        while let Some(r) = tasks.join_next().await {
+            r.expect("stream task");
+            ok += 1;
+        }
+        assert_eq!(ok, 50);
+    });
+}
+
+#[test]
+fn exit_only_host_name_resolves_at_the_exit() {
+    let net = net();
+    // The name is unknown to this machine's resolver; only the exits' resolver maps it.
+    let local = net
+        .rt
+        .block_on(tokio::net::lookup_host((EXIT_ONLY_NAME, 80)));
+    assert!(
+        local.map(|mut a| a.next().is_none()).unwrap_or(true),
+        "the test name must not resolve locally"
+    );
+    net.rt.block_on(async {
+        let mut s = socks::connect(net.socks, EXIT_ONLY_NAME, net.http.port(), None, T)
+            .await
+            .expect("CONNECT to a name only the exit knows");
+        let resp = http_exchange(
+            &mut s,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            T,
+        )
+        .await
+        .expect("HTTP exchange");
+        assert!(resp.ends_with(httpd::HELLO.as_bytes()));
+        let ip = socks::resolve(net.socks, EXIT_ONLY_NAME, None, T)
+            .await
+            .expect("Tor RESOLVE");
+        assert_eq!(ip, std::net::IpAddr::from([127, 0, 0, 1]));
+    });
+}
+
+#[test]
+fn exit_policy_refusal_gives_not_allowed() {
+    let net = net();
+    net.rt.block_on(async {
+        let err = socks::connect(net.socks, "127.0.0.1", REFUSED_PORT, None, T)
+            .await
+            .expect_err("port refused by every exit");
+        assert_eq!(
+            err.reply_code(),
+            Some(0x02),
+            "expected 'not allowed by ruleset', got {err}"
+        );
+    });
+}
+
+#[test]
+fn unknown_name_gives_host_unreachable() {
+    let net = net();
+    net.rt.block_on(async {
+        let err = socks::connect(net.socks, "no-such-host.invalid", 80, None, T)
+            .await
+            .expect_err("name does not resolve");
+        assert_eq!(
+            err.reply_code(),
+            Some(0x04),
+            "expected 'host unreachable', got {err}"
+        );
+    });
+}
+
+#[test]
+fn closed_port_gives_connection_refused() {
+    let net = net();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    net.rt.block_on(async {
+        let err = socks::connect(net.socks, "127.0.0.1", port, None, T)
+            .await
+            .expect_err("nothing listens there");
+        assert_eq!(
+            err.reply_code(),
+            Some(0x05),
+            "expected 'connection refused', got {err}"
+        );
+    });
+}
