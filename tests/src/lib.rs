@@ -270,3 +270,13 @@ pub fn split_response(resp: &[u8]) -> Option<(String, &[u8])> {
     let status = head.lines().next()?.to_owned();
     Some((status, &resp[p + 4..]))
 }
+
+/// Install a log subscriber for a test binary once (filter from `ALLIUM_TEST_LOG`, default off).
+pub fn init_logging() {
+    if let Ok(f) = std::env::var("ALLIUM_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(f))
+            .with_test_writer()
+            .try_init();
+    }
+}

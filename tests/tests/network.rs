@@ -14,7 +14,10 @@ const T: Duration = Duration::from_secs(60);
 
 fn net() -> &'static TestNet {
     static NET: OnceLock<TestNet> = OnceLock::new();
-    NET.get_or_init(|| TestNet::start(Options::default()))
+    NET.get_or_init(|| {
+        allium_tests::init_logging();
+        TestNet::start(Options::default())
+    })
 }
 
 #[test]
