@@ -1,1 +1,263 @@
-//! Allium relay crate.
+//! Allium relay: accepts links, answers CREATE, extends circuits, forwards relay cells both ways,
+//! and (as an exit) opens TCP streams for clients under its exit policy.
+//!
+//! Entry point: [`start`] with a [`RelayConfig`]; it returns a [`RelayHandle`] once the OR port is
+//! bound. Behaviour is specified in `docs/protocol/91-relay.md` and `90-circuits.md`.
+//!
+//! Modules, one concept each:
+//! - [`config`]: the TOML configuration; [`policy`]: exit-policy matching;
+//!   [`ratelimit`]: the token bucket; [`keys`]: key files and onion-key rotation;
+//!   [`resolver`]: pluggable name resolution at the exit.
+//! - `link`: per-link reader task and circuit-id table; `circuit`: per-circuit state, forwarding,
+//!   DESTROY; `extend`: EXTEND; `exit`: streams; `dirsync`: descriptors, consensus, rotation.
+//!
+//! Not in this crate: path selection and circuit building (`allium-client`), wire formats
+//! (`allium-proto`), cryptography (`allium-crypto`), documents (`allium-directory`).
+#![forbid(unsafe_code)]
+
+mod circuit;
+pub mod config;
+mod ctx;
+mod dirsync;
+pub mod err;
+mod exit;
+mod extend;
+pub mod keys;
+mod link;
+pub mod policy;
+pub mod ratelimit;
+pub mod resolver;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use allium_crypto::{RelayId, X25519Public};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+pub use config::{AuthorityConfig, RelayConfig};
+pub use ctx::Stats;
+pub use err::RelayError;
+pub use policy::ExitPolicy;
+pub use resolver::{Resolver, StaticResolver, SystemResolver};
+
+use crate::ctx::{Ctx, KnownRelay};
+use crate::link::{CellSink, CellSource, Link};
+
+/// How long [`RelayHandle::shutdown`] waits for links to close.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A running relay.
+#[derive(Debug)]
+pub struct RelayHandle {
+    ctx: Arc<Ctx>,
+    or_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+    link_slots: Arc<Semaphore>,
+}
+
+impl RelayHandle {
+    /// The relay's Ed25519 identity.
+    pub fn identity(&self) -> RelayId {
+        self.ctx.keys.id
+    }
+    /// The address the OR listener is bound to (the advertised one, unless configured otherwise).
+    pub fn or_addr(&self) -> SocketAddr {
+        self.or_addr
+    }
+    /// The address published in the descriptor.
+    pub fn advertised_addr(&self) -> SocketAddr {
+        self.ctx.advertised
+    }
+    /// The relay's link (Noise static) public key.
+    pub fn link_key(&self) -> X25519Public {
+        self.ctx.keys.link.public()
+    }
+    /// The relay's current onion public key.
+    pub fn onion_key(&self) -> X25519Public {
+        self.ctx.keys.onion_public()
+    }
+    /// Traffic and circuit counters.
+    pub fn stats(&self) -> &Stats {
+        &self.ctx.stats
+    }
+    /// The signed descriptor (envelope bytes) as last built for upload, if any yet.
+    pub fn last_descriptor(&self) -> Option<Vec<u8>> {
+        self.ctx
+            .dir
+            .last_descriptor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    /// Upload the descriptor to every authority now (in addition to the periodic schedule).
+    pub fn republish(&self) {
+        self.ctx.dir.republish.notify_one();
+    }
+    /// Fetch the consensus now (in addition to the schedule; rate-limited).
+    pub fn refetch_consensus(&self) {
+        self.ctx.refetch.notify_one();
+    }
+    /// Whether the relay currently holds a consensus.
+    pub fn has_consensus(&self) -> bool {
+        self.ctx.netdir().is_some()
+    }
+    /// Rotate the onion key now (the previous one stays accepted) and republish.
+    pub fn rotate_onion_key(&self) -> Result<(), RelayError> {
+        self.ctx.keys.rotate_onion()?;
+        self.ctx.dir.republish.notify_one();
+        Ok(())
+    }
+    /// Teach the relay about another relay without a consensus (tests of EXTEND only).
+    #[doc(hidden)]
+    pub fn dangerously_add_known_relay(
+        &self,
+        id: RelayId,
+        addr: SocketAddr,
+        link_key: X25519Public,
+    ) {
+        add_known_relay(&self.ctx, id, addr, link_key);
+    }
+    /// Stop: no new links, every link and circuit closed, background tasks ended.
+    pub async fn shutdown(self) {
+        let _ = self.ctx.shutdown.send(true);
+        self.ctx.links.close_all();
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        // Readers notice the shutdown signal and release their slots.
+        let max = u32::try_from(self.ctx.cfg.max_links).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.link_slots.acquire_many(max)).await;
+    }
+}
+
+fn add_known_relay(ctx: &Ctx, id: RelayId, addr: SocketAddr, link_key: X25519Public) {
+    let mut g = ctx.extra_relays.write().unwrap_or_else(|p| p.into_inner());
+    g.insert(
+        id,
+        KnownRelay {
+            addrs: vec![addr],
+            link_key,
+        },
+    );
+}
+
+/// Start a relay with the system resolver.
+pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
+    start_with_resolver(config, Arc::new(SystemResolver)).await
+}
+
+/// Start a relay whose exit resolves names with `resolver` (tests inject names only the exit knows).
+pub async fn start_with_resolver(
+    config: RelayConfig,
+    resolver: Arc<dyn Resolver>,
+) -> Result<RelayHandle, RelayError> {
+    config.validate()?;
+    let keys = keys::RelayKeys::load_or_create(&config.data_dir)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RelayError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let or_addr = listener.local_addr().map_err(|source| RelayError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let advertised = config.advertised.unwrap_or(or_addr);
+    if advertised.ip().is_unspecified() {
+        return Err(RelayError::ConfigInvalid {
+            key: "advertised",
+            why: format!(
+                "`listen` is the wildcard address {or_addr}; set `advertised` to the address \
+                 clients should connect to"
+            ),
+        });
+    }
+    let ctx = Ctx::new(config, keys, resolver, advertised);
+    let link_slots = Arc::new(Semaphore::new(ctx.cfg.max_links));
+    tracing::info!(
+        nickname = %ctx.cfg.nickname,
+        identity = %ctx.keys.id,
+        addr = %or_addr,
+        exit = ctx.policy.is_exit(),
+        "relay started"
+    );
+    let tasks = vec![
+        tokio::spawn(run_listener(
+            Arc::clone(&ctx),
+            listener,
+            Arc::clone(&link_slots),
+        )),
+        tokio::spawn(dirsync::run_publisher(Arc::clone(&ctx))),
+        tokio::spawn(dirsync::run_consensus(Arc::clone(&ctx))),
+        tokio::spawn(dirsync::run_maintenance(Arc::clone(&ctx))),
+    ];
+    Ok(RelayHandle {
+        ctx,
+        or_addr,
+        tasks,
+        link_slots,
+    })
+}
+
+async fn run_listener(ctx: Arc<Ctx>, listener: TcpListener, slots: Arc<Semaphore>) {
+    let mut shutdown = ctx.shutdown.subscribe();
+    loop {
+        let (tcp, _peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept failed");
+                    // e.g. EMFILE: back off briefly instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!("link limit reached; refusing a connection");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            let ch = match allium_proto::channel::accept(tcp, &ctx.keys.id, &ctx.keys.link).await {
+                Ok(ch) => ch,
+                Err(e) => {
+                    tracing::debug!(error = %e, "link handshake failed");
+                    return;
+                }
+            };
+            if ctx.is_shutting_down() {
+                ch.close();
+                return;
+            }
+            let peer_static = ch.peer_static();
+            let peer_relay = ctx
+                .netdir()
+                .and_then(|nd| nd.by_link_key(&peer_static).map(|e| e.identity));
+            let (tx, rx) = ch.split();
+            let link = Link::new(
+                CellSink::Channel(tx),
+                false,
+                peer_relay,
+                Some(peer_static),
+                ctx.cfg.max_circuits_per_link,
+            );
+            if let Some(id) = peer_relay {
+                ctx.links.register(id, &link);
+            }
+            link::run_reader(Arc::clone(&ctx), link, CellSource::Channel(rx)).await;
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,305 @@
+//! State shared by every task of one relay.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use allium_crypto::{RelayId, X25519Public};
+use allium_directory::NetDir;
+use allium_proto::channel;
+use tokio::sync::{Notify, watch};
+
+use crate::config::RelayConfig;
+use crate::keys::RelayKeys;
+use crate::link::{CellSink, CellSource, Link};
+use crate::policy::ExitPolicy;
+use crate::ratelimit::TokenBucket;
+use crate::resolver::Resolver;
+
+/// Counters for the descriptor's observed bandwidth and for tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    read: AtomicU64,
+    written: AtomicU64,
+    circuits: AtomicU64,
+    circuits_total: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn note_read(&self, n: u64) {
+        self.read.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn note_written(&self, n: u64) {
+        self.written.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn circuit_opened(&self) {
+        self.circuits.fetch_add(1, Ordering::Relaxed);
+        self.circuits_total.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn circuit_closed(&self) {
+        let _ = self
+            .circuits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
+    }
+    /// Bytes read from links and destinations so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+    /// Bytes of cells this relay originated so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+    /// Circuits currently open through this relay (as any hop).
+    pub fn open_circuits(&self) -> u64 {
+        self.circuits.load(Ordering::Relaxed)
+    }
+    /// Circuits created since start.
+    pub fn total_circuits(&self) -> u64 {
+        self.circuits_total.load(Ordering::Relaxed)
+    }
+}
+
+/// A relay this relay can extend to: from the consensus, or (tests) added by hand.
+#[derive(Clone, Debug)]
+pub(crate) struct KnownRelay {
+    pub(crate) addrs: Vec<SocketAddr>,
+    pub(crate) link_key: X25519Public,
+}
+
+/// The relay's shared state.
+pub struct Ctx {
+    pub(crate) keys: RelayKeys,
+    pub(crate) cfg: RelayConfig,
+    pub(crate) policy: ExitPolicy,
+    pub(crate) resolver: Arc<dyn Resolver>,
+    pub(crate) bucket: TokenBucket,
+    pub(crate) netdir: RwLock<Option<Arc<NetDir>>>,
+    pub(crate) extra_relays: RwLock<HashMap<RelayId, KnownRelay>>,
+    pub(crate) links: LinkManager,
+    pub(crate) shutdown: watch::Sender<bool>,
+    pub(crate) stats: Stats,
+    /// Wakes the consensus task early (e.g. an unknown relay asked us to extend).
+    pub(crate) refetch: Notify,
+    /// The address published in the descriptor.
+    pub(crate) advertised: SocketAddr,
+    /// Descriptor publication state.
+    pub(crate) dir: crate::dirsync::DirState,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("id", &self.keys.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ctx {
+    pub(crate) fn new(
+        cfg: RelayConfig,
+        keys: RelayKeys,
+        resolver: Arc<dyn Resolver>,
+        advertised: SocketAddr,
+    ) -> Arc<Self> {
+        let bucket = TokenBucket::new(
+            cfg.bandwidth_rate,
+            cfg.effective_burst(),
+            std::time::Instant::now(),
+        );
+        let (shutdown, _) = watch::channel(false);
+        Arc::new(Self {
+            policy: cfg.exit_policy.clone(),
+            keys,
+            resolver,
+            bucket,
+            netdir: RwLock::new(None),
+            extra_relays: RwLock::new(HashMap::new()),
+            links: LinkManager::default(),
+            shutdown,
+            stats: Stats::default(),
+            refetch: Notify::new(),
+            advertised,
+            dir: crate::dirsync::DirState::default(),
+            cfg,
+        })
+    }
+
+    /// The current consensus, if any.
+    pub(crate) fn netdir(&self) -> Option<Arc<NetDir>> {
+        match self.netdir.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub(crate) fn set_netdir(&self, nd: NetDir) {
+        let nd = Some(Arc::new(nd));
+        match self.netdir.write() {
+            Ok(mut g) => *g = nd,
+            Err(p) => *p.into_inner() = nd,
+        }
+    }
+
+    /// Find a relay by identity: consensus first, then hand-added entries.
+    pub(crate) fn lookup_relay(&self, id: &RelayId) -> Option<KnownRelay> {
+        if let Some(nd) = self.netdir()
+            && let Some(e) = nd.by_id(id)
+        {
+            return Some(KnownRelay {
+                addrs: e.addrs.clone(),
+                link_key: e.link_key,
+            });
+        }
+        let g = match self.extra_relays.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.get(id).cloned()
+    }
+
+    /// Whether the peer of `link` is a relay: we opened the link to it, or its Noise static key is
+    /// a relay's link key (consensus or hand-added entries).
+    pub(crate) fn is_known_relay_link(&self, link: &Link) -> bool {
+        if link.peer_relay.is_some() {
+            return true;
+        }
+        let Some(key) = link.peer_static else {
+            return false;
+        };
+        if self
+            .netdir()
+            .is_some_and(|nd| nd.by_link_key(&key).is_some())
+        {
+            return true;
+        }
+        let known = match self.extra_relays.read() {
+            Ok(g) => g.values().any(|r| r.link_key.ct_eq(&key)),
+            Err(p) => p.into_inner().values().any(|r| r.link_key.ct_eq(&key)),
+        };
+        if !known {
+            // Maybe our consensus is older than the peer's: fetch a fresh one soon.
+            self.refetch.notify_one();
+        }
+        known
+    }
+
+    /// Whether shutdown has begun.
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+}
+
+/// Outgoing (and authenticated incoming) links to relays, by identity, so EXTENDs reuse them.
+#[derive(Default)]
+pub(crate) struct LinkManager {
+    by_id: Mutex<HashMap<RelayId, Arc<Link>>>,
+    connecting: Mutex<HashMap<RelayId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Longest time to open a link for an EXTEND.
+pub const EXTEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl LinkManager {
+    fn get_open(&self, id: &RelayId) -> Option<Arc<Link>> {
+        let g = match self.by_id.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.get(id).filter(|l| !l.is_closed()).cloned()
+    }
+
+    /// Remember a link to relay `id` unless an open one is already known.
+    pub(crate) fn register(&self, id: RelayId, link: &Arc<Link>) {
+        let mut g = match self.by_id.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let keep = g.get(&id).is_some_and(|l| !l.is_closed());
+        if !keep {
+            g.insert(id, Arc::clone(link));
+        }
+    }
+
+    /// Forget a closed link.
+    pub(crate) fn forget(&self, link: &Arc<Link>) {
+        let mut g = match self.by_id.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.retain(|_, l| !Arc::ptr_eq(l, link));
+    }
+
+    /// Close every link (shutdown).
+    pub(crate) fn close_all(&self) {
+        let g = match self.by_id.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        for l in g.values() {
+            l.close_sink();
+        }
+    }
+
+    /// An open link to relay `id`, reusing one if possible, else connecting to `addr` with our
+    /// link key so the peer recognises us as a relay.
+    pub(crate) async fn get_or_connect(
+        &self,
+        ctx: &Arc<Ctx>,
+        id: RelayId,
+        addr: SocketAddr,
+        link_key: X25519Public,
+    ) -> Option<Arc<Link>> {
+        if let Some(l) = self.get_open(&id) {
+            return Some(l);
+        }
+        let gate = {
+            let mut g = match self.connecting.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            Arc::clone(g.entry(id).or_default())
+        };
+        let _one_at_a_time = gate.lock().await;
+        if let Some(l) = self.get_open(&id) {
+            return Some(l);
+        }
+        let res = tokio::time::timeout(
+            EXTEND_CONNECT_TIMEOUT,
+            channel::connect(addr, &id, &link_key, Some(&ctx.keys.link)),
+        )
+        .await;
+        {
+            let mut g = match self.connecting.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            g.remove(&id);
+        }
+        let ch = match res {
+            Ok(Ok(ch)) => ch,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "link to next relay failed");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        let peer_static = ch.peer_static();
+        let (tx, rx) = ch.split();
+        let link = Link::new(
+            CellSink::Channel(tx),
+            true,
+            Some(id),
+            Some(peer_static),
+            ctx.cfg.max_circuits_per_link,
+        );
+        self.register(id, &link);
+        tokio::spawn(crate::link::run_reader(
+            Arc::clone(ctx),
+            Arc::clone(&link),
+            CellSource::Channel(rx),
+        ));
+        Some(link)
+    }
+}

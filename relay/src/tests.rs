@@ -1,0 +1,791 @@
+//! Circuit-level tests driven through in-memory links (no sockets), plus a loopback test of two
+//! real relays with EXTEND and an exit stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use allium_crypto::handshake::client_start;
+use allium_crypto::relaycell::{BACKWARD_MSG_OFFSET, CellBody, ClientCircuitCrypto, RELAY_MSG_LEN};
+use allium_crypto::{RelayId, X25519Public};
+use allium_proto::cell::{Cell, CellCmd, CircId, Create, Created, Destroy, DestroyReason};
+use allium_proto::flowctl::{CircRecvWindow, CircSendWindow, StreamWindow};
+use allium_proto::relaymsg::{
+    Begin, BeginFlags, End, EndReason, Extend, LinkSpec, RelayMsg, Resolve, ResolvedValue, Sendme,
+    Target,
+};
+use tokio::io::AsyncWriteExt as _;
+use tokio::sync::mpsc;
+
+use crate::config::RelayConfig;
+use crate::ctx::Ctx;
+use crate::link::{CellSink, CellSource, Link, run_reader};
+use crate::policy::ExitPolicy;
+use crate::resolver::{StaticResolver, SystemResolver};
+
+const T: Duration = Duration::from_secs(10);
+
+struct TestRelay {
+    ctx: Arc<Ctx>,
+    _dir: tempfile::TempDir,
+}
+
+fn test_relay(policy: ExitPolicy) -> TestRelay {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::for_test("t", dir.path());
+    cfg.exit_policy = policy;
+    let keys = crate::keys::RelayKeys::load_or_create(dir.path()).unwrap();
+    let resolver = StaticResolver::new(
+        vec![(
+            "only.the.exit".to_owned(),
+            vec!["127.0.0.1".parse().unwrap()],
+        )],
+        SystemResolver,
+    );
+    let ctx = Ctx::new(
+        cfg,
+        keys,
+        Arc::new(resolver),
+        "127.0.0.1:1".parse().unwrap(),
+    );
+    TestRelay { ctx, _dir: dir }
+}
+
+/// The client end of an in-memory link to a relay.
+struct MemLink {
+    tx: mpsc::Sender<Cell>,
+    rx: mpsc::Receiver<Cell>,
+    link: Arc<Link>,
+}
+
+/// Attach an in-memory link; `as_relay` makes the relay believe the peer is a relay.
+fn attach(ctx: &Arc<Ctx>, as_relay: bool) -> MemLink {
+    let (tx_in, rx_in) = mpsc::channel(2048);
+    let (tx_out, rx_out) = mpsc::channel(2048);
+    let peer = as_relay.then_some(RelayId([9; 32]));
+    let link = Link::new(CellSink::Mpsc(tx_out), false, peer, None, 16);
+    tokio::spawn(run_reader(
+        Arc::clone(ctx),
+        Arc::clone(&link),
+        CellSource::Mpsc(rx_in),
+    ));
+    MemLink {
+        tx: tx_in,
+        rx: rx_out,
+        link,
+    }
+}
+
+impl MemLink {
+    async fn recv(&mut self) -> Cell {
+        tokio::time::timeout(T, self.rx.recv())
+            .await
+            .expect("timed out waiting for a cell")
+            .expect("link closed")
+    }
+}
+
+/// A minimal client circuit over some link (in-memory or real).
+struct TestCirc {
+    id: u32,
+    cc: ClientCircuitCrypto,
+    early_left: u8,
+    send_win: CircSendWindow,
+    recv_win: CircRecvWindow,
+    stream: StreamWindow,
+}
+
+fn relay_cell(
+    tc: &mut TestCirc,
+    hop: usize,
+    cmd: CellCmd,
+    sid: u16,
+    msg: &RelayMsg,
+) -> (Cell, [u8; 16]) {
+    let mut buf = [0u8; RELAY_MSG_LEN];
+    let n = msg.encode(sid, &mut buf).unwrap();
+    let mut body: Box<CellBody> = Box::new([0u8; 1019]);
+    let tag = tc
+        .cc
+        .encrypt_forward(hop, cmd.0, &buf[..n], &mut body)
+        .unwrap();
+    (
+        Cell {
+            circ_id: tc.id,
+            cmd,
+            body,
+        },
+        tag,
+    )
+}
+
+fn new_create(ctx: &Ctx) -> (allium_crypto::handshake::ClientHandshake, Vec<u8>) {
+    client_start(&ctx.keys.id, &ctx.keys.onion_public(), &[]).unwrap()
+}
+
+async fn create_circuit(ml: &mut MemLink, ctx: &Ctx) -> TestCirc {
+    let (hs, skin) = new_create(ctx);
+    let id = CircId::random(true);
+    let cell = Cell::create(
+        id,
+        &Create {
+            htype: 1,
+            hdata: skin,
+        },
+    )
+    .unwrap();
+    ml.tx.send(cell).await.unwrap();
+    let reply = ml.recv().await;
+    assert_eq!(reply.cmd, CellCmd::CREATED, "expected CREATED");
+    assert_eq!(reply.circ_id, id.get());
+    let created = Created::decode(&reply.body[..]).unwrap();
+    let (keys, sm) = hs.finish(&created.hdata).unwrap();
+    assert!(sm.is_empty());
+    let mut cc = ClientCircuitCrypto::new();
+    cc.add_hop(&keys).unwrap();
+    TestCirc {
+        id: id.get(),
+        cc,
+        early_left: 8,
+        send_win: CircSendWindow::new(),
+        recv_win: CircRecvWindow::new(),
+        stream: StreamWindow::new(),
+    }
+}
+
+fn open_backward(tc: &mut TestCirc, mut cell: Cell) -> (usize, u16, RelayMsg, [u8; 16]) {
+    assert_eq!(
+        cell.cmd,
+        CellCmd::RELAY,
+        "expected RELAY, got {:?}",
+        cell.cmd
+    );
+    let (hop, tag) = tc.cc.decrypt_backward(cell.cmd.0, &mut cell.body).unwrap();
+    let region = &cell.body[BACKWARD_MSG_OFFSET..][..RELAY_MSG_LEN];
+    let (sid, msg) = RelayMsg::decode(region).unwrap();
+    (hop, sid, msg, tag)
+}
+
+fn assert_destroy(cell: &Cell, id: u32) {
+    assert_eq!(cell.cmd, CellCmd::DESTROY, "expected DESTROY");
+    assert_eq!(cell.circ_id, id);
+    let d = Destroy::decode(&cell.body[..]).unwrap();
+    assert_eq!(d.reason, DestroyReason::NONE);
+}
+
+#[tokio::test]
+async fn create_created_round_trip_and_one_hop_begin_refused() {
+    let r = test_relay(ExitPolicy::accept_all(true));
+    let mut ml = attach(&r.ctx, false);
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    assert_eq!(ml.link.n_circuits(), 1);
+    // DROP is ignored; BEGIN from a client to its first hop is refused (no one-hop exits).
+    let (c, _) = relay_cell(
+        &mut tc,
+        0,
+        CellCmd::RELAY,
+        0,
+        &RelayMsg::Drop(Default::default()),
+    );
+    ml.tx.send(c).await.unwrap();
+    let begin = RelayMsg::Begin(Begin {
+        target: Target::Hostname("example.com".into()),
+        port: 80,
+        flags: BeginFlags::default(),
+    });
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 1, &begin);
+    ml.tx.send(c).await.unwrap();
+    let reply = ml.recv().await;
+    let (hop, sid, msg, _) = open_backward(&mut tc, reply);
+    assert_eq!((hop, sid), (0, 1));
+    assert_eq!(msg, RelayMsg::End(End::new(EndReason::TORPROTOCOL)));
+}
+
+#[tokio::test]
+async fn bad_create_gets_destroy_and_no_state() {
+    let r = test_relay(ExitPolicy::default());
+    let mut ml = attach(&r.ctx, false);
+    // Onionskin for another relay's identity.
+    let (_, skin) = client_start(&RelayId([7; 32]), &r.ctx.keys.onion_public(), &[]).unwrap();
+    let id = CircId::random(true);
+    let cell = Cell::create(
+        id,
+        &Create {
+            htype: 1,
+            hdata: skin,
+        },
+    )
+    .unwrap();
+    ml.tx.send(cell).await.unwrap();
+    assert_destroy(&ml.recv().await, id.get());
+    assert_eq!(ml.link.n_circuits(), 0);
+    // A circuit id with the wrong MSB (the relay's own half) is ignored; the link stays usable.
+    let (_, skin) = new_create(&r.ctx);
+    let bad_id = CircId::random(false);
+    let cell = Cell::create(
+        bad_id,
+        &Create {
+            htype: 1,
+            hdata: skin,
+        },
+    )
+    .unwrap();
+    ml.tx.send(cell).await.unwrap();
+    let _tc = create_circuit(&mut ml, &r.ctx).await;
+    assert_eq!(ml.link.n_circuits(), 1);
+}
+
+#[tokio::test]
+async fn extend_outside_relay_early_destroys() {
+    let r = test_relay(ExitPolicy::default());
+    let mut ml = attach(&r.ctx, false);
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let ext = RelayMsg::Extend(Extend {
+        specs: vec![
+            LinkSpec::Ed25519Id(RelayId([5; 32])),
+            LinkSpec::Ipv4("127.0.0.1:9".parse().unwrap()),
+        ],
+        htype: 1,
+        hdata: vec![0; 100],
+    });
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 0, &ext);
+    ml.tx.send(c).await.unwrap();
+    assert_destroy(&ml.recv().await, tc.id);
+    assert_eq!(ml.link.n_circuits(), 0);
+}
+
+#[tokio::test]
+async fn extend_to_unknown_relay_truncates() {
+    let r = test_relay(ExitPolicy::default());
+    let mut ml = attach(&r.ctx, false);
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let ext = RelayMsg::Extend(Extend {
+        specs: vec![
+            LinkSpec::Ed25519Id(RelayId([5; 32])),
+            LinkSpec::Ipv4("127.0.0.1:9".parse().unwrap()),
+        ],
+        htype: 1,
+        hdata: vec![0; 100],
+    });
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY_EARLY, 0, &ext);
+    ml.tx.send(c).await.unwrap();
+    let (hop, sid, msg, _) = open_backward(&mut tc, ml.recv().await);
+    assert_eq!((hop, sid), (0, 0));
+    assert!(matches!(msg, RelayMsg::Truncated(_)), "{msg:?}");
+    // The circuit survives and can try again.
+    assert_eq!(ml.link.n_circuits(), 1);
+}
+
+#[tokio::test]
+async fn ninth_relay_early_destroys() {
+    let r = test_relay(ExitPolicy::default());
+    let mut ml = attach(&r.ctx, false);
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    for _ in 0..8 {
+        let (c, _) = relay_cell(
+            &mut tc,
+            0,
+            CellCmd::RELAY_EARLY,
+            0,
+            &RelayMsg::Drop(Default::default()),
+        );
+        ml.tx.send(c).await.unwrap();
+    }
+    // Nothing comes back for 8 DROPs: prove it with a probe that answers (TRUNCATE -> TRUNCATED).
+    let (c, _) = relay_cell(
+        &mut tc,
+        0,
+        CellCmd::RELAY,
+        0,
+        &RelayMsg::Truncate(Default::default()),
+    );
+    ml.tx.send(c).await.unwrap();
+    let (_, _, msg, _) = open_backward(&mut tc, ml.recv().await);
+    assert!(matches!(msg, RelayMsg::Truncated(_)));
+    let (c, _) = relay_cell(
+        &mut tc,
+        0,
+        CellCmd::RELAY_EARLY,
+        0,
+        &RelayMsg::Drop(Default::default()),
+    );
+    ml.tx.send(c).await.unwrap();
+    assert_destroy(&ml.recv().await, tc.id);
+    assert_eq!(ml.link.n_circuits(), 0);
+}
+
+#[tokio::test]
+async fn bad_tag_destroys_silently() {
+    let r = test_relay(ExitPolicy::default());
+    let mut ml = attach(&r.ctx, false);
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let other = create_circuit(&mut ml, &r.ctx).await;
+    let (mut c, _) = relay_cell(
+        &mut tc,
+        0,
+        CellCmd::RELAY,
+        0,
+        &RelayMsg::Drop(Default::default()),
+    );
+    c.body[100] ^= 1;
+    ml.tx.send(c).await.unwrap();
+    assert_destroy(&ml.recv().await, tc.id);
+    assert_eq!(ml.link.n_circuits(), 1);
+    assert!(ml.link.get(other.id).is_some());
+    // A replay of a valid cell (counter mismatch) also destroys.
+    let mut tc2 = other;
+    let (c, _) = relay_cell(
+        &mut tc2,
+        0,
+        CellCmd::RELAY,
+        0,
+        &RelayMsg::Drop(Default::default()),
+    );
+    ml.tx.send(c.clone()).await.unwrap();
+    ml.tx.send(c).await.unwrap();
+    assert_destroy(&ml.recv().await, tc2.id);
+    assert_eq!(ml.link.n_circuits(), 0);
+}
+
+#[tokio::test]
+async fn destroy_frees_circuit_and_link_close_frees_all() {
+    let r = test_relay(ExitPolicy::default());
+    let mut ml = attach(&r.ctx, false);
+    let tc = create_circuit(&mut ml, &r.ctx).await;
+    let _tc2 = create_circuit(&mut ml, &r.ctx).await;
+    assert_eq!(r.ctx.stats.open_circuits(), 2);
+    let cid = CircId::new(tc.id).unwrap();
+    ml.tx
+        .send(Cell::destroy(cid, DestroyReason::REQUESTED))
+        .await
+        .unwrap();
+    // Wait for the reader to process it.
+    for _ in 0..100 {
+        if ml.link.n_circuits() == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(ml.link.n_circuits(), 1);
+    drop(ml.tx);
+    tokio::time::timeout(T, async {
+        while r.ctx.stats.open_circuits() != 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn per_link_circuit_limit() {
+    let r = test_relay(ExitPolicy::default());
+    let mut ml = attach(&r.ctx, false);
+    for _ in 0..16 {
+        create_circuit(&mut ml, &r.ctx).await;
+    }
+    let (_, skin) = new_create(&r.ctx);
+    let id = CircId::random(true);
+    ml.tx
+        .send(
+            Cell::create(
+                id,
+                &Create {
+                    htype: 1,
+                    hdata: skin,
+                },
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let c = ml.recv().await;
+    assert_eq!(c.cmd, CellCmd::DESTROY);
+    assert_eq!(
+        Destroy::decode(&c.body[..]).unwrap().reason,
+        DestroyReason::RESOURCELIMIT
+    );
+}
+
+/// A TCP echo server that closes its write side when the client half-closes.
+async fn echo_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Receive backward cells until a non-flow-control message arrives, answering DATA with
+/// SENDMEs as a client must; DATA bytes are appended to `got`.
+async fn client_recv(
+    ml: &mut MemLink,
+    tc: &mut TestCirc,
+    hop: usize,
+    got: &mut Vec<u8>,
+) -> Option<(u16, RelayMsg)> {
+    loop {
+        let cell = tokio::time::timeout(T, ml.rx.recv()).await.ok()??;
+        if cell.cmd == CellCmd::DESTROY {
+            return None;
+        }
+        let (h, sid, msg, tag) = open_backward(tc, cell);
+        assert_eq!(h, hop);
+        match msg {
+            RelayMsg::Data(d) => {
+                got.extend_from_slice(&d.data);
+                if let Some(t) = tc.recv_win.on_data_received(&tag).unwrap() {
+                    tc.recv_win.sendme_sent().unwrap();
+                    let sm = RelayMsg::Sendme(Sendme { tag: Some(t) });
+                    let (c, _) = relay_cell(tc, hop, CellCmd::RELAY, 0, &sm);
+                    ml.tx.send(c).await.unwrap();
+                }
+                if tc.stream.on_data_received().unwrap() {
+                    tc.stream.sendme_sent().unwrap();
+                    let sm = RelayMsg::Sendme(Sendme { tag: Some(tag) });
+                    let (c, _) = relay_cell(tc, hop, CellCmd::RELAY, sid, &sm);
+                    ml.tx.send(c).await.unwrap();
+                }
+            }
+            RelayMsg::Sendme(s) if sid == 0 => tc.send_win.on_sendme(s.tag.as_ref()).unwrap(),
+            RelayMsg::Sendme(_) => tc.stream.on_sendme().unwrap(),
+            other => return Some((sid, other)),
+        }
+    }
+}
+
+#[tokio::test]
+async fn exit_stream_round_trip_with_flow_control_and_half_close() {
+    let r = test_relay(ExitPolicy::accept_all(true));
+    let echo = echo_server().await;
+    let mut ml = attach(&r.ctx, true);
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let begin = RelayMsg::Begin(Begin {
+        target: Target::Hostname("only.the.exit".into()),
+        port: echo.port(),
+        flags: BeginFlags::default(),
+    });
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 7, &begin);
+    ml.tx.send(c).await.unwrap();
+    let mut got = Vec::new();
+    let (sid, msg) = client_recv(&mut ml, &mut tc, 0, &mut got).await.unwrap();
+    assert_eq!(sid, 7);
+    assert!(matches!(msg, RelayMsg::Connected(_)), "{msg:?}");
+
+    // 1.5 MB each way: more than both the circuit (1000) and stream (500) windows.
+    let payload: Vec<u8> = (0..1_500_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut sent = 0;
+    while sent < payload.len() {
+        // Respect our package windows; collect the echo (and the exit's SENDMEs) meanwhile.
+        while !(tc.send_win.can_send() && tc.stream.can_send()) {
+            let cell = ml.recv().await;
+            let (_, sid, msg, tag) = open_backward(&mut tc, cell);
+            match msg {
+                RelayMsg::Sendme(s) if sid == 0 => tc.send_win.on_sendme(s.tag.as_ref()).unwrap(),
+                RelayMsg::Sendme(_) => tc.stream.on_sendme().unwrap(),
+                RelayMsg::Data(d) => {
+                    got.extend_from_slice(&d.data);
+                    if let Some(t) = tc.recv_win.on_data_received(&tag).unwrap() {
+                        tc.recv_win.sendme_sent().unwrap();
+                        let sm = RelayMsg::Sendme(Sendme { tag: Some(t) });
+                        let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 0, &sm);
+                        ml.tx.send(c).await.unwrap();
+                    }
+                    if tc.stream.on_data_received().unwrap() {
+                        tc.stream.sendme_sent().unwrap();
+                        let sm = RelayMsg::Sendme(Sendme { tag: Some(tag) });
+                        let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 7, &sm);
+                        ml.tx.send(c).await.unwrap();
+                    }
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let n = (payload.len() - sent).min(934);
+        let data = RelayMsg::Data(allium_proto::relaymsg::Data {
+            data: payload[sent..sent + n].to_vec(),
+        });
+        let (c, tag) = relay_cell(&mut tc, 0, CellCmd::RELAY, 7, &data);
+        tc.send_win.note_data_sent(&tag).unwrap();
+        tc.stream.note_data_sent().unwrap();
+        ml.tx.send(c).await.unwrap();
+        sent += n;
+    }
+    // Half-close: END DONE from the client; the echo server then closes, and the exit answers
+    // END DONE after the last byte.
+    let (c, _) = relay_cell(
+        &mut tc,
+        0,
+        CellCmd::RELAY,
+        7,
+        &RelayMsg::End(End::new(EndReason::DONE)),
+    );
+    ml.tx.send(c).await.unwrap();
+    let (sid, msg) = client_recv(&mut ml, &mut tc, 0, &mut got).await.unwrap();
+    assert_eq!(sid, 7);
+    assert_eq!(msg, RelayMsg::End(End::new(EndReason::DONE)));
+    assert_eq!(got.len(), payload.len());
+    assert!(got == payload, "echoed bytes differ");
+    // The stream is gone; the circuit remains.
+    tokio::time::timeout(T, async {
+        while !r.ctx.stats.open_circuits() == 1 || ml.link.get(tc.id).is_none() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn exit_policy_and_resolution_failures_end_the_stream() {
+    // Strict exit: private destinations refused even though the port is accepted.
+    let r = test_relay(ExitPolicy {
+        accept: vec!["1-1000".into(), "1024-65535".into()],
+        allow_private: false,
+    });
+    let echo = echo_server().await;
+    let mut ml = attach(&r.ctx, true);
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let mut got = Vec::new();
+    let cases: Vec<(Target, u16, EndReason)> = vec![
+        (
+            Target::Ip("127.0.0.1".parse().unwrap()),
+            echo.port(),
+            EndReason::EXITPOLICY,
+        ),
+        (
+            Target::Hostname("only.the.exit".into()),
+            echo.port(),
+            EndReason::EXITPOLICY,
+        ),
+        (
+            Target::Ip("8.8.8.8".parse().unwrap()),
+            1010,
+            EndReason::EXITPOLICY,
+        ),
+        (
+            Target::Hostname("no-such-name.invalid".into()),
+            80,
+            EndReason::RESOLVEFAILED,
+        ),
+    ];
+    for (i, (target, port, want)) in cases.into_iter().enumerate() {
+        let sid = 100 + i as u16;
+        let begin = RelayMsg::Begin(Begin {
+            target,
+            port,
+            flags: BeginFlags::default(),
+        });
+        let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, sid, &begin);
+        ml.tx.send(c).await.unwrap();
+        let (s, msg) = client_recv(&mut ml, &mut tc, 0, &mut got).await.unwrap();
+        assert_eq!(s, sid);
+        assert_eq!(msg, RelayMsg::End(End::new(want)), "case {i}");
+    }
+    // A non-exit refuses everything with EXITPOLICY.
+    let r2 = test_relay(ExitPolicy::default());
+    let mut ml2 = attach(&r2.ctx, true);
+    let mut tc2 = create_circuit(&mut ml2, &r2.ctx).await;
+    let begin = RelayMsg::Begin(Begin {
+        target: Target::Ip("8.8.8.8".parse().unwrap()),
+        port: 443,
+        flags: BeginFlags::default(),
+    });
+    let (c, _) = relay_cell(&mut tc2, 0, CellCmd::RELAY, 1, &begin);
+    ml2.tx.send(c).await.unwrap();
+    let (_, msg) = client_recv(&mut ml2, &mut tc2, 0, &mut got).await.unwrap();
+    assert_eq!(msg, RelayMsg::End(End::new(EndReason::EXITPOLICY)));
+}
+
+#[tokio::test]
+async fn connect_refused_and_resolve() {
+    let r = test_relay(ExitPolicy::accept_all(true));
+    // A port nobody listens on.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut ml = attach(&r.ctx, true);
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let mut got = Vec::new();
+    let begin = RelayMsg::Begin(Begin {
+        target: Target::Ip("127.0.0.1".parse().unwrap()),
+        port: closed,
+        flags: BeginFlags::default(),
+    });
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 3, &begin);
+    ml.tx.send(c).await.unwrap();
+    let (_, msg) = client_recv(&mut ml, &mut tc, 0, &mut got).await.unwrap();
+    assert_eq!(msg, RelayMsg::End(End::new(EndReason::CONNECTREFUSED)));
+
+    let res = RelayMsg::Resolve(Resolve {
+        hostname: "only.the.exit".into(),
+    });
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 4, &res);
+    ml.tx.send(c).await.unwrap();
+    let (sid, msg) = client_recv(&mut ml, &mut tc, 0, &mut got).await.unwrap();
+    assert_eq!(sid, 4);
+    let RelayMsg::Resolved(r) = msg else {
+        panic!("expected RESOLVED, got {msg:?}")
+    };
+    assert_eq!(
+        r.answers,
+        vec![(
+            ResolvedValue::Ip("127.0.0.1".parse().unwrap()),
+            crate::exit::DNS_TTL
+        )]
+    );
+}
+
+#[tokio::test]
+async fn quarantine_of_own_ids() {
+    let r = test_relay(ExitPolicy::default());
+    let ml = attach(&r.ctx, true);
+    let circ = Arc::new(crate::circuit::Circuit::new(
+        Arc::clone(&ml.link),
+        1,
+        allium_crypto::relaycell::RelayHopCrypto::new(
+            &allium_crypto::handshake::HopKeys::dangerously_from_parts([1; 32], [2; 32], [3; 32]),
+        ),
+    ));
+    let id = ml
+        .link
+        .allocate(crate::link::Slot {
+            circ,
+            side: crate::circuit::Side::Next,
+        })
+        .unwrap();
+    // The relay is the responder on this link: its ids have the MSB clear.
+    assert_eq!(id & 0x8000_0000, 0);
+    assert!(ml.link.remove(id).is_some());
+    assert!(ml.link.is_quarantined(id));
+}
+
+async fn recv_ch(rx: &mut allium_proto::channel::ChannelReceiver) -> Cell {
+    tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap()
+}
+
+// ---- Two real relays over loopback: EXTEND, BEGIN at the second hop, data, DESTROY. ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_extend_begin_and_destroy() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let a = crate::start(RelayConfig::for_test("A", dir_a.path()))
+        .await
+        .unwrap();
+    let mut cfg_b = RelayConfig::for_test("B", dir_b.path());
+    cfg_b.exit_policy = ExitPolicy::accept_all(true);
+    let b = crate::start(cfg_b).await.unwrap();
+    a.dangerously_add_known_relay(b.identity(), b.or_addr(), b.link_key());
+    b.dangerously_add_known_relay(a.identity(), a.or_addr(), a.link_key());
+    let echo = echo_server().await;
+
+    // Client link to A.
+    let ch = allium_proto::channel::connect(a.or_addr(), &a.identity(), &a.link_key(), None)
+        .await
+        .unwrap();
+    let (tx, mut rx) = ch.split();
+
+    // CREATE to A.
+    let (hs, skin) = client_start(&a.identity(), &a.onion_key(), &[]).unwrap();
+    let id = CircId::random(true);
+    tx.send(
+        Cell::create(
+            id,
+            &Create {
+                htype: 1,
+                hdata: skin,
+            },
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let c = recv_ch(&mut rx).await;
+    let (k1, _) = hs
+        .finish(&Created::decode(&c.body[..]).unwrap().hdata)
+        .unwrap();
+    let mut tc = TestCirc {
+        id: id.get(),
+        cc: ClientCircuitCrypto::new(),
+        early_left: 8,
+        send_win: CircSendWindow::new(),
+        recv_win: CircRecvWindow::new(),
+        stream: StreamWindow::new(),
+    };
+    tc.cc.add_hop(&k1).unwrap();
+
+    // EXTEND to B.
+    let (hs2, skin2) = client_start(&b.identity(), &b.onion_key(), &[]).unwrap();
+    let SocketAddr::V4(b4) = b.or_addr() else {
+        panic!()
+    };
+    let ext = RelayMsg::Extend(Extend {
+        specs: vec![LinkSpec::Ed25519Id(b.identity()), LinkSpec::Ipv4(b4)],
+        htype: 1,
+        hdata: skin2,
+    });
+    tc.early_left -= 1;
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY_EARLY, 0, &ext);
+    tx.send(c).await.unwrap();
+    let (hop, _, msg, _) = open_backward(&mut tc, recv_ch(&mut rx).await);
+    assert_eq!(hop, 0);
+    let RelayMsg::Extended(e) = msg else {
+        panic!("expected EXTENDED, got {msg:?}")
+    };
+    let (k2, _) = hs2.finish(&e.hdata).unwrap();
+    tc.cc.add_hop(&k2).unwrap();
+
+    // BEGIN at B (its previous hop is relay A, so it is allowed).
+    let begin = RelayMsg::Begin(Begin {
+        target: Target::Ip("127.0.0.1".parse().unwrap()),
+        port: echo.port(),
+        flags: BeginFlags::default(),
+    });
+    let (c, _) = relay_cell(&mut tc, 1, CellCmd::RELAY_EARLY, 9, &begin);
+    tx.send(c).await.unwrap();
+    let (hop, sid, msg, _) = open_backward(&mut tc, recv_ch(&mut rx).await);
+    assert_eq!((hop, sid), (1, 9));
+    assert!(matches!(msg, RelayMsg::Connected(_)), "{msg:?}");
+
+    let data = RelayMsg::Data(allium_proto::relaymsg::Data {
+        data: b"hello through two hops".to_vec(),
+    });
+    let (c, _) = relay_cell(&mut tc, 1, CellCmd::RELAY, 9, &data);
+    tx.send(c).await.unwrap();
+    let (hop, sid, msg, _) = open_backward(&mut tc, recv_ch(&mut rx).await);
+    assert_eq!((hop, sid), (1, 9));
+    assert_eq!(msg, data);
+    assert_eq!(b.stats().open_circuits(), 1);
+
+    // DESTROY from the client propagates to B.
+    tx.send(Cell::destroy(id, DestroyReason::REQUESTED))
+        .await
+        .unwrap();
+    tokio::time::timeout(T, async {
+        while b.stats().open_circuits() != 0 || a.stats().open_circuits() != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+
+    // Restart keeps the identity.
+    let id_a = a.identity();
+    a.shutdown().await;
+    b.shutdown().await;
+    let a2 = crate::start(RelayConfig::for_test("A", dir_a.path()))
+        .await
+        .unwrap();
+    assert_eq!(a2.identity(), id_a);
+    a2.shutdown().await;
+    let _ = X25519Public([0; 32]);
+}
