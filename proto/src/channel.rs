@@ -198,7 +198,9 @@ impl Channel {
         self.sender.close();
     }
 
-    /// The two halves.
+    /// The two halves. The link stays open while any [`ChannelSender`] clone exists (dropping the
+    /// last one flushes the queue and closes the link in both directions) and until either side
+    /// closes it or an error occurs.
     pub fn split(self) -> (ChannelSender, ChannelReceiver) {
         (self.sender, self.receiver)
     }
