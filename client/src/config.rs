@@ -8,29 +8,60 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use allium_crypto::RelayId;
+use allium_directory::client::AuthorityInfo;
 use serde::{Deserialize, Serialize};
 
 use crate::err::ClientError;
 
-/// One directory authority the client trusts: its Ed25519 identity and HTTP address.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct AuthorityConfig {
-    /// The authority's Ed25519 identity key, 64 hex digits.
-    pub identity: String,
-    /// The authority's directory (HTTP) address, `ip:port`.
-    pub address: SocketAddr,
+/// Parse an authority identity (64 hex digits).
+fn parse_identity(hex: &str) -> Result<RelayId, ClientError> {
+    RelayId::from_hex(hex).map_err(|_| {
+        ClientError::Config(format!(
+            "authority identity {hex:?} is not 64 hex digits; copy it from the authority's `allium keygen` output"
+        ))
+    })
 }
 
-impl AuthorityConfig {
-    /// The identity as a key.
-    pub fn relay_id(&self) -> Result<RelayId, ClientError> {
-        RelayId::from_hex(&self.identity).map_err(|_| {
-            ClientError::Config(format!(
-                "authority identity {:?} is not 64 hex digits; copy it from the authority's `allium keygen` output",
-                self.identity
-            ))
-        })
+/// `[[authorities]]` entries in TOML: `identity` (64 hex digits) and `dir_addr` (`ip:port`;
+/// `address` is accepted too), read into [`AuthorityInfo`].
+mod authorities_serde {
+    use std::net::SocketAddr;
+
+    use allium_directory::client::AuthorityInfo;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Entry {
+        identity: String,
+        #[serde(alias = "address")]
+        dir_addr: SocketAddr,
+    }
+
+    pub(super) fn serialize<S: Serializer>(v: &[AuthorityInfo], s: S) -> Result<S::Ok, S::Error> {
+        let entries: Vec<Entry> = v
+            .iter()
+            .map(|a| Entry {
+                identity: a.identity.to_hex(),
+                dir_addr: a.dir_addr,
+            })
+            .collect();
+        entries.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<AuthorityInfo>, D::Error> {
+        Vec::<Entry>::deserialize(d)?
+            .into_iter()
+            .map(|e| {
+                Ok(AuthorityInfo {
+                    identity: super::parse_identity(&e.identity)
+                        .map_err(serde::de::Error::custom)?,
+                    dir_addr: e.dir_addr,
+                })
+            })
+            .collect()
     }
 }
 
@@ -42,8 +73,9 @@ pub struct ProxyConfig {
     pub socks_listen: SocketAddr,
     /// Directory for the guard state file and the consensus cache.
     pub data_dir: PathBuf,
-    /// The directory authorities (at least one).
-    pub authorities: Vec<AuthorityConfig>,
+    /// The directory authorities (at least one): identity and HTTP address of each.
+    #[serde(with = "authorities_serde")]
+    pub authorities: Vec<AuthorityInfo>,
     /// A local test network: relaxes the family and same-/16 path rules (all relays share 127.0.0.0/16).
     pub test_network: bool,
     /// How long one circuit build may take before it is abandoned and retried on another path.
@@ -103,9 +135,6 @@ impl ProxyConfig {
                 "no authorities configured; add at least one [[authorities]] entry with `identity` and `address`"
                     .into(),
             ));
-        }
-        for a in &self.authorities {
-            a.relay_id()?;
         }
         let nonzero = |d: Duration, what: &str| {
             if d.is_zero() {
@@ -179,6 +208,10 @@ mod tests {
         assert_eq!(c.socks_listen, "127.0.0.1:9150".parse().unwrap());
         assert_eq!(c.max_circuit_dirtiness, Duration::from_secs(600));
         assert_eq!(c.authorities.len(), 1);
+        assert_eq!(c.authorities[0].identity.0[31], 1);
+        // Round trip through TOML.
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(ProxyConfig::from_toml_str(&text).unwrap(), c);
         assert!(!c.test_network);
     }
 

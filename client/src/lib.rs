@@ -36,12 +36,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use allium_directory::client::AuthorityInfo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use config::{AuthorityConfig, ProxyConfig};
+pub use allium_directory::client::AuthorityInfo;
+pub use config::ProxyConfig;
 pub use err::ClientError;
 
 use crate::circmgr::CircMgr;
@@ -102,18 +102,6 @@ impl Drop for ProxyHandle {
     }
 }
 
-fn authorities(cfg: &ProxyConfig) -> Result<Vec<AuthorityInfo>, ClientError> {
-    cfg.authorities
-        .iter()
-        .map(|a| {
-            Ok(AuthorityInfo {
-                identity: a.relay_id()?,
-                dir_addr: a.address,
-            })
-        })
-        .collect()
-}
-
 fn make_data_dir(dir: &std::path::Path) -> Result<(), ClientError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| ClientError::file(dir, "creating the data directory", e))?;
@@ -129,7 +117,7 @@ fn make_data_dir(dir: &std::path::Path) -> Result<(), ClientError> {
 /// consensus, build circuits). Must be called inside a tokio runtime.
 pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
     config.validate()?;
-    let auths = authorities(&config)?;
+    let auths = config.authorities.clone();
     make_data_dir(&config.data_dir)?;
     let guards = GuardSet::load(&config.data_dir)?;
     let listener = TcpListener::bind(config.socks_listen).await.map_err(|e| {
