@@ -17,10 +17,11 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use allium_crypto::RelayId;
 use allium_crypto::handshake;
 use allium_crypto::relaycell::{BACKWARD_MSG_OFFSET, ClientCircuitCrypto, RELAY_MSG_LEN, Tag};
 use allium_proto::cell::{
@@ -108,6 +109,8 @@ pub(crate) struct Circuit {
     closed: AtomicBool,
     /// The exit (for port checks).
     pub(crate) exit: RelayInfo,
+    /// The identities of the hops, guard first.
+    pub(crate) hops: [RelayId; 3],
     /// Manager bookkeeping.
     pub(crate) usage: Mutex<Usage>,
 }
@@ -141,6 +144,7 @@ impl Circuit {
             notify: Notify::new(),
             closed: AtomicBool::new(false),
             exit: path.exit.clone(),
+            hops: [path.guard.id, path.middle.id, path.exit.id],
             usage: Mutex::new(Usage::default()),
         }
     }
@@ -601,8 +605,15 @@ impl Circuit {
 }
 
 /// Build a three-hop circuit along `path` through `link` (a link to `path.guard`). The caller
-/// bounds the time; dropping the future closes the half-built circuit.
-pub(crate) async fn build(link: Arc<Link>, path: &Path) -> Result<Arc<Circuit>, ClientError> {
+/// bounds the time; dropping the future closes the half-built circuit. `progress` holds the
+/// index of the hop being added (0 guard, 1 middle, 2 exit; 3 when done), so the caller can
+/// tell which relay failed or timed out.
+pub(crate) async fn build(
+    link: Arc<Link>,
+    path: &Path,
+    progress: &AtomicUsize,
+) -> Result<Arc<Circuit>, ClientError> {
+    progress.store(0, Ordering::Release);
     let (ctl_tx, ctl_rx) = mpsc::channel(32);
     let circ = link.register(|id| Arc::new(Circuit::new(id, Arc::clone(&link), path, ctl_tx)))?;
     let mut guard = BuildGuard(Some(Arc::clone(&circ)));
@@ -630,6 +641,7 @@ pub(crate) async fn build(link: Arc<Link>, path: &Path) -> Result<Arc<Circuit>, 
 
     // EXTEND to the middle, then to the exit.
     for (i, r) in [&path.middle, &path.exit].into_iter().enumerate() {
+        progress.store(i + 1, Ordering::Release);
         let (hs, skin) =
             handshake::client_start(&r.id, &r.onion_key, &[]).map_err(|_| ClientError::Crypto)?;
         let rx = circ.set_pending()?;
@@ -646,6 +658,7 @@ pub(crate) async fn build(link: Arc<Link>, path: &Path) -> Result<Arc<Circuit>, 
             .add_hop(&keys)
             .map_err(|_| ClientError::Crypto)?;
     }
+    progress.store(3, Ordering::Release);
     guard.0 = None;
     tokio::spawn(sendme_task(Arc::clone(&circ), ctl_rx));
     Ok(circ)

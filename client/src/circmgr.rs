@@ -7,10 +7,12 @@
 //!   streams shares the first new circuit instead of building one each).
 //! - The maintenance task keeps `prebuilt_circuits` clean circuits ready for the recently used
 //!   ports, and closes dirty circuits that are past `max_circuit_dirtiness` and carry no stream.
-//! - Guards: the first primary guard that is not marked down; a guard whose link fails is
-//!   avoided for [`GUARD_RETRY`].
+//! - Guards: the first primary guard that is not marked down. A relay at which a build failed
+//!   or stalled (link, CREATE or EXTEND) is avoided in every position for [`RELAY_RETRY`],
+//!   unless that leaves no path.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -26,8 +28,8 @@ use crate::isolation::IsolationKey;
 use crate::link::Link;
 use crate::path::{self, Path};
 
-/// How long a guard whose link failed is avoided.
-const GUARD_RETRY: Duration = Duration::from_secs(60);
+/// How long a relay that failed a circuit build (link, CREATE or EXTEND) is avoided.
+const RELAY_RETRY: Duration = Duration::from_secs(60);
 /// How many paths one circuit request tries.
 const BUILD_ATTEMPTS: usize = 3;
 /// How many recently requested ports are predicted.
@@ -42,7 +44,7 @@ pub(crate) struct CircMgr {
     pool: Mutex<Vec<Arc<Circuit>>>,
     build_lock: tokio::sync::Mutex<()>,
     predicted: Mutex<Vec<u16>>,
-    guard_down: Mutex<HashMap<RelayId, Instant>>,
+    relay_down: Mutex<HashMap<RelayId, Instant>>,
     wake: Notify,
     ready: watch::Sender<bool>,
 }
@@ -63,7 +65,7 @@ impl CircMgr {
             pool: Mutex::new(Vec::new()),
             build_lock: tokio::sync::Mutex::new(()),
             predicted: Mutex::new(Vec::new()),
-            guard_down: Mutex::new(HashMap::new()),
+            relay_down: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             ready,
         }
@@ -140,29 +142,28 @@ impl CircMgr {
             .map(|g| g.primary(&view.relays, self.cfg.primary_guards))
             .unwrap_or_default();
         let now = Instant::now();
-        let mut avoid: Vec<RelayId> = self
-            .guard_down
+        let avoid: Vec<RelayId> = self
+            .relay_down
             .lock()
-            .map(|m| {
-                m.iter()
-                    .filter(|(_, t)| now.duration_since(**t) < GUARD_RETRY)
-                    .map(|(id, _)| *id)
-                    .collect()
+            .map(|mut m| {
+                m.retain(|_, t| now.duration_since(*t) < RELAY_RETRY);
+                m.keys().copied().collect()
             })
             .unwrap_or_default();
-        // If every primary guard is down, try them all again rather than fail.
-        if primary.iter().all(|g| avoid.contains(g)) {
-            avoid.clear();
+        let relaxed = self.cfg.test_network;
+        let mut rng = rand::rng();
+        path::choose_path(&view.relays, &primary, &avoid, ports, relaxed, &mut rng)
+            .or_else(|_| {
+                // Everything usable failed recently: try again rather than give up.
+                path::choose_path(&view.relays, &primary, &[], ports, relaxed, &mut rng)
+            })
+            .map_err(ClientError::NoPath)
+    }
+
+    fn mark_down(&self, id: RelayId) {
+        if let Ok(mut m) = self.relay_down.lock() {
+            m.insert(id, Instant::now());
         }
-        path::choose_path(
-            &view.relays,
-            &primary,
-            &avoid,
-            ports,
-            self.cfg.test_network,
-            &mut rand::rng(),
-        )
-        .map_err(ClientError::NoPath)
     }
 
     async fn link_for(&self, guard: &path::RelayInfo) -> Result<Arc<Link>, ClientError> {
@@ -183,11 +184,16 @@ impl CircMgr {
             let view = self.view()?;
             let path = self.choose_path(&view, ports)?;
             let started = Instant::now();
+            let progress = AtomicUsize::new(0);
             let res = tokio::time::timeout(self.cfg.circuit_build_timeout, async {
                 let link = self.link_for(&path.guard).await?;
-                circ::build(link, &path).await
+                circ::build(link, &path, &progress).await
             })
             .await;
+            let failed_at = path
+                .hops()
+                .get(progress.load(Ordering::Acquire))
+                .map(|r| r.id);
             match res {
                 Ok(Ok(c)) => {
                     tracing::debug!(
@@ -198,16 +204,19 @@ impl CircMgr {
                     return Ok(c);
                 }
                 Ok(Err(e)) => {
-                    if matches!(e, ClientError::Link(_) | ClientError::Timeout(_))
-                        && let Ok(mut m) = self.guard_down.lock()
-                    {
-                        m.insert(path.guard.id, Instant::now());
-                    }
                     tracing::debug!(attempt, "circuit build failed: {e}");
+                    if !matches!(e, ClientError::NoPath(_) | ClientError::Shutdown)
+                        && let Some(id) = failed_at
+                    {
+                        self.mark_down(id);
+                    }
                     last = e;
                 }
                 Err(_) => {
                     tracing::debug!(attempt, "circuit build timed out");
+                    if let Some(id) = failed_at {
+                        self.mark_down(id);
+                    }
                     last = ClientError::Timeout("building a circuit");
                 }
             }
@@ -372,6 +381,23 @@ impl CircMgr {
         for (_, l) in links.drain() {
             l.close();
         }
+    }
+
+    /// The open circuits (for tests and diagnostics).
+    pub(crate) fn circuits(&self) -> Vec<crate::CircuitInfo> {
+        self.pool
+            .lock()
+            .map(|p| {
+                p.iter()
+                    .filter(|c| !c.is_closed())
+                    .map(|c| crate::CircuitInfo {
+                        hops: c.hops,
+                        streams: c.n_streams(),
+                        dirty: c.usage.lock().is_ok_and(|u| u.dirty_since.is_some()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Number of open circuits in the pool (for tests and logs).

@@ -47,6 +47,18 @@ pub use err::ClientError;
 use crate::circmgr::CircMgr;
 use crate::guard::GuardSet;
 
+/// What [`ProxyHandle::circuits`] reports about one open circuit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CircuitInfo {
+    /// The relays, guard first, exit last.
+    pub hops: [allium_crypto::RelayId; 3],
+    /// Open streams on it.
+    pub streams: usize,
+    /// Whether it has carried a stream (then it only takes streams with the same isolation key,
+    /// until `max_circuit_dirtiness` passes).
+    pub dirty: bool,
+}
+
 /// A running proxy. Dropping it stops the proxy's tasks; [`ProxyHandle::shutdown`] also
 /// closes circuits and links cleanly.
 #[derive(Debug)]
@@ -79,6 +91,12 @@ impl ProxyHandle {
     /// Whether the proxy is ready (see [`ProxyHandle::wait_ready`]).
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow()
+    }
+
+    /// The open circuits held for streams (tests use it to find, say, the middle relay of the
+    /// circuit carrying a stream).
+    pub fn circuits(&self) -> Vec<CircuitInfo> {
+        self.mgr.circuits()
     }
 
     /// Number of open circuits held for streams.

@@ -176,8 +176,9 @@ impl Path {
 }
 
 /// Choose a full path: an exit allowing `ports`, then the first of `guard_order` (identities in
-/// preference order, normally the primary guards) that is usable, has the Guard flag, is not
-/// in `avoid` and is compatible with the exit, then a middle compatible with both.
+/// preference order, normally the primary guards) that is usable, has the Guard flag and is
+/// compatible with the exit, then a middle compatible with both. Relays in `avoid` (recently
+/// failed) are used in no position.
 pub fn choose_path<R: Rng + ?Sized>(
     relays: &[RelayInfo],
     guard_order: &[RelayId],
@@ -186,16 +187,23 @@ pub fn choose_path<R: Rng + ?Sized>(
     relaxed: bool,
     rng: &mut R,
 ) -> Result<Path, &'static str> {
+    let owned: Vec<RelayInfo>;
+    let relays = if avoid.is_empty() {
+        relays
+    } else {
+        owned = relays
+            .iter()
+            .filter(|r| !avoid.contains(&r.id))
+            .cloned()
+            .collect();
+        &owned
+    };
     // Try a few exits: with a small network the first exit may conflict with every guard.
     for _ in 0..8 {
         let exit = choose_exit(relays, ports, rng).ok_or("no exit relay allows this port")?;
         let guard = guard_order.iter().find_map(|id| {
             relays.iter().find(|r| {
-                r.id == *id
-                    && r.usable()
-                    && r.flags.guard
-                    && !avoid.contains(&r.id)
-                    && compatible(r, exit, relaxed)
+                r.id == *id && r.usable() && r.flags.guard && compatible(r, exit, relaxed)
             })
         });
         let Some(guard) = guard else { continue };
@@ -333,6 +341,12 @@ pub(crate) mod tests {
         // Avoiding the first guard falls back to the second.
         let p = choose_path(&relays, &g, &[g[0]], &[80], true, &mut rng).unwrap();
         assert_eq!(p.guard.id, g[1]);
+        // Avoided relays are used in no position.
+        for _ in 0..50 {
+            let p = choose_path(&relays, &g, &[relays[2].id], &[80], true, &mut rng).unwrap();
+            assert!(p.hops().iter().all(|h| h.id != relays[2].id));
+            assert_eq!(p.exit.id, relays[3].id);
+        }
     }
 
     #[test]

@@ -69,7 +69,11 @@ async fn start_net(n_relays: usize, n_exits: usize) -> Net {
             })
             .collect();
         if i < n_exits {
-            cfg.exit_policy = ExitPolicy::accept_all(true);
+            // Every port but the top of the range, so a test can ask for a refused port.
+            cfg.exit_policy = ExitPolicy {
+                accept: vec!["1-61000".into()],
+                allow_private: true,
+            };
         }
         relays.push(allium_relay::start(cfg).await.unwrap());
         dirs.push(d);
@@ -163,8 +167,7 @@ async fn socks_connect(
     (s, rep[1])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_over_three_hop_circuits() {
+fn init_log() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ALLIUM_LOG")
@@ -172,6 +175,87 @@ async fn streams_over_three_hop_circuits() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// A server that sends bytes until the connection breaks; returns its port.
+async fn firehose_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![0x5au8; 64 * 1024];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_middle_fails_the_stream_promptly() {
+    init_log();
+    let mut net = start_net(6, 2).await;
+    let data = tempfile::tempdir().unwrap();
+    let proxy = allium_client::start(proxy_config(&net, data.path()))
+        .await
+        .unwrap();
+    proxy.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let socks = proxy.socks_addr();
+    let port = firehose_server().await;
+
+    let (mut s, code) = socks_connect(socks, "localhost", port, None).await;
+    assert_eq!(code, 0);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0usize;
+    while got < 1 << 20 {
+        got += s.read(&mut buf).await.unwrap();
+    }
+    let circ = proxy
+        .circuits()
+        .into_iter()
+        .find(|c| c.streams > 0)
+        .expect("the circuit carrying the stream");
+    let middle = circ.hops[1];
+    let idx = net
+        .relays
+        .iter()
+        .position(|r| r.identity() == middle)
+        .unwrap();
+    net.relays.remove(idx).shutdown().await;
+
+    // The stream ends promptly (reset or EOF), well before the firehose would stop.
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the stream hung after its middle relay died");
+
+    // The next stream works, on a circuit without the dead relay.
+    let echo = echo_server().await;
+    let (mut s, code) = socks_connect(socks, "localhost", echo, None).await;
+    assert_eq!(code, 0);
+    s.write_all(b"again").await.unwrap();
+    let mut b = [0u8; 5];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"again");
+    let c = proxy
+        .circuits()
+        .into_iter()
+        .find(|c| c.streams > 0)
+        .unwrap();
+    assert!(!c.hops.contains(&middle));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_over_three_hop_circuits() {
+    init_log();
     let net = start_net(5, 2).await;
     let data = tempfile::tempdir().unwrap();
     let proxy = allium_client::start(proxy_config(&net, data.path()))
@@ -247,6 +331,47 @@ async fn streams_over_three_hop_circuits() {
     // A name nobody resolves: host unreachable.
     let (_s, code) = socks_connect(socks, "no-such-host.invalid", port, None).await;
     assert_eq!(code, 0x04);
+
+    // No exit allows the port: not allowed by ruleset.
+    let (_s, code) = socks_connect(socks, "localhost", 65000, None).await;
+    assert_eq!(code, 0x02);
+
+    // Tor's RESOLVE extension, answered by the exit.
+    let mut s = TcpStream::connect(socks).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    let mut req = vec![5, 0xF0, 0, 3, 9];
+    req.extend_from_slice(b"localhost");
+    req.extend_from_slice(&[0, 0]);
+    s.write_all(&req).await.unwrap();
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).await.unwrap();
+    assert_eq!(rep[..4], [5, 0, 0, 1]);
+    assert_eq!(rep[4..8], [127, 0, 0, 1]);
+
+    // SOCKS4a.
+    let mut s = TcpStream::connect(socks).await.unwrap();
+    let mut req = vec![4, 1];
+    req.extend_from_slice(&port.to_be_bytes());
+    req.extend_from_slice(&[0, 0, 0, 1]);
+    req.extend_from_slice(b"user\0localhost\0");
+    s.write_all(&req).await.unwrap();
+    let mut rep = [0u8; 8];
+    s.read_exact(&mut rep).await.unwrap();
+    assert_eq!(rep[1], 0x5A);
+    s.write_all(b"four").await.unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"four");
+
+    // Different credentials never share a circuit.
+    let keyed: Vec<_> = proxy
+        .circuits()
+        .into_iter()
+        .filter(|c| c.streams > 0)
+        .collect();
+    assert!(keyed.len() >= 2, "{keyed:?}");
 
     proxy.shutdown().await;
     for r in net.relays {
