@@ -81,7 +81,19 @@ pub async fn connect_over(
     };
     let (t, info) = tokio::time::timeout(HANDSHAKE_TIMEOUT, hs)
         .await
-        .map_err(|_| LinkError::HandshakeTimeout)??;
+        .map_err(|_| LinkError::HandshakeTimeout)?
+        .map_err(|e| match e {
+            // A relay closes silently when message 1 fails (wrong identity or link key).
+            LinkError::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                LinkError::Handshake
+            }
+            other => other,
+        })?;
     Ok(Channel::start(tcp, t, info))
 }
 
