@@ -381,3 +381,78 @@ async fn streams_over_three_hop_circuits() {
         a.shutdown().await;
     }
 }
+
+/// Rough figures (run by hand: `cargo test --release -p allium-client --test network -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark, run by hand"]
+async fn bulk_throughput() {
+    init_log();
+    let net = start_net(5, 2).await;
+    let data = tempfile::tempdir().unwrap();
+    let proxy = allium_client::start(proxy_config(&net, data.path()))
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    proxy.wait_ready(Duration::from_secs(20)).await.unwrap();
+    println!("bootstrap to ready: {:?}", t0.elapsed());
+    let socks = proxy.socks_addr();
+    let port = firehose_server().await;
+    let echo = echo_server().await;
+
+    // Time to first byte on a ready circuit.
+    let t = std::time::Instant::now();
+    let (mut s, code) = socks_connect(socks, "localhost", echo, None).await;
+    assert_eq!(code, 0);
+    s.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    println!("connect + first echoed byte: {:?}", t.elapsed());
+
+    // Download.
+    let (mut s, code) = socks_connect(socks, "localhost", port, None).await;
+    assert_eq!(code, 0);
+    let total = 200usize << 20;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    let t = std::time::Instant::now();
+    while got < total {
+        got += s.read(&mut buf).await.unwrap();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "download: {:.1} MiB/s",
+        got as f64 / secs / (1 << 20) as f64
+    );
+    drop(s);
+
+    // Upload (to a sink that discards).
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_port = l.local_addr().unwrap().port();
+    let done = tokio::spawn(async move {
+        let (mut c, _) = l.accept().await.unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut n = 0usize;
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+        }
+        n
+    });
+    let (mut s, code) = socks_connect(socks, "localhost", sink_port, None).await;
+    assert_eq!(code, 0);
+    let chunk = vec![0xa5u8; 256 * 1024];
+    let t = std::time::Instant::now();
+    for _ in 0..(total / chunk.len()) {
+        s.write_all(&chunk).await.unwrap();
+    }
+    s.shutdown().await.unwrap();
+    let n = done.await.unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "upload: {:.1} MiB/s ({n} bytes)",
+        n as f64 / secs / (1 << 20) as f64
+    );
+    proxy.shutdown().await;
+}
