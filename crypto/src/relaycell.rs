@@ -10,9 +10,12 @@
 //! Invariants:
 //! - Each direction of each hop has one [`DirState`]-like chain key and counter; the state types are
 //!   neither `Clone` nor `Copy` and zeroize their keys on drop.
-//! - Per cell `S = ChaCha20(ck, nonce 0^12)[0..96] = next_ck | k_aead | k_aux`; the AEAD nonce is
-//!   `0^4 || u64be(ctr)`. A chain key is used for exactly one cell; the state advances only after
-//!   the cell was authenticated (relay) or built (client). So no (key, nonce) pair repeats.
+//! - Ratchet: one ChaCha20 call per three cells, `S = ChaCha20(ck, nonce 0^12)[0..224] =
+//!   next_ck | (k_aead | k_aux) x 3` (design §3.3 keys one cell per call; the amendment and its
+//!   reason are in `docs/protocol/30-relay-crypto.md`). The AEAD nonce is `0^4 || u64be(ctr)`. Every
+//!   chain key and every cell key is used once and wiped after use (per-cell forward secrecy); the
+//!   state advances only after the cell was authenticated (relay) or built (client). So no
+//!   (key, nonce) pair repeats.
 //! - Counters never wrap: at `ctr = 2^32` every operation returns [`CryptoError::CounterExhausted`].
 //! - The forward AD is the one link `cmd` byte (RELAY or RELAY_EARLY); a switch fails at the next hop.
 //! - Any `Err` from a method means "destroy the circuit (reason NONE)". After an authentication
@@ -21,7 +24,7 @@
 
 use std::fmt;
 
-use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::aead;
 use crate::ct::ct_is_zero;
@@ -62,71 +65,137 @@ const _: () =
     assert!(FORWARD_MSG_OFFSET + RELAY_MSG_LEN + FILLER_LEN * (MAX_HOPS - 1) <= CELL_BODY_LEN);
 const _: () = assert!(BACKWARD_MSG_OFFSET + RELAY_MSG_LEN <= CELL_BODY_LEN);
 
-/// The keys of one cell: `next_ck | k_aead | k_aux`, wiped on drop.
+/// Cells keyed by one ratchet step.
+const CELLS_PER_STEP: u64 = 3;
+/// Bytes of keystream one ratchet step yields: four ChaCha20 blocks, of which
+/// `32 + 64 * CELLS_PER_STEP = 224` are used.
+const STEP_LEN: usize = 256;
+/// Key material per cell in a step: `k_aead | k_aux`.
+const CELL_KEYS_LEN: usize = 2 * KEY_LEN;
+
+const _: () = assert!(KEY_LEN + CELL_KEYS_LEN * CELLS_PER_STEP as usize <= STEP_LEN);
+
+/// The keys of one cell: `k_aead | k_aux` and the nonce, wiped on drop.
 struct CellKeys {
-    s: Zeroizing<[u8; 3 * KEY_LEN]>,
+    k: Zeroizing<[u8; CELL_KEYS_LEN]>,
     nonce: [u8; aead::NONCE_LEN],
 }
 
 impl CellKeys {
     fn empty() -> Self {
         Self {
-            s: Zeroizing::new([0u8; 3 * KEY_LEN]),
+            k: Zeroizing::new([0u8; CELL_KEYS_LEN]),
             nonce: [0u8; aead::NONCE_LEN],
         }
     }
-    fn next_ck(&self) -> &[u8; KEY_LEN] {
-        self.s.first_chunk().unwrap_or(&[0; KEY_LEN])
-    }
     fn k_aead(&self) -> &[u8; KEY_LEN] {
-        self.s
-            .get(KEY_LEN..)
-            .and_then(<[u8]>::first_chunk)
-            .unwrap_or(&[0; KEY_LEN])
+        self.k.first_chunk().unwrap_or(&[0; KEY_LEN])
     }
     fn k_aux(&self) -> &[u8; KEY_LEN] {
-        self.s.last_chunk().unwrap_or(&[0; KEY_LEN])
+        self.k.last_chunk().unwrap_or(&[0; KEY_LEN])
     }
 }
 
-/// One direction of one hop: chain key and counter. Neither `Clone` nor `Copy`.
-#[derive(Zeroize, ZeroizeOnDrop)]
+/// `(k_aead, k_aux, nonce)` of the current cell, borrowed from a [`DirState`].
+type KeysRef<'a> = (&'a [u8; KEY_LEN], &'a [u8; KEY_LEN], [u8; aead::NONCE_LEN]);
+
+/// One direction of one hop: the ratchet and the cell counter. Neither `Clone` nor `Copy`.
+///
+/// Step `i` covers cells `3i, 3i+1, 3i+2`: `S_i = ChaCha20(ck_i, 0^12)[0..224]`,
+/// `ck_{i+1} = S_i[0..32]`, and cell `3i+r` uses `k_aead = S_i[32+64r..64+64r]`,
+/// `k_aux = S_i[64+64r..96+64r]`. `ck_i` is wiped as soon as `S_i` is computed and each cell's keys
+/// as soon as the cell is done, so the state never holds a key of a past cell.
 struct DirState {
-    ck: [u8; KEY_LEN],
+    /// `ck_i` while the step is not expanded.
+    ck: Zeroizing<[u8; KEY_LEN]>,
+    /// `S_i` once expanded (used slots are wiped).
+    step: Zeroizing<[u8; STEP_LEN]>,
+    expanded: bool,
     ctr: u64,
 }
 
 impl DirState {
     fn new(ck: &[u8; KEY_LEN]) -> Self {
-        Self { ck: *ck, ctr: 0 }
+        Self {
+            ck: Zeroizing::new(*ck),
+            step: Zeroizing::new([0u8; STEP_LEN]),
+            expanded: false,
+            ctr: 0,
+        }
     }
 
-    /// Derive this cell's keys into `out` without advancing.
-    fn peek_into(&self, out: &mut CellKeys) -> Result<(), CryptoError> {
+    fn slot(&self) -> usize {
+        KEY_LEN + CELL_KEYS_LEN * (self.ctr % CELLS_PER_STEP) as usize
+    }
+
+    /// The keys of cell `ctr`, borrowed from the state (expanding the step if needed), without
+    /// advancing: `(k_aead, k_aux, nonce)`.
+    fn current(&mut self) -> Result<KeysRef<'_>, CryptoError> {
         if self.ctr >= CTR_LIMIT {
             return Err(CryptoError::CounterExhausted);
         }
-        out.s.fill(0);
-        aead::keystream_xor(&self.ck, &[0u8; aead::NONCE_LEN], 0, &mut out.s[..]);
-        out.nonce = [0u8; aead::NONCE_LEN];
-        out.nonce[4..].copy_from_slice(&self.ctr.to_be_bytes());
+        if !self.expanded {
+            aead::ratchet_step(&self.ck, &mut self.step);
+            self.ck.zeroize();
+            // Bytes 224..256 of the step are never used.
+            if let Some(unused) = self
+                .step
+                .get_mut(KEY_LEN + CELL_KEYS_LEN * CELLS_PER_STEP as usize..)
+            {
+                unused.zeroize();
+            }
+            self.expanded = true;
+        }
+        let slot = self.slot();
+        let k_aead = self
+            .step
+            .get(slot..)
+            .and_then(<[u8]>::first_chunk::<KEY_LEN>)
+            .ok_or(CryptoError::CellAuthFailed)?;
+        let k_aux = self
+            .step
+            .get(slot + KEY_LEN..)
+            .and_then(<[u8]>::first_chunk::<KEY_LEN>)
+            .ok_or(CryptoError::CellAuthFailed)?;
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        nonce[4..].copy_from_slice(&self.ctr.to_be_bytes());
+        Ok((k_aead, k_aux, nonce))
+    }
+
+    /// Copy the keys of cell `ctr` into `out` without advancing.
+    fn peek_into(&mut self, out: &mut CellKeys) -> Result<(), CryptoError> {
+        let (k_aead, k_aux, nonce) = self.current()?;
+        out.k[..KEY_LEN].copy_from_slice(k_aead);
+        out.k[KEY_LEN..].copy_from_slice(k_aux);
+        out.nonce = nonce;
         Ok(())
     }
 
-    fn peek(&self) -> Result<CellKeys, CryptoError> {
-        let mut k = CellKeys::empty();
-        self.peek_into(&mut k)?;
-        Ok(k)
-    }
-
-    /// Advance after the cell with keys `k` (from [`Self::peek`]) was processed.
-    fn commit(&mut self, k: &CellKeys) -> Result<(), CryptoError> {
-        self.ck = *k.next_ck();
+    /// Advance after the cell peeked last was processed: wipe its keys, move to the next cell.
+    fn commit(&mut self) -> Result<(), CryptoError> {
+        let slot = self.slot();
+        if let Some(k) = self.step.get_mut(slot..slot + CELL_KEYS_LEN) {
+            k.zeroize();
+        }
         self.ctr = self
             .ctr
             .checked_add(1)
             .ok_or(CryptoError::CounterExhausted)?;
+        if self.ctr.is_multiple_of(CELLS_PER_STEP) {
+            if let Some(next) = self.step.first_chunk_mut::<KEY_LEN>() {
+                self.ck.copy_from_slice(next);
+                next.zeroize();
+            }
+            // Every cell slot was wiped by its own commit.
+            debug_assert!(self.step.iter().all(|b| *b == 0));
+            self.expanded = false;
+        }
         Ok(())
+    }
+
+    #[cfg(test)]
+    fn set_counter(&mut self, ctr: u64) {
+        self.ctr = ctr;
     }
 }
 
@@ -178,8 +247,8 @@ impl RelayHopCrypto {
     #[cfg(test)]
     pub(crate) fn with_counters(keys: &HopKeys, ctr: u64) -> Self {
         let mut s = Self::new(keys);
-        s.fwd.ctr = ctr;
-        s.bwd.ctr = ctr;
+        s.fwd.set_counter(ctr);
+        s.bwd.set_counter(ctr);
         s
     }
 
@@ -199,18 +268,21 @@ impl RelayHopCrypto {
         body: &mut CellBody,
     ) -> Result<Forward, CryptoError> {
         self.check()?;
-        let keys = self.fwd.peek()?;
         let (tag, _) = body
             .split_first_chunk::<TAG_LEN>()
             .ok_or(CryptoError::CellAuthFailed)?;
         let tag = *tag;
+        let (k_aead, k_aux, nonce) = self.fwd.current()?;
         // Decrypt C = body[16..] to body[0..N] (shifted in place): ready to pass on unchanged.
-        if let Err(e) = aead::open_shifted(keys.k_aead(), &keys.nonce, &[cmd], &tag, body, TAG_LEN)
-        {
+        if let Err(e) = aead::open_shifted(k_aead, &nonce, &[cmd], &tag, body, TAG_LEN) {
             self.poisoned = true;
             return Err(e);
         }
-        self.fwd.commit(&keys)?;
+        // The forward k_aux[0..16] is the filler: it goes on the wire, so the copy is not secret.
+        let filler = *k_aux
+            .first_chunk::<FILLER_LEN>()
+            .unwrap_or(&[0; FILLER_LEN]);
+        self.fwd.commit()?;
         let is_ours = body.get(..MARKER_LEN).is_some_and(ct_is_zero);
         if is_ours {
             // Put P back at body[16..] so the message sits at FORWARD_MSG_OFFSET.
@@ -220,11 +292,7 @@ impl RelayHopCrypto {
             let tail = body
                 .last_chunk_mut::<FILLER_LEN>()
                 .ok_or(CryptoError::CellAuthFailed)?;
-            tail.copy_from_slice(
-                keys.k_aux()
-                    .first_chunk::<FILLER_LEN>()
-                    .unwrap_or(&[0; FILLER_LEN]),
-            );
+            tail.copy_from_slice(&filler);
             Ok(Forward::Pass)
         }
     }
@@ -244,14 +312,14 @@ impl RelayHopCrypto {
                 max: RELAY_MSG_LEN,
             });
         }
-        let keys = self.bwd.peek()?;
+        let (k_aead, _, nonce) = self.bwd.current()?;
         let (tag_out, p) = body.split_at_mut(TAG_LEN);
         let (m, pad) = p.split_at_mut(msg.len());
         m.copy_from_slice(msg);
         fill_padding(pad);
-        let tag = aead::seal(keys.k_aead(), &keys.nonce, &[cmd], p)?;
+        let tag = aead::seal(k_aead, &nonce, &[cmd], p)?;
         tag_out.copy_from_slice(&tag);
-        self.bwd.commit(&keys)?;
+        self.bwd.commit()?;
         Ok(tag)
     }
 
@@ -259,9 +327,9 @@ impl RelayHopCrypto {
     /// `body ^= ChaCha20(k_aux, nonce(ctr_b))[0..1019]`.
     pub fn relay_backward(&mut self, body: &mut CellBody) -> Result<(), CryptoError> {
         self.check()?;
-        let keys = self.bwd.peek()?;
-        aead::keystream_encrypt(keys.k_aux(), &keys.nonce, body);
-        self.bwd.commit(&keys)
+        let (_, k_aux, nonce) = self.bwd.current()?;
+        aead::keystream_encrypt(k_aux, &nonce, body);
+        self.bwd.commit()
     }
 }
 
@@ -323,8 +391,8 @@ impl ClientCircuitCrypto {
     ) -> Result<(), CryptoError> {
         self.add_hop(keys)?;
         if let Some(h) = self.hops.last_mut() {
-            h.fwd.ctr = ctr;
-            h.bwd.ctr = ctr;
+            h.fwd.set_counter(ctr);
+            h.bwd.set_counter(ctr);
         }
         Ok(())
     }
@@ -361,7 +429,7 @@ impl ClientCircuitCrypto {
         }
         let hops = self.hops.get_mut(..=hop).ok_or(CryptoError::NoSuchHop)?;
         let mut keys: [CellKeys; MAX_HOPS] = std::array::from_fn(|_| CellKeys::empty());
-        for (h, k) in hops.iter().zip(keys.iter_mut()) {
+        for (h, k) in hops.iter_mut().zip(keys.iter_mut()) {
             h.fwd.peek_into(k)?;
         }
         let keys = keys.get(..hops.len()).ok_or(CryptoError::NoSuchHop)?;
@@ -402,8 +470,8 @@ impl ClientCircuitCrypto {
             out.copy_within(0..N, TAG_LEN);
             seal_layer(k, cmd, out)?;
         }
-        for (h, k) in hops.iter_mut().zip(keys) {
-            h.fwd.commit(k)?;
+        for h in hops.iter_mut() {
+            h.fwd.commit()?;
         }
         Ok(t_k)
     }
@@ -420,7 +488,7 @@ impl ClientCircuitCrypto {
         let mut keys: [CellKeys; MAX_HOPS] = std::array::from_fn(|_| CellKeys::empty());
         let mut saved = Zeroizing::new([0u8; CELL_BODY_LEN]);
         let mut found = None;
-        for (j, (h, k)) in self.hops.iter().zip(keys.iter_mut()).enumerate() {
+        for (j, (h, k)) in self.hops.iter_mut().zip(keys.iter_mut()).enumerate() {
             h.bwd.peek_into(k)?;
             let tag: Tag = *body.first_chunk().ok_or(CryptoError::CellAuthFailed)?;
             saved.copy_from_slice(body);
@@ -436,8 +504,8 @@ impl ClientCircuitCrypto {
             self.poisoned = true;
             return Err(CryptoError::CellAuthFailed);
         };
-        for (h, k) in self.hops.iter_mut().zip(&keys).take(j + 1) {
-            h.bwd.commit(k)?;
+        for h in self.hops.iter_mut().take(j + 1) {
+            h.bwd.commit()?;
         }
         Ok((j, tag))
     }
