@@ -92,7 +92,7 @@ fn free_port() -> std::io::Result<SocketAddr> {
 fn prepare_data_dir(arg: Option<PathBuf>) -> Result<PathBuf, String> {
     let dir = arg.unwrap_or_else(|| std::env::temp_dir().join("allium-testnet"));
     if dir.exists() {
-        let ours = dir.join("testnet.json").exists() || dir.join("testnet.lock").exists();
+        let ours = dir.join(".allium-testnet").exists();
         let empty = std::fs::read_dir(&dir)
             .map(|mut d| d.next().is_none())
             .unwrap_or(false);
@@ -106,7 +106,7 @@ fn prepare_data_dir(arg: Option<PathBuf>) -> Result<PathBuf, String> {
             .map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    std::fs::write(dir.join("testnet.lock"), b"")
+    std::fs::write(dir.join(".allium-testnet"), b"")
         .map_err(|e| format!("cannot write in {}: {e}", dir.display()))?;
     Ok(dir)
 }
@@ -148,14 +148,19 @@ fn log_tail(path: &Path, lines: usize) -> String {
 async fn run_async(args: Args) -> CmdResult {
     let started = Instant::now();
     let dir = prepare_data_dir(args.data_dir.clone())?;
-    let socks_addr = SocketAddr::from(([127, 0, 0, 1], args.socks_port));
-    if args.socks_port != 0 && TcpListener::bind(socks_addr).is_err() {
-        return Err(format!(
-            "127.0.0.1:{} is already in use; pass --socks-port with a free port (or 0)",
-            args.socks_port
-        )
-        .into());
-    }
+    let socks_addr = if args.socks_port == 0 {
+        free_port()?
+    } else {
+        let a = SocketAddr::from(([127, 0, 0, 1], args.socks_port));
+        if TcpListener::bind(a).is_err() {
+            return Err(format!(
+                "127.0.0.1:{} is already in use; pass --socks-port with a free port (or 0 for any)",
+                args.socks_port
+            )
+            .into());
+        }
+        a
+    };
     eprintln!(
         "allium testnet: starting {N_AUTHORITIES} authorities, {} relays ({} exits) and a proxy in {}",
         args.relays,
@@ -184,7 +189,6 @@ async fn run_async(args: Args) -> CmdResult {
     .await;
     eprintln!("allium testnet: stopping {} processes", nodes.len());
     procs::stop_all(&mut nodes, Duration::from_secs(5));
-    let _ = std::fs::remove_file(dir.join("testnet.lock"));
     result
 }
 
@@ -279,11 +283,13 @@ async fn start_and_serve(
         data_dir: pdir,
         authorities: auth_list
             .iter()
-            .map(|(id, a)| allium_client::AuthorityConfig {
-                identity: id.clone(),
-                address: *a,
+            .map(|(id, a)| -> Result<_, String> {
+                Ok(allium_client::AuthorityInfo {
+                    identity: allium_crypto::RelayId::from_hex(id).map_err(|e| e.to_string())?,
+                    dir_addr: *a,
+                })
             })
-            .collect(),
+            .collect::<Result<Vec<_>, String>>()?,
         test_network: true,
         ..ProxyConfig::default()
     };
