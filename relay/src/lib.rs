@@ -122,19 +122,32 @@ impl RelayHandle {
     ) {
         add_known_relay(&self.ctx, id, addr, link_key);
     }
-    /// Stop: no new links, every link and circuit closed, background tasks ended.
-    pub async fn shutdown(self) {
-        let _ = self.ctx.shutdown.send(true);
-        self.ctx.links.close_all();
-        for t in &self.tasks {
-            t.abort();
-        }
-        for t in self.tasks {
+    /// Stop: no new links, every link and circuit closed, background tasks ended. Dropping the
+    /// handle starts the same shutdown without waiting for it.
+    pub async fn shutdown(mut self) {
+        self.signal_shutdown();
+        for t in std::mem::take(&mut self.tasks) {
             let _ = t.await;
         }
         // Readers notice the shutdown signal and release their slots.
         let max = u32::try_from(self.ctx.cfg.max_links).unwrap_or(u32::MAX);
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.link_slots.acquire_many(max)).await;
+    }
+}
+
+impl RelayHandle {
+    fn signal_shutdown(&self) {
+        self.ctx.shutdown.send_replace(true);
+        self.ctx.links.close_all();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        self.signal_shutdown();
     }
 }
 

@@ -275,7 +275,9 @@ pub(crate) async fn run_reader(ctx: Arc<Ctx>, link: Arc<Link>, mut source: CellS
     let idle = tokio::time::sleep(IDLE_TIMEOUT);
     tokio::pin!(idle);
     let mut last_activity = Instant::now();
-    loop {
+    let already_stopping = *shutdown.borrow_and_update();
+    let mut unreported: u64 = 0;
+    while !already_stopping {
         let cell = tokio::select! {
             biased;
             c = source.recv() => match c {
@@ -299,7 +301,13 @@ pub(crate) async fn run_reader(ctx: Arc<Ctx>, link: Arc<Link>, mut source: CellS
         credit
             .spend(&ctx.bucket, allium_proto::cell::CELL_LEN as u64)
             .await;
-        ctx.stats.note_read(allium_proto::cell::CELL_LEN as u64);
+        // Batch the shared counter update (one atomic per 64 cells, not per cell).
+        unreported += 1;
+        if unreported == 64 {
+            ctx.stats
+                .note_read(64 * allium_proto::cell::CELL_LEN as u64);
+            unreported = 0;
+        }
         if !handle_cell(&ctx, &link, cell).await {
             tracing::debug!("closing link after a protocol violation");
             break;

@@ -789,3 +789,56 @@ async fn two_relays_extend_begin_and_destroy() {
     a2.shutdown().await;
     let _ = X25519Public([0; 32]);
 }
+
+#[tokio::test]
+async fn previous_onion_key_accepted_after_rotation_only_once() {
+    let r = test_relay(ExitPolicy::default());
+    let mut ml = attach(&r.ctx, false);
+    let old = r.ctx.keys.onion_public();
+    r.ctx.keys.rotate_onion().unwrap();
+    assert_ne!(old, r.ctx.keys.onion_public());
+    let try_key = |key: X25519Public| {
+        let (hs, skin) = client_start(&r.ctx.keys.id, &key, &[]).unwrap();
+        let id = CircId::random(true);
+        (
+            hs,
+            id,
+            Cell::create(
+                id,
+                &Create {
+                    htype: 1,
+                    hdata: skin,
+                },
+            )
+            .unwrap(),
+        )
+    };
+    // The previous key still works.
+    let (hs, id, cell) = try_key(old);
+    ml.tx.send(cell).await.unwrap();
+    let c = ml.recv().await;
+    assert_eq!((c.cmd, c.circ_id), (CellCmd::CREATED, id.get()));
+    hs.finish(&Created::decode(&c.body[..]).unwrap().hdata)
+        .unwrap();
+    // After a second rotation it is gone.
+    r.ctx.keys.rotate_onion().unwrap();
+    let (_, id, cell) = try_key(old);
+    ml.tx.send(cell).await.unwrap();
+    assert_destroy(&ml.recv().await, id.get());
+}
+
+#[tokio::test]
+async fn dropping_the_handle_closes_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = crate::start(RelayConfig::for_test("A", dir.path()))
+        .await
+        .unwrap();
+    let ch = allium_proto::channel::connect(a.or_addr(), &a.identity(), &a.link_key(), None)
+        .await
+        .unwrap();
+    let (_tx, mut rx) = ch.split();
+    drop(a);
+    // The relay closes the link: the receiver ends promptly.
+    assert!(tokio::time::timeout(T, rx.recv()).await.unwrap().is_none());
+    // And the port is free again (the listener is gone).
+}
