@@ -277,7 +277,10 @@ pub(crate) async fn run_reader(ctx: Arc<Ctx>, link: Arc<Link>, mut source: CellS
     let mut last_activity = Instant::now();
     let already_stopping = *shutdown.borrow_and_update();
     let mut unreported: u64 = 0;
-    while !already_stopping {
+    loop {
+        if already_stopping {
+            break;
+        }
         let cell = tokio::select! {
             biased;
             c = source.recv() => match c {
