@@ -535,7 +535,6 @@ pub(crate) mod test_hooks {
     }
 
     /// Use the fixed padding pattern on this thread (for known-answer vectors).
-    #[allow(dead_code)]
     pub(crate) fn set_fixed_padding(on: bool) {
         FIXED.with(|f| f.set(on));
     }
@@ -552,5 +551,7 @@ pub(crate) mod test_hooks {
     }
 }
 
+#[cfg(test)]
+mod kat;
 #[cfg(test)]
 mod tests;

@@ -10,7 +10,7 @@ use super::*;
 use crate::aead::nonce_log;
 
 const RELAY: u8 = 3;
-const RELAY_EARLY: u8 = 9;
+const RELAY_EARLY: u8 = 4;
 
 fn hop_keys(i: u8) -> HopKeys {
     HopKeys::dangerously_from_parts([i; 32], [i.wrapping_add(0x40); 32], [0; 32])
