@@ -362,3 +362,63 @@ async fn restarted_authority_rejoins_and_cache_protects_against_rollback() {
     assert_eq!(again.current().expect("cached").consensus().valid_after, va);
     assert!(again.netdir(now_unix()).is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_votes_and_signatures_change_nothing() {
+    use allium_directory::doc::Vote;
+    let net = Net::start(3).await;
+    let rs = relays(2);
+    upload_all(&net, &rs, now_unix()).await;
+    let va = Net::current_va();
+    run_round(&net.live(), va).await.expect("round");
+    let before = net.live()[0].current_consensus().expect("c").to_bytes();
+    let addr = net.infos[0].dir_addr;
+    let post = |path: &'static str, body: Vec<u8>| async move {
+        http::request(addr, "POST", path, Some(&body), 4096, http::DEFAULT_TIMEOUT)
+            .await
+            .expect("request")
+    };
+    // Garbage.
+    assert_eq!(post(paths::VOTE, b"junk".to_vec()).await.status, 400);
+    assert_eq!(post(paths::SIGNATURE, b"junk".to_vec()).await.status, 400);
+    // A well-formed vote by a key that is not a certified authority signing key.
+    let stranger = allium_crypto::IdentityKeypair::generate();
+    let v = Vote {
+        version: 1,
+        authority: stranger.public(),
+        valid_after: va + common::INTERVAL,
+        fresh_until: va + 2 * common::INTERVAL,
+        valid_until: va + 4 * common::INTERVAL,
+        published: now_unix(),
+        params: Default::default(),
+        relays: vec![],
+    };
+    let r = post(
+        paths::VOTE,
+        Signed::sign(&v, &stranger).expect("s").to_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    // A detached signature by a stranger over the pending consensus.
+    let pending = net.live()[0].current_consensus().expect("c");
+    #[derive(serde::Serialize)]
+    struct Det {
+        version: u16,
+        valid_after: u64,
+        digest: [u8; 32],
+        sig: allium_directory::doc::SigEntry,
+    }
+    let det = Det {
+        version: 1,
+        valid_after: va,
+        digest: pending.digest(),
+        sig: allium_directory::doc::SigEntry {
+            signer: stranger.public(),
+            sig: allium_directory::doc::Sig64(stranger.sign("allium/v1/consensus", pending.body())),
+        },
+    };
+    let r = post(paths::SIGNATURE, postcard::to_allocvec(&det).expect("enc")).await;
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    let after = net.live()[0].current_consensus().expect("c").to_bytes();
+    assert_eq!(before, after);
+}

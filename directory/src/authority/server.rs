@@ -128,7 +128,10 @@ async fn post_descriptor(State(app): State<App>, headers: HeaderMap, body: Body)
         Err(r) => return r,
     };
     match app.accept_descriptor(&bytes, now_unix()) {
-        Ok(()) => line(StatusCode::OK, "accepted"),
+        Ok(id) => {
+            app.spawn_probe(id);
+            line(StatusCode::OK, "accepted")
+        }
         Err(e) => line(status_of(&e), e),
     }
 }

@@ -79,6 +79,7 @@ pub(crate) struct Inner {
     reach: Arc<dyn Reachability>,
     store: Store,
     state: Mutex<State>,
+    probe_slots: Arc<tokio::sync::Semaphore>,
 }
 
 fn is_private(ip: IpAddr) -> bool {
@@ -164,6 +165,7 @@ impl Inner {
             reach,
             store,
             state: Mutex::new(st),
+            probe_slots: Arc::new(tokio::sync::Semaphore::new(PROBE_CONCURRENCY)),
         })
     }
 
@@ -240,7 +242,7 @@ impl Inner {
     // ---- descriptors -------------------------------------------------------------------
 
     /// Handle an uploaded descriptor. Errors are one-line reasons for the uploader.
-    pub(crate) fn accept_descriptor(&self, bytes: &[u8], now: u64) -> Result<()> {
+    pub(crate) fn accept_descriptor(&self, bytes: &[u8], now: u64) -> Result<RelayId> {
         let d = Signed::<RelayDescriptor>::from_bytes(bytes)?.verify()?;
         d.check_valid_at(now, MAX_DESC_FUTURE)?;
         let desc = d.desc();
@@ -274,7 +276,7 @@ impl Inner {
             tracing::warn!(error = %e, "could not store descriptor");
         }
         tracing::debug!(relay = %id, "accepted descriptor");
-        Ok(())
+        Ok(id)
     }
 
     // ---- certificates ------------------------------------------------------------------
@@ -393,6 +395,9 @@ impl Inner {
         Ok(())
     }
 
+    /// Probe every relay, with at most [`PROBE_CONCURRENCY`] probes at once and an overall
+    /// budget of `clamp(interval / 8, 5 s, 10 min)`; relays not reached in time keep their
+    /// previous result.
     async fn probe_all(&self, now: u64) {
         let targets: Vec<_> = self
             .lock()
@@ -403,7 +408,9 @@ impl Inner {
                 (x.identity, x.addrs.first().copied(), x.link_key)
             })
             .collect();
-        let results: Vec<(RelayId, bool)> = futures::stream::iter(targets)
+        let budget = Duration::from_secs((self.cfg.voting_interval_secs / 8).clamp(5, 600));
+        let deadline = tokio::time::Instant::now() + budget;
+        let mut stream = futures::stream::iter(targets)
             .map(|(id, addr, lk)| {
                 let reach = self.reach.clone();
                 async move {
@@ -414,9 +421,12 @@ impl Inner {
                     (id, ok)
                 }
             })
-            .buffer_unordered(PROBE_CONCURRENCY)
-            .collect()
-            .await;
+            .buffer_unordered(PROBE_CONCURRENCY);
+        let mut results = Vec::new();
+        while let Ok(Some(r)) = tokio::time::timeout_at(deadline, stream.next()).await {
+            results.push(r);
+        }
+        drop(stream);
         let mut st = self.lock();
         for (id, ok) in results {
             st.history
@@ -432,6 +442,29 @@ impl Inner {
         let h = st.history.clone();
         drop(st);
         let _ = self.store.save_history(&h);
+    }
+
+    /// Probe one relay soon after its descriptor arrived (skipped when many probes run).
+    pub(crate) fn spawn_probe(self: &Arc<Self>, id: RelayId) {
+        let Ok(permit) = self.probe_slots.clone().try_acquire_owned() else {
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let target = me.lock().descs.get(&id).map(|d| {
+                let x = d.desc();
+                (x.addrs.first().copied(), x.link_key)
+            });
+            let Some((Some(addr), lk)) = target else {
+                return;
+            };
+            let ok = me.reach.probe(addr, id, lk).await;
+            let now = now_unix();
+            if let Some(h) = me.lock().history.get_mut(&id) {
+                h.record(ok, now);
+            }
+            drop(permit);
+        });
     }
 
     // ---- consensus ---------------------------------------------------------------------
