@@ -537,12 +537,15 @@ impl Circuit {
             let Ok(mut st) = self.lock() else { return };
             match st.streams.get_mut(&sid) {
                 Some(s) => {
+                    // END DONE once; an abort (any other reason) is sent even after our DONE,
+                    // so the exit stops sending to a stream nobody reads.
                     let already = s.we_ended;
+                    let abort = reason != EndReason::DONE;
                     s.we_ended = true;
-                    if reason != EndReason::DONE || s.they_ended {
+                    if abort || s.they_ended {
                         st.streams.remove(&sid);
                     }
-                    !already
+                    !already || abort
                 }
                 None => false,
             }

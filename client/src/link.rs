@@ -138,10 +138,12 @@ async fn reader(link: Arc<Link>, mut rx: ChannelReceiver) {
     }
 }
 
-/// Send a cell, or return an error if the link is closed.
+/// Queue a cell on the link (without a wait when the queue has room), or fail if the link is
+/// closed.
 pub(crate) async fn send(link: &Link, cell: Cell) -> Result<(), ClientError> {
-    link.sender
-        .send(cell)
-        .await
-        .map_err(|e| ClientError::Link(e.to_string()))
+    let err = |e: allium_proto::LinkError| ClientError::Link(e.to_string());
+    match link.sender.try_send(cell).map_err(err)? {
+        None => Ok(()),
+        Some(cell) => link.sender.send(cell).await.map_err(err),
+    }
 }

@@ -294,7 +294,7 @@ async fn streams_over_three_hop_circuits() {
 
     // Concurrent streams share circuits.
     let mut tasks = Vec::new();
-    for i in 0..20u32 {
+    for i in 0..50u32 {
         tasks.push(tokio::spawn(async move {
             let (mut s, code) = socks_connect(socks, "localhost", port, None).await;
             assert_eq!(code, 0);
