@@ -321,6 +321,10 @@ async fn restarted_authority_rejoins_and_cache_protects_against_rollback() {
     let h2 = net.handles[2].as_ref().expect("restarted");
     assert_eq!(h2.descriptor_count(), 4);
     assert!(h2.current_consensus().is_some());
+    // It remembers its vote for the last period and does not sign a second one.
+    h2.vote_phase(va - common::INTERVAL)
+        .await
+        .expect("re-vote is a no-op");
     run_round(&net.live(), va).await.expect("round 2");
     for h in net.live() {
         assert_eq!(h.current_consensus().expect("c").sigs().len(), 3);

@@ -363,6 +363,19 @@ impl Inner {
 
     pub(crate) async fn vote_phase(&self, va: u64) -> Result<()> {
         let now = now_unix();
+        let me = self.keys.identity();
+        let existing = self
+            .lock()
+            .votes
+            .get(&va)
+            .and_then(|m| m.get(&me))
+            .map(|v| v.signed().to_bytes());
+        if let Some(bytes) = existing {
+            // Already voted for this period (e.g. before a restart): never sign a second,
+            // different vote; push the one we have again.
+            self.push_vote(Arc::new(bytes)).await;
+            return Ok(());
+        }
         self.probe_all(now).await;
         let vote = {
             let st = self.lock();
@@ -379,7 +392,11 @@ impl Inner {
         let bytes = signed.to_bytes();
         self.accept_vote(&bytes, now)?;
         tracing::info!(valid_after = va, relays = vote.relays.len(), "voted");
-        let bytes = Arc::new(bytes);
+        self.push_vote(Arc::new(bytes)).await;
+        Ok(())
+    }
+
+    async fn push_vote(&self, bytes: Arc<Vec<u8>>) {
         let pushes = self.peers().into_iter().map(|(id, addr)| {
             let b = bytes.clone();
             async move {
@@ -392,7 +409,6 @@ impl Inner {
             }
         });
         futures::future::join_all(pushes).await;
-        Ok(())
     }
 
     /// Probe every relay, with at most [`PROBE_CONCURRENCY`] probes at once and an overall
