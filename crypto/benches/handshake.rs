@@ -23,6 +23,15 @@ fn bench_handshake(c: &mut Criterion<CpuTime>) {
             black_box((rk, ck, sm));
         })
     });
+    // The relay's share alone (a replayed onionskin is answered like a fresh one).
+    let (_, skin) = client_start(&id, &onion_pub, &cm).expect("start");
+    c.bench_function("handshake_relay_respond", |b| {
+        b.iter(|| {
+            let r = relay_respond(&id, &[&onion], black_box(&skin), |_| vec![2, 1, 1])
+                .expect("respond");
+            black_box(r);
+        })
+    });
 }
 
 criterion_group! {

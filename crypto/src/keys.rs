@@ -58,6 +58,10 @@ impl RelayId {
             ed25519_dalek::VerifyingKey::from_bytes(&self.0).map_err(|_| CryptoError::BadKey {
                 what: "ed25519 public key",
             })?;
+        if domain.as_bytes().contains(&0) {
+            // A NUL inside the domain would make the domain/body split ambiguous.
+            return Err(CryptoError::BadSignature);
+        }
         let sig = ed25519_dalek::Signature::from_bytes(sig);
         let msg = signed_message(domain, body);
         vk.verify_strict(&msg, &sig)
@@ -113,8 +117,9 @@ impl IdentityKeypair {
     pub fn public(&self) -> RelayId {
         RelayId(self.sk.verifying_key().to_bytes())
     }
-    /// Sign `DOMAIN || 0x00 || body`.
+    /// Sign `DOMAIN || 0x00 || body`. `domain` must not contain NUL (such signatures never verify).
     pub fn sign(&self, domain: &str, body: &[u8]) -> [u8; SIG_LEN] {
+        debug_assert!(!domain.contains('\0'), "NUL in signature domain");
         self.sk.sign(&signed_message(domain, body)).to_bytes()
     }
 }
@@ -149,21 +154,27 @@ impl fmt::Debug for X25519Public {
 }
 
 /// A long-lived x25519 secret: a relay's link (Noise static) key or its ntor onion key.
+///
+/// The public key is computed once at construction (a relay matches it against every CREATE).
 #[derive(Zeroize, ZeroizeOnDrop)]
 pub struct X25519Secret {
     bytes: [u8; KEY_LEN],
+    #[zeroize(skip)]
+    public: X25519Public,
 }
 
 impl X25519Secret {
     /// A fresh key from the OS-seeded CSPRNG.
     pub fn generate() -> Self {
-        let mut bytes = [0u8; KEY_LEN];
-        fill_random(&mut bytes);
-        Self { bytes }
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        fill_random(&mut bytes[..]);
+        Self::from_bytes(*bytes)
     }
     /// From raw secret bytes (clamped when used).
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        Self { bytes }
+        let s = x25519_dalek::StaticSecret::from(bytes);
+        let public = X25519Public(x25519_dalek::PublicKey::from(&s).to_bytes());
+        Self { bytes, public }
     }
     /// The raw secret bytes (for writing a key file or handing to snow).
     pub fn secret_bytes(&self) -> &[u8; KEY_LEN] {
@@ -171,8 +182,7 @@ impl X25519Secret {
     }
     /// The matching public key.
     pub fn public(&self) -> X25519Public {
-        let s = x25519_dalek::StaticSecret::from(self.bytes);
-        X25519Public(x25519_dalek::PublicKey::from(&s).to_bytes())
+        self.public
     }
     /// The x25519 secret as a dalek `StaticSecret` (zeroized on drop by dalek).
     pub fn to_static(&self) -> x25519_dalek::StaticSecret {
@@ -254,6 +264,9 @@ mod tests {
         let sig = kp.sign("ab", b"c");
         assert!(kp.public().verify("a", b"bc", &sig).is_err());
         assert!(kp.public().verify("abc", b"", &sig).is_err());
+        // A domain containing NUL never verifies.
+        let sig = kp.sk.sign(&signed_message("a\0b", b"c")).to_bytes();
+        assert!(kp.public().verify("a\0b", b"c", &sig).is_err());
         // The signed bytes are exactly DOMAIN || 0x00 || body.
         assert_eq!(signed_message("ab", b"c"), b"ab\x00c");
     }

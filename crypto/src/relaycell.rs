@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Invariants:
-//! - Each direction of each hop has one [`DirState`]-like chain key and counter; the state types are
+//! - Each direction of each hop has one `DirState` (chain key and counter); the state types are
 //!   neither `Clone` nor `Copy` and zeroize their keys on drop.
 //! - Ratchet: one ChaCha20 call per three cells, `S = ChaCha20(ck, nonce 0^12)[0..224] =
 //!   next_ck | (k_aead | k_aux) x 3` (design §3.3 keys one cell per call; the amendment and its
