@@ -98,7 +98,7 @@ pub(crate) fn open(
 /// XOR `buf` with the ChaCha20 keystream of `(key, nonce)` starting at byte `offset` of the stream
 /// (offset 0 is the first byte of block 0; RFC 8439 §2.4 with the block counter starting at 0).
 ///
-/// Short pieces (the ratchet, the filler) use the scalar block function below. A long run that starts
+/// Short pieces (the filler, block 0 of the backward layer) use the scalar block function below. A long run that starts
 /// at or before byte 64 (the backward `k_aux` layer) takes bytes `offset..64` from the scalar code and
 /// the rest from `ring`'s AEAD, whose message keystream is exactly the raw stream from byte 64 (block
 /// 1); its Poly1305 tag is discarded.
@@ -172,8 +172,8 @@ fn quarter_round(s: &mut [u32; 16], a: usize, b: usize, c: usize, d: usize) {
 }
 
 /// The ChaCha20 block function (RFC 8439 §2.3): constant time (add, xor, rotate only).
-/// Scalar code: for the one or two blocks of a ratchet step it is 2x faster than a SIMD library
-/// call with its setup.
+/// Scalar code: for the one or two blocks of a filler piece or of block 0 of the backward layer it
+/// is several times faster than a call into the `chacha20` crate (which computes four blocks at once).
 fn chacha20_block(key: &[u8; KEY_LEN], counter: u32, nonce: &[u8; NONCE_LEN], out: &mut [u8; 64]) {
     let mut init = [0u32; 16];
     init[0] = 0x6170_7865;

@@ -7,7 +7,10 @@
 //! - The client compares AUTH in constant time (`Mac::verify_slice`) before deriving or using any key
 //!   from the reply; the relay checks the identity with `ct_eq`.
 //! - The client secret `x` is a `ReusableSecret` (used twice), the relay's `y` an `EphemeralSecret`
-//!   (used once, consumed). Both come from [`rand::rng()`] in production.
+//!   (used once, consumed). Both are made with dalek's `random_from_rng`, from [`rand::rng()`] in
+//!   production. The known-answer tests fix `x` and `y` by passing a test-only RNG that returns fixed
+//!   bytes to the crate-private `*_with_rng` variants; no secret is ever built from raw bytes outside
+//!   tests (dalek offers no such constructor for these types, by design).
 //! - Secret intermediates (`Bx`, `Xb`, `si`, `seed`, `verify`, `K1`, the KDF output) live in `Zeroizing`
 //!   buffers allocated at their final size, so they are wiped on drop and never reallocated.
 //! - Every failure is the same opaque [`CryptoError::HandshakeFailed`]; callers answer with a silent
