@@ -185,8 +185,13 @@ impl Circuit {
 
     /// Close the circuit and tell the guard (DESTROY, reason NONE).
     pub(crate) fn close_with_destroy(&self) {
+        self.close_because("closed by the client");
+    }
+
+    /// Close the circuit for `why` (kept for logs and errors) and tell the guard.
+    pub(crate) fn close_because(&self, why: &'static str) {
         let was_closed = self.closed.load(Ordering::Acquire);
-        self.on_destroyed("closed by the client");
+        self.on_destroyed(why);
         self.link.unregister(self.id);
         if !was_closed {
             let cell = Cell::destroy(self.id, DestroyReason::NONE);
@@ -330,7 +335,9 @@ impl Circuit {
                 let p = st.pending.take().ok_or("unexpected EXTENDED")?;
                 let _ = p.send(Ok(e.hdata));
             }
-            RelayMsg::Truncated(_) => return Err("circuit truncated"),
+            RelayMsg::Truncated(_) => {
+                return Err("a relay could not extend the circuit (TRUNCATED)");
+            }
             RelayMsg::Drop(_) => {}
             _ => return Err("unexpected relay command"),
         }

@@ -124,15 +124,17 @@ impl ProxyConfig {
     pub fn load(path: &Path) -> Result<Self, ClientError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ClientError::file(path, "reading", e))?;
-        Self::from_toml_str(&text)
-            .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))
+        Self::from_toml_str(&text).map_err(|e| match e {
+            ClientError::Config(m) => ClientError::Config(format!("{}: {m}", path.display())),
+            other => other,
+        })
     }
 
     /// Check the values make sense together.
     pub fn validate(&self) -> Result<(), ClientError> {
         if self.authorities.is_empty() {
             return Err(ClientError::Config(
-                "no authorities configured; add at least one [[authorities]] entry with `identity` and `address`"
+                "no authorities configured; add at least one [[authorities]] entry with `identity` and `dir_addr`"
                     .into(),
             ));
         }

@@ -79,18 +79,20 @@ pub(crate) async fn run(
         tracing::info!("bootstrap 10%: fetching the consensus from the authorities");
     }
     let mut backoff = Duration::from_secs(1);
+    let mut failures = 0u32;
     loop {
         let now = now_unix();
         let wait = if cache.needs_fetch(now) {
             match cache.refresh(now).await {
                 Ok(_) => {
                     backoff = Duration::from_secs(1);
+                    failures = 0;
                     match cache.netdir(now_unix()) {
                         Some(nd) => {
                             let v = view_from(&nd);
                             let (u, e, g) = summary(&v);
                             if mgr.has_dir() {
-                                tracing::info!(
+                                tracing::debug!(
                                     "new consensus: {u} usable relays, {e} exits, {g} guards"
                                 );
                             } else {
@@ -110,6 +112,14 @@ pub(crate) async fn run(
                             .saturating_sub(now_unix())
                             .clamp(1, 3600),
                     )
+                }
+                Err(e) if failures < 3 => {
+                    // Authorities of a network that is just starting have no consensus yet.
+                    failures += 1;
+                    tracing::info!("no consensus yet ({e}); retrying in {}s", backoff.as_secs());
+                    let w = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                    w
                 }
                 Err(e) => {
                     tracing::warn!(

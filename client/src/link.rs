@@ -122,8 +122,8 @@ async fn reader(link: Arc<Link>, mut rx: ChannelReceiver) {
             continue;
         }
         if let Err(why) = circ.handle_cell(cell) {
-            tracing::debug!(circ = %circ.id, why, "closing circuit after a protocol violation");
-            circ.close_with_destroy();
+            tracing::debug!(circ = %circ.id, why, "closing circuit");
+            circ.close_because(why);
         }
     }
     link.closed.store(true, Ordering::Release);
