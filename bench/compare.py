@@ -45,6 +45,7 @@ ROOT = os.path.dirname(HERE)
 HTTP_ADDR = "127.0.0.2"  # not a relay address: tor pins an "exit enclave" when the target is a relay's IP
 CURL_FMT = "%{time_connect} %{time_starttransfer} %{time_total} %{size_download} %{http_code}\n"
 T_START = time.monotonic()
+DISTURBED_CORES = 0.25  # other users' CPU during a bulk phase above which a run is flagged
 
 # Goals of issue 5, as Allium / Tor ratios (or an absolute bound for the start-up time).
 GOALS = {
@@ -943,10 +944,24 @@ def table(out):
     return "\n".join(lines)
 
 
+def disturbance(out):
+    """Warnings when other users of the machine took CPU during a bulk phase."""
+    warn = []
+    for side in ("allium", "tor"):
+        for ph in ("cpu_bulk_1", "cpu_bulk_par"):
+            o = dig(out.get(side), ph, "others_busy_cores")
+            if isinstance(o, (int, float)) and o > DISTURBED_CORES:
+                warn.append("other processes used %.2f cores during %s's %s phase: its figures are disturbed. "
+                            "Rerun when the machine is quiet, or with --nice -10." % (o, side, ph[4:]))
+    out["disturbed"] = warn
+    return warn
+
+
 def machine_meta(cfg):
     m = {"utc": cfg.stamp, "host_cpu": "", "ncpu": os.cpu_count(), "kernel": platform.release(),
          "python": platform.python_version(), "bulk_mib": cfg.bulk_mib, "n_par": cfg.n_par, "n_tiny": cfg.n_tiny,
-         "relays": cfg.relays, "exits": cfg.exits, "http_target": "%s:%d" % (HTTP_ADDR, cfg.http_port)}
+         "relays": cfg.relays, "exits": cfg.exits, "http_target": "%s:%d" % (HTTP_ADDR, cfg.http_port),
+         "nice": os.nice(0)}
     try:
         with open("/proc/cpuinfo") as f:
             m["host_cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
@@ -985,6 +1000,9 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the work directory (all logs)")
     ap.add_argument("--perf", action="store_true",
                     help="after the measured phases, profile one more parallel phase with perf (not in the table)")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="run the driver and everything it starts at this nice value (e.g. -10, needs root) so that "
+                         "other users of a shared machine disturb the measurement less")
     ap.add_argument("--table", metavar="JSON", help="only print the table of an earlier results file")
     cfg = ap.parse_args()
     if cfg.table:
@@ -992,6 +1010,8 @@ def main():
             out = json.load(f)
         out["figures"] = {}
         print(table(out))
+        for w in disturbance(out):
+            print("\nWARNING: " + w)
         return 0
     if not 1024 <= cfg.base_port <= 65000:
         ap.error("--base-port must be in 1024..65000")
@@ -1002,6 +1022,11 @@ def main():
     cfg.http_port = cfg.base_port + 62
     cfg.url_tiny = "http://%s:%d/tiny" % (HTTP_ADDR, cfg.http_port)
     cfg.url_bulk = "http://%s:%d/bulk" % (HTTP_ADDR, cfg.http_port)
+    if cfg.nice:
+        try:
+            os.nice(cfg.nice)
+        except OSError as e:
+            sys.exit("--nice %d: %s (negative values need root)" % (cfg.nice, e))
     cfg.work = tempfile.mkdtemp(prefix="allium-compare.")
     for b in ("tor", "tor-gencert", "curl"):
         if cfg.only != "allium" and not shutil.which(b):
@@ -1038,6 +1063,8 @@ def main():
         for side in ("allium", "tor"):
             if isinstance(out.get(side), dict) and out[side].get("error"):
                 print("\n%s: n/a, %s" % (side, out[side]["error"].splitlines()[0]))
+        for w in disturbance(out):
+            print("\nWARNING: " + w)
         print("\nresults: %s" % os.path.relpath(path))
     except KeyboardInterrupt as e:
         log("interrupted (%s): stopping everything" % e)
