@@ -349,29 +349,22 @@ async fn run_stream(
 
 /// Destination → client.
 async fn run_reader(circ: &Arc<Circuit>, ctx: &Arc<Ctx>, sid: u16, mut rd: OwnedReadHalf) {
-    let mut buf = vec![0u8; READ_CELLS * MAX_DATA];
+    // Small streams keep a small buffer; it grows to READ_CELLS cells once a read fills it.
+    let mut buf = vec![0u8; 4 * MAX_DATA];
     let mut credit = Credit::default();
     loop {
         // Wait until at least one cell may be sent, and read no more than the windows allow.
-        let budget = loop {
-            let notified = circ.window_open.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            match circ.data_budget(sid) {
-                None => return,
-                Some(0) => {
-                    if tokio::time::timeout(WINDOW_TIMEOUT, notified)
-                        .await
-                        .is_err()
-                    {
-                        end_stream(circ, ctx, sid, EndReason::TIMEOUT).await;
-                        return;
-                    }
+        let budget = match circ.data_budget(sid) {
+            None => return,
+            Some(0) => {
+                if !wait_for_window(circ, ctx, sid).await {
+                    return;
                 }
-                Some(n) => break n.min(READ_CELLS),
+                continue;
             }
+            Some(n) => n.min(READ_CELLS),
         };
-        let want = budget * MAX_DATA;
+        let want = (budget * MAX_DATA).min(buf.len());
         let Some(dst) = buf.get_mut(..want) else {
             return;
         };
@@ -390,28 +383,47 @@ async fn run_reader(circ: &Arc<Circuit>, ctx: &Arc<Ctx>, sid: u16, mut rd: Owned
                 return;
             }
         };
+        if n == buf.len() && buf.len() < READ_CELLS * MAX_DATA {
+            buf.resize(READ_CELLS * MAX_DATA, 0);
+        }
         credit.spend(&ctx.bucket, n as u64).await;
         let Some(data) = buf.get(..n) else { return };
         for chunk in data.chunks(MAX_DATA) {
             loop {
-                let notified = circ.window_open.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
                 match circ.send_data(ctx, sid, chunk).await {
                     DataSend::Sent => break,
                     DataSend::Closed => return,
                     DataSend::Blocked => {
-                        if tokio::time::timeout(WINDOW_TIMEOUT, notified)
-                            .await
-                            .is_err()
-                        {
-                            end_stream(circ, ctx, sid, EndReason::TIMEOUT).await;
+                        if !wait_for_window(circ, ctx, sid).await {
                             return;
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// Wait (bounded) until a package window of stream `sid` opens. Returns false if the stream is
+/// gone (or was ended because the client never opened the window).
+async fn wait_for_window(circ: &Arc<Circuit>, ctx: &Arc<Ctx>, sid: u16) -> bool {
+    let notified = circ.window_open.notified();
+    tokio::pin!(notified);
+    // Register first, then re-check, so a SENDME between the check and the wait is not missed.
+    notified.as_mut().enable();
+    match circ.data_budget(sid) {
+        None => false,
+        Some(0) => {
+            if tokio::time::timeout(WINDOW_TIMEOUT, notified)
+                .await
+                .is_err()
+            {
+                end_stream(circ, ctx, sid, EndReason::TIMEOUT).await;
+                return false;
+            }
+            true
+        }
+        Some(_) => true,
     }
 }
 
@@ -449,7 +461,7 @@ async fn run_writer(
     mut rx: mpsc::Receiver<WriteItem>,
     mut wr: OwnedWriteHalf,
 ) {
-    let mut out: Vec<u8> = Vec::with_capacity(WRITE_COALESCE + MAX_DATA);
+    let mut out: Vec<u8> = Vec::new();
     let mut tags: Vec<Tag> = Vec::with_capacity(64);
     loop {
         let Some(first) = rx.recv().await else {

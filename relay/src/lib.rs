@@ -221,10 +221,50 @@ pub async fn start_with_resolver(
     })
 }
 
+/// Most link handshakes in progress from one IP address at a time.
+pub const MAX_PENDING_HANDSHAKES_PER_IP: u32 = 64;
+
+/// Counts handshakes in progress per peer IP; a slot is released on drop.
+#[derive(Default)]
+struct PendingHandshakes(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>);
+
+struct PendingSlot {
+    table: Arc<PendingHandshakes>,
+    ip: std::net::IpAddr,
+}
+
+impl PendingHandshakes {
+    fn try_take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PendingSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_PENDING_HANDSHAKES_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(PendingSlot {
+            table: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut m = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 async fn run_listener(ctx: Arc<Ctx>, listener: TcpListener, slots: Arc<Semaphore>) {
     let mut shutdown = ctx.shutdown.subscribe();
+    let pending = Arc::new(PendingHandshakes::default());
     loop {
-        let (tcp, _peer) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -240,10 +280,16 @@ async fn run_listener(ctx: Arc<Ctx>, listener: TcpListener, slots: Arc<Semaphore
             tracing::debug!("link limit reached; refusing a connection");
             continue;
         };
+        let Some(pending_slot) = pending.try_take(peer.ip()) else {
+            tracing::debug!("too many handshakes from one address; refusing a connection");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let ctx = Arc::clone(&ctx);
         tokio::spawn(async move {
-            let ch = match allium_proto::channel::accept(tcp, &ctx.keys.id, &ctx.keys.link).await {
+            let accepted = allium_proto::channel::accept(tcp, &ctx.keys.id, &ctx.keys.link).await;
+            drop(pending_slot);
+            let ch = match accepted {
                 Ok(ch) => ch,
                 Err(e) => {
                     tracing::debug!(error = %e, "link handshake failed");

@@ -43,10 +43,16 @@ impl CellSink {
     /// Enqueue a cell; `false` if the link is closed or stuck.
     pub async fn send(&self, cell: Cell) -> bool {
         match self {
-            Self::Channel(s) => matches!(
-                tokio::time::timeout(SEND_TIMEOUT, s.send(cell)).await,
-                Ok(Ok(()))
-            ),
+            // Fast path: a non-blocking enqueue (no timer, no waiter registration) when there is
+            // room, which is the common case.
+            Self::Channel(s) => match s.try_send(cell) {
+                Ok(None) => true,
+                Ok(Some(cell)) => matches!(
+                    tokio::time::timeout(SEND_TIMEOUT, s.send(cell)).await,
+                    Ok(Ok(()))
+                ),
+                Err(_) => false,
+            },
             Self::Mpsc(s) => matches!(
                 tokio::time::timeout(SEND_TIMEOUT, s.send(cell)).await,
                 Ok(Ok(()))
