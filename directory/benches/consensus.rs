@@ -131,7 +131,12 @@ fn bench(c: &mut Criterion) {
     g.bench_function("verify_10k_descriptors", |b| {
         b.iter(|| {
             for r in &raw {
-                black_box(Signed::<RelayDescriptor>::from_bytes(r).unwrap().verify().unwrap());
+                black_box(
+                    Signed::<RelayDescriptor>::from_bytes(r)
+                        .unwrap()
+                        .verify()
+                        .unwrap(),
+                );
             }
         })
     });
@@ -170,7 +175,9 @@ fn bench(c: &mut Criterion) {
             black_box((mine_s, zlib(&s.to_bytes())))
         })
     });
-    g.bench_function("zlib_compress_consensus", |b| b.iter(|| black_box(zlib(&bytes))));
+    g.bench_function("zlib_compress_consensus", |b| {
+        b.iter(|| black_box(zlib(&bytes)))
+    });
     g.finish();
 }
 

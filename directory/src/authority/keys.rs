@@ -2,7 +2,7 @@
 //!
 //! Files: `authority_identity.key` (kind `authority-identity`, keep it offline),
 //! `authority_signing.key` (kind `authority-signing`) and `authority.cert` (a signed
-//! [`AuthCert`](crate::doc::AuthCert) envelope). The running authority reads the last two from
+//! `AuthCert` envelope). The running authority reads the last two from
 //! `<data_dir>/keys/`.
 
 use std::path::{Path, PathBuf};

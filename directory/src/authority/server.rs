@@ -76,7 +76,8 @@ fn line(status: StatusCode, msg: impl std::fmt::Display) -> Response {
         .into_response()
 }
 
-fn octets(bytes: Vec<u8>) -> Response {
+fn octets(bytes: impl Into<axum::body::Bytes>) -> Response {
+    let bytes: axum::body::Bytes = bytes.into();
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/octet-stream")],
@@ -137,6 +138,10 @@ async fn post_descriptor(State(app): State<App>, headers: HeaderMap, body: Body)
 }
 
 async fn post_vote(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+    // Votes may be 8 MiB: read only a few at once.
+    let Ok(_slot) = app.big_uploads.clone().try_acquire_owned() else {
+        return line(StatusCode::SERVICE_UNAVAILABLE, "busy; try again later");
+    };
     let bytes = match read_body(&headers, body, MAX_CONSENSUS_LEN).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -164,14 +169,14 @@ async fn post_signature(State(app): State<App>, headers: HeaderMap, body: Body) 
 
 async fn get_consensus(State(app): State<App>) -> Response {
     match app.current_bytes(false) {
-        Some(b) => octets(b.as_ref().clone()),
+        Some(b) => octets(b),
         None => line(StatusCode::NOT_FOUND, "no consensus yet; try again later"),
     }
 }
 
 async fn get_consensus_z(State(app): State<App>) -> Response {
     match app.current_bytes(true) {
-        Some(b) => octets(b.as_ref().clone()),
+        Some(b) => octets(b),
         None => line(StatusCode::NOT_FOUND, "no consensus yet; try again later"),
     }
 }

@@ -53,8 +53,8 @@ pub(crate) const MAX_DETACHED_LEN: usize = 256;
 struct Published {
     signed: Signed<Consensus>,
     valid_after: u64,
-    bytes: Arc<Vec<u8>>,
-    z: Arc<Vec<u8>>,
+    bytes: axum::body::Bytes,
+    z: axum::body::Bytes,
 }
 
 #[derive(Default)]
@@ -69,6 +69,8 @@ struct State {
     pending: Option<(u64, Signed<Consensus>)>,
     /// The consensus being served.
     current: Option<Published>,
+    /// `/descriptors` reply, rebuilt after a change.
+    descs_reply: Option<axum::body::Bytes>,
 }
 
 /// The shared authority state.
@@ -80,6 +82,8 @@ pub(crate) struct Inner {
     store: Store,
     state: Mutex<State>,
     probe_slots: Arc<tokio::sync::Semaphore>,
+    /// Concurrent large (vote) uploads being read.
+    pub(crate) big_uploads: Arc<tokio::sync::Semaphore>,
 }
 
 fn is_private(ip: IpAddr) -> bool {
@@ -166,6 +170,7 @@ impl Inner {
             store,
             state: Mutex::new(st),
             probe_slots: Arc::new(tokio::sync::Semaphore::new(PROBE_CONCURRENCY)),
+            big_uploads: Arc::new(tokio::sync::Semaphore::new(4)),
         })
     }
 
@@ -191,7 +196,7 @@ impl Inner {
         self.lock().current.as_ref().map(|p| p.signed.clone())
     }
 
-    pub(crate) fn current_bytes(&self, compressed: bool) -> Option<Arc<Vec<u8>>> {
+    pub(crate) fn current_bytes(&self, compressed: bool) -> Option<axum::body::Bytes> {
         self.lock().current.as_ref().map(|p| {
             if compressed {
                 p.z.clone()
@@ -219,14 +224,15 @@ impl Inner {
         crate::client::encode_cert_list(&certs)
     }
 
-    pub(crate) fn descriptors_bytes(&self) -> Vec<u8> {
-        let list: Vec<Vec<u8>> = self
-            .lock()
-            .descs
-            .values()
-            .map(|d| d.signed().to_bytes())
-            .collect();
-        postcard::to_allocvec(&list).unwrap_or_default()
+    pub(crate) fn descriptors_bytes(&self) -> axum::body::Bytes {
+        let mut st = self.lock();
+        if let Some(b) = &st.descs_reply {
+            return b.clone();
+        }
+        let list: Vec<Vec<u8>> = st.descs.values().map(|d| d.signed().to_bytes()).collect();
+        let b: axum::body::Bytes = postcard::to_allocvec(&list).unwrap_or_default().into();
+        st.descs_reply = Some(b.clone());
+        b
     }
 
     pub(crate) fn latest_own_vote_bytes(&self) -> Option<Vec<u8>> {
@@ -271,6 +277,7 @@ impl Inner {
                 ..RelayHistory::default()
             });
             st.descs.insert(id, d.clone());
+            st.descs_reply = None;
         }
         if let Err(e) = self.store.save_descriptor(&d) {
             tracing::warn!(error = %e, "could not store descriptor");
@@ -376,6 +383,7 @@ impl Inner {
             self.push_vote(Arc::new(bytes)).await;
             return Ok(());
         }
+        self.prune_expired(now);
         self.probe_all(now).await;
         let vote = {
             let st = self.lock();
@@ -409,6 +417,30 @@ impl Inner {
             }
         });
         futures::future::join_all(pushes).await;
+    }
+
+    /// Forget descriptors that have expired (memory and disk).
+    fn prune_expired(&self, now: u64) {
+        let gone: Vec<RelayId> = {
+            let mut st = self.lock();
+            let gone: Vec<RelayId> = st
+                .descs
+                .iter()
+                .filter(|(_, d)| d.desc().expires <= now)
+                .map(|(k, _)| *k)
+                .collect();
+            for id in &gone {
+                st.descs.remove(id);
+                st.history.remove(id);
+            }
+            if !gone.is_empty() {
+                st.descs_reply = None;
+            }
+            gone
+        };
+        for id in &gone {
+            self.store.remove_descriptor(id);
+        }
     }
 
     /// Probe every relay, with at most [`PROBE_CONCURRENCY`] probes at once and an overall
@@ -768,8 +800,8 @@ fn published(signed: Signed<Consensus>, valid_after: u64) -> Published {
     Published {
         signed,
         valid_after,
-        bytes: Arc::new(bytes),
-        z: Arc::new(z),
+        bytes: bytes.into(),
+        z: z.into(),
     }
 }
 
