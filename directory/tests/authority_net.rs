@@ -126,8 +126,8 @@ async fn one_of_three_signatures_rejected_and_relay_down_dropped() {
     assert!(matches!(err, DirError::BadSignature { .. }), "{err}");
     // The full one verifies with the same certificates.
     client::verify_consensus_bytes(&full.to_bytes(), &certs, &net.infos, now).expect("3 of 3");
-    // The same signature twice still counts once (duplicate signer entries are refused at
-    // parse time, and identities are counted, not signatures).
+    // Adding the same signature again does not add an entry (identities are counted, not
+    // signatures; duplicate entries on the wire are malformed).
     let mut dup = one.clone();
     assert!(dup.add_detached_signature(full.sigs()[0]));
     assert_eq!(dup.sigs().len(), 1);
@@ -425,4 +425,62 @@ async fn hostile_votes_and_signatures_change_nothing() {
     assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
     let after = net.live()[0].current_consensus().expect("c").to_bytes();
     assert_eq!(before, after);
+}
+
+/// Real-time check of the background schedule (about 5-8 s): run by hand with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "real time: waits for the voting schedule"]
+async fn scheduled_rounds_publish_without_help() {
+    use allium_directory::authority::{self, StartOptions};
+    use std::sync::Arc;
+    let now = now_unix();
+    let mut dirs = Vec::new();
+    let mut ls = Vec::new();
+    let mut infos = Vec::new();
+    for _ in 0..3 {
+        let d = tempfile::tempdir().expect("tmp");
+        let (_i, k) = authority::keys::generate_for_test(d.path(), now).expect("keys");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        infos.push(allium_directory::AuthorityInfo {
+            identity: k.identity(),
+            dir_addr: l.local_addr().expect("a"),
+        });
+        dirs.push(d);
+        ls.push(l);
+    }
+    let mut hs = Vec::new();
+    for (d, l) in dirs.iter().zip(ls) {
+        let addr = l.local_addr().expect("a");
+        let cfg = common::config(d.path(), addr, &infos).for_test_network(3);
+        hs.push(
+            authority::start_with(
+                cfg,
+                StartOptions {
+                    listener: Some(l),
+                    reachability: Arc::new(authority::FakeReachability::all_up()),
+                    schedule: true,
+                },
+            )
+            .await
+            .expect("start"),
+        );
+    }
+    let r = Relay::new(9500);
+    client::upload_descriptor_to_all(&infos, &r.signed(now_unix(), true)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        if let Ok(v) = fetch_consensus(&infos, now_unix()).await
+            && v.consensus().relays.len() == 1
+            && v.signed_by().len() == 3
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no consensus in time");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    for h in hs {
+        h.shutdown().await;
+    }
 }

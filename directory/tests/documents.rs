@@ -111,6 +111,27 @@ fn overlong_varint_in_body_is_rejected_after_signature() {
 }
 
 #[test]
+fn duplicate_or_unsorted_signers_are_malformed() {
+    let a = auth(NOW - 100, NOW + 86400);
+    let s = Signed::sign(&consensus(NOW), &a.signing).expect("sign");
+    let e = s.sigs()[0];
+    #[derive(serde::Serialize)]
+    struct Raw<'a> {
+        body: &'a [u8],
+        sigs: &'a [SigEntry],
+    }
+    let dup = postcard::to_allocvec(&Raw {
+        body: s.body(),
+        sigs: &[e, e],
+    })
+    .expect("enc");
+    assert!(matches!(
+        Signed::<Consensus>::from_bytes(&dup),
+        Err(DirError::Malformed { .. })
+    ));
+}
+
+#[test]
 fn auth_cert_byte_layout_vector() {
     let id = IdentityKeypair::from_seed(&[1; 32]);
     let sk = IdentityKeypair::from_seed(&[2; 32]);
@@ -256,6 +277,9 @@ fn forge_envelope(body: &[u8], sigs: &[SigEntry]) -> Vec<u8> {
         body: &'a [u8],
         sigs: &'a [SigEntry],
     }
+    let mut sigs = sigs.to_vec();
+    sigs.sort_by_key(|s| s.signer);
+    let sigs = &sigs[..];
     postcard::to_allocvec(&Raw { body, sigs }).expect("enc")
 }
 

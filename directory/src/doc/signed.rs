@@ -247,6 +247,16 @@ impl<T: Document> Signed<T> {
                 why: "too many signatures",
             });
         }
+        if !raw
+            .sigs
+            .windows(2)
+            .all(|w| matches!(w, [a, b] if a.signer < b.signer))
+        {
+            return Err(DirError::Malformed {
+                object: T::NAME,
+                why: "signatures must be sorted by signer, one per key",
+            });
+        }
         Ok(Self {
             body: raw.body,
             sigs: raw.sigs,
