@@ -23,7 +23,7 @@ use procs::Node;
 /// Number of directory authorities in a test network.
 pub const N_AUTHORITIES: usize = 3;
 /// Voting interval of a test network, seconds.
-pub const VOTING_INTERVAL_SECS: u64 = 4;
+pub const VOTING_INTERVAL_SECS: u64 = 2;
 /// How long to wait for the network to carry its first stream.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
