@@ -244,8 +244,9 @@ class Curl:
         return a + [url]
 
     @staticmethod
-    def parse(out, err=b""):
-        """curl's -w line (CURL_FMT) -> dict; ok means HTTP 200."""
+    def parse(out, err=b"", rc=0):
+        """curl's -w line (CURL_FMT) and exit status -> dict; ok means exit 0 and HTTP 200 (curl exits
+        non-zero, e.g. 18, when the body is shorter than its Content-Length)."""
         r = out.decode("utf-8", "replace").split()
         if len(r) == 5:
             try:
@@ -253,12 +254,12 @@ class Curl:
             except ValueError:
                 v = None
             if v is not None:
-                v["ok"] = r[4] == "200"
+                v["ok"] = r[4] == "200" and rc == 0
                 if not v["ok"]:
-                    v["error"] = ("HTTP %s " % r[4] + err.decode("utf-8", "replace").strip())[-200:]
+                    v["error"] = ("curl exit %s, HTTP %s: " % (rc, r[4]) + err.decode("utf-8", "replace").strip())[-200:]
                 return v
         return {"ok": False, "bytes": 0, "total": None,
-                "error": (err + out).decode("utf-8", "replace").strip()[-200:] or "no output"}
+                "error": ("curl exit %s: " % rc + (err + out).decode("utf-8", "replace").strip())[-200:]}
 
     def get(self, url, user, max_time):
         p = PROCS.spawn(self.argv(url, user, max_time), env=self.env, capture=True)
@@ -269,7 +270,7 @@ class Curl:
             out, err = p.communicate(timeout=5)
         finally:
             PROCS.popens.remove(p)
-        return self.parse(out or b"", err or b"")
+        return self.parse(out or b"", err or b"", p.returncode)
 
     def parallel(self, url, users, max_time):
         """Start len(users) downloads at once; returns (results, wall seconds)."""
@@ -282,7 +283,7 @@ class Curl:
             except subprocess.TimeoutExpired:
                 p.kill()
                 out, err = p.communicate(timeout=5)
-            res.append(self.parse(out or b"", err or b""))
+            res.append(self.parse(out or b"", err or b"", p.returncode))
         wall = time.monotonic() - t0
         PROCS.popens = [p for p in PROCS.popens if p not in ps]
         return res, wall
@@ -302,13 +303,29 @@ def machine_busy_ns():
         return None
 
 
+def runq_wait(pid):
+    """Seconds the threads of a process have spent runnable but waiting for a CPU (schedstat)."""
+    tot = 0
+    try:
+        for t in os.listdir("/proc/%d/task" % pid):
+            try:
+                with open("/proc/%d/task/%s/schedstat" % (pid, t)) as f:
+                    tot += int(f.read().split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    except OSError:
+        return None
+    return tot / 1e9
+
+
 def cpu_snap(nodes):
     """utime+stime of every node, plus machine busy ns, our waited children and wall time."""
     ru_c = resource.getrusage(resource.RUSAGE_CHILDREN)
     ru_s = resource.getrusage(resource.RUSAGE_SELF)
     return {"t": time.monotonic(), "busy_ns": machine_busy_ns(),
             "children": ru_c.ru_utime + ru_c.ru_stime, "self": ru_s.ru_utime + ru_s.ru_stime,
-            "procs": {n["name"]: (proc_stat(n["pid"]) or (None, None, None))[1] for n in nodes}}
+            "procs": {n["name"]: (proc_stat(n["pid"]) or (None, None, None))[1] for n in nodes},
+            "runq": {n["name"]: runq_wait(n["pid"]) for n in nodes}}
 
 
 def cpu_delta(before, after, nodes, mib):
@@ -318,13 +335,19 @@ def cpu_delta(before, after, nodes, mib):
         if a is not None and b is not None:
             per[n["name"]] = round(b - a, 3)
     role = {n["name"]: n["role"] for n in nodes}
+    wait = {}
+    for n in nodes:
+        a, b = before.get("runq", {}).get(n["name"]), after.get("runq", {}).get(n["name"])
+        if a is not None and b is not None and n["role"] in ("relay", "authority", "client"):
+            wait[n["name"]] = round(b - a, 4)
     by = lambda *rs: sum(v for k, v in per.items() if role.get(k) in rs)  # noqa: E731
     wall = after["t"] - before["t"]
     out = {"mib": mib, "wall_s": wall, "per_process_cpu_s": per,
            "relays_cpu_s": by("relay"), "authorities_cpu_s": by("authority"),
            "network_cpu_s": by("relay", "authority"), "client_cpu_s": by("client"),
            "http_server_cpu_s": by("http"), "curl_cpu_s": after["children"] - before["children"],
-           "driver_cpu_s": after["self"] - before["self"]}
+           "driver_cpu_s": after["self"] - before["self"],
+           "runq_wait_s": wait, "runq_wait_cores": sum(wait.values()) / wall if wall > 0 else None}
     for k in ("relays_cpu_s", "authorities_cpu_s", "client_cpu_s"):
         out[k + "_per_mib"] = out[k] / mib if mib else None
     if before["busy_ns"] is not None and after["busy_ns"] is not None and wall > 0:
@@ -895,22 +918,36 @@ def table(out):
     A, T, D = out.get("allium") or {}, out.get("tor") or {}, out.get("direct") or {}
     rows = []
 
-    def row(label, path, fmt, key=None, ratio=True):
+    def row(label, path, fmt, key=None, ratio=True, count=None):
+        """count: (ok field, total field) under path[0]; a value from failed requests is marked."""
         a, t = dig(A, *path), dig(T, *path)
         fa = fmt % a if isinstance(a, (int, float)) else "n/a"
         ft = fmt % t if isinstance(t, (int, float)) else "n/a"
         r = "%.2f" % (a / t) if ratio and isinstance(a, (int, float)) and isinstance(t, (int, float)) and t else "—"
         g = verdict(key, a if isinstance(a, (int, float)) else None, t if isinstance(t, (int, float)) else None)
+        bad = []
+        if count:
+            for name, side in (("Allium", A), ("Tor", T)):
+                ok, n = dig(side, path[0], count[0]), dig(side, path[0], count[1])
+                if isinstance(ok, int) and isinstance(n, int) and ok < n:
+                    bad.append(name)
+                    if side is A:
+                        fa += " (%d/%d ok)" % (ok, n)
+                    else:
+                        ft += " (%d/%d ok)" % (ok, n)
+        if bad:
+            g = "INVALID, failed requests on %s; %s" % (" and ".join(bad), g)
         rows.append((label, fa, ft, r, g))
         out["figures"][label] = {"allium": a, "tor": t, "goal": g}
 
     mb = out["meta"]["bulk_mib"]
-    row("1 x %d MiB, one circuit, MiB/s" % mb, ("bulk_1", "mib_s"), "%.1f", "bulk_1")
+    row("1 x %d MiB, one circuit, MiB/s" % mb, ("bulk_1", "mib_s"), "%.1f", "bulk_1", count=("complete", "streams"))
     row("%d x %d MiB, %d isolated circuits, aggregate MiB/s" % (out["meta"]["n_par"], mb, out["meta"]["n_par"]),
-        ("bulk_par", "mib_s"), "%.1f", "bulk_par")
+        ("bulk_par", "mib_s"), "%.1f", "bulk_par", count=("complete", "streams"))
     row("small GET, new circuit each (build + first byte), median ms", ("tiny_new", "ttfb_ms_median"), "%.1f",
-        "tiny_new")
-    row("small GET, one reused circuit, first byte median ms", ("tiny_reuse", "ttfb_ms_median"), "%.1f", "tiny_reuse")
+        "tiny_new", count=("ok", "n"))
+    row("small GET, one reused circuit, first byte median ms", ("tiny_reuse", "ttfb_ms_median"), "%.1f", "tiny_reuse",
+        count=("ok", "n"))
     row("relay CPU (sum of the %d relays), s per MiB, bulk phases" % out["meta"]["relays"],
         ("cpu_bulk", "relays_cpu_s_per_mib"), "%.4f", "relay_cpu")
     row("authority CPU (sum of 3), s per MiB, bulk phases", ("cpu_bulk", "authorities_cpu_s_per_mib"), "%.4f")
@@ -922,6 +959,8 @@ def table(out):
     row("machine CPU busy during the 8-circuit phase, cores", ("cpu_bulk_par", "machine_busy_cores"), "%.2f",
         ratio=False)
     row("  of which other users of the machine, cores", ("cpu_bulk_par", "others_busy_cores"), "%.2f", ratio=False)
+    row("  network processes waiting for a CPU (run queue), cores", ("cpu_bulk_par", "runq_wait_cores"), "%.2f",
+        ratio=False)
     dem = dig(T, "tiny_on_demand", "ttfb_ms_median")
     if dem is not None:
         rows.append(("Tor only: small GET, circuit built on demand, median ms", "—", "%.1f" % dem, "—", "info"))
@@ -950,9 +989,12 @@ def disturbance(out):
     for side in ("allium", "tor"):
         for ph in ("cpu_bulk_1", "cpu_bulk_par"):
             o = dig(out.get(side), ph, "others_busy_cores")
-            if isinstance(o, (int, float)) and o > DISTURBED_CORES:
-                warn.append("other processes used %.2f cores during %s's %s phase: its figures are disturbed. "
-                            "Rerun when the machine is quiet, or with --nice -10." % (o, side, ph[4:]))
+            w = dig(out.get(side), ph, "runq_wait_cores")
+            if isinstance(o, (int, float)) and o > DISTURBED_CORES and (w is None or w > DISTURBED_CORES):
+                warn.append("during %s's %s phase other processes used %.2f cores while the network's processes "
+                            "waited %s cores' worth for a CPU: its figures are probably disturbed. Rerun when the "
+                            "machine is quiet, or with --nice -10." % (side, ph[4:], o, "?" if w is None else
+                                                                        "%.2f" % w))
     out["disturbed"] = warn
     return warn
 
