@@ -3,8 +3,8 @@
 //! Concurrency: all per-circuit state is behind one short `std::sync::Mutex` that is never held
 //! across an `.await`. Forward cells are processed by the previous link's reader task, backward
 //! cells by the next link's reader task. Every cell sent towards the client goes through
-//! `send_lock` so that the order in which the backward ratchet advances is the order in which
-//! cells are queued on the link (the client peels them in that order).
+//! [`Circuit::send_backward`], so that the order in which the backward ratchet advances is the
+//! order in which cells are queued on the link (the client peels them in that order).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +24,7 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::ctx::Ctx;
 use crate::exit::StreamEntry;
-use crate::link::{InsertError, Link, Slot};
+use crate::link::{Enqueue, InsertError, Link, Slot};
 
 /// Most RELAY_EARLY cells a circuit may carry forward (tor-spec §5.6).
 pub const MAX_RELAY_EARLY: u8 = 8;
@@ -62,6 +62,20 @@ pub(crate) struct CircInner {
     pub(crate) streams: HashMap<u16, StreamEntry>,
     pub(crate) send_win: CircSendWindow,
     recv_win: CircRecvWindow,
+    /// A producer holds an already-encrypted backward cell and is waiting for room on the link.
+    backward_busy: bool,
+}
+
+/// What a backward producer made under the circuit lock.
+pub(crate) enum Produced {
+    /// A cell to enqueue now.
+    Cell(Cell),
+    /// A package window is empty.
+    Blocked,
+    /// Nothing to send (stream or hop gone).
+    Closed,
+    /// A crypto or flow-control failure: destroy the circuit.
+    Destroy,
 }
 
 /// A protocol violation: the circuit must be destroyed.
@@ -90,7 +104,8 @@ pub struct Circuit {
     pub(crate) prev: Arc<Link>,
     pub(crate) prev_id: u32,
     inner: Mutex<CircInner>,
-    send_lock: tokio::sync::Mutex<()>,
+    /// Signalled when a producer that had to wait for room on the previous link is done.
+    backward_idle: Notify,
     /// Signalled when a SENDME opens a package window, and when the circuit closes.
     pub(crate) window_open: Notify,
     closed: AtomicBool,
@@ -116,8 +131,9 @@ impl Circuit {
                 streams: HashMap::new(),
                 send_win: CircSendWindow::new(),
                 recv_win: CircRecvWindow::new(),
+                backward_busy: false,
             }),
-            send_lock: tokio::sync::Mutex::new(()),
+            backward_idle: Notify::new(),
             window_open: Notify::new(),
             closed: AtomicBool::new(false),
         }
@@ -299,30 +315,109 @@ impl Circuit {
         Ok(())
     }
 
-    /// Process a RELAY / RELAY_EARLY cell arriving from the next hop.
-    pub(crate) async fn backward(self: &Arc<Self>, ctx: &Arc<Ctx>, mut cell: Cell) {
+    /// Process a RELAY / RELAY_EARLY cell that arrived from the next hop on `from` under `id`.
+    pub(crate) async fn backward(
+        self: &Arc<Self>,
+        ctx: &Arc<Ctx>,
+        from: &Arc<Link>,
+        mut cell: Cell,
+    ) {
         if cell.cmd != CellCmd::RELAY {
             // Backward RELAY_EARLY is a protocol violation (tor-spec §5.6).
             self.destroy(ctx, None);
             return;
         }
-        let _order = self.send_lock.lock().await;
-        let ok = {
-            let mut inner = self.lock();
-            if self.is_closed() {
-                return;
+        let id = cell.circ_id;
+        let prev_id = self.prev_id;
+        self.send_backward(ctx, move |inner| {
+            // Only the current next hop may send backward cells (not one dropped by TRUNCATE).
+            if !matches!(&inner.next, Next::Open { link, id: nid } if Arc::ptr_eq(link, from) && *nid == id)
+            {
+                return Produced::Closed;
             }
-            inner.crypto.relay_backward(&mut cell.body).is_ok()
-        };
-        if !ok {
-            drop(_order);
-            self.destroy(ctx, None);
-            return;
+            if inner.crypto.relay_backward(&mut cell.body).is_err() {
+                return Produced::Destroy;
+            }
+            cell.circ_id = prev_id;
+            Produced::Cell(cell)
+        })
+        .await;
+    }
+
+    /// Send one cell towards the client, built by `produce` under the circuit lock.
+    ///
+    /// Ordering: the backward ratchet advances inside `produce`, so the cell must reach the link
+    /// queue before any cell produced after it. The common case enqueues without blocking while
+    /// still holding the lock. If the link queue is full, this task marks the circuit's backward
+    /// direction busy, waits for room outside the lock, and the other producers of this circuit
+    /// wait (bounded) until it is done, so no cell overtakes another.
+    pub(crate) async fn send_backward<F>(self: &Arc<Self>, ctx: &Arc<Ctx>, produce: F) -> DataSend
+    where
+        F: FnOnce(&mut CircInner) -> Produced,
+    {
+        enum Step {
+            Wait,
+            Slow(Cell),
+            Done(DataSend),
+            Destroy(Option<Side>),
         }
-        cell.circ_id = self.prev_id;
-        if !self.prev.sink.send(cell).await {
-            drop(_order);
-            self.destroy(ctx, Some(Side::Prev));
+        let mut produce = Some(produce);
+        loop {
+            let idle = self.backward_idle.notified();
+            tokio::pin!(idle);
+            let step = {
+                let mut inner = self.lock();
+                if self.is_closed() {
+                    return DataSend::Closed;
+                }
+                if inner.backward_busy {
+                    idle.as_mut().enable();
+                    Step::Wait
+                } else {
+                    let Some(p) = produce.take() else {
+                        return DataSend::Closed;
+                    };
+                    match p(&mut inner) {
+                        Produced::Cell(cell) => match self.prev.sink.try_enqueue(cell) {
+                            Enqueue::Done => Step::Done(DataSend::Sent),
+                            Enqueue::Closed => Step::Destroy(Some(Side::Prev)),
+                            Enqueue::Full(cell) => {
+                                inner.backward_busy = true;
+                                Step::Slow(cell)
+                            }
+                        },
+                        Produced::Blocked => Step::Done(DataSend::Blocked),
+                        Produced::Closed => Step::Done(DataSend::Closed),
+                        Produced::Destroy => Step::Destroy(None),
+                    }
+                }
+            };
+            match step {
+                Step::Done(r) => return r,
+                Step::Destroy(from) => {
+                    self.destroy(ctx, from);
+                    return DataSend::Closed;
+                }
+                Step::Wait => {
+                    if tokio::time::timeout(crate::link::SEND_TIMEOUT, idle)
+                        .await
+                        .is_err()
+                    {
+                        self.destroy(ctx, None);
+                        return DataSend::Closed;
+                    }
+                }
+                Step::Slow(cell) => {
+                    let ok = self.prev.sink.send(cell).await;
+                    self.lock().backward_busy = false;
+                    self.backward_idle.notify_waiters();
+                    if ok {
+                        return DataSend::Sent;
+                    }
+                    self.destroy(ctx, Some(Side::Prev));
+                    return DataSend::Closed;
+                }
+            }
         }
     }
 
@@ -367,33 +462,22 @@ impl Circuit {
         msg: &[u8],
         after: impl FnOnce(&mut CircInner, &Tag) -> Result<(), Violation>,
     ) -> bool {
-        let _order = self.send_lock.lock().await;
         let mut cell = Cell::new_zeroed(self.prev_id, CellCmd::RELAY);
-        let ok = {
-            let mut inner = self.lock();
-            if self.is_closed() {
-                return false;
-            }
-            match inner
-                .crypto
-                .encrypt_backward(CellCmd::RELAY.0, msg, &mut cell.body)
-            {
-                Ok(tag) => after(&mut inner, &tag).is_ok(),
-                Err(_) => false,
-            }
-        };
-        if !ok {
-            drop(_order);
-            self.destroy(ctx, None);
-            return false;
+        let r = self
+            .send_backward(ctx, move |inner| {
+                match inner
+                    .crypto
+                    .encrypt_backward(CellCmd::RELAY.0, msg, &mut cell.body)
+                {
+                    Ok(tag) if after(inner, &tag).is_ok() => Produced::Cell(cell),
+                    _ => Produced::Destroy,
+                }
+            })
+            .await;
+        if r == DataSend::Sent {
+            ctx.stats.note_written(allium_proto::cell::CELL_LEN as u64);
         }
-        ctx.stats.note_written(allium_proto::cell::CELL_LEN as u64);
-        if !self.prev.sink.send(cell).await {
-            drop(_order);
-            self.destroy(ctx, Some(Side::Prev));
-            return false;
-        }
-        true
+        r == DataSend::Sent
     }
 
     /// Originate a DATA cell on stream `sid` if both package windows allow it.
@@ -403,51 +487,42 @@ impl Circuit {
         sid: u16,
         data: &[u8],
     ) -> DataSend {
-        let _order = self.send_lock.lock().await;
         let mut cell = Cell::new_zeroed(self.prev_id, CellCmd::RELAY);
-        let ok = {
-            let mut inner = self.lock();
-            if self.is_closed() {
-                return DataSend::Closed;
-            }
-            if !inner.send_win.can_send() {
-                return DataSend::Blocked;
-            }
-            match inner.streams.get(&sid) {
-                None => return DataSend::Closed,
-                Some(st) if !st.win.can_send() => return DataSend::Blocked,
-                Some(_) => {}
-            }
-            let mut buf = [0u8; RELAY_MSG_LEN];
-            let n = relaymsg::encode_data(sid, data, &mut buf);
-            let msg = buf.get(..n).unwrap_or(&[]);
-            match inner
-                .crypto
-                .encrypt_backward(CellCmd::RELAY.0, msg, &mut cell.body)
-            {
-                Ok(tag) => {
-                    let a = inner.send_win.note_data_sent(&tag).is_ok();
-                    let b = inner
-                        .streams
-                        .get_mut(&sid)
-                        .is_some_and(|st| st.win.note_data_sent().is_ok());
-                    a && b
+        let r = self
+            .send_backward(ctx, move |inner| {
+                if !inner.send_win.can_send() {
+                    return Produced::Blocked;
                 }
-                Err(_) => false,
-            }
-        };
-        if !ok {
-            drop(_order);
-            self.destroy(ctx, None);
-            return DataSend::Closed;
+                match inner.streams.get(&sid) {
+                    None => return Produced::Closed,
+                    Some(st) if !st.win.can_send() => return Produced::Blocked,
+                    Some(_) => {}
+                }
+                let mut buf = [0u8; RELAY_MSG_LEN];
+                let n = relaymsg::encode_data(sid, data, &mut buf);
+                let msg = buf.get(..n).unwrap_or(&[]);
+                let Ok(tag) = inner
+                    .crypto
+                    .encrypt_backward(CellCmd::RELAY.0, msg, &mut cell.body)
+                else {
+                    return Produced::Destroy;
+                };
+                let a = inner.send_win.note_data_sent(&tag).is_ok();
+                let b = inner
+                    .streams
+                    .get_mut(&sid)
+                    .is_some_and(|st| st.win.note_data_sent().is_ok());
+                if a && b {
+                    Produced::Cell(cell)
+                } else {
+                    Produced::Destroy
+                }
+            })
+            .await;
+        if r == DataSend::Sent {
+            ctx.stats.note_written(allium_proto::cell::CELL_LEN as u64);
         }
-        ctx.stats.note_written(allium_proto::cell::CELL_LEN as u64);
-        if !self.prev.sink.send(cell).await {
-            drop(_order);
-            self.destroy(ctx, Some(Side::Prev));
-            return DataSend::Closed;
-        }
-        DataSend::Sent
+        r
     }
 
     /// How many DATA cells stream `sid` may send now (0 if blocked, `None` if gone).
@@ -497,6 +572,7 @@ impl Circuit {
             }
         }
         self.window_open.notify_waiters();
+        self.backward_idle.notify_waiters();
         ctx.stats.circuit_closed();
     }
 }

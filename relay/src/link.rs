@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use allium_crypto::{RelayId, X25519Public};
@@ -57,6 +57,35 @@ impl CellSink {
                 tokio::time::timeout(SEND_TIMEOUT, s.send(cell)).await,
                 Ok(Ok(()))
             ),
+        }
+    }
+}
+
+/// Result of a non-blocking enqueue.
+#[derive(Debug)]
+pub(crate) enum Enqueue {
+    /// Queued.
+    Done,
+    /// The queue is full; here is the cell back.
+    Full(Cell),
+    /// The link is closed.
+    Closed,
+}
+
+impl CellSink {
+    /// Enqueue without waiting.
+    pub(crate) fn try_enqueue(&self, cell: Cell) -> Enqueue {
+        match self {
+            Self::Channel(s) => match s.try_send(cell) {
+                Ok(None) => Enqueue::Done,
+                Ok(Some(c)) => Enqueue::Full(c),
+                Err(_) => Enqueue::Closed,
+            },
+            Self::Mpsc(s) => match s.try_send(cell) {
+                Ok(()) => Enqueue::Done,
+                Err(mpsc::error::TrySendError::Full(c)) => Enqueue::Full(c),
+                Err(mpsc::error::TrySendError::Closed(_)) => Enqueue::Closed,
+            },
         }
     }
 }
@@ -116,6 +145,8 @@ pub struct Link {
     /// The peer's Noise static key (for incoming links: look it up in the consensus).
     pub(crate) peer_static: Option<X25519Public>,
     table: Mutex<CircTable>,
+    /// Bumped whenever a circuit leaves the table (invalidates the reader's lookup cache).
+    generation: AtomicU64,
     closed: AtomicBool,
     max_circs: usize,
 }
@@ -144,6 +175,7 @@ impl Link {
             peer_relay,
             peer_static,
             table: Mutex::new(CircTable::default()),
+            generation: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             max_circs,
         })
@@ -164,6 +196,21 @@ impl Link {
     /// The circuit using `id` on this link.
     pub(crate) fn get(&self, id: u32) -> Option<Slot> {
         self.table().map.get(&id).cloned()
+    }
+
+    /// The circuit using `id`, through a one-entry cache kept by the reader task: bulk traffic on
+    /// a link mostly belongs to the same circuit, so most cells skip the table lock.
+    fn get_cached(&self, id: u32, cache: &mut Option<(u32, u64, Slot)>) -> Option<Slot> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some((cid, g, slot)) = cache
+            && *cid == id
+            && *g == generation
+        {
+            return Some(slot.clone());
+        }
+        let slot = self.get(id)?;
+        *cache = Some((id, generation, slot.clone()));
+        Some(slot)
     }
 
     /// Number of circuits on the link.
@@ -211,6 +258,7 @@ impl Link {
     pub(crate) fn remove(&self, id: u32) -> Option<Slot> {
         let mut t = self.table();
         let slot = t.map.remove(&id);
+        self.generation.fetch_add(1, Ordering::Release);
         let ours = CircId::new(id).is_some_and(|c| c.allocatable_by(self.initiator));
         if slot.is_some() && ours && t.quarantined.insert(id) {
             t.quarantine.push_back((id, Instant::now()));
@@ -280,7 +328,8 @@ pub(crate) async fn run_reader(ctx: Arc<Ctx>, link: Arc<Link>, mut source: CellS
     let mut shutdown = ctx.shutdown.subscribe();
     let idle = tokio::time::sleep(IDLE_TIMEOUT);
     tokio::pin!(idle);
-    let mut last_activity = Instant::now();
+    let mut active = false;
+    let mut cache: Option<(u32, u64, Slot)> = None;
     let already_stopping = *shutdown.borrow_and_update();
     let mut unreported: u64 = 0;
     loop {
@@ -295,18 +344,18 @@ pub(crate) async fn run_reader(ctx: Arc<Ctx>, link: Arc<Link>, mut source: CellS
             },
             _ = shutdown.changed() => break,
             () = &mut idle => {
-                let now = Instant::now();
-                if link.n_circuits() == 0
-                    && now.saturating_duration_since(last_activity) >= IDLE_TIMEOUT
-                {
+                // No cell during a whole period and no circuit: close. (A link is closed after
+                // between one and two idle periods.)
+                if !active && link.n_circuits() == 0 {
                     tracing::debug!("closing idle link");
                     break;
                 }
+                active = false;
                 idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
                 continue;
             }
         };
-        last_activity = Instant::now();
+        active = true;
         credit
             .spend(&ctx.bucket, allium_proto::cell::CELL_LEN as u64)
             .await;
@@ -317,11 +366,12 @@ pub(crate) async fn run_reader(ctx: Arc<Ctx>, link: Arc<Link>, mut source: CellS
                 .note_read(64 * allium_proto::cell::CELL_LEN as u64);
             unreported = 0;
         }
-        if !handle_cell(&ctx, &link, cell).await {
+        if !handle_cell(&ctx, &link, cell, &mut cache).await {
             tracing::debug!("closing link after a protocol violation");
             break;
         }
     }
+    drop(cache);
     link.close_sink();
     for slot in link.close() {
         slot.circ.destroy(&ctx, Some(slot.side));
@@ -330,7 +380,12 @@ pub(crate) async fn run_reader(ctx: Arc<Ctx>, link: Arc<Link>, mut source: CellS
 }
 
 /// Process one cell. Returns `false` if the link must close.
-pub(crate) async fn handle_cell(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell) -> bool {
+pub(crate) async fn handle_cell(
+    ctx: &Arc<Ctx>,
+    link: &Arc<Link>,
+    cell: Cell,
+    cache: &mut Option<(u32, u64, Slot)>,
+) -> bool {
     match cell.cmd {
         CellCmd::PADDING => true,
         CellCmd::CREATE => {
@@ -346,10 +401,10 @@ pub(crate) async fn handle_cell(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell) ->
             true
         }
         CellCmd::RELAY | CellCmd::RELAY_EARLY => {
-            if let Some(slot) = link.get(cell.circ_id) {
+            if let Some(slot) = link.get_cached(cell.circ_id, cache) {
                 match slot.side {
                     Side::Prev => slot.circ.forward(ctx, cell).await,
-                    Side::Next => slot.circ.backward(ctx, cell).await,
+                    Side::Next => slot.circ.backward(ctx, link, cell).await,
                 }
             }
             true

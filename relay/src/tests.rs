@@ -60,8 +60,13 @@ struct MemLink {
 
 /// Attach an in-memory link; `as_relay` makes the relay believe the peer is a relay.
 fn attach(ctx: &Arc<Ctx>, as_relay: bool) -> MemLink {
+    attach_with_queue(ctx, as_relay, 2048)
+}
+
+/// As [`attach`], with a relay → peer queue of `out_cap` cells.
+fn attach_with_queue(ctx: &Arc<Ctx>, as_relay: bool, out_cap: usize) -> MemLink {
     let (tx_in, rx_in) = mpsc::channel(2048);
-    let (tx_out, rx_out) = mpsc::channel(2048);
+    let (tx_out, rx_out) = mpsc::channel(out_cap);
     let peer = as_relay.then_some(RelayId([9; 32]));
     let link = Link::new(CellSink::Mpsc(tx_out), false, peer, None, 16);
     tokio::spawn(run_reader(
@@ -841,4 +846,74 @@ async fn dropping_the_handle_closes_links() {
     // The relay closes the link: the receiver ends promptly.
     assert!(tokio::time::timeout(T, rx.recv()).await.unwrap().is_none());
     // And the port is free again (the listener is gone).
+}
+
+/// A server that sends `data` and closes.
+async fn source_server(data: Arc<Vec<u8>>) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let data = Arc::clone(&data);
+            tokio::spawn(async move {
+                let _ = s.write_all(&data).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_link_queue_keeps_backward_order() {
+    // A one-cell queue towards the client forces every producer onto the slow path; two
+    // streams and the circuit SENDMEs compete for it. Any reordering would make the client's
+    // backward decryption fail.
+    let r = test_relay(ExitPolicy::accept_all(true));
+    let data: Arc<Vec<u8>> = Arc::new((0..700_000u32).map(|i| (i % 253) as u8).collect());
+    let src = source_server(Arc::clone(&data)).await;
+    let mut ml = attach_with_queue(&r.ctx, true, 1);
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    for sid in [1u16, 2] {
+        let begin = RelayMsg::Begin(Begin {
+            target: Target::Ip("127.0.0.1".parse().unwrap()),
+            port: src.port(),
+            flags: BeginFlags::default(),
+        });
+        let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, sid, &begin);
+        ml.tx.send(c).await.unwrap();
+    }
+    let mut got: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let mut ended = 0;
+    let mut stream_recv = [StreamWindow::new(), StreamWindow::new()];
+    while ended < 2 {
+        let cell = ml.recv().await;
+        let (hop, sid, msg, tag) = open_backward(&mut tc, cell);
+        assert_eq!(hop, 0);
+        let i = usize::from(sid) - 1;
+        match msg {
+            RelayMsg::Connected(_) => {}
+            RelayMsg::Data(d) => {
+                got[i].extend_from_slice(&d.data);
+                if let Some(t) = tc.recv_win.on_data_received(&tag).unwrap() {
+                    tc.recv_win.sendme_sent().unwrap();
+                    let sm = RelayMsg::Sendme(Sendme { tag: Some(t) });
+                    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 0, &sm);
+                    ml.tx.send(c).await.unwrap();
+                }
+                if stream_recv[i].on_data_received().unwrap() {
+                    stream_recv[i].sendme_sent().unwrap();
+                    let sm = RelayMsg::Sendme(Sendme { tag: None });
+                    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, sid, &sm);
+                    ml.tx.send(c).await.unwrap();
+                }
+            }
+            RelayMsg::End(e) => {
+                assert_eq!(e.reason, EndReason::DONE);
+                ended += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(got[0] == *data && got[1] == *data, "stream bytes differ");
 }
