@@ -959,8 +959,6 @@ def table(out):
     row("machine CPU busy during the 8-circuit phase, cores", ("cpu_bulk_par", "machine_busy_cores"), "%.2f",
         ratio=False)
     row("  of which other users of the machine, cores", ("cpu_bulk_par", "others_busy_cores"), "%.2f", ratio=False)
-    row("  network processes waiting for a CPU (run queue), cores", ("cpu_bulk_par", "runq_wait_cores"), "%.2f",
-        ratio=False)
     dem = dig(T, "tiny_on_demand", "ttfb_ms_median")
     if dem is not None:
         rows.append(("Tor only: small GET, circuit built on demand, median ms", "—", "%.1f" % dem, "—", "info"))
@@ -989,12 +987,15 @@ def disturbance(out):
     for side in ("allium", "tor"):
         for ph in ("cpu_bulk_1", "cpu_bulk_par"):
             o = dig(out.get(side), ph, "others_busy_cores")
-            w = dig(out.get(side), ph, "runq_wait_cores")
-            if isinstance(o, (int, float)) and o > DISTURBED_CORES and (w is None or w > DISTURBED_CORES):
-                warn.append("during %s's %s phase other processes used %.2f cores while the network's processes "
-                            "waited %s cores' worth for a CPU: its figures are probably disturbed. Rerun when the "
-                            "machine is quiet, or with --nice -10." % (side, ph[4:], o, "?" if w is None else
-                                                                        "%.2f" % w))
+            b = dig(out.get(side), ph, "machine_busy_cores")
+            ncpu = (out.get("meta") or {}).get("ncpu") or 2
+            # others only disturb when they take CPU the network could have used: the machine was full
+            if isinstance(o, (int, float)) and isinstance(b, (int, float)) and o > DISTURBED_CORES \
+                    and b > 0.95 * ncpu:
+                warn.append("during %s's %s phase the machine was saturated and other processes used %.2f of its "
+                            "%d cores: %s's figures are probably disturbed. Rerun when the machine is quiet%s."
+                            % (side, ph[4:], o, ncpu, side, ", or with --nice -10" if not
+                               (out.get("meta") or {}).get("nice") else ""))
     out["disturbed"] = warn
     return warn
 
