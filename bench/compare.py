@@ -830,7 +830,9 @@ def run_allium(cfg):
     socks_port = cfg.base_port + 70
     if not port_free("127.0.0.1", socks_port):
         raise Fatal("port 127.0.0.1:%d is busy: pick another --base-port" % socks_port)
-    res = {"binary": binp, "version": first_line([binp, "--version"])}
+    res = {"binary": binp, "version": first_line([binp, "--version"]),
+           "binary_built_utc": datetime.datetime.fromtimestamp(os.stat(binp).st_mtime, datetime.timezone.utc)
+           .strftime("%Y-%m-%d %H:%M:%S")}
     logp = os.path.join(w, "testnet.log")
     data = os.path.join(w, "data")
     argv = [binp, "testnet", "--relays", str(cfg.relays), "--exits", str(cfg.exits),
@@ -1099,9 +1101,10 @@ def main():
         with open(path, "w") as f:
             json.dump(out, f, indent=1)
         m = out["meta"]
-        print("\nAllium %s vs Tor, %s, %d vCPU, kernel %s, %s UTC; load avg %s -> %s\n" % (
-            m.get("allium_commit", "?"), m.get("host_cpu"), m.get("ncpu") or 0, m.get("kernel"), m["utc"],
-            m.get("loadavg_start"), m.get("loadavg_end")))
+        built = dig(out, "allium", "binary_built_utc")
+        print("\nAllium (tree %s%s) vs Tor, %s, %d vCPU, kernel %s, %s UTC; load avg %s -> %s\n" % (
+            m.get("allium_commit", "?"), ", binary built %s UTC" % built if built else "", m.get("host_cpu"),
+            m.get("ncpu") or 0, m.get("kernel"), m["utc"], m.get("loadavg_start"), m.get("loadavg_end")))
         print(txt)
         for side in ("allium", "tor"):
             if isinstance(out.get(side), dict) and out[side].get("error"):
