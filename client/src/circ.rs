@@ -244,6 +244,11 @@ impl Circuit {
                 .on_data_received(&tag)
                 .map_err(|_| "circuit window violated")?
             {
+                // Reopen the window now, before the SENDME can reach the exit: more DATA may
+                // arrive as soon as it does.
+                st.recv_win
+                    .sendme_sent()
+                    .map_err(|_| "circuit window bug")?;
                 let ctl = st.ctl_tx.as_ref().ok_or("closed")?;
                 ctl.try_send(t).map_err(|_| "SENDME queue overflow")?;
             }
@@ -525,17 +530,22 @@ impl Circuit {
         Ok((id, rx))
     }
 
-    /// A stream SENDME is due (the data of the cell with `tag` was delivered).
+    /// A stream SENDME is due (the data of the cell with `tag` was delivered). The window is
+    /// reopened before the SENDME leaves, since the exit may send more as soon as it arrives.
     pub(crate) async fn send_stream_sendme(&self, sid: u16, tag: Tag) -> Result<(), ClientError> {
-        self.send_msg(None, sid, &RelayMsg::Sendme(Sendme { tag: Some(tag) }))
-            .await?;
-        let mut st = self.lock()?;
-        if let Some(s) = st.streams.get_mut(&sid) {
-            s.recv_win
-                .sendme_sent()
-                .map_err(|e| ClientError::Circuit(e.to_string()))?;
+        {
+            let mut st = self.lock()?;
+            match st.streams.get_mut(&sid) {
+                Some(s) => s
+                    .recv_win
+                    .sendme_sent()
+                    .map_err(|e| ClientError::Circuit(e.to_string()))?,
+                None => return Ok(()),
+            }
         }
-        Ok(())
+        self.send_msg(None, sid, &RelayMsg::Sendme(Sendme { tag: Some(tag) }))
+            .await
+            .map(|_| ())
     }
 
     /// We will send no more data on `sid` (END DONE), or abort it (any other reason).
@@ -674,19 +684,12 @@ pub(crate) async fn build(
     Ok(circ)
 }
 
-/// Sends the circuit SENDMEs the reader found due, in order.
+/// Sends the circuit SENDMEs the reader found due, in order (the reader already reopened the
+/// window for each).
 async fn sendme_task(circ: Arc<Circuit>, mut rx: mpsc::Receiver<Tag>) {
     while let Some(tag) = rx.recv().await {
         let msg = RelayMsg::Sendme(Sendme { tag: Some(tag) });
         if circ.send_msg(None, 0, &msg).await.is_err() {
-            break;
-        }
-        let ok = circ
-            .lock()
-            .ok()
-            .is_some_and(|mut st| st.recv_win.sendme_sent().is_ok());
-        if !ok {
-            circ.close_with_destroy();
             break;
         }
     }

@@ -47,6 +47,8 @@ pub(crate) struct CircMgr {
     relay_down: Mutex<HashMap<RelayId, Instant>>,
     wake: Notify,
     ready: watch::Sender<bool>,
+    /// SOCKS client address → circuit id of its open stream (diagnostics and tests).
+    by_peer: Mutex<HashMap<std::net::SocketAddr, u32>>,
 }
 
 impl std::fmt::Debug for CircMgr {
@@ -68,6 +70,7 @@ impl CircMgr {
             relay_down: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             ready,
+            by_peer: Mutex::new(HashMap::new()),
         }
     }
 
@@ -383,6 +386,26 @@ impl CircMgr {
         }
     }
 
+    /// Remember that the SOCKS client at `peer` has a stream on circuit `circ` (until
+    /// [`CircMgr::forget_peer`]).
+    pub(crate) fn note_peer(&self, peer: std::net::SocketAddr, circ: u32) {
+        if let Ok(mut m) = self.by_peer.lock() {
+            m.insert(peer, circ);
+        }
+    }
+
+    /// The stream of the SOCKS client at `peer` ended.
+    pub(crate) fn forget_peer(&self, peer: std::net::SocketAddr) {
+        if let Ok(mut m) = self.by_peer.lock() {
+            m.remove(&peer);
+        }
+    }
+
+    /// The circuit id carrying the stream of the SOCKS client at `peer`.
+    pub(crate) fn peer_circuit(&self, peer: std::net::SocketAddr) -> Option<u32> {
+        self.by_peer.lock().ok().and_then(|m| m.get(&peer).copied())
+    }
+
     /// The open circuits (for tests and diagnostics).
     pub(crate) fn circuits(&self) -> Vec<crate::CircuitInfo> {
         self.pool
@@ -391,7 +414,7 @@ impl CircMgr {
                 p.iter()
                     .filter(|c| !c.is_closed())
                     .map(|c| crate::CircuitInfo {
-                        hops: c.hops,
+                        path: c.hops,
                         streams: c.n_streams(),
                         dirty: c.usage.lock().is_ok_and(|u| u.dirty_since.is_some()),
                     })

@@ -51,7 +51,7 @@ use crate::guard::GuardSet;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CircuitInfo {
     /// The relays, guard first, exit last.
-    pub hops: [allium_crypto::RelayId; 3],
+    pub path: [allium_crypto::RelayId; 3],
     /// Open streams on it.
     pub streams: usize,
     /// Whether it has carried a stream (then it only takes streams with the same isolation key,
@@ -97,6 +97,18 @@ impl ProxyHandle {
     /// circuit carrying a stream).
     pub fn circuits(&self) -> Vec<CircuitInfo> {
         self.mgr.circuits()
+    }
+
+    /// The same as [`ProxyHandle::circuits`] (the name the whole-network tests use).
+    pub fn debug_circuit_paths(&self) -> Vec<CircuitInfo> {
+        self.mgr.circuits()
+    }
+
+    /// The circuit (its id on the guard link) carrying the stream of the SOCKS client whose
+    /// local address is `client_addr`, while that stream is open. Streams of one isolation key
+    /// share a circuit; streams of different keys never do.
+    pub fn debug_stream_circuit(&self, client_addr: SocketAddr) -> Option<u32> {
+        self.mgr.peer_circuit(client_addr)
     }
 
     /// Number of open circuits held for streams.

@@ -17,7 +17,7 @@ use allium_proto::relaymsg::{
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::circ::{Circuit, DATA_OFFSET, StreamEvent};
 use crate::socks::wire::{Target, reply, reply_for_end_reason};
@@ -121,12 +121,13 @@ pub(crate) async fn splice(
     sock: TcpStream,
 ) {
     let (rd, mut wr) = sock.into_split();
-    let up = tokio::spawn(upstream(Arc::clone(&circ), sid, rd));
-    let mut out: Vec<u8> = Vec::with_capacity(DOWNSTREAM_BATCH + MAX_DATA);
+    let stop = Arc::new(Notify::new());
+    let up = tokio::spawn(upstream(Arc::clone(&circ), sid, rd, Arc::clone(&stop)));
+    let mut out: Vec<u8> = Vec::new();
     let mut sendmes = Vec::with_capacity(8);
-    let clean = 'outer: loop {
+    let outcome: Result<(), &'static str> = 'outer: loop {
         let Some(mut ev) = rx.recv().await else {
-            break false;
+            break Err("the stream or its circuit closed");
         };
         let mut end = None;
         loop {
@@ -150,45 +151,68 @@ pub(crate) async fn splice(
             }
             match rx.try_recv() {
                 Ok(e) => ev = e,
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    // Deliver what we have; the next recv() reports the loss.
-                    break;
-                }
+                // Deliver what we have; the next recv() reports a loss.
+                Err(_) => break,
             }
         }
         if !out.is_empty() {
             if wr.write_all(&out).await.is_err() {
-                break false;
+                break Err("the application closed its connection");
             }
             out.clear();
         }
         for t in sendmes.drain(..) {
-            if circ.send_stream_sendme(sid, t).await.is_err() {
-                break 'outer false;
+            if let Err(e) = circ.send_stream_sendme(sid, t).await {
+                tracing::debug!(circ = %circ.id, "stream SENDME failed: {e}");
+                break 'outer Err("a stream SENDME could not be sent");
             }
         }
         match end {
             Some(EndReason::DONE) => {
                 let _ = wr.shutdown().await;
-                break true;
+                break Ok(());
             }
-            Some(_) => break false,
+            Some(r) => {
+                tracing::debug!(circ = %circ.id, reason = ?r, "the exit ended a stream");
+                break Err("the exit ended the stream with an error");
+            }
             None => {}
         }
     };
-    if clean {
+    match outcome {
         // The exit is done; finish when the application is (its EOF sends our END).
-        let _ = up.await;
-    } else {
-        up.abort();
-        circ.end_stream(sid, EndReason::MISC).await;
-        let _ = wr.as_ref().set_zero_linger();
-        drop(wr);
+        Ok(()) => drop(up.await),
+        Err(why) => {
+            tracing::debug!(circ = %circ.id, why, "resetting a SOCKS connection");
+            stop.notify_one();
+            circ.end_stream(sid, EndReason::MISC).await;
+            // Reset, not FIN: the application must not take a cut stream for a complete one.
+            // (Dropping a write half alone would send a FIN.)
+            if let Ok(rd) = up.await
+                && let Ok(sock) = rd.reunite(wr)
+            {
+                let _ = sock.set_zero_linger();
+                drop(sock);
+            }
+        }
     }
 }
 
-async fn upstream(circ: Arc<Circuit>, sid: u16, mut rd: OwnedReadHalf) {
+/// Application → exit, until EOF, an error, or `stop`. Returns the read half.
+async fn upstream(
+    circ: Arc<Circuit>,
+    sid: u16,
+    mut rd: OwnedReadHalf,
+    stop: Arc<Notify>,
+) -> OwnedReadHalf {
+    tokio::select! {
+        () = pump(&circ, sid, &mut rd) => {}
+        () = stop.notified() => {}
+    }
+    rd
+}
+
+async fn pump(circ: &Circuit, sid: u16, rd: &mut OwnedReadHalf) {
     let mut buf = vec![0u8; UPSTREAM_BUF];
     let mut scratch = Vec::with_capacity(32);
     loop {

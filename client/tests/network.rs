@@ -216,7 +216,7 @@ async fn killing_the_middle_fails_the_stream_promptly() {
         .into_iter()
         .find(|c| c.streams > 0)
         .expect("the circuit carrying the stream");
-    let middle = circ.hops[1];
+    let middle = circ.path[1];
     let idx = net
         .relays
         .iter()
@@ -249,7 +249,7 @@ async fn killing_the_middle_fails_the_stream_promptly() {
         .into_iter()
         .find(|c| c.streams > 0)
         .unwrap();
-    assert!(!c.hops.contains(&middle));
+    assert!(!c.path.contains(&middle));
     proxy.shutdown().await;
 }
 

@@ -183,6 +183,7 @@ async fn socks5(mgr: Arc<CircMgr>, mut sock: TcpStream) {
                             .await;
                         return;
                     }
+                    let _peer = PeerGuard::new(&mgr, &sock, &circ);
                     stream::splice(circ, sid, rx, sock).await;
                 }
                 Err(code) => {
@@ -242,10 +243,35 @@ async fn socks4(mgr: Arc<CircMgr>, mut sock: TcpStream) {
                     .await;
                 return;
             }
+            let _peer = PeerGuard::new(&mgr, &sock, &circ);
             stream::splice(circ, sid, rx, sock).await;
         }
         Err(_) => {
             let _ = sock.write_all(&socks4_reply(false)).await;
+        }
+    }
+}
+
+/// Records which circuit a SOCKS client's stream uses, for as long as the stream lives.
+struct PeerGuard<'a> {
+    mgr: &'a CircMgr,
+    peer: Option<SocketAddr>,
+}
+
+impl<'a> PeerGuard<'a> {
+    fn new(mgr: &'a CircMgr, sock: &TcpStream, circ: &Circuit) -> Self {
+        let peer = sock.peer_addr().ok();
+        if let Some(p) = peer {
+            mgr.note_peer(p, circ.id.get());
+        }
+        Self { mgr, peer }
+    }
+}
+
+impl Drop for PeerGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.peer {
+            self.mgr.forget_peer(p);
         }
     }
 }
