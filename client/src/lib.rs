@@ -1,23 +1,4 @@
-//! Allium's client: bootstrap, path selection, guards, circuits, streams and the SOCKS5 proxy.
-//!
-//! Start it in-process with [`start`]:
-//!
-//! ```no_run
-//! # async fn demo(cfg: allium_client::ProxyConfig) -> Result<(), allium_client::ClientError> {
-//! let proxy = allium_client::start(cfg).await?;
-//! proxy.wait_ready(std::time::Duration::from_secs(30)).await?;
-//! println!("SOCKS5 on {}", proxy.socks_addr());
-//! proxy.shutdown().await;
-//! # Ok(()) }
-//! ```
-//!
-//! Modules, in data-flow order: [`config`]; `dir` (consensus fetch and freshness); [`path`] and
-//! [`guard`] (path selection); `circmgr`, `circ` and `link` (circuits and links); `stream`
-//! (BEGIN/RESOLVE and splicing); [`socks`] (the listener); [`isolation`].
-//!
-//! Not in this crate: relay behaviour (`allium-relay`), document formats (`allium-directory`),
-//! cell formats and the link (`allium-proto`), cryptography (`allium-crypto`).
-//! The behaviour is specified in `docs/protocol/95-client.md`.
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
 mod circ;

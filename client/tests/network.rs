@@ -454,5 +454,58 @@ async fn bulk_throughput() {
         "upload: {:.1} MiB/s ({n} bytes)",
         n as f64 / secs / (1 << 20) as f64
     );
+
+    // 8 isolated circuits in parallel.
+    let per = 50usize << 20;
+    let t = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        tasks.push(tokio::spawn(async move {
+            let user = format!("u{i}");
+            let (mut s, code) = socks_connect(socks, "localhost", port, Some((&user, "p"))).await;
+            assert_eq!(code, 0);
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut got = 0;
+            while got < per {
+                got += s.read(&mut buf).await.unwrap();
+            }
+            got
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "8 circuits: {:.1} MiB/s aggregate",
+        total as f64 / secs / (1 << 20) as f64
+    );
+    proxy.shutdown().await;
+
+    // Circuit build + first byte, with nothing built ahead.
+    let data = tempfile::tempdir().unwrap();
+    let cfg = ProxyConfig {
+        prebuilt_circuits: 0,
+        ..proxy_config(&net, data.path())
+    };
+    let proxy = allium_client::start(cfg).await.unwrap();
+    proxy.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let socks = proxy.socks_addr();
+    let mut times = Vec::new();
+    for i in 0..20 {
+        let user = format!("build{i}");
+        let t = std::time::Instant::now();
+        let (mut s, code) = socks_connect(socks, "localhost", echo, Some((&user, "p"))).await;
+        assert_eq!(code, 0);
+        s.write_all(b"x").await.unwrap();
+        s.read_exact(&mut b).await.unwrap();
+        times.push(t.elapsed());
+    }
+    times.sort();
+    println!(
+        "new circuit + first byte, median: {:?}",
+        times[times.len() / 2]
+    );
     proxy.shutdown().await;
 }
