@@ -220,3 +220,50 @@ fn closed_port_gives_connection_refused() {
         );
     });
 }
+
+#[test]
+fn different_credentials_get_different_circuits() {
+    let net = net();
+    net.rt.block_on(async {
+        let (host, port) = net.http_target();
+        let mut a = socks::connect(net.socks, &host, port, Some(("alice", "1")), T)
+            .await
+            .expect("alice");
+        let mut b = socks::connect(net.socks, &host, port, Some(("bob", "2")), T)
+            .await
+            .expect("bob");
+        let mut a2 = socks::connect(net.socks, &host, port, Some(("alice", "1")), T)
+            .await
+            .expect("alice again");
+        let ca = net
+            .proxy
+            .debug_stream_circuit(a.local_addr().expect("addr"))
+            .expect("alice's circuit");
+        let cb = net
+            .proxy
+            .debug_stream_circuit(b.local_addr().expect("addr"))
+            .expect("bob's circuit");
+        let ca2 = net
+            .proxy
+            .debug_stream_circuit(a2.local_addr().expect("addr"))
+            .expect("alice's 2nd circuit");
+        assert_ne!(
+            ca, cb,
+            "streams with different credentials shared a circuit"
+        );
+        assert_eq!(
+            ca, ca2,
+            "streams with the same credentials should share a circuit"
+        );
+        for s in [&mut a, &mut b, &mut a2] {
+            let resp = http_exchange(
+                s,
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                T,
+            )
+            .await
+            .expect("exchange");
+            assert!(resp.ends_with(httpd::HELLO.as_bytes()));
+        }
+    });
+}
