@@ -42,7 +42,8 @@ pub(crate) struct CircMgr {
     guards: Mutex<GuardSet>,
     links: tokio::sync::Mutex<HashMap<RelayId, Arc<Link>>>,
     pool: Mutex<Vec<Arc<Circuit>>>,
-    build_lock: tokio::sync::Mutex<()>,
+    /// Serialises builds on demand; holds when the last one failed.
+    build_lock: tokio::sync::Mutex<Option<Instant>>,
     predicted: Mutex<Vec<u16>>,
     relay_down: Mutex<HashMap<RelayId, Instant>>,
     wake: Notify,
@@ -65,7 +66,7 @@ impl CircMgr {
             guards: Mutex::new(guards),
             links: tokio::sync::Mutex::new(HashMap::new()),
             pool: Mutex::new(Vec::new()),
-            build_lock: tokio::sync::Mutex::new(()),
+            build_lock: tokio::sync::Mutex::new(None),
             predicted: Mutex::new(Vec::new()),
             relay_down: Mutex::new(HashMap::new()),
             wake: Notify::new(),
@@ -276,12 +277,26 @@ impl CircMgr {
         if let Some(c) = self.find(port, iso) {
             return Ok(c);
         }
-        let _serial = self.build_lock.lock().await;
+        let waiting_since = Instant::now();
+        let mut last_failure = self.build_lock.lock().await;
         if let Some(c) = self.find(port, iso) {
             return Ok(c);
         }
+        // A build that another stream waited on failed while we were queued: fail now rather
+        // than queue behind one failing build after another.
+        if last_failure.is_some_and(|t| t >= waiting_since) {
+            return Err(ClientError::Circuit(
+                "building a circuit failed just now; see the log for why".into(),
+            ));
+        }
         let ports: Vec<u16> = port.into_iter().collect();
-        let c = self.build_one(&ports).await?;
+        let c = match self.build_one(&ports).await {
+            Ok(c) => c,
+            Err(e) => {
+                *last_failure = Some(Instant::now());
+                return Err(e);
+            }
+        };
         if let Ok(mut u) = c.usage.lock() {
             u.dirty_since = Some(Instant::now());
             u.isolation = Some(iso.clone());

@@ -32,6 +32,9 @@ use crate::stream::{self, OpenError};
 
 /// Most attempts to open one stream on different circuits.
 const STREAM_ATTEMPTS: usize = 3;
+/// Longest a SOCKS client waits for its reply once its request is read (circuit builds and
+/// BEGIN included).
+const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Accept SOCKS clients until shutdown.
 pub(crate) async fn serve(
@@ -278,8 +281,15 @@ impl Drop for PeerGuard<'_> {
 
 type Opened = (Arc<Circuit>, u16, tokio::sync::mpsc::Receiver<StreamEvent>);
 
-/// Open a stream to `target`, retrying on another circuit when one fails under us.
+/// Open a stream to `target`, retrying on another circuit when one fails under us; never
+/// longer than [`OPEN_TIMEOUT`] in all.
 async fn open(mgr: &CircMgr, target: &Target, iso: &IsolationKey) -> Result<Opened, u8> {
+    tokio::time::timeout(OPEN_TIMEOUT, open_inner(mgr, target, iso))
+        .await
+        .unwrap_or(Err(reply::TTL_EXPIRED))
+}
+
+async fn open_inner(mgr: &CircMgr, target: &Target, iso: &IsolationKey) -> Result<Opened, u8> {
     let port = target.port();
     if !mgr.exit_exists(port) {
         return Err(if mgr.has_dir() {
@@ -305,7 +315,18 @@ async fn open(mgr: &CircMgr, target: &Target, iso: &IsolationKey) -> Result<Open
     Err(reply::GENERAL_FAILURE)
 }
 
+/// Resolve `target` at an exit, within [`OPEN_TIMEOUT`].
 async fn resolve(
+    mgr: &CircMgr,
+    target: &Target,
+    iso: &IsolationKey,
+) -> Result<std::net::IpAddr, u8> {
+    tokio::time::timeout(OPEN_TIMEOUT, resolve_inner(mgr, target, iso))
+        .await
+        .unwrap_or(Err(reply::TTL_EXPIRED))
+}
+
+async fn resolve_inner(
     mgr: &CircMgr,
     target: &Target,
     iso: &IsolationKey,
