@@ -128,11 +128,6 @@ pub(crate) async fn publish_once(ctx: &Ctx) -> usize {
     }
     if errs.is_empty() {
         tracing::info!(authorities = ok, "descriptor published");
-    } else if ok == 0 {
-        tracing::warn!(
-            failed = errs.len(),
-            "no authority accepted the descriptor (will retry)"
-        );
     }
     ok
 }
@@ -143,8 +138,22 @@ pub(crate) async fn run_publisher(ctx: Arc<Ctx>) {
     let n = authorities(&ctx).len();
     let interval = Duration::from_secs(ctx.cfg.descriptor_publish_interval_secs);
     let mut backoff = Duration::from_secs(1);
+    let mut failures: u32 = 0;
     loop {
         let ok = publish_once(&ctx).await;
+        if n > 0 && ok == 0 {
+            failures = failures.saturating_add(1);
+            if failures == 1 || failures.is_multiple_of(20) {
+                tracing::warn!(
+                    authorities = n,
+                    attempts = failures,
+                    "no authority accepted the descriptor; retrying (check the `authorities` \
+                     addresses in the config and that the authorities are running)"
+                );
+            }
+        } else {
+            failures = 0;
+        }
         let wait = if n > 0 && ok < n {
             let w = backoff.min(interval);
             backoff = (backoff * 2).min(Duration::from_secs(30));
