@@ -141,13 +141,28 @@ async fn socks5_handshake(
     }
 }
 
+/// Warn (at most once a minute) that an application gave an IP literal.
 fn warn_ip_literal(target: &Target) {
-    if target.is_ip() {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    if !target.is_ip() {
+        return;
+    }
+    let now = std::time::Instant::now();
+    let due = LAST.lock().is_ok_and(|mut last| {
+        let due = last.is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(60));
+        if due {
+            *last = Some(now);
+        }
+        due
+    });
+    if due {
         tracing::warn!(
             "a SOCKS client asked for an IP address instead of a host name; the application may have \
              resolved the name itself and leaked it to its DNS server (address not logged). Use \
-             socks5h:// or --socks5-hostname"
+             socks5h:// or --socks5-hostname. (Shown at most once a minute.)"
         );
+    } else {
+        tracing::debug!("a SOCKS client asked for an IP address (address not logged)");
     }
 }
 
