@@ -184,17 +184,30 @@ pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
     }
     let mut last_forced = tokio::time::Instant::now() - FORCED_FETCH_MIN_GAP;
     let mut force = false;
+    let mut failures: u32 = 0;
     loop {
         let now = now_unix();
         if force || cache.needs_fetch(now) {
             match cache.refresh(now).await {
                 Ok(v) => {
+                    failures = 0;
                     tracing::info!(relays = v.consensus().relays.len(), "consensus updated");
                     if let Some(nd) = cache.netdir(now_unix()) {
                         ctx.set_netdir(nd);
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "consensus fetch failed"),
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    if cache.current().is_none() && failures == 30 {
+                        tracing::warn!(
+                            error = %e,
+                            "still no consensus after 30 attempts; the relay keeps accepting \
+                             links but cannot extend circuits (check the `authorities` entries)"
+                        );
+                    } else {
+                        tracing::debug!(error = %e, "consensus fetch failed");
+                    }
+                }
             }
         }
         force = false;
