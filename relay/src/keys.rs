@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use allium_crypto::keyfile::{read_secret, write_secret};
 use allium_crypto::{IdentityKeypair, RelayId, X25519Public, X25519Secret};
+use zeroize::Zeroizing;
 
 use crate::err::RelayError;
 
@@ -44,15 +45,14 @@ pub struct RelayKeys {
     dir: PathBuf,
 }
 
-fn load_or_create(path: &Path, kind: &str) -> Result<([u8; 32], bool), RelayError> {
+fn load_or_create(path: &Path, kind: &str) -> Result<Zeroizing<[u8; 32]>, RelayError> {
     if path.exists() {
-        let s = read_secret(path, kind)?;
-        Ok((*s, false))
+        Ok(read_secret(path, kind)?)
     } else {
-        let mut b = [0u8; 32];
-        allium_crypto::rng::fill_random(&mut b);
+        let mut b = Zeroizing::new([0u8; 32]);
+        allium_crypto::rng::fill_random(&mut b[..]);
         write_secret(path, kind, &b)?;
-        Ok((b, true))
+        Ok(b)
     }
 }
 
@@ -74,12 +74,11 @@ impl RelayKeys {
             use std::os::unix::fs::PermissionsExt as _;
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         }
-        let (mut id_seed, _) = load_or_create(&dir.join("identity.key"), "identity")?;
+        let id_seed = load_or_create(&dir.join("identity.key"), "identity")?;
         let identity = IdentityKeypair::from_seed(&id_seed);
-        zeroize::Zeroize::zeroize(&mut id_seed);
-        let (link, _) = load_or_create(&dir.join("link.key"), "link")?;
+        let link = load_or_create(&dir.join("link.key"), "link")?;
         let onion_path = dir.join("onion.key");
-        let (onion, _) = load_or_create(&onion_path, "onion")?;
+        let onion = load_or_create(&onion_path, "onion")?;
         let prev_path = dir.join("onion-prev.key");
         let previous = if prev_path.exists() {
             Some(X25519Secret::from_bytes(*read_secret(&prev_path, "onion")?))
@@ -89,9 +88,9 @@ impl RelayKeys {
         Ok(Self {
             id: identity.public(),
             identity,
-            link: X25519Secret::from_bytes(link),
+            link: X25519Secret::from_bytes(*link),
             onion: RwLock::new(OnionKeys {
-                current: X25519Secret::from_bytes(onion),
+                current: X25519Secret::from_bytes(*onion),
                 previous,
                 created: mtime(&onion_path),
             }),
