@@ -694,3 +694,7 @@ async fn sendme_task(circ: Arc<Circuit>, mut rx: mpsc::Receiver<Tag>) {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "circ_tests.rs"]
+mod tests;
