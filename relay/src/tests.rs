@@ -917,3 +917,104 @@ async fn full_link_queue_keeps_backward_order() {
     }
     assert!(got[0] == *data && got[1] == *data, "stream bytes differ");
 }
+
+/// Attach a fake next hop on an in-memory link and make it the circuit's next hop.
+fn fake_next_hop(r: &TestRelay, tc: &TestCirc, prev: &MemLink) -> (MemLink, u32) {
+    let nl = attach(&r.ctx, true);
+    let circ = prev.link.get(tc.id).unwrap().circ;
+    let id = nl
+        .link
+        .allocate(crate::link::Slot {
+            circ: Arc::clone(&circ),
+            side: crate::circuit::Side::Next,
+        })
+        .unwrap();
+    circ.lock().next = crate::circuit::Next::Open {
+        link: Arc::clone(&nl.link),
+        id,
+    };
+    (nl, id)
+}
+
+fn hop2_keys() -> allium_crypto::handshake::HopKeys {
+    allium_crypto::handshake::HopKeys::dangerously_from_parts([4; 32], [5; 32], [6; 32])
+}
+
+#[tokio::test]
+async fn middle_forwards_both_ways_and_propagates_destroy() {
+    let r = test_relay(ExitPolicy::default());
+    let mut ml = attach(&r.ctx, false);
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let (mut nl, next_id) = fake_next_hop(&r, &tc, &ml);
+    tc.cc.add_hop(&hop2_keys()).unwrap();
+    let mut hop2 = allium_crypto::relaycell::RelayHopCrypto::new(&hop2_keys());
+
+    // Forward: a cell for hop 2 passes through with the same command, re-addressed.
+    let drop_msg = RelayMsg::Drop(Default::default());
+    let (c, _) = relay_cell(&mut tc, 1, CellCmd::RELAY_EARLY, 0, &drop_msg);
+    ml.tx.send(c).await.unwrap();
+    let mut fwd = nl.recv().await;
+    assert_eq!((fwd.circ_id, fwd.cmd), (next_id, CellCmd::RELAY_EARLY));
+    let f = hop2.decrypt_forward(fwd.cmd.0, &mut fwd.body).unwrap();
+    assert!(matches!(
+        f,
+        allium_crypto::relaycell::Forward::Recognized { .. }
+    ));
+
+    // Backward: hop 2 originates a cell; the relay adds its layer; the client sees hop index 1.
+    let mut buf = [0u8; RELAY_MSG_LEN];
+    let end = RelayMsg::End(End::new(EndReason::DONE));
+    let n = end.encode(3, &mut buf).unwrap();
+    let mut cell = Cell::new_zeroed(next_id, CellCmd::RELAY);
+    hop2.encrypt_backward(CellCmd::RELAY.0, &buf[..n], &mut cell.body)
+        .unwrap();
+    nl.tx.send(cell).await.unwrap();
+    let back = ml.recv().await;
+    assert_eq!(back.circ_id, tc.id);
+    let (hop, sid, msg, _) = open_backward(&mut tc, back);
+    assert_eq!((hop, sid), (1, 3));
+    assert_eq!(msg, end);
+
+    // DESTROY from the next hop reaches the client with reason NONE.
+    nl.tx
+        .send(Cell::destroy(
+            CircId::new(next_id).unwrap(),
+            DestroyReason::FINISHED,
+        ))
+        .await
+        .unwrap();
+    assert_destroy(&ml.recv().await, tc.id);
+    assert_eq!(ml.link.n_circuits(), 0);
+    assert_eq!(nl.link.n_circuits(), 0);
+}
+
+#[tokio::test]
+async fn backward_relay_early_destroys_both_ways() {
+    let r = test_relay(ExitPolicy::default());
+    let mut ml = attach(&r.ctx, false);
+    let tc = create_circuit(&mut ml, &r.ctx).await;
+    let (mut nl, next_id) = fake_next_hop(&r, &tc, &ml);
+    let cell = Cell::new_zeroed(next_id, CellCmd::RELAY_EARLY);
+    nl.tx.send(cell).await.unwrap();
+    assert_destroy(&ml.recv().await, tc.id);
+    assert_destroy(&nl.recv().await, next_id);
+    // The id the relay chose on the next link is quarantined.
+    assert!(nl.link.is_quarantined(next_id));
+}
+
+#[tokio::test]
+async fn pass_cell_without_next_hop_destroys() {
+    let r = test_relay(ExitPolicy::default());
+    let mut ml = attach(&r.ctx, false);
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    tc.cc.add_hop(&hop2_keys()).unwrap();
+    let (c, _) = relay_cell(
+        &mut tc,
+        1,
+        CellCmd::RELAY,
+        0,
+        &RelayMsg::Drop(Default::default()),
+    );
+    ml.tx.send(c).await.unwrap();
+    assert_destroy(&ml.recv().await, tc.id);
+}
