@@ -1018,3 +1018,66 @@ async fn pass_cell_without_next_hop_destroys() {
     ml.tx.send(c).await.unwrap();
     assert_destroy(&ml.recv().await, tc.id);
 }
+
+#[tokio::test]
+async fn a_resetting_destination_costs_only_its_stream() {
+    let r = test_relay(ExitPolicy::accept_all(true));
+    let echo = echo_server().await;
+    let rst = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                // Wait for the first bytes, then reset the connection.
+                let mut b = [0u8; 1];
+                let _ = s.readable().await;
+                let _ = s.try_read(&mut b);
+                let _ = s.set_zero_linger();
+                drop(s);
+            }
+        });
+        addr
+    };
+    let mut ml = attach(&r.ctx, true);
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let mut got = Vec::new();
+    let data = |d: &[u8]| RelayMsg::Data(allium_proto::relaymsg::Data { data: d.to_vec() });
+    let begin = |port| {
+        RelayMsg::Begin(Begin {
+            target: Target::Ip("127.0.0.1".parse().unwrap()),
+            port,
+            flags: BeginFlags::default(),
+        })
+    };
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 1, &begin(echo.port()));
+    ml.tx.send(c).await.unwrap();
+    let (s, msg) = client_recv(&mut ml, &mut tc, 0, &mut got).await.unwrap();
+    assert_eq!(s, 1);
+    assert!(matches!(msg, RelayMsg::Connected(_)), "{msg:?}");
+    // Stream 2 (with optimistic data) goes to the destination that resets.
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 2, &begin(rst.port()));
+    ml.tx.send(c).await.unwrap();
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 2, &data(b"boom"));
+    ml.tx.send(c).await.unwrap();
+    // It ends (the reset may even come before the connection completes).
+    let e = loop {
+        let (s, msg) = client_recv(&mut ml, &mut tc, 0, &mut got).await.unwrap();
+        assert_eq!(s, 2);
+        match msg {
+            RelayMsg::Connected(_) => {}
+            RelayMsg::End(e) => break e,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(
+        [EndReason::CONNRESET, EndReason::MISC, EndReason::DONE].contains(&e.reason),
+        "{e:?}"
+    );
+    // The other stream on the same circuit still works.
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 1, &data(b"still here"));
+    ml.tx.send(c).await.unwrap();
+    let cell = ml.recv().await;
+    let (_, s, msg, _) = open_backward(&mut tc, cell);
+    assert_eq!((s, msg), (1, data(b"still here")));
+    assert!(ml.link.get(tc.id).is_some());
+}
