@@ -195,9 +195,11 @@ impl Circuit {
         self.link.unregister(self.id);
         if !was_closed {
             let cell = Cell::destroy(self.id, DestroyReason::NONE);
-            if let Ok(Some(cell)) = self.link.sender.try_send(cell) {
+            if let Ok(Some(cell)) = self.link.sender.try_send(cell)
+                && let Ok(rt) = tokio::runtime::Handle::try_current()
+            {
                 let sender = self.link.sender.clone();
-                tokio::spawn(async move {
+                rt.spawn(async move {
                     let _ = sender.send(cell).await;
                 });
             }

@@ -385,6 +385,23 @@ impl CircMgr {
         }
     }
 
+    /// Close every circuit, and every link not busy being connected, without waiting (drop).
+    pub(crate) fn close_all_now(&self) {
+        let circs: Vec<Arc<Circuit>> = self
+            .pool
+            .lock()
+            .map(|mut p| p.drain(..).collect())
+            .unwrap_or_default();
+        for c in circs {
+            c.close_with_destroy();
+        }
+        if let Ok(mut links) = self.links.try_lock() {
+            for (_, l) in links.drain() {
+                l.close();
+            }
+        }
+    }
+
     /// Close every circuit and link (shutdown).
     pub(crate) async fn close_all(&self) {
         let circs: Vec<Arc<Circuit>> = self

@@ -110,6 +110,7 @@ impl Drop for ProxyHandle {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
         self.tasks.abort_all();
+        self.mgr.close_all_now();
     }
 }
 
