@@ -1081,3 +1081,43 @@ async fn a_resetting_destination_costs_only_its_stream() {
     assert_eq!((s, msg), (1, data(b"still here")));
     assert!(ml.link.get(tc.id).is_some());
 }
+
+#[tokio::test]
+async fn unexpected_or_forged_sendme_destroys() {
+    let r = test_relay(ExitPolicy::accept_all(true));
+    let mut ml = attach(&r.ctx, true);
+    // No DATA was sent: a circuit SENDME is unexpected.
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let sm = RelayMsg::Sendme(Sendme { tag: Some([7; 16]) });
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 0, &sm);
+    ml.tx.send(c).await.unwrap();
+    assert_destroy(&ml.recv().await, tc.id);
+
+    // After 100 DATA cells, a SENDME with the wrong tag is a forgery.
+    let data: Arc<Vec<u8>> = Arc::new(vec![0x5a; 100 * 934]);
+    let src = source_server(data).await;
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let begin = RelayMsg::Begin(Begin {
+        target: Target::Ip("127.0.0.1".parse().unwrap()),
+        port: src.port(),
+        flags: BeginFlags::default(),
+    });
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 1, &begin);
+    ml.tx.send(c).await.unwrap();
+    let mut cells = 0;
+    while cells < 100 {
+        let (_, _, msg, _) = open_backward(&mut tc, ml.recv().await);
+        if matches!(msg, RelayMsg::Data(_)) {
+            cells += 1;
+        }
+    }
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 0, &sm);
+    ml.tx.send(c).await.unwrap();
+    loop {
+        let c = ml.recv().await;
+        if c.cmd == CellCmd::DESTROY {
+            assert_destroy(&c, tc.id);
+            break;
+        }
+    }
+}
