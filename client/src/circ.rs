@@ -43,8 +43,9 @@ use crate::path::{Path, RelayInfo};
 
 /// Most RELAY_EARLY cells a circuit may carry (docs/protocol/90-circuits.md).
 const MAX_RELAY_EARLY: u8 = 8;
-/// Most open streams per circuit.
-const MAX_STREAMS: usize = 2048;
+/// Most open streams per circuit (relays accept 512 by default); a busier isolation key gets
+/// another circuit.
+pub(crate) const MAX_STREAMS: usize = 500;
 /// Capacity of a stream's event queue: a full stream window plus control events.
 const STREAM_QUEUE: usize = STREAM_WINDOW_START as usize + 16;
 /// Where the data of a backward DATA cell starts in the cell body.

@@ -243,6 +243,7 @@ impl CircMgr {
         let fits = |c: &Arc<Circuit>| {
             port.is_none_or(|p| c.exit.allows_port(p))
                 && self.dirty_ok(c, now)
+                && c.n_streams() < circ::MAX_STREAMS
                 && c.usage
                     .lock()
                     .is_ok_and(|u| iso.compatible_with(u.isolation.as_ref()))
