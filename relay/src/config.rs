@@ -78,6 +78,9 @@ pub struct RelayConfig {
     /// Upper bound on streams per circuit (default 512).
     #[serde(default = "default_max_streams")]
     pub max_streams_per_circuit: usize,
+    /// Upper bound on exit streams (open destination sockets) over all circuits (default 8192).
+    #[serde(default = "default_max_exit_streams")]
+    pub max_exit_streams: usize,
 }
 
 fn default_log_level() -> String {
@@ -94,6 +97,9 @@ fn default_max_circs() -> usize {
 }
 fn default_max_streams() -> usize {
     512
+}
+fn default_max_exit_streams() -> usize {
+    8192
 }
 
 impl RelayConfig {
@@ -116,6 +122,7 @@ impl RelayConfig {
             max_links: default_max_links(),
             max_circuits_per_link: default_max_circs(),
             max_streams_per_circuit: default_max_streams(),
+            max_exit_streams: default_max_exit_streams(),
         }
     }
 
@@ -174,6 +181,7 @@ impl RelayConfig {
         if self.max_links == 0
             || self.max_circuits_per_link == 0
             || self.max_streams_per_circuit == 0
+            || self.max_exit_streams == 0
         {
             return Err(bad("max_*", "limits must be at least 1"));
         }

@@ -86,6 +86,10 @@ pub struct Ctx {
     pub(crate) advertised: SocketAddr,
     /// Descriptor publication state.
     pub(crate) dir: crate::dirsync::DirState,
+    /// One permit per open exit stream.
+    pub(crate) exit_slots: Arc<tokio::sync::Semaphore>,
+    /// One permit per name resolution in progress (RESOLVE).
+    pub(crate) resolve_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -122,6 +126,8 @@ impl Ctx {
             refetch: Notify::new(),
             advertised,
             dir: crate::dirsync::DirState::default(),
+            exit_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_exit_streams)),
+            resolve_slots: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_RESOLVES)),
             cfg,
         })
     }
@@ -197,6 +203,9 @@ pub(crate) struct LinkManager {
     by_id: Mutex<HashMap<RelayId, Arc<Link>>>,
     connecting: Mutex<HashMap<RelayId, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// Most RESOLVE lookups in progress at once (further ones get a transient error).
+pub const MAX_PENDING_RESOLVES: usize = 256;
 
 /// Longest time to open a link for an EXTEND.
 pub const EXTEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -25,7 +25,7 @@ use allium_proto::relaymsg::{
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::AbortHandle;
 
 use crate::circuit::{Circuit, DataSend, Violation};
@@ -77,10 +77,12 @@ pub(crate) struct StreamEntry {
     got_end: bool,
     /// Removed because both sides finished: let the writer drain instead of aborting it.
     graceful: bool,
+    /// This stream's share of `max_exit_streams`.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl StreamEntry {
-    fn new(writer: mpsc::Sender<WriteItem>) -> Self {
+    fn new(writer: mpsc::Sender<WriteItem>, slot: OwnedSemaphorePermit) -> Self {
         Self {
             win: StreamWindow::new(),
             writer,
@@ -89,6 +91,7 @@ impl StreamEntry {
             sent_end: false,
             got_end: false,
             graceful: false,
+            _slot: slot,
         }
     }
 
@@ -152,14 +155,17 @@ pub(crate) async fn on_begin(
         return Ok(());
     }
     let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+    let slot = Arc::clone(&ctx.exit_slots).try_acquire_owned().ok();
     let full = {
         let mut inner = circ.lock();
         if inner.streams.contains_key(&sid) {
             return Err(Violation);
         }
-        let full = inner.streams.len() >= ctx.cfg.max_streams_per_circuit;
-        if !full {
-            inner.streams.insert(sid, StreamEntry::new(tx));
+        let full = slot.is_none() || inner.streams.len() >= ctx.cfg.max_streams_per_circuit;
+        if let Some(slot) = slot
+            && !full
+        {
+            inner.streams.insert(sid, StreamEntry::new(tx, slot));
         }
         full
     };
@@ -195,6 +201,13 @@ pub(crate) async fn on_resolve(
         circ.send_msg(ctx, sid, &end).await;
         return Ok(());
     }
+    let Ok(slot) = Arc::clone(&ctx.resolve_slots).try_acquire_owned() else {
+        let busy = RelayMsg::Resolved(Resolved {
+            answers: vec![(ResolvedValue::TransientError, 0)],
+        });
+        circ.send_msg(ctx, sid, &busy).await;
+        return Ok(());
+    };
     let circ = Arc::clone(circ);
     let ctx = Arc::clone(ctx);
     tokio::spawn(async move {
@@ -207,6 +220,7 @@ pub(crate) async fn on_resolve(
             Ok(_) | Err(ResolveError::NotFound) => vec![(ResolvedValue::NontransientError, 0)],
             Err(ResolveError::Timeout) => vec![(ResolvedValue::TransientError, 0)],
         };
+        drop(slot);
         let msg = RelayMsg::Resolved(Resolved { answers });
         circ.send_msg(&ctx, sid, &msg).await;
     });

@@ -31,9 +31,14 @@ struct TestRelay {
 }
 
 fn test_relay(policy: ExitPolicy) -> TestRelay {
+    test_relay_with(policy, |_| {})
+}
+
+fn test_relay_with(policy: ExitPolicy, tweak: impl FnOnce(&mut RelayConfig)) -> TestRelay {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = RelayConfig::for_test("t", dir.path());
     cfg.exit_policy = policy;
+    tweak(&mut cfg);
     let keys = crate::keys::RelayKeys::load_or_create(dir.path()).unwrap();
     let resolver = StaticResolver::new(
         vec![(
@@ -1120,4 +1125,38 @@ async fn unexpected_or_forged_sendme_destroys() {
             break;
         }
     }
+}
+
+#[tokio::test]
+async fn exit_stream_limits() {
+    let r = test_relay_with(ExitPolicy::accept_all(true), |c| c.max_exit_streams = 1);
+    let echo = echo_server().await;
+    let mut ml = attach(&r.ctx, true);
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let mut got = Vec::new();
+    let begin = RelayMsg::Begin(Begin {
+        target: Target::Ip("127.0.0.1".parse().unwrap()),
+        port: echo.port(),
+        flags: BeginFlags::default(),
+    });
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 1, &begin);
+    ml.tx.send(c).await.unwrap();
+    let (_, msg) = client_recv(&mut ml, &mut tc, 0, &mut got).await.unwrap();
+    assert!(matches!(msg, RelayMsg::Connected(_)), "{msg:?}");
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 2, &begin);
+    ml.tx.send(c).await.unwrap();
+    let (s, msg) = client_recv(&mut ml, &mut tc, 0, &mut got).await.unwrap();
+    assert_eq!(
+        (s, msg),
+        (2, RelayMsg::End(End::new(EndReason::RESOURCELIMIT)))
+    );
+    // Ending stream 1 frees the slot.
+    let end = RelayMsg::End(End::new(EndReason::MISC));
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 1, &end);
+    ml.tx.send(c).await.unwrap();
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 3, &begin);
+    ml.tx.send(c).await.unwrap();
+    let (s, msg) = client_recv(&mut ml, &mut tc, 0, &mut got).await.unwrap();
+    assert_eq!(s, 3);
+    assert!(matches!(msg, RelayMsg::Connected(_)), "{msg:?}");
 }
