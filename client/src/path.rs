@@ -369,6 +369,57 @@ pub(crate) mod tests {
         assert!((5600..6400).contains(&counts[2]), "{counts:?}");
     }
 
+    proptest::proptest! {
+        /// Any relay list, any seed: either no path, or a path that keeps every rule.
+        #[test]
+        fn any_network_any_seed(
+            spec in proptest::collection::vec(
+                (0u8..4, 0u8..4, proptest::bool::ANY, proptest::bool::ANY, proptest::bool::ANY, 0u64..1000, 0u8..40),
+                0..25,
+            ),
+            seed in proptest::prelude::any::<u64>(),
+            relaxed in proptest::bool::ANY,
+            port in 1u16..100,
+        ) {
+            let mut relays: Vec<RelayInfo> = spec
+                .iter()
+                .enumerate()
+                .map(|(i, &(a, b, guard, exit, running, w, fam))| {
+                    let mut r = relay(i as u8 + 1, [10, a, b, 1], guard, exit, w);
+                    r.flags.running = running;
+                    r.exit_ports = if exit { vec![(1, 60)] } else { vec![] };
+                    if fam < 25 {
+                        r.family = vec![RelayId([fam + 1; 32])];
+                    }
+                    r
+                })
+                .collect();
+            // Make some families mutual.
+            for i in 0..relays.len() {
+                let fam = relays[i].family.clone();
+                for f in fam {
+                    if let Some(j) = relays.iter().position(|r| r.id == f) {
+                        let me = relays[i].id;
+                        relays[j].family.push(me);
+                    }
+                }
+            }
+            let g = guards(&relays);
+            let mut rng = StdRng::seed_from_u64(seed);
+            if let Ok(p) = choose_path(&relays, &g, &[], &[port], relaxed, &mut rng) {
+                let hops = p.hops();
+                proptest::prop_assert!(hops[0].flags.guard && hops[0].usable());
+                proptest::prop_assert!(hops[1].usable());
+                proptest::prop_assert!(hops[2].is_exit_for(&[port]));
+                for (i, a) in hops.iter().enumerate() {
+                    for b in hops.iter().skip(i + 1) {
+                        proptest::prop_assert!(compatible(a, b, relaxed));
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn not_running_never_chosen() {
         let mut relays = net();
