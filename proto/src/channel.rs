@@ -10,7 +10,6 @@
 //! - Link PADDING cells are dropped by the receiver.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use allium_crypto::{RelayId, X25519Public, X25519Secret};
@@ -24,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::cell::{CELL_LEN, Cell, CellCmd};
 use crate::err::LinkError;
 use crate::link::{
-    self, HandshakeInfo, Initiator, LEN_PREFIX, LinkTransport, MAX_CELLS_PER_FRAME, MAX_FRAME_LEN,
-    MAX_FRAME_PLAINTEXT, MAX_HANDSHAKE_MSG_LEN, Responder,
+    self, HandshakeInfo, Initiator, LEN_PREFIX, LinkOpener, LinkSealer, LinkTransport,
+    MAX_CELLS_PER_FRAME, MAX_FRAME_LEN, MAX_FRAME_PLAINTEXT, MAX_HANDSHAKE_MSG_LEN, Responder,
 };
 
 pub use crate::link::HANDSHAKE_TIMEOUT;
@@ -157,10 +156,11 @@ impl Channel {
         let peer_static = t.remote_static();
         let initiator = t.is_initiator();
         let (rd, wr) = tcp.into_split();
-        let transport = Arc::new(Mutex::new(t));
+        // The two directions seal and open independently (no lock shared per frame).
+        let (sealer, opener) = t.split();
         let closed = CancellationToken::new();
         let (tx, rx) = mpsc::channel(SEND_QUEUE_CELLS);
-        tokio::spawn(writer_task(wr, rx, Arc::clone(&transport), closed.clone()));
+        tokio::spawn(writer_task(wr, rx, sealer, closed.clone()));
         Self {
             peer_static,
             peer_addr,
@@ -172,10 +172,12 @@ impl Channel {
             },
             receiver: ChannelReceiver {
                 rd,
-                transport,
+                opener,
                 closed,
                 buf: BytesMut::with_capacity(2 * (MAX_FRAME_LEN + LEN_PREFIX)),
-                plain: vec![0u8; MAX_FRAME_PLAINTEXT],
+                // As long as a whole frame, tag included: the AEAD then opens in place here
+                // instead of allocating a scratch copy of the frame.
+                plain: vec![0u8; MAX_FRAME_LEN],
                 plain_len: 0,
                 plain_off: 0,
                 error: None,
@@ -273,7 +275,7 @@ impl ChannelSender {
 /// The receiving half.
 pub struct ChannelReceiver {
     rd: OwnedReadHalf,
-    transport: Arc<Mutex<LinkTransport>>,
+    opener: LinkOpener,
     closed: CancellationToken,
     buf: BytesMut,
     plain: Vec<u8>,
@@ -330,10 +332,7 @@ impl ChannelReceiver {
 
     /// Noise frames opened so far on this link (statistics; each frame holds 1 to 32 cells).
     pub fn frames_received(&self) -> u64 {
-        self.transport
-            .lock()
-            .map(|t| t.frames_received())
-            .unwrap_or(0)
+        self.opener.frames_received()
     }
 
     /// Why the link closed, if it closed because of an error seen by this receiver.
@@ -367,13 +366,7 @@ impl ChannelReceiver {
             let Some((frame, used)) = link::split_transport_frame(&self.buf)? else {
                 return Ok(None);
             };
-            let n = {
-                let mut t = self
-                    .transport
-                    .lock()
-                    .map_err(|_| LinkError::Misuse("transport lock poisoned"))?;
-                t.open_frame(frame, &mut self.plain)?
-            };
+            let n = self.opener.open_frame(frame, &mut self.plain)?;
             self.buf.advance(used);
             self.plain_len = n;
             self.plain_off = 0;
@@ -384,7 +377,7 @@ impl ChannelReceiver {
 async fn writer_task(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Cell>,
-    transport: Arc<Mutex<LinkTransport>>,
+    mut sealer: LinkSealer,
     closed: CancellationToken,
 ) {
     let mut plain: Vec<u8> = Vec::with_capacity(MAX_FRAME_PLAINTEXT);
@@ -397,12 +390,12 @@ async fn writer_task(
                 () = closed.cancelled() => None,
             };
             let Some(first) = first else { break };
-            write_batch(first, &mut rx, &mut plain, &mut frame, &transport, &mut wr).await?;
+            write_batch(first, &mut rx, &mut plain, &mut frame, &mut sealer, &mut wr).await?;
         }
         // Closing: flush what is already queued, then shut down.
         rx.close();
         while let Some(c) = rx.recv().await {
-            write_batch(c, &mut rx, &mut plain, &mut frame, &transport, &mut wr).await?;
+            write_batch(c, &mut rx, &mut plain, &mut frame, &mut sealer, &mut wr).await?;
         }
         let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.shutdown()).await;
         Ok(())
@@ -425,7 +418,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     rx: &mut mpsc::Receiver<Cell>,
     plain: &mut Vec<u8>,
     frame: &mut [u8],
-    transport: &Mutex<LinkTransport>,
+    sealer: &mut LinkSealer,
     wr: &mut W,
 ) -> Result<(), LinkError> {
     plain.clear();
@@ -437,12 +430,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
             Err(_) => break,
         }
     }
-    let n = {
-        let mut t = transport
-            .lock()
-            .map_err(|_| LinkError::Misuse("transport lock poisoned"))?;
-        t.seal_frame(plain, frame)?
-    };
+    let n = sealer.seal_frame(plain, frame)?;
     let bytes = frame.get(..n).ok_or(LinkError::Misuse("frame bounds"))?;
     tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(bytes))
         .await

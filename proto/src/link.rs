@@ -12,16 +12,19 @@
 //! Bounds: handshake messages have `1 ≤ len ≤ 256`; transport frames need `1040 ≤ len ≤ 32784` and
 //! `(len − 16) % 1024 == 0`. Anything else, and any `snow::Error`, is fatal: the link closes, it
 //! never resyncs. Each direction rekeys (`rekey_outgoing` / `rekey_incoming`) after every
-//! [`REKEY_INTERVAL`] frames. A [`LinkTransport`] that saw an error refuses all further use.
+//! [`REKEY_INTERVAL`] frames. A [`LinkTransport`] that saw an error refuses all further use, in
+//! both directions, also after [`LinkTransport::split`].
 //!
 //! The types here do no I/O and read no clock: the caller passes `now` (unix seconds) and moves
 //! bytes. [`crate::channel`] is the tokio driver.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use allium_crypto::{RelayId, X25519Public, X25519Secret};
-use snow::{HandshakeState, TransportState};
+use snow::{HandshakeState, StatelessTransportState};
 use zeroize::Zeroizing;
 
 use crate::cell::CELL_LEN;
@@ -316,22 +319,66 @@ impl ResponderWait {
     }
 }
 
-/// An established link's Noise transport: seals and opens frames of whole cells.
-pub struct LinkTransport {
-    ts: TransportState,
+/// State shared by the two halves of one link's transport.
+///
+/// The `RwLock` is taken for reading by every seal and open (so the two directions run at the same
+/// time) and for writing only to rekey a direction, every [`REKEY_INTERVAL`] frames.
+struct Shared {
+    ts: RwLock<StatelessTransportState>,
+    failed: AtomicBool,
     remote_static: X25519Public,
-    sent: u64,
-    received: u64,
-    failed: bool,
+    initiator: bool,
+}
+
+impl Shared {
+    fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    fn fail(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+
+    fn read(&self) -> Result<RwLockReadGuard<'_, StatelessTransportState>, LinkError> {
+        self.ts.read().map_err(|_| {
+            self.fail();
+            LinkError::Misuse("link transport lock poisoned")
+        })
+    }
+
+    fn rekey(&self, outgoing: bool) -> Result<(), LinkError> {
+        let mut ts = self.ts.write().map_err(|_| {
+            self.fail();
+            LinkError::Misuse("link transport lock poisoned")
+        })?;
+        if outgoing {
+            ts.rekey_outgoing();
+        } else {
+            ts.rekey_incoming();
+        }
+        Ok(())
+    }
+}
+
+/// An established link's Noise transport: seals and opens frames of whole cells.
+///
+/// [`LinkTransport::split`] gives a [`LinkSealer`] and a [`LinkOpener`] that can be used from two
+/// threads at once. Each half keeps its own direction's nonce counter (the Noise nonce of the
+/// `n`-th frame of a direction is `n`, counting from 0, as with a stateful Noise `CipherState`:
+/// the bytes on the wire are the same) and rekeys its own direction. A failure in either half
+/// poisons both.
+pub struct LinkTransport {
+    sealer: LinkSealer,
+    opener: LinkOpener,
 }
 
 impl fmt::Debug for LinkTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LinkTransport")
-            .field("initiator", &self.ts.is_initiator())
-            .field("sent", &self.sent)
-            .field("received", &self.received)
-            .field("failed", &self.failed)
+            .field("initiator", &self.sealer.shared.initiator)
+            .field("sent", &self.sealer.sent)
+            .field("received", &self.opener.received)
+            .field("failed", &self.sealer.shared.is_failed())
             .finish_non_exhaustive()
     }
 }
@@ -349,41 +396,90 @@ impl LinkTransport {
             return Err(LinkError::Handshake);
         }
         rs.copy_from_slice(remote);
-        let ts = hs.into_transport_mode().map_err(snow_err)?;
-        Ok(Self {
-            ts,
+        let initiator = hs.is_initiator();
+        let ts = hs.into_stateless_transport_mode().map_err(snow_err)?;
+        let shared = Arc::new(Shared {
+            ts: RwLock::new(ts),
+            failed: AtomicBool::new(false),
             remote_static: X25519Public(rs),
-            sent: 0,
-            received: 0,
-            failed: false,
+            initiator,
+        });
+        Ok(Self {
+            sealer: LinkSealer {
+                shared: Arc::clone(&shared),
+                sent: 0,
+            },
+            opener: LinkOpener {
+                shared,
+                received: 0,
+            },
         })
+    }
+
+    /// The two directions, usable concurrently (for example by a reader and a writer task).
+    pub fn split(self) -> (LinkSealer, LinkOpener) {
+        (self.sealer, self.opener)
     }
 
     /// The peer's Noise static key (for the responder: the initiator's key, to look up in the
     /// consensus; a client's key is random per connection).
     pub fn remote_static(&self) -> X25519Public {
-        self.remote_static
+        self.sealer.shared.remote_static
     }
 
     /// True if this side initiated the link.
     pub fn is_initiator(&self) -> bool {
-        self.ts.is_initiator()
+        self.sealer.shared.initiator
     }
 
     /// Frames sealed so far.
     pub fn frames_sent(&self) -> u64 {
-        self.sent
+        self.sealer.sent
     }
 
     /// Frames opened so far.
     pub fn frames_received(&self) -> u64 {
-        self.received
+        self.opener.received
     }
 
     /// Seal `cells` (1 to 32 whole 1024-byte cells) into `out` as `len u16be || noise_msg`.
     /// `out` needs `cells.len() + 18` bytes. Returns the bytes written.
     pub fn seal_frame(&mut self, cells: &[u8], out: &mut [u8]) -> Result<usize, LinkError> {
-        if self.failed {
+        self.sealer.seal_frame(cells, out)
+    }
+
+    /// Open one transport frame (`noise_msg`, without its length prefix) into `out` (which needs
+    /// `frame.len() − 16` bytes; give it `frame.len()` bytes to spare the AEAD a copy). Returns the
+    /// plaintext length, a multiple of 1024. Any failure is fatal and poisons the transport.
+    pub fn open_frame(&mut self, frame: &[u8], out: &mut [u8]) -> Result<usize, LinkError> {
+        self.opener.open_frame(frame, out)
+    }
+}
+
+/// The sending direction of a [`LinkTransport`].
+pub struct LinkSealer {
+    shared: Arc<Shared>,
+    /// Frames sealed so far: the Noise nonce of the next frame.
+    sent: u64,
+}
+
+impl fmt::Debug for LinkSealer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LinkSealer")
+            .field("sent", &self.sent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinkSealer {
+    /// Frames sealed so far.
+    pub fn frames_sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// As [`LinkTransport::seal_frame`].
+    pub fn seal_frame(&mut self, cells: &[u8], out: &mut [u8]) -> Result<usize, LinkError> {
+        if self.shared.is_failed() {
             return Err(LinkError::Closed);
         }
         if cells.is_empty()
@@ -398,29 +494,51 @@ impl LinkTransport {
         if body.len() < cells.len() + NOISE_TAG_LEN {
             return Err(LinkError::Misuse("output buffer too small"));
         }
-        let Ok(n) = self.ts.write_message(cells, body) else {
-            self.failed = true;
+        let r = self.shared.read()?.write_message(self.sent, cells, body);
+        let Ok(n) = r else {
+            self.shared.fail();
             return Err(LinkError::Closed);
         };
         let len = u16::try_from(n).map_err(|_| LinkError::Misuse("frame too long"))?;
         *prefix = len.to_be_bytes();
+        // The nonce is never reused: it only grows, and the state fails before it could wrap.
         self.sent += 1;
         if self.sent.is_multiple_of(REKEY_INTERVAL) {
-            self.ts.rekey_outgoing();
+            self.shared.rekey(true)?;
         }
         Ok(LEN_PREFIX + n)
     }
+}
 
-    /// Open one transport frame (`noise_msg`, without its length prefix) into `out` (which needs
-    /// `frame.len() − 16` bytes). Returns the plaintext length, a multiple of 1024. Any failure is
-    /// fatal and poisons the transport.
+/// The receiving direction of a [`LinkTransport`].
+pub struct LinkOpener {
+    shared: Arc<Shared>,
+    /// Frames opened so far: the Noise nonce of the next frame.
+    received: u64,
+}
+
+impl fmt::Debug for LinkOpener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LinkOpener")
+            .field("received", &self.received)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinkOpener {
+    /// Frames opened so far.
+    pub fn frames_received(&self) -> u64 {
+        self.received
+    }
+
+    /// As [`LinkTransport::open_frame`].
     pub fn open_frame(&mut self, frame: &[u8], out: &mut [u8]) -> Result<usize, LinkError> {
-        if self.failed {
+        if self.shared.is_failed() {
             return Err(LinkError::Closed);
         }
         let r = self.open_inner(frame, out);
         if r.is_err() {
-            self.failed = true;
+            self.shared.fail();
         }
         r
     }
@@ -432,16 +550,133 @@ impl LinkTransport {
             return Err(LinkError::Misuse("output buffer too small"));
         }
         let n = self
-            .ts
-            .read_message(frame, out)
+            .shared
+            .read()?
+            .read_message(self.received, frame, out)
             .map_err(|_| LinkError::Decrypt)?;
         if n == 0 || !n.is_multiple_of(CELL_LEN) {
             return Err(LinkError::Decrypt);
         }
         self.received += 1;
         if self.received.is_multiple_of(REKEY_INTERVAL) {
-            self.ts.rekey_incoming();
+            self.shared.rekey(false)?;
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// A finished handshake as raw snow states: (initiator, responder).
+    fn raw_handshake() -> (HandshakeState, HandshakeState) {
+        let id = RelayId([5; 32]);
+        let key = X25519Secret::generate();
+        let mut m1 = Vec::new();
+        let init = Initiator::start(&id, &key.public(), None, &mut m1).unwrap();
+        let mut m2 = Vec::new();
+        let wait = Responder::new(&id, &key)
+            .unwrap()
+            .read_msg1(&m1[2..], 0, &mut m2)
+            .unwrap();
+        // Finish by hand to keep the HandshakeStates.
+        let Initiator { mut hs } = init;
+        let mut payload = [0u8; MAX_HANDSHAKE_MSG_LEN];
+        read_msg(&mut hs, &m2[2..], &mut payload).unwrap();
+        let mut m3 = Vec::new();
+        let mut p3 = [0u8; MSG3_PAYLOAD_LEN];
+        encode_payload(0, Some(0), &mut p3).unwrap();
+        write_framed(&mut hs, &p3, &mut m3).unwrap();
+        let ResponderWait { hs: mut rhs } = wait;
+        read_msg(&mut rhs, &m3[2..], &mut payload).unwrap();
+        (hs, rhs)
+    }
+
+    /// The split, stateless transport puts the same bytes on the wire as snow's stateful
+    /// `TransportState` with `rekey_*` every `REKEY_INTERVAL` frames, in both directions and
+    /// across several rekeys, whichever side is the initiator.
+    #[test]
+    fn wire_compatible_with_stateful_noise_across_rekeys() {
+        for ours_is_initiator in [true, false] {
+            let (ihs, rhs) = raw_handshake();
+            let (ours, theirs) = if ours_is_initiator {
+                (ihs, rhs)
+            } else {
+                (rhs, ihs)
+            };
+            let (mut sealer, mut opener) = LinkTransport::new(ours).unwrap().split();
+            let mut old = theirs.into_transport_mode().unwrap();
+            let mut frame = vec![0u8; MAX_FRAME_LEN + LEN_PREFIX];
+            let mut plain = vec![0u8; MAX_FRAME_LEN];
+            let mut old_frame = vec![0u8; MAX_FRAME_LEN];
+            let cells = vec![0x5au8; 2 * CELL_LEN];
+            for i in 0..(2 * REKEY_INTERVAL + 3) {
+                // ours -> stateful
+                let n = sealer.seal_frame(&cells, &mut frame).unwrap();
+                let m = old
+                    .read_message(&frame[LEN_PREFIX..n], &mut plain)
+                    .expect("stateful peer opens our frame");
+                assert_eq!(&plain[..m], &cells[..]);
+                // stateful -> ours
+                let m = old.write_message(&cells, &mut old_frame).unwrap();
+                let p = opener.open_frame(&old_frame[..m], &mut plain).unwrap();
+                assert_eq!(&plain[..p], &cells[..]);
+                let next = i + 1;
+                if next.is_multiple_of(REKEY_INTERVAL) {
+                    old.rekey_outgoing();
+                    old.rekey_incoming();
+                }
+            }
+            assert_eq!(sealer.frames_sent(), 2 * REKEY_INTERVAL + 3);
+            assert_eq!(opener.frames_received(), 2 * REKEY_INTERVAL + 3);
+        }
+    }
+
+    /// An authentication failure in the opener also stops the sealer.
+    #[test]
+    fn failure_in_one_half_poisons_the_other() {
+        let (ihs, rhs) = raw_handshake();
+        let (mut a_tx, _a_rx) = LinkTransport::new(ihs).unwrap().split();
+        let (mut b_tx, mut b_rx) = LinkTransport::new(rhs).unwrap().split();
+        let mut frame = vec![0u8; MAX_FRAME_LEN + LEN_PREFIX];
+        let mut plain = vec![0u8; MAX_FRAME_LEN];
+        let n = a_tx.seal_frame(&[1u8; CELL_LEN], &mut frame).unwrap();
+        frame[5] ^= 1;
+        assert!(matches!(
+            b_rx.open_frame(&frame[LEN_PREFIX..n], &mut plain),
+            Err(LinkError::Decrypt)
+        ));
+        assert!(matches!(
+            b_tx.seal_frame(&[1u8; CELL_LEN], &mut frame),
+            Err(LinkError::Closed)
+        ));
+    }
+
+    /// Both halves work from two threads at once.
+    #[test]
+    fn halves_run_concurrently() {
+        let (ihs, rhs) = raw_handshake();
+        let (mut a_tx, mut a_rx) = LinkTransport::new(ihs).unwrap().split();
+        let (mut b_tx, mut b_rx) = LinkTransport::new(rhs).unwrap().split();
+        let frames = REKEY_INTERVAL + 10;
+        let pump = |tx: &mut LinkSealer, rx: &mut LinkOpener, seed: u8| {
+            let mut frame = vec![0u8; MAX_FRAME_LEN + LEN_PREFIX];
+            let mut plain = vec![0u8; MAX_FRAME_LEN];
+            for i in 0..frames {
+                let cells = vec![seed.wrapping_add(i as u8); CELL_LEN];
+                let n = tx.seal_frame(&cells, &mut frame).unwrap();
+                let p = rx.open_frame(&frame[LEN_PREFIX..n], &mut plain).unwrap();
+                assert_eq!(&plain[..p], &cells[..]);
+            }
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| pump(&mut a_tx, &mut b_rx, 1));
+            s.spawn(|| pump(&mut b_tx, &mut a_rx, 2));
+        });
+        assert_eq!(a_tx.frames_sent(), frames);
+        assert_eq!(a_rx.frames_received(), frames);
     }
 }
