@@ -80,9 +80,13 @@ pub(crate) async fn run(
     }
     let mut backoff = Duration::from_secs(1);
     let mut failures = 0u32;
+    // Set while the held consensus cannot carry a circuit (no exit, no guard or fewer than three
+    // relays: a network that is just starting). Then a newer one is asked for every second rather
+    // than on the freshness schedule.
+    let mut unusable = false;
     loop {
         let now = now_unix();
-        let wait = if cache.needs_fetch(now) {
+        let wait = if unusable || cache.needs_fetch(now) {
             match cache.refresh(now).await {
                 Ok(_) => {
                     backoff = Duration::from_secs(1);
@@ -100,26 +104,34 @@ pub(crate) async fn run(
                                     "bootstrap 40%: consensus verified ({u} usable relays, {e} exits, {g} guards)"
                                 );
                             }
+                            unusable = u < 3 || e == 0 || g == 0;
                             mgr.set_dir(v);
                         }
                         None => tracing::warn!(
                             "the fetched consensus is not valid now; check this machine's clock"
                         ),
                     }
-                    Duration::from_secs(
-                        cache
-                            .next_fetch_at()
-                            .saturating_sub(now_unix())
-                            .clamp(1, 3600),
-                    )
+                    if unusable {
+                        Duration::from_secs(1)
+                    } else {
+                        Duration::from_secs(
+                            cache
+                                .next_fetch_at()
+                                .saturating_sub(now_unix())
+                                .clamp(1, 3600),
+                        )
+                    }
                 }
-                Err(e) if failures < 3 => {
-                    // Authorities of a network that is just starting have no consensus yet.
+                Err(e) if unusable => {
+                    tracing::debug!("no newer consensus yet ({e})");
+                    Duration::from_secs(1)
+                }
+                Err(e) if failures < 10 => {
+                    // Authorities of a network that is just starting have no consensus yet: ask
+                    // again every second for a while before backing off.
                     failures += 1;
-                    tracing::info!("no consensus yet ({e}); retrying in {}s", backoff.as_secs());
-                    let w = backoff;
-                    backoff = (backoff * 2).min(Duration::from_secs(60));
-                    w
+                    tracing::info!("no consensus yet ({e}); retrying in 1s");
+                    Duration::from_secs(1)
                 }
                 Err(e) => {
                     tracing::warn!(
