@@ -4,6 +4,23 @@
 //! Entry point: [`start`] with a [`RelayConfig`]; it returns a [`RelayHandle`] once the OR port is
 //! bound. Behaviour is specified in `docs/protocol/91-relay.md` and `90-circuits.md`.
 //!
+//! ```no_run
+//! # async fn demo() -> Result<(), allium_relay::RelayError> {
+//! use allium_relay::{AuthorityConfig, ExitPolicy, RelayConfig};
+//! // Listen on 127.0.0.1:0; the bound address is then also the advertised one.
+//! let mut cfg = RelayConfig::for_test("MyExit", "/tmp/allium-relay-data");
+//! cfg.exit_policy = ExitPolicy::accept_all(true); // a test network's exit
+//! cfg.authorities = vec![AuthorityConfig {
+//!     identity: "22".repeat(32),
+//!     dir_addr: "127.0.0.1:7000".parse().expect("address"),
+//! }];
+//! let relay = allium_relay::start(cfg).await?;
+//! let (id, addr) = (relay.identity(), relay.or_addr());
+//! # let _ = (id, addr);
+//! relay.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
 //! Modules, one concept each:
 //! - [`config`]: the TOML configuration; [`policy`]: exit-policy matching;
 //!   [`ratelimit`]: the token bucket; [`keys`]: key files and onion-key rotation;
