@@ -202,7 +202,7 @@ impl CircMgr {
                 Ok(Ok(c)) => {
                     tracing::debug!(
                         circ = %c.id,
-                        ms = started.elapsed().as_millis() as u64,
+                        ms = started.elapsed().as_secs_f64() * 1000.0,
                         "circuit built"
                     );
                     return Ok(c);
