@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use allium_crypto::X25519Secret;
 use allium_crypto::handshake::relay_respond;
 use allium_crypto::relaycell::{
-    CellBody, FORWARD_MSG_OFFSET, Forward, RELAY_MSG_LEN, RelayHopCrypto, Tag,
+    CellBody, FORWARD_MSG_OFFSET, Forward, MAX_DATA, RELAY_MSG_LEN, RelayHopCrypto, Tag,
 };
 use allium_proto::cell::{Cell, CellCmd, CircId, Create, Created, DestroyReason, HTYPE_NTOR3};
 use allium_proto::flowctl::{CircRecvWindow, CircSendWindow};
@@ -70,6 +70,8 @@ pub(crate) struct CircInner {
 pub(crate) enum Produced {
     /// A cell to enqueue now.
     Cell(Cell),
+    /// Several cells to enqueue now, in order (so the link writer can pack them into one frame).
+    Batch(Vec<Cell>),
     /// A package window is empty.
     Blocked,
     /// Nothing to send (stream or hop gone).
@@ -357,7 +359,7 @@ impl Circuit {
     {
         enum Step {
             Wait,
-            Slow(Cell),
+            Slow(Vec<Cell>),
             Done(DataSend),
             Destroy(Option<Side>),
         }
@@ -383,9 +385,30 @@ impl Circuit {
                             Enqueue::Closed => Step::Destroy(Some(Side::Prev)),
                             Enqueue::Full(cell) => {
                                 inner.backward_busy = true;
-                                Step::Slow(cell)
+                                Step::Slow(vec![cell])
                             }
                         },
+                        Produced::Batch(cells) => {
+                            let mut step = Step::Done(DataSend::Sent);
+                            let mut it = cells.into_iter();
+                            while let Some(cell) = it.next() {
+                                match self.prev.sink.try_enqueue(cell) {
+                                    Enqueue::Done => {}
+                                    Enqueue::Closed => {
+                                        step = Step::Destroy(Some(Side::Prev));
+                                        break;
+                                    }
+                                    Enqueue::Full(cell) => {
+                                        inner.backward_busy = true;
+                                        let mut rest = vec![cell];
+                                        rest.extend(it);
+                                        step = Step::Slow(rest);
+                                        break;
+                                    }
+                                }
+                            }
+                            step
+                        }
                         Produced::Blocked => Step::Done(DataSend::Blocked),
                         Produced::Closed => Step::Done(DataSend::Closed),
                         Produced::Destroy => Step::Destroy(None),
@@ -407,8 +430,14 @@ impl Circuit {
                         return DataSend::Closed;
                     }
                 }
-                Step::Slow(cell) => {
-                    let ok = self.prev.sink.send(cell).await;
+                Step::Slow(cells) => {
+                    let mut ok = true;
+                    for cell in cells {
+                        ok = self.prev.sink.send(cell).await;
+                        if !ok {
+                            break;
+                        }
+                    }
                     self.lock().backward_busy = false;
                     self.backward_idle.notify_waiters();
                     if ok {
@@ -480,49 +509,66 @@ impl Circuit {
         r == DataSend::Sent
     }
 
-    /// Originate a DATA cell on stream `sid` if both package windows allow it.
-    pub(crate) async fn send_data(
+    /// Originate as many DATA cells on stream `sid` as `data` fills (at most `max_cells`) and both
+    /// package windows allow, encrypted under one lock acquisition and queued back to back.
+    /// Returns the number of bytes sent (0 unless `Sent`).
+    pub(crate) async fn send_data_batch(
         self: &Arc<Self>,
         ctx: &Arc<Ctx>,
         sid: u16,
         data: &[u8],
-    ) -> DataSend {
-        let mut cell = Cell::new_zeroed(self.prev_id, CellCmd::RELAY);
+        max_cells: usize,
+    ) -> (usize, DataSend) {
+        let wanted = data.chunks(MAX_DATA).take(max_cells).count();
+        // Allocate outside the lock; unused cells are dropped.
+        let mut cells: Vec<Cell> = (0..wanted)
+            .map(|_| Cell::new_zeroed(self.prev_id, CellCmd::RELAY))
+            .collect();
+        let mut used = 0usize;
+        let mut n_cells = 0usize;
         let r = self
-            .send_backward(ctx, move |inner| {
-                if !inner.send_win.can_send() {
+            .send_backward(ctx, |inner| {
+                let allowed = match inner.streams.get(&sid) {
+                    None => return Produced::Closed,
+                    Some(st) => usize::from(inner.send_win.window().min(st.win.send.window())),
+                };
+                let n = allowed.min(wanted);
+                if n == 0 {
                     return Produced::Blocked;
                 }
-                match inner.streams.get(&sid) {
-                    None => return Produced::Closed,
-                    Some(st) if !st.win.can_send() => return Produced::Blocked,
-                    Some(_) => {}
-                }
                 let mut buf = [0u8; RELAY_MSG_LEN];
-                let n = relaymsg::encode_data(sid, data, &mut buf);
-                let msg = buf.get(..n).unwrap_or(&[]);
-                let Ok(tag) = inner
-                    .crypto
-                    .encrypt_backward(CellCmd::RELAY.0, msg, &mut cell.body)
-                else {
-                    return Produced::Destroy;
-                };
-                let a = inner.send_win.note_data_sent(&tag).is_ok();
-                let b = inner
-                    .streams
-                    .get_mut(&sid)
-                    .is_some_and(|st| st.win.note_data_sent().is_ok());
-                if a && b {
-                    Produced::Cell(cell)
-                } else {
-                    Produced::Destroy
+                for (chunk, cell) in data.chunks(MAX_DATA).zip(cells.iter_mut()).take(n) {
+                    let len = relaymsg::encode_data(sid, chunk, &mut buf);
+                    let msg = buf.get(..len).unwrap_or(&[]);
+                    let Ok(tag) =
+                        inner
+                            .crypto
+                            .encrypt_backward(CellCmd::RELAY.0, msg, &mut cell.body)
+                    else {
+                        return Produced::Destroy;
+                    };
+                    let a = inner.send_win.note_data_sent(&tag).is_ok();
+                    let b = inner
+                        .streams
+                        .get_mut(&sid)
+                        .is_some_and(|st| st.win.note_data_sent().is_ok());
+                    if !(a && b) {
+                        return Produced::Destroy;
+                    }
+                    used += chunk.len();
                 }
+                n_cells = n;
+                cells.truncate(n);
+                Produced::Batch(std::mem::take(&mut cells))
             })
             .await;
         if r == DataSend::Sent {
-            ctx.stats.note_written(allium_proto::cell::CELL_LEN as u64);
+            ctx.stats
+                .note_written((n_cells * allium_proto::cell::CELL_LEN) as u64);
+            (used, r)
+        } else {
+            (0, r)
         }
-        r
     }
 
     /// How many DATA cells stream `sid` may send now (0 if blocked, `None` if gone).

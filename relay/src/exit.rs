@@ -402,15 +402,14 @@ async fn run_reader(circ: &Arc<Circuit>, ctx: &Arc<Ctx>, sid: u16, mut rd: Owned
         }
         credit.spend(&ctx.bucket, n as u64).await;
         let Some(data) = buf.get(..n) else { return };
-        for chunk in data.chunks(MAX_DATA) {
-            loop {
-                match circ.send_data(ctx, sid, chunk).await {
-                    DataSend::Sent => break,
-                    DataSend::Closed => return,
-                    DataSend::Blocked => {
-                        if !wait_for_window(circ, ctx, sid).await {
-                            return;
-                        }
+        let mut off = 0;
+        while let Some(rest) = data.get(off..).filter(|r| !r.is_empty()) {
+            match circ.send_data_batch(ctx, sid, rest, READ_CELLS).await {
+                (used, DataSend::Sent) => off += used,
+                (_, DataSend::Closed) => return,
+                (_, DataSend::Blocked) => {
+                    if !wait_for_window(circ, ctx, sid).await {
+                        return;
                     }
                 }
             }
