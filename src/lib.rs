@@ -39,7 +39,12 @@ pub enum Command {
 /// Parse the command line, run the subcommand, and map errors to an exit code with a message.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log.as_deref());
+    // Precedence: --log, then ALLIUM_LOG, then the role's configuration file, then `info`.
+    let configured = match &cli.command {
+        Command::Relay(a) => cmd::relay::configured_log_level(a),
+        _ => None,
+    };
+    logging::init(cli.log.as_deref(), configured.as_deref());
     let result = match cli.command {
         Command::Keygen(a) => cmd::keygen::run(a),
         Command::Authority(a) => cmd::authority::run(a),

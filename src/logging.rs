@@ -5,10 +5,11 @@ use tracing_subscriber::EnvFilter;
 
 /// Install the global subscriber. fast-socks5 logs credentials and targets at debug, so it is
 /// always capped at `warn` (design pitfall 13).
-pub(crate) fn init(filter: Option<&str>) {
+pub(crate) fn init(filter: Option<&str>, configured: Option<&str>) {
     let base = filter
         .map(str::to_owned)
         .or_else(|| std::env::var("ALLIUM_LOG").ok())
+        .or_else(|| configured.map(str::to_owned))
         .unwrap_or_else(|| "info".to_owned());
     let spec = format!("{base},fast_socks5=warn");
     let filter =

@@ -54,21 +54,6 @@ fn certify(identity: PathBuf, out: PathBuf, months: u64) -> CmdResult {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 /// Run `allium authority`.
 pub fn run(args: Args) -> CmdResult {
     if let Some(Sub::Certify {
@@ -95,7 +80,7 @@ pub fn run(args: Args) -> CmdResult {
             identity = %h.identity(),
             "authority running; stop with Ctrl-C or SIGTERM"
         );
-        wait_for_signal().await;
+        super::wait_for_shutdown_signal().await;
         h.shutdown().await;
         Ok(())
     })

@@ -40,15 +40,13 @@ pub fn run(args: Args) -> CmdResult {
                 ),
                 Err(e) => tracing::warn!("{e}; still trying in the background"),
             },
-            _ = tokio::signal::ctrl_c() => {
+            () = super::wait_for_shutdown_signal() => {
                 tracing::info!("interrupted; shutting down");
                 proxy.shutdown().await;
                 return Ok(());
             }
         }
-        tokio::signal::ctrl_c()
-            .await
-            .map_err(|e| format!("waiting for Ctrl-C: {e}"))?;
+        super::wait_for_shutdown_signal().await;
         tracing::info!("interrupted; shutting down");
         proxy.shutdown().await;
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())

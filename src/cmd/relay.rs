@@ -12,6 +12,14 @@ pub struct Args {
     pub config: PathBuf,
 }
 
+/// The log filter the relay's configuration asks for, if the file reads (used before logging is
+/// set up; errors are reported later by [`run`]).
+pub fn configured_log_level(args: &Args) -> Option<String> {
+    allium_relay::RelayConfig::load(&args.config)
+        .ok()
+        .map(|c| c.log_level)
+}
+
 /// Run `allium relay`.
 pub fn run(args: Args) -> CmdResult {
     let cfg = allium_relay::RelayConfig::load(&args.config)?;
@@ -22,12 +30,11 @@ pub fn run(args: Args) -> CmdResult {
             identity = %handle.identity(),
             or_addr = %handle.or_addr(),
             advertised = %handle.advertised_addr(),
-            "relay running; press Ctrl-C to stop"
+            "relay running; stop with Ctrl-C or SIGTERM"
         );
-        let stop = tokio::signal::ctrl_c().await;
+        super::wait_for_shutdown_signal().await;
         tracing::info!("shutting down");
         handle.shutdown().await;
-        stop.map_err(|e| format!("cannot wait for Ctrl-C: {e}"))?;
         Ok(())
     })
 }
