@@ -490,7 +490,10 @@ impl ClientCircuitCrypto {
         for (h, k) in self.hops.iter_mut().zip(keys.iter_mut()) {
             h.bwd.peek_into(k)?;
         }
-        let saved = Zeroizing::new(*body);
+        // The body as it came off the link, every layer still on: ciphertext that the first hop
+        // also saw, so this copy needs no wiping (wiping 1019 bytes with volatile stores cost more
+        // than the copy itself).
+        let saved: CellBody = *body;
         // Fast path: almost every backward cell (DATA, CONNECTED, END, SENDME, EXTENDED) comes from
         // the last hop, so peel the layers of hops 1..n-1 without trying their tags and try the last
         // hop's tag once. This is exactly what the general loop below computes when the origin is

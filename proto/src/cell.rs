@@ -238,13 +238,14 @@ impl Cell {
         let mut r = Reader::for_object(b, "link cell");
         let circ_id = r.take_u32()?;
         let cmd = CellCmd(r.take_u8()?);
-        let body: CellBody = r.take_array()?;
+        // One allocation and one copy, straight from the frame into the box (no stack copy).
+        let body: Box<[u8]> = r.take(CELL_BODY_LEN)?.into();
         r.should_be_exhausted()?;
-        let cell = Self {
-            circ_id,
-            cmd,
-            body: Box::new(body),
-        };
+        let body: Box<CellBody> = body.try_into().map_err(|_| ProtoError::Invalid {
+            object: "link cell",
+            problem: "body length",
+        })?;
+        let cell = Self { circ_id, cmd, body };
         cell.check()?;
         Ok(cell)
     }

@@ -312,6 +312,9 @@ impl ChannelReceiver {
             if self.closed.is_cancelled() {
                 return None;
             }
+            // Always leave room for at least two whole frames, so that one read can take all
+            // the peer has sent (BytesMut moves the partial frame to the front when it can).
+            self.buf.reserve(2 * (MAX_FRAME_LEN + LEN_PREFIX));
             let read = tokio::select! {
                 r = self.rd.read_buf(&mut self.buf) => r,
                 () = self.closed.cancelled() => return None,
