@@ -8,6 +8,8 @@ pub mod consts;
 pub mod err;
 pub mod flowctl;
 pub mod link;
+#[cfg(feature = "openssl")]
+mod link_cipher;
 pub mod relaymsg;
 
 pub use cell::{Cell, CellCmd, CircId};

@@ -129,6 +129,22 @@ fn params() -> Result<snow::params::NoiseParams, LinkError> {
         .map_err(|_| LinkError::Misuse("noise parameters"))
 }
 
+/// A Noise builder with this build's crypto backends (`ring`; with the `openssl` feature, long
+/// ChaChaPoly messages, i.e. transport frames, go through OpenSSL: the same bytes).
+fn builder() -> Result<snow::Builder<'static>, LinkError> {
+    #[cfg(feature = "openssl")]
+    {
+        Ok(snow::Builder::with_resolver(
+            params()?,
+            Box::new(crate::link_cipher::LinkResolver::new()),
+        ))
+    }
+    #[cfg(not(feature = "openssl"))]
+    {
+        Ok(snow::Builder::new(params()?))
+    }
+}
+
 fn write_framed(
     hs: &mut HandshakeState,
     payload: &[u8],
@@ -212,7 +228,7 @@ impl Initiator {
         out: &mut Vec<u8>,
     ) -> Result<Self, LinkError> {
         let prologue = prologue(peer_id);
-        let builder = snow::Builder::new(params()?);
+        let builder = builder()?;
         let fresh;
         let secret: &[u8] = match our_static {
             Some(s) => s.secret_bytes(),
@@ -269,7 +285,7 @@ impl Responder {
     /// A responder for the relay `our_id` with link key `our_link_key`.
     pub fn new(our_id: &RelayId, our_link_key: &X25519Secret) -> Result<Self, LinkError> {
         let prologue = prologue(our_id);
-        let hs = snow::Builder::new(params()?)
+        let hs = builder()?
             .prologue(&prologue)
             .and_then(|b| b.local_private_key(our_link_key.secret_bytes()))
             .and_then(snow::Builder::build_responder)
