@@ -10,6 +10,8 @@
 //! - Link PADDING cells are dropped by the receiver.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use allium_crypto::{RelayId, X25519Public, X25519Secret};
@@ -132,6 +134,37 @@ async fn read_handshake_msg<'b, S: AsyncRead + Unpin>(
     Ok(msg)
 }
 
+/// The link's "closed" state, shared by both halves and the writer task: a cancellation token to
+/// wait on, and a flag that the per-cell checks read with one atomic load (the token's own
+/// `is_cancelled` takes a mutex).
+#[derive(Clone, Debug)]
+struct CloseSignal {
+    token: CancellationToken,
+    flag: Arc<AtomicBool>,
+}
+
+impl CloseSignal {
+    fn new() -> Self {
+        Self {
+            token: CancellationToken::new(),
+            flag: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn cancel(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+}
+
 /// An established link.
 #[derive(Debug)]
 pub struct Channel {
@@ -158,7 +191,7 @@ impl Channel {
         let (rd, wr) = tcp.into_split();
         // The two directions seal and open independently (no lock shared per frame).
         let (sealer, opener) = t.split();
-        let closed = CancellationToken::new();
+        let closed = CloseSignal::new();
         let (tx, rx) = mpsc::channel(SEND_QUEUE_CELLS);
         tokio::spawn(writer_task(wr, rx, sealer, closed.clone()));
         Self {
@@ -224,7 +257,7 @@ impl Channel {
 #[derive(Clone, Debug)]
 pub struct ChannelSender {
     tx: mpsc::Sender<Cell>,
-    closed: CancellationToken,
+    closed: CloseSignal,
 }
 
 impl ChannelSender {
@@ -276,7 +309,7 @@ impl ChannelSender {
 pub struct ChannelReceiver {
     rd: OwnedReadHalf,
     opener: LinkOpener,
-    closed: CancellationToken,
+    closed: CloseSignal,
     buf: BytesMut,
     plain: Vec<u8>,
     plain_len: usize,
@@ -381,7 +414,7 @@ async fn writer_task(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Cell>,
     mut sealer: LinkSealer,
-    closed: CancellationToken,
+    closed: CloseSignal,
 ) {
     let mut plain: Vec<u8> = Vec::with_capacity(MAX_FRAME_PLAINTEXT);
     let mut frame = vec![0u8; MAX_FRAME_LEN + LEN_PREFIX];
