@@ -4,7 +4,8 @@
 #     bash bench/compare-tor.sh [compare.py options]     (e.g. --only tor, --keep)
 #
 # 1. installs Debian's tor (tor, tor-gencert) and curl with apt-get if they are missing;
-# 2. builds target/release/allium (`cargo build --release`; SKIP_BUILD=1 skips, ALLIUM_BIN overrides);
+# 2. builds target/release/allium (`cargo build --release`; SKIP_BUILD=1 skips, ALLIUM_BIN overrides,
+#    ALLIUM_CARGO_ARGS adds cargo arguments such as "--features allium-proto/openssl");
 # 3. runs bench/compare.py, which serves the payloads on 127.0.0.2, measures the no-overlay ceiling,
 #    then a private C Tor network, then `allium testnet` (one network at a time), prints one table
 #    and writes bench/results/compare-<UTC>.json.  See docs/BENCHMARKS.md.
@@ -45,8 +46,10 @@ done
 ALLIUM_BIN=${ALLIUM_BIN:-$ROOT/target/release/allium}
 NA=()
 if [ "${SKIP_BUILD:-0}" != 1 ] && [ "$ONLY_TOR" = 0 ]; then
-  echo "building Allium: cargo build --release (in $ROOT)" >&2
-  if ! (cd "$ROOT" && timeout 3600 cargo build --release --bin allium); then
+  # ALLIUM_CARGO_ARGS: extra cargo arguments, e.g. "--features allium-proto/openssl" (recorded in the JSON)
+  echo "building Allium: cargo build --release --bin allium ${ALLIUM_CARGO_ARGS:-} (in $ROOT)" >&2
+  # shellcheck disable=SC2086
+  if ! (cd "$ROOT" && timeout 3600 cargo build --release --bin allium ${ALLIUM_CARGO_ARGS:-}); then
     echo "cargo build --release failed: the Allium column will read n/a" >&2
     NA=(--allium-na "cargo build --release failed (its errors are above)")  # never run a stale binary
   fi

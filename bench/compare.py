@@ -1006,7 +1006,8 @@ def machine_meta(cfg):
     m = {"utc": cfg.stamp, "host_cpu": "", "ncpu": os.cpu_count(), "kernel": platform.release(),
          "python": platform.python_version(), "bulk_mib": cfg.bulk_mib, "n_par": cfg.n_par, "n_tiny": cfg.n_tiny,
          "relays": cfg.relays, "exits": cfg.exits, "http_target": "%s:%d" % (HTTP_ADDR, cfg.http_port),
-         "nice": os.nice(0)}
+         "nice": os.nice(0), "allium_cargo_args": os.environ.get("ALLIUM_CARGO_ARGS", ""),
+         "build_skipped": os.environ.get("SKIP_BUILD", "0") == "1"}
     try:
         with open("/proc/cpuinfo") as f:
             m["host_cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
