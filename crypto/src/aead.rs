@@ -267,11 +267,9 @@ mod ossl {
                 && out
                     .get_mut(..=len)
                     .is_some_and(|o| matches!(ctx.cipher_update(buf, Some(o)), Ok(n) if n == len));
-            // Do not leave this cell's key in the context until the next call.
-            if ctx
-                .encrypt_init(None, Some(&[0u8; KEY_LEN]), Some(&[0u8; 16]))
-                .is_err()
-            {
+            // Do not leave this cell's key in the context until the next call (the key alone is
+            // enough: the IV is public).
+            if ctx.encrypt_init(None, Some(&[0u8; KEY_LEN]), None).is_err() {
                 *slot = None;
             }
             ok
