@@ -952,8 +952,8 @@ def table(out):
         count=("ok", "n"))
     row("relay CPU (sum of the %d relays), s per MiB, bulk phases" % out["meta"]["relays"],
         ("cpu_bulk", "relays_cpu_s_per_mib"), "%.4f", "relay_cpu")
-    row("  of which the 1-circuit phase", ("cpu_bulk_1", "relays_cpu_s_per_mib"), "%.4f")
-    row("  of which the %d-circuit phase" % out["meta"]["n_par"], ("cpu_bulk_par", "relays_cpu_s_per_mib"), "%.4f")
+    row("  1-circuit phase alone", ("cpu_bulk_1", "relays_cpu_s_per_mib"), "%.4f")
+    row("  %d-circuit phase alone" % out["meta"]["n_par"], ("cpu_bulk_par", "relays_cpu_s_per_mib"), "%.4f")
     row("authority CPU (sum of 3), s per MiB, bulk phases", ("cpu_bulk", "authorities_cpu_s_per_mib"), "%.4f")
     row("client CPU, s per MiB, bulk phases", ("cpu_bulk", "client_cpu_s_per_mib"), "%.4f")
     row("peak RSS, largest relay, MiB", ("rss", "max_by_role", "relay"), "%.1f", "relay_rss")
