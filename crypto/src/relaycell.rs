@@ -221,11 +221,29 @@ pub enum Forward {
     Pass,
 }
 
+/// Set once any cell fails authentication; from then on every call on that state fails, so a
+/// circuit cannot be resynchronised by an attacker after a forgery attempt.
+#[derive(Debug, Default)]
+struct Poison(bool);
+
+impl Poison {
+    fn set(&mut self) {
+        self.0 = true;
+    }
+    fn check(&self) -> Result<(), CryptoError> {
+        if self.0 {
+            Err(CryptoError::CellAuthFailed)
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// A relay's crypto state for one circuit hop. Not `Clone`; zeroized on drop.
 pub struct RelayHopCrypto {
     fwd: DirState,
     bwd: DirState,
-    poisoned: bool,
+    poisoned: Poison,
 }
 
 impl fmt::Debug for RelayHopCrypto {
@@ -240,7 +258,7 @@ impl RelayHopCrypto {
         Self {
             fwd: DirState::new(keys.forward()),
             bwd: DirState::new(keys.backward()),
-            poisoned: false,
+            poisoned: Poison::default(),
         }
     }
 
@@ -253,11 +271,7 @@ impl RelayHopCrypto {
     }
 
     fn check(&self) -> Result<(), CryptoError> {
-        if self.poisoned {
-            Err(CryptoError::CellAuthFailed)
-        } else {
-            Ok(())
-        }
+        self.poisoned.check()
     }
 
     /// Remove this hop's layer from a forward (RELAY or RELAY_EARLY) cell. `cmd` is the link command
@@ -275,7 +289,7 @@ impl RelayHopCrypto {
         let (k_aead, k_aux, nonce) = self.fwd.current()?;
         // Decrypt C = body[16..] to body[0..N] (shifted in place): ready to pass on unchanged.
         if let Err(e) = aead::open_shifted(k_aead, &nonce, &[cmd], &tag, body, TAG_LEN) {
-            self.poisoned = true;
+            self.poisoned.set();
             return Err(e);
         }
         // The forward k_aux[0..16] is the filler: it goes on the wire, so the copy is not secret.
@@ -342,7 +356,7 @@ struct ClientHop {
 /// The client's crypto state for a whole circuit (up to [`MAX_HOPS`] hops). Not `Clone`.
 pub struct ClientCircuitCrypto {
     hops: Vec<ClientHop>,
-    poisoned: bool,
+    poisoned: Poison,
 }
 
 impl fmt::Debug for ClientCircuitCrypto {
@@ -366,7 +380,7 @@ impl ClientCircuitCrypto {
     pub fn new() -> Self {
         Self {
             hops: Vec::with_capacity(MAX_HOPS),
-            poisoned: false,
+            poisoned: Poison::default(),
         }
     }
 
@@ -403,11 +417,7 @@ impl ClientCircuitCrypto {
     }
 
     fn check(&self) -> Result<(), CryptoError> {
-        if self.poisoned {
-            Err(CryptoError::CellAuthFailed)
-        } else {
-            Ok(())
-        }
+        self.poisoned.check()
     }
 
     /// Build a forward cell for hop `hop` (0-based) carrying `msg` (at most [`RELAY_MSG_LEN`]
@@ -526,7 +536,7 @@ impl ClientCircuitCrypto {
             aead::keystream_xor(k.k_aux(), &k.nonce, 0, body);
         }
         let Some((j, tag)) = found else {
-            self.poisoned = true;
+            self.poisoned.set();
             return Err(CryptoError::CellAuthFailed);
         };
         for h in self.hops.iter_mut().take(j + 1) {
