@@ -19,6 +19,8 @@ pub use allium::cmd::testnet::{httpd, socks};
 
 /// A host name that only the exits' resolver knows (it maps to 127.0.0.1).
 pub const EXIT_ONLY_NAME: &str = "only-the-exit-knows.allium.test";
+/// A request for the test page ([`httpd::HELLO`]), one per connection.
+pub const GET_HELLO: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
 /// The port the exit policy of [`TestNet`] exits refuses (every other port is accepted).
 pub const REFUSED_PORT: u16 = 25;
 

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use allium_tests::{Options, TestNet, http_exchange, socks, start_relay};
+use allium_tests::{GET_HELLO, Options, TestNet, http_exchange, socks, start_relay};
 use tokio::io::AsyncReadExt as _;
 
 const T: Duration = Duration::from_secs(60);
@@ -96,13 +96,9 @@ fn killing_the_middle_relay_fails_the_stream_promptly_and_the_next_one_works() {
         let mut s2 = socks::connect(net.socks, &host, port, Some(("victim", "x")), T)
             .await
             .expect("a new stream after the failure");
-        let resp = http_exchange(
-            &mut s2,
-            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            T,
-        )
-        .await
-        .expect("HTTP exchange on the new circuit");
+        let resp = http_exchange(&mut s2, GET_HELLO, T)
+            .await
+            .expect("HTTP exchange on the new circuit");
         assert!(resp.ends_with(allium_tests::httpd::HELLO.as_bytes()));
     });
 }

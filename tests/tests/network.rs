@@ -6,7 +6,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use allium_tests::{
-    EXIT_ONLY_NAME, Options, REFUSED_PORT, TestNet, http_exchange, httpd, socks, split_response,
+    EXIT_ONLY_NAME, GET_HELLO, Options, REFUSED_PORT, TestNet, http_exchange, httpd, socks,
+    split_response,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -28,13 +29,9 @@ fn http_get_through_socks() {
         let mut s = socks::connect(net.socks, &host, port, None, T)
             .await
             .expect("SOCKS connect");
-        let resp = http_exchange(
-            &mut s,
-            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            T,
-        )
-        .await
-        .expect("HTTP exchange");
+        let resp = http_exchange(&mut s, GET_HELLO, T)
+            .await
+            .expect("HTTP exchange");
         let (status, body) = split_response(&resp).expect("HTTP response");
         assert!(status.contains("200"), "status: {status}");
         assert_eq!(body, httpd::HELLO.as_bytes());
@@ -158,13 +155,9 @@ fn exit_only_host_name_resolves_at_the_exit() {
         let mut s = socks::connect(net.socks, EXIT_ONLY_NAME, net.http.port(), None, T)
             .await
             .expect("CONNECT to a name only the exit knows");
-        let resp = http_exchange(
-            &mut s,
-            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            T,
-        )
-        .await
-        .expect("HTTP exchange");
+        let resp = http_exchange(&mut s, GET_HELLO, T)
+            .await
+            .expect("HTTP exchange");
         assert!(resp.ends_with(httpd::HELLO.as_bytes()));
         let ip = socks::resolve(net.socks, EXIT_ONLY_NAME, None, T)
             .await
@@ -173,52 +166,33 @@ fn exit_only_host_name_resolves_at_the_exit() {
     });
 }
 
-#[test]
-fn exit_policy_refusal_gives_not_allowed() {
+/// A CONNECT to `host:port` must fail with SOCKS reply `code` (`what` names it).
+fn assert_refused(host: &str, port: u16, code: u8, what: &str) {
     let net = net();
     net.rt.block_on(async {
-        let err = socks::connect(net.socks, "127.0.0.1", REFUSED_PORT, None, T)
+        let err = socks::connect(net.socks, host, port, None, T)
             .await
-            .expect_err("port refused by every exit");
-        assert_eq!(
-            err.reply_code(),
-            Some(0x02),
-            "expected 'not allowed by ruleset', got {err}"
-        );
+            .expect_err("the stream must be refused");
+        assert_eq!(err.reply_code(), Some(code), "expected '{what}', got {err}");
     });
+}
+
+#[test]
+fn exit_policy_refusal_gives_not_allowed() {
+    assert_refused("127.0.0.1", REFUSED_PORT, 0x02, "not allowed by ruleset");
 }
 
 #[test]
 fn unknown_name_gives_host_unreachable() {
-    let net = net();
-    net.rt.block_on(async {
-        let err = socks::connect(net.socks, "no-such-host.invalid", 80, None, T)
-            .await
-            .expect_err("name does not resolve");
-        assert_eq!(
-            err.reply_code(),
-            Some(0x04),
-            "expected 'host unreachable', got {err}"
-        );
-    });
+    assert_refused("no-such-host.invalid", 80, 0x04, "host unreachable");
 }
 
 #[test]
 fn closed_port_gives_connection_refused() {
-    let net = net();
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = closed.local_addr().expect("addr").port();
     drop(closed);
-    net.rt.block_on(async {
-        let err = socks::connect(net.socks, "127.0.0.1", port, None, T)
-            .await
-            .expect_err("nothing listens there");
-        assert_eq!(
-            err.reply_code(),
-            Some(0x05),
-            "expected 'connection refused', got {err}"
-        );
-    });
+    assert_refused("127.0.0.1", port, 0x05, "connection refused");
 }
 
 #[test]
@@ -256,13 +230,7 @@ fn different_credentials_get_different_circuits() {
             "streams with the same credentials should share a circuit"
         );
         for s in [&mut a, &mut b, &mut a2] {
-            let resp = http_exchange(
-                s,
-                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                T,
-            )
-            .await
-            .expect("exchange");
+            let resp = http_exchange(s, GET_HELLO, T).await.expect("exchange");
             assert!(resp.ends_with(httpd::HELLO.as_bytes()));
         }
     });
