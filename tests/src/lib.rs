@@ -94,14 +94,8 @@ fn relay_config(
     dir: &Path,
     auths: &[AuthorityInfo],
 ) -> Result<RelayConfig, String> {
-    let name = format!("relay{i}");
-    let text = format!(
-        "nickname = \"{}{i}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\n",
-        if exit { "Exit" } else { "Relay" },
-        dir.join(&name).display().to_string()
-    );
-    let mut cfg = RelayConfig::from_toml_str(&text, Path::new("test relay config"))
-        .map_err(|e| e.to_string())?;
+    let nickname = format!("{}{i}", if exit { "Exit" } else { "Relay" });
+    let mut cfg = RelayConfig::for_test(&nickname, dir.join(format!("relay{i}")));
     cfg.authorities = auths
         .iter()
         .map(|a| allium_relay::AuthorityConfig {

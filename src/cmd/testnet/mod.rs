@@ -8,7 +8,6 @@ pub mod httpd;
 mod procs;
 pub mod socks;
 
-use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -111,27 +110,54 @@ fn prepare_data_dir(arg: Option<PathBuf>) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// The configuration file of a test-network authority. Built as a TOML table (the authority's
+/// config type is read-only), so paths and values are quoted by the TOML writer.
 fn authority_toml(
     data_dir: &Path,
     listen: SocketAddr,
     authorities: &[(String, SocketAddr)],
-) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "data_dir = {:?}", data_dir.display().to_string());
-    let _ = writeln!(s, "listen = \"{listen}\"");
-    let _ = writeln!(s, "voting_interval_secs = {VOTING_INTERVAL_SECS}");
-    let _ = writeln!(s, "allow_private_addresses = true");
-    let _ = writeln!(s);
-    for (id, addr) in authorities {
-        let _ = writeln!(
-            s,
-            "[[authorities]]\nidentity = \"{id}\"\ndir_addr = \"{addr}\"\n"
-        );
+) -> Result<String, toml::ser::Error> {
+    use toml::{Table, Value};
+    fn table<const N: usize>(entries: [(&str, Value); N]) -> Table {
+        entries
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect()
     }
-    s.push_str(
-        "[flags]\nfast_min_bandwidth = 0\nguard_min_bandwidth = 0\nstable_min_uptime_secs = 0\nguard_min_known_secs = 0\n\n[params]\nenforce_distinct_subnets = 0\n",
-    );
-    s
+    let auths = authorities
+        .iter()
+        .map(|(id, addr)| {
+            Value::Table(table([
+                ("identity", id.clone().into()),
+                ("dir_addr", addr.to_string().into()),
+            ]))
+        })
+        .collect::<Vec<_>>();
+    let zero = || Value::Integer(0);
+    let cfg = table([
+        ("data_dir", data_dir.display().to_string().into()),
+        ("listen", listen.to_string().into()),
+        (
+            "voting_interval_secs",
+            Value::Integer(VOTING_INTERVAL_SECS as i64),
+        ),
+        ("allow_private_addresses", true.into()),
+        ("authorities", Value::Array(auths)),
+        (
+            "flags",
+            Value::Table(table([
+                ("fast_min_bandwidth", zero()),
+                ("guard_min_bandwidth", zero()),
+                ("stable_min_uptime_secs", zero()),
+                ("guard_min_known_secs", zero()),
+            ])),
+        ),
+        (
+            "params",
+            Value::Table(table([("enforce_distinct_subnets", zero())])),
+        ),
+    ]);
+    toml::to_string(&cfg)
 }
 
 fn write_file(path: &Path, text: &str) -> Result<(), String> {
@@ -205,7 +231,7 @@ async fn start_and_serve(
 ) -> CmdResult {
     for (i, (adir, id, addr)) in auths.iter().enumerate() {
         let cfg = dir.join(format!("auth{i}.toml"));
-        write_file(&cfg, &authority_toml(adir, *addr, auth_list))?;
+        write_file(&cfg, &authority_toml(adir, *addr, auth_list)?)?;
         let log = dir.join(format!("auth{i}.log"));
         let cfg_s = cfg.display().to_string();
         let node = procs::spawn(
@@ -242,14 +268,9 @@ async fn start_and_serve(
         let identity = allium_relay::keys::RelayKeys::load_or_create(&rdir)
             .map_err(|e| format!("creating keys for {name}: {e}"))?
             .id;
-        let mut cfg = RelayConfig::from_toml_str(
-            &format!(
-                "nickname = \"{}{i}\"\nlisten = \"{listen}\"\ndata_dir = {:?}\n",
-                if exit { "TestExit" } else { "TestRelay" },
-                rdir.display().to_string()
-            ),
-            Path::new("testnet relay config"),
-        )?;
+        let nickname = format!("{}{i}", if exit { "TestExit" } else { "TestRelay" });
+        let mut cfg = RelayConfig::for_test(&nickname, rdir);
+        cfg.listen = listen;
         cfg.contact = "allium testnet".into();
         cfg.authorities = relay_auths.clone();
         cfg.descriptor_publish_interval_secs = 60;
