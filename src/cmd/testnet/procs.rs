@@ -43,7 +43,7 @@ pub fn exited(node: &mut Node) -> Option<std::process::ExitStatus> {
 pub fn stop_all(nodes: &mut [Node], grace: Duration) {
     for n in nodes.iter() {
         if let Ok(pid) = i32::try_from(n.child.id()) {
-            // SAFETY-free: `kill` through the `kill` command keeps this crate free of unsafe code.
+            // SIGTERM via the `kill` command: std has no safe way to send a signal other than SIGKILL.
             let _ = Command::new("kill")
                 .arg("-TERM")
                 .arg(pid.to_string())
