@@ -163,6 +163,26 @@ async fn create_circuit(ml: &mut MemLink, ctx: &Ctx) -> TestCirc {
     }
 }
 
+/// A relay with `policy`, a client link (not from a relay) and one circuit created on it.
+async fn one_hop(policy: ExitPolicy) -> (TestRelay, MemLink, TestCirc) {
+    let r = test_relay(policy);
+    let mut ml = attach(&r.ctx, false);
+    let tc = create_circuit(&mut ml, &r.ctx).await;
+    (r, ml, tc)
+}
+
+/// An EXTEND towards a relay nobody knows (identity `[5; 32]`, 127.0.0.1:9).
+fn extend_to_unknown_relay() -> RelayMsg {
+    RelayMsg::Extend(Extend {
+        specs: vec![
+            LinkSpec::Ed25519Id(RelayId([5; 32])),
+            LinkSpec::Ipv4("127.0.0.1:9".parse().unwrap()),
+        ],
+        htype: 1,
+        hdata: vec![0; 100],
+    })
+}
+
 fn open_backward(tc: &mut TestCirc, mut cell: Cell) -> (usize, u16, RelayMsg, [u8; 16]) {
     assert_eq!(
         cell.cmd,
@@ -185,9 +205,7 @@ fn assert_destroy(cell: &Cell, id: u32) {
 
 #[tokio::test]
 async fn create_created_round_trip_and_one_hop_begin_refused() {
-    let r = test_relay(ExitPolicy::accept_all(true));
-    let mut ml = attach(&r.ctx, false);
-    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let (_r, mut ml, mut tc) = one_hop(ExitPolicy::accept_all(true)).await;
     assert_eq!(ml.link.n_circuits(), 1);
     // DROP is ignored; BEGIN from a client to its first hop is refused (no one-hop exits).
     let (c, _) = relay_cell(
@@ -247,17 +265,8 @@ async fn bad_create_gets_destroy_and_no_state() {
 
 #[tokio::test]
 async fn extend_outside_relay_early_destroys() {
-    let r = test_relay(ExitPolicy::default());
-    let mut ml = attach(&r.ctx, false);
-    let mut tc = create_circuit(&mut ml, &r.ctx).await;
-    let ext = RelayMsg::Extend(Extend {
-        specs: vec![
-            LinkSpec::Ed25519Id(RelayId([5; 32])),
-            LinkSpec::Ipv4("127.0.0.1:9".parse().unwrap()),
-        ],
-        htype: 1,
-        hdata: vec![0; 100],
-    });
+    let (_r, mut ml, mut tc) = one_hop(ExitPolicy::default()).await;
+    let ext = extend_to_unknown_relay();
     let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 0, &ext);
     ml.tx.send(c).await.unwrap();
     assert_destroy(&ml.recv().await, tc.id);
@@ -266,17 +275,8 @@ async fn extend_outside_relay_early_destroys() {
 
 #[tokio::test]
 async fn extend_to_unknown_relay_truncates() {
-    let r = test_relay(ExitPolicy::default());
-    let mut ml = attach(&r.ctx, false);
-    let mut tc = create_circuit(&mut ml, &r.ctx).await;
-    let ext = RelayMsg::Extend(Extend {
-        specs: vec![
-            LinkSpec::Ed25519Id(RelayId([5; 32])),
-            LinkSpec::Ipv4("127.0.0.1:9".parse().unwrap()),
-        ],
-        htype: 1,
-        hdata: vec![0; 100],
-    });
+    let (_r, mut ml, mut tc) = one_hop(ExitPolicy::default()).await;
+    let ext = extend_to_unknown_relay();
     let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY_EARLY, 0, &ext);
     ml.tx.send(c).await.unwrap();
     let (hop, sid, msg, _) = open_backward(&mut tc, ml.recv().await);
@@ -288,9 +288,7 @@ async fn extend_to_unknown_relay_truncates() {
 
 #[tokio::test]
 async fn ninth_relay_early_destroys() {
-    let r = test_relay(ExitPolicy::default());
-    let mut ml = attach(&r.ctx, false);
-    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let (_r, mut ml, mut tc) = one_hop(ExitPolicy::default()).await;
     for _ in 0..8 {
         let (c, _) = relay_cell(
             &mut tc,
@@ -326,9 +324,7 @@ async fn ninth_relay_early_destroys() {
 
 #[tokio::test]
 async fn bad_tag_destroys_silently() {
-    let r = test_relay(ExitPolicy::default());
-    let mut ml = attach(&r.ctx, false);
-    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let (r, mut ml, mut tc) = one_hop(ExitPolicy::default()).await;
     let other = create_circuit(&mut ml, &r.ctx).await;
     let (mut c, _) = relay_cell(
         &mut tc,
@@ -947,9 +943,7 @@ fn hop2_keys() -> allium_crypto::handshake::HopKeys {
 
 #[tokio::test]
 async fn middle_forwards_both_ways_and_propagates_destroy() {
-    let r = test_relay(ExitPolicy::default());
-    let mut ml = attach(&r.ctx, false);
-    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let (r, mut ml, mut tc) = one_hop(ExitPolicy::default()).await;
     let (mut nl, next_id) = fake_next_hop(&r, &tc, &ml);
     tc.cc.add_hop(&hop2_keys()).unwrap();
     let mut hop2 = allium_crypto::relaycell::RelayHopCrypto::new(&hop2_keys());
@@ -1009,9 +1003,7 @@ async fn backward_relay_early_destroys_both_ways() {
 
 #[tokio::test]
 async fn pass_cell_without_next_hop_destroys() {
-    let r = test_relay(ExitPolicy::default());
-    let mut ml = attach(&r.ctx, false);
-    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let (_r, mut ml, mut tc) = one_hop(ExitPolicy::default()).await;
     tc.cc.add_hop(&hop2_keys()).unwrap();
     let (c, _) = relay_cell(
         &mut tc,
