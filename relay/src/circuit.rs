@@ -66,6 +66,17 @@ pub(crate) struct CircInner {
     backward_busy: bool,
 }
 
+impl CircInner {
+    /// How many DATA cells stream `sid` may send now: the smaller of the circuit and stream
+    /// package windows (`None` if the stream is gone).
+    fn stream_budget(&self, sid: u16) -> Option<usize> {
+        let st = self.streams.get(&sid)?;
+        Some(usize::from(
+            self.send_win.window().min(st.win.send.window()),
+        ))
+    }
+}
+
 /// What a backward producer made under the circuit lock.
 pub(crate) enum Produced {
     /// A cell to enqueue now.
@@ -528,9 +539,8 @@ impl Circuit {
         let mut n_cells = 0usize;
         let r = self
             .send_backward(ctx, |inner| {
-                let allowed = match inner.streams.get(&sid) {
-                    None => return Produced::Closed,
-                    Some(st) => usize::from(inner.send_win.window().min(st.win.send.window())),
+                let Some(allowed) = inner.stream_budget(sid) else {
+                    return Produced::Closed;
                 };
                 let n = allowed.min(wanted);
                 if n == 0 {
@@ -577,10 +587,7 @@ impl Circuit {
         if self.is_closed() {
             return None;
         }
-        let st = inner.streams.get(&sid)?;
-        Some(usize::from(
-            inner.send_win.window().min(st.win.send.window()),
-        ))
+        inner.stream_budget(sid)
     }
 
     /// Drop the next hop (TRUNCATE), sending it a DESTROY.
