@@ -163,6 +163,24 @@ fn check_params(object: &'static str, p: &BTreeMap<String, i32>) -> Result<()> {
     Ok(())
 }
 
+/// Relays must be strictly sorted by identity, and each entry well formed.
+fn check_relays<'a>(
+    object: &'static str,
+    relays: impl Iterator<Item = &'a ConsensusEntry> + Clone,
+) -> Result<()> {
+    let mut prev: Option<&RelayId> = None;
+    for r in relays.clone() {
+        if prev.is_some_and(|p| *p >= r.identity) {
+            return Err(DirError::invalid(object, "relays not sorted by identity"));
+        }
+        prev = Some(&r.identity);
+    }
+    for r in relays {
+        r.check(object)?;
+    }
+    Ok(())
+}
+
 impl Document for Vote {
     const DOMAIN: &'static str = DOMAIN_VOTE;
     const MAX_LEN: usize = MAX_CONSENSUS_LEN;
@@ -179,20 +197,7 @@ impl Document for Vote {
             self.valid_until,
         )?;
         check_params(Self::NAME, &self.params)?;
-        if !self
-            .relays
-            .windows(2)
-            .all(|w| matches!(w, [a, b] if a.entry.identity < b.entry.identity))
-        {
-            return Err(DirError::invalid(
-                Self::NAME,
-                "relays not sorted by identity",
-            ));
-        }
-        for r in &self.relays {
-            r.entry.check(Self::NAME)?;
-        }
-        Ok(())
+        check_relays(Self::NAME, self.relays.iter().map(|r| &r.entry))
     }
 }
 
@@ -224,20 +229,7 @@ impl Document for Consensus {
                 "voters must be sorted, unique, at most 16",
             ));
         }
-        if !self
-            .relays
-            .windows(2)
-            .all(|w| matches!(w, [a, b] if a.identity < b.identity))
-        {
-            return Err(DirError::invalid(
-                Self::NAME,
-                "relays not sorted by identity",
-            ));
-        }
-        for r in &self.relays {
-            r.check(Self::NAME)?;
-        }
-        Ok(())
+        check_relays(Self::NAME, self.relays.iter())
     }
 }
 
