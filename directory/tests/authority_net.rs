@@ -18,6 +18,22 @@ async fn upload_all(net: &Net, relays: &[Relay], published: u64) {
     }
 }
 
+/// The certificate list served by the first authority.
+async fn fetch_certs(net: &Net) -> Vec<u8> {
+    http::request(
+        net.infos[0].dir_addr,
+        "GET",
+        paths::CERTS,
+        None,
+        client::MAX_CERTS_LEN,
+        http::DEFAULT_TIMEOUT,
+    )
+    .await
+    .expect("certs")
+    .into_ok("certs")
+    .expect("ok")
+}
+
 fn relays(n: u16) -> Vec<Relay> {
     (0..n).map(|i| Relay::new(9000 + i)).collect()
 }
@@ -108,18 +124,7 @@ async fn one_of_three_signatures_rejected_and_relay_down_dropped() {
     let mut one =
         Signed::<allium_directory::doc::Consensus>::from_body_unsigned(full.body().to_vec());
     assert!(one.add_detached_signature(full.sigs()[0]));
-    let certs = http::request(
-        net.infos[0].dir_addr,
-        "GET",
-        paths::CERTS,
-        None,
-        client::MAX_CERTS_LEN,
-        http::DEFAULT_TIMEOUT,
-    )
-    .await
-    .expect("certs")
-    .into_ok("certs")
-    .expect("ok");
+    let certs = fetch_certs(&net).await;
     let now = now_unix();
     let err = client::verify_consensus_bytes(&one.to_bytes(), &certs, &net.infos, now)
         .expect_err("1 of 3 must be rejected");
@@ -339,18 +344,7 @@ async fn restarted_authority_rejoins_and_cache_protects_against_rollback() {
         .expect_err("rollback");
     // (no certificates: signature check fails first); with certificates it is a rollback:
     assert!(matches!(err, DirError::BadSignature { .. }), "{err}");
-    let certs = http::request(
-        net.infos[0].dir_addr,
-        "GET",
-        paths::CERTS,
-        None,
-        client::MAX_CERTS_LEN,
-        http::DEFAULT_TIMEOUT,
-    )
-    .await
-    .expect("certs")
-    .into_ok("certs")
-    .expect("ok");
+    let certs = fetch_certs(&net).await;
     let err = cache
         .offer(&old_bytes, &certs, now_unix())
         .expect_err("rollback");
