@@ -105,6 +105,13 @@ async fn start_net(n_relays: usize, n_exits: usize) -> Net {
     }
 }
 
+/// A proxy on `net` that has built its first circuits.
+async fn start_ready_proxy(net: &Net, data: &std::path::Path) -> allium_client::ProxyHandle {
+    let proxy = allium_client::start(proxy_config(net, data)).await.unwrap();
+    proxy.wait_ready(Duration::from_secs(20)).await.unwrap();
+    proxy
+}
+
 fn proxy_config(net: &Net, data: &std::path::Path) -> ProxyConfig {
     ProxyConfig {
         socks_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -197,10 +204,7 @@ async fn killing_the_middle_fails_the_stream_promptly() {
     init_log();
     let mut net = start_net(6, 2).await;
     let data = tempfile::tempdir().unwrap();
-    let proxy = allium_client::start(proxy_config(&net, data.path()))
-        .await
-        .unwrap();
-    proxy.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let proxy = start_ready_proxy(&net, data.path()).await;
     let socks = proxy.socks_addr();
     let port = firehose_server().await;
 
@@ -258,10 +262,7 @@ async fn guards_persist_across_restarts() {
     init_log();
     let net = start_net(6, 2).await;
     let data = tempfile::tempdir().unwrap();
-    let proxy = allium_client::start(proxy_config(&net, data.path()))
-        .await
-        .unwrap();
-    proxy.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let proxy = start_ready_proxy(&net, data.path()).await;
     let first: Vec<_> = proxy.circuits().iter().map(|c| c.path[0]).collect();
     proxy.shutdown().await;
     let state = std::fs::read_to_string(data.path().join("guards.json")).unwrap();
@@ -271,10 +272,7 @@ async fn guards_persist_across_restarts() {
     );
 
     for _ in 0..2 {
-        let proxy = allium_client::start(proxy_config(&net, data.path()))
-            .await
-            .unwrap();
-        proxy.wait_ready(Duration::from_secs(20)).await.unwrap();
+        let proxy = start_ready_proxy(&net, data.path()).await;
         let again: Vec<_> = proxy.circuits().iter().map(|c| c.path[0]).collect();
         // Every circuit uses a primary guard sampled by the first run (the first one unless
         // it was the exit).
@@ -296,10 +294,7 @@ async fn streams_over_three_hop_circuits() {
     init_log();
     let net = start_net(5, 2).await;
     let data = tempfile::tempdir().unwrap();
-    let proxy = allium_client::start(proxy_config(&net, data.path()))
-        .await
-        .unwrap();
-    proxy.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let proxy = start_ready_proxy(&net, data.path()).await;
     let socks = proxy.socks_addr();
     let port = echo_server().await;
 
