@@ -182,7 +182,14 @@ fn consensus_acceptance_rules() {
         .expect("b");
     bad.sig.0[5] ^= 1;
     assert!(!forged.add_detached_signature(bad));
-    let raw = forge_envelope(s.body(), &[s.sigs()[0], bad]);
+    // (a's signature by signer: `sigs()[0]` is b's whenever b's key sorts first, and an
+    // envelope with b twice is refused at parsing, before the check meant here.)
+    let a_sig = *s
+        .sigs()
+        .iter()
+        .find(|x| x.signer == a.signing.public())
+        .expect("a");
+    let raw = forge_envelope(s.body(), &[a_sig, bad]);
     let parsed = Signed::<Consensus>::from_bytes(&raw).expect("parse");
     assert!(parsed.verify(&all, &certs, NOW).is_err());
 
@@ -191,11 +198,6 @@ fn consensus_acceptance_rules() {
         signer: b.signing.public(),
         sig: Sig64(b.signing.sign(DOMAIN_VOTE, s.body())),
     };
-    let a_sig = *s
-        .sigs()
-        .iter()
-        .find(|x| x.signer == a.signing.public())
-        .expect("a");
     let raw = forge_envelope(s.body(), &[a_sig, wrong]);
     let parsed = Signed::<Consensus>::from_bytes(&raw).expect("parse");
     assert!(parsed.verify(&all, &certs, NOW).is_err());
