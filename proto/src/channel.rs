@@ -26,7 +26,7 @@ use crate::cell::{CELL_LEN, Cell, CellCmd};
 use crate::err::LinkError;
 use crate::link::{
     self, HandshakeInfo, Initiator, LEN_PREFIX, LinkOpener, LinkSealer, LinkTransport,
-    MAX_CELLS_PER_FRAME, MAX_FRAME_LEN, MAX_FRAME_PLAINTEXT, MAX_HANDSHAKE_MSG_LEN, Responder,
+    MAX_CELLS_PER_FRAME, MAX_FRAME_LEN, MAX_HANDSHAKE_MSG_LEN, Responder,
 };
 
 pub use crate::link::HANDSHAKE_TIMEOUT;
@@ -416,7 +416,8 @@ async fn writer_task(
     mut sealer: LinkSealer,
     closed: CloseSignal,
 ) {
-    let mut plain: Vec<u8> = Vec::with_capacity(MAX_FRAME_PLAINTEXT);
+    // One slot per cell of a frame, zeroed once per link (every slot used is overwritten).
+    let mut plain = vec![[0u8; CELL_LEN]; MAX_CELLS_PER_FRAME];
     let mut frame = vec![0u8; MAX_FRAME_LEN + LEN_PREFIX];
     let result: Result<(), LinkError> = async {
         loop {
@@ -443,29 +444,29 @@ async fn writer_task(
     closed.cancel();
 }
 
-fn push_cell(plain: &mut Vec<u8>, c: &Cell) {
-    plain.extend_from_slice(&c.circ_id.to_be_bytes());
-    plain.push(c.cmd.0);
-    plain.extend_from_slice(&c.body[..]);
-}
-
 async fn write_batch<W: AsyncWrite + Unpin>(
     first: Cell,
     rx: &mut mpsc::Receiver<Cell>,
-    plain: &mut Vec<u8>,
+    plain: &mut [[u8; CELL_LEN]],
     frame: &mut [u8],
     sealer: &mut LinkSealer,
     wr: &mut W,
 ) -> Result<(), LinkError> {
-    plain.clear();
-    push_cell(plain, &first);
-    drop(first);
-    for _ in 1..MAX_CELLS_PER_FRAME {
-        match rx.try_recv() {
-            Ok(c) => push_cell(plain, &c),
-            Err(_) => break,
+    // `first` and then whatever is already queued, up to one frame's worth of cells.
+    let mut n = 0;
+    let mut next = Some(first);
+    while let Some(c) = next.take() {
+        let Some(slot) = plain.get_mut(n) else { break };
+        c.encode_into(slot);
+        n += 1;
+        if n < plain.len() {
+            next = rx.try_recv().ok();
         }
     }
+    let plain = plain
+        .get(..n)
+        .ok_or(LinkError::Misuse("frame bounds"))?
+        .as_flattened();
     let n = sealer.seal_frame(plain, frame)?;
     let bytes = frame.get(..n).ok_or(LinkError::Misuse("frame bounds"))?;
     tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(bytes))
