@@ -84,7 +84,7 @@ impl Link {
         let mut map = self
             .circuits
             .lock()
-            .map_err(|_| ClientError::Link("poisoned".into()))?;
+            .map_err(|_| ClientError::Link("internal lock poisoned".into()))?;
         let id = loop {
             let id = CircId::random(true);
             if !map.contains_key(&id.get()) {
