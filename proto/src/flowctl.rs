@@ -124,9 +124,16 @@ impl<const MAX: u16, const INC: u16> RecvWindow<MAX, INC> {
 }
 
 /// The tags of the DATA cells that will trigger SENDMEs, oldest first (design §4).
-#[derive(Default)]
 pub struct SendmeTags {
     tags: VecDeque<Tag>,
+}
+
+// Not derived: `CircSendWindow::new` goes through `Default`, and it should get the
+// preallocated queue of `new` rather than one that grows on the first SENDMEs.
+impl Default for SendmeTags {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl std::fmt::Debug for SendmeTags {
