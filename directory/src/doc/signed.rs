@@ -98,6 +98,14 @@ struct RawSigned {
     sigs: Vec<SigEntry>,
 }
 
+/// [`RawSigned`] borrowed, for encoding without copying the body (same bytes: both fields
+/// serialize as sequences).
+#[derive(Serialize)]
+struct RawSignedRef<'a> {
+    body: &'a [u8],
+    sigs: &'a [SigEntry],
+}
+
 /// A parsed but not yet verified document: body bytes and signatures.
 ///
 /// This is the *unverified* state of every document; the `verify` methods on the concrete
@@ -266,9 +274,9 @@ impl<T: Document> Signed<T> {
 
     /// The envelope's bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let raw = RawSigned {
-            body: self.body.clone(),
-            sigs: self.sigs.clone(),
+        let raw = RawSignedRef {
+            body: &self.body,
+            sigs: &self.sigs,
         };
         postcard::to_allocvec(&raw).unwrap_or_default()
     }
