@@ -131,8 +131,8 @@ pub fn schedule(v: &VerifiedConsensus, role: FetchRole) -> u64 {
     let (start, len) = match role {
         FetchRole::Cache => (c.fresh_until, interval / 2),
         FetchRole::Client => {
-            let start = c.fresh_until.saturating_add(interval * 3 / 4);
-            let len = c.valid_until.saturating_sub(start) * 7 / 8;
+            let start = c.fresh_until.saturating_add(interval.saturating_mul(3) / 4);
+            let len = c.valid_until.saturating_sub(start).saturating_mul(7) / 8;
             (start.min(c.valid_until), len)
         }
     };
