@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use allium_client::socks::client::{self, ClientRequest};
+use allium_client::socks::wire::Target;
 use allium_client::{AuthorityInfo, ProxyConfig, ProxyHandle};
 use allium_crypto::RelayId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,15 +56,29 @@ async fn refused_requests_get_the_right_codes() {
     assert_ne!(a.port(), 0);
     assert!(!proxy.is_ready());
 
-    // No consensus, so no circuit: general failure, not a hang.
-    let mut s = TcpStream::connect(a).await.unwrap();
-    greet(&mut s).await;
-    let mut req = vec![5, 1, 0, 3, 11];
-    req.extend_from_slice(b"example.com");
-    req.extend_from_slice(&80u16.to_be_bytes());
-    s.write_all(&req).await.unwrap();
-    assert_eq!(reply_code(&mut s).await, 0x01);
+    // No consensus, so no circuit: general failure, not a hang; for every form of request.
+    let host = || Target::Host("example.com".into(), 80);
+    for req in [
+        ClientRequest::connect(host(), None),
+        ClientRequest::connect(host(), Some(("u", "p"))),
+        ClientRequest::resolve("example.com", None),
+        ClientRequest::connect(Target::Ip("127.0.0.1:80".parse().unwrap()), None),
+    ] {
+        let err = client::request(a, req.clone(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(err.reply_code(), Some(0x01), "{req:?}: {err}");
+    }
+    let err = client::request(
+        a,
+        ClientRequest::socks4a(host(), "u"),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.reply_code(), Some(0x5B), "SOCKS4a: {err}");
 
+    // Hostile or unsupported requests the client codec will not write are sent as raw bytes.
     // BIND and RESOLVE_PTR: command not supported.
     for cmd in [2u8, 0xF1] {
         let mut s = TcpStream::connect(a).await.unwrap();
@@ -79,7 +95,7 @@ async fn refused_requests_get_the_right_codes() {
     s.write_all(&[5, 1, 0, 9, 0, 0, 0]).await.unwrap();
     assert_eq!(reply_code(&mut s).await, 0x08);
 
-    // Username/password is offered and accepted (any non-empty pair).
+    // Username/password is chosen when offered, and any pair is accepted.
     let mut s = TcpStream::connect(a).await.unwrap();
     s.write_all(&[5, 2, 0, 2]).await.unwrap();
     let mut m = [0u8; 2];
@@ -88,6 +104,12 @@ async fn refused_requests_get_the_right_codes() {
     s.write_all(&[1, 1, b'u', 1, b'p']).await.unwrap();
     s.read_exact(&mut m).await.unwrap();
     assert_eq!(m, [1, 0]);
+
+    // No method we have: 0xFF, then closed.
+    let mut s = TcpStream::connect(a).await.unwrap();
+    s.write_all(&[5, 1, 0x80]).await.unwrap();
+    s.read_exact(&mut m).await.unwrap();
+    assert_eq!(m, [5, 0xFF]);
 
     // Not SOCKS at all: closed.
     let mut s = TcpStream::connect(a).await.unwrap();

@@ -1,8 +1,10 @@
 //! Whole-network test helpers: a complete Allium network in one process on 127.0.0.1.
 //!
-//! [`TestNet::start`] starts 3 directory authorities (voting driven by hand, so no test waits for a
-//! schedule), N relays (the first `exits` of them exits whose policy allows loopback, with a
-//! resolver that knows [`EXIT_ONLY_NAME`]), a SOCKS proxy, and an HTTP server
+//! [`TestNet::start`] plans the network with the same builder as `allium testnet`
+//! ([`allium::cmd::testnet::NetworkBuilder`]) and starts every node in this process: 3 directory
+//! authorities (voting driven by hand, so no test waits for a schedule), N relays (the first
+//! `exits` of them exits whose policy allows loopback and every port but [`REFUSED_PORT`], with
+//! a resolver that knows [`EXIT_ONLY_NAME`]), a SOCKS proxy, and an HTTP server
 //! ([`allium::cmd::testnet::httpd`]). Every wait is bounded.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -10,12 +12,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use allium::cmd::testnet::NetworkBuilder;
 use allium_client::{ProxyConfig, ProxyHandle};
-use allium_directory::AuthorityInfo;
-use allium_directory::authority::{self, AuthorityConfig, AuthorityHandle, StartOptions};
+use allium_directory::authority::{self, AuthorityHandle, StartOptions};
 use allium_relay::{ExitPolicy, RelayConfig, RelayHandle, StaticResolver, SystemResolver};
 
-pub use allium::cmd::testnet::{httpd, socks};
+pub use allium::cmd::testnet::httpd;
+/// The SOCKS client: the client crate's codec and its async helpers.
+pub use allium_client::socks::client as socks;
 
 /// A host name that only the exits' resolver knows (it maps to 127.0.0.1).
 pub const EXIT_ONLY_NAME: &str = "only-the-exit-knows.allium.test";
@@ -55,6 +59,8 @@ pub struct TestNet {
     pub relays: Mutex<Vec<Option<RelayHandle>>>,
     /// Their configurations, for restarts.
     pub relay_configs: Vec<RelayConfig>,
+    /// The proxy's configuration (also the template of [`TestNet::proxy_config`]).
+    pub proxy_config: ProxyConfig,
     /// The proxy.
     pub proxy: ProxyHandle,
     /// The SOCKS address of the proxy.
@@ -88,33 +94,15 @@ pub async fn start_relay(cfg: RelayConfig) -> Result<RelayHandle, String> {
         .map_err(|e| e.to_string())
 }
 
-fn relay_config(
-    i: usize,
-    exit: bool,
-    dir: &Path,
-    auths: &[AuthorityInfo],
-) -> Result<RelayConfig, String> {
-    let nickname = format!("{}{i}", if exit { "Exit" } else { "Relay" });
-    let mut cfg = RelayConfig::for_test(&nickname, dir.join(format!("relay{i}")));
-    cfg.authorities = auths
-        .iter()
-        .map(|a| allium_relay::AuthorityConfig {
-            identity: a.identity.to_hex(),
-            dir_addr: a.dir_addr,
-        })
-        .collect();
-    cfg.exit_policy = if exit {
-        ExitPolicy {
-            accept: vec![
-                format!("1-{}", REFUSED_PORT - 1),
-                format!("{}-65535", REFUSED_PORT + 1),
-            ],
-            allow_private: true,
-        }
-    } else {
-        ExitPolicy::default()
-    };
-    Ok(cfg)
+/// The exit policy of [`TestNet`] exits: every port but [`REFUSED_PORT`], loopback allowed.
+pub fn exit_policy() -> ExitPolicy {
+    ExitPolicy {
+        accept: vec![
+            format!("1-{}", REFUSED_PORT - 1),
+            format!("{}-65535", REFUSED_PORT + 1),
+        ],
+        allow_private: true,
+    }
 }
 
 impl TestNet {
@@ -134,34 +122,28 @@ impl TestNet {
             .map_err(|e| e.to_string())?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let now = allium_directory::now_unix();
+        let plan = NetworkBuilder::new()
+            .relays(opts.relays)
+            .exits(opts.exits)
+            .exit_policy(exit_policy())
+            .plan(dir.path(), now)?;
+        let configs = (0..plan.authorities.len())
+            .map(|i| plan.authority_config(i).ok_or("no authority configuration"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let allium::cmd::testnet::NetworkPlan {
+            authorities: planned,
+            relays: planned_relays,
+            proxy: proxy_config,
+            ..
+        } = plan;
 
-        // Authorities: bind first so that every configuration can list every address.
-        let (authorities, infos) = rt.block_on(async {
-            let mut listeners = Vec::new();
-            let mut infos = Vec::new();
-            let mut dirs = Vec::new();
-            for i in 0..3 {
-                let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let adir = dir.path().join(format!("auth{i}"));
-                let (id, _) =
-                    authority::keys::generate_for_test(&adir, now).map_err(|e| e.to_string())?;
-                infos.push(AuthorityInfo {
-                    identity: id.public(),
-                    dir_addr: l.local_addr().map_err(|e| e.to_string())?,
-                });
-                listeners.push(l);
-                dirs.push(adir);
-            }
+        let authorities = rt.block_on(async {
             let mut handles = Vec::new();
-            for (l, adir) in listeners.into_iter().zip(dirs) {
-                let cfg = AuthorityConfig::new(
-                    adir,
-                    l.local_addr().map_err(|e| e.to_string())?,
-                    infos.clone(),
-                )
-                .for_test_network(3600);
+            for (a, cfg) in planned.into_iter().zip(configs) {
+                a.listener
+                    .set_nonblocking(true)
+                    .map_err(|e| e.to_string())?;
+                let l = tokio::net::TcpListener::from_std(a.listener).map_err(|e| e.to_string())?;
                 let opts = StartOptions {
                     listener: Some(l),
                     schedule: false,
@@ -173,15 +155,14 @@ impl TestNet {
                         .map_err(|e| e.to_string())?,
                 );
             }
-            Ok::<_, String>((handles, infos))
+            Ok::<_, String>(handles)
         })?;
 
         let mut relay_configs = Vec::new();
         let mut relays = Vec::new();
-        for i in 0..opts.relays {
-            let cfg = relay_config(i, i < opts.exits, dir.path(), &infos)?;
-            relays.push(Some(rt.block_on(start_relay(cfg.clone()))?));
-            relay_configs.push(cfg);
+        for r in planned_relays {
+            relays.push(Some(rt.block_on(start_relay(r.config.clone()))?));
+            relay_configs.push(r.config);
         }
         let n = opts.relays;
         wait_until(
@@ -209,14 +190,9 @@ impl TestNet {
                 .await
                 .map_err(|e| e.to_string())?;
             drop(task); // the server task runs on until the runtime stops
-            let cfg = ProxyConfig {
-                socks_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-                data_dir: dir.path().join("proxy"),
-                authorities: infos.clone(),
-                test_network: true,
-                ..ProxyConfig::default()
-            };
-            let proxy = allium_client::start(cfg).await.map_err(|e| e.to_string())?;
+            let proxy = allium_client::start(proxy_config.clone())
+                .await
+                .map_err(|e| e.to_string())?;
             proxy
                 .wait_ready(Duration::from_secs(30))
                 .await
@@ -230,10 +206,31 @@ impl TestNet {
             authorities,
             relays: Mutex::new(relays),
             relay_configs,
+            proxy_config,
             proxy,
             socks,
             http,
         })
+    }
+
+    /// The configuration of another proxy on this network, with its data in `data_dir`.
+    pub fn proxy_config(&self, data_dir: &Path) -> ProxyConfig {
+        ProxyConfig {
+            data_dir: data_dir.to_path_buf(),
+            ..self.proxy_config.clone()
+        }
+    }
+
+    /// Start another proxy on this network (data in `data_dir`) and wait until it is ready.
+    pub async fn start_proxy(&self, data_dir: &Path) -> Result<ProxyHandle, String> {
+        let proxy = allium_client::start(self.proxy_config(data_dir))
+            .await
+            .map_err(|e| e.to_string())?;
+        proxy
+            .wait_ready(Duration::from_secs(30))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(proxy)
     }
 
     /// The HTTP server's host (an IP literal) and port.
@@ -257,6 +254,24 @@ pub async fn http_exchange(
     })
     .await
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "HTTP exchange timed out"))?
+}
+
+/// Start an echo server on 127.0.0.1 (each connection gets back what it sends, then EOF after
+/// the client's EOF) on the current runtime; returns its port.
+pub async fn spawn_echo() -> std::io::Result<u16> {
+    use tokio::io::AsyncWriteExt as _;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = l.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Ok(port)
 }
 
 /// Split an HTTP response into (status line, body).

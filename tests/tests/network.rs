@@ -5,6 +5,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use allium_client::socks::wire::Target;
 use allium_tests::{
     EXIT_ONLY_NAME, GET_HELLO, Options, REFUSED_PORT, TestNet, http_exchange, httpd, socks,
     split_response,
@@ -233,5 +234,92 @@ fn different_credentials_get_different_circuits() {
             let resp = http_exchange(s, GET_HELLO, T).await.expect("exchange");
             assert!(resp.ends_with(httpd::HELLO.as_bytes()));
         }
+    });
+}
+
+#[test]
+fn echo_one_mib_both_ways_at_once_byte_exact() {
+    let net = net();
+    net.rt.block_on(async {
+        let port = allium_tests::spawn_echo().await.expect("echo server");
+        let mut s = socks::connect(net.socks, "127.0.0.1", port, None, T)
+            .await
+            .expect("SOCKS connect");
+        let payload: Vec<u8> = (0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let (mut r, mut w) = s.split();
+        let send = async {
+            w.write_all(&payload).await?;
+            w.shutdown().await
+        };
+        let recv = async {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.map(|_| got)
+        };
+        let (sent, got) = tokio::time::timeout(T, async { tokio::join!(send, recv) })
+            .await
+            .expect("the echo timed out");
+        sent.expect("send");
+        let got = got.expect("receive");
+        assert!(
+            got == payload,
+            "echoed bytes differ ({} of {} bytes came back)",
+            got.len(),
+            payload.len()
+        );
+    });
+}
+
+#[test]
+fn socks4a_and_socks4_carry_streams() {
+    let net = net();
+    net.rt.block_on(async {
+        let (host, port) = net.http_target();
+        for (target, user) in [
+            (Target::Host(host.clone(), port), "four-a"),
+            (Target::Ip(net.http), ""),
+        ] {
+            let req = socks::ClientRequest::socks4a(target, user);
+            let (mut s, reply) = socks::request(net.socks, req, T)
+                .await
+                .expect("SOCKS4 request granted");
+            assert_eq!(reply.code, 0);
+            let resp = http_exchange(&mut s, GET_HELLO, T)
+                .await
+                .expect("HTTP exchange");
+            assert!(resp.ends_with(httpd::HELLO.as_bytes()));
+        }
+    });
+}
+
+#[test]
+fn guards_persist_across_proxy_restarts() {
+    let net = net();
+    net.rt.block_on(async {
+        let data = tempfile::tempdir().expect("temp dir");
+        let proxy = net.start_proxy(data.path()).await.expect("first proxy");
+        let first: Vec<_> = proxy.circuits().iter().map(|c| c.path[0]).collect();
+        proxy.shutdown().await;
+        let state = std::fs::read_to_string(data.path().join("guards.json")).expect("guards.json");
+        assert!(
+            state.contains(&first[0].to_hex()),
+            "the guard in use is not in the state file"
+        );
+        for _ in 0..2 {
+            let proxy = net.start_proxy(data.path()).await.expect("restarted proxy");
+            let again: Vec<_> = proxy.circuits().iter().map(|c| c.path[0]).collect();
+            // Every circuit uses a guard sampled by the first run.
+            for g in &again {
+                assert!(state.contains(&g.to_hex()), "a new guard after a restart");
+            }
+            assert!(first.iter().any(|g| again.contains(g)));
+            proxy.shutdown().await;
+        }
+        assert_eq!(
+            std::fs::read_to_string(data.path().join("guards.json")).expect("guards.json"),
+            state,
+            "the guard sample changed across restarts"
+        );
     });
 }

@@ -1,30 +1,23 @@
 //! The SOCKS listener: a connection semaphore, a handshake timeout, then one task per client.
 //!
-//! SOCKS5 authentication and CONNECT go through fast-socks5's protocol-level API only (design
-//! §7): `Socks5ServerProtocol::start(..).negotiate_auth(..)`, `read_command`, `reply_success` /
-//! `reply_error`. Because fast-socks5 cannot parse Tor's RESOLVE (`0xF0`), the request bytes are
-//! read (exactly, never more) and parsed by [`super::wire`] first; CONNECT requests are then
-//! replayed into fast-socks5 through [`Rewind`]. SOCKS4/4a is parsed by [`super::wire`] too.
-//! Destinations and credentials are never logged.
+//! This is a thin driver: the handshake is [`super::handshake::ServerHandshake`]. Bytes are
+//! peeked from the socket, given to the state machine, and only the bytes it consumed are
+//! then read out, so whatever the application sends after its request stays in the socket for
+//! the stream. Requests are then carried out on circuits and streams; every reply code comes
+//! from [`reply_code_for`]. Destinations and credentials are never logged.
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use fast_socks5::server::{
-    AuthMethodSuccessState as _, Socks5ServerProtocol, StandardAuthentication,
-    StandardAuthenticationStarted,
-};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
-use super::wire::{
-    self, CMD_CONNECT, CMD_RESOLVE, Socks5Request, SocksParseError, Target, reply, reply_error,
-    socks4_reply, socks5_reply,
+use super::handshake::{
+    HandshakeError, MAX_MESSAGE, Outcome, ServerHandshake, SocksCommand, SocksRequest,
 };
+use super::wire::{Target, reply};
 use crate::circ::{Circuit, StreamEvent};
 use crate::circmgr::CircMgr;
 use crate::isolation::IsolationKey;
@@ -57,6 +50,7 @@ pub(crate) async fn serve(
             Err(e) => {
                 // Out of file descriptors and the like: wait a little instead of spinning.
                 tracing::warn!("accepting a SOCKS connection failed: {e}");
+                #[allow(clippy::disallowed_methods)] // the listener is a tokio driver
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
@@ -70,78 +64,67 @@ pub(crate) async fn serve(
     }
 }
 
-async fn handle(mgr: Arc<CircMgr>, sock: TcpStream) {
+async fn handle(mgr: Arc<CircMgr>, mut sock: TcpStream) {
     let t = mgr.config().socks_handshake_timeout;
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(t, sock.peek(&mut first)).await {
-        Ok(Ok(1)) => {}
-        _ => return,
-    }
-    match first[0] {
-        5 => socks5(mgr, sock).await,
-        4 => socks4(mgr, sock).await,
-        _ => tracing::debug!("not a SOCKS4 or SOCKS5 client; closing"),
+    let req = match tokio::time::timeout(t, read_request(&mut sock)).await {
+        Ok(Ok(Ok(req))) => req,
+        Ok(Ok(Err(e))) => {
+            tracing::debug!("SOCKS request refused: {e}");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!("SOCKS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("SOCKS handshake timed out");
+            return;
+        }
+    };
+    match req.command {
+        SocksCommand::Connect => connect(&mgr, sock, &req).await,
+        SocksCommand::Resolve => {
+            let bytes = match resolve(&mgr, &req.target, &req.isolation).await {
+                Ok(ip) => req.reply(reply::SUCCEEDED, Some(SocketAddr::new(ip, 0))),
+                Err(f) => req.reply(reply_code_for(&f), None),
+            };
+            let _ = sock.write_all(&bytes).await;
+        }
     }
 }
 
-/// Errors during the SOCKS handshake (nothing sensitive inside).
-#[derive(Debug, thiserror::Error)]
-enum HandshakeError {
-    #[error("socks: {0}")]
-    Socks(#[from] fast_socks5::server::SocksServerError),
-    #[error("i/o: {0}")]
-    Io(#[from] io::Error),
-    #[error("request: {0}")]
-    Parse(#[from] SocksParseError),
-}
-
-async fn socks5_handshake(
-    sock: &mut TcpStream,
-) -> Result<(IsolationKey, Vec<u8>, Socks5Request), HandshakeError> {
-    let started = Socks5ServerProtocol::start(&mut *sock)
-        .negotiate_auth(StandardAuthentication::allow_no_auth(true))
-        .await?;
-    let iso = match started {
-        StandardAuthenticationStarted::NoAuthentication(a) => {
-            let _ = a.finish_auth();
-            IsolationKey::NoAuth
+/// Run the handshake on `sock` up to the request: peek, let the state machine consume, read
+/// out exactly what it consumed, send what it says. A refusal's reply is sent here.
+async fn read_request(sock: &mut TcpStream) -> io::Result<Result<SocksRequest, HandshakeError>> {
+    let mut hs = ServerHandshake::new();
+    let mut buf = [0u8; MAX_MESSAGE];
+    loop {
+        let n = sock.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        StandardAuthenticationStarted::PasswordAuthentication(a) => {
-            let (user, pass, a) = a.read_username_password().await?;
-            let _ = a.accept().await?.finish_auth();
-            IsolationKey::credentials(user, pass)
+        let p = hs.handle(buf.get(..n).unwrap_or_default());
+        if p.consumed == 0 && p.outcome.is_none() {
+            // The state machine always takes some of a non-empty input while it is not
+            // done; never spin on a peek.
+            return Err(io::Error::other("SOCKS handshake made no progress"));
         }
-    };
-    // Read exactly the request: every form is at least 7 bytes; 5 tell the whole length.
-    let mut buf = vec![0u8; 5];
-    sock.read_exact(&mut buf).await?;
-    let len = match wire::socks5_request_len(&buf) {
-        Ok(Some(n)) => n,
-        Ok(None) => return Err(SocksParseError::AddressType.into()),
-        Err(e) => {
-            let _ = sock
-                .write_all(&socks5_reply(reply::ADDRESS_TYPE_NOT_SUPPORTED, None))
-                .await;
-            return Err(e.into());
+        if let Some(taken) = buf.get_mut(..p.consumed) {
+            sock.read_exact(taken).await?;
         }
-    };
-    buf.resize(len, 0);
-    if let Some(rest) = buf.get_mut(5..) {
-        sock.read_exact(rest).await?;
-    }
-    match wire::parse_socks5_request(&buf) {
-        Ok(Some((req, _))) => Ok((iso, buf, req)),
-        Ok(None) => Err(SocksParseError::AddressType.into()),
-        Err(e) => {
-            let _ = sock
-                .write_all(&socks5_reply(reply::GENERAL_FAILURE, None))
-                .await;
-            Err(e.into())
+        if !p.send.is_empty() {
+            sock.write_all(&p.send).await?;
+        }
+        match p.outcome {
+            Some(Outcome::Request(r)) => return Ok(Ok(r)),
+            Some(Outcome::Refused(e)) => return Ok(Err(e)),
+            None => {}
         }
     }
 }
 
 /// Warn (at most once a minute) that an application gave an IP literal.
+#[allow(clippy::disallowed_methods)] // a rate limit for a log line, in the tokio driver
 fn warn_ip_literal(target: &Target) {
     static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
     if !target.is_ip() {
@@ -166,107 +149,64 @@ fn warn_ip_literal(target: &Target) {
     }
 }
 
-async fn socks5(mgr: Arc<CircMgr>, mut sock: TcpStream) {
-    let t = mgr.config().socks_handshake_timeout;
-    let (iso, req_bytes, req) = match tokio::time::timeout(t, socks5_handshake(&mut sock)).await {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => {
-            tracing::debug!("SOCKS5 handshake failed: {e}");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!("SOCKS5 handshake timed out");
-            return;
-        }
-    };
-    match req.cmd {
-        CMD_CONNECT => {
-            let rewind = Rewind::new(req_bytes, &mut sock);
-            let proto = match Socks5ServerProtocol::skip_auth_this_is_not_rfc_compliant(rewind)
-                .read_command()
-                .await
-            {
-                Ok((proto, _cmd, _addr)) => proto,
-                Err(e) => {
-                    tracing::debug!("SOCKS5 request rejected: {e}");
-                    return;
-                }
-            };
-            warn_ip_literal(&req.target);
-            match open(&mgr, &req.target, &iso).await {
-                Ok((circ, sid, rx)) => {
-                    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-                    if proto.reply_success(unspecified).await.is_err() {
-                        circ.end_stream(sid, allium_proto::relaymsg::EndReason::MISC)
-                            .await;
-                        return;
-                    }
-                    let _peer = PeerGuard::new(&mgr, &sock, &circ);
-                    stream::splice(circ, sid, rx, sock).await;
-                }
-                Err(code) => {
-                    let _ = proto.reply_error(&reply_error(code)).await;
-                }
-            }
-        }
-        CMD_RESOLVE => {
-            let r = resolve(&mgr, &req.target, &iso).await;
-            let bytes = match r {
-                Ok(ip) => socks5_reply(reply::SUCCEEDED, Some(SocketAddr::new(ip, 0))),
-                Err(code) => socks5_reply(code, None),
-            };
-            let _ = sock.write_all(&bytes).await;
-        }
-        _ => {
-            let _ = sock
-                .write_all(&socks5_reply(reply::COMMAND_NOT_SUPPORTED, None))
-                .await;
-        }
-    }
-}
-
-async fn socks4(mgr: Arc<CircMgr>, mut sock: TcpStream) {
-    let t = mgr.config().socks_handshake_timeout;
-    let read = async {
-        let mut buf = Vec::with_capacity(64);
-        let mut byte = [0u8; 1];
-        loop {
-            match wire::parse_socks4_request(&buf) {
-                Ok(Some((req, _))) => return Ok(req),
-                Ok(None) => {}
-                Err(e) => return Err(HandshakeError::from(e)),
-            }
-            sock.read_exact(&mut byte).await?;
-            buf.push(byte[0]);
-        }
-    };
-    let Ok(Ok(req)) = tokio::time::timeout(t, read).await else {
-        let _ = sock.write_all(&socks4_reply(false)).await;
-        return;
-    };
-    if req.cmd != 1 {
-        let _ = sock.write_all(&socks4_reply(false)).await;
-        return;
-    }
+/// CONNECT: open the stream, reply, then splice the socket to it.
+async fn connect(mgr: &CircMgr, mut sock: TcpStream, req: &SocksRequest) {
     warn_ip_literal(&req.target);
-    let iso = if req.user.is_empty() {
-        IsolationKey::NoAuth
-    } else {
-        IsolationKey::credentials(req.user, Vec::new())
-    };
-    match open(&mgr, &req.target, &iso).await {
+    match open(mgr, &req.target, &req.isolation).await {
         Ok((circ, sid, rx)) => {
-            if sock.write_all(&socks4_reply(true)).await.is_err() {
+            if sock
+                .write_all(&req.reply(reply::SUCCEEDED, None))
+                .await
+                .is_err()
+            {
                 circ.end_stream(sid, allium_proto::relaymsg::EndReason::MISC)
                     .await;
                 return;
             }
-            let _peer = PeerGuard::new(&mgr, &sock, &circ);
+            let _peer = PeerGuard::new(mgr, &sock, &circ);
             stream::splice(circ, sid, rx, sock).await;
         }
-        Err(_) => {
-            let _ = sock.write_all(&socks4_reply(false)).await;
+        Err(f) => {
+            let _ = sock.write_all(&req.reply(reply_code_for(&f), None)).await;
         }
+    }
+}
+
+/// Why a request could not be carried out.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// No exit in the consensus accepts the port (`has_dir`: whether a consensus is held).
+    NoExit {
+        /// Whether the proxy holds a consensus at all.
+        has_dir: bool,
+    },
+    /// No circuit could be had.
+    NoCircuit(crate::ClientError),
+    /// The stream layer chose this SOCKS5 reply (END reason, RESOLVED error, exit timeout).
+    Stream(u8),
+    /// Circuits failed under the request [`STREAM_ATTEMPTS`] times.
+    Exhausted,
+    /// No answer within [`OPEN_TIMEOUT`].
+    TimedOut,
+    /// RESOLVED held no address.
+    NoAddress,
+}
+
+/// The SOCKS5 reply code for a failure (SOCKS4 replies "rejected" for every one). The one
+/// place where reply codes are chosen; docs/protocol/95-client.md has the table.
+pub(crate) fn reply_code_for(f: &Failure) -> u8 {
+    if let Failure::NoCircuit(e) = f {
+        tracing::debug!("no circuit for a SOCKS request: {e}");
+    }
+    match f {
+        Failure::NoExit { has_dir: true } => reply::NOT_ALLOWED,
+        Failure::NoExit { has_dir: false } => reply::GENERAL_FAILURE,
+        // Once `ClientError::socks_reply()` exists: `Failure::NoCircuit(e) => e.socks_reply(),`
+        Failure::NoCircuit(_) => reply::GENERAL_FAILURE,
+        Failure::Stream(code) => *code,
+        Failure::Exhausted => reply::GENERAL_FAILURE,
+        Failure::TimedOut => reply::TTL_EXPIRED,
+        Failure::NoAddress => reply::HOST_UNREACHABLE,
     }
 }
 
@@ -298,36 +238,31 @@ type Opened = (Arc<Circuit>, u16, tokio::sync::mpsc::Receiver<StreamEvent>);
 
 /// Open a stream to `target`, retrying on another circuit when one fails under us; never
 /// longer than [`OPEN_TIMEOUT`] in all.
-async fn open(mgr: &CircMgr, target: &Target, iso: &IsolationKey) -> Result<Opened, u8> {
+async fn open(mgr: &CircMgr, target: &Target, iso: &IsolationKey) -> Result<Opened, Failure> {
     tokio::time::timeout(OPEN_TIMEOUT, open_inner(mgr, target, iso))
         .await
-        .unwrap_or(Err(reply::TTL_EXPIRED))
+        .unwrap_or(Err(Failure::TimedOut))
 }
 
-async fn open_inner(mgr: &CircMgr, target: &Target, iso: &IsolationKey) -> Result<Opened, u8> {
+async fn open_inner(mgr: &CircMgr, target: &Target, iso: &IsolationKey) -> Result<Opened, Failure> {
     let port = target.port();
     if !mgr.exit_exists(port) {
-        return Err(if mgr.has_dir() {
-            reply::NOT_ALLOWED
-        } else {
-            reply::GENERAL_FAILURE
+        return Err(Failure::NoExit {
+            has_dir: mgr.has_dir(),
         });
     }
     for _ in 0..STREAM_ATTEMPTS {
         let circ = match mgr.get_circuit(Some(port), iso).await {
             Ok(c) => c,
-            Err(e) => {
-                tracing::debug!("no circuit for a stream: {e}");
-                return Err(reply::GENERAL_FAILURE);
-            }
+            Err(e) => return Err(Failure::NoCircuit(e)),
         };
         match stream::begin(&circ, target).await {
             Ok((sid, rx)) => return Ok((circ, sid, rx)),
-            Err(OpenError::Reply(code)) => return Err(code),
+            Err(OpenError::Reply(code)) => return Err(Failure::Stream(code)),
             Err(OpenError::Retry) => continue,
         }
     }
-    Err(reply::GENERAL_FAILURE)
+    Err(Failure::Exhausted)
 }
 
 /// Resolve `target` at an exit, within [`OPEN_TIMEOUT`].
@@ -335,17 +270,17 @@ async fn resolve(
     mgr: &CircMgr,
     target: &Target,
     iso: &IsolationKey,
-) -> Result<std::net::IpAddr, u8> {
+) -> Result<std::net::IpAddr, Failure> {
     tokio::time::timeout(OPEN_TIMEOUT, resolve_inner(mgr, target, iso))
         .await
-        .unwrap_or(Err(reply::TTL_EXPIRED))
+        .unwrap_or(Err(Failure::TimedOut))
 }
 
 async fn resolve_inner(
     mgr: &CircMgr,
     target: &Target,
     iso: &IsolationKey,
-) -> Result<std::net::IpAddr, u8> {
+) -> Result<std::net::IpAddr, Failure> {
     if let Target::Ip(a) = target {
         return Ok(a.ip());
     }
@@ -353,66 +288,33 @@ async fn resolve_inner(
         let circ = mgr
             .get_circuit(None, iso)
             .await
-            .map_err(|_| reply::GENERAL_FAILURE)?;
+            .map_err(Failure::NoCircuit)?;
         match stream::resolve(&circ, &target.host_string()).await {
             Ok(v) => {
                 // Prefer IPv4, as Tor does for SOCKS RESOLVE.
                 let ip = v.iter().find(|a| a.is_ipv4()).or(v.first()).copied();
-                return ip.ok_or(reply::HOST_UNREACHABLE);
+                return ip.ok_or(Failure::NoAddress);
             }
-            Err(OpenError::Reply(code)) => return Err(code),
+            Err(OpenError::Reply(code)) => return Err(Failure::Stream(code)),
             Err(OpenError::Retry) => continue,
         }
     }
-    Err(reply::GENERAL_FAILURE)
+    Err(Failure::Exhausted)
 }
 
-/// A stream that first yields `prefix`, then reads from `inner`; writes go to `inner`.
-pub(crate) struct Rewind<'a> {
-    prefix: Vec<u8>,
-    pos: usize,
-    inner: &'a mut TcpStream,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl<'a> Rewind<'a> {
-    fn new(prefix: Vec<u8>, inner: &'a mut TcpStream) -> Self {
-        Self {
-            prefix,
-            pos: 0,
-            inner,
-        }
-    }
-}
-
-impl AsyncRead for Rewind<'_> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if let Some(rest) = this.prefix.get(this.pos..).filter(|r| !r.is_empty()) {
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(rest.get(..n).unwrap_or_default());
-            this.pos += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut *this.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewind<'_> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    #[test]
+    fn reply_codes_come_from_one_table() {
+        assert_eq!(reply_code_for(&Failure::NoExit { has_dir: true }), 0x02);
+        assert_eq!(reply_code_for(&Failure::NoExit { has_dir: false }), 0x01);
+        let e = crate::ClientError::NoPath("no exit");
+        assert_eq!(reply_code_for(&Failure::NoCircuit(e)), 0x01);
+        assert_eq!(reply_code_for(&Failure::Stream(0x05)), 0x05);
+        assert_eq!(reply_code_for(&Failure::Exhausted), 0x01);
+        assert_eq!(reply_code_for(&Failure::TimedOut), 0x06);
+        assert_eq!(reply_code_for(&Failure::NoAddress), 0x04);
     }
 }

@@ -5,22 +5,23 @@
 //! `testnet.json` in the data directory, and runs until Ctrl-C (or SIGTERM), then stops every child.
 
 pub mod httpd;
+pub mod plan;
 mod procs;
-pub mod socks;
+
+/// The SOCKS client used to probe the network (the client crate's codec).
+pub use allium_client::socks::client as socks;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use allium_client::ProxyConfig;
-use allium_relay::{ExitPolicy, RelayConfig};
+use allium_relay::ExitPolicy;
 use serde::Serialize;
 
 use super::CmdResult;
+use plan::free_port;
+pub use plan::{N_AUTHORITIES, NetworkBuilder, NetworkPlan};
 use procs::Node;
-
-/// Number of directory authorities in a test network.
-pub const N_AUTHORITIES: usize = 3;
 /// Voting interval of a test network, seconds.
 pub const VOTING_INTERVAL_SECS: u64 = 2;
 /// How long to wait for the network to carry its first stream.
@@ -83,11 +84,6 @@ pub fn run(args: Args) -> CmdResult {
     rt.block_on(run_async(args))
 }
 
-fn free_port() -> std::io::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    l.local_addr()
-}
-
 fn prepare_data_dir(arg: Option<PathBuf>) -> Result<PathBuf, String> {
     let dir = arg.unwrap_or_else(|| std::env::temp_dir().join("allium-testnet"));
     if dir.exists() {
@@ -108,56 +104,6 @@ fn prepare_data_dir(arg: Option<PathBuf>) -> Result<PathBuf, String> {
     std::fs::write(dir.join(".allium-testnet"), b"")
         .map_err(|e| format!("cannot write in {}: {e}", dir.display()))?;
     Ok(dir)
-}
-
-/// The configuration file of a test-network authority. Built as a TOML table (the authority's
-/// config type is read-only), so paths and values are quoted by the TOML writer.
-fn authority_toml(
-    data_dir: &Path,
-    listen: SocketAddr,
-    authorities: &[(String, SocketAddr)],
-) -> Result<String, toml::ser::Error> {
-    use toml::{Table, Value};
-    fn table<const N: usize>(entries: [(&str, Value); N]) -> Table {
-        entries
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect()
-    }
-    let auths = authorities
-        .iter()
-        .map(|(id, addr)| {
-            Value::Table(table([
-                ("identity", id.clone().into()),
-                ("dir_addr", addr.to_string().into()),
-            ]))
-        })
-        .collect::<Vec<_>>();
-    let zero = || Value::Integer(0);
-    let cfg = table([
-        ("data_dir", data_dir.display().to_string().into()),
-        ("listen", listen.to_string().into()),
-        (
-            "voting_interval_secs",
-            Value::Integer(VOTING_INTERVAL_SECS as i64),
-        ),
-        ("allow_private_addresses", true.into()),
-        ("authorities", Value::Array(auths)),
-        (
-            "flags",
-            Value::Table(table([
-                ("fast_min_bandwidth", zero()),
-                ("guard_min_bandwidth", zero()),
-                ("stable_min_uptime_secs", zero()),
-                ("guard_min_known_secs", zero()),
-            ])),
-        ),
-        (
-            "params",
-            Value::Table(table([("enforce_distinct_subnets", zero())])),
-        ),
-    ]);
-    toml::to_string(&cfg)
 }
 
 fn write_file(path: &Path, text: &str) -> Result<(), String> {
@@ -194,58 +140,59 @@ async fn run_async(args: Args) -> CmdResult {
         dir.display()
     );
 
-    // Authorities: keys (offline identity + certified signing key) and addresses first, since every
-    // node's configuration lists all of them.
+    // One plan (keys, addresses, configurations) for every node; the authorities' listeners
+    // are released just before their processes bind the same addresses.
     let now = allium_directory::now_unix();
-    let mut auths = Vec::new();
-    for i in 0..N_AUTHORITIES {
-        let adir = dir.join(format!("auth{i}"));
-        let (identity, _keys) = allium_directory::authority::keys::generate_for_test(&adir, now)
-            .map_err(|e| format!("creating keys for auth{i}: {e}"))?;
-        auths.push((adir, identity.public().to_hex(), free_port()?));
-    }
-    let auth_list: Vec<(String, SocketAddr)> =
-        auths.iter().map(|(_, id, a)| (id.clone(), *a)).collect();
+    let plan = NetworkBuilder::new()
+        .relays(args.relays)
+        .exits(args.exits)
+        .exit_policy(ExitPolicy::accept_all(true))
+        .voting_interval_secs(VOTING_INTERVAL_SECS)
+        .fixed_relay_ports(true)
+        .socks_listen(socks_addr)
+        .plan(&dir, now)?;
 
     let mut nodes: Vec<Node> = Vec::new();
     let mut infos: Vec<NodeInfo> = Vec::new();
-    let result = start_and_serve(
-        &args, &dir, &auths, &auth_list, socks_addr, started, &mut nodes, &mut infos,
-    )
-    .await;
+    let result = start_and_serve(args, &dir, plan, started, &mut nodes, &mut infos).await;
     eprintln!("allium testnet: stopping {} processes", nodes.len());
     procs::stop_all(&mut nodes, Duration::from_secs(5));
     result
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn start_and_serve(
-    args: &Args,
+    args: Args,
     dir: &Path,
-    auths: &[(PathBuf, String, SocketAddr)],
-    auth_list: &[(String, SocketAddr)],
-    socks_addr: SocketAddr,
+    plan: NetworkPlan,
     started: Instant,
     nodes: &mut Vec<Node>,
     infos: &mut Vec<NodeInfo>,
 ) -> CmdResult {
-    for (i, (adir, id, addr)) in auths.iter().enumerate() {
-        let cfg = dir.join(format!("auth{i}.toml"));
-        write_file(&cfg, &authority_toml(adir, *addr, auth_list)?)?;
-        let log = dir.join(format!("auth{i}.log"));
+    let socks_addr = plan.proxy.socks_listen;
+    let texts = (0..plan.authorities.len())
+        .map(|i| plan.authority_toml(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let NetworkPlan {
+        authorities,
+        relays,
+        proxy,
+        ..
+    } = plan;
+    for (a, text) in authorities.into_iter().zip(texts) {
+        // The child process binds this address: let go of it first.
+        drop(a.listener);
+        let cfg = dir.join(format!("{}.toml", a.name));
+        write_file(&cfg, &text)?;
+        let log = dir.join(format!("{}.log", a.name));
         let cfg_s = cfg.display().to_string();
-        let node = procs::spawn(
-            &format!("auth{i}"),
-            &["authority", "--config", &cfg_s],
-            &log,
-        )?;
+        let node = procs::spawn(&a.name, &["authority", "--config", &cfg_s], &log)?;
         let mut addrs = serde_json::Map::new();
-        addrs.insert("dir".into(), addr.to_string().into());
+        addrs.insert("dir".into(), a.addr.to_string().into());
         infos.push(NodeInfo {
             name: node.name.clone(),
             role: "authority",
             pid: node.child.id(),
-            identity: id.clone(),
+            identity: a.identity.to_hex(),
             exit: false,
             addrs,
             log,
@@ -253,67 +200,31 @@ async fn start_and_serve(
         nodes.push(node);
     }
 
-    let relay_auths: Vec<allium_relay::AuthorityConfig> = auth_list
-        .iter()
-        .map(|(id, a)| allium_relay::AuthorityConfig {
-            identity: id.clone(),
-            dir_addr: *a,
-        })
-        .collect();
-    for i in 0..args.relays {
-        let exit = i < args.exits;
-        let name = format!("relay{i}");
-        let listen = free_port()?;
-        let rdir = dir.join(&name);
-        let identity = allium_relay::keys::RelayKeys::load_or_create(&rdir)
+    for r in relays {
+        let name = r.name;
+        let identity = allium_relay::keys::RelayKeys::load_or_create(&r.config.data_dir)
             .map_err(|e| format!("creating keys for {name}: {e}"))?
             .id;
-        let nickname = format!("{}{i}", if exit { "TestExit" } else { "TestRelay" });
-        let mut cfg = RelayConfig::for_test(&nickname, rdir);
-        cfg.listen = listen;
-        cfg.contact = "allium testnet".into();
-        cfg.authorities = relay_auths.clone();
-        cfg.descriptor_publish_interval_secs = 60;
-        cfg.exit_policy = if exit {
-            ExitPolicy::accept_all(true)
-        } else {
-            ExitPolicy::default()
-        };
         let cfg_path = dir.join(format!("{name}.toml"));
-        write_file(&cfg_path, &toml::to_string(&cfg)?)?;
+        write_file(&cfg_path, &toml::to_string(&r.config)?)?;
         let log = dir.join(format!("{name}.log"));
         let cfg_s = cfg_path.display().to_string();
         let node = procs::spawn(&name, &["relay", "--config", &cfg_s], &log)?;
         let mut addrs = serde_json::Map::new();
-        addrs.insert("or".into(), listen.to_string().into());
+        addrs.insert("or".into(), r.config.listen.to_string().into());
         infos.push(NodeInfo {
             name: name.clone(),
             role: "relay",
             pid: node.child.id(),
             identity: identity.to_hex(),
-            exit,
+            exit: r.exit,
             addrs,
             log,
         });
         nodes.push(node);
     }
 
-    let pdir = dir.join("proxy");
-    let pcfg = ProxyConfig {
-        socks_listen: socks_addr,
-        data_dir: pdir,
-        authorities: auth_list
-            .iter()
-            .map(|(id, a)| -> Result<_, String> {
-                Ok(allium_client::AuthorityInfo {
-                    identity: allium_crypto::RelayId::from_hex(id).map_err(|e| e.to_string())?,
-                    dir_addr: *a,
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()?,
-        test_network: true,
-        ..ProxyConfig::default()
-    };
+    let pcfg = proxy;
     let pcfg_path = dir.join("proxy.toml");
     write_file(&pcfg_path, &toml::to_string(&pcfg)?)?;
     let plog = dir.join("proxy.log");
@@ -420,7 +331,7 @@ async fn probe(socks_addr: SocketAddr, http_addr: SocketAddr) -> Result<(), Stri
     )
     .await
     .map_err(|e| match e {
-        socks::SocksError::Io(_) => "proxy not listening yet".to_owned(),
+        socks::SocksClientError::Io(_) => "proxy not listening yet".to_owned(),
         other => other.to_string(),
     })?;
     let fut = async {

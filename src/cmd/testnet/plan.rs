@@ -1,0 +1,351 @@
+//! One builder for every local test network: `allium testnet` (each node a child process) and
+//! the whole-network tests in `tests/` (every node in-process) describe their network with
+//! [`NetworkBuilder`] and start what its [`NetworkPlan`] says.
+//!
+//! A plan holds the authorities (keys generated, a listener already bound on 127.0.0.1 so every
+//! address is known before any configuration is written), the relay configurations (the first
+//! `exits` are exits) and the proxy configuration. Starting nodes is the caller's part; this
+//! module does no network I/O beyond binding the authority listeners.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+
+use allium_client::{AuthorityInfo, ProxyConfig};
+use allium_crypto::RelayId;
+use allium_directory::authority::AuthorityConfig;
+use allium_relay::{ExitPolicy, RelayConfig};
+
+/// Number of directory authorities in a test network.
+pub const N_AUTHORITIES: usize = 3;
+
+/// The shape of a test network.
+#[derive(Clone, Debug)]
+pub struct NetworkBuilder {
+    relays: usize,
+    exits: usize,
+    exit_policy: ExitPolicy,
+    voting_interval_secs: u64,
+    fixed_relay_ports: bool,
+    socks_listen: SocketAddr,
+}
+
+impl Default for NetworkBuilder {
+    fn default() -> Self {
+        Self {
+            relays: 6,
+            exits: 2,
+            exit_policy: ExitPolicy::accept_all(true),
+            voting_interval_secs: 3600,
+            fixed_relay_ports: false,
+            socks_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
+}
+
+/// One planned authority.
+#[derive(Debug)]
+pub struct PlannedAuthority {
+    /// `auth<i>`.
+    pub name: String,
+    /// Its data directory (keys already in it).
+    pub data_dir: PathBuf,
+    /// Its identity.
+    pub identity: RelayId,
+    /// Its directory listener, bound on 127.0.0.1 (an in-process authority serves on it; a
+    /// child process binds the same address after the parent drops it).
+    pub listener: TcpListener,
+    /// The listener's address.
+    pub addr: SocketAddr,
+}
+
+/// One planned relay.
+#[derive(Clone, Debug)]
+pub struct PlannedRelay {
+    /// `relay<i>`.
+    pub name: String,
+    /// Whether it is an exit.
+    pub exit: bool,
+    /// Its configuration.
+    pub config: RelayConfig,
+}
+
+/// Everything needed to start a test network.
+#[derive(Debug)]
+pub struct NetworkPlan {
+    /// The authorities.
+    pub authorities: Vec<PlannedAuthority>,
+    /// The relays, exits first.
+    pub relays: Vec<PlannedRelay>,
+    /// The proxy's configuration (data directory `<dir>/proxy`).
+    pub proxy: ProxyConfig,
+    voting_interval_secs: u64,
+}
+
+impl NetworkBuilder {
+    /// 6 relays, 2 exits accepting every port (private destinations allowed), 1-hour voting
+    /// interval (tests run rounds by hand), relay ports picked at start, SOCKS on
+    /// 127.0.0.1:0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of relays (at least 3).
+    pub fn relays(mut self, n: usize) -> Self {
+        self.relays = n;
+        self
+    }
+
+    /// How many of the relays are exits (at least 1, at most all).
+    pub fn exits(mut self, n: usize) -> Self {
+        self.exits = n;
+        self
+    }
+
+    /// The exit policy of the exits.
+    pub fn exit_policy(mut self, p: ExitPolicy) -> Self {
+        self.exit_policy = p;
+        self
+    }
+
+    /// The authorities' voting interval in seconds.
+    pub fn voting_interval_secs(mut self, s: u64) -> Self {
+        self.voting_interval_secs = s;
+        self
+    }
+
+    /// Choose each relay's port now (a free one on 127.0.0.1), so its address is known before
+    /// it starts (child processes); otherwise relays bind 127.0.0.1:0.
+    pub fn fixed_relay_ports(mut self, yes: bool) -> Self {
+        self.fixed_relay_ports = yes;
+        self
+    }
+
+    /// The proxy's SOCKS address.
+    pub fn socks_listen(mut self, a: SocketAddr) -> Self {
+        self.socks_listen = a;
+        self
+    }
+
+    /// Generate keys under `dir`, bind the authority listeners and write nothing else: the
+    /// plan for a network. `now` (Unix seconds) dates the authority certificates.
+    pub fn plan(&self, dir: &Path, now: u64) -> Result<NetworkPlan, String> {
+        if self.relays < 3 {
+            return Err("a test network needs at least 3 relays (guard, middle, exit)".into());
+        }
+        if self.exits == 0 || self.exits > self.relays {
+            return Err("a test network needs between 1 and all of its relays as exits".into());
+        }
+        let mut authorities = Vec::new();
+        for i in 0..N_AUTHORITIES {
+            let name = format!("auth{i}");
+            let data_dir = dir.join(&name);
+            let (id, _keys) = allium_directory::authority::keys::generate_for_test(&data_dir, now)
+                .map_err(|e| format!("creating keys for {name}: {e}"))?;
+            let listener = TcpListener::bind("127.0.0.1:0")
+                .map_err(|e| format!("binding a port for {name}: {e}"))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| format!("the address of {name}: {e}"))?;
+            authorities.push(PlannedAuthority {
+                name,
+                data_dir,
+                identity: id.public(),
+                listener,
+                addr,
+            });
+        }
+        let infos: Vec<AuthorityInfo> = authorities.iter().map(PlannedAuthority::info).collect();
+        let relay_auths: Vec<allium_relay::AuthorityConfig> = infos
+            .iter()
+            .map(|a| allium_relay::AuthorityConfig {
+                identity: a.identity.to_hex(),
+                dir_addr: a.dir_addr,
+            })
+            .collect();
+        let mut relays = Vec::new();
+        for i in 0..self.relays {
+            let exit = i < self.exits;
+            let name = format!("relay{i}");
+            let nickname = format!("{}{i}", if exit { "TestExit" } else { "TestRelay" });
+            let mut config = RelayConfig::for_test(&nickname, dir.join(&name));
+            if self.fixed_relay_ports {
+                config.listen = free_port().map_err(|e| format!("a port for {name}: {e}"))?;
+            }
+            config.contact = "allium testnet".into();
+            config.authorities = relay_auths.clone();
+            config.descriptor_publish_interval_secs = 60;
+            config.exit_policy = if exit {
+                self.exit_policy.clone()
+            } else {
+                ExitPolicy::default()
+            };
+            relays.push(PlannedRelay { name, exit, config });
+        }
+        let proxy = ProxyConfig {
+            socks_listen: self.socks_listen,
+            data_dir: dir.join("proxy"),
+            authorities: infos,
+            test_network: true,
+            ..ProxyConfig::default()
+        };
+        Ok(NetworkPlan {
+            authorities,
+            relays,
+            proxy,
+            voting_interval_secs: self.voting_interval_secs,
+        })
+    }
+}
+
+/// A free port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> std::io::Result<SocketAddr> {
+    TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+impl PlannedAuthority {
+    /// Identity and directory address, as clients and relays list it.
+    pub fn info(&self) -> AuthorityInfo {
+        AuthorityInfo {
+            identity: self.identity,
+            dir_addr: self.addr,
+        }
+    }
+}
+
+impl NetworkPlan {
+    /// Every authority's identity and address.
+    pub fn authority_infos(&self) -> Vec<AuthorityInfo> {
+        self.authorities
+            .iter()
+            .map(PlannedAuthority::info)
+            .collect()
+    }
+
+    /// The configuration of authority `i` (for an in-process authority).
+    pub fn authority_config(&self, i: usize) -> Option<AuthorityConfig> {
+        let a = self.authorities.get(i)?;
+        Some(
+            AuthorityConfig::new(a.data_dir.clone(), a.addr, self.authority_infos())
+                .for_test_network(self.voting_interval_secs),
+        )
+    }
+
+    /// The configuration file of authority `i` (for a child process): the same settings as
+    /// [`Self::authority_config`], written as a TOML table (the authority's configuration type
+    /// is read-only), so paths and values are quoted by the TOML writer.
+    pub fn authority_toml(&self, i: usize) -> Result<String, String> {
+        use toml::{Table, Value};
+        fn table<const N: usize>(entries: [(&str, Value); N]) -> Table {
+            entries
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect()
+        }
+        let cfg = self
+            .authority_config(i)
+            .ok_or_else(|| format!("no authority {i}"))?;
+        let auths = cfg
+            .authorities
+            .iter()
+            .map(|a| {
+                Value::Table(table([
+                    ("identity", a.identity.to_hex().into()),
+                    ("dir_addr", a.dir_addr.to_string().into()),
+                ]))
+            })
+            .collect::<Vec<_>>();
+        let int = |v: u64| {
+            i64::try_from(v)
+                .map(Value::Integer)
+                .map_err(|e| e.to_string())
+        };
+        let params: Table = cfg
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::Integer(i64::from(*v))))
+            .collect();
+        let cfg = table([
+            ("data_dir", cfg.data_dir.display().to_string().into()),
+            ("listen", cfg.listen.to_string().into()),
+            ("voting_interval_secs", int(cfg.voting_interval_secs)?),
+            (
+                "allow_private_addresses",
+                cfg.allow_private_addresses.into(),
+            ),
+            ("authorities", Value::Array(auths)),
+            (
+                "flags",
+                Value::Table(table([
+                    ("fast_min_bandwidth", int(cfg.flags.fast_min_bandwidth)?),
+                    ("guard_min_bandwidth", int(cfg.flags.guard_min_bandwidth)?),
+                    (
+                        "stable_min_uptime_secs",
+                        int(cfg.flags.stable_min_uptime_secs)?,
+                    ),
+                    ("guard_min_known_secs", int(cfg.flags.guard_min_known_secs)?),
+                ])),
+            ),
+            ("params", Value::Table(params)),
+        ]);
+        toml::to_string(&cfg).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn plan_shapes_the_network() {
+        let dir = tempfile_dir();
+        let plan = NetworkBuilder::new()
+            .relays(4)
+            .exits(1)
+            .fixed_relay_ports(true)
+            .plan(&dir, 1_700_000_000)
+            .unwrap();
+        assert_eq!(plan.authorities.len(), N_AUTHORITIES);
+        assert_eq!(plan.relays.len(), 4);
+        assert_eq!(plan.relays.iter().filter(|r| r.exit).count(), 1);
+        assert!(plan.relays[0].exit && !plan.relays[0].config.exit_policy.accept.is_empty());
+        assert!(plan.relays[1].config.exit_policy.accept.is_empty());
+        assert!(plan.relays.iter().all(|r| r.config.listen.port() != 0));
+        assert!(plan.relays.iter().all(|r| r.config.authorities.len() == 3));
+        assert_eq!(plan.proxy.authorities, plan.authority_infos());
+        assert!(plan.proxy.test_network);
+
+        // The child-process file says what the in-process configuration says.
+        for i in 0..N_AUTHORITIES {
+            let direct = plan.authority_config(i).unwrap();
+            let parsed = AuthorityConfig::from_toml(&plan.authority_toml(i).unwrap()).unwrap();
+            assert_eq!(parsed.listen, direct.listen);
+            assert_eq!(parsed.data_dir, direct.data_dir);
+            assert_eq!(parsed.voting_interval_secs, 3600);
+            assert!(parsed.allow_private_addresses);
+            assert_eq!(parsed.flags, direct.flags);
+            assert_eq!(parsed.params, direct.params);
+            let ids = |c: &AuthorityConfig| {
+                c.authorities
+                    .iter()
+                    .map(|a| (a.identity, a.dir_addr))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(ids(&parsed), ids(&direct));
+        }
+        assert!(plan.authority_config(3).is_none());
+
+        let bad = NetworkBuilder::new().relays(2).plan(&dir, 0);
+        assert!(bad.unwrap_err().contains("at least 3"));
+        let bad = NetworkBuilder::new().relays(3).exits(4).plan(&dir, 0);
+        assert!(bad.is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("allium-plan-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
