@@ -323,3 +323,36 @@ fn guards_persist_across_proxy_restarts() {
         );
     });
 }
+
+#[test]
+fn data_sent_with_the_request_reaches_the_destination() {
+    // Greeting, request and the HTTP request in one write (optimistic data): the proxy must
+    // parse the handshake without swallowing what follows it.
+    let net = net();
+    net.rt.block_on(async {
+        let (host, port) = net.http_target();
+        let mut s = tokio::net::TcpStream::connect(net.socks)
+            .await
+            .expect("connect");
+        let mut first = vec![5, 1, 0, 5, 1, 0, 3, host.len() as u8];
+        first.extend_from_slice(host.as_bytes());
+        first.extend_from_slice(&port.to_be_bytes());
+        first.extend_from_slice(GET_HELLO);
+        s.write_all(&first).await.expect("write");
+        let mut head = [0u8; 12];
+        tokio::time::timeout(T, s.read_exact(&mut head))
+            .await
+            .expect("reply in time")
+            .expect("reply");
+        assert_eq!(head[..4], [5, 0, 5, 0], "method choice, then success");
+        let mut rest = Vec::new();
+        tokio::time::timeout(T, s.read_to_end(&mut rest))
+            .await
+            .expect("response in time")
+            .expect("response");
+        assert!(
+            rest.ends_with(httpd::HELLO.as_bytes()),
+            "the request sent with the handshake was lost"
+        );
+    });
+}
