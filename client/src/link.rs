@@ -40,64 +40,15 @@ pub(crate) struct Registration {
     pub(crate) overflowed: Arc<AtomicBool>,
 }
 
-/// An open link to a guard.
-pub(crate) struct Link {
-    /// Who is at the other end.
-    pub(crate) relay: RelayId,
-    pub(crate) sender: ChannelSender,
+/// A link's routing table: circuit id → the circuit's bounded inbound queue.
+#[derive(Default)]
+pub(crate) struct Router {
     routes: Mutex<HashMap<u32, Route>>,
-    closed: AtomicBool,
 }
 
-impl std::fmt::Debug for Link {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Link")
-            .field("relay", &self.relay)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Link {
-    /// Connect to `relay` (its first IPv4 address) with a fresh client link key.
-    pub(crate) async fn connect(
-        relay: &RelayInfo,
-        timeout: Duration,
-    ) -> Result<Arc<Self>, ClientError> {
-        let addr = relay.connect_addr().ok_or(ClientError::NoGuardAddress)?;
-        let ch = tokio::time::timeout(
-            timeout,
-            channel::connect(addr, &relay.id, &relay.link_key, None),
-        )
-        .await
-        .map_err(|_| ClientError::Timeout("connecting to the guard"))?
-        .map_err(ClientError::Link)?;
-        let (sender, receiver) = ch.split();
-        let link = Arc::new(Self {
-            relay: relay.id,
-            sender,
-            routes: Mutex::new(HashMap::new()),
-            closed: AtomicBool::new(false),
-        });
-        tokio::spawn(reader(Arc::clone(&link), receiver));
-        tracing::debug!(guard = %relay.id, "link open");
-        Ok(link)
-    }
-
-    /// Whether the link is gone.
-    pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire) || self.sender.is_closed()
-    }
-
-    /// Close the link (its circuits fail).
-    pub(crate) fn close(&self) {
-        self.sender.close();
-    }
-
+impl Router {
     /// Pick an unused circuit id and open a route for it, with an inbound queue of `cap` cells.
     pub(crate) fn register(&self, cap: usize) -> Result<Registration, ClientError> {
-        if self.is_closed() {
-            return Err(crate::err::CircError::LinkClosed.into());
-        }
         let mut map = self
             .routes
             .lock()
@@ -131,9 +82,16 @@ impl Link {
         }
     }
 
+    /// Drop every route (the link closed).
+    fn clear(&self) {
+        if let Ok(mut m) = self.routes.lock() {
+            m.clear();
+        }
+    }
+
     /// Hand `cell` to its circuit without waiting. A full queue drops the route (the circuit's
     /// reactor then destroys the circuit).
-    fn route(&self, cell: Cell) {
+    pub(crate) fn route(&self, cell: Cell) {
         let Ok(mut map) = self.routes.lock() else {
             return;
         };
@@ -156,14 +114,126 @@ impl Link {
     }
 }
 
+/// An open link to a guard.
+pub(crate) struct Link {
+    /// Who is at the other end.
+    pub(crate) relay: RelayId,
+    pub(crate) sender: ChannelSender,
+    router: Router,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("relay", &self.relay)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    /// Connect to `relay` (its first IPv4 address) with a fresh client link key.
+    pub(crate) async fn connect(
+        relay: &RelayInfo,
+        timeout: Duration,
+    ) -> Result<Arc<Self>, ClientError> {
+        let addr = relay.connect_addr().ok_or(ClientError::NoGuardAddress)?;
+        let ch = tokio::time::timeout(
+            timeout,
+            channel::connect(addr, &relay.id, &relay.link_key, None),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout("connecting to the guard"))?
+        .map_err(ClientError::Link)?;
+        let (sender, receiver) = ch.split();
+        let link = Arc::new(Self {
+            relay: relay.id,
+            sender,
+            router: Router::default(),
+            closed: AtomicBool::new(false),
+        });
+        tokio::spawn(reader(Arc::clone(&link), receiver));
+        tracing::debug!(guard = %relay.id, "link open");
+        Ok(link)
+    }
+
+    /// Whether the link is gone.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.sender.is_closed()
+    }
+
+    /// Close the link (its circuits fail).
+    pub(crate) fn close(&self) {
+        self.sender.close();
+    }
+
+    /// Open a route for a new circuit (see [`Router::register`]).
+    pub(crate) fn register(&self, cap: usize) -> Result<Registration, ClientError> {
+        if self.is_closed() {
+            return Err(crate::err::CircError::LinkClosed.into());
+        }
+        self.router.register(cap)
+    }
+
+    /// Drop a circuit's route.
+    pub(crate) fn unregister(&self, id: CircId) {
+        self.router.unregister(id);
+    }
+}
+
 /// Route cells by circuit id until the link closes, then drop every route.
 async fn reader(link: Arc<Link>, mut rx: ChannelReceiver) {
     while let Some(cell) = rx.recv().await {
-        link.route(cell);
+        link.router.route(cell);
     }
     link.closed.store(true, Ordering::Release);
     tracing::debug!(guard = %link.relay, error = ?rx.error().map(ToString::to_string), "link closed");
-    if let Ok(mut m) = link.routes.lock() {
-        m.clear();
+    link.router.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use allium_proto::cell::CellCmd;
+
+    use super::*;
+
+    fn cell(id: CircId) -> Cell {
+        Cell::new_zeroed(id.get(), CellCmd::RELAY)
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_costs_only_its_own_circuit() {
+        let r = Router::default();
+        let mut slow = r.register(2).unwrap();
+        let mut busy = r.register(8).unwrap();
+        for _ in 0..3 {
+            r.route(cell(slow.id));
+        }
+        for _ in 0..5 {
+            r.route(cell(busy.id));
+        }
+        assert!(slow.overflowed.load(Ordering::Acquire));
+        assert!(!busy.overflowed.load(Ordering::Acquire));
+        // The slow circuit gets what fitted, then the end of its queue; later cells are dropped.
+        r.route(cell(slow.id));
+        assert!(slow.inbound.recv().await.is_some());
+        assert!(slow.inbound.recv().await.is_some());
+        assert!(slow.inbound.recv().await.is_none());
+        for _ in 0..5 {
+            assert!(busy.inbound.try_recv().is_ok());
+        }
+        assert!(busy.inbound.try_recv().is_err());
+        assert_ne!(slow.id, busy.id);
+    }
+
+    #[tokio::test]
+    async fn unknown_circuits_are_dropped_and_clear_ends_every_queue() {
+        let r = Router::default();
+        let mut a = r.register(4).unwrap();
+        r.route(cell(CircId::new(a.id.get() ^ 1).unwrap()));
+        assert!(a.inbound.try_recv().is_err(), "a cell for another circuit");
+        r.clear();
+        assert!(a.inbound.recv().await.is_none());
+        assert!(!a.overflowed.load(Ordering::Acquire));
     }
 }
