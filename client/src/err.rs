@@ -216,7 +216,7 @@ pub enum ClientError {
     #[error("stream: {0}")]
     Stream(#[from] StreamError),
     /// A link to a relay failed.
-    #[error("link to a guard failed")]
+    #[error("link to a guard failed: {0}")]
     Link(#[source] allium_proto::LinkError),
     /// A guard has no address to connect to.
     #[error("the guard has no usable address (a bad consensus entry)")]
