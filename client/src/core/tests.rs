@@ -865,3 +865,65 @@ fn stream_ids_are_unique_and_bounded() {
         Err(CircError::TooManyStreams)
     ));
 }
+
+#[test]
+fn stream_sendmes_leave_in_order_once_their_data_is_consumed() {
+    let mut n = Net::built();
+    let sid = n.open();
+    let inc = usize::from(STREAM_SENDME_INC);
+    n.data(sid, 3 * inc);
+    n.drive();
+    assert!(n.sendmes(sid.get()).is_empty());
+    // Consuming everything at once releases the three SENDMEs, oldest first.
+    n.client.consumed(sid, 3 * inc);
+    n.drive();
+    let want: Vec<Option<Tag>> = (1..=3).map(|k| Some(n.data_tags[k * inc - 1])).collect();
+    assert_eq!(n.sendmes(sid.get()), want);
+    // The deliver window is whole again: another full window is accepted.
+    n.data(sid, usize::from(STREAM_WINDOW_START));
+    n.drive();
+    assert!(n.destroyed().is_none(), "{:?}", n.destroyed());
+    // Reporting more than was received releases nothing extra.
+    n.client.consumed(sid, 10_000);
+    n.drive();
+    assert_eq!(
+        n.sendmes(sid.get()).len(),
+        3 + usize::from(STREAM_WINDOW_START) / inc
+    );
+}
+
+#[test]
+fn destroy_while_building_fails_the_extend() {
+    let mut n = Net::new();
+    n.auto = false;
+    n.drive();
+    let d = Cell::destroy(CircId::new(CIRC).unwrap(), DestroyReason::CONNECTFAILED);
+    let _ = n.client.handle_cell(d, n.now);
+    n.drive();
+    assert!(n.events.iter().any(|e| matches!(
+        e,
+        Event::ExtendFailed {
+            hop: 1,
+            error: CircError::Destroyed(DestroyReason::CONNECTFAILED)
+        }
+    )));
+    assert_eq!(n.destroys, 0);
+}
+
+#[test]
+fn hop_targets_carry_the_identity_then_each_address() {
+    let r = &relays(1)[0];
+    let v4 = SocketAddr::from((Ipv4Addr::new(192, 0, 2, 7), 443));
+    let v6: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+    let t = HopTarget::new(r.id.public(), r.onion.public(), &[v4, v6]);
+    assert_eq!(t.specs.len(), 3);
+    assert!(
+        matches!(t.specs[0], allium_proto::relaymsg::LinkSpec::Ed25519Id(id) if id == r.id.public())
+    );
+    assert!(
+        matches!(t.specs[1], allium_proto::relaymsg::LinkSpec::Ipv4(a) if SocketAddr::V4(a) == v4)
+    );
+    assert!(
+        matches!(t.specs[2], allium_proto::relaymsg::LinkSpec::Ipv6(a) if SocketAddr::V6(a) == v6)
+    );
+}
