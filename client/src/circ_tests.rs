@@ -1,10 +1,14 @@
-//! Circuit behaviour against a scripted fake relay that plays all three hops on one link: the
-//! client's handshakes, EXTENDs and BEGIN, then misbehaviour that must cost exactly that circuit.
+//! The reactor over a real link (loopback) against a scripted fake relay that plays all three
+//! hops: the client's handshakes, EXTENDs and BEGIN, then misbehaviour that must cost exactly
+//! that circuit. The circuit rules themselves are tested without sockets in `core/tests.rs`;
+//! these check that the driver carries them out (DESTROY on the wire, streams ended).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
+
+use allium_proto::flowctl::STREAM_WINDOW_START;
 
 use allium_crypto::handshake::relay_respond;
 use allium_crypto::relaycell::{FORWARD_MSG_OFFSET, Forward, RelayHopCrypto};
@@ -183,6 +187,7 @@ async fn misbehave(
 /// Build a circuit through the fake relay, open a stream, let the exit misbehave; returns the
 /// circuit, the stream's events and whether the fake relay saw a DESTROY.
 async fn run(how: Misbehave) -> (Arc<Circuit>, Vec<&'static str>, bool) {
+    use std::sync::atomic::Ordering;
     let keys: Vec<FakeHop> = (0..3)
         .map(|_| FakeHop {
             id: IdentityKeypair::generate(),
@@ -208,15 +213,17 @@ async fn run(how: Misbehave) -> (Arc<Circuit>, Vec<&'static str>, bool) {
         middle: infos[1].clone(),
         exit: infos[2].clone(),
     };
-    let progress = AtomicUsize::new(0);
-    let circ = build(link, &path, &progress).await.unwrap();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let circ = build(link, &path, CircParams::default(), Arc::clone(&progress))
+        .await
+        .unwrap();
     assert_eq!(progress.load(Ordering::Acquire), 3);
     let target = crate::socks::wire::Target::Host("example.com".into(), 80);
     let (_sid, mut rx) = crate::stream::begin(&circ, &target).await.unwrap();
     let mut events = Vec::new();
     while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
         events.push(match ev {
-            StreamEvent::Data { .. } => "data",
+            StreamEvent::Data(_) => "data",
             StreamEvent::End(_) => "end",
             StreamEvent::Connected => "connected",
             StreamEvent::Resolved(_) => "resolved",
@@ -265,5 +272,6 @@ async fn end_closes_only_the_stream() {
     assert!(!circ.is_closed());
     assert_eq!(circ.n_streams(), 0);
     // The circuit still takes streams.
-    assert!(circ.open_stream().is_ok());
+    let t = StreamTarget::Resolve("example.com".into());
+    assert!(circ.open_stream(t).await.is_ok());
 }

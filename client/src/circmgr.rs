@@ -10,23 +10,31 @@
 //! - Guards: the first primary guard that is not marked down. A relay at which a build failed
 //!   or stalled (link, CREATE or EXTEND) is avoided in every position for [`RELAY_RETRY`],
 //!   unless that leaves no path.
+//!
+//! The manager builds through a small [`CircBuilder`] trait (like Arti's
+//! `AbstractCircBuilder`): [`LinkBuilder`] opens links and spawns circuit reactors; the unit
+//! tests use a scripted fake with tokio's paused clock. Time enters through one function,
+//! [`now`].
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use allium_crypto::RelayId;
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
 use crate::circ::{self, Circuit};
 use crate::config::ProxyConfig;
+use crate::core::CircParams;
 use crate::dir::DirView;
 use crate::err::ClientError;
 use crate::guard::GuardSet;
 use crate::isolation::IsolationKey;
 use crate::link::Link;
-use crate::path::{self, Path};
+use crate::path::{self, Path, RelayInfo};
 
 /// How long a relay that failed a circuit build (link, CREATE or EXTEND) is avoided.
 const RELAY_RETRY: Duration = Duration::from_secs(60);
@@ -35,15 +43,134 @@ const BUILD_ATTEMPTS: usize = 3;
 /// How many recently requested ports are predicted.
 const PREDICTED_PORTS: usize = 3;
 
-/// Chooses, builds and retires circuits.
-pub(crate) struct CircMgr {
+/// The time now (tokio's clock, so that tests can pause it).
+fn now() -> Instant {
+    #[allow(clippy::disallowed_methods)] // the manager's driver is where time enters
+    Instant::now()
+}
+
+/// What the manager needs of a circuit.
+pub(crate) trait PooledCirc: Send + Sync + 'static {
+    /// Whether it is gone.
+    fn is_closed(&self) -> bool;
+    /// Its open streams.
+    fn n_streams(&self) -> usize;
+    /// Its exit.
+    fn exit(&self) -> &RelayInfo;
+    /// Its relays, guard first.
+    fn hops(&self) -> [RelayId; 3];
+    /// Close it (DESTROY to the guard).
+    fn close(&self);
+}
+
+impl PooledCirc for Circuit {
+    fn is_closed(&self) -> bool {
+        Self::is_closed(self)
+    }
+    fn n_streams(&self) -> usize {
+        Self::n_streams(self)
+    }
+    fn exit(&self) -> &RelayInfo {
+        &self.exit
+    }
+    fn hops(&self) -> [RelayId; 3] {
+        self.hops
+    }
+    fn close(&self) {
+        self.close_with_destroy();
+    }
+}
+
+/// Builds circuits for the manager.
+pub(crate) trait CircBuilder: Send + Sync + 'static {
+    /// The circuits it builds.
+    type Circ: PooledCirc;
+    /// Build a circuit along `path`. `progress` holds the index of the hop being added (0
+    /// guard, 1 middle, 2 exit; 3 when done), also when the future is dropped on a timeout.
+    fn build<'a>(
+        &'a self,
+        path: &'a Path,
+        progress: Arc<AtomicUsize>,
+    ) -> impl Future<Output = Result<Arc<Self::Circ>, ClientError>> + Send + 'a;
+    /// Close every link (shutdown), waiting for links being connected.
+    fn close_links(&self) -> impl Future<Output = ()> + Send + '_;
+    /// Close the links not busy being connected, without waiting.
+    fn close_links_now(&self);
+}
+
+/// The real builder: one link per guard, one reactor per circuit.
+pub(crate) struct LinkBuilder {
     cfg: Arc<ProxyConfig>,
+    links: tokio::sync::Mutex<HashMap<RelayId, Arc<Link>>>,
+}
+
+impl LinkBuilder {
+    async fn link_for(&self, guard: &RelayInfo) -> Result<Arc<Link>, ClientError> {
+        let mut links = self.links.lock().await;
+        if let Some(l) = links.get(&guard.id).filter(|l| !l.is_closed()) {
+            return Ok(Arc::clone(l));
+        }
+        links.retain(|_, l| !l.is_closed());
+        let l = Link::connect(guard, self.cfg.circuit_build_timeout).await?;
+        links.insert(guard.id, Arc::clone(&l));
+        Ok(l)
+    }
+}
+
+impl CircBuilder for LinkBuilder {
+    type Circ = Circuit;
+
+    async fn build<'a>(
+        &'a self,
+        path: &'a Path,
+        progress: Arc<AtomicUsize>,
+    ) -> Result<Arc<Circuit>, ClientError> {
+        progress.store(0, Ordering::Release);
+        let link = self.link_for(&path.guard).await?;
+        let params = CircParams {
+            build_timeout: self.cfg.circuit_build_timeout,
+            max_streams: circ::MAX_STREAMS,
+            ..CircParams::default()
+        };
+        circ::build(link, path, params, progress).await
+    }
+
+    async fn close_links(&self) {
+        let mut links = self.links.lock().await;
+        for (_, l) in links.drain() {
+            l.close();
+        }
+    }
+
+    fn close_links_now(&self) {
+        if let Ok(mut links) = self.links.try_lock() {
+            for (_, l) in links.drain() {
+                l.close();
+            }
+        }
+    }
+}
+
+/// A circuit in the pool, with the manager's bookkeeping.
+struct Entry<C> {
+    circ: Arc<C>,
+    /// When the first stream was attached (a circuit is "dirty" from then on).
+    dirty_since: Option<Instant>,
+    /// The isolation key of its streams.
+    isolation: Option<IsolationKey>,
+}
+
+/// Chooses, builds and retires circuits.
+pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
+    cfg: Arc<ProxyConfig>,
+    builder: B,
     dir: RwLock<Option<Arc<DirView>>>,
     guards: Mutex<GuardSet>,
-    links: tokio::sync::Mutex<HashMap<RelayId, Arc<Link>>>,
-    pool: Mutex<Vec<Arc<Circuit>>>,
-    /// Serialises builds on demand; holds when the last one failed.
-    build_lock: tokio::sync::Mutex<Option<Instant>>,
+    pool: Mutex<Vec<Entry<B::Circ>>>,
+    /// Serialises builds on demand; holds whether the last one failed.
+    build_lock: tokio::sync::Mutex<bool>,
+    /// Builds on demand finished so far (a waiter compares it before and after queueing).
+    builds_done: std::sync::atomic::AtomicU64,
     predicted: Mutex<Vec<u16>>,
     relay_down: Mutex<HashMap<RelayId, Instant>>,
     wake: Notify,
@@ -52,21 +179,37 @@ pub(crate) struct CircMgr {
     by_peer: Mutex<HashMap<std::net::SocketAddr, u32>>,
 }
 
-impl std::fmt::Debug for CircMgr {
+impl<B: CircBuilder> std::fmt::Debug for CircMgr<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CircMgr").finish_non_exhaustive()
     }
 }
 
-impl CircMgr {
+impl CircMgr<LinkBuilder> {
     pub(crate) fn new(cfg: Arc<ProxyConfig>, guards: GuardSet, ready: watch::Sender<bool>) -> Self {
+        let builder = LinkBuilder {
+            cfg: Arc::clone(&cfg),
+            links: tokio::sync::Mutex::new(HashMap::new()),
+        };
+        Self::with_builder(cfg, guards, ready, builder)
+    }
+}
+
+impl<B: CircBuilder> CircMgr<B> {
+    pub(crate) fn with_builder(
+        cfg: Arc<ProxyConfig>,
+        guards: GuardSet,
+        ready: watch::Sender<bool>,
+        builder: B,
+    ) -> Self {
         Self {
             cfg,
+            builder,
             dir: RwLock::new(None),
             guards: Mutex::new(guards),
-            links: tokio::sync::Mutex::new(HashMap::new()),
             pool: Mutex::new(Vec::new()),
-            build_lock: tokio::sync::Mutex::new(None),
+            build_lock: tokio::sync::Mutex::new(false),
+            builds_done: std::sync::atomic::AtomicU64::new(0),
             predicted: Mutex::new(Vec::new()),
             relay_down: Mutex::new(HashMap::new()),
             wake: Notify::new(),
@@ -139,18 +282,22 @@ impl CircMgr {
         }
     }
 
-    fn choose_path(&self, view: &DirView, ports: &[u16]) -> Result<Path, ClientError> {
+    fn choose_path(
+        &self,
+        view: &DirView,
+        ports: &[u16],
+        now: Instant,
+    ) -> Result<Path, ClientError> {
         let primary = self
             .guards
             .lock()
             .map(|g| g.primary(&view.relays, self.cfg.primary_guards))
             .unwrap_or_default();
-        let now = Instant::now();
         let avoid: Vec<RelayId> = self
             .relay_down
             .lock()
             .map(|mut m| {
-                m.retain(|_, t| now.duration_since(*t) < RELAY_RETRY);
+                m.retain(|_, t| now.saturating_duration_since(*t) < RELAY_RETRY);
                 m.keys().copied().collect()
             })
             .unwrap_or_default();
@@ -164,35 +311,24 @@ impl CircMgr {
             .map_err(ClientError::NoPath)
     }
 
-    fn mark_down(&self, id: RelayId) {
+    fn mark_down(&self, id: RelayId, now: Instant) {
         if let Ok(mut m) = self.relay_down.lock() {
-            m.insert(id, Instant::now());
+            m.insert(id, now);
         }
-    }
-
-    async fn link_for(&self, guard: &path::RelayInfo) -> Result<Arc<Link>, ClientError> {
-        let mut links = self.links.lock().await;
-        if let Some(l) = links.get(&guard.id).filter(|l| !l.is_closed()) {
-            return Ok(Arc::clone(l));
-        }
-        links.retain(|_, l| !l.is_closed());
-        let l = Link::connect(guard, self.cfg.circuit_build_timeout).await?;
-        links.insert(guard.id, Arc::clone(&l));
-        Ok(l)
     }
 
     /// Build one circuit whose exit allows `ports`, trying up to [`BUILD_ATTEMPTS`] paths.
-    async fn build_one(&self, ports: &[u16]) -> Result<Arc<Circuit>, ClientError> {
+    async fn build_one(&self, ports: &[u16]) -> Result<Arc<B::Circ>, ClientError> {
         let mut last = ClientError::NoPath("no attempt made");
         for attempt in 1..=BUILD_ATTEMPTS {
             let view = self.view()?;
-            let path = self.choose_path(&view, ports)?;
-            let started = Instant::now();
-            let progress = AtomicUsize::new(0);
-            let res = tokio::time::timeout(self.cfg.circuit_build_timeout, async {
-                let link = self.link_for(&path.guard).await?;
-                circ::build(link, &path, &progress).await
-            })
+            let started = now();
+            let path = self.choose_path(&view, ports, started)?;
+            let progress = Arc::new(AtomicUsize::new(0));
+            let res = tokio::time::timeout(
+                self.cfg.circuit_build_timeout,
+                self.builder.build(&path, Arc::clone(&progress)),
+            )
             .await;
             let failed_at = path
                 .hops()
@@ -201,7 +337,6 @@ impl CircMgr {
             match res {
                 Ok(Ok(c)) => {
                     tracing::debug!(
-                        circ = %c.id,
                         ms = started.elapsed().as_secs_f64() * 1000.0,
                         "circuit built"
                     );
@@ -212,14 +347,14 @@ impl CircMgr {
                     if !matches!(e, ClientError::NoPath(_) | ClientError::Shutdown)
                         && let Some(id) = failed_at
                     {
-                        self.mark_down(id);
+                        self.mark_down(id, now());
                     }
                     last = e;
                 }
                 Err(_) => {
                     tracing::debug!(attempt, "circuit build timed out");
                     if let Some(id) = failed_at {
-                        self.mark_down(id);
+                        self.mark_down(id, now());
                     }
                     last = ClientError::Timeout("building a circuit");
                 }
@@ -228,41 +363,33 @@ impl CircMgr {
         Err(last)
     }
 
-    fn dirty_ok(&self, c: &Circuit, now: Instant) -> bool {
-        c.usage.lock().is_ok_and(|u| {
-            u.dirty_since
-                .is_none_or(|t| now.duration_since(t) < self.cfg.max_circuit_dirtiness)
-        })
+    fn dirty_ok(&self, e: &Entry<B::Circ>, now: Instant) -> bool {
+        e.dirty_since
+            .is_none_or(|t| now.saturating_duration_since(t) < self.cfg.max_circuit_dirtiness)
     }
 
-    /// Find a usable circuit for `port` (`None`: any exit) and `iso`, and claim it.
-    fn find(&self, port: Option<u16>, iso: &IsolationKey) -> Option<Arc<Circuit>> {
-        let now = Instant::now();
+    /// Find a usable circuit for `port` (`None`: any exit) and `iso` at `now`, and claim it.
+    fn find(&self, port: Option<u16>, iso: &IsolationKey, now: Instant) -> Option<Arc<B::Circ>> {
         let mut pool = self.pool.lock().ok()?;
-        pool.retain(|c| !c.is_closed());
-        let fits = |c: &Arc<Circuit>| {
-            port.is_none_or(|p| c.exit.allows_port(p))
-                && self.dirty_ok(c, now)
-                && c.n_streams() < circ::MAX_STREAMS
-                && c.usage
-                    .lock()
-                    .is_ok_and(|u| iso.compatible_with(u.isolation.as_ref()))
+        pool.retain(|e| !e.circ.is_closed());
+        let fits = |e: &Entry<B::Circ>| {
+            port.is_none_or(|p| e.circ.exit().allows_port(p))
+                && self.dirty_ok(e, now)
+                && e.circ.n_streams() < circ::MAX_STREAMS
+                && iso.compatible_with(e.isolation.as_ref())
         };
         // Prefer a circuit already used with this key; keep clean ones for other keys.
-        let used = pool.iter().find(|c| {
-            fits(c)
-                && c.usage
-                    .lock()
-                    .is_ok_and(|u| u.isolation.as_ref() == Some(iso))
-        });
-        let chosen = used.or_else(|| pool.iter().find(|c| fits(c))).cloned()?;
+        let pos = pool
+            .iter()
+            .position(|e| fits(e) && e.isolation.as_ref() == Some(iso))
+            .or_else(|| pool.iter().position(fits))?;
+        let e = pool.get_mut(pos)?;
+        e.dirty_since.get_or_insert(now);
+        e.isolation.get_or_insert_with(|| iso.clone());
+        let c = Arc::clone(&e.circ);
         drop(pool);
-        if let Ok(mut u) = chosen.usage.lock() {
-            u.dirty_since.get_or_insert(now);
-            u.isolation.get_or_insert_with(|| iso.clone());
-        }
         self.wake.notify_one();
-        Some(chosen)
+        Some(c)
     }
 
     /// A circuit for a stream to `port` (`None`: any exit, e.g. for RESOLVE) with isolation
@@ -271,63 +398,90 @@ impl CircMgr {
         &self,
         port: Option<u16>,
         iso: &IsolationKey,
-    ) -> Result<Arc<Circuit>, ClientError> {
+    ) -> Result<Arc<B::Circ>, ClientError> {
         if let Some(p) = port {
             self.note_port(p);
         }
-        if let Some(c) = self.find(port, iso) {
+        if let Some(c) = self.find(port, iso, now()) {
             return Ok(c);
         }
-        let waiting_since = Instant::now();
-        let mut last_failure = self.build_lock.lock().await;
-        if let Some(c) = self.find(port, iso) {
+        let seen = self.builds_done.load(Ordering::Acquire);
+        let mut last_failed = self.build_lock.lock().await;
+        if let Some(c) = self.find(port, iso, now()) {
             return Ok(c);
         }
-        // A build that another stream waited on failed while we were queued: fail now rather
-        // than queue behind one failing build after another.
-        if last_failure.is_some_and(|t| t >= waiting_since) {
-            return Err(ClientError::Circuit(
-                "building a circuit failed just now; see the log for why".into(),
-            ));
+        // A build that finished while we were queued failed: fail now rather than queue
+        // behind one failing build after another.
+        if *last_failed && self.builds_done.load(Ordering::Acquire) > seen {
+            return Err(ClientError::RecentBuildFailed);
         }
         let ports: Vec<u16> = port.into_iter().collect();
-        let c = match self.build_one(&ports).await {
-            Ok(c) => c,
-            Err(e) => {
-                *last_failure = Some(Instant::now());
-                return Err(e);
-            }
-        };
-        if let Ok(mut u) = c.usage.lock() {
-            u.dirty_since = Some(Instant::now());
-            u.isolation = Some(iso.clone());
-        }
+        let r = self.build_one(&ports).await;
+        *last_failed = r.is_err();
+        self.builds_done.fetch_add(1, Ordering::AcqRel);
+        let c = r?;
         if let Ok(mut p) = self.pool.lock() {
-            p.push(Arc::clone(&c));
+            p.push(Entry {
+                circ: Arc::clone(&c),
+                dirty_since: Some(now()),
+                isolation: Some(iso.clone()),
+            });
         }
         self.wake.notify_one();
         Ok(c)
     }
 
-    /// Close idle circuits past their dirtiness limit; count clean ones.
-    fn expire(&self) -> usize {
-        let now = Instant::now();
+    /// Close idle circuits past their dirtiness limit at `now`; count clean ones.
+    fn expire(&self, now: Instant) -> usize {
         let Ok(mut pool) = self.pool.lock() else {
             return 0;
         };
-        pool.retain(|c| {
-            if c.is_closed() {
+        pool.retain(|e| {
+            if e.circ.is_closed() {
                 return false;
             }
-            if !self.dirty_ok(c, now) && c.n_streams() == 0 {
-                c.close_with_destroy();
+            if !self.dirty_ok(e, now) && e.circ.n_streams() == 0 {
+                e.circ.close();
                 return false;
             }
             true
         });
-        pool.iter()
-            .filter(|c| c.usage.lock().is_ok_and(|u| u.dirty_since.is_none()))
-            .count()
+        pool.iter().filter(|e| e.dirty_since.is_none()).count()
+    }
+
+    /// Build the clean circuits missing at `now`; returns the first failure, if any.
+    async fn top_up(&self, view: &DirView) -> Result<(), ClientError> {
+        let clean = self.expire(now());
+        let want = self
+            .cfg
+            .prebuilt_circuits
+            .max(usize::from(!*self.ready.borrow()));
+        if clean >= want {
+            return Ok(());
+        }
+        let ports = self.predicted_ports(view);
+        let builds = (clean..want).map(|_| self.build_one(&ports));
+        let results = futures::future::join_all(builds).await;
+        let mut failed = Ok(());
+        for r in results {
+            match r {
+                Ok(c) => {
+                    if let Ok(mut p) = self.pool.lock() {
+                        p.push(Entry {
+                            circ: c,
+                            dirty_since: None,
+                            isolation: None,
+                        });
+                    }
+                    if !*self.ready.borrow() {
+                        tracing::info!("bootstrap 100%: ready; circuits are built");
+                        let _ = self.ready.send(true);
+                    }
+                }
+                Err(e) => failed = Err(e),
+            }
+        }
+        failed
     }
 
     /// Keep circuits ready ahead of demand and retire old ones, until shutdown.
@@ -337,44 +491,19 @@ impl CircMgr {
         loop {
             let mut wait = Duration::from_secs(5);
             if let Ok(view) = self.view() {
-                let clean = self.expire();
-                let want = self
-                    .cfg
-                    .prebuilt_circuits
-                    .max(usize::from(!*self.ready.borrow()));
-                if clean < want {
-                    if !announced {
-                        tracing::info!("bootstrap 60%: building circuits");
-                        announced = true;
-                    }
-                    let ports = self.predicted_ports(&view);
-                    let builds = (clean..want).map(|_| self.build_one(&ports));
-                    let results = futures::future::join_all(builds).await;
-                    let mut failed = None;
-                    for r in results {
-                        match r {
-                            Ok(c) => {
-                                if let Ok(mut p) = self.pool.lock() {
-                                    p.push(c);
-                                }
-                                if !*self.ready.borrow() {
-                                    tracing::info!("bootstrap 100%: ready; circuits are built");
-                                    let _ = self.ready.send(true);
-                                }
-                            }
-                            Err(e) => failed = Some(e),
-                        }
-                    }
-                    if let Some(e) = failed {
+                if !announced && self.expire(now()) < self.cfg.prebuilt_circuits.max(1) {
+                    tracing::info!("bootstrap 60%: building circuits");
+                    announced = true;
+                }
+                match self.top_up(&view).await {
+                    Ok(()) => backoff = Duration::from_secs(1),
+                    Err(e) => {
                         tracing::warn!(
                             "could not build a circuit ({e}); retrying in {}s",
                             backoff.as_secs()
                         );
                         wait = backoff;
                         backoff = (backoff * 2).min(Duration::from_secs(30));
-                    } else {
-                        backoff = Duration::from_secs(1);
-                        continue;
                     }
                 }
             }
@@ -386,37 +515,27 @@ impl CircMgr {
         }
     }
 
-    /// Close every circuit, and every link not busy being connected, without waiting (drop).
-    pub(crate) fn close_all_now(&self) {
-        let circs: Vec<Arc<Circuit>> = self
+    fn drain_pool(&self) {
+        let circs: Vec<Arc<B::Circ>> = self
             .pool
             .lock()
-            .map(|mut p| p.drain(..).collect())
+            .map(|mut p| p.drain(..).map(|e| e.circ).collect())
             .unwrap_or_default();
         for c in circs {
-            c.close_with_destroy();
+            c.close();
         }
-        if let Ok(mut links) = self.links.try_lock() {
-            for (_, l) in links.drain() {
-                l.close();
-            }
-        }
+    }
+
+    /// Close every circuit, and every link not busy being connected, without waiting (drop).
+    pub(crate) fn close_all_now(&self) {
+        self.drain_pool();
+        self.builder.close_links_now();
     }
 
     /// Close every circuit and link (shutdown).
     pub(crate) async fn close_all(&self) {
-        let circs: Vec<Arc<Circuit>> = self
-            .pool
-            .lock()
-            .map(|mut p| p.drain(..).collect())
-            .unwrap_or_default();
-        for c in circs {
-            c.close_with_destroy();
-        }
-        let mut links = self.links.lock().await;
-        for (_, l) in links.drain() {
-            l.close();
-        }
+        self.drain_pool();
+        self.builder.close_links().await;
     }
 
     /// Remember that the SOCKS client at `peer` has a stream on circuit `circ` (until
@@ -445,11 +564,11 @@ impl CircMgr {
             .lock()
             .map(|p| {
                 p.iter()
-                    .filter(|c| !c.is_closed())
-                    .map(|c| crate::CircuitInfo {
-                        path: c.hops,
-                        streams: c.n_streams(),
-                        dirty: c.usage.lock().is_ok_and(|u| u.dirty_since.is_some()),
+                    .filter(|e| !e.circ.is_closed())
+                    .map(|e| crate::CircuitInfo {
+                        path: e.circ.hops(),
+                        streams: e.circ.n_streams(),
+                        dirty: e.dirty_since.is_some(),
                     })
                     .collect()
             })
@@ -460,7 +579,11 @@ impl CircMgr {
     pub(crate) fn n_circuits(&self) -> usize {
         self.pool
             .lock()
-            .map(|p| p.iter().filter(|c| !c.is_closed()).count())
+            .map(|p| p.iter().filter(|e| !e.circ.is_closed()).count())
             .unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+#[path = "circmgr_tests.rs"]
+mod tests;

@@ -4,12 +4,14 @@
 mod circ;
 mod circmgr;
 pub mod config;
+pub mod core;
 mod dir;
 pub mod err;
 pub mod guard;
 pub mod isolation;
 mod link;
 pub mod path;
+mod reactor;
 pub mod socks;
 mod stream;
 
@@ -23,7 +25,7 @@ use tokio::task::JoinSet;
 
 pub use allium_directory::client::AuthorityInfo;
 pub use config::ProxyConfig;
-pub use err::ClientError;
+pub use err::{CircError, ClientError, ErrorKind, StreamError};
 
 use crate::circmgr::CircMgr;
 use crate::guard::GuardSet;

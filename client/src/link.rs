@@ -1,9 +1,14 @@
 //! Links to guards: one Noise link per guard, shared by every circuit through it.
 //!
-//! A reader task per link takes cells off the [`ChannelReceiver`] and hands each to its circuit
-//! (looked up by circuit id) *in the reader task itself*: the circuit decrypts and dispatches
-//! under a short lock, so a cell costs no extra task switch. When the link closes, every circuit
-//! on it fails at once, which closes their streams (SOCKS clients see a reset, never a hang).
+//! A link only routes. Its reader task decodes cells and hands each to its circuit's bounded
+//! inbound queue (looked up by circuit id) with `try_send`: it never waits on a circuit, so one
+//! slow circuit cannot hold up the others. A queue that is full means the relay sent that circuit
+//! more than its windows allow: the route is dropped and the circuit's reactor destroys it
+//! ([`crate::err::CircError::QueueOverflow`]). When the link closes, every route is dropped and
+//! each circuit's reactor sees its queue end (its streams end with a reset, never a hang).
+//!
+//! Circuits write to the link through [`ChannelSender`], whose writer packs up to 32 queued cells
+//! into one frame.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,19 +16,110 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use allium_crypto::RelayId;
-use allium_proto::cell::{Cell, CellCmd, CircId};
+use allium_proto::cell::{Cell, CircId};
 use allium_proto::channel::{self, ChannelReceiver, ChannelSender};
+use tokio::sync::mpsc;
 
-use crate::circ::Circuit;
 use crate::err::ClientError;
 use crate::path::RelayInfo;
+
+/// A circuit's route on its link.
+struct Route {
+    tx: mpsc::Sender<Cell>,
+    /// Set when the relay overran the circuit's queue.
+    overflowed: Arc<AtomicBool>,
+}
+
+/// What a circuit gets when it registers on a link.
+pub(crate) struct Registration {
+    /// Its circuit id on the link.
+    pub(crate) id: CircId,
+    /// Its inbound cells, in link order.
+    pub(crate) inbound: mpsc::Receiver<Cell>,
+    /// Set (before the queue ends) if the relay overran the queue.
+    pub(crate) overflowed: Arc<AtomicBool>,
+}
+
+/// A link's routing table: circuit id → the circuit's bounded inbound queue.
+#[derive(Default)]
+pub(crate) struct Router {
+    routes: Mutex<HashMap<u32, Route>>,
+}
+
+impl Router {
+    /// Pick an unused circuit id and open a route for it, with an inbound queue of `cap` cells.
+    pub(crate) fn register(&self, cap: usize) -> Result<Registration, ClientError> {
+        let mut map = self
+            .routes
+            .lock()
+            .map_err(|_| crate::err::CircError::NotReady("link routing table poisoned"))?;
+        let id = loop {
+            let id = CircId::random(true);
+            if !map.contains_key(&id.get()) {
+                break id;
+            }
+        };
+        let (tx, inbound) = mpsc::channel(cap);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        map.insert(
+            id.get(),
+            Route {
+                tx,
+                overflowed: Arc::clone(&overflowed),
+            },
+        );
+        Ok(Registration {
+            id,
+            inbound,
+            overflowed,
+        })
+    }
+
+    /// Drop a circuit's route.
+    pub(crate) fn unregister(&self, id: CircId) {
+        if let Ok(mut m) = self.routes.lock() {
+            m.remove(&id.get());
+        }
+    }
+
+    /// Drop every route (the link closed).
+    fn clear(&self) {
+        if let Ok(mut m) = self.routes.lock() {
+            m.clear();
+        }
+    }
+
+    /// Hand `cell` to its circuit without waiting. A full queue drops the route (the circuit's
+    /// reactor then destroys the circuit).
+    pub(crate) fn route(&self, cell: Cell) {
+        let Ok(mut map) = self.routes.lock() else {
+            return;
+        };
+        let id = cell.circ_id;
+        let Some(route) = map.get(&id) else {
+            // A cell for a circuit we already closed (e.g. its DESTROY crossed ours): drop it.
+            return;
+        };
+        match route.tx.try_send(cell) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                route.overflowed.store(true, Ordering::Release);
+                map.remove(&id);
+                tracing::info!("a relay overran a circuit's queue; destroying that circuit");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                map.remove(&id);
+            }
+        }
+    }
+}
 
 /// An open link to a guard.
 pub(crate) struct Link {
     /// Who is at the other end.
     pub(crate) relay: RelayId,
     pub(crate) sender: ChannelSender,
-    circuits: Mutex<HashMap<u32, Arc<Circuit>>>,
+    router: Router,
     closed: AtomicBool,
 }
 
@@ -41,21 +137,19 @@ impl Link {
         relay: &RelayInfo,
         timeout: Duration,
     ) -> Result<Arc<Self>, ClientError> {
-        let addr = relay
-            .connect_addr()
-            .ok_or_else(|| ClientError::Link("guard has no address".into()))?;
+        let addr = relay.connect_addr().ok_or(ClientError::NoGuardAddress)?;
         let ch = tokio::time::timeout(
             timeout,
             channel::connect(addr, &relay.id, &relay.link_key, None),
         )
         .await
         .map_err(|_| ClientError::Timeout("connecting to the guard"))?
-        .map_err(|e| ClientError::Link(e.to_string()))?;
+        .map_err(ClientError::Link)?;
         let (sender, receiver) = ch.split();
         let link = Arc::new(Self {
             relay: relay.id,
             sender,
-            circuits: Mutex::new(HashMap::new()),
+            router: Router::default(),
             closed: AtomicBool::new(false),
         });
         tokio::spawn(reader(Arc::clone(&link), receiver));
@@ -73,77 +167,73 @@ impl Link {
         self.sender.close();
     }
 
-    /// Pick an unused circuit id and register `make(id)` under it.
-    pub(crate) fn register(
-        &self,
-        make: impl FnOnce(CircId) -> Arc<Circuit>,
-    ) -> Result<Arc<Circuit>, ClientError> {
+    /// Open a route for a new circuit (see [`Router::register`]).
+    pub(crate) fn register(&self, cap: usize) -> Result<Registration, ClientError> {
         if self.is_closed() {
-            return Err(ClientError::Link("link closed".into()));
+            return Err(crate::err::CircError::LinkClosed.into());
         }
-        let mut map = self
-            .circuits
-            .lock()
-            .map_err(|_| ClientError::Link("internal lock poisoned".into()))?;
-        let id = loop {
-            let id = CircId::random(true);
-            if !map.contains_key(&id.get()) {
-                break id;
-            }
-        };
-        let c = make(id);
-        map.insert(id.get(), Arc::clone(&c));
-        Ok(c)
+        self.router.register(cap)
     }
 
-    /// Forget a circuit.
+    /// Drop a circuit's route.
     pub(crate) fn unregister(&self, id: CircId) {
-        if let Ok(mut m) = self.circuits.lock() {
-            m.remove(&id.get());
-        }
+        self.router.unregister(id);
     }
 }
 
-/// Demultiplex cells by circuit id until the link closes, then fail every circuit on it.
+/// Route cells by circuit id until the link closes, then drop every route.
 async fn reader(link: Arc<Link>, mut rx: ChannelReceiver) {
     while let Some(cell) = rx.recv().await {
-        let circ = link
-            .circuits
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&cell.circ_id).cloned());
-        let Some(circ) = circ else {
-            // A cell for a circuit we already closed (e.g. its DESTROY crossed ours): drop it.
-            continue;
-        };
-        if cell.cmd == CellCmd::DESTROY {
-            circ.on_destroyed("the circuit was destroyed by a relay");
-            link.unregister(circ.id);
-            continue;
-        }
-        if let Err(why) = circ.handle_cell(cell) {
-            tracing::debug!(circ = %circ.id, why, "closing circuit");
-            circ.close_because(why);
-        }
+        link.router.route(cell);
     }
     link.closed.store(true, Ordering::Release);
     tracing::debug!(guard = %link.relay, error = ?rx.error().map(ToString::to_string), "link closed");
-    let circs: Vec<Arc<Circuit>> = link
-        .circuits
-        .lock()
-        .map(|mut m| m.drain().map(|(_, c)| c).collect())
-        .unwrap_or_default();
-    for c in circs {
-        c.on_destroyed("the link to the guard closed");
-    }
+    link.router.clear();
 }
 
-/// Queue a cell on the link (without a wait when the queue has room), or fail if the link is
-/// closed.
-pub(crate) async fn send(link: &Link, cell: Cell) -> Result<(), ClientError> {
-    let err = |e: allium_proto::LinkError| ClientError::Link(e.to_string());
-    match link.sender.try_send(cell).map_err(err)? {
-        None => Ok(()),
-        Some(cell) => link.sender.send(cell).await.map_err(err),
+#[cfg(test)]
+mod tests {
+    use allium_proto::cell::CellCmd;
+
+    use super::*;
+
+    fn cell(id: CircId) -> Cell {
+        Cell::new_zeroed(id.get(), CellCmd::RELAY)
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_costs_only_its_own_circuit() {
+        let r = Router::default();
+        let mut slow = r.register(2).unwrap();
+        let mut busy = r.register(8).unwrap();
+        for _ in 0..3 {
+            r.route(cell(slow.id));
+        }
+        for _ in 0..5 {
+            r.route(cell(busy.id));
+        }
+        assert!(slow.overflowed.load(Ordering::Acquire));
+        assert!(!busy.overflowed.load(Ordering::Acquire));
+        // The slow circuit gets what fitted, then the end of its queue; later cells are dropped.
+        r.route(cell(slow.id));
+        assert!(slow.inbound.recv().await.is_some());
+        assert!(slow.inbound.recv().await.is_some());
+        assert!(slow.inbound.recv().await.is_none());
+        for _ in 0..5 {
+            assert!(busy.inbound.try_recv().is_ok());
+        }
+        assert!(busy.inbound.try_recv().is_err());
+        assert_ne!(slow.id, busy.id);
+    }
+
+    #[tokio::test]
+    async fn unknown_circuits_are_dropped_and_clear_ends_every_queue() {
+        let r = Router::default();
+        let mut a = r.register(4).unwrap();
+        r.route(cell(CircId::new(a.id.get() ^ 1).unwrap()));
+        assert!(a.inbound.try_recv().is_err(), "a cell for another circuit");
+        r.clear();
+        assert!(a.inbound.recv().await.is_none());
+        assert!(!a.overflowed.load(Ordering::Acquire));
     }
 }

@@ -1,35 +1,33 @@
 //! Streams: BEGIN / RESOLVE on a circuit, then splicing a SOCKS connection to the stream.
 //!
 //! Upstream (application → exit) runs in its own task: it reads up to 16 cells' worth from the
-//! socket per `read` and builds the cells directly from that buffer ([`Circuit::send_data`]).
-//! Downstream (exit → application) drains every queued DATA cell into one buffer and writes it
-//! with one `write_all`, then sends the stream SENDMEs that became due (after delivery, so a
-//! slow application closes the window). A circuit failure ends the stream with a TCP reset, so
-//! the application never mistakes a cut transfer for a complete one.
+//! socket per `read` and hands the buffer to the circuit's reactor ([`Circuit::send_data`]),
+//! which packages it as the windows allow; the task waits until it is all taken (per-stream
+//! backpressure). Downstream (exit → application) drains every queued DATA cell into one buffer,
+//! writes it with one `write_all`, then reports the cells consumed (so stream SENDMEs follow
+//! delivery, and a slow application closes the window). A circuit failure ends the stream with a
+//! TCP reset, so the application never mistakes a cut transfer for a complete one.
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use allium_proto::relaymsg::{
-    Begin, BeginFlags, EndReason, MAX_DATA, RelayMsg, Resolve, Target as WireTarget,
-};
+use allium_proto::relaymsg::{Begin, BeginFlags, EndReason, MAX_DATA, Target as WireTarget};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{Notify, mpsc};
 
-use crate::circ::{Circuit, DATA_OFFSET, StreamEvent};
-use crate::socks::wire::{Target, reply, reply_for_end_reason};
+use crate::circ::{Circuit, StreamEvent};
+use crate::core::{StreamId, StreamTarget};
+use crate::err::{ClientError, StreamError};
+use crate::socks::wire::Target;
 
-/// How long the exit may take to answer BEGIN or RESOLVE.
-pub(crate) const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes read from the application per `read` (16 full cells).
 const UPSTREAM_BUF: usize = 16 * MAX_DATA;
 /// Largest downstream batch written at once.
 const DOWNSTREAM_BATCH: usize = 64 * 1024;
 
-/// Why a stream could not be opened.
+/// Why a stream could not be opened (the SOCKS front end's view).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OpenError {
     /// Give the application this SOCKS5 reply code.
@@ -38,16 +36,27 @@ pub(crate) enum OpenError {
     Retry,
 }
 
-fn wire_target(t: &Target) -> Result<Begin, OpenError> {
+impl From<&ClientError> for OpenError {
+    fn from(e: &ClientError) -> Self {
+        if e.is_retriable() {
+            Self::Retry
+        } else {
+            Self::Reply(e.socks_reply())
+        }
+    }
+}
+
+/// The BEGIN message for a SOCKS target.
+pub(crate) fn wire_target(t: &Target) -> Result<Begin, StreamError> {
     let (target, port) = match t {
         Target::Host(h, p) => (
-            WireTarget::parse(h).map_err(|_| OpenError::Reply(reply::HOST_UNREACHABLE))?,
+            WireTarget::parse(h).map_err(|e| StreamError::BadTarget(Some(e)))?,
             *p,
         ),
         Target::Ip(a) => (WireTarget::Ip(a.ip()), a.port()),
     };
     if port == 0 {
-        return Err(OpenError::Reply(reply::HOST_UNREACHABLE));
+        return Err(StreamError::BadTarget(None));
     }
     Ok(Begin {
         target,
@@ -56,60 +65,53 @@ fn wire_target(t: &Target) -> Result<Begin, OpenError> {
     })
 }
 
+/// Send BEGIN for `target` and wait for CONNECTED (the circuit times the wait out). The error
+/// keeps the exit's END reason; [`ClientError::socks_reply`] turns it into a reply code.
+pub(crate) async fn connect(
+    circ: &Arc<Circuit>,
+    target: &Target,
+) -> Result<(u16, mpsc::Receiver<StreamEvent>), ClientError> {
+    let begin = wire_target(target)?;
+    let (sid, mut rx) = circ.open_stream(StreamTarget::Begin(begin)).await?;
+    match rx.recv().await {
+        Some(StreamEvent::Connected) => Ok((sid.get(), rx)),
+        Some(StreamEvent::End(Err(e))) => Err(e.into()),
+        Some(_) => {
+            circ.end_stream(sid.get(), EndReason::TORPROTOCOL).await;
+            Err(StreamError::Unexpected.into())
+        }
+        None => Err(StreamError::Circuit(crate::err::CircError::Closed).into()),
+    }
+}
+
 /// Send BEGIN for `target` and wait for CONNECTED.
 pub(crate) async fn begin(
     circ: &Arc<Circuit>,
     target: &Target,
 ) -> Result<(u16, mpsc::Receiver<StreamEvent>), OpenError> {
-    let msg = RelayMsg::Begin(wire_target(target)?);
-    let (sid, mut rx) = circ.open_stream().map_err(|_| OpenError::Retry)?;
-    if circ.send_msg(None, sid, &msg).await.is_err() {
-        circ.forget_stream(sid);
-        return Err(OpenError::Retry);
-    }
-    match tokio::time::timeout(STREAM_TIMEOUT, rx.recv()).await {
-        Ok(Some(StreamEvent::Connected)) => Ok((sid, rx)),
-        Ok(Some(StreamEvent::End(r))) => {
-            circ.forget_stream(sid);
-            Err(OpenError::Reply(reply_for_end_reason(r.0)))
-        }
-        Ok(Some(_)) => {
-            circ.end_stream(sid, EndReason::TORPROTOCOL).await;
-            Err(OpenError::Reply(reply::GENERAL_FAILURE))
-        }
-        Ok(None) => Err(OpenError::Retry),
-        Err(_) => {
-            circ.end_stream(sid, EndReason::TIMEOUT).await;
-            Err(OpenError::Reply(reply::TTL_EXPIRED))
-        }
+    connect(circ, target).await.map_err(|e| {
+        tracing::debug!(circ = %circ.id, "opening a stream failed: {e}");
+        OpenError::from(&e)
+    })
+}
+
+/// Ask the exit to resolve `host`; the error keeps the exit's reason.
+pub(crate) async fn lookup(circ: &Arc<Circuit>, host: &str) -> Result<Vec<IpAddr>, ClientError> {
+    let (_sid, mut rx) = circ
+        .open_stream(StreamTarget::Resolve(host.to_owned()))
+        .await?;
+    match rx.recv().await {
+        Some(StreamEvent::Resolved(v)) if !v.is_empty() => Ok(v),
+        Some(StreamEvent::Resolved(_)) => Err(StreamError::NoAddress.into()),
+        Some(StreamEvent::End(Err(e))) => Err(e.into()),
+        Some(_) => Err(StreamError::Unexpected.into()),
+        None => Err(StreamError::Circuit(crate::err::CircError::Closed).into()),
     }
 }
 
 /// Ask the exit to resolve `host`.
 pub(crate) async fn resolve(circ: &Arc<Circuit>, host: &str) -> Result<Vec<IpAddr>, OpenError> {
-    let msg = RelayMsg::Resolve(Resolve {
-        hostname: host.to_owned(),
-    });
-    let (sid, mut rx) = circ.open_stream().map_err(|_| OpenError::Retry)?;
-    if let Err(e) = circ.send_msg(None, sid, &msg).await {
-        circ.forget_stream(sid);
-        return Err(match e {
-            crate::ClientError::Circuit(ref m) if m.starts_with("encoding") => {
-                OpenError::Reply(reply::HOST_UNREACHABLE)
-            }
-            _ => OpenError::Retry,
-        });
-    }
-    let r = match tokio::time::timeout(STREAM_TIMEOUT, rx.recv()).await {
-        Ok(Some(StreamEvent::Resolved(v))) if !v.is_empty() => Ok(v),
-        Ok(Some(StreamEvent::Resolved(_))) => Err(OpenError::Reply(reply::HOST_UNREACHABLE)),
-        Ok(Some(StreamEvent::End(r))) => Err(OpenError::Reply(reply_for_end_reason(r.0))),
-        Ok(Some(_)) => Err(OpenError::Reply(reply::GENERAL_FAILURE)),
-        Ok(None) => Err(OpenError::Retry),
-        Err(_) => Err(OpenError::Reply(reply::TTL_EXPIRED)),
-    };
-    circ.forget_stream(sid);
-    r
+    lookup(circ, host).await.map_err(|e| OpenError::from(&e))
 }
 
 /// Carry bytes both ways between `sock` and stream `sid` until both sides are done, or reset
@@ -120,25 +122,24 @@ pub(crate) async fn splice(
     mut rx: mpsc::Receiver<StreamEvent>,
     sock: TcpStream,
 ) {
+    let Some(stream) = StreamId::new(sid) else {
+        return;
+    };
     let (rd, mut wr) = sock.into_split();
     let stop = Arc::new(Notify::new());
-    let up = tokio::spawn(upstream(Arc::clone(&circ), sid, rd, Arc::clone(&stop)));
+    let up = tokio::spawn(upstream(Arc::clone(&circ), stream, rd, Arc::clone(&stop)));
     let mut out: Vec<u8> = Vec::new();
-    let mut sendmes = Vec::with_capacity(8);
-    let outcome: Result<(), &'static str> = 'outer: loop {
+    let outcome: Result<(), &'static str> = loop {
         let Some(mut ev) = rx.recv().await else {
             break Err("the stream or its circuit closed");
         };
         let mut end = None;
+        let mut cells = 0usize;
         loop {
             match ev {
-                StreamEvent::Data { body, len, sendme } => {
-                    if let Some(d) = body.get(DATA_OFFSET..DATA_OFFSET + len) {
-                        out.extend_from_slice(d);
-                    }
-                    if let Some(t) = sendme {
-                        sendmes.push(t);
-                    }
+                StreamEvent::Data(d) => {
+                    out.extend_from_slice(d.bytes());
+                    cells += 1;
                 }
                 StreamEvent::End(r) => {
                     end = Some(r);
@@ -161,19 +162,16 @@ pub(crate) async fn splice(
             }
             out.clear();
         }
-        for t in sendmes.drain(..) {
-            if let Err(e) = circ.send_stream_sendme(sid, t).await {
-                tracing::debug!(circ = %circ.id, "stream SENDME failed: {e}");
-                break 'outer Err("a stream SENDME could not be sent");
-            }
+        if cells > 0 && circ.consumed(stream, cells).await.is_err() {
+            break Err("the circuit closed");
         }
         match end {
-            Some(EndReason::DONE) => {
+            Some(Ok(())) => {
                 let _ = wr.shutdown().await;
                 break Ok(());
             }
-            Some(r) => {
-                tracing::debug!(circ = %circ.id, reason = ?r, "the exit ended a stream");
+            Some(Err(e)) => {
+                tracing::debug!(circ = %circ.id, "the exit ended a stream: {e}");
                 break Err("the exit ended the stream with an error");
             }
             None => {}
@@ -201,7 +199,7 @@ pub(crate) async fn splice(
 /// Application → exit, until EOF, an error, or `stop`. Returns the read half.
 async fn upstream(
     circ: Arc<Circuit>,
-    sid: u16,
+    sid: StreamId,
     mut rd: OwnedReadHalf,
     stop: Arc<Notify>,
 ) -> OwnedReadHalf {
@@ -212,30 +210,25 @@ async fn upstream(
     rd
 }
 
-async fn pump(circ: &Circuit, sid: u16, rd: &mut OwnedReadHalf) {
+async fn pump(circ: &Circuit, sid: StreamId, rd: &mut OwnedReadHalf) {
     let mut buf = vec![0u8; UPSTREAM_BUF];
-    let mut scratch = Vec::with_capacity(32);
     loop {
+        buf.resize(UPSTREAM_BUF, 0);
         let n = match rd.read(&mut buf).await {
             Ok(0) => {
-                circ.end_stream(sid, EndReason::DONE).await;
+                circ.end_stream(sid.get(), EndReason::DONE).await;
                 return;
             }
             Ok(n) => n,
             Err(_) => {
-                circ.end_stream(sid, EndReason::MISC).await;
+                circ.end_stream(sid.get(), EndReason::MISC).await;
                 return;
             }
         };
-        let mut off = 0;
-        while off < n {
-            match circ
-                .send_data(sid, buf.get(off..n).unwrap_or_default(), &mut scratch)
-                .await
-            {
-                Ok(c) => off += c,
-                Err(_) => return,
-            }
+        buf.truncate(n);
+        match circ.send_data(sid, buf).await {
+            Ok(b) => buf = b,
+            Err(_) => return,
         }
     }
 }

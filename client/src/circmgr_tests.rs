@@ -1,0 +1,340 @@
+//! The circuit manager with a scripted fake builder and tokio's paused clock: pool reuse,
+//! isolation, dirtiness, retries on other paths, timeouts. No sockets, no real waiting.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+
+use allium_crypto::{IdentityKeypair, X25519Secret};
+
+use super::*;
+use crate::err::CircError;
+use crate::path::RelayFlags;
+
+/// What the fake builder does with the next build.
+#[derive(Clone, Copy, Debug)]
+enum Outcome {
+    Ok,
+    /// Fail while adding hop `n`.
+    FailAt(usize),
+    /// Never finish (stuck at hop `n`).
+    Hang(usize),
+}
+
+#[derive(Debug)]
+struct FakeCirc {
+    exit: RelayInfo,
+    hops: [RelayId; 3],
+    closed: AtomicBool,
+    streams: AtomicUsize,
+}
+
+impl PooledCirc for FakeCirc {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+    fn n_streams(&self) -> usize {
+        self.streams.load(Ordering::Acquire)
+    }
+    fn exit(&self) -> &RelayInfo {
+        &self.exit
+    }
+    fn hops(&self) -> [RelayId; 3] {
+        self.hops
+    }
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+}
+
+#[derive(Default)]
+struct FakeBuilder {
+    script: Mutex<VecDeque<Outcome>>,
+    paths: Mutex<Vec<[RelayId; 3]>>,
+}
+
+impl CircBuilder for FakeBuilder {
+    type Circ = FakeCirc;
+
+    async fn build<'a>(
+        &'a self,
+        path: &'a Path,
+        progress: Arc<AtomicUsize>,
+    ) -> Result<Arc<FakeCirc>, ClientError> {
+        let hops = [path.guard.id, path.middle.id, path.exit.id];
+        self.paths.lock().unwrap().push(hops);
+        let next = self
+            .script
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(Outcome::Ok);
+        match next {
+            Outcome::Ok => {
+                progress.store(3, Ordering::Release);
+                Ok(Arc::new(FakeCirc {
+                    exit: path.exit.clone(),
+                    hops,
+                    closed: AtomicBool::new(false),
+                    streams: AtomicUsize::new(0),
+                }))
+            }
+            Outcome::FailAt(n) => {
+                progress.store(n, Ordering::Release);
+                Err(CircError::Destroyed(allium_proto::cell::DestroyReason::CONNECTFAILED).into())
+            }
+            Outcome::Hang(n) => {
+                progress.store(n, Ordering::Release);
+                std::future::pending().await
+            }
+        }
+    }
+
+    async fn close_links(&self) {}
+    fn close_links_now(&self) {}
+}
+
+fn relay(i: u8, exit_ports: Vec<(u16, u16)>) -> RelayInfo {
+    RelayInfo {
+        id: IdentityKeypair::generate().public(),
+        link_key: X25519Secret::generate().public(),
+        onion_key: X25519Secret::generate().public(),
+        addrs: vec![SocketAddr::from(([127, 0, 0, i], 9000))],
+        flags: RelayFlags {
+            running: true,
+            valid: true,
+            guard: true,
+            exit: !exit_ports.is_empty(),
+            ..RelayFlags::default()
+        },
+        weight: 1,
+        family: vec![],
+        exit_ports,
+    }
+}
+
+struct Rig {
+    mgr: Arc<CircMgr<FakeBuilder>>,
+    _dir: tempfile::TempDir,
+    relays: Vec<RelayInfo>,
+}
+
+/// A manager over six relays: four exits for every port, two that exit only to port 22.
+fn rig(script: &[Outcome]) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ProxyConfig {
+        data_dir: dir.path().to_path_buf(),
+        test_network: true,
+        primary_guards: 2,
+        ..ProxyConfig::default()
+    };
+    let guards = GuardSet::load(dir.path()).unwrap();
+    let (ready, _) = watch::channel(false);
+    let builder = FakeBuilder::default();
+    builder
+        .script
+        .lock()
+        .unwrap()
+        .extend(script.iter().copied());
+    let mgr = Arc::new(CircMgr::with_builder(Arc::new(cfg), guards, ready, builder));
+    let mut relays: Vec<RelayInfo> = (1..=4).map(|i| relay(i, vec![(1, 65535)])).collect();
+    relays.push(relay(5, vec![(22, 22)]));
+    relays.push(relay(6, vec![(22, 22)]));
+    mgr.set_dir(DirView {
+        relays: relays.clone(),
+    });
+    Rig {
+        mgr,
+        _dir: dir,
+        relays,
+    }
+}
+
+fn builds(r: &Rig) -> usize {
+    r.mgr.builder.paths.lock().unwrap().len()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_circuit_is_reused_for_its_isolation_key_only() {
+    let r = rig(&[]);
+    let alice = IsolationKey::credentials("alice", "pw");
+    let bob = IsolationKey::credentials("bob", "pw");
+    let a1 = r.mgr.get_circuit(Some(80), &alice).await.unwrap();
+    let a2 = r.mgr.get_circuit(Some(443), &alice).await.unwrap();
+    assert!(Arc::ptr_eq(&a1, &a2));
+    let b = r.mgr.get_circuit(Some(80), &bob).await.unwrap();
+    assert!(!Arc::ptr_eq(&a1, &b));
+    assert_eq!(builds(&r), 2);
+    assert_eq!(r.mgr.n_circuits(), 2);
+    assert!(r.mgr.circuits().iter().all(|c| c.dirty));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clean_circuit_is_claimed_and_a_used_one_preferred() {
+    let r = rig(&[]);
+    // Build two clean circuits ahead of demand.
+    let view = r.mgr.view().unwrap();
+    r.mgr.top_up(&view).await.unwrap();
+    assert_eq!(r.mgr.n_circuits(), 2);
+    assert!(r.mgr.circuits().iter().all(|c| !c.dirty));
+    let k = IsolationKey::NoAuth;
+    let c1 = r.mgr.get_circuit(Some(80), &k).await.unwrap();
+    let c2 = r.mgr.get_circuit(Some(80), &k).await.unwrap();
+    assert!(
+        Arc::ptr_eq(&c1, &c2),
+        "the circuit used with this key is preferred"
+    );
+    assert_eq!(r.mgr.circuits().iter().filter(|c| c.dirty).count(), 1);
+    assert_eq!(builds(&r), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_exit_must_allow_the_port() {
+    let r = rig(&[]);
+    let k = IsolationKey::NoAuth;
+    let c = r.mgr.get_circuit(Some(25), &k).await.unwrap();
+    assert!(c.exit().allows_port(25));
+    assert!(!r.relays[4].allows_port(25));
+    let c22 = r.mgr.get_circuit(Some(22), &k).await.unwrap();
+    assert!(c22.exit().allows_port(22));
+    for _ in 0..5 {
+        let c = r.mgr.get_circuit(Some(25), &k).await.unwrap();
+        assert!(c.exit().allows_port(25));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn dirty_circuits_expire_and_idle_ones_are_closed() {
+    let r = rig(&[]);
+    let k = IsolationKey::NoAuth;
+    let old = r.mgr.get_circuit(Some(80), &k).await.unwrap();
+    old.streams.store(1, Ordering::Release);
+    tokio::time::advance(r.mgr.cfg.max_circuit_dirtiness).await;
+    let new = r.mgr.get_circuit(Some(80), &k).await.unwrap();
+    assert!(
+        !Arc::ptr_eq(&old, &new),
+        "past its dirtiness a circuit takes no new stream"
+    );
+    // It still carries a stream: kept until that ends.
+    r.mgr.expire(now());
+    assert!(!old.is_closed());
+    old.streams.store(0, Ordering::Release);
+    r.mgr.expire(now());
+    assert!(old.is_closed());
+    assert!(!new.is_closed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_build_is_retried_on_another_path_avoiding_the_failed_relay() {
+    let r = rig(&[Outcome::FailAt(1), Outcome::FailAt(2)]);
+    let c = r
+        .mgr
+        .get_circuit(Some(80), &IsolationKey::NoAuth)
+        .await
+        .unwrap();
+    let paths = r.mgr.builder.paths.lock().unwrap().clone();
+    assert_eq!(paths.len(), 3);
+    let bad_middle = paths[0][1];
+    let bad_exit = paths[1][2];
+    assert!(!paths[2].contains(&bad_middle), "{paths:?}");
+    assert!(!paths[2].contains(&bad_exit), "{paths:?}");
+    assert_eq!(c.hops(), paths[2]);
+    // The failed relays are avoided for RELAY_RETRY, then usable again.
+    let down = r.mgr.relay_down.lock().unwrap().len();
+    assert_eq!(down, 2);
+    tokio::time::advance(RELAY_RETRY).await;
+    let view = r.mgr.view().unwrap();
+    r.mgr.choose_path(&view, &[80], now()).unwrap();
+    assert!(r.mgr.relay_down.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_failures_fail_the_request_and_waiters_fail_fast() {
+    let r = rig(&[Outcome::FailAt(0), Outcome::FailAt(1), Outcome::FailAt(2)]);
+    let k = IsolationKey::NoAuth;
+    let e = r.mgr.get_circuit(Some(80), &k).await.unwrap_err();
+    assert!(
+        matches!(e, ClientError::Circuit(CircError::Destroyed(_))),
+        "{e}"
+    );
+    assert_eq!(builds(&r), 3);
+    // The next request builds afresh (it was not queued behind the failed build).
+    r.mgr.get_circuit(Some(80), &k).await.unwrap();
+    assert_eq!(builds(&r), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_queued_behind_a_failing_build_fails_at_once() {
+    let r = rig(&[Outcome::Hang(1), Outcome::Hang(1), Outcome::Hang(1)]);
+    let k = IsolationKey::credentials("a", "b");
+    let first = {
+        let mgr = Arc::clone(&r.mgr);
+        let k = k.clone();
+        tokio::spawn(async move { mgr.get_circuit(Some(80), &k).await.map(|_| ()) })
+    };
+    tokio::task::yield_now().await;
+    let second = {
+        let mgr = Arc::clone(&r.mgr);
+        tokio::spawn(async move { mgr.get_circuit(Some(80), &k).await.map(|_| ()) })
+    };
+    let started = now();
+    let e1 = first.await.unwrap().unwrap_err();
+    assert!(matches!(e1, ClientError::Timeout(_)), "{e1}");
+    // Three attempts, each cut at the build timeout (paused clock: no real wait).
+    assert_eq!(started.elapsed(), 3 * r.mgr.cfg.circuit_build_timeout);
+    let e2 = second.await.unwrap().unwrap_err();
+    assert!(matches!(e2, ClientError::RecentBuildFailed), "{e2}");
+    assert_eq!(builds(&r), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_hop_is_marked_down() {
+    let r = rig(&[Outcome::Hang(2)]);
+    r.mgr
+        .get_circuit(Some(80), &IsolationKey::NoAuth)
+        .await
+        .unwrap();
+    let paths = r.mgr.builder.paths.lock().unwrap().clone();
+    assert_eq!(paths.len(), 2);
+    let stalled_exit = paths[0][2];
+    assert!(r.mgr.relay_down.lock().unwrap().contains_key(&stalled_exit));
+}
+
+#[tokio::test(start_paused = true)]
+async fn closed_circuits_leave_the_pool_and_close_all_closes_the_rest() {
+    let r = rig(&[]);
+    let a = r
+        .mgr
+        .get_circuit(Some(80), &IsolationKey::NoAuth)
+        .await
+        .unwrap();
+    let b = r
+        .mgr
+        .get_circuit(Some(80), &IsolationKey::credentials("x", "y"))
+        .await
+        .unwrap();
+    a.close();
+    assert_eq!(r.mgr.n_circuits(), 1);
+    r.mgr.close_all().await;
+    assert!(b.is_closed());
+    assert_eq!(r.mgr.n_circuits(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn maintenance_makes_the_proxy_ready_and_keeps_clean_circuits() {
+    let r = rig(&[]);
+    let (tx, rx) = watch::channel(false);
+    let mut ready = r.mgr.ready.subscribe();
+    let task = tokio::spawn(Arc::clone(&r.mgr).maintain(rx));
+    ready.wait_for(|r| *r).await.unwrap();
+    // A clean circuit gets used: maintenance builds another.
+    r.mgr
+        .get_circuit(Some(80), &IsolationKey::NoAuth)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    tx.send(true).unwrap();
+    task.await.unwrap();
+    assert_eq!(r.mgr.circuits().iter().filter(|c| !c.dirty).count(), 2);
+    assert_eq!(r.mgr.circuits().iter().filter(|c| c.dirty).count(), 1);
+}

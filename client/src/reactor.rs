@@ -1,0 +1,315 @@
+//! One task per circuit: the reactor owns the circuit's [`ClientCircuit`] and does its I/O. It is
+//! the only code that touches the core.
+//!
+//! - **In:** the circuit's inbound cells (a bounded queue fed by the link reader, which never
+//!   waits), commands from the circuit's handles and stream tasks (open, data, consumed, end,
+//!   close), and the core's next timeout.
+//! - **Out:** cells to the guard link, in the order the core produced them (ratchet order by
+//!   construction); events to the stream tasks' bounded queues, with `try_send` (a stream queue
+//!   holds a full stream window, so an exit that respects the windows never fills it).
+//! - **Backpressure** is per circuit and per stream: a stream's data waits in the reactor (one
+//!   buffer per stream, its sender waits for it) until the windows open; the reactor waits only on
+//!   the link writer, whose queue the writer drains 32 cells per frame.
+//! - The reactor ends when the circuit is closed and its last cells (DESTROY) are queued on the
+//!   link; its route on the link is removed, and every stream queue closes (the stream tasks
+//!   reset their connections).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use allium_proto::relaymsg::EndReason;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::circ::{STREAM_QUEUE, Shared, StreamEvent};
+use crate::core::{ClientCircuit, Event, StreamId, StreamTarget};
+use crate::err::{CircError, ClientError};
+use crate::link::{Link, Registration};
+use allium_proto::cell::Cell;
+
+/// Most inbound cells handled before the reactor flushes its output.
+const INBOUND_BATCH: usize = 64;
+
+/// A request to a circuit's reactor.
+pub(crate) enum Cmd {
+    /// Open a stream.
+    Begin {
+        target: StreamTarget,
+        reply: oneshot::Sender<Result<(StreamId, mpsc::Receiver<StreamEvent>), ClientError>>,
+    },
+    /// Send `data` on a stream; `done` gets the emptied buffer back once all of it is packaged.
+    Data {
+        sid: StreamId,
+        data: Vec<u8>,
+        done: oneshot::Sender<Vec<u8>>,
+    },
+    /// The application took `cells` DATA cells of a stream.
+    Consumed { sid: StreamId, cells: usize },
+    /// End or abort a stream.
+    End { sid: StreamId, reason: EndReason },
+    /// Close the circuit.
+    Close,
+}
+
+/// Data of a stream waiting for its windows to open.
+struct Pending {
+    data: Vec<u8>,
+    off: usize,
+    done: oneshot::Sender<Vec<u8>>,
+}
+
+/// A stream as the reactor sees it.
+struct Slot {
+    tx: mpsc::Sender<StreamEvent>,
+    pending: Option<Pending>,
+}
+
+/// The reactor of one circuit.
+pub(crate) struct Reactor {
+    core: ClientCircuit,
+    link: Arc<Link>,
+    inbound: mpsc::Receiver<Cell>,
+    overflowed: Arc<AtomicBool>,
+    cmds: mpsc::Receiver<Cmd>,
+    shared: Arc<Shared>,
+    built: Option<oneshot::Sender<Result<(), CircError>>>,
+    slots: HashMap<StreamId, Slot>,
+    n_pending: usize,
+}
+
+impl Reactor {
+    pub(crate) fn new(
+        core: ClientCircuit,
+        link: Arc<Link>,
+        reg: Registration,
+        cmds: mpsc::Receiver<Cmd>,
+        shared: Arc<Shared>,
+        built: oneshot::Sender<Result<(), CircError>>,
+    ) -> Self {
+        Self {
+            core,
+            link,
+            inbound: reg.inbound,
+            overflowed: reg.overflowed,
+            cmds,
+            shared,
+            built: Some(built),
+            slots: HashMap::new(),
+            n_pending: 0,
+        }
+    }
+
+    /// Put the core's queued cells on the link, in order.
+    async fn flush(&mut self) {
+        while let Some(cell) = self.core.poll_transmit() {
+            match self.link.sender.try_send(cell) {
+                Ok(None) => {}
+                Ok(Some(cell)) => {
+                    if self.link.sender.send(cell).await.is_err() {
+                        self.core.handle_link_closed();
+                    }
+                }
+                Err(_) => self.core.handle_link_closed(),
+            }
+        }
+    }
+
+    fn dispatch_events(&mut self) {
+        while let Some(ev) = self.core.poll_event() {
+            match ev {
+                Event::HopAdded { hop } => {
+                    self.shared.progress.store(hop + 1, Ordering::Release);
+                }
+                Event::Built => {
+                    if let Some(b) = self.built.take() {
+                        let _ = b.send(Ok(()));
+                    }
+                }
+                Event::ExtendFailed { hop, error } => {
+                    tracing::debug!(circ = %self.core.id(), hop, "extending failed: {error}");
+                }
+                Event::StreamConnected { stream } => self.deliver(stream, StreamEvent::Connected),
+                Event::StreamData { stream, data } => {
+                    self.deliver(stream, StreamEvent::Data(data));
+                }
+                Event::Resolved { stream, addrs } => {
+                    self.deliver(stream, StreamEvent::Resolved(addrs));
+                    self.drop_slot(stream);
+                }
+                Event::StreamEnded { stream, result } => {
+                    let gone = self.core.stream_state(stream).is_none();
+                    self.deliver(stream, StreamEvent::End(result));
+                    if gone {
+                        self.drop_slot(stream);
+                    }
+                }
+                Event::Destroyed { reason } => {
+                    tracing::debug!(circ = %self.core.id(), "circuit closed: {reason}");
+                    self.shared.closed.store(true, Ordering::Release);
+                    if let Some(b) = self.built.take() {
+                        let _ = b.send(Err(reason));
+                    }
+                    // Dropping the senders ends every stream task.
+                    self.slots.clear();
+                    self.n_pending = 0;
+                }
+            }
+        }
+        self.shared
+            .n_streams
+            .store(self.core.n_streams(), Ordering::Release);
+    }
+
+    fn drop_slot(&mut self, sid: StreamId) {
+        if let Some(s) = self.slots.remove(&sid)
+            && s.pending.is_some()
+        {
+            self.n_pending = self.n_pending.saturating_sub(1);
+        }
+    }
+
+    fn deliver(&mut self, sid: StreamId, ev: StreamEvent) {
+        let Some(slot) = self.slots.get(&sid) else {
+            return;
+        };
+        match slot.tx.try_send(ev) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // Cannot happen while the windows hold (the queue holds a full window); if it
+                // does, abort the stream rather than wait or grow.
+                self.drop_slot(sid);
+                self.core.close_stream(sid, EndReason::RESOURCELIMIT, now());
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                // Nobody reads the stream any more.
+                self.drop_slot(sid);
+                self.core.close_stream(sid, EndReason::MISC, now());
+            }
+        }
+    }
+
+    fn handle_cmd(&mut self, cmd: Cmd) {
+        let now = now();
+        match cmd {
+            Cmd::Begin { target, reply } => {
+                let r = self.core.begin_stream(&target, now).map(|sid| {
+                    let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+                    self.slots.insert(sid, Slot { tx, pending: None });
+                    (sid, rx)
+                });
+                let _ = reply.send(r.map_err(ClientError::from));
+            }
+            Cmd::Data { sid, data, done } => {
+                let Some(slot) = self.slots.get_mut(&sid) else {
+                    return; // dropping `done` tells the sender the stream is gone
+                };
+                let off = self.core.package(sid, &data, now);
+                if off >= data.len() {
+                    let _ = done.send(data);
+                } else {
+                    if slot.pending.is_none() {
+                        self.n_pending += 1;
+                    }
+                    slot.pending = Some(Pending { data, off, done });
+                }
+            }
+            Cmd::Consumed { sid, cells } => self.core.consumed(sid, cells),
+            Cmd::End { sid, reason } => {
+                self.core.close_stream(sid, reason, now);
+                if self.core.stream_state(sid).is_none() || reason != EndReason::DONE {
+                    self.drop_slot(sid);
+                } else if let Some(slot) = self.slots.get_mut(&sid)
+                    && slot.pending.take().is_some()
+                {
+                    self.n_pending = self.n_pending.saturating_sub(1);
+                }
+            }
+            Cmd::Close => self.core.close(),
+        }
+    }
+
+    /// Package waiting stream data whose windows opened.
+    fn package_pending(&mut self) {
+        if self.n_pending == 0 {
+            return;
+        }
+        let now = now();
+        for (sid, slot) in &mut self.slots {
+            let Some(p) = slot.pending.as_mut() else {
+                continue;
+            };
+            if !self.core.can_package(*sid) {
+                continue;
+            }
+            let rest = p.data.get(p.off..).unwrap_or_default();
+            p.off += self.core.package(*sid, rest, now);
+            if p.off >= p.data.len()
+                && let Some(p) = slot.pending.take()
+            {
+                self.n_pending = self.n_pending.saturating_sub(1);
+                let _ = p.done.send(p.data);
+            }
+        }
+    }
+
+    fn on_inbound_end(&mut self) {
+        if self.overflowed.load(Ordering::Acquire) {
+            self.core.abort(CircError::QueueOverflow);
+        } else {
+            self.core.handle_link_closed();
+        }
+    }
+}
+
+/// The current time, for the core (the reactor is where time enters).
+fn now() -> std::time::Instant {
+    #[allow(clippy::disallowed_methods)] // the driver is where time enters
+    tokio::time::Instant::now().into_std()
+}
+
+/// Drive the circuit until it is closed.
+pub(crate) async fn run(mut r: Reactor) {
+    let id = r.core.id();
+    loop {
+        r.package_pending();
+        r.dispatch_events();
+        r.flush().await;
+        if r.core.is_closed() {
+            // Report a failure that flushing itself found, and send what is left (DESTROY).
+            r.dispatch_events();
+            r.flush().await;
+            break;
+        }
+        let deadline = r.core.poll_timeout();
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            cell = r.inbound.recv() => match cell {
+                Some(cell) => {
+                    let t = now();
+                    let _ = r.core.handle_cell(cell, t);
+                    // Take what else is queued (bounded), then flush once: cells leave in batches.
+                    for _ in 1..INBOUND_BATCH {
+                        match r.inbound.try_recv() {
+                            Ok(cell) => { let _ = r.core.handle_cell(cell, t); }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                None => r.on_inbound_end(),
+            },
+            cmd = r.cmds.recv() => match cmd {
+                Some(cmd) => r.handle_cmd(cmd),
+                // Every handle is gone: nobody can use the circuit.
+                None => r.core.close(),
+            },
+            () = sleep => r.core.handle_timeout(now()),
+        }
+    }
+    r.link.unregister(id);
+    r.shared.closed.store(true, Ordering::Release);
+}
