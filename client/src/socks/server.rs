@@ -201,8 +201,7 @@ pub(crate) fn reply_code_for(f: &Failure) -> u8 {
     match f {
         Failure::NoExit { has_dir: true } => reply::NOT_ALLOWED,
         Failure::NoExit { has_dir: false } => reply::GENERAL_FAILURE,
-        // Once `ClientError::socks_reply()` exists: `Failure::NoCircuit(e) => e.socks_reply(),`
-        Failure::NoCircuit(_) => reply::GENERAL_FAILURE,
+        Failure::NoCircuit(e) => e.socks_reply(),
         Failure::Stream(code) => *code,
         Failure::Exhausted => reply::GENERAL_FAILURE,
         Failure::TimedOut => reply::TTL_EXPIRED,

@@ -237,37 +237,6 @@ pub fn socks4_reply(granted: bool) -> [u8; 8] {
     [0, code, 0, 0, 0, 0, 0, 0]
 }
 
-/// END reason codes (docs/protocol, relay messages).
-pub mod end_reason {
-    /// Catch-all.
-    pub const MISC: u8 = 1;
-    /// The exit could not resolve the name.
-    pub const RESOLVEFAILED: u8 = 2;
-    /// The destination refused the connection.
-    pub const CONNECTREFUSED: u8 = 3;
-    /// The exit policy refuses this destination.
-    pub const EXITPOLICY: u8 = 4;
-    /// The circuit is being destroyed.
-    pub const DESTROY: u8 = 5;
-    /// Orderly close.
-    pub const DONE: u8 = 6;
-    /// The connection attempt timed out.
-    pub const TIMEOUT: u8 = 7;
-    /// No route to the destination.
-    pub const NOROUTE: u8 = 8;
-}
-
-/// The SOCKS5 reply code for a stream that ended with `reason` before CONNECTED.
-pub fn reply_for_end_reason(reason: u8) -> u8 {
-    match reason {
-        end_reason::EXITPOLICY => reply::NOT_ALLOWED,
-        end_reason::RESOLVEFAILED | end_reason::NOROUTE => reply::HOST_UNREACHABLE,
-        end_reason::CONNECTREFUSED => reply::CONNECTION_REFUSED,
-        end_reason::TIMEOUT => reply::TTL_EXPIRED,
-        _ => reply::GENERAL_FAILURE,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,17 +302,5 @@ mod tests {
         assert_eq!(r6[20..], [0, 7]);
         assert_eq!(socks4_reply(true), [0, 0x5A, 0, 0, 0, 0, 0, 0]);
         assert_eq!(socks4_reply(false)[1], 0x5B);
-    }
-
-    #[test]
-    fn end_reason_mapping() {
-        assert_eq!(reply_for_end_reason(end_reason::EXITPOLICY), 0x02);
-        assert_eq!(reply_for_end_reason(end_reason::RESOLVEFAILED), 0x04);
-        assert_eq!(reply_for_end_reason(end_reason::NOROUTE), 0x04);
-        assert_eq!(reply_for_end_reason(end_reason::CONNECTREFUSED), 0x05);
-        assert_eq!(reply_for_end_reason(end_reason::TIMEOUT), 0x06);
-        assert_eq!(reply_for_end_reason(end_reason::MISC), 0x01);
-        assert_eq!(reply_for_end_reason(end_reason::DESTROY), 0x01);
-        assert_eq!(reply_for_end_reason(200), 0x01);
     }
 }
