@@ -32,17 +32,18 @@
 //! (`allium-proto`), cryptography (`allium-crypto`), documents (`allium-directory`).
 #![forbid(unsafe_code)]
 
-mod circuit;
 pub mod config;
+pub mod core;
+mod create;
 mod ctx;
 mod dirsync;
 pub mod err;
 mod exit;
-mod extend;
 pub mod keys;
 mod link;
 pub mod policy;
 pub mod ratelimit;
+mod reactor;
 pub mod resolver;
 #[cfg(test)]
 mod tests;
@@ -220,7 +221,7 @@ pub async fn start_with_resolver(
         exit = ctx.policy.is_exit(),
         "relay started"
     );
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(run_listener(
             Arc::clone(&ctx),
             listener,
@@ -230,6 +231,7 @@ pub async fn start_with_resolver(
         tokio::spawn(dirsync::run_consensus(Arc::clone(&ctx))),
         tokio::spawn(dirsync::run_maintenance(Arc::clone(&ctx))),
     ];
+    tasks.extend(create::spawn_workers(&ctx));
     Ok(RelayHandle {
         ctx,
         or_addr,
