@@ -143,6 +143,14 @@ pub(crate) struct CircHandle {
     pub(crate) kill: Arc<Kill>,
 }
 
+/// The reader's one-entry route cache.
+struct Cached {
+    id: u32,
+    generation: u64,
+    handle: CircHandle,
+    side: Side,
+}
+
 #[derive(Clone, Debug)]
 enum Entry {
     /// A CREATE for this id waits in the handshake pool.
@@ -245,22 +253,23 @@ impl Link {
     }
 
     /// As [`Link::get`], through a one-entry cache kept by the reader task: bulk traffic on a
-    /// link mostly belongs to the same circuit, so most cells skip the table lock.
-    fn get_cached(
-        &self,
-        id: u32,
-        cache: &mut Option<(u32, u64, CircHandle, Side)>,
-    ) -> Option<(CircHandle, Side)> {
+    /// link mostly belongs to the same circuit, so most cells skip the table lock (and no handle
+    /// is cloned per cell).
+    fn get_cached<'c>(&self, id: u32, cache: &'c mut Option<Cached>) -> Option<&'c Cached> {
         let generation = self.generation.load(Ordering::Acquire);
-        if let Some((cid, g, h, s)) = cache
-            && *cid == id
-            && *g == generation
-        {
-            return Some((h.clone(), *s));
+        let hit = cache
+            .as_ref()
+            .is_some_and(|c| c.id == id && c.generation == generation);
+        if !hit {
+            let (handle, side) = self.get(id)?;
+            *cache = Some(Cached {
+                id,
+                generation,
+                handle,
+                side,
+            });
         }
-        let (h, s) = self.get(id)?;
-        *cache = Some((id, generation, h.clone(), s));
-        Some((h, s))
+        cache.as_ref()
     }
 
     /// Number of circuits (and pending CREATEs) on the link.
@@ -445,12 +454,7 @@ pub(crate) async fn run_reader(ctx: Arc<Ctx>, link: Arc<Link>, mut source: CellS
 }
 
 /// Route one cell; never waits. Returns `false` if the link must close.
-fn route_cell(
-    ctx: &Arc<Ctx>,
-    link: &Arc<Link>,
-    cell: Cell,
-    cache: &mut Option<(u32, u64, CircHandle, Side)>,
-) -> bool {
+fn route_cell(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell, cache: &mut Option<Cached>) -> bool {
     match cell.cmd {
         CellCmd::PADDING => true,
         CellCmd::CREATE => {
@@ -459,10 +463,10 @@ fn route_cell(
         }
         CellCmd::CREATED | CellCmd::RELAY | CellCmd::RELAY_EARLY => {
             let id = cell.circ_id;
-            if let Some((h, side)) = link.get_cached(id, cache)
-                && (side == Side::Next || cell.cmd != CellCmd::CREATED)
+            if let Some(c) = link.get_cached(id, cache)
+                && (c.side == Side::Next || cell.cmd != CellCmd::CREATED)
             {
-                deliver(ctx, link, id, &h, side, cell);
+                deliver(ctx, link, id, &c.handle, c.side, cell);
             }
             true
         }

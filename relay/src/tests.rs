@@ -1296,6 +1296,17 @@ async fn frozen_link_does_not_stall_other_circuits() {
     sender.await.unwrap();
     assert!(got == payload, "honest bytes differ");
     assert_eq!(r.ctx.stats.queue_overflows(), 0);
+    // Memory: what the frozen circuits hold is bounded by their inbound queues (and their
+    // windows); it is all still queued, not lost, and no other queue grew.
+    let mut held = 0;
+    for (id, _) in &frozen_circs {
+        if let Some((h, _)) = nl.link.get(*id) {
+            let queued = h.tx.max_capacity() - h.tx.capacity();
+            assert!(queued <= crate::ctx::INBOUND_QUEUE_CELLS);
+            held += queued;
+        }
+    }
+    assert!(held <= FROZEN * PER_FROZEN, "{held}");
     // Past the cap, every frozen circuit is destroyed (DESTROY reason TIMEOUT to the next hop).
     tokio::time::sleep(crate::core::BLOCKED_CAP + Duration::from_secs(1)).await;
     wait_until(|| r.ctx.stats.blocked_destroys() == FROZEN as u64).await;

@@ -115,10 +115,13 @@ impl CircuitCore {
         let blocked = self
             .blocked_since
             .and_then(|t| t.checked_add(self.cfg.blocked_cap));
-        match (ext, blocked) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let window = self
+            .streams
+            .values()
+            .filter_map(|s| s.window_blocked_since)
+            .min()
+            .and_then(|t| t.checked_add(self.cfg.window_timeout));
+        [ext, blocked, window].into_iter().flatten().min()
     }
 
     /// The next-hop state.
@@ -220,6 +223,20 @@ impl CircuitCore {
             && now >= deadline
         {
             self.fail_extend(DestroyReason::TIMEOUT, true);
+        }
+        let cap = self.cfg.window_timeout;
+        let expired: Vec<u16> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| {
+                s.window_blocked_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= cap)
+            })
+            .map(|(sid, _)| *sid)
+            .collect();
+        for sid in expired {
+            // The client never opened the window: END TIMEOUT.
+            self.end_stream(sid, EndReason::TIMEOUT);
         }
     }
 
@@ -354,7 +371,8 @@ impl CircuitCore {
                         return;
                     }
                     st.sendme_sent();
-                    self.originate(sid, &RelayMsg::Sendme(Sendme { tag: None }));
+                    let tag = st.next_sendme_tag();
+                    self.originate(sid, &RelayMsg::Sendme(Sendme { tag }));
                 }
                 Ok(false) => {}
                 // More consumed than received: a driver bug; stop counting.
@@ -364,8 +382,22 @@ impl CircuitCore {
     }
 
     /// Package destination bytes of stream `sid` into DATA cells, as far as both package windows
-    /// allow. Returns how many bytes were taken (0 if blocked or the stream is gone).
-    pub fn package(&mut self, sid: u16, data: &[u8], _now: Instant) -> usize {
+    /// allow. Returns how many bytes were taken (0 if blocked or the stream is gone). If not all
+    /// could be taken, the stream is ended with TIMEOUT unless a window opens and the rest is
+    /// offered again within [`CoreConfig::window_timeout`].
+    pub fn package(&mut self, sid: u16, data: &[u8], now: Instant) -> usize {
+        let used = self.package_inner(sid, data);
+        if let Some(st) = self.streams.get_mut(&sid) {
+            if used < data.len() {
+                st.window_blocked_since.get_or_insert(now);
+            } else {
+                st.window_blocked_since = None;
+            }
+        }
+        used
+    }
+
+    fn package_inner(&mut self, sid: u16, data: &[u8]) -> usize {
         let Some(budget) = self.stream_budget(sid) else {
             return 0;
         };
@@ -517,7 +549,7 @@ impl CircuitCore {
                 what: "DATA after END",
             });
         }
-        if !st.take_credit() {
+        if !st.take_credit(&tag) {
             return Err(CircError::Window(allium_proto::ProtoError::Flow(
                 "DATA beyond the stream window",
             )));

@@ -66,6 +66,8 @@ use crate::policy::ExitPolicy;
 pub const EXTEND_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default longest time a circuit may stay unable to write before it is destroyed.
 pub const BLOCKED_CAP: Duration = Duration::from_secs(30);
+/// Default longest wait for the client to open a stream's package window.
+pub const WINDOW_TIMEOUT: Duration = Duration::from_secs(600);
 /// TTL reported in CONNECTED and RESOLVED.
 pub const DNS_TTL: u32 = 300;
 /// Most answers in one RESOLVED.
@@ -98,6 +100,9 @@ pub struct CoreConfig {
     pub extend_timeout: Duration,
     /// Longest time the circuit may stay unable to write before it is destroyed.
     pub blocked_cap: Duration,
+    /// Longest time a stream may wait for the client to open a package window (then END
+    /// TIMEOUT).
+    pub window_timeout: Duration,
 }
 
 impl CoreConfig {
@@ -110,6 +115,7 @@ impl CoreConfig {
             max_streams: 256,
             extend_timeout: EXTEND_TIMEOUT,
             blocked_cap: BLOCKED_CAP,
+            window_timeout: WINDOW_TIMEOUT,
         }
     }
 }

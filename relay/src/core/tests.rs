@@ -879,3 +879,78 @@ fn queue_overflow_destroy_reason() {
     assert!(CircError::QueueOverflow { cap: 1 }.is_violation());
     assert!(!CircError::LinkClosed.is_violation());
 }
+
+#[test]
+fn stream_sendme_echoes_the_tag_of_the_cell_that_completed_the_increment() {
+    let (mut core, mut cl) = exit();
+    let now = Instant::now();
+    open_stream(&mut core, &mut cl, 2, now);
+    let mut tags = Vec::new();
+    for _ in 0..100 {
+        let mut buf = [0u8; RELAY_MSG_LEN];
+        let n = data(b"z").encode(2, &mut buf).unwrap();
+        let mut body: Box<CellBody> = Box::new([0u8; 1019]);
+        let tag = cl
+            .cc
+            .encrypt_forward(0, CellCmd::RELAY.0, &buf[..n], &mut body)
+            .unwrap();
+        tags.push(tag);
+        let c = Cell {
+            circ_id: 7,
+            cmd: CellCmd::RELAY,
+            body,
+        };
+        core.handle_cell(Side::Prev, c, now).unwrap();
+    }
+    // The circuit SENDME (100th cell) went out on arrival.
+    let r = replies(&mut core, &mut cl);
+    assert!(matches!(&r[..], [(0, RelayMsg::Sendme(s))] if s.tag == Some(tags[99])));
+    core.data_consumed(2, 100, now);
+    let r = replies(&mut core, &mut cl);
+    assert_eq!(
+        r,
+        vec![
+            (
+                2,
+                RelayMsg::Sendme(Sendme {
+                    tag: Some(tags[49])
+                })
+            ),
+            (
+                2,
+                RelayMsg::Sendme(Sendme {
+                    tag: Some(tags[99])
+                })
+            ),
+        ]
+    );
+}
+
+#[test]
+fn stream_waiting_too_long_for_a_window_ends_with_timeout() {
+    let mut c = cfg(false, ExitPolicy::accept_all(true));
+    c.window_timeout = Duration::from_secs(60);
+    let (mut core, mut cl) = setup(c);
+    let t0 = Instant::now();
+    open_stream(&mut core, &mut cl, 4, t0);
+    let big = vec![2u8; 501 * 934];
+    assert_eq!(core.package(4, &big, t0), 500 * 934);
+    let _ = replies(&mut core, &mut cl);
+    assert_eq!(core.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    core.handle_timeout(t0 + Duration::from_secs(59));
+    assert!(!core.has_transmit());
+    core.handle_timeout(t0 + Duration::from_secs(60));
+    assert_eq!(
+        replies(&mut core, &mut cl),
+        vec![(4, RelayMsg::End(End::new(EndReason::TIMEOUT)))]
+    );
+    assert!(matches!(
+        events(&mut core).as_slice(),
+        [Event::StreamClosed {
+            sid: 4,
+            graceful: false
+        }]
+    ));
+    assert!(!core.is_closed());
+    assert_eq!(core.poll_timeout(), None);
+}
