@@ -22,11 +22,19 @@
 //! ```
 //!
 //! Modules, one concept each:
+//! - [`core`]: the sans-IO circuit ([`core::CircuitCore`]) and CREATE answerer: cells, driver
+//!   inputs and `now` in; cells, events and timeouts out. No tokio, no locks, no clock.
+//! - `reactor`: one task per circuit that owns its core, its exit streams' I/O and its timer;
+//!   `link`: per-link reader that only routes cells to circuit queues, and the circuit-id table;
+//!   `create`: the bounded handshake pool; `exit`: resolution, connecting and the stream pumps;
+//!   `dirsync`: descriptors, consensus, rotation.
 //! - [`config`]: the TOML configuration; [`policy`]: exit-policy matching;
 //!   [`ratelimit`]: the token bucket; [`keys`]: key files and onion-key rotation;
 //!   [`resolver`]: pluggable name resolution at the exit.
-//! - `link`: per-link reader task and circuit-id table; `circuit`: per-circuit state, forwarding,
-//!   DESTROY; `extend`: EXTEND; `exit`: streams; `dirsync`: descriptors, consensus, rotation.
+//!
+//! Ownership: a link reader decodes and routes; a circuit's reactor is the only code that
+//! touches its core (and so the only one that encrypts for it); time enters in the reactors and
+//! the handshake pool and is passed to the core.
 //!
 //! Not in this crate: path selection and circuit building (`allium-client`), wire formats
 //! (`allium-proto`), cryptography (`allium-crypto`), documents (`allium-directory`).
