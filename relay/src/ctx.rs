@@ -198,7 +198,7 @@ impl Ctx {
         let bucket = TokenBucket::new(
             cfg.bandwidth_rate,
             cfg.effective_burst(),
-            std::time::Instant::now(),
+            crate::link::coarse_now(),
         );
         let (shutdown, _) = watch::channel(false);
         Arc::new(Self {

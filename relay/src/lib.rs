@@ -287,6 +287,7 @@ impl Drop for PendingSlot {
     }
 }
 
+#[allow(clippy::disallowed_methods)] // Driver: back off after an accept error.
 async fn run_listener(ctx: Arc<Ctx>, listener: TcpListener, slots: Arc<Semaphore>) {
     let mut shutdown = ctx.shutdown.subscribe();
     let pending = Arc::new(PendingHandshakes::default());

@@ -398,6 +398,7 @@ impl Link {
 
 /// Read and route cells from a link until it closes or the relay shuts down; then stop every
 /// circuit that used it.
+#[allow(clippy::disallowed_methods)] // Driver: the idle timer.
 pub(crate) async fn run_reader(ctx: Arc<Ctx>, link: Arc<Link>, mut source: CellSource) {
     let mut credit = Credit::default();
     let mut shutdown = ctx.shutdown.subscribe();
