@@ -25,6 +25,10 @@ pub struct Stats {
     written: AtomicU64,
     circuits: AtomicU64,
     circuits_total: AtomicU64,
+    queue_overflows: AtomicU64,
+    blocked_destroys: AtomicU64,
+    creates_dropped: AtomicU64,
+    violations: AtomicU64,
 }
 
 impl Stats {
@@ -42,6 +46,36 @@ impl Stats {
         let _ = self
             .circuits
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
+    }
+    pub(crate) fn note_queue_overflow(&self) {
+        self.queue_overflows.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn note_blocked_destroy(&self) {
+        self.blocked_destroys.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn note_create_dropped(&self) {
+        self.creates_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn note_violation(&self) {
+        self.violations.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Circuits destroyed because their inbound queue overflowed (the peer sent beyond its
+    /// windows, or the circuit was stalled).
+    pub fn queue_overflows(&self) -> u64 {
+        self.queue_overflows.load(Ordering::Relaxed)
+    }
+    /// Circuits destroyed because the link they write to stayed full past the cap.
+    pub fn blocked_destroys(&self) -> u64 {
+        self.blocked_destroys.load(Ordering::Relaxed)
+    }
+    /// CREATEs refused with RESOURCELIMIT because the handshake queue was full or they waited
+    /// too long in it.
+    pub fn creates_dropped(&self) -> u64 {
+        self.creates_dropped.load(Ordering::Relaxed)
+    }
+    /// Circuits destroyed for a protocol violation (bad tag, window, RELAY_EARLY, ...).
+    pub fn protocol_violations(&self) -> u64 {
+        self.violations.load(Ordering::Relaxed)
     }
     /// Bytes read from links and destinations so far.
     pub fn bytes_read(&self) -> u64 {
@@ -68,11 +102,55 @@ pub(crate) struct KnownRelay {
     pub(crate) link_key: X25519Public,
 }
 
+/// Limits of the circuit layer that are not (yet) configuration keys: constants by default,
+/// settable by tests.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// Capacity of a circuit's inbound queue, in cells.
+    pub(crate) inbound_queue: usize,
+    /// Longest time a circuit may be unable to write before it is destroyed.
+    pub(crate) blocked_cap: Duration,
+    /// Longest time from EXTEND to CREATED.
+    pub(crate) extend_timeout: Duration,
+    /// CREATEs waiting for a handshake worker, at most.
+    pub(crate) create_queue: usize,
+    /// Longest time a CREATE may wait for a worker.
+    pub(crate) create_max_delay: Duration,
+    /// Handshake workers.
+    pub(crate) create_workers: usize,
+}
+
+/// A circuit's inbound queue: both windows (1000 DATA cells each way) plus room for control
+/// cells (SENDMEs, stream ENDs, ...). A peer that respects the windows never fills it.
+pub const INBOUND_QUEUE_CELLS: usize = 2 * 1000 + 512;
+/// Most CREATEs waiting for a handshake worker; beyond it the oldest is refused.
+pub const CREATE_QUEUE_LEN: usize = 1024;
+/// Longest time a CREATE may wait for a handshake worker (Tor's `MaxOnionQueueDelay`).
+pub const CREATE_MAX_DELAY: Duration = Duration::from_millis(1750);
+/// Handshake workers.
+pub const CREATE_WORKERS: usize = 2;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            inbound_queue: INBOUND_QUEUE_CELLS,
+            blocked_cap: crate::core::BLOCKED_CAP,
+            extend_timeout: crate::core::EXTEND_TIMEOUT,
+            create_queue: CREATE_QUEUE_LEN,
+            create_max_delay: CREATE_MAX_DELAY,
+            create_workers: CREATE_WORKERS,
+        }
+    }
+}
+
 /// The relay's shared state.
 pub struct Ctx {
     pub(crate) keys: RelayKeys,
     pub(crate) cfg: RelayConfig,
-    pub(crate) policy: ExitPolicy,
+    pub(crate) policy: Arc<ExitPolicy>,
+    pub(crate) limits: Limits,
+    /// CREATEs waiting for the handshake workers.
+    pub(crate) creates: crate::create::CreateQueue,
     pub(crate) resolver: Arc<dyn Resolver>,
     pub(crate) bucket: TokenBucket,
     pub(crate) netdir: RwLock<Option<Arc<NetDir>>>,
@@ -107,14 +185,26 @@ impl Ctx {
         resolver: Arc<dyn Resolver>,
         advertised: SocketAddr,
     ) -> Arc<Self> {
+        Self::with_limits(cfg, keys, resolver, advertised, Limits::default())
+    }
+
+    pub(crate) fn with_limits(
+        cfg: RelayConfig,
+        keys: RelayKeys,
+        resolver: Arc<dyn Resolver>,
+        advertised: SocketAddr,
+        limits: Limits,
+    ) -> Arc<Self> {
         let bucket = TokenBucket::new(
             cfg.bandwidth_rate,
             cfg.effective_burst(),
-            std::time::Instant::now(),
+            crate::link::coarse_now(),
         );
         let (shutdown, _) = watch::channel(false);
         Arc::new(Self {
-            policy: cfg.exit_policy.clone(),
+            policy: Arc::new(cfg.exit_policy.clone()),
+            limits,
+            creates: crate::create::CreateQueue::default(),
             keys,
             resolver,
             bucket,

@@ -133,6 +133,7 @@ pub(crate) async fn publish_once(ctx: &Ctx) -> usize {
 }
 
 /// Publisher task.
+#[allow(clippy::disallowed_methods)] // Driver task: its schedule is wall-clock time.
 pub(crate) async fn run_publisher(ctx: Arc<Ctx>) {
     let mut shutdown = ctx.shutdown.subscribe();
     let n = authorities(&ctx).len();
@@ -171,6 +172,7 @@ pub(crate) async fn run_publisher(ctx: Arc<Ctx>) {
 }
 
 /// Consensus task.
+#[allow(clippy::disallowed_methods)] // Driver task: its schedule is wall-clock time.
 pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
     let auths = authorities(&ctx);
     if auths.is_empty() {
@@ -236,6 +238,7 @@ pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
 }
 
 /// Onion-key rotation task (and the throughput sampler for `bandwidth_observed`).
+#[allow(clippy::disallowed_methods)] // Driver task: key age is wall-clock time.
 pub(crate) async fn run_maintenance(ctx: Arc<Ctx>) {
     let mut shutdown = ctx.shutdown.subscribe();
     let rotation = ctx.cfg.onion_rotation();

@@ -22,27 +22,36 @@
 //! ```
 //!
 //! Modules, one concept each:
+//! - [`core`]: the sans-IO circuit ([`core::CircuitCore`]) and CREATE answerer: cells, driver
+//!   inputs and `now` in; cells, events and timeouts out. No tokio, no locks, no clock.
+//! - `reactor`: one task per circuit that owns its core, its exit streams' I/O and its timer;
+//!   `link`: per-link reader that only routes cells to circuit queues, and the circuit-id table;
+//!   `create`: the bounded handshake pool; `exit`: resolution, connecting and the stream pumps;
+//!   `dirsync`: descriptors, consensus, rotation.
 //! - [`config`]: the TOML configuration; [`policy`]: exit-policy matching;
 //!   [`ratelimit`]: the token bucket; [`keys`]: key files and onion-key rotation;
 //!   [`resolver`]: pluggable name resolution at the exit.
-//! - `link`: per-link reader task and circuit-id table; `circuit`: per-circuit state, forwarding,
-//!   DESTROY; `extend`: EXTEND; `exit`: streams; `dirsync`: descriptors, consensus, rotation.
+//!
+//! Ownership: a link reader decodes and routes; a circuit's reactor is the only code that
+//! touches its core (and so the only one that encrypts for it); time enters in the reactors and
+//! the handshake pool and is passed to the core.
 //!
 //! Not in this crate: path selection and circuit building (`allium-client`), wire formats
 //! (`allium-proto`), cryptography (`allium-crypto`), documents (`allium-directory`).
 #![forbid(unsafe_code)]
 
-mod circuit;
 pub mod config;
+pub mod core;
+mod create;
 mod ctx;
 mod dirsync;
 pub mod err;
 mod exit;
-mod extend;
 pub mod keys;
 mod link;
 pub mod policy;
 pub mod ratelimit;
+mod reactor;
 pub mod resolver;
 #[cfg(test)]
 mod tests;
@@ -220,7 +229,7 @@ pub async fn start_with_resolver(
         exit = ctx.policy.is_exit(),
         "relay started"
     );
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(run_listener(
             Arc::clone(&ctx),
             listener,
@@ -230,6 +239,7 @@ pub async fn start_with_resolver(
         tokio::spawn(dirsync::run_consensus(Arc::clone(&ctx))),
         tokio::spawn(dirsync::run_maintenance(Arc::clone(&ctx))),
     ];
+    tasks.extend(create::spawn_workers(&ctx));
     Ok(RelayHandle {
         ctx,
         or_addr,
@@ -277,6 +287,7 @@ impl Drop for PendingSlot {
     }
 }
 
+#[allow(clippy::disallowed_methods)] // Driver: back off after an accept error.
 async fn run_listener(ctx: Arc<Ctx>, listener: TcpListener, slots: Arc<Semaphore>) {
     let mut shutdown = ctx.shutdown.subscribe();
     let pending = Arc::new(PendingHandshakes::default());

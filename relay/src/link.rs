@@ -1,8 +1,10 @@
-//! Links: one per Noise channel, with the table of circuits that use it.
+//! Links: one per Noise channel, with the table of circuits that use it. Links only route.
 //!
-//! Each link has a single reader task ([`run_reader`]) that processes every incoming cell inline:
-//! it decrypts or relays the cell and pushes it onto the other link's bounded queue, with no task
-//! switch and no allocation on the forwarding path (the cell's box travels on).
+//! Each link has a single reader task ([`run_reader`]) that decodes cells, looks up the circuit
+//! id and `try_send`s the cell into that circuit's bounded inbound queue. The reader never awaits
+//! another link, a circuit or a handshake: CREATE goes to the handshake pool (`crate::create`),
+//! and a circuit whose queue is full (it broke its windows, or it is stalled) is destroyed with
+//! reason RESOURCELIMIT. Only a circuit's reactor writes cells for it (`crate::reactor`).
 //!
 //! Circuit ids: the link initiator allocates ids with the most significant bit set, the responder
 //! with it clear. An id we allocated is not reused for [`ID_QUARANTINE`] after its circuit closed.
@@ -16,9 +18,9 @@ use std::time::{Duration, Instant};
 use allium_crypto::{RelayId, X25519Public};
 use allium_proto::cell::{Cell, CellCmd, CircId, DestroyReason};
 use allium_proto::channel::{ChannelReceiver, ChannelSender};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
-use crate::circuit::{Circuit, Side};
+use crate::core::Side;
 use crate::ctx::Ctx;
 use crate::ratelimit::Credit;
 
@@ -26,8 +28,8 @@ use crate::ratelimit::Credit;
 pub const ID_QUARANTINE: Duration = Duration::from_secs(60);
 /// A link with no circuits and no traffic for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-/// Longest wait to enqueue one cell on a link before the link is considered stuck.
-pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait to enqueue a detached DESTROY on a full link.
+pub const DESTROY_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where a link's outgoing cells go: a Noise channel, or (tests) an in-memory queue.
 #[derive(Clone, Debug)]
@@ -37,28 +39,6 @@ pub enum CellSink {
     /// An in-memory queue (tests).
     #[cfg_attr(not(test), allow(dead_code))]
     Mpsc(mpsc::Sender<Cell>),
-}
-
-impl CellSink {
-    /// Enqueue a cell; `false` if the link is closed or stuck.
-    pub async fn send(&self, cell: Cell) -> bool {
-        match self {
-            // Fast path: a non-blocking enqueue (no timer, no waiter registration) when there is
-            // room, which is the common case.
-            Self::Channel(s) => match s.try_send(cell) {
-                Ok(None) => true,
-                Ok(Some(cell)) => matches!(
-                    tokio::time::timeout(SEND_TIMEOUT, s.send(cell)).await,
-                    Ok(Ok(()))
-                ),
-                Err(_) => false,
-            },
-            Self::Mpsc(s) => matches!(
-                tokio::time::timeout(SEND_TIMEOUT, s.send(cell)).await,
-                Ok(Ok(()))
-            ),
-        }
-    }
 }
 
 /// Result of a non-blocking enqueue.
@@ -88,6 +68,15 @@ impl CellSink {
             },
         }
     }
+
+    /// Enqueue, waiting for room (unbounded wait: callers bound it). `false` if the link closed.
+    /// Dropping the future before it completes drops the cell.
+    pub(crate) async fn send(&self, cell: Cell) -> bool {
+        match self {
+            Self::Channel(s) => s.send(cell).await.is_ok(),
+            Self::Mpsc(s) => s.send(cell).await.is_ok(),
+        }
+    }
 }
 
 /// Where a link's incoming cells come from.
@@ -109,16 +98,70 @@ impl CellSource {
     }
 }
 
-/// A circuit's entry in a link's table.
-#[derive(Clone)]
-pub(crate) struct Slot {
-    pub(crate) circ: Arc<Circuit>,
-    pub(crate) side: Side,
+/// Why a reactor must stop at once (signalled beside its queue, which may be full).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KillReason {
+    /// Its inbound queue overflowed.
+    QueueOverflow,
+    /// The link on this side closed (also how shutdown reaches circuits).
+    LinkClosed(Side),
+}
+
+/// A one-shot stop signal for a reactor.
+#[derive(Debug, Default)]
+pub(crate) struct Kill {
+    reason: Mutex<Option<KillReason>>,
+    notify: Notify,
+}
+
+impl Kill {
+    /// Signal the reactor (the first reason wins).
+    pub(crate) fn fire(&self, reason: KillReason) {
+        let mut g = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(reason);
+        }
+        drop(g);
+        self.notify.notify_one();
+    }
+
+    /// Wait until signalled; returns (and consumes) the reason.
+    pub(crate) async fn fired(&self) -> KillReason {
+        loop {
+            if let Some(r) = self.reason.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return r;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// What a link's table routes to: a circuit's queue and stop signal.
+#[derive(Clone, Debug)]
+pub(crate) struct CircHandle {
+    pub(crate) tx: mpsc::Sender<(Side, Cell)>,
+    pub(crate) kill: Arc<Kill>,
+}
+
+/// The reader's one-entry route cache.
+struct Cached {
+    id: u32,
+    generation: u64,
+    handle: CircHandle,
+    side: Side,
+}
+
+#[derive(Clone, Debug)]
+enum Entry {
+    /// A CREATE for this id waits in the handshake pool.
+    Creating,
+    /// A circuit, and which side of it this link is.
+    Circ(CircHandle, Side),
 }
 
 #[derive(Default)]
 struct CircTable {
-    map: HashMap<u32, Slot>,
+    map: HashMap<u32, Entry>,
     quarantine: VecDeque<(u32, Instant)>,
     quarantined: HashSet<u32>,
 }
@@ -160,6 +203,17 @@ impl std::fmt::Debug for Link {
     }
 }
 
+/// Why a circuit could not be added to a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InsertError {
+    /// The id is already used.
+    InUse,
+    /// The per-link circuit limit is reached.
+    Full,
+    /// The link closed.
+    Closed,
+}
+
 impl Link {
     /// A new link.
     pub(crate) fn new(
@@ -182,10 +236,7 @@ impl Link {
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, CircTable> {
-        match self.table.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether the link has closed.
@@ -193,33 +244,41 @@ impl Link {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// The circuit using `id` on this link.
-    pub(crate) fn get(&self, id: u32) -> Option<Slot> {
-        self.table().map.get(&id).cloned()
-    }
-
-    /// The circuit using `id`, through a one-entry cache kept by the reader task: bulk traffic on
-    /// a link mostly belongs to the same circuit, so most cells skip the table lock.
-    fn get_cached(&self, id: u32, cache: &mut Option<(u32, u64, Slot)>) -> Option<Slot> {
-        let generation = self.generation.load(Ordering::Acquire);
-        if let Some((cid, g, slot)) = cache
-            && *cid == id
-            && *g == generation
-        {
-            return Some(slot.clone());
+    /// The circuit routed under `id`, and which side of it this link is.
+    pub(crate) fn get(&self, id: u32) -> Option<(CircHandle, Side)> {
+        match self.table().map.get(&id)? {
+            Entry::Circ(h, s) => Some((h.clone(), *s)),
+            Entry::Creating => None,
         }
-        let slot = self.get(id)?;
-        *cache = Some((id, generation, slot.clone()));
-        Some(slot)
     }
 
-    /// Number of circuits on the link.
+    /// As [`Link::get`], through a one-entry cache kept by the reader task: bulk traffic on a
+    /// link mostly belongs to the same circuit, so most cells skip the table lock (and no handle
+    /// is cloned per cell).
+    fn get_cached<'c>(&self, id: u32, cache: &'c mut Option<Cached>) -> Option<&'c Cached> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let hit = cache
+            .as_ref()
+            .is_some_and(|c| c.id == id && c.generation == generation);
+        if !hit {
+            let (handle, side) = self.get(id)?;
+            *cache = Some(Cached {
+                id,
+                generation,
+                handle,
+                side,
+            });
+        }
+        cache.as_ref()
+    }
+
+    /// Number of circuits (and pending CREATEs) on the link.
     pub(crate) fn n_circuits(&self) -> usize {
         self.table().map.len()
     }
 
-    /// Insert a circuit under an id chosen by the peer. Fails if the id is taken or the link full.
-    pub(crate) fn insert_peer_id(&self, id: u32, slot: Slot) -> Result<(), InsertError> {
+    /// Reserve a peer-chosen id for a CREATE waiting in the handshake pool.
+    fn reserve_peer_id(&self, id: u32) -> Result<(), InsertError> {
         let mut t = self.table();
         if self.is_closed() {
             return Err(InsertError::Closed);
@@ -230,12 +289,36 @@ impl Link {
         if t.map.len() >= self.max_circs {
             return Err(InsertError::Full);
         }
-        t.map.insert(id, slot);
+        t.map.insert(id, Entry::Creating);
         Ok(())
     }
 
-    /// Allocate a fresh id of ours for `slot`.
-    pub(crate) fn allocate(&self, slot: Slot) -> Result<u32, InsertError> {
+    /// Turn a reserved id into a routed circuit (the handshake succeeded). Fails if the
+    /// reservation is gone (the link closed).
+    pub(crate) fn install(&self, id: u32, handle: CircHandle) -> Result<(), InsertError> {
+        let mut t = self.table();
+        if self.is_closed() {
+            return Err(InsertError::Closed);
+        }
+        match t.map.get_mut(&id) {
+            Some(e @ Entry::Creating) => {
+                *e = Entry::Circ(handle, Side::Prev);
+                Ok(())
+            }
+            _ => Err(InsertError::Closed),
+        }
+    }
+
+    /// Drop a reservation made for a CREATE that was refused.
+    pub(crate) fn unreserve(&self, id: u32) {
+        let mut t = self.table();
+        if matches!(t.map.get(&id), Some(Entry::Creating)) {
+            t.map.remove(&id);
+        }
+    }
+
+    /// Allocate a fresh id of ours routed to `handle` as its next side.
+    pub(crate) fn allocate(&self, handle: CircHandle, now: Instant) -> Result<u32, InsertError> {
         let mut t = self.table();
         if self.is_closed() {
             return Err(InsertError::Closed);
@@ -243,27 +326,27 @@ impl Link {
         if t.map.len() >= self.max_circs {
             return Err(InsertError::Full);
         }
-        t.expire(Instant::now());
+        t.expire(now);
         for _ in 0..64 {
             let id = CircId::random(self.initiator).get();
             if !t.map.contains_key(&id) && !t.quarantined.contains(&id) {
-                t.map.insert(id, slot);
+                t.map.insert(id, Entry::Circ(handle, Side::Next));
                 return Ok(id);
             }
         }
         Err(InsertError::Full)
     }
 
-    /// Remove `id`; quarantine it if we allocated it. Returns the slot that was there.
-    pub(crate) fn remove(&self, id: u32) -> Option<Slot> {
+    /// Remove `id`; quarantine it if we allocated it. Returns whether it was there.
+    pub(crate) fn remove(&self, id: u32, now: Instant) -> bool {
         let mut t = self.table();
-        let slot = t.map.remove(&id);
+        let was = t.map.remove(&id).is_some();
         self.generation.fetch_add(1, Ordering::Release);
         let ours = CircId::new(id).is_some_and(|c| c.allocatable_by(self.initiator));
-        if slot.is_some() && ours && t.quarantined.insert(id) {
-            t.quarantine.push_back((id, Instant::now()));
+        if was && ours && t.quarantined.insert(id) {
+            t.quarantine.push_back((id, now));
         }
-        slot
+        was
     }
 
     /// Whether `id` is currently quarantined (tests).
@@ -272,26 +355,24 @@ impl Link {
         self.table().quarantined.contains(&id)
     }
 
-    /// Send a DESTROY for `id` without waiting (it is queued behind what was already sent).
-    pub(crate) fn send_destroy_detached(self: &Arc<Self>, id: u32, reason: DestroyReason) {
+    /// Send a DESTROY for `id` without waiting: queued now if there is room, else by a small
+    /// task that waits (bounded) behind what was already queued.
+    pub(crate) fn send_destroy_detached(&self, id: u32, reason: DestroyReason) {
         let Some(cid) = CircId::new(id) else { return };
         if self.is_closed() {
             return;
         }
-        let cell = Cell::destroy(cid, reason);
-        let cell = match &self.sink {
-            CellSink::Channel(s) => match s.try_send(cell) {
-                Ok(Some(c)) => c,
-                _ => return,
-            },
-            CellSink::Mpsc(s) => match s.try_send(cell) {
-                Err(mpsc::error::TrySendError::Full(c)) => c,
-                _ => return,
-            },
+        self.send_detached(Cell::destroy(cid, reason));
+    }
+
+    /// Queue `cell` without waiting, falling back to a small bounded task if the queue is full.
+    pub(crate) fn send_detached(&self, cell: Cell) {
+        let Enqueue::Full(cell) = self.sink.try_enqueue(cell) else {
+            return;
         };
         let sink = self.sink.clone();
         tokio::spawn(async move {
-            let _ = sink.send(cell).await;
+            let _ = tokio::time::timeout(DESTROY_SEND_TIMEOUT, sink.send(cell)).await;
         });
     }
 
@@ -302,34 +383,29 @@ impl Link {
         }
     }
 
-    /// Mark closed and take every circuit out of the table.
-    fn close(&self) -> Vec<Slot> {
+    /// Mark closed and stop every circuit routed here.
+    fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        let mut t = self.table();
-        t.map.drain().map(|(_, s)| s).collect()
+        let entries: Vec<Entry> = self.table().map.drain().map(|(_, e)| e).collect();
+        self.generation.fetch_add(1, Ordering::Release);
+        for e in entries {
+            if let Entry::Circ(h, side) = e {
+                h.kill.fire(KillReason::LinkClosed(side));
+            }
+        }
     }
 }
 
-/// Why a circuit could not be added to a link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum InsertError {
-    /// The id is already used.
-    InUse,
-    /// The per-link circuit limit is reached.
-    Full,
-    /// The link closed.
-    Closed,
-}
-
-/// Read and process cells from a link until it closes or the relay shuts down; then destroy
-/// every circuit that used it.
+/// Read and route cells from a link until it closes or the relay shuts down; then stop every
+/// circuit that used it.
+#[allow(clippy::disallowed_methods)] // Driver: the idle timer.
 pub(crate) async fn run_reader(ctx: Arc<Ctx>, link: Arc<Link>, mut source: CellSource) {
     let mut credit = Credit::default();
     let mut shutdown = ctx.shutdown.subscribe();
     let idle = tokio::time::sleep(IDLE_TIMEOUT);
     tokio::pin!(idle);
     let mut active = false;
-    let mut cache: Option<(u32, u64, Slot)> = None;
+    let mut cache = None;
     let already_stopping = *shutdown.borrow_and_update();
     let mut unreported: u64 = 0;
     loop {
@@ -356,6 +432,7 @@ pub(crate) async fn run_reader(ctx: Arc<Ctx>, link: Arc<Link>, mut source: CellS
             }
         };
         active = true;
+        // The bucket paces this link only (its own TCP pushes back); no other link waits.
         credit
             .spend(&ctx.bucket, allium_proto::cell::CELL_LEN as u64)
             .await;
@@ -366,55 +443,78 @@ pub(crate) async fn run_reader(ctx: Arc<Ctx>, link: Arc<Link>, mut source: CellS
                 .note_read(64 * allium_proto::cell::CELL_LEN as u64);
             unreported = 0;
         }
-        if !handle_cell(&ctx, &link, cell, &mut cache).await {
+        if !route_cell(&ctx, &link, cell, &mut cache) {
             tracing::debug!("closing link after a protocol violation");
             break;
         }
     }
     drop(cache);
     link.close_sink();
-    for slot in link.close() {
-        slot.circ.destroy(&ctx, Some(slot.side));
-    }
+    link.close();
     ctx.links.forget(&link);
 }
 
-/// Process one cell. Returns `false` if the link must close.
-pub(crate) async fn handle_cell(
-    ctx: &Arc<Ctx>,
-    link: &Arc<Link>,
-    cell: Cell,
-    cache: &mut Option<(u32, u64, Slot)>,
-) -> bool {
+/// Route one cell; never waits. Returns `false` if the link must close.
+fn route_cell(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell, cache: &mut Option<Cached>) -> bool {
     match cell.cmd {
         CellCmd::PADDING => true,
         CellCmd::CREATE => {
-            crate::circuit::handle_create(ctx, link, cell).await;
+            on_create(ctx, link, cell);
             true
         }
-        CellCmd::CREATED => {
-            if let Some(slot) = link.get(cell.circ_id)
-                && slot.side == Side::Next
+        CellCmd::CREATED | CellCmd::RELAY | CellCmd::RELAY_EARLY => {
+            let id = cell.circ_id;
+            if let Some(c) = link.get_cached(id, cache)
+                && (c.side == Side::Next || cell.cmd != CellCmd::CREATED)
             {
-                slot.circ.on_created(ctx, cell);
-            }
-            true
-        }
-        CellCmd::RELAY | CellCmd::RELAY_EARLY => {
-            if let Some(slot) = link.get_cached(cell.circ_id, cache) {
-                match slot.side {
-                    Side::Prev => slot.circ.forward(ctx, cell).await,
-                    Side::Next => slot.circ.backward(ctx, link, cell).await,
-                }
+                deliver(ctx, link, id, &c.handle, c.side, cell);
             }
             true
         }
         CellCmd::DESTROY => {
-            if let Some(slot) = link.remove(cell.circ_id) {
-                slot.circ.destroy(ctx, Some(slot.side));
+            let id = cell.circ_id;
+            if let Some((h, side)) = link.get(id) {
+                // No more cells for this id from this link; the reactor hears the DESTROY.
+                link.remove(id, coarse_now());
+                deliver(ctx, link, id, &h, side, cell);
             }
             true
         }
         _ => false,
     }
+}
+
+/// Hand `cell` to its circuit's queue; a full queue destroys that circuit (only).
+fn deliver(ctx: &Ctx, link: &Link, id: u32, h: &CircHandle, side: Side, cell: Cell) {
+    match h.tx.try_send((side, cell)) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            link.remove(id, coarse_now());
+            ctx.stats.note_queue_overflow();
+            h.kill.fire(KillReason::QueueOverflow);
+        }
+        // The reactor is gone: the circuit is being torn down.
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+/// CREATE: check the id, reserve it and queue the handshake; never runs it here.
+fn on_create(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell) {
+    let id = cell.circ_id;
+    let Some(cid) = CircId::new(id) else { return };
+    // The peer allocates ids on this link; it is the initiator iff we are not.
+    if !cid.allocatable_by(!link.initiator) {
+        return;
+    }
+    match link.reserve_peer_id(id) {
+        Ok(()) => crate::create::submit(ctx, Arc::clone(link), cell, coarse_now()),
+        Err(InsertError::Full) => link.send_destroy_detached(id, DestroyReason::RESOURCELIMIT),
+        Err(InsertError::InUse | InsertError::Closed) => {}
+    }
+}
+
+/// The driver clock (tokio's, so tests can pause it).
+#[allow(clippy::disallowed_methods)] // The driver is where time enters.
+pub(crate) fn coarse_now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }

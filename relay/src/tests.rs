@@ -1,5 +1,6 @@
-//! Circuit-level tests driven through in-memory links (no sockets), plus a loopback test of two
-//! real relays with EXTEND and an exit stream.
+//! Driver tests: reactors, link routing and the handshake pool over in-memory links, a few exit
+//! streams to loopback sockets, and two real relays over loopback. Circuit behaviour itself is
+//! tested on the core (`core/tests.rs`) with simulated time.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 
 use crate::config::RelayConfig;
-use crate::ctx::Ctx;
+use crate::ctx::{Ctx, Limits};
 use crate::link::{CellSink, CellSource, Link, run_reader};
 use crate::policy::ExitPolicy;
 use crate::resolver::{StaticResolver, SystemResolver};
@@ -35,6 +36,14 @@ fn test_relay(policy: ExitPolicy) -> TestRelay {
 }
 
 fn test_relay_with(policy: ExitPolicy, tweak: impl FnOnce(&mut RelayConfig)) -> TestRelay {
+    test_relay_limits(policy, tweak, Limits::default())
+}
+
+fn test_relay_limits(
+    policy: ExitPolicy,
+    tweak: impl FnOnce(&mut RelayConfig),
+    limits: Limits,
+) -> TestRelay {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = RelayConfig::for_test("t", dir.path());
     cfg.exit_policy = policy;
@@ -47,12 +56,14 @@ fn test_relay_with(policy: ExitPolicy, tweak: impl FnOnce(&mut RelayConfig)) -> 
         )],
         SystemResolver,
     );
-    let ctx = Ctx::new(
+    let ctx = Ctx::with_limits(
         cfg,
         keys,
         Arc::new(resolver),
         "127.0.0.1:1".parse().unwrap(),
+        limits,
     );
+    crate::create::spawn_workers(&ctx);
     TestRelay { ctx, _dir: dir }
 }
 
@@ -70,10 +81,27 @@ fn attach(ctx: &Arc<Ctx>, as_relay: bool) -> MemLink {
 
 /// As [`attach`], with a relay → peer queue of `out_cap` cells.
 fn attach_with_queue(ctx: &Arc<Ctx>, as_relay: bool, out_cap: usize) -> MemLink {
-    let (tx_in, rx_in) = mpsc::channel(2048);
+    attach_full(
+        ctx,
+        as_relay.then_some(RelayId([9; 32])),
+        false,
+        out_cap,
+        16,
+    )
+}
+
+/// An in-memory link: `peer` makes the relay believe the peer is that relay; `initiator`: the
+/// relay opened it (its circuit ids have the MSB set).
+fn attach_full(
+    ctx: &Arc<Ctx>,
+    peer: Option<RelayId>,
+    initiator: bool,
+    out_cap: usize,
+    max_circs: usize,
+) -> MemLink {
+    let (tx_in, rx_in) = mpsc::channel(8192);
     let (tx_out, rx_out) = mpsc::channel(out_cap);
-    let peer = as_relay.then_some(RelayId([9; 32]));
-    let link = Link::new(CellSink::Mpsc(tx_out), false, peer, None, 16);
+    let link = Link::new(CellSink::Mpsc(tx_out), initiator, peer, None, max_circs);
     tokio::spawn(run_reader(
         Arc::clone(ctx),
         Arc::clone(&link),
@@ -645,33 +673,9 @@ async fn connect_refused_and_resolve() {
         r.answers,
         vec![(
             ResolvedValue::Ip("127.0.0.1".parse().unwrap()),
-            crate::exit::DNS_TTL
+            crate::core::DNS_TTL
         )]
     );
-}
-
-#[tokio::test]
-async fn quarantine_of_own_ids() {
-    let r = test_relay(ExitPolicy::default());
-    let ml = attach(&r.ctx, true);
-    let circ = Arc::new(crate::circuit::Circuit::new(
-        Arc::clone(&ml.link),
-        1,
-        allium_crypto::relaycell::RelayHopCrypto::new(
-            &allium_crypto::handshake::HopKeys::dangerously_from_parts([1; 32], [2; 32], [3; 32]),
-        ),
-    ));
-    let id = ml
-        .link
-        .allocate(crate::link::Slot {
-            circ,
-            side: crate::circuit::Side::Next,
-        })
-        .unwrap();
-    // The relay is the responder on this link: its ids have the MSB clear.
-    assert_eq!(id & 0x8000_0000, 0);
-    assert!(ml.link.remove(id).is_some());
-    assert!(ml.link.is_quarantined(id));
 }
 
 async fn recv_ch(rx: &mut allium_proto::channel::ChannelReceiver) -> Cell {
@@ -919,88 +923,6 @@ async fn full_link_queue_keeps_backward_order() {
     assert!(got[0] == *data && got[1] == *data, "stream bytes differ");
 }
 
-/// Attach a fake next hop on an in-memory link and make it the circuit's next hop.
-fn fake_next_hop(r: &TestRelay, tc: &TestCirc, prev: &MemLink) -> (MemLink, u32) {
-    let nl = attach(&r.ctx, true);
-    let circ = prev.link.get(tc.id).unwrap().circ;
-    let id = nl
-        .link
-        .allocate(crate::link::Slot {
-            circ: Arc::clone(&circ),
-            side: crate::circuit::Side::Next,
-        })
-        .unwrap();
-    circ.lock().next = crate::circuit::Next::Open {
-        link: Arc::clone(&nl.link),
-        id,
-    };
-    (nl, id)
-}
-
-fn hop2_keys() -> allium_crypto::handshake::HopKeys {
-    allium_crypto::handshake::HopKeys::dangerously_from_parts([4; 32], [5; 32], [6; 32])
-}
-
-#[tokio::test]
-async fn middle_forwards_both_ways_and_propagates_destroy() {
-    let (r, mut ml, mut tc) = one_hop(ExitPolicy::default()).await;
-    let (mut nl, next_id) = fake_next_hop(&r, &tc, &ml);
-    tc.cc.add_hop(&hop2_keys()).unwrap();
-    let mut hop2 = allium_crypto::relaycell::RelayHopCrypto::new(&hop2_keys());
-
-    // Forward: a cell for hop 2 passes through with the same command, re-addressed.
-    let drop_msg = RelayMsg::Drop(Default::default());
-    let (c, _) = relay_cell(&mut tc, 1, CellCmd::RELAY_EARLY, 0, &drop_msg);
-    ml.tx.send(c).await.unwrap();
-    let mut fwd = nl.recv().await;
-    assert_eq!((fwd.circ_id, fwd.cmd), (next_id, CellCmd::RELAY_EARLY));
-    let f = hop2.decrypt_forward(fwd.cmd.0, &mut fwd.body).unwrap();
-    assert!(matches!(
-        f,
-        allium_crypto::relaycell::Forward::Recognized { .. }
-    ));
-
-    // Backward: hop 2 originates a cell; the relay adds its layer; the client sees hop index 1.
-    let mut buf = [0u8; RELAY_MSG_LEN];
-    let end = RelayMsg::End(End::new(EndReason::DONE));
-    let n = end.encode(3, &mut buf).unwrap();
-    let mut cell = Cell::new_zeroed(next_id, CellCmd::RELAY);
-    hop2.encrypt_backward(CellCmd::RELAY.0, &buf[..n], &mut cell.body)
-        .unwrap();
-    nl.tx.send(cell).await.unwrap();
-    let back = ml.recv().await;
-    assert_eq!(back.circ_id, tc.id);
-    let (hop, sid, msg, _) = open_backward(&mut tc, back);
-    assert_eq!((hop, sid), (1, 3));
-    assert_eq!(msg, end);
-
-    // DESTROY from the next hop reaches the client with reason NONE.
-    nl.tx
-        .send(Cell::destroy(
-            CircId::new(next_id).unwrap(),
-            DestroyReason::FINISHED,
-        ))
-        .await
-        .unwrap();
-    assert_destroy(&ml.recv().await, tc.id);
-    assert_eq!(ml.link.n_circuits(), 0);
-    assert_eq!(nl.link.n_circuits(), 0);
-}
-
-#[tokio::test]
-async fn backward_relay_early_destroys_both_ways() {
-    let r = test_relay(ExitPolicy::default());
-    let mut ml = attach(&r.ctx, false);
-    let tc = create_circuit(&mut ml, &r.ctx).await;
-    let (mut nl, next_id) = fake_next_hop(&r, &tc, &ml);
-    let cell = Cell::new_zeroed(next_id, CellCmd::RELAY_EARLY);
-    nl.tx.send(cell).await.unwrap();
-    assert_destroy(&ml.recv().await, tc.id);
-    assert_destroy(&nl.recv().await, next_id);
-    // The id the relay chose on the next link is quarantined.
-    assert!(nl.link.is_quarantined(next_id));
-}
-
 #[tokio::test]
 async fn pass_cell_without_next_hop_destroys() {
     let (_r, mut ml, mut tc) = one_hop(ExitPolicy::default()).await;
@@ -1151,4 +1073,387 @@ async fn exit_stream_limits() {
     let (s, msg) = client_recv(&mut ml, &mut tc, 0, &mut got).await.unwrap();
     assert_eq!(s, 3);
     assert!(matches!(msg, RelayMsg::Connected(_)), "{msg:?}");
+}
+
+// ---- Next hops over in-memory links, and the properties of the new shape. ----
+
+/// Identity of the fake next relay.
+const NEXT: RelayId = RelayId([9; 32]);
+
+/// A link the relay believes it opened to relay [`NEXT`] (registered, so EXTEND reuses it), with
+/// a relay → peer queue of `out_cap` cells.
+fn attach_next(r: &TestRelay, out_cap: usize) -> MemLink {
+    let ml = attach_full(&r.ctx, Some(NEXT), true, out_cap, 4096);
+    r.ctx.links.register(NEXT, &ml.link);
+    crate::add_known_relay(
+        &r.ctx,
+        NEXT,
+        "127.0.0.1:9".parse().unwrap(),
+        X25519Public([0; 32]),
+    );
+    ml
+}
+
+/// EXTEND `tc` (on `ml`) to [`NEXT`] over `nl`, answer the CREATE, and add the fake hop-2 keys.
+/// Returns the circuit id the relay chose on `nl` and hop 2's relay crypto.
+async fn extend_via(
+    ml: &mut MemLink,
+    tc: &mut TestCirc,
+    nl: &mut MemLink,
+) -> (u32, allium_crypto::relaycell::RelayHopCrypto) {
+    let ext = RelayMsg::Extend(Extend {
+        specs: vec![
+            LinkSpec::Ed25519Id(NEXT),
+            LinkSpec::Ipv4("127.0.0.1:9".parse().unwrap()),
+        ],
+        htype: 1,
+        hdata: vec![0; 100],
+    });
+    let (c, _) = relay_cell(tc, 0, CellCmd::RELAY_EARLY, 0, &ext);
+    ml.tx.send(c).await.unwrap();
+    let create = nl.recv().await;
+    assert_eq!(create.cmd, CellCmd::CREATE);
+    let next_id = create.circ_id;
+    // The relay is the initiator on this link: its ids have the MSB set.
+    assert_ne!(next_id & 0x8000_0000, 0);
+    let cid = CircId::new(next_id).unwrap();
+    nl.tx
+        .send(Cell::created(cid, &Created { hdata: vec![1; 64] }).unwrap())
+        .await
+        .unwrap();
+    let (hop, _, msg, _) = open_backward(tc, ml.recv().await);
+    assert_eq!(hop, 0);
+    assert!(matches!(msg, RelayMsg::Extended(_)), "{msg:?}");
+    tc.cc.add_hop(&hop2_keys()).unwrap();
+    (
+        next_id,
+        allium_crypto::relaycell::RelayHopCrypto::new(&hop2_keys()),
+    )
+}
+
+fn hop2_keys() -> allium_crypto::handshake::HopKeys {
+    allium_crypto::handshake::HopKeys::dangerously_from_parts([4; 32], [5; 32], [6; 32])
+}
+
+/// A backward DATA cell that hop 2 originates on stream `sid` under `next_id`.
+fn hop2_data(
+    hop2: &mut allium_crypto::relaycell::RelayHopCrypto,
+    next_id: u32,
+    sid: u16,
+    bytes: &[u8],
+) -> Cell {
+    let mut buf = [0u8; RELAY_MSG_LEN];
+    let n = RelayMsg::Data(allium_proto::relaymsg::Data {
+        data: bytes.to_vec(),
+    })
+    .encode(sid, &mut buf)
+    .unwrap();
+    let mut cell = Cell::new_zeroed(next_id, CellCmd::RELAY);
+    hop2.encrypt_backward(CellCmd::RELAY.0, &buf[..n], &mut cell.body)
+        .unwrap();
+    cell
+}
+
+#[tokio::test]
+async fn middle_forwards_both_ways_and_propagates_destroy() {
+    let (r, mut ml, mut tc) = one_hop(ExitPolicy::default()).await;
+    let mut nl = attach_next(&r, 2048);
+    let (next_id, mut hop2) = extend_via(&mut ml, &mut tc, &mut nl).await;
+
+    // Forward: a cell for hop 2 passes through with the same command, re-addressed.
+    let drop_msg = RelayMsg::Drop(Default::default());
+    let (c, _) = relay_cell(&mut tc, 1, CellCmd::RELAY_EARLY, 0, &drop_msg);
+    ml.tx.send(c).await.unwrap();
+    let mut fwd = nl.recv().await;
+    assert_eq!((fwd.circ_id, fwd.cmd), (next_id, CellCmd::RELAY_EARLY));
+    let f = hop2.decrypt_forward(fwd.cmd.0, &mut fwd.body).unwrap();
+    assert!(matches!(
+        f,
+        allium_crypto::relaycell::Forward::Recognized { .. }
+    ));
+
+    // Backward: hop 2 originates a cell; the relay adds its layer; the client sees hop index 1.
+    nl.tx
+        .send(hop2_data(&mut hop2, next_id, 3, b"back"))
+        .await
+        .unwrap();
+    let back = ml.recv().await;
+    assert_eq!(back.circ_id, tc.id);
+    let (hop, sid, msg, _) = open_backward(&mut tc, back);
+    assert_eq!((hop, sid), (1, 3));
+    assert_eq!(
+        msg,
+        RelayMsg::Data(allium_proto::relaymsg::Data {
+            data: b"back".to_vec()
+        })
+    );
+
+    // DESTROY from the next hop reaches the client with reason NONE.
+    nl.tx
+        .send(Cell::destroy(
+            CircId::new(next_id).unwrap(),
+            DestroyReason::FINISHED,
+        ))
+        .await
+        .unwrap();
+    assert_destroy(&ml.recv().await, tc.id);
+    wait_until(|| ml.link.n_circuits() == 0 && nl.link.n_circuits() == 0).await;
+    // The id the relay chose on the next link is quarantined.
+    assert!(nl.link.is_quarantined(next_id));
+}
+
+#[tokio::test]
+async fn backward_relay_early_destroys_both_ways() {
+    let (r, mut ml, mut tc) = one_hop(ExitPolicy::default()).await;
+    let mut nl = attach_next(&r, 2048);
+    let (next_id, _) = extend_via(&mut ml, &mut tc, &mut nl).await;
+    nl.tx
+        .send(Cell::new_zeroed(next_id, CellCmd::RELAY_EARLY))
+        .await
+        .unwrap();
+    assert_destroy(&ml.recv().await, tc.id);
+    assert_destroy(&nl.recv().await, next_id);
+    assert!(r.ctx.stats.protocol_violations() >= 1);
+}
+
+/// Wait (bounded) until `f` holds, letting the relay's tasks run.
+async fn wait_until(mut f: impl FnMut() -> bool) {
+    tokio::time::timeout(T, async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("condition not reached in time");
+}
+
+#[tokio::test]
+async fn quarantine_of_own_ids() {
+    let r = test_relay(ExitPolicy::default());
+    let ml = attach(&r.ctx, true);
+    let (tx, _rx) = mpsc::channel(1);
+    let h = crate::link::CircHandle {
+        tx,
+        kill: Arc::default(),
+    };
+    let now = crate::link::coarse_now();
+    let id = ml.link.allocate(h, now).unwrap();
+    // The relay is the responder on this link: its ids have the MSB clear.
+    assert_eq!(id & 0x8000_0000, 0);
+    assert!(ml.link.remove(id, now));
+    assert!(ml.link.is_quarantined(id));
+}
+
+/// Head-of-line blocking: a frozen client link (its queue is never drained) carries dozens of
+/// circuits mid-transfer through the same next-hop link as an honest circuit. The honest one
+/// keeps flowing, byte-exact; the frozen ones are destroyed once blocked past their cap; no
+/// inbound queue overflows (memory stays within the windows).
+#[tokio::test(start_paused = true)]
+async fn frozen_link_does_not_stall_other_circuits() {
+    const FROZEN: usize = 24;
+    const PER_FROZEN: usize = 300;
+    const HONEST_CELLS: usize = 3000;
+    let r = test_relay(ExitPolicy::default());
+    let mut nl = attach_next(&r, 8192);
+    // The frozen client: a queue of 64 cells that nobody reads after the setup.
+    let mut frozen = attach_full(&r.ctx, None, false, 64, 4096);
+    let mut frozen_circs = Vec::new();
+    for _ in 0..FROZEN {
+        let mut tc = create_circuit(&mut frozen, &r.ctx).await;
+        let (next_id, hop2) = extend_via(&mut frozen, &mut tc, &mut nl).await;
+        frozen_circs.push((next_id, hop2));
+    }
+    let mut honest = attach(&r.ctx, false);
+    let mut htc = create_circuit(&mut honest, &r.ctx).await;
+    let (hid, mut hhop2) = extend_via(&mut honest, &mut htc, &mut nl).await;
+    // From now on the frozen link is never read: fill its queue and beyond.
+    for (next_id, hop2) in &mut frozen_circs {
+        for i in 0..PER_FROZEN {
+            let c = hop2_data(hop2, *next_id, 1, &[(i % 251) as u8; 400]);
+            nl.tx.send(c).await.unwrap();
+        }
+    }
+    // Meanwhile the honest circuit's transfer, interleaved on the same link, completes.
+    let payload: Vec<u8> = (0..HONEST_CELLS * 498).map(|i| (i % 253) as u8).collect();
+    let mut got = Vec::with_capacity(payload.len());
+    let sender = {
+        let tx = nl.tx.clone();
+        let payload = payload.clone();
+        tokio::spawn(async move {
+            for chunk in payload.chunks(498) {
+                tx.send(hop2_data(&mut hhop2, hid, 2, chunk)).await.unwrap();
+            }
+        })
+    };
+    while got.len() < payload.len() {
+        let (hop, sid, msg, _) = open_backward(&mut htc, honest.recv().await);
+        assert_eq!((hop, sid), (1, 2));
+        let RelayMsg::Data(d) = msg else {
+            panic!("unexpected {msg:?}")
+        };
+        got.extend_from_slice(&d.data);
+    }
+    sender.await.unwrap();
+    assert!(got == payload, "honest bytes differ");
+    assert_eq!(r.ctx.stats.queue_overflows(), 0);
+    // Memory: what the frozen circuits hold is bounded by their inbound queues (and their
+    // windows); it is all still queued, not lost, and no other queue grew.
+    let mut held = 0;
+    for (id, _) in &frozen_circs {
+        if let Some((h, _)) = nl.link.get(*id) {
+            let queued = h.tx.max_capacity() - h.tx.capacity();
+            assert!(queued <= crate::ctx::INBOUND_QUEUE_CELLS);
+            held += queued;
+        }
+    }
+    assert!(held <= FROZEN * PER_FROZEN, "{held}");
+    // Past the cap, every frozen circuit is destroyed (DESTROY reason TIMEOUT to the next hop).
+    tokio::time::sleep(crate::core::BLOCKED_CAP + Duration::from_secs(1)).await;
+    wait_until(|| r.ctx.stats.blocked_destroys() == FROZEN as u64).await;
+    let mut destroyed = std::collections::HashSet::new();
+    while destroyed.len() < FROZEN {
+        let c = nl.recv().await;
+        assert_eq!(c.cmd, CellCmd::DESTROY);
+        assert_eq!(
+            Destroy::decode(&c.body[..]).unwrap().reason,
+            DestroyReason::TIMEOUT
+        );
+        destroyed.insert(c.circ_id);
+    }
+    assert!(frozen_circs.iter().all(|(id, _)| destroyed.contains(id)));
+    // The honest circuit is still there.
+    assert!(honest.link.get(htc.id).is_some());
+    drop(frozen.rx);
+}
+
+/// A burst of CREATEs on a link beside a bulk transfer on an established circuit of the same
+/// link: every cell of the transfer is forwarded while the CREATEs are queued or dropped, and
+/// every CREATE is answered.
+#[tokio::test]
+async fn create_burst_does_not_stall_forwarding() {
+    const CREATES: usize = 300;
+    const CELLS: usize = 2000;
+    let limits = Limits {
+        create_queue: 16,
+        ..Limits::default()
+    };
+    let r = test_relay_limits(ExitPolicy::default(), |_| {}, limits);
+    let mut nl = attach_next(&r, 8192);
+    let mut ml = attach_full(&r.ctx, None, false, 8192, 4096);
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let (next_id, mut hop2) = extend_via(&mut ml, &mut tc, &mut nl).await;
+    let mut creates = std::collections::HashSet::new();
+    let tx = ml.tx.clone();
+    let onion = r.ctx.keys.onion_public();
+    let id = r.ctx.keys.id;
+    let burst = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for _ in 0..CREATES {
+            let (_, skin) = client_start(&id, &onion, &[]).unwrap();
+            let cid = CircId::random(true);
+            ids.push(cid.get());
+            tx.send(
+                Cell::create(
+                    cid,
+                    &Create {
+                        htype: 1,
+                        hdata: skin,
+                    },
+                )
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        }
+        ids
+    });
+    let bulk = tokio::spawn(async move {
+        for i in 0..CELLS {
+            let c = hop2_data(&mut hop2, next_id, 5, &[(i % 256) as u8; 100]);
+            nl.tx.send(c).await.unwrap();
+        }
+        nl
+    });
+    let mut data_cells = 0;
+    let (mut created, mut refused) = (0, 0);
+    while data_cells < CELLS || created + refused < CREATES {
+        let c = ml.recv().await;
+        match c.cmd {
+            CellCmd::CREATED => {
+                created += 1;
+                creates.insert(c.circ_id);
+            }
+            CellCmd::DESTROY => {
+                assert_eq!(
+                    Destroy::decode(&c.body[..]).unwrap().reason,
+                    DestroyReason::RESOURCELIMIT
+                );
+                refused += 1;
+                creates.insert(c.circ_id);
+            }
+            CellCmd::RELAY => {
+                assert_eq!(c.circ_id, tc.id);
+                let (hop, sid, msg, _) = open_backward(&mut tc, c);
+                assert_eq!((hop, sid), (1, 5));
+                let RelayMsg::Data(d) = msg else {
+                    panic!("{msg:?}")
+                };
+                assert_eq!(d.data, vec![(data_cells % 256) as u8; 100]);
+                data_cells += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let ids = burst.await.unwrap();
+    let _nl = bulk.await.unwrap();
+    assert!(ids.iter().all(|i| creates.contains(i)));
+    assert_eq!(r.ctx.stats.creates_dropped(), refused as u64);
+    assert!(created > 0);
+}
+
+/// A peer that sends beyond its windows gets only its own circuit destroyed (RESOURCELIMIT),
+/// counted; another circuit on the same link keeps working.
+#[tokio::test]
+async fn overflowing_circuit_is_destroyed_alone() {
+    let limits = Limits {
+        inbound_queue: 256,
+        ..Limits::default()
+    };
+    let r = test_relay_limits(ExitPolicy::default(), |_| {}, limits);
+    // The next hop never reads: the circuit's reactor blocks and stops pulling its queue.
+    let mut nl = attach_next(&r, 1);
+    let mut ml = attach_full(&r.ctx, None, false, 8192, 4096);
+    let mut bad = create_circuit(&mut ml, &r.ctx).await;
+    let (_next_id, _) = extend_via(&mut ml, &mut bad, &mut nl).await;
+    let mut good = create_circuit(&mut ml, &r.ctx).await;
+    for _ in 0..400 {
+        let (c, _) = relay_cell(
+            &mut bad,
+            1,
+            CellCmd::RELAY,
+            0,
+            &RelayMsg::Drop(Default::default()),
+        );
+        ml.tx.send(c).await.unwrap();
+    }
+    let c = ml.recv().await;
+    assert_eq!(c.cmd, CellCmd::DESTROY);
+    assert_eq!(c.circ_id, bad.id);
+    assert_eq!(
+        Destroy::decode(&c.body[..]).unwrap().reason,
+        DestroyReason::RESOURCELIMIT
+    );
+    assert_eq!(r.ctx.stats.queue_overflows(), 1);
+    // The other circuit on the link answers.
+    let (c, _) = relay_cell(
+        &mut good,
+        0,
+        CellCmd::RELAY,
+        0,
+        &RelayMsg::Truncate(Default::default()),
+    );
+    ml.tx.send(c).await.unwrap();
+    let (_, _, msg, _) = open_backward(&mut good, ml.recv().await);
+    assert!(matches!(msg, RelayMsg::Truncated(_)), "{msg:?}");
+    drop(nl.rx);
 }

@@ -1,0 +1,897 @@
+//! [`CircuitCore`]: one circuit as a relay sees it, as a synchronous state machine.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use allium_crypto::relaycell::{
+    CellBody, FORWARD_MSG_OFFSET, Forward, MAX_DATA, RELAY_MSG_LEN, RelayHopCrypto, Tag,
+};
+use allium_proto::cell::{Cell, CellCmd, Create, Created, Destroy, DestroyReason};
+use allium_proto::flowctl::{CircRecvWindow, CircSendWindow};
+use allium_proto::relaymsg::{
+    self, AddrTtl, Begin, Connected, End, EndReason, Extend, Extended, RelayCmd, RelayHeader,
+    RelayMsg, Resolve, Resolved, ResolvedValue, Sendme, StreamIdRule, Target, Truncated,
+};
+
+use super::stream::{HalfClose, Stream, StreamState};
+use super::{
+    CircError, CoreConfig, DNS_TTL, DataChunk, Event, MAX_CONNECT_ADDRS, MAX_RESOLVED_ANSWERS,
+    ResolveFailure, Side,
+};
+use crate::policy::Refusal;
+
+/// Most RELAY_EARLY cells a circuit may carry forward (tor-spec §5.6).
+pub const MAX_RELAY_EARLY: u8 = 8;
+
+/// The next hop of a circuit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// None: this relay is the last hop (for now).
+    Unextended,
+    /// An EXTEND is in progress: [`Event::ExtendTo`] was emitted, CREATED not yet received.
+    Extending {
+        /// When the extension fails with TIMEOUT.
+        deadline: Instant,
+    },
+    /// Extended: cells pass to and from the next hop.
+    Open,
+    /// The whole circuit is destroyed (with this reason on the wire).
+    Closed(DestroyReason),
+}
+
+/// One circuit at a relay: hop crypto, RELAY_EARLY budget, windows, next hop and exit streams.
+#[derive(Debug)]
+pub struct CircuitCore {
+    cfg: CoreConfig,
+    crypto: RelayHopCrypto,
+    early: u8,
+    next: Next,
+    streams: HashMap<u16, Stream>,
+    send_win: CircSendWindow,
+    recv_win: CircRecvWindow,
+    transmit: VecDeque<(Side, Cell)>,
+    events: VecDeque<Event>,
+    blocked_since: Option<Instant>,
+    close_error: Option<CircError>,
+    originated: u64,
+}
+
+/// A flow-control error as a [`CircError`].
+fn window(e: allium_proto::ProtoError) -> CircError {
+    CircError::Window(e)
+}
+
+impl CircuitCore {
+    /// A circuit whose handshake produced `crypto`.
+    pub fn new(cfg: CoreConfig, crypto: RelayHopCrypto) -> Self {
+        Self {
+            cfg,
+            crypto,
+            early: 0,
+            next: Next::Unextended,
+            streams: HashMap::new(),
+            send_win: CircSendWindow::new(),
+            recv_win: CircRecvWindow::new(),
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            blocked_since: None,
+            close_error: None,
+            originated: 0,
+        }
+    }
+
+    // ---- Outputs ----
+
+    /// The next cell to send, and on which side. Cells carry circuit id 0 (see the module docs).
+    pub fn poll_transmit(&mut self) -> Option<(Side, Cell)> {
+        self.transmit.pop_front()
+    }
+
+    /// Whether cells are waiting in the transmit queue.
+    pub fn has_transmit(&self) -> bool {
+        !self.transmit.is_empty()
+    }
+
+    /// Number of cells waiting in the transmit queue.
+    pub fn transmit_len(&self) -> usize {
+        self.transmit.len()
+    }
+
+    /// The next thing the driver must do.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`CircuitCore::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.is_closed() {
+            return None;
+        }
+        let ext = match self.next {
+            Next::Extending { deadline } => Some(deadline),
+            _ => None,
+        };
+        let blocked = self
+            .blocked_since
+            .and_then(|t| t.checked_add(self.cfg.blocked_cap));
+        let window = self
+            .streams
+            .values()
+            .filter_map(|s| s.window_blocked_since)
+            .min()
+            .and_then(|t| t.checked_add(self.cfg.window_timeout));
+        [ext, blocked, window].into_iter().flatten().min()
+    }
+
+    /// The next-hop state.
+    pub fn next(&self) -> Next {
+        self.next
+    }
+
+    /// Whether the circuit is destroyed.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.next, Next::Closed(_))
+    }
+
+    /// Why the circuit was destroyed, once it is.
+    pub fn close_error(&self) -> Option<&CircError> {
+        self.close_error.as_ref()
+    }
+
+    /// The state of stream `sid`, if it is in the table.
+    pub fn stream_state(&self, sid: u16) -> Option<StreamState> {
+        self.streams.get(&sid).map(|s| s.state)
+    }
+
+    /// Number of entries in the stream table.
+    pub fn n_streams(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// How many DATA cells stream `sid` may send now (the smaller package window); `None` if the
+    /// stream is gone or its destination may not send.
+    pub fn stream_budget(&self, sid: u16) -> Option<usize> {
+        let st = self.streams.get(&sid)?;
+        if self.is_closed() || !st.state.destination_may_send() {
+            return None;
+        }
+        Some(usize::from(
+            self.send_win.window().min(st.win.send.window()),
+        ))
+    }
+
+    /// Cells this core originated since the last call (for traffic statistics).
+    pub fn take_originated(&mut self) -> u64 {
+        std::mem::take(&mut self.originated)
+    }
+
+    // ---- Inputs ----
+
+    /// A cell for this circuit arrived from `from`. PADDING and CREATE never reach a core (the
+    /// link handles them). On `Err` the circuit is already destroyed.
+    pub fn handle_cell(&mut self, from: Side, cell: Cell, now: Instant) -> Result<(), CircError> {
+        if self.is_closed() {
+            return Ok(());
+        }
+        let r = match (from, cell.cmd) {
+            (Side::Prev, CellCmd::RELAY | CellCmd::RELAY_EARLY) => self.forward(cell, now),
+            (Side::Next, CellCmd::RELAY) => self.backward(cell),
+            (Side::Next, CellCmd::RELAY_EARLY) => Err(CircError::BackwardRelayEarly),
+            (Side::Next, CellCmd::CREATED) => self.on_created(&cell),
+            (_, CellCmd::DESTROY) => {
+                let reason = Destroy::decode(&cell.body[..])
+                    .map(|d| d.reason)
+                    .unwrap_or(DestroyReason::NONE);
+                self.on_destroy(from, reason);
+                return Ok(());
+            }
+            _ => Err(CircError::Unexpected {
+                what: "link cell command for this side",
+            }),
+        };
+        self.fail_on_err(r, Some(from))
+    }
+
+    /// The link on `side` closed: destroy the circuit (DESTROY goes only to the other side).
+    pub fn link_closed(&mut self, side: Side) {
+        if side == Side::Next && matches!(self.next, Next::Extending { .. }) {
+            self.fail_extend(DestroyReason::CONNECTFAILED, false);
+            return;
+        }
+        self.close(CircError::LinkClosed, Some(side));
+    }
+
+    /// Destroy the circuit for a reason found by the driver (queue overflow, shutdown).
+    pub fn destroy(&mut self, error: CircError) {
+        self.close(error, None);
+    }
+
+    /// Time has passed: fail a late extension, destroy a circuit blocked past its cap.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.is_closed() {
+            return;
+        }
+        if let Some(t) = self.blocked_since
+            && now.saturating_duration_since(t) >= self.cfg.blocked_cap
+        {
+            let secs = self.cfg.blocked_cap.as_secs();
+            self.close(CircError::Blocked { secs }, None);
+            return;
+        }
+        if let Next::Extending { deadline } = self.next
+            && now >= deadline
+        {
+            self.fail_extend(DestroyReason::TIMEOUT, true);
+        }
+        let cap = self.cfg.window_timeout;
+        let expired: Vec<u16> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| {
+                s.window_blocked_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= cap)
+            })
+            .map(|(sid, _)| *sid)
+            .collect();
+        for sid in expired {
+            // The client never opened the window: END TIMEOUT.
+            self.end_stream(sid, EndReason::TIMEOUT);
+        }
+    }
+
+    /// The link the driver must write to is full since `now` (idempotent while blocked).
+    pub fn note_blocked(&mut self, now: Instant) {
+        if self.blocked_since.is_none() {
+            self.blocked_since = Some(now);
+        }
+    }
+
+    /// The driver could write again.
+    pub fn note_unblocked(&mut self) {
+        self.blocked_since = None;
+    }
+
+    /// The extension could not be made before a CREATE was sent (unknown relay, address
+    /// mismatch, link failure, no room on the link): TRUNCATED with `reason` goes to the client;
+    /// the circuit may extend again.
+    pub fn extend_failed(&mut self, reason: DestroyReason, _now: Instant) {
+        if matches!(self.next, Next::Extending { .. }) {
+            self.fail_extend(reason, false);
+        }
+    }
+
+    /// The driver resolved the name of stream `sid`.
+    pub fn resolved(
+        &mut self,
+        sid: u16,
+        result: Result<Vec<IpAddr>, ResolveFailure>,
+        _now: Instant,
+    ) {
+        let Some(state) = self.stream_state(sid) else {
+            return;
+        };
+        match state {
+            StreamState::Lookup => {
+                self.streams.remove(&sid);
+                let answers = match result {
+                    Ok(a) if !a.is_empty() => a
+                        .into_iter()
+                        .take(MAX_RESOLVED_ANSWERS)
+                        .map(|ip| (ResolvedValue::Ip(ip), DNS_TTL))
+                        .collect(),
+                    Ok(_) | Err(ResolveFailure::NotFound) => {
+                        vec![(ResolvedValue::NontransientError, 0)]
+                    }
+                    Err(ResolveFailure::Timeout | ResolveFailure::Busy) => {
+                        vec![(ResolvedValue::TransientError, 0)]
+                    }
+                };
+                self.originate(sid, &RelayMsg::Resolved(Resolved { answers }));
+            }
+            StreamState::Resolving { port, client_done } => match result {
+                Ok(a) if !a.is_empty() => {
+                    let addrs: Vec<SocketAddr> = a
+                        .into_iter()
+                        .filter(|ip| self.cfg.policy.check(*ip, port) != Err(Refusal::Address))
+                        .map(|ip| SocketAddr::new(ip, port))
+                        .take(MAX_CONNECT_ADDRS)
+                        .collect();
+                    if addrs.is_empty() {
+                        self.end_stream(sid, EndReason::EXITPOLICY);
+                    } else {
+                        self.set_state(sid, StreamState::Connecting { client_done });
+                        self.events.push_back(Event::OpenStream { sid, addrs });
+                    }
+                }
+                Ok(_) | Err(ResolveFailure::NotFound | ResolveFailure::Busy) => {
+                    self.end_stream(sid, EndReason::RESOLVEFAILED);
+                }
+                Err(ResolveFailure::Timeout) => self.end_stream(sid, EndReason::TIMEOUT),
+            },
+            _ => {}
+        }
+    }
+
+    /// Stream `sid` is connected (to `peer`, reported in CONNECTED).
+    pub fn stream_connected(&mut self, sid: u16, peer: Option<SocketAddr>, _now: Instant) {
+        let Some(StreamState::Connecting { client_done }) = self.stream_state(sid) else {
+            return;
+        };
+        let msg = RelayMsg::Connected(Connected {
+            addr: peer.map(|p| AddrTtl {
+                addr: p.ip(),
+                ttl: DNS_TTL,
+            }),
+        });
+        self.originate(sid, &msg);
+        self.set_state(
+            sid,
+            if client_done {
+                StreamState::HalfClosed(HalfClose::ClientFinished)
+            } else {
+                StreamState::Open
+            },
+        );
+    }
+
+    /// Stream `sid` failed (connect, read or write error): END with `reason`, stream forgotten.
+    pub fn stream_failed(&mut self, sid: u16, reason: EndReason, _now: Instant) {
+        if self.streams.contains_key(&sid) {
+            self.end_stream(sid, reason);
+        }
+    }
+
+    /// The destination of stream `sid` closed its side: END DONE goes to the client after the
+    /// bytes packaged so far; the stream is forgotten if the client had finished too.
+    pub fn stream_eof(&mut self, sid: u16, _now: Instant) {
+        match self.stream_state(sid) {
+            Some(StreamState::Open) => {
+                self.originate(sid, &RelayMsg::End(End::new(EndReason::DONE)));
+                self.set_state(sid, StreamState::HalfClosed(HalfClose::DestinationFinished));
+            }
+            Some(StreamState::HalfClosed(HalfClose::ClientFinished)) => {
+                self.originate(sid, &RelayMsg::End(End::new(EndReason::DONE)));
+                self.remove_stream(sid, true);
+            }
+            _ => {}
+        }
+    }
+
+    /// The destination of stream `sid` accepted `cells` more DATA cells: stream SENDMEs go out
+    /// for each completed increment.
+    pub fn data_consumed(&mut self, sid: u16, cells: usize, _now: Instant) {
+        for _ in 0..cells {
+            let Some(st) = self.streams.get_mut(&sid) else {
+                return;
+            };
+            match st.win.on_data_received() {
+                Ok(true) => {
+                    if st.win.sendme_sent().is_err() {
+                        return;
+                    }
+                    st.sendme_sent();
+                    let tag = st.next_sendme_tag();
+                    self.originate(sid, &RelayMsg::Sendme(Sendme { tag }));
+                }
+                Ok(false) => {}
+                // More consumed than received: a driver bug; stop counting.
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Package destination bytes of stream `sid` into DATA cells, as far as both package windows
+    /// allow. Returns how many bytes were taken (0 if blocked or the stream is gone). If not all
+    /// could be taken, the stream is ended with TIMEOUT unless a window opens and the rest is
+    /// offered again within [`CoreConfig::window_timeout`].
+    pub fn package(&mut self, sid: u16, data: &[u8], now: Instant) -> usize {
+        let used = self.package_inner(sid, data);
+        if let Some(st) = self.streams.get_mut(&sid) {
+            if used < data.len() {
+                st.window_blocked_since.get_or_insert(now);
+            } else {
+                st.window_blocked_since = None;
+            }
+        }
+        used
+    }
+
+    fn package_inner(&mut self, sid: u16, data: &[u8]) -> usize {
+        let Some(budget) = self.stream_budget(sid) else {
+            return 0;
+        };
+        let mut used = 0;
+        let mut buf = [0u8; RELAY_MSG_LEN];
+        for chunk in data.chunks(MAX_DATA).take(budget) {
+            let len = relaymsg::encode_data(sid, chunk, &mut buf);
+            let msg = buf.get(..len).unwrap_or(&[]);
+            let Some(tag) = self.encrypt_backward(msg) else {
+                return used;
+            };
+            let ok = self.send_win.note_data_sent(&tag).is_ok()
+                && self
+                    .streams
+                    .get_mut(&sid)
+                    .is_some_and(|st| st.win.note_data_sent().is_ok());
+            if !ok {
+                // Cannot happen within the budget; treat as a local failure.
+                self.close(CircError::Local, None);
+                return used;
+            }
+            used += chunk.len();
+        }
+        used
+    }
+
+    // ---- Forward path ----
+
+    fn forward(&mut self, mut cell: Cell, now: Instant) -> Result<(), CircError> {
+        let cmd = cell.cmd;
+        if cmd == CellCmd::RELAY_EARLY {
+            self.early = self.early.saturating_add(1);
+            if self.early > MAX_RELAY_EARLY {
+                return Err(CircError::RelayEarlyBudget {
+                    max: MAX_RELAY_EARLY,
+                });
+            }
+        }
+        match self
+            .crypto
+            .decrypt_forward(cmd.0, &mut cell.body)
+            .map_err(CircError::BadTag)?
+        {
+            Forward::Pass => {
+                if self.next != Next::Open {
+                    return Err(CircError::NoNextHop);
+                }
+                cell.circ_id = 0;
+                self.transmit.push_back((Side::Next, cell));
+                Ok(())
+            }
+            Forward::Recognized { tag } => self.handle_msg(cmd, tag, cell.body, now),
+        }
+    }
+
+    fn handle_msg(
+        &mut self,
+        cmd: CellCmd,
+        tag: Tag,
+        body: Box<CellBody>,
+        now: Instant,
+    ) -> Result<(), CircError> {
+        let region = body
+            .get(FORWARD_MSG_OFFSET..)
+            .ok_or(CircError::Unexpected {
+                what: "short cell body",
+            })?;
+        let (hdr, data) = RelayHeader::parse(region).map_err(CircError::Malformed)?;
+        let sid = hdr.stream_id;
+        match (hdr.cmd.stream_id_rule(), sid) {
+            (StreamIdRule::Zero, 0) | (StreamIdRule::Any, _) => {}
+            (StreamIdRule::NonZero, s) if s != 0 => {}
+            _ => return Err(CircError::StreamIdRule { cmd: hdr.cmd, sid }),
+        }
+        match hdr.cmd {
+            RelayCmd::DATA => {
+                let start = FORWARD_MSG_OFFSET + relaymsg::RELAY_HEADER_LEN;
+                let len = usize::from(hdr.len);
+                self.on_data(sid, tag, DataChunk { body, start, len })
+            }
+            RelayCmd::SENDME => {
+                let msg = RelayMsg::decode_body(hdr.cmd, data).map_err(CircError::Malformed)?;
+                let RelayMsg::Sendme(Sendme { tag }) = msg else {
+                    return Err(CircError::Unexpected {
+                        what: "SENDME body",
+                    });
+                };
+                self.on_sendme(sid, tag.as_ref())
+            }
+            _ => {
+                let msg = RelayMsg::decode_body(hdr.cmd, data).map_err(CircError::Malformed)?;
+                self.handle_control(cmd, sid, msg, now)
+            }
+        }
+    }
+
+    fn handle_control(
+        &mut self,
+        cmd: CellCmd,
+        sid: u16,
+        msg: RelayMsg,
+        now: Instant,
+    ) -> Result<(), CircError> {
+        match msg {
+            RelayMsg::Begin(b) => self.on_begin(sid, b),
+            RelayMsg::Resolve(r) => self.on_resolve(sid, r),
+            RelayMsg::BeginDir(_) => {
+                // Relays are not directory caches: clients fetch from the authorities.
+                self.originate(sid, &RelayMsg::End(End::new(EndReason::NOTDIRECTORY)));
+                Ok(())
+            }
+            RelayMsg::End(e) => {
+                self.on_end(sid, e.reason);
+                Ok(())
+            }
+            RelayMsg::Extend(e) => self.on_extend(cmd, e, now),
+            RelayMsg::Truncate(_) => {
+                self.drop_next();
+                let t = Truncated {
+                    reason: DestroyReason::REQUESTED,
+                };
+                self.originate(0, &RelayMsg::Truncated(t));
+                Ok(())
+            }
+            RelayMsg::Drop(_) | RelayMsg::Unrecognized(_) => Ok(()),
+            RelayMsg::Connected(_) => Err(CircError::Unexpected { what: "CONNECTED" }),
+            RelayMsg::Extended(_) => Err(CircError::Unexpected { what: "EXTENDED" }),
+            RelayMsg::Truncated(_) => Err(CircError::Unexpected { what: "TRUNCATED" }),
+            RelayMsg::Resolved(_) => Err(CircError::Unexpected { what: "RESOLVED" }),
+            _ => Err(CircError::Unexpected {
+                what: "backward-only relay message",
+            }),
+        }
+    }
+
+    fn on_data(&mut self, sid: u16, tag: Tag, data: DataChunk) -> Result<(), CircError> {
+        let due = self.recv_win.on_data_received(&tag).map_err(window)?;
+        if let Some(t) = due {
+            // The circuit SENDME goes out now; the window reopens with it.
+            self.recv_win.sendme_sent().map_err(window)?;
+            self.originate(0, &RelayMsg::Sendme(Sendme { tag: Some(t) }));
+        }
+        let Some(st) = self.streams.get_mut(&sid) else {
+            // A stream that just ended: the data is dropped (it still counted above).
+            return Ok(());
+        };
+        if !st.state.accepts_client_data() {
+            return Err(CircError::Unexpected {
+                what: "DATA after END",
+            });
+        }
+        if !st.take_credit(&tag) {
+            return Err(CircError::Window(allium_proto::ProtoError::Flow(
+                "DATA beyond the stream window",
+            )));
+        }
+        self.events.push_back(Event::StreamData { sid, data });
+        Ok(())
+    }
+
+    fn on_sendme(&mut self, sid: u16, tag: Option<&Tag>) -> Result<(), CircError> {
+        if sid == 0 {
+            self.send_win.on_sendme(tag).map_err(window)
+        } else if let Some(st) = self.streams.get_mut(&sid) {
+            st.win.on_sendme().map_err(window)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn on_begin(&mut self, sid: u16, begin: Begin) -> Result<(), CircError> {
+        if self.cfg.prev_is_client {
+            // No one-hop exit circuits.
+            self.originate(sid, &RelayMsg::End(End::new(EndReason::TORPROTOCOL)));
+            return Ok(());
+        }
+        let policy = &self.cfg.policy;
+        if !policy.is_exit() || !policy.port_allowed(begin.port) {
+            self.originate(sid, &RelayMsg::End(End::new(EndReason::EXITPOLICY)));
+            return Ok(());
+        }
+        if self.streams.contains_key(&sid) {
+            return Err(CircError::Unexpected {
+                what: "BEGIN on a stream id in use",
+            });
+        }
+        if self.streams.len() >= self.cfg.max_streams {
+            self.originate(sid, &RelayMsg::End(End::new(EndReason::RESOURCELIMIT)));
+            return Ok(());
+        }
+        match begin.target {
+            Target::Ip(ip) => {
+                if self.cfg.policy.check(ip, begin.port) == Err(Refusal::Address) {
+                    self.originate(sid, &RelayMsg::End(End::new(EndReason::EXITPOLICY)));
+                    return Ok(());
+                }
+                let addrs = vec![SocketAddr::new(ip, begin.port)];
+                self.streams.insert(
+                    sid,
+                    Stream::new(StreamState::Connecting { client_done: false }),
+                );
+                self.events.push_back(Event::OpenStream { sid, addrs });
+            }
+            Target::Hostname(hostname) => {
+                let state = StreamState::Resolving {
+                    port: begin.port,
+                    client_done: false,
+                };
+                self.streams.insert(sid, Stream::new(state));
+                self.events.push_back(Event::Resolve { sid, hostname });
+            }
+        }
+        Ok(())
+    }
+
+    fn on_resolve(&mut self, sid: u16, req: Resolve) -> Result<(), CircError> {
+        if self.cfg.prev_is_client || !self.cfg.policy.is_exit() {
+            self.originate(sid, &RelayMsg::End(End::new(EndReason::EXITPOLICY)));
+            return Ok(());
+        }
+        if self.streams.contains_key(&sid) {
+            return Err(CircError::Unexpected {
+                what: "RESOLVE on a stream id in use",
+            });
+        }
+        if self.streams.len() >= self.cfg.max_streams {
+            let busy = RelayMsg::Resolved(Resolved {
+                answers: vec![(ResolvedValue::TransientError, 0)],
+            });
+            self.originate(sid, &busy);
+            return Ok(());
+        }
+        self.streams.insert(sid, Stream::new(StreamState::Lookup));
+        self.events.push_back(Event::Resolve {
+            sid,
+            hostname: req.hostname,
+        });
+        Ok(())
+    }
+
+    fn on_end(&mut self, sid: u16, reason: EndReason) {
+        let Some(state) = self.stream_state(sid) else {
+            return;
+        };
+        if reason != EndReason::DONE {
+            self.remove_stream(sid, false);
+            return;
+        }
+        let new = match state {
+            StreamState::Lookup => {
+                self.remove_stream(sid, false);
+                return;
+            }
+            StreamState::Resolving { port, .. } => StreamState::Resolving {
+                port,
+                client_done: true,
+            },
+            StreamState::Connecting { .. } => StreamState::Connecting { client_done: true },
+            StreamState::Open => StreamState::HalfClosed(HalfClose::ClientFinished),
+            StreamState::HalfClosed(HalfClose::DestinationFinished) => {
+                self.events.push_back(Event::StreamEnd { sid });
+                self.remove_stream(sid, true);
+                return;
+            }
+            // A second END DONE: nothing new.
+            StreamState::HalfClosed(HalfClose::ClientFinished) => return,
+        };
+        self.set_state(sid, new);
+        self.events.push_back(Event::StreamEnd { sid });
+    }
+
+    fn on_extend(&mut self, cmd: CellCmd, ext: Extend, now: Instant) -> Result<(), CircError> {
+        if cmd != CellCmd::RELAY_EARLY {
+            return Err(CircError::Unexpected {
+                what: "EXTEND outside RELAY_EARLY",
+            });
+        }
+        if self.next != Next::Unextended || !self.streams.is_empty() {
+            return Err(CircError::Unexpected {
+                what: "EXTEND on a circuit with a next hop or streams",
+            });
+        }
+        let relay = match ext.relay_id() {
+            Some(id) if !id.ct_eq(&self.cfg.own_id) => id,
+            _ => {
+                let t = Truncated {
+                    reason: DestroyReason::PROTOCOL,
+                };
+                self.originate(0, &RelayMsg::Truncated(t));
+                return Ok(());
+            }
+        };
+        let deadline = now.checked_add(self.cfg.extend_timeout).unwrap_or(now);
+        self.next = Next::Extending { deadline };
+        let addrs = ext.addrs().collect();
+        self.events.push_back(Event::ExtendTo {
+            relay,
+            addrs,
+            create: Create {
+                htype: ext.htype,
+                hdata: ext.hdata,
+            },
+        });
+        Ok(())
+    }
+
+    // ---- Backward path ----
+
+    fn backward(&mut self, mut cell: Cell) -> Result<(), CircError> {
+        if self.next != Next::Open {
+            // A late cell from a next hop that was just dropped.
+            return Ok(());
+        }
+        self.crypto
+            .relay_backward(&mut cell.body)
+            .map_err(CircError::BackwardCrypto)?;
+        cell.circ_id = 0;
+        cell.cmd = CellCmd::RELAY;
+        self.transmit.push_back((Side::Prev, cell));
+        Ok(())
+    }
+
+    fn on_created(&mut self, cell: &Cell) -> Result<(), CircError> {
+        if !matches!(self.next, Next::Extending { .. }) {
+            return Err(CircError::Unexpected { what: "CREATED" });
+        }
+        match Created::decode(&cell.body[..]) {
+            Ok(c) => {
+                self.next = Next::Open;
+                self.originate(0, &RelayMsg::Extended(Extended { hdata: c.hdata }));
+            }
+            Err(_) => self.fail_extend(DestroyReason::PROTOCOL, true),
+        }
+        Ok(())
+    }
+
+    fn on_destroy(&mut self, from: Side, reason: DestroyReason) {
+        if from == Side::Next && matches!(self.next, Next::Extending { .. }) {
+            // The next relay refused the CREATE: the client may try another.
+            self.fail_extend(DestroyReason::DESTROYED, false);
+            return;
+        }
+        if from == Side::Next && self.next != Next::Open {
+            return;
+        }
+        self.close(CircError::DestroyReceived { reason }, Some(from));
+    }
+
+    // ---- Helpers ----
+
+    /// Drop a half-built or open next hop (DESTROY towards it if `send_destroy`) and send
+    /// TRUNCATED with `reason`.
+    fn fail_extend(&mut self, reason: DestroyReason, send_destroy: bool) {
+        if send_destroy {
+            self.drop_next();
+        } else {
+            self.next = Next::Unextended;
+            self.events.push_back(Event::NextClosed);
+        }
+        self.originate(0, &RelayMsg::Truncated(Truncated { reason }));
+    }
+
+    /// Forget the next hop, sending it a DESTROY (reason NONE).
+    fn drop_next(&mut self) {
+        if matches!(self.next, Next::Extending { .. } | Next::Open) {
+            self.transmit
+                .push_back((Side::Next, destroy_cell(DestroyReason::NONE)));
+            self.next = Next::Unextended;
+            self.events.push_back(Event::NextClosed);
+        }
+    }
+
+    fn set_state(&mut self, sid: u16, state: StreamState) {
+        if let Some(st) = self.streams.get_mut(&sid) {
+            st.state = state;
+        }
+    }
+
+    fn remove_stream(&mut self, sid: u16, graceful: bool) {
+        if let Some(st) = self.streams.remove(&sid)
+            && st.state != StreamState::Lookup
+        {
+            self.events.push_back(Event::StreamClosed { sid, graceful });
+        }
+    }
+
+    fn end_stream(&mut self, sid: u16, reason: EndReason) {
+        self.originate(sid, &RelayMsg::End(End::new(reason)));
+        self.remove_stream(sid, false);
+    }
+
+    /// Encrypt `msg` as a new backward cell and queue it. `None` if the circuit is closed (or
+    /// just closed because the crypto failed).
+    fn encrypt_backward(&mut self, msg: &[u8]) -> Option<Tag> {
+        if self.is_closed() {
+            return None;
+        }
+        let mut cell = Cell::new_zeroed(0, CellCmd::RELAY);
+        match self
+            .crypto
+            .encrypt_backward(CellCmd::RELAY.0, msg, &mut cell.body)
+        {
+            Ok(tag) => {
+                self.transmit.push_back((Side::Prev, cell));
+                self.originated += 1;
+                Some(tag)
+            }
+            Err(e) => {
+                self.close(CircError::BackwardCrypto(e), None);
+                None
+            }
+        }
+    }
+
+    /// Originate a control message towards the client.
+    fn originate(&mut self, sid: u16, msg: &RelayMsg) {
+        let mut buf = [0u8; RELAY_MSG_LEN];
+        match msg.encode(sid, &mut buf) {
+            Ok(n) => {
+                let m = buf.get(..n).unwrap_or(&[]);
+                let _ = self.encrypt_backward(m);
+            }
+            Err(_) => self.close(CircError::Local, None),
+        }
+    }
+
+    fn fail_on_err(
+        &mut self,
+        r: Result<(), CircError>,
+        from: Option<Side>,
+    ) -> Result<(), CircError> {
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // The DESTROY goes both ways: the side that misbehaved learns nothing more.
+                let _ = from;
+                let copy = describe(&e);
+                self.close(e, None);
+                Err(copy)
+            }
+        }
+    }
+
+    /// Destroy: DESTROY on every side other than `from` (whose DESTROY or link failure this
+    /// is), drop the streams, emit [`Event::Destroyed`].
+    fn close(&mut self, error: CircError, from: Option<Side>) {
+        if self.is_closed() {
+            return;
+        }
+        let reason = error.wire_reason();
+        let had_next = matches!(self.next, Next::Extending { .. } | Next::Open);
+        // What was queued is still sent (it precedes the DESTROY on each link).
+        if from != Some(Side::Prev) {
+            self.transmit.push_back((Side::Prev, destroy_cell(reason)));
+        }
+        if had_next && from != Some(Side::Next) {
+            self.transmit.push_back((Side::Next, destroy_cell(reason)));
+        }
+        self.next = Next::Closed(reason);
+        self.streams.clear();
+        self.close_error = Some(error);
+        self.events.push_back(Event::Destroyed { reason });
+    }
+}
+
+/// A DESTROY cell with circuit id 0 (the driver writes the id).
+fn destroy_cell(reason: DestroyReason) -> Cell {
+    let mut c = Cell::new_zeroed(0, CellCmd::DESTROY);
+    Destroy { reason }.encode(&mut c.body);
+    c
+}
+
+/// A second value describing the same error, for the caller of `handle_cell` (the original is
+/// kept in the core; crypto and codec errors are not `Clone`).
+fn describe(e: &CircError) -> CircError {
+    match e {
+        CircError::BadTag(_) => CircError::BadTag(allium_crypto::CryptoError::CellAuthFailed),
+        CircError::BackwardCrypto(_) => {
+            CircError::BackwardCrypto(allium_crypto::CryptoError::CellAuthFailed)
+        }
+        CircError::RelayEarlyBudget { max } => CircError::RelayEarlyBudget { max: *max },
+        CircError::BackwardRelayEarly => CircError::BackwardRelayEarly,
+        CircError::Malformed(p) => CircError::Malformed(p.clone()),
+        CircError::StreamIdRule { cmd, sid } => CircError::StreamIdRule {
+            cmd: *cmd,
+            sid: *sid,
+        },
+        CircError::Unexpected { what } => CircError::Unexpected { what },
+        CircError::Window(p) => CircError::Window(p.clone()),
+        CircError::NoNextHop => CircError::NoNextHop,
+        CircError::QueueOverflow { cap } => CircError::QueueOverflow { cap: *cap },
+        CircError::Blocked { secs } => CircError::Blocked { secs: *secs },
+        CircError::DestroyReceived { reason } => CircError::DestroyReceived { reason: *reason },
+        CircError::LinkClosed => CircError::LinkClosed,
+        CircError::Local => CircError::Local,
+    }
+}

@@ -1,0 +1,56 @@
+//! The sans-IO CREATE answerer: runs the onion handshake and builds a [`CircuitCore`].
+
+use allium_crypto::handshake::relay_respond;
+use allium_crypto::relaycell::RelayHopCrypto;
+use allium_crypto::{CryptoError, RelayId, X25519Secret};
+use allium_proto::ProtoError;
+use allium_proto::cell::{Create, Created, DestroyReason, HTYPE_NTOR3};
+
+use super::{CircuitCore, CoreConfig};
+
+/// Why a CREATE was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CreateError {
+    /// The CREATE body does not parse.
+    #[error("malformed CREATE")]
+    Malformed(#[source] ProtoError),
+    /// A handshake type this relay does not speak.
+    #[error("unsupported handshake type {0}")]
+    UnsupportedHtype(u16),
+    /// The handshake failed (wrong identity or onion key, bad MAC).
+    #[error("onion handshake failed")]
+    Handshake(#[source] CryptoError),
+}
+
+impl CreateError {
+    /// The reason for the DESTROY that answers the CREATE.
+    pub fn wire_reason(&self) -> DestroyReason {
+        match self {
+            Self::Malformed(_) | Self::UnsupportedHtype(_) => DestroyReason::PROTOCOL,
+            // No detail about keys goes to the peer.
+            Self::Handshake(_) => DestroyReason::NONE,
+        }
+    }
+}
+
+/// Answer a CREATE cell body: run the handshake with this relay's identity and onion keys
+/// (current first, then the previous one) and return the new circuit and the CREATED to send.
+/// This is the public-key work; the driver runs it off the link readers.
+pub fn answer_create(
+    body: &[u8],
+    own_id: &RelayId,
+    onion_keys: &[&X25519Secret],
+    cfg: CoreConfig,
+) -> Result<(CircuitCore, Created), CreateError> {
+    let create = Create::decode(body).map_err(CreateError::Malformed)?;
+    if create.htype != HTYPE_NTOR3 {
+        return Err(CreateError::UnsupportedHtype(create.htype));
+    }
+    // CM is a TLV list; no types are defined yet, so it is ignored. SM is empty.
+    let (hop, reply) = relay_respond(own_id, onion_keys, &create.hdata, |_cm| Vec::new())
+        .map_err(CreateError::Handshake)?;
+    let core = CircuitCore::new(cfg, RelayHopCrypto::new(&hop));
+    drop(hop);
+    Ok((core, Created { hdata: reply }))
+}
