@@ -64,7 +64,7 @@ async fn start_net(n_relays: usize, n_exits: usize) -> Net {
         cfg.authorities = infos
             .iter()
             .map(|a| allium_relay::AuthorityConfig {
-                identity: a.identity.to_hex(),
+                identity: a.identity,
                 dir_addr: a.dir_addr,
             })
             .collect();

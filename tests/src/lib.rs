@@ -99,7 +99,7 @@ fn relay_config(
     cfg.authorities = auths
         .iter()
         .map(|a| allium_relay::AuthorityConfig {
-            identity: a.identity.to_hex(),
+            identity: a.identity,
             dir_addr: a.dir_addr,
         })
         .collect();

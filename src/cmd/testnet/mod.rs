@@ -255,11 +255,13 @@ async fn start_and_serve(
 
     let relay_auths: Vec<allium_relay::AuthorityConfig> = auth_list
         .iter()
-        .map(|(id, a)| allium_relay::AuthorityConfig {
-            identity: id.clone(),
-            dir_addr: *a,
+        .map(|(id, a)| -> Result<_, String> {
+            Ok(allium_relay::AuthorityConfig {
+                identity: allium_crypto::RelayId::from_hex(id).map_err(|e| e.to_string())?,
+                dir_addr: *a,
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>, String>>()?;
     for i in 0..args.relays {
         let exit = i < args.exits;
         let name = format!("relay{i}");
