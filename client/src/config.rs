@@ -7,63 +7,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use allium_crypto::RelayId;
 use allium_directory::client::AuthorityInfo;
 use serde::{Deserialize, Serialize};
 
 use crate::err::ClientError;
-
-/// Parse an authority identity (64 hex digits).
-fn parse_identity(hex: &str) -> Result<RelayId, ClientError> {
-    RelayId::from_hex(hex).map_err(|_| {
-        ClientError::Config(format!(
-            "authority identity {hex:?} is not 64 hex digits; copy it from the authority's `allium keygen` output"
-        ))
-    })
-}
-
-/// `[[authorities]]` entries in TOML: `identity` (64 hex digits) and `dir_addr` (`ip:port`;
-/// `address` is accepted too), read into [`AuthorityInfo`].
-mod authorities_serde {
-    use std::net::SocketAddr;
-
-    use allium_directory::client::AuthorityInfo;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    #[derive(Serialize, Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Entry {
-        identity: String,
-        #[serde(alias = "address")]
-        dir_addr: SocketAddr,
-    }
-
-    pub(super) fn serialize<S: Serializer>(v: &[AuthorityInfo], s: S) -> Result<S::Ok, S::Error> {
-        let entries: Vec<Entry> = v
-            .iter()
-            .map(|a| Entry {
-                identity: a.identity.to_hex(),
-                dir_addr: a.dir_addr,
-            })
-            .collect();
-        entries.serialize(s)
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Vec<AuthorityInfo>, D::Error> {
-        Vec::<Entry>::deserialize(d)?
-            .into_iter()
-            .map(|e| {
-                Ok(AuthorityInfo {
-                    identity: super::parse_identity(&e.identity)
-                        .map_err(serde::de::Error::custom)?,
-                    dir_addr: e.dir_addr,
-                })
-            })
-            .collect()
-    }
-}
 
 /// Configuration of `allium proxy` and of [`crate::start`].
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -73,8 +20,8 @@ pub struct ProxyConfig {
     pub socks_listen: SocketAddr,
     /// Directory for the guard state file and the consensus cache.
     pub data_dir: PathBuf,
-    /// The directory authorities (at least one): identity and HTTP address of each.
-    #[serde(with = "authorities_serde")]
+    /// The directory authorities (at least one): identity and HTTP address of each
+    /// (`[[authorities]]`: `identity`, `dir_addr`; `address` is accepted for `dir_addr`).
     pub authorities: Vec<AuthorityInfo>,
     /// A local test network: relaxes the family and same-/16 path rules (all relays share 127.0.0.0/16).
     pub test_network: bool,

@@ -59,13 +59,28 @@ pub enum DirError {
     /// A descriptor is not newer than the one already held.
     #[error("descriptor not newer than the one held")]
     NotNewer,
-    /// A network operation failed.
+    /// A network operation failed in the operating system (connect, bind, read, write).
+    #[error("{what}: {source}")]
+    NetIo {
+        /// What we were doing.
+        what: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A peer broke the HTTP exchange (a response we cannot read).
     #[error("{what}: {why}")]
     Net {
         /// What we were doing.
         what: String,
         /// What went wrong.
-        why: String,
+        why: &'static str,
+    },
+    /// A network operation did not finish in time.
+    #[error("{what}: timed out")]
+    Timeout {
+        /// What we were doing.
+        what: String,
     },
     /// An HTTP peer answered with an error status.
     #[error("{what}: HTTP {status}: {reason}")]
@@ -81,11 +96,28 @@ pub enum DirError {
     #[error("no acceptable consensus from any authority (last error: {last})")]
     NoConsensus {
         /// The last error seen.
+        #[source]
         last: Box<Self>,
     },
-    /// A configuration file is wrong.
+    /// A configuration value is wrong (the message names the key and what to do).
     #[error("configuration: {0}")]
     Config(String),
+    /// A configuration text does not parse as TOML of the expected shape.
+    #[error("configuration: {source}")]
+    ConfigParse {
+        /// The TOML error (it names the line and key).
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A configuration file is wrong: which file, and why.
+    #[error("{path}: {source}")]
+    ConfigFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong in it.
+        #[source]
+        source: Box<Self>,
+    },
     /// A key file or key operation failed.
     #[error(transparent)]
     Crypto(#[from] allium_crypto::CryptoError),
@@ -110,10 +142,16 @@ impl DirError {
             source,
         }
     }
-    pub(crate) fn net(what: impl Into<String>, why: impl std::fmt::Display) -> Self {
+    pub(crate) fn net(what: impl Into<String>, why: &'static str) -> Self {
         Self::Net {
             what: what.into(),
-            why: why.to_string(),
+            why,
+        }
+    }
+    pub(crate) fn net_io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::NetIo {
+            what: what.into(),
+            source,
         }
     }
     pub(crate) fn invalid(object: &'static str, why: impl Into<String>) -> Self {

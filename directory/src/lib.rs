@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
+pub mod addr;
+pub mod authinfo;
 pub mod authority;
 pub mod client;
 pub mod doc;
@@ -8,7 +10,8 @@ pub mod err;
 pub mod netdir;
 pub mod paths;
 
-pub use client::{AuthorityInfo, ConsensusCache, fetch_consensus, upload_descriptor};
+pub use authinfo::AuthorityInfo;
+pub use client::{ConsensusCache, fetch_consensus, upload_descriptor};
 pub use err::{DirError, Result};
 pub use netdir::NetDir;
 

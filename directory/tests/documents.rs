@@ -424,4 +424,50 @@ fn example_config_loads() {
     )
     .expect_err("unknown key");
     assert!(err.to_string().contains("bogus"), "{err}");
+    assert!(
+        matches!(err, allium_directory::DirError::ConfigParse { .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn config_file_errors_name_the_file_and_keep_their_cause() {
+    let d = tempfile::tempdir().expect("tmp");
+    let path = d.path().join("authority.toml");
+    // Parses, but lists no authority: a validation error, wrapped with the file name.
+    std::fs::write(
+        &path,
+        "data_dir = \"/x\"\nlisten = \"127.0.0.1:1\"\nauthorities = []\n",
+    )
+    .expect("write");
+    let err = allium_directory::authority::AuthorityConfig::load(&path).expect_err("invalid");
+    let text = err.to_string();
+    assert!(text.contains("authority.toml"), "{text}");
+    assert!(text.contains("[[authorities]]"), "{text}");
+    let cause = std::error::Error::source(&err).expect("the cause is kept");
+    assert!(cause.to_string().contains("[[authorities]]"), "{cause}");
+    // An identity that is not hex: the TOML error, wrapped with the file name.
+    std::fs::write(
+        &path,
+        "data_dir = \"/x\"\nlisten = \"127.0.0.1:1\"\n[[authorities]]\n\
+         identity = \"xyz\"\ndir_addr = \"127.0.0.1:2\"\n",
+    )
+    .expect("write");
+    let err = allium_directory::authority::AuthorityConfig::load(&path).expect_err("bad id");
+    assert!(err.to_string().contains("64 hex digits"), "{err}");
+    match &err {
+        allium_directory::DirError::ConfigFile { source, .. } => assert!(
+            matches!(**source, allium_directory::DirError::ConfigParse { .. }),
+            "{err:?}"
+        ),
+        other => panic!("not a file error: {other:?}"),
+    }
+    // The TOML error itself is reachable through the source chain.
+    let mut cause = std::error::Error::source(&err);
+    let mut found = false;
+    while let Some(c) = cause {
+        found |= c.downcast_ref::<toml::de::Error>().is_some();
+        cause = c.source();
+    }
+    assert!(found, "{err:?}");
 }

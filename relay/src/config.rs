@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use allium_crypto::RelayId;
+use allium_directory::AuthorityInfo;
 use serde::{Deserialize, Serialize};
 
 use crate::err::RelayError;
@@ -18,15 +19,10 @@ pub const DEFAULT_PUBLISH_INTERVAL_SECS: u64 = 3600;
 /// Default onion-key lifetime (design §2: rotate every 7 days, accept the previous key 7 more days).
 pub const DEFAULT_ONION_KEY_ROTATION_SECS: u64 = 7 * 24 * 3600;
 
-/// One directory authority the relay publishes to and fetches the consensus from.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthorityConfig {
-    /// The authority's Ed25519 identity, 64 hex digits.
-    pub identity: String,
-    /// The authority's directory (HTTP) address.
-    pub dir_addr: SocketAddr,
-}
+/// One directory authority the relay publishes to and fetches the consensus from: the shared
+/// [`AuthorityInfo`] (identity and directory address). The name is kept for the callers that
+/// build relay configurations.
+pub type AuthorityConfig = AuthorityInfo;
 
 /// The relay's configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -57,9 +53,9 @@ pub struct RelayConfig {
     /// Identities (64 hex digits) of the other relays run by the same operator.
     #[serde(default)]
     pub family: Vec<String>,
-    /// Directory authorities.
+    /// Directory authorities (`[[authorities]]`: `identity`, `dir_addr`).
     #[serde(default)]
-    pub authorities: Vec<AuthorityConfig>,
+    pub authorities: Vec<AuthorityInfo>,
     /// Log filter used by the `allium relay` binary (e.g. `info`, `allium_relay=debug`).
     #[serde(default = "default_log_level")]
     pub log_level: String,
@@ -167,7 +163,6 @@ impl RelayConfig {
             ));
         }
         self.family_ids()?;
-        self.authority_ids()?;
         self.exit_policy.validate()?;
         if self.descriptor_publish_interval_secs == 0 {
             return Err(bad(
@@ -203,21 +198,6 @@ impl RelayConfig {
                     key: "family",
                     why: format!("`{h}` is not a relay identity (64 hex digits)"),
                 })
-            })
-            .collect()
-    }
-
-    /// The authorities' identities and addresses, parsed.
-    pub fn authority_ids(&self) -> Result<Vec<(RelayId, SocketAddr)>, RelayError> {
-        self.authorities
-            .iter()
-            .map(|a| {
-                RelayId::from_hex(&a.identity)
-                    .map(|id| (id, a.dir_addr))
-                    .map_err(|_| RelayError::ConfigInvalid {
-                        key: "authorities.identity",
-                        why: format!("`{}` is not an identity (64 hex digits)", a.identity),
-                    })
             })
             .collect()
     }
@@ -289,6 +269,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(s.contains("family"), "{s}");
+
+        let text = "nickname = \"r\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"/x\"\n\
+                    [[authorities]]\nidentity = \"zz\"\ndir_addr = \"127.0.0.1:1\"\n";
+        let s = RelayConfig::from_toml_str(text, Path::new("my.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(s.contains("authorit") && s.contains("64 hex digits"), "{s}");
 
         let text = "nickname = \"r\"\nlisten = \"nope\"\ndata_dir = \"/x\"\n";
         let s = RelayConfig::from_toml_str(text, Path::new("my.toml"))

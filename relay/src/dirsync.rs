@@ -49,12 +49,7 @@ pub(crate) struct DirState {
 }
 
 pub(crate) fn authorities(ctx: &Ctx) -> Vec<AuthorityInfo> {
-    ctx.cfg
-        .authority_ids()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(identity, dir_addr)| AuthorityInfo { identity, dir_addr })
-        .collect()
+    ctx.cfg.authorities.clone()
 }
 
 /// The descriptor's view of the exit policy.

@@ -11,7 +11,7 @@
 //! let mut cfg = RelayConfig::for_test("MyExit", "/tmp/allium-relay-data");
 //! cfg.exit_policy = ExitPolicy::accept_all(true); // a test network's exit
 //! cfg.authorities = vec![AuthorityConfig {
-//!     identity: "22".repeat(32),
+//!     identity: allium_crypto::RelayId([0x22; 32]),
 //!     dir_addr: "127.0.0.1:7000".parse().expect("address"),
 //! }];
 //! let relay = allium_relay::start(cfg).await?;

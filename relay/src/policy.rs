@@ -3,11 +3,13 @@
 //! Semantics (docs/protocol/91-relay.md):
 //! - `accept` lists port ranges; a relay with no ranges is not an exit and refuses every BEGIN.
 //! - Every address a host name resolves to is checked; the connection is made only to allowed ones.
-//! - Unspecified, multicast, broadcast and reserved addresses are always refused. Private (RFC 1918,
-//!   ULA), loopback, link-local and shared (100.64/10) addresses are refused unless `allow_private`
-//!   is set, which only a test network should do.
+//! - Addresses are classified by the one classifier the authority uses too,
+//!   [`allium_directory::addr::classify`]: [`AddrClass::Reserved`] (unspecified, 0/8, multicast,
+//!   broadcast, 240/4, documentation ranges) is always refused; [`AddrClass::Internal`] (RFC 1918,
+//!   unique-local, loopback, link-local, shared 100.64/10) is refused unless `allow_private` is
+//!   set, which only a test network should do; IPv4 inside IPv6 is judged by its IPv4 address.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -108,80 +110,15 @@ impl ExitPolicy {
 
     /// Whether `addr` is an allowed destination (ignoring ports).
     pub fn check_addr(&self, addr: IpAddr) -> Result<(), Refusal> {
-        match classify(addr) {
-            AddrClass::Public => Ok(()),
-            AddrClass::Private if self.allow_private => Ok(()),
-            _ => Err(Refusal::Address),
-        }
-    }
-}
-
-/// Kinds of destination address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AddrClass {
-    /// Globally routable.
-    Public,
-    /// Private, loopback, link-local, shared address space: allowed only with `allow_private`.
-    Private,
-    /// Unspecified, multicast, broadcast, reserved: never allowed.
-    Never,
-}
-
-/// Classify an address.
-pub fn classify(addr: IpAddr) -> AddrClass {
-    match addr {
-        IpAddr::V4(a) => classify_v4(a),
-        IpAddr::V6(a) => classify_v6(a),
-    }
-}
-
-fn classify_v4(a: Ipv4Addr) -> AddrClass {
-    let o = a.octets();
-    if a.is_unspecified() || o[0] == 0 || a.is_multicast() || a.is_broadcast() || o[0] >= 240 {
-        AddrClass::Never
-    } else if a.is_private()
-        || a.is_loopback()
-        || a.is_link_local()
-        || (o[0] == 100 && (o[1] & 0xc0) == 64)
-    {
-        AddrClass::Private
-    } else {
-        AddrClass::Public
-    }
-}
-
-fn classify_v6(a: Ipv6Addr) -> AddrClass {
-    if let Some(v4) = a.to_ipv4_mapped() {
-        return classify_v4(v4);
-    }
-    let s = a.segments();
-    if a.is_unspecified() || a.is_multicast() {
-        AddrClass::Never
-    } else if s[0..6] == [0; 6] {
-        // ::/96 (IPv4-compatible, deprecated) and ::1: treat by the embedded IPv4 address, except
-        // that ::1 is loopback.
-        if a.is_loopback() {
-            AddrClass::Private
+        if allium_directory::addr::is_allowed(addr, self.allow_private) {
+            Ok(())
         } else {
-            AddrClass::Never
+            Err(Refusal::Address)
         }
-    } else if a.is_loopback() || (s[0] & 0xfe00) == 0xfc00 || (s[0] & 0xffc0) == 0xfe80 {
-        AddrClass::Private
-    } else if (s[0] & 0xffc0) == 0xfec0 {
-        // Deprecated site-local.
-        AddrClass::Private
-    } else if s[0] == 0x2002 {
-        // 6to4: judge the embedded IPv4 address.
-        let v4 = Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8);
-        classify_v4(v4)
-    } else if s[0] == 0x0064 && s[1] == 0xff9b {
-        // NAT64 well-known prefix: judge the embedded IPv4 address.
-        let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-        classify_v4(v4)
-    } else {
-        AddrClass::Public
     }
 }
+
+pub use allium_directory::addr::{AddrClass, classify};
 
 #[cfg(test)]
 mod tests {
@@ -219,43 +156,6 @@ mod tests {
     }
 
     #[test]
-    fn address_classes() {
-        for a in ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "100.128.0.1"] {
-            assert_eq!(classify(ip(a)), AddrClass::Public, "{a}");
-        }
-        for a in [
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "127.0.0.1",
-            "169.254.1.1",
-            "100.64.0.1",
-            "::1",
-            "fe80::1",
-            "fd00::1",
-            "::ffff:127.0.0.1",
-            "::ffff:192.168.0.1",
-            "2002:c0a8:0101::1",
-            "64:ff9b::7f00:1",
-        ] {
-            assert_eq!(classify(ip(a)), AddrClass::Private, "{a}");
-        }
-        for a in [
-            "0.0.0.0",
-            "0.1.2.3",
-            "224.0.0.1",
-            "255.255.255.255",
-            "240.0.0.1",
-            "::",
-            "ff02::1",
-            "::ffff:0.0.0.0",
-            "::7f00:1",
-        ] {
-            assert_eq!(classify(ip(a)), AddrClass::Never, "{a}");
-        }
-    }
-
-    #[test]
     fn check_honours_allow_private() {
         let strict = ExitPolicy::accept_all(false);
         let test = ExitPolicy::accept_all(true);
@@ -263,6 +163,17 @@ mod tests {
         assert_eq!(test.check(ip("127.0.0.1"), 80), Ok(()));
         assert_eq!(test.check(ip("0.0.0.0"), 80), Err(Refusal::Address));
         assert_eq!(test.check(ip("224.0.0.1"), 80), Err(Refusal::Address));
+        assert_eq!(test.check(ip("192.0.2.1"), 80), Err(Refusal::Address));
+        assert_eq!(
+            strict.check(ip("::ffff:10.0.0.1"), 80),
+            Err(Refusal::Address)
+        );
+        assert_eq!(test.check(ip("::ffff:10.0.0.1"), 80), Ok(()));
+        assert_eq!(
+            strict.check(ip("64:ff9b::7f00:1"), 80),
+            Err(Refusal::Address)
+        );
+        assert_eq!(strict.check(ip("2001:4860:4860::8888"), 80), Ok(()));
         assert_eq!(strict.check(ip("8.8.8.8"), 53), Ok(()));
         let web = ExitPolicy {
             accept: vec!["80".into(), "443".into()],

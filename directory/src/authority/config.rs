@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use allium_crypto::RelayId;
 use serde::{Deserialize, Deserializer};
 
-use crate::client::AuthorityInfo;
+use crate::authinfo::AuthorityInfo;
 use crate::err::{DirError, Result};
 
 /// Thresholds for flag assignment (docs/protocol/80-directory.md, "Flags").
@@ -41,27 +41,11 @@ impl Default for FlagThresholds {
     }
 }
 
-fn de_hex_id<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<RelayId, D::Error> {
-    let s = String::deserialize(d)?;
-    RelayId::from_hex(&s).map_err(serde::de::Error::custom)
-}
-
 fn de_hex_ids<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<RelayId>, D::Error> {
     let v = Vec::<String>::deserialize(d)?;
     v.iter()
         .map(|s| RelayId::from_hex(s).map_err(serde::de::Error::custom))
         .collect()
-}
-
-/// One configured authority, as written in TOML.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthorityEntry {
-    /// Identity, 64 hex digits.
-    #[serde(deserialize_with = "de_hex_id")]
-    pub identity: RelayId,
-    /// HTTP address.
-    pub dir_addr: SocketAddr,
 }
 
 fn default_interval() -> u64 {
@@ -84,7 +68,7 @@ pub struct AuthorityConfig {
     /// HTTP listen address.
     pub listen: SocketAddr,
     /// Every authority of the network, this one included.
-    pub authorities: Vec<AuthorityEntry>,
+    pub authorities: Vec<AuthorityInfo>,
     /// Seconds between consensus periods (default 3600; test networks use a few seconds).
     #[serde(default = "default_interval")]
     pub voting_interval_secs: u64,
@@ -114,13 +98,7 @@ impl AuthorityConfig {
         Self {
             data_dir,
             listen,
-            authorities: authorities
-                .into_iter()
-                .map(|a| AuthorityEntry {
-                    identity: a.identity,
-                    dir_addr: a.dir_addr,
-                })
-                .collect(),
+            authorities,
             voting_interval_secs: default_interval(),
             allow_private_addresses: false,
             flags: FlagThresholds::default(),
@@ -147,7 +125,7 @@ impl AuthorityConfig {
 
     /// Parse TOML text and validate.
     pub fn from_toml(text: &str) -> Result<Self> {
-        let c: Self = toml::from_str(text).map_err(|e| DirError::Config(e.to_string()))?;
+        let c: Self = toml::from_str(text).map_err(|source| DirError::ConfigParse { source })?;
         c.validate()?;
         Ok(c)
     }
@@ -155,7 +133,10 @@ impl AuthorityConfig {
     /// Read and parse a file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| DirError::io(path, e))?;
-        Self::from_toml(&text).map_err(|e| DirError::Config(format!("{}: {e}", path.display())))
+        Self::from_toml(&text).map_err(|e| DirError::ConfigFile {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
     }
 
     /// Check the values.
@@ -187,17 +168,6 @@ impl AuthorityConfig {
             ));
         }
         Ok(())
-    }
-
-    /// The configured authorities as [`AuthorityInfo`].
-    pub fn authority_infos(&self) -> Vec<AuthorityInfo> {
-        self.authorities
-            .iter()
-            .map(|a| AuthorityInfo {
-                identity: a.identity,
-                dir_addr: a.dir_addr,
-            })
-            .collect()
     }
 
     /// The configured identities.

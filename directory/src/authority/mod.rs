@@ -10,7 +10,11 @@
 pub mod compute;
 pub mod config;
 pub mod keys;
+mod probe;
 pub mod reach;
+mod round;
+mod schedule;
+mod serve;
 mod server;
 mod state;
 pub mod store;
@@ -28,7 +32,7 @@ pub use config::{AuthorityConfig, FlagThresholds};
 pub use keys::AuthorityKeys;
 pub use reach::{FakeReachability, LinkReachability, Reachability, TcpReachability};
 
-use crate::client::AuthorityInfo;
+use crate::authinfo::AuthorityInfo;
 use crate::doc::{Consensus, Signed};
 use crate::err::{DirError, Result};
 use state::Inner;
@@ -91,11 +95,11 @@ pub async fn start_with(config: AuthorityConfig, opts: StartOptions) -> Result<A
         Some(l) => l,
         None => TcpListener::bind(config.listen)
             .await
-            .map_err(|e| DirError::net(format!("binding {}", config.listen), e))?,
+            .map_err(|e| DirError::net_io(format!("binding {}", config.listen), e))?,
     };
     let addr = listener
         .local_addr()
-        .map_err(|e| DirError::net("local address", e))?;
+        .map_err(|e| DirError::net_io("local address", e))?;
     let inner = Arc::new(Inner::new(config, keys, opts.reachability)?);
     let (tx, rx) = watch::channel(false);
     let mut tasks = vec![tokio::spawn(server::serve(
@@ -104,7 +108,7 @@ pub async fn start_with(config: AuthorityConfig, opts: StartOptions) -> Result<A
         rx.clone(),
     ))];
     if opts.schedule {
-        tasks.push(tokio::spawn(state::schedule_loop(inner.clone(), rx)));
+        tasks.push(tokio::spawn(schedule::schedule_loop(inner.clone(), rx)));
     }
     tracing::info!(%addr, identity = %me, "directory authority started");
     Ok(AuthorityHandle {

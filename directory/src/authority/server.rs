@@ -18,7 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use super::state::{Inner, MAX_DETACHED_LEN};
+use super::round::MAX_DETACHED_LEN;
+use super::state::Inner;
 use crate::doc::consensus::MAX_CONSENSUS_LEN;
 use crate::doc::descriptor::MAX_DESC_LEN;
 use crate::err::DirError;

@@ -58,7 +58,7 @@ pub async fn request(
         request_inner(addr, method, path, body, max_body, &what),
     )
     .await
-    .map_err(|_| DirError::net(what.clone(), "timed out"))?
+    .map_err(|_| DirError::Timeout { what: what.clone() })?
 }
 
 async fn request_inner(
@@ -71,7 +71,7 @@ async fn request_inner(
 ) -> Result<Response> {
     let mut s = TcpStream::connect(addr)
         .await
-        .map_err(|e| DirError::net(what, e))?;
+        .map_err(|e| DirError::net_io(what, e))?;
     let _ = s.set_nodelay(true);
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nUser-Agent: allium\r\n"
@@ -85,11 +85,13 @@ async fn request_inner(
     req.push_str("\r\n");
     s.write_all(req.as_bytes())
         .await
-        .map_err(|e| DirError::net(what, e))?;
+        .map_err(|e| DirError::net_io(what, e))?;
     if let Some(b) = body {
-        s.write_all(b).await.map_err(|e| DirError::net(what, e))?;
+        s.write_all(b)
+            .await
+            .map_err(|e| DirError::net_io(what, e))?;
     }
-    s.flush().await.map_err(|e| DirError::net(what, e))?;
+    s.flush().await.map_err(|e| DirError::net_io(what, e))?;
 
     let cap = max_body.saturating_add(MAX_HEADER);
     let mut buf: Vec<u8> = Vec::with_capacity(8192.min(cap));
@@ -106,7 +108,7 @@ async fn request_inner(
         let n = s
             .read(&mut chunk)
             .await
-            .map_err(|e| DirError::net(what, e))?;
+            .map_err(|e| DirError::net_io(what, e))?;
         if n == 0 {
             break;
         }

@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use allium_crypto::RelayId;
-use serde::{Deserialize, Serialize};
 
 use crate::doc::consensus::MAX_CONSENSUS_LEN;
 use crate::doc::descriptor::MAX_DESC_LEN;
@@ -22,14 +21,7 @@ use crate::paths;
 
 pub use cache::{ConsensusCache, FetchRole};
 
-/// A directory authority as clients and relays ship it: identity and HTTP address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct AuthorityInfo {
-    /// The authority's offline identity key.
-    pub identity: RelayId,
-    /// Its HTTP directory address.
-    pub dir_addr: SocketAddr,
-}
+pub use crate::authinfo::AuthorityInfo;
 
 /// Most certificates in a `/allium/v1/certs` reply.
 pub const MAX_CERTS: usize = 32;

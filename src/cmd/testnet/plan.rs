@@ -155,13 +155,8 @@ impl NetworkBuilder {
             });
         }
         let infos: Vec<AuthorityInfo> = authorities.iter().map(PlannedAuthority::info).collect();
-        let relay_auths: Vec<allium_relay::AuthorityConfig> = infos
-            .iter()
-            .map(|a| allium_relay::AuthorityConfig {
-                identity: a.identity.to_hex(),
-                dir_addr: a.dir_addr,
-            })
-            .collect();
+        // One authority entry type for every role's configuration.
+        let relay_auths = infos.clone();
         let mut relays = Vec::new();
         for i in 0..self.relays {
             let exit = i < self.exits;

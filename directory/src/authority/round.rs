@@ -1,0 +1,456 @@
+//! One voting round on the authority state: accept and push votes, compute and sign the
+//! consensus, collect detached signatures, publish once more than half of the authorities signed.
+//! The vote itself is built in `vote`, the consensus computed in `compute`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::compute::compute_consensus;
+use super::state::{Inner, insert_cert, published};
+use super::vote::build_vote;
+use crate::client::http;
+use crate::doc::consensus::{MAX_CONSENSUS_LEN, valid_signers};
+use crate::doc::signed::{decode_canonical, encode};
+use crate::doc::{AuthCert, Consensus, SigEntry, Signed, VerifiedVote, Vote};
+use crate::err::{DirError, Result};
+use crate::{now_unix, paths};
+
+/// Timeout of one authority-to-authority request.
+const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A detached consensus signature, as POSTed to `/allium/v1/signature`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DetachedSignature {
+    /// Format version (1).
+    pub version: u16,
+    /// The consensus period.
+    pub valid_after: u64,
+    /// SHA-256 of the consensus body signed.
+    pub digest: [u8; 32],
+    /// The signature (by a signing key).
+    pub sig: SigEntry,
+}
+
+/// Cap on a detached signature message.
+pub(crate) const MAX_DETACHED_LEN: usize = 256;
+
+impl Inner {
+    /// Make sure we hold a valid certificate of every configured authority, fetching missing
+    /// ones from the authorities themselves.
+    pub(super) async fn refresh_certs(&self, now: u64) {
+        let missing: Vec<_> = {
+            let st = self.lock();
+            self.peers()
+                .into_iter()
+                .filter(|(id, _)| !st.certs.get(id).is_some_and(|c| c.is_valid_at(now)))
+                .collect()
+        };
+        for (id, addr) in missing {
+            let r = async {
+                let b = http::request(addr, "GET", paths::CERT, None, 4096, PEER_TIMEOUT)
+                    .await?
+                    .into_ok("fetching a certificate")?;
+                Signed::<AuthCert>::from_bytes(&b)?.verify()
+            }
+            .await;
+            match r {
+                Ok(c) if c.identity() == id && c.is_valid_at(now) => {
+                    let _ = self.store.save_cert(&c);
+                    insert_cert(&mut self.lock().certs, c);
+                }
+                Ok(_) => tracing::warn!(authority = %id, "authority served a wrong certificate"),
+                Err(e) => tracing::debug!(authority = %id, error = %e, "certificate fetch failed"),
+            }
+        }
+    }
+
+    /// Verify and store a vote (from a POST, a fetch, or our own).
+    pub(crate) fn accept_vote(&self, bytes: &[u8], now: u64) -> Result<u64> {
+        let signed = Signed::<Vote>::from_bytes(bytes)?;
+        let certs = self.valid_certs(now);
+        let cert = signed
+            .sigs()
+            .iter()
+            .find_map(|s| certs.iter().find(|c| c.signing_key() == s.signer))
+            .ok_or(DirError::BadSignature {
+                object: "vote",
+                why: "not signed by a known authority signing key",
+            })?;
+        let v = signed.verify(cert, now)?;
+        let va = v.vote().valid_after;
+        let interval = self.cfg.voting_interval_secs;
+        if va > now.saturating_add(2 * interval) || va.saturating_add(2 * interval) < now {
+            return Err(DirError::invalid("vote", "for a period too far from now"));
+        }
+        let auth = v.vote().authority;
+        let mut st = self.lock();
+        let m = st.votes.entry(va).or_default();
+        if let Some(old) = m.get(&auth) {
+            if old.signed().body() == v.signed().body() {
+                return Ok(va);
+            }
+            return Err(DirError::invalid(
+                "vote",
+                "conflicting vote for this period already held",
+            ));
+        }
+        m.insert(auth, Arc::new(v.clone()));
+        // Keep three periods.
+        while st.votes.len() > 3 {
+            st.votes.pop_first();
+        }
+        drop(st);
+        let _ = self.store.save_vote(&auth, v.signed());
+        Ok(va)
+    }
+
+    pub(crate) async fn vote_phase(&self, va: u64) -> Result<()> {
+        let now = now_unix();
+        let me = self.keys.identity();
+        let existing = self
+            .lock()
+            .votes
+            .get(&va)
+            .and_then(|m| m.get(&me))
+            .map(|v| v.signed().to_bytes());
+        if let Some(bytes) = existing {
+            // Already voted for this period (e.g. before a restart): never sign a second,
+            // different vote; push the one we have again.
+            self.push_vote(Arc::new(bytes)).await;
+            return Ok(());
+        }
+        self.prune_expired(now);
+        self.probe_all(now).await;
+        let vote = {
+            let st = self.lock();
+            build_vote(
+                &self.cfg,
+                self.keys.identity(),
+                &st.descs,
+                &st.history,
+                va,
+                now,
+            )
+        };
+        let signed = Signed::sign(&vote, &self.keys.signing)?;
+        let bytes = signed.to_bytes();
+        self.accept_vote(&bytes, now)?;
+        tracing::info!(valid_after = va, relays = vote.relays.len(), "voted");
+        self.push_vote(Arc::new(bytes)).await;
+        Ok(())
+    }
+
+    pub(super) async fn push_vote(&self, bytes: Arc<Vec<u8>>) {
+        let pushes = self.peers().into_iter().map(|(id, addr)| {
+            let b = bytes.clone();
+            async move {
+                let r = http::request(addr, "POST", paths::VOTE, Some(&b), 4096, PEER_TIMEOUT)
+                    .await
+                    .and_then(|r| r.into_ok("posting our vote"));
+                if let Err(e) = r {
+                    tracing::debug!(authority = %id, error = %e, "vote push failed");
+                }
+            }
+        });
+        futures::future::join_all(pushes).await;
+    }
+
+    pub(crate) async fn compute_phase(&self, va: u64) -> Result<()> {
+        let now = now_unix();
+        self.refresh_certs(now).await;
+        // Fetch votes we lack.
+        let missing: Vec<_> = {
+            let st = self.lock();
+            let have = st.votes.get(&va);
+            self.peers()
+                .into_iter()
+                .filter(|(id, _)| !have.is_some_and(|m| m.contains_key(id)))
+                .collect()
+        };
+        for (id, addr) in missing {
+            let r = async {
+                let b = http::request(
+                    addr,
+                    "GET",
+                    paths::VOTE_CURRENT,
+                    None,
+                    MAX_CONSENSUS_LEN,
+                    PEER_TIMEOUT,
+                )
+                .await?
+                .into_ok("fetching a vote")?;
+                self.accept_vote(&b, now)
+            }
+            .await;
+            if let Err(e) = r {
+                tracing::debug!(authority = %id, error = %e, "vote fetch failed");
+            }
+        }
+        let votes: Vec<Arc<VerifiedVote>> = {
+            let st = self.lock();
+            st.votes
+                .get(&va)
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default()
+        };
+        if !votes
+            .iter()
+            .any(|v| v.vote().authority == self.keys.identity())
+        {
+            return Err(DirError::invalid(
+                "consensus",
+                "no own vote for this period; run the vote phase first",
+            ));
+        }
+        if votes.len() * 2 <= self.ids.len() {
+            return Err(DirError::invalid(
+                "consensus",
+                format!(
+                    "only {} of {} authorities voted; need more than half",
+                    votes.len(),
+                    self.ids.len()
+                ),
+            ));
+        }
+        let refs: Vec<&Vote> = votes.iter().map(|v| v.vote()).collect();
+        let consensus = compute_consensus(&refs, self.ids.len(), va);
+        let body = encode(&consensus, "consensus")?;
+        let mut signed = Signed::<Consensus>::from_body_unsigned(body);
+        signed.add_own_signature(&self.keys.signing);
+        // Keep signatures already collected on an identical body.
+        {
+            let mut st = self.lock();
+            if let Some((pva, old)) = &st.pending
+                && *pva == va
+                && old.body() == signed.body()
+            {
+                for s in old.sigs() {
+                    signed.add_detached_signature(*s);
+                }
+            }
+            st.pending = Some((va, signed.clone()));
+        }
+        let _ = self.store.save_consensus(true, &signed);
+        tracing::info!(
+            valid_after = va,
+            relays = consensus.relays.len(),
+            voters = consensus.voters.len(),
+            "computed consensus"
+        );
+        let det = DetachedSignature {
+            version: 1,
+            valid_after: va,
+            digest: signed.digest(),
+            sig: SigEntry {
+                signer: self.keys.signing.public(),
+                sig: signed
+                    .sigs()
+                    .iter()
+                    .find(|s| s.signer == self.keys.signing.public())
+                    .map(|s| s.sig)
+                    .ok_or(DirError::Internal("own signature missing"))?,
+            },
+        };
+        let bytes = Arc::new(encode(&det, "detached signature")?);
+        let pushes = self.peers().into_iter().map(|(id, addr)| {
+            let b = bytes.clone();
+            async move {
+                let r = http::request(addr, "POST", paths::SIGNATURE, Some(&b), 4096, PEER_TIMEOUT)
+                    .await
+                    .and_then(|r| r.into_ok("posting our signature"));
+                if let Err(e) = r {
+                    tracing::debug!(authority = %id, error = %e, "signature push failed");
+                }
+            }
+        });
+        futures::future::join_all(pushes).await;
+        Ok(())
+    }
+
+    /// Add a signature by a configured authority's certified signing key to the pending body.
+    pub(super) fn add_sig(
+        &self,
+        va: u64,
+        digest: Option<[u8; 32]>,
+        sig: SigEntry,
+        now: u64,
+    ) -> Result<()> {
+        let known = self
+            .valid_certs(now)
+            .iter()
+            .any(|c| c.signing_key() == sig.signer && self.ids.contains(&c.identity()));
+        if !known {
+            return Err(DirError::BadSignature {
+                object: "detached signature",
+                why: "not by a known authority signing key",
+            });
+        }
+        let mut st = self.lock();
+        let Some((pva, pending)) = st.pending.as_mut() else {
+            return Err(DirError::invalid(
+                "detached signature",
+                "no consensus being signed",
+            ));
+        };
+        if *pva != va || digest.is_some_and(|d| d != pending.digest()) {
+            return Err(DirError::invalid(
+                "detached signature",
+                "for a different consensus than ours",
+            ));
+        }
+        if !pending.add_detached_signature(sig) {
+            return Err(DirError::BadSignature {
+                object: "detached signature",
+                why: "does not verify over our consensus",
+            });
+        }
+        Ok(())
+    }
+
+    /// Handle a POSTed detached signature.
+    pub(crate) fn accept_detached(&self, bytes: &[u8], now: u64) -> Result<()> {
+        if bytes.len() > MAX_DETACHED_LEN {
+            return Err(DirError::TooLarge {
+                object: "detached signature",
+                len: bytes.len(),
+                max: MAX_DETACHED_LEN,
+            });
+        }
+        let d: DetachedSignature = decode_canonical(bytes, "detached signature")?;
+        if d.version != 1 {
+            return Err(DirError::invalid(
+                "detached signature",
+                "unsupported version",
+            ));
+        }
+        self.add_sig(d.valid_after, Some(d.digest), d.sig, now)?;
+        let _ = self.try_publish(d.valid_after, now, false);
+        Ok(())
+    }
+
+    /// Publish the pending consensus if more than half signed (and, unless `force`, once its
+    /// period has started).
+    pub(super) fn try_publish(&self, va: u64, now: u64, force: bool) -> Result<bool> {
+        if !force && now < va {
+            return Ok(false);
+        }
+        let certs = self.valid_certs(now);
+        let mut st = self.lock();
+        let Some((pva, pending)) = st.pending.clone() else {
+            return Ok(false);
+        };
+        if pva != va {
+            return Ok(false);
+        }
+        if st.current.as_ref().is_some_and(|c| c.valid_after > va) {
+            return Ok(true);
+        }
+        let signers = valid_signers(&pending, &self.ids, &certs, now);
+        if signers.len() * 2 <= self.ids.len() {
+            return Ok(false);
+        }
+        // Already serving this body with at least as many signatures?
+        if st.current.as_ref().is_some_and(|c| {
+            c.valid_after == va
+                && c.signed.body() == pending.body()
+                && c.signed.sigs().len() >= signers.len()
+        }) {
+            return Ok(true);
+        }
+        // Serve only signatures by certified signing keys of configured authorities.
+        let mut out = Signed::<Consensus>::from_body_unsigned(pending.body().to_vec());
+        for s in pending.sigs() {
+            if certs
+                .iter()
+                .any(|c| c.signing_key() == s.signer && self.ids.contains(&c.identity()))
+            {
+                out.add_detached_signature(*s);
+            }
+        }
+        st.current = Some(published(out.clone(), va));
+        drop(st);
+        let _ = self.store.save_consensus(false, &out);
+        tracing::info!(
+            valid_after = va,
+            signatures = signers.len(),
+            "published consensus"
+        );
+        Ok(true)
+    }
+
+    pub(crate) async fn publish_phase(&self, va: u64) -> Result<bool> {
+        let now = now_unix();
+        let (have_pending, signed_ids) = {
+            let certs = self.valid_certs(now);
+            let st = self.lock();
+            match &st.pending {
+                Some((pva, p)) if *pva == va => (true, valid_signers(p, &self.ids, &certs, now)),
+                _ => (false, Vec::new()),
+            }
+        };
+        if !have_pending {
+            return Err(DirError::invalid(
+                "consensus",
+                "nothing computed for this period; run the compute phase first",
+            ));
+        }
+        for (id, addr) in self.peers() {
+            if signed_ids.contains(&id) {
+                continue;
+            }
+            let r = async {
+                let b = http::request(
+                    addr,
+                    "GET",
+                    paths::CONSENSUS_NEXT,
+                    None,
+                    MAX_CONSENSUS_LEN,
+                    PEER_TIMEOUT,
+                )
+                .await?
+                .into_ok("fetching signatures")?;
+                Signed::<Consensus>::from_bytes(&b)
+            }
+            .await;
+            match r {
+                Ok(theirs) => {
+                    for s in theirs.sigs() {
+                        let _ = self.add_sig(va, Some(theirs.digest()), *s, now);
+                    }
+                }
+                Err(e) => tracing::debug!(authority = %id, error = %e, "signature fetch failed"),
+            }
+        }
+        let _ = self
+            .lock()
+            .pending
+            .as_ref()
+            .map(|(_, p)| p.clone())
+            .map(|p| self.store.save_consensus(true, &p));
+        let ok = self.try_publish(va, now, true)?;
+        if !ok {
+            tracing::warn!(
+                valid_after = va,
+                "consensus not signed by a majority; not published"
+            );
+        }
+        Ok(ok)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn detached_signature_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(d) = decode_canonical::<DetachedSignature>(&bytes, "x") {
+                prop_assert_eq!(encode(&d, "x").expect("encode"), bytes);
+            }
+        }
+    }
+}

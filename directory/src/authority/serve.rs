@@ -1,0 +1,124 @@
+//! What the HTTP server reads from the authority state, and the descriptor uploads it accepts.
+
+use allium_crypto::RelayId;
+
+use super::state::Inner;
+use super::vote::RelayHistory;
+use crate::addr;
+use crate::doc::{AuthCert, Consensus, RelayDescriptor, Signed};
+use crate::err::{DirError, Result};
+
+/// How far in the future a descriptor's `published` may be.
+const MAX_DESC_FUTURE: u64 = 3600;
+
+impl Inner {
+    pub(crate) fn descriptor_count(&self) -> usize {
+        self.lock().descs.len()
+    }
+
+    pub(crate) fn current_consensus(&self) -> Option<Signed<Consensus>> {
+        self.lock().current.as_ref().map(|p| p.signed.clone())
+    }
+
+    pub(crate) fn current_bytes(&self, compressed: bool) -> Option<axum::body::Bytes> {
+        self.lock().current.as_ref().map(|p| {
+            if compressed {
+                p.z.clone()
+            } else {
+                p.bytes.clone()
+            }
+        })
+    }
+
+    pub(crate) fn pending_bytes(&self) -> Option<Vec<u8>> {
+        self.lock().pending.as_ref().map(|(_, c)| c.to_bytes())
+    }
+
+    pub(crate) fn own_cert_bytes(&self) -> Vec<u8> {
+        self.keys.cert.signed().to_bytes()
+    }
+
+    pub(crate) fn certs_bytes(&self) -> Vec<u8> {
+        let certs: Vec<Signed<AuthCert>> = self
+            .lock()
+            .certs
+            .values()
+            .map(|c| c.signed().clone())
+            .collect();
+        crate::client::encode_cert_list(&certs)
+    }
+
+    pub(crate) fn descriptors_bytes(&self) -> axum::body::Bytes {
+        let mut st = self.lock();
+        if let Some(b) = &st.descs_reply {
+            return b.clone();
+        }
+        let list: Vec<Vec<u8>> = st.descs.values().map(|d| d.signed().to_bytes()).collect();
+        let b: axum::body::Bytes = postcard::to_allocvec(&list).unwrap_or_default().into();
+        st.descs_reply = Some(b.clone());
+        b
+    }
+
+    pub(crate) fn latest_own_vote_bytes(&self) -> Option<Vec<u8>> {
+        let me = self.keys.identity();
+        let st = self.lock();
+        st.votes
+            .values()
+            .rev()
+            .find_map(|m| m.get(&me))
+            .map(|v| v.signed().to_bytes())
+    }
+
+    /// Handle an uploaded descriptor. Errors are one-line reasons for the uploader.
+    pub(crate) fn accept_descriptor(&self, bytes: &[u8], now: u64) -> Result<RelayId> {
+        let d = Signed::<RelayDescriptor>::from_bytes(bytes)?.verify()?;
+        d.check_valid_at(now, MAX_DESC_FUTURE)?;
+        let desc = d.desc();
+        // Public addresses always; internal ones only on a test network; reserved never.
+        if let Some(a) = desc
+            .addrs
+            .iter()
+            .find(|a| !addr::is_allowed(a.ip(), self.cfg.allow_private_addresses))
+        {
+            return Err(DirError::invalid(
+                "relay descriptor",
+                match addr::classify(a.ip()) {
+                    addr::AddrClass::Reserved => {
+                        "reserved address (unspecified, multicast, broadcast or documentation); \
+                         advertise a public address"
+                    }
+                    _ => {
+                        "private or loopback address (this network does not allow them); \
+                         advertise a public address"
+                    }
+                },
+            ));
+        }
+        let id = desc.identity;
+        {
+            let mut st = self.lock();
+            if let Some(old) = st.descs.get(&id)
+                && old.desc().published >= desc.published
+            {
+                return Err(DirError::NotNewer);
+            }
+            if !st.descs.contains_key(&id) && st.descs.len() >= self.cfg.max_relays {
+                return Err(DirError::invalid(
+                    "relay descriptor",
+                    "authority is full; try again later",
+                ));
+            }
+            st.history.entry(id).or_insert(RelayHistory {
+                first_seen: now,
+                ..RelayHistory::default()
+            });
+            st.descs.insert(id, d.clone());
+            st.descs_reply = None;
+        }
+        if let Err(e) = self.store.save_descriptor(&d) {
+            tracing::warn!(error = %e, "could not store descriptor");
+        }
+        tracing::debug!(relay = %id, "accepted descriptor");
+        Ok(id)
+    }
+}
