@@ -463,23 +463,27 @@ impl<B: CircBuilder> CircMgr<B> {
         let builds = (clean..want).map(|_| self.build_one(&ports));
         let results = futures::future::join_all(builds).await;
         let mut failed = Ok(());
-        for r in results {
-            match r {
-                Ok(c) => {
-                    if let Ok(mut p) = self.pool.lock() {
+        let mut built = 0usize;
+        if let Ok(mut p) = self.pool.lock() {
+            for r in results {
+                match r {
+                    Ok(c) => {
+                        built += 1;
                         p.push(Entry {
                             circ: c,
                             dirty_since: None,
                             isolation: None,
                         });
                     }
-                    if !*self.ready.borrow() {
-                        tracing::info!("bootstrap 100%: ready; circuits are built");
-                        let _ = self.ready.send(true);
-                    }
+                    Err(e) => failed = Err(e),
                 }
-                Err(e) => failed = Err(e),
             }
+        }
+        // Ready once every circuit of this round is in the pool (so a caller that waited for
+        // readiness sees all of them).
+        if built > 0 && !*self.ready.borrow() {
+            tracing::info!("bootstrap 100%: ready; circuits are built");
+            let _ = self.ready.send(true);
         }
         failed
     }

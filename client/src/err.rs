@@ -122,6 +122,19 @@ pub enum CircError {
 }
 
 impl CircError {
+    /// Whether a relay misbehaved (a bad or forged cell, a protocol or window violation): worth
+    /// an `info` line, where ordinary circuit ends are `debug`.
+    pub fn is_relay_fault(&self) -> bool {
+        matches!(
+            self,
+            Self::Auth(_)
+                | Self::Protocol(_)
+                | Self::Malformed { .. }
+                | Self::FlowControl { .. }
+                | Self::QueueOverflow
+        )
+    }
+
     /// The hop a build failure is attributed to, if this error says.
     pub fn failed_hop(&self) -> Option<usize> {
         match self {

@@ -103,9 +103,9 @@ impl Router {
         match route.tx.try_send(cell) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
+                // The circuit's reactor logs it once when it destroys the circuit.
                 route.overflowed.store(true, Ordering::Release);
                 map.remove(&id);
-                tracing::info!("a relay overran a circuit's queue; destroying that circuit");
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 map.remove(&id);

@@ -144,7 +144,11 @@ impl Reactor {
                     }
                 }
                 Event::Destroyed { reason } => {
-                    tracing::debug!(circ = %self.core.id(), "circuit closed: {reason}");
+                    if reason.is_relay_fault() {
+                        tracing::info!(circ = %self.core.id(), "destroyed a circuit: {reason}");
+                    } else {
+                        tracing::debug!(circ = %self.core.id(), "circuit closed: {reason}");
+                    }
                     self.shared.closed.store(true, Ordering::Release);
                     if let Some(b) = self.built.take() {
                         let _ = b.send(Err(reason));
