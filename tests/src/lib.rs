@@ -17,6 +17,8 @@ use allium_client::{ProxyConfig, ProxyHandle};
 use allium_directory::authority::{self, AuthorityHandle, StartOptions};
 use allium_relay::{ExitPolicy, RelayConfig, RelayHandle, StaticResolver, SystemResolver};
 
+pub mod sim;
+
 pub use allium::cmd::testnet::httpd;
 /// The SOCKS client: the client crate's codec and its async helpers.
 pub use allium_client::socks::client as socks;
