@@ -77,6 +77,10 @@ pub struct RelayConfig {
     /// Upper bound on exit streams (open destination sockets) over all circuits (default 8192).
     #[serde(default = "default_max_exit_streams")]
     pub max_exit_streams: usize,
+    /// Seconds a circuit may stay unable to write to the next link (its peer stopped reading)
+    /// before it is destroyed (default 30). Only that circuit is affected.
+    #[serde(default = "default_circuit_stall_timeout")]
+    pub circuit_stall_timeout_secs: u64,
 }
 
 fn default_log_level() -> String {
@@ -96,6 +100,9 @@ fn default_max_streams() -> usize {
 }
 fn default_max_exit_streams() -> usize {
     8192
+}
+fn default_circuit_stall_timeout() -> u64 {
+    30
 }
 
 impl RelayConfig {
@@ -119,6 +126,7 @@ impl RelayConfig {
             max_circuits_per_link: default_max_circs(),
             max_streams_per_circuit: default_max_streams(),
             max_exit_streams: default_max_exit_streams(),
+            circuit_stall_timeout_secs: default_circuit_stall_timeout(),
         }
     }
 
@@ -177,6 +185,7 @@ impl RelayConfig {
             || self.max_circuits_per_link == 0
             || self.max_streams_per_circuit == 0
             || self.max_exit_streams == 0
+            || self.circuit_stall_timeout_secs == 0
         {
             return Err(bad("max_*", "limits must be at least 1"));
         }

@@ -185,7 +185,11 @@ impl Ctx {
         resolver: Arc<dyn Resolver>,
         advertised: SocketAddr,
     ) -> Arc<Self> {
-        Self::with_limits(cfg, keys, resolver, advertised, Limits::default())
+        let limits = Limits {
+            blocked_cap: Duration::from_secs(cfg.circuit_stall_timeout_secs),
+            ..Limits::default()
+        };
+        Self::with_limits(cfg, keys, resolver, advertised, limits)
     }
 
     pub(crate) fn with_limits(

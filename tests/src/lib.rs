@@ -37,6 +37,8 @@ pub struct Options {
     pub relays: usize,
     /// How many of them are exits.
     pub exits: usize,
+    /// The relays' `circuit_stall_timeout_secs` (their default when `None`).
+    pub circuit_stall_timeout_secs: Option<u64>,
 }
 
 impl Default for Options {
@@ -44,6 +46,7 @@ impl Default for Options {
         Self {
             relays: 6,
             exits: 2,
+            circuit_stall_timeout_secs: None,
         }
     }
 }
@@ -162,7 +165,10 @@ impl TestNet {
 
         let mut relay_configs = Vec::new();
         let mut relays = Vec::new();
-        for r in planned_relays {
+        for mut r in planned_relays {
+            if let Some(t) = opts.circuit_stall_timeout_secs {
+                r.config.circuit_stall_timeout_secs = t;
+            }
             relays.push(Some(rt.block_on(start_relay(r.config.clone()))?));
             relay_configs.push(r.config);
         }

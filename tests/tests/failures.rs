@@ -13,6 +13,7 @@ fn restarted_relay_keeps_its_identity() {
     let net = TestNet::start(Options {
         relays: 3,
         exits: 1,
+        ..Options::default()
     });
     let cfg = net.relay_configs[1].clone();
     let old = net.relays.lock().expect("lock")[1]
@@ -35,6 +36,7 @@ fn killing_the_middle_relay_fails_the_stream_promptly_and_the_next_one_works() {
     let net = TestNet::start(Options {
         relays: 6,
         exits: 2,
+        ..Options::default()
     });
     let (host, port) = net.http_target();
     net.rt.block_on(async {

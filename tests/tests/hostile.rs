@@ -1,0 +1,261 @@
+//! Hostile peers against a whole network on loopback (issue 8): a client that stops reading its
+//! link to a guard must cost only its own circuits, never the honest circuits that share the
+//! guard and the middle.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use allium_client::core::{CircParams, ClientCircuit, Event, HopTarget, StreamTarget};
+use allium_crypto::{RelayId, X25519Public};
+use allium_proto::cell::CircId;
+use allium_proto::channel::{self, ChannelReceiver, ChannelSender};
+use allium_proto::relaymsg::{Begin, BeginFlags, Target};
+use allium_relay::RelayHandle;
+use allium_tests::{Options, TestNet, http_exchange, httpd, socks, split_response};
+
+const T: Duration = Duration::from_secs(60);
+/// The relays' stall timeout in this test: a circuit that cannot write for this long dies.
+const STALL_SECS: u64 = 4;
+/// Circuits the frozen client holds, each mid-download.
+const FROZEN_CIRCUITS: usize = 24;
+/// The honest download, each time.
+const HONEST_BYTES: u64 = 16 * 1024 * 1024;
+/// The address the attacker connects from (its own, as on a real network).
+const ATTACKER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 77);
+
+/// Download `HONEST_BYTES` through the proxy; returns MiB/s after checking every byte.
+async fn honest_download(net: &TestNet) -> f64 {
+    let (host, port) = net.http_target();
+    let mut s = socks::connect(net.socks, &host, port, None, T)
+        .await
+        .expect("SOCKS connect");
+    let req = format!("GET /bytes/{HONEST_BYTES} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let start = Instant::now();
+    let resp = http_exchange(&mut s, req.as_bytes(), Duration::from_secs(120))
+        .await
+        .expect("honest download");
+    let secs = start.elapsed().as_secs_f64();
+    let (status, body) = split_response(&resp).expect("HTTP response");
+    assert!(status.contains("200"), "status: {status}");
+    assert_eq!(body.len() as u64, HONEST_BYTES, "body length");
+    let mut expect = vec![0u8; body.len()];
+    httpd::fill_pattern(0, &mut expect);
+    assert!(body == expect.as_slice(), "downloaded bytes differ");
+    HONEST_BYTES as f64 / (1024.0 * 1024.0) / secs
+}
+
+/// A client written against the sans-IO core directly: it builds circuits over one link to a
+/// guard, starts a download on each, and can then stop reading its link altogether.
+struct RawClient {
+    tx: ChannelSender,
+    rx: ChannelReceiver,
+    circs: HashMap<u32, ClientCircuit>,
+    built: usize,
+    received: usize,
+    destroyed: usize,
+}
+
+impl RawClient {
+    async fn connect(guard: (RelayId, SocketAddr, X25519Public)) -> Self {
+        let (id, addr, link_key) = guard;
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(SocketAddr::new(IpAddr::V4(ATTACKER_IP), 0))
+            .expect("bind the attacker's address");
+        let tcp = sock.connect(addr).await.expect("TCP to the guard");
+        let ch = channel::connect_over(tcp, &id, &link_key, None)
+            .await
+            .expect("link to the guard");
+        let (tx, rx) = ch.split();
+        Self {
+            tx,
+            rx,
+            circs: HashMap::new(),
+            built: 0,
+            received: 0,
+            destroyed: 0,
+        }
+    }
+
+    /// Send what the cores queued and act on their events.
+    async fn flush(&mut self) {
+        let mut out = Vec::new();
+        for c in self.circs.values_mut() {
+            while let Some(cell) = c.poll_transmit() {
+                out.push(cell);
+            }
+            while let Some(ev) = c.poll_event() {
+                match ev {
+                    Event::Built => self.built += 1,
+                    Event::StreamData { stream, data } => {
+                        self.received += data.len();
+                        c.consumed(stream, 1);
+                    }
+                    Event::Destroyed { .. } => self.destroyed += 1,
+                    _ => {}
+                }
+            }
+            while let Some(cell) = c.poll_transmit() {
+                out.push(cell);
+            }
+        }
+        for cell in out {
+            self.tx
+                .send(cell)
+                .await
+                .expect("send on the attacker's link");
+        }
+    }
+
+    /// Pump the link until `done` holds (bounded by [`T`]).
+    async fn pump_until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = tokio::time::Instant::now() + T;
+        loop {
+            self.flush().await;
+            if done(self) {
+                return;
+            }
+            let cell = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+                .unwrap_or_else(|| panic!("the guard closed the attacker's link ({what})"));
+            if let Some(c) = self.circs.get_mut(&cell.circ_id) {
+                let _ = c.handle_cell(cell, Instant::now());
+            }
+        }
+    }
+}
+
+fn hop(r: &RelayHandle) -> HopTarget {
+    HopTarget::new(r.identity(), r.onion_key(), &[r.or_addr()])
+}
+
+fn rss_mib() -> f64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: f64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0.0);
+    pages * 4096.0 / (1024.0 * 1024.0)
+}
+
+#[test]
+fn a_frozen_client_on_the_same_guard_costs_only_its_own_circuits() {
+    allium_tests::init_logging();
+    let net = TestNet::start(Options {
+        relays: 3,
+        exits: 1,
+        circuit_stall_timeout_secs: Some(STALL_SECS),
+    });
+    net.rt.block_on(async {
+        // The honest client's usual throughput, and the path its circuit takes.
+        let _ = honest_download(&net).await;
+        let baseline = honest_download(&net).await;
+        let path: [RelayId; 3] = net
+            .proxy
+            .circuits()
+            .into_iter()
+            .find(|c| c.dirty)
+            .expect("the circuit that carried the download")
+            .path;
+        // Everything the attacker needs about the path, and the guard's index for its counters.
+        let (guard_idx, guard, hops) = {
+            let relays = net.relays.lock().expect("relays");
+            let idx = |id: &RelayId| {
+                relays
+                    .iter()
+                    .position(|r| r.as_ref().is_some_and(|r| r.identity() == *id))
+                    .expect("relay on the path")
+            };
+            let hops: Vec<HopTarget> = path
+                .iter()
+                .map(|id| hop(relays[idx(id)].as_ref().expect("relay runs")))
+                .collect();
+            let gi = idx(&path[0]);
+            let g = relays[gi].as_ref().expect("guard runs");
+            assert_eq!(g.stats().blocked_destroys(), 0);
+            (gi, (g.identity(), g.or_addr(), g.link_key()), hops)
+        };
+        let guard_destroys = || {
+            let relays = net.relays.lock().expect("relays");
+            relays[guard_idx]
+                .as_ref()
+                .map_or(0, |g| g.stats().blocked_destroys())
+        };
+
+        // The attacker: dozens of circuits through the same guard and middle, each downloading.
+        let mut attacker = RawClient::connect(guard).await;
+        for _ in 0..FROZEN_CIRCUITS {
+            let id = CircId::random(true);
+            let c = ClientCircuit::build(id, hops.clone(), CircParams::default(), Instant::now())
+                .expect("circuit start");
+            attacker.circs.insert(id.get(), c);
+        }
+        attacker
+            .pump_until("the attacker's circuits to build", |a| {
+                a.built == FROZEN_CIRCUITS
+            })
+            .await;
+        let (host, port) = net.http_target();
+        let ip: IpAddr = host.parse().expect("IP literal");
+        let req = b"GET /bytes/10000000000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let now = Instant::now();
+        for c in attacker.circs.values_mut() {
+            let sid = c
+                .begin_stream(
+                    &StreamTarget::Begin(Begin {
+                        target: Target::Ip(ip),
+                        port,
+                        flags: BeginFlags::default(),
+                    }),
+                    now,
+                )
+                .expect("BEGIN");
+            c.package(sid, req, now);
+        }
+        attacker
+            .pump_until("the attacker's downloads to flow", |a| {
+                a.received >= FROZEN_CIRCUITS * 512 * 1024
+            })
+            .await;
+
+        // Freeze: the attacker never reads its link again (its socket stays open).
+        let rss_before = rss_mib();
+        let frozen_at = Instant::now();
+        let during = honest_download(&net).await;
+        eprintln!(
+            "honest download: {baseline:.1} MiB/s before, {during:.1} MiB/s beside a frozen \
+             client with {FROZEN_CIRCUITS} circuits on the same guard and middle"
+        );
+        assert!(
+            during >= baseline / 2.0,
+            "honest throughput fell from {baseline:.1} to {during:.1} MiB/s beside a frozen client"
+        );
+
+        // The frozen client's circuits are destroyed once past the stall timeout, and only those.
+        let deadline = frozen_at + Duration::from_secs(STALL_SECS * 4 + 10);
+        loop {
+            let destroyed = guard_destroys();
+            if destroyed >= FROZEN_CIRCUITS as u64 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {destroyed} of {FROZEN_CIRCUITS} frozen circuits were destroyed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let rss_after = rss_mib();
+        eprintln!("process RSS {rss_before:.0} MiB when frozen, {rss_after:.0} MiB after");
+        assert!(
+            rss_after - rss_before < 64.0,
+            "memory grew by {:.0} MiB while the client was frozen",
+            rss_after - rss_before
+        );
+        // Honest service is intact afterwards.
+        let after = honest_download(&net).await;
+        assert!(after >= baseline / 2.0, "after: {after:.1} MiB/s");
+        drop(attacker);
+    });
+}
