@@ -5,7 +5,9 @@
 //! oldest first and run [`crate::core::answer_create`] (the public-key work). The queue is
 //! bounded ([`Limits::create_queue`]): when it is full the *oldest* job is dropped, and a job
 //! that waited longer than [`Limits::create_max_delay`] is dropped when a worker reaches it.
-//! Dropped CREATEs are answered with DESTROY reason RESOURCELIMIT and counted in
+//! A link may have at most [`Limits::create_per_link`] CREATEs waiting (checked by its reader
+//! before queueing), so one flooding link cannot evict every other link's CREATEs. Dropped
+//! CREATEs are answered with DESTROY reason RESOURCELIMIT and counted in
 //! [`crate::Stats::creates_dropped`].
 
 use std::collections::VecDeque;
