@@ -19,7 +19,7 @@ use allium_proto::cell::{Cell, CircId, DestroyReason};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::core::{CoreConfig, answer_create};
+use crate::core::{CoreConfig, answer_create_body};
 use crate::ctx::{Ctx, Limits};
 use crate::link::{Link, coarse_now};
 
@@ -129,7 +129,7 @@ fn answer(ctx: &Arc<Ctx>, job: Job, now: Instant) {
         let keys: Vec<&X25519Secret> = std::iter::once(&onion.current)
             .chain(onion.previous.as_ref())
             .collect();
-        answer_create(&cell.body[..], &ctx.keys.id, &keys, cfg)
+        answer_create_body(&cell.body[..], &ctx.keys.id, &keys, cfg)
     };
     match result {
         Ok((core, created)) => match Cell::created(cid, &created) {
