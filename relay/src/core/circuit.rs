@@ -190,7 +190,7 @@ impl CircuitCore {
                 what: "link cell command for this side",
             }),
         };
-        self.fail_on_err(r, Some(from))
+        self.fail_on_err(r)
     }
 
     /// The link on `side` closed: destroy the circuit (DESTROY goes only to the other side).
@@ -824,21 +824,14 @@ impl CircuitCore {
         }
     }
 
-    fn fail_on_err(
-        &mut self,
-        r: Result<(), CircError>,
-        from: Option<Side>,
-    ) -> Result<(), CircError> {
-        match r {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // The DESTROY goes both ways: the side that misbehaved learns nothing more.
-                let _ = from;
-                let copy = describe(&e);
-                self.close(e, None);
-                Err(copy)
-            }
-        }
+    /// On a violation: destroy (DESTROY both ways: the side that misbehaved learns nothing
+    /// more), keep the error for [`CircuitCore::close_error`] and return an equal one.
+    fn fail_on_err(&mut self, r: Result<(), CircError>) -> Result<(), CircError> {
+        r.map_err(|e| {
+            let copy = describe(&e);
+            self.close(e, None);
+            copy
+        })
     }
 
     /// Destroy: DESTROY on every side other than `from` (whose DESTROY or link failure this
