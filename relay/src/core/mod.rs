@@ -42,6 +42,7 @@
 mod circuit;
 mod create;
 mod err;
+mod exit;
 mod stream;
 #[cfg(test)]
 mod tests;
