@@ -139,7 +139,7 @@ impl CircuitCore {
     /// Package destination bytes of stream `sid` into DATA cells, as far as both package windows
     /// allow. Returns how many bytes were taken (0 if blocked or the stream is gone). If not all
     /// could be taken, the stream is ended with TIMEOUT unless a window opens and the rest is
-    /// offered again within [`CoreConfig::window_timeout`].
+    /// offered again within [`super::CoreConfig::window_timeout`].
     pub fn package(&mut self, sid: u16, data: &[u8], now: Instant) -> usize {
         let used = self.package_inner(sid, data);
         if let Some(st) = self.streams.get_mut(&sid) {
