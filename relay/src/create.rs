@@ -5,7 +5,9 @@
 //! oldest first and run [`crate::core::answer_create`] (the public-key work). The queue is
 //! bounded ([`Limits::create_queue`]): when it is full the *oldest* job is dropped, and a job
 //! that waited longer than [`Limits::create_max_delay`] is dropped when a worker reaches it.
-//! Dropped CREATEs are answered with DESTROY reason RESOURCELIMIT and counted in
+//! A link may have at most [`Limits::create_per_link`] CREATEs waiting (checked by its reader
+//! before queueing), so one flooding link cannot evict every other link's CREATEs. Dropped
+//! CREATEs are answered with DESTROY reason RESOURCELIMIT and counted in
 //! [`crate::Stats::creates_dropped`].
 
 use std::collections::VecDeque;
@@ -17,7 +19,7 @@ use allium_proto::cell::{Cell, CircId, DestroyReason};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::core::{CoreConfig, answer_create};
+use crate::core::{CoreConfig, answer_create_body};
 use crate::ctx::{Ctx, Limits};
 use crate::link::{Link, coarse_now};
 
@@ -127,7 +129,7 @@ fn answer(ctx: &Arc<Ctx>, job: Job, now: Instant) {
         let keys: Vec<&X25519Secret> = std::iter::once(&onion.current)
             .chain(onion.previous.as_ref())
             .collect();
-        answer_create(&cell.body[..], &ctx.keys.id, &keys, cfg)
+        answer_create_body(&cell.body[..], &ctx.keys.id, &keys, cfg)
     };
     match result {
         Ok((core, created)) => match Cell::created(cid, &created) {

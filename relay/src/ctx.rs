@@ -118,6 +118,8 @@ pub(crate) struct Limits {
     pub(crate) create_max_delay: Duration,
     /// Handshake workers.
     pub(crate) create_workers: usize,
+    /// CREATEs from one link waiting for a worker, at most.
+    pub(crate) create_per_link: usize,
 }
 
 /// A circuit's inbound queue: both windows (1000 DATA cells each way) plus room for control
@@ -129,6 +131,8 @@ pub const CREATE_QUEUE_LEN: usize = 1024;
 pub const CREATE_MAX_DELAY: Duration = Duration::from_millis(1750);
 /// Handshake workers.
 pub const CREATE_WORKERS: usize = 2;
+/// Most CREATEs from one link waiting for a worker (further ones are refused at once).
+pub const CREATE_PER_LINK: usize = 128;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -139,6 +143,7 @@ impl Default for Limits {
             create_queue: CREATE_QUEUE_LEN,
             create_max_delay: CREATE_MAX_DELAY,
             create_workers: CREATE_WORKERS,
+            create_per_link: CREATE_PER_LINK,
         }
     }
 }

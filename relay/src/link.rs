@@ -162,6 +162,8 @@ enum Entry {
 #[derive(Default)]
 struct CircTable {
     map: HashMap<u32, Entry>,
+    /// Entries that are [`Entry::Creating`].
+    creating: usize,
     quarantine: VecDeque<(u32, Instant)>,
     quarantined: HashSet<u32>,
 }
@@ -277,8 +279,10 @@ impl Link {
         self.table().map.len()
     }
 
-    /// Reserve a peer-chosen id for a CREATE waiting in the handshake pool.
-    fn reserve_peer_id(&self, id: u32) -> Result<(), InsertError> {
+    /// Reserve a peer-chosen id for a CREATE waiting in the handshake pool; at most
+    /// `max_creating` may wait per link, so one link's flood cannot push every other link's
+    /// CREATEs out of the shared queue.
+    pub(crate) fn reserve_peer_id(&self, id: u32, max_creating: usize) -> Result<(), InsertError> {
         let mut t = self.table();
         if self.is_closed() {
             return Err(InsertError::Closed);
@@ -286,10 +290,11 @@ impl Link {
         if t.map.contains_key(&id) {
             return Err(InsertError::InUse);
         }
-        if t.map.len() >= self.max_circs {
+        if t.map.len() >= self.max_circs || t.creating >= max_creating {
             return Err(InsertError::Full);
         }
         t.map.insert(id, Entry::Creating);
+        t.creating += 1;
         Ok(())
     }
 
@@ -303,6 +308,7 @@ impl Link {
         match t.map.get_mut(&id) {
             Some(e @ Entry::Creating) => {
                 *e = Entry::Circ(handle, Side::Prev);
+                t.creating = t.creating.saturating_sub(1);
                 Ok(())
             }
             _ => Err(InsertError::Closed),
@@ -314,6 +320,7 @@ impl Link {
         let mut t = self.table();
         if matches!(t.map.get(&id), Some(Entry::Creating)) {
             t.map.remove(&id);
+            t.creating = t.creating.saturating_sub(1);
         }
     }
 
@@ -386,7 +393,11 @@ impl Link {
     /// Mark closed and stop every circuit routed here.
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        let entries: Vec<Entry> = self.table().map.drain().map(|(_, e)| e).collect();
+        let entries: Vec<Entry> = {
+            let mut t = self.table();
+            t.creating = 0;
+            t.map.drain().map(|(_, e)| e).collect()
+        };
         self.generation.fetch_add(1, Ordering::Release);
         for e in entries {
             if let Entry::Circ(h, side) = e {
@@ -506,9 +517,12 @@ fn on_create(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell) {
     if !cid.allocatable_by(!link.initiator) {
         return;
     }
-    match link.reserve_peer_id(id) {
+    match link.reserve_peer_id(id, ctx.limits.create_per_link) {
         Ok(()) => crate::create::submit(ctx, Arc::clone(link), cell, coarse_now()),
-        Err(InsertError::Full) => link.send_destroy_detached(id, DestroyReason::RESOURCELIMIT),
+        Err(InsertError::Full) => {
+            ctx.stats.note_create_dropped();
+            link.send_destroy_detached(id, DestroyReason::RESOURCELIMIT);
+        }
         Err(InsertError::InUse | InsertError::Closed) => {}
     }
 }

@@ -128,9 +128,13 @@ impl Reactor {
                 continue;
             }
             let deadline = self.core.poll_timeout().map(tokio::time::Instant::from_std);
+            // Stop signals first; then exit I/O (bounded: one read per stream awaits its
+            // go-ahead) so a busy inbound queue cannot starve the backward direction; then the
+            // inbound queue; then the timer.
             tokio::select! {
                 biased;
                 r = kill.fired() => self.on_kill(r),
+                Some(io) = self.io_rx.recv() => self.on_io(io, coarse_now()),
                 n = self.inbox.recv_many(&mut batch, BATCH) => {
                     if n == 0 {
                         self.core.destroy(CircError::Local);
@@ -143,10 +147,12 @@ impl Reactor {
                     }
                     self.retry_pending(now);
                 }
-                Some(io) = self.io_rx.recv() => self.on_io(io, coarse_now()),
-                () = sleep_until(deadline), if deadline.is_some() => {
-                    self.core.handle_timeout(coarse_now());
-                }
+                () = sleep_until(deadline), if deadline.is_some() => {}
+            }
+            // Timeouts are due whichever branch ran (a busy queue does not postpone them).
+            let now = coarse_now();
+            if self.core.poll_timeout().is_some_and(|t| t <= now) {
+                self.core.handle_timeout(now);
             }
         }
         self.finish();

@@ -1457,3 +1457,25 @@ async fn overflowing_circuit_is_destroyed_alone() {
     assert!(matches!(msg, RelayMsg::Truncated(_)), "{msg:?}");
     drop(nl.rx);
 }
+
+#[tokio::test]
+async fn pending_creates_are_capped_per_link() {
+    let r = test_relay(ExitPolicy::default());
+    let ml = attach_full(&r.ctx, None, false, 64, 4096);
+    let base = CircId::INITIATOR_BIT;
+    for i in 1..=4 {
+        ml.link.reserve_peer_id(base | i, 4).unwrap();
+    }
+    assert_eq!(
+        ml.link.reserve_peer_id(base | 5, 4),
+        Err(crate::link::InsertError::Full)
+    );
+    // An id in use is refused as such; a reservation given back makes room.
+    assert_eq!(
+        ml.link.reserve_peer_id(base | 1, 8),
+        Err(crate::link::InsertError::InUse)
+    );
+    ml.link.unreserve(base | 2);
+    ml.link.reserve_peer_id(base | 5, 4).unwrap();
+    assert_eq!(ml.link.n_circuits(), 4);
+}

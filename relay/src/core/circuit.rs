@@ -1,25 +1,20 @@
 //! [`CircuitCore`]: one circuit as a relay sees it, as a synchronous state machine.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use allium_crypto::relaycell::{
-    CellBody, FORWARD_MSG_OFFSET, Forward, MAX_DATA, RELAY_MSG_LEN, RelayHopCrypto, Tag,
+    CellBody, FORWARD_MSG_OFFSET, Forward, RELAY_MSG_LEN, RelayHopCrypto, Tag,
 };
 use allium_proto::cell::{Cell, CellCmd, Create, Created, Destroy, DestroyReason};
 use allium_proto::flowctl::{CircRecvWindow, CircSendWindow};
 use allium_proto::relaymsg::{
-    self, AddrTtl, Begin, Connected, End, EndReason, Extend, Extended, RelayCmd, RelayHeader,
-    RelayMsg, Resolve, Resolved, ResolvedValue, Sendme, StreamIdRule, Target, Truncated,
+    self, End, EndReason, Extend, Extended, RelayCmd, RelayHeader, RelayMsg, Sendme, StreamIdRule,
+    Truncated,
 };
 
-use super::stream::{HalfClose, Stream, StreamState};
-use super::{
-    CircError, CoreConfig, DNS_TTL, DataChunk, Event, MAX_CONNECT_ADDRS, MAX_RESOLVED_ANSWERS,
-    ResolveFailure, Side,
-};
-use crate::policy::Refusal;
+use super::stream::{Stream, StreamState};
+use super::{CircError, CoreConfig, DataChunk, Event, Side};
 
 /// Most RELAY_EARLY cells a circuit may carry forward (tor-spec §5.6).
 pub const MAX_RELAY_EARLY: u8 = 8;
@@ -43,15 +38,15 @@ pub enum Next {
 /// One circuit at a relay: hop crypto, RELAY_EARLY budget, windows, next hop and exit streams.
 #[derive(Debug)]
 pub struct CircuitCore {
-    cfg: CoreConfig,
+    pub(super) cfg: CoreConfig,
     crypto: RelayHopCrypto,
     early: u8,
     next: Next,
-    streams: HashMap<u16, Stream>,
-    send_win: CircSendWindow,
+    pub(super) streams: HashMap<u16, Stream>,
+    pub(super) send_win: CircSendWindow,
     recv_win: CircRecvWindow,
     transmit: VecDeque<(Side, Cell)>,
-    events: VecDeque<Event>,
+    pub(super) events: VecDeque<Event>,
     blocked_since: Option<Instant>,
     close_error: Option<CircError>,
     originated: u64,
@@ -190,7 +185,7 @@ impl CircuitCore {
                 what: "link cell command for this side",
             }),
         };
-        self.fail_on_err(r, Some(from))
+        self.fail_on_err(r)
     }
 
     /// The link on `side` closed: destroy the circuit (DESTROY goes only to the other side).
@@ -259,169 +254,6 @@ impl CircuitCore {
         if matches!(self.next, Next::Extending { .. }) {
             self.fail_extend(reason, false);
         }
-    }
-
-    /// The driver resolved the name of stream `sid`.
-    pub fn resolved(
-        &mut self,
-        sid: u16,
-        result: Result<Vec<IpAddr>, ResolveFailure>,
-        _now: Instant,
-    ) {
-        let Some(state) = self.stream_state(sid) else {
-            return;
-        };
-        match state {
-            StreamState::Lookup => {
-                self.streams.remove(&sid);
-                let answers = match result {
-                    Ok(a) if !a.is_empty() => a
-                        .into_iter()
-                        .take(MAX_RESOLVED_ANSWERS)
-                        .map(|ip| (ResolvedValue::Ip(ip), DNS_TTL))
-                        .collect(),
-                    Ok(_) | Err(ResolveFailure::NotFound) => {
-                        vec![(ResolvedValue::NontransientError, 0)]
-                    }
-                    Err(ResolveFailure::Timeout | ResolveFailure::Busy) => {
-                        vec![(ResolvedValue::TransientError, 0)]
-                    }
-                };
-                self.originate(sid, &RelayMsg::Resolved(Resolved { answers }));
-            }
-            StreamState::Resolving { port, client_done } => match result {
-                Ok(a) if !a.is_empty() => {
-                    let addrs: Vec<SocketAddr> = a
-                        .into_iter()
-                        .filter(|ip| self.cfg.policy.check(*ip, port) != Err(Refusal::Address))
-                        .map(|ip| SocketAddr::new(ip, port))
-                        .take(MAX_CONNECT_ADDRS)
-                        .collect();
-                    if addrs.is_empty() {
-                        self.end_stream(sid, EndReason::EXITPOLICY);
-                    } else {
-                        self.set_state(sid, StreamState::Connecting { client_done });
-                        self.events.push_back(Event::OpenStream { sid, addrs });
-                    }
-                }
-                Ok(_) | Err(ResolveFailure::NotFound | ResolveFailure::Busy) => {
-                    self.end_stream(sid, EndReason::RESOLVEFAILED);
-                }
-                Err(ResolveFailure::Timeout) => self.end_stream(sid, EndReason::TIMEOUT),
-            },
-            _ => {}
-        }
-    }
-
-    /// Stream `sid` is connected (to `peer`, reported in CONNECTED).
-    pub fn stream_connected(&mut self, sid: u16, peer: Option<SocketAddr>, _now: Instant) {
-        let Some(StreamState::Connecting { client_done }) = self.stream_state(sid) else {
-            return;
-        };
-        let msg = RelayMsg::Connected(Connected {
-            addr: peer.map(|p| AddrTtl {
-                addr: p.ip(),
-                ttl: DNS_TTL,
-            }),
-        });
-        self.originate(sid, &msg);
-        self.set_state(
-            sid,
-            if client_done {
-                StreamState::HalfClosed(HalfClose::ClientFinished)
-            } else {
-                StreamState::Open
-            },
-        );
-    }
-
-    /// Stream `sid` failed (connect, read or write error): END with `reason`, stream forgotten.
-    pub fn stream_failed(&mut self, sid: u16, reason: EndReason, _now: Instant) {
-        if self.streams.contains_key(&sid) {
-            self.end_stream(sid, reason);
-        }
-    }
-
-    /// The destination of stream `sid` closed its side: END DONE goes to the client after the
-    /// bytes packaged so far; the stream is forgotten if the client had finished too.
-    pub fn stream_eof(&mut self, sid: u16, _now: Instant) {
-        match self.stream_state(sid) {
-            Some(StreamState::Open) => {
-                self.originate(sid, &RelayMsg::End(End::new(EndReason::DONE)));
-                self.set_state(sid, StreamState::HalfClosed(HalfClose::DestinationFinished));
-            }
-            Some(StreamState::HalfClosed(HalfClose::ClientFinished)) => {
-                self.originate(sid, &RelayMsg::End(End::new(EndReason::DONE)));
-                self.remove_stream(sid, true);
-            }
-            _ => {}
-        }
-    }
-
-    /// The destination of stream `sid` accepted `cells` more DATA cells: stream SENDMEs go out
-    /// for each completed increment.
-    pub fn data_consumed(&mut self, sid: u16, cells: usize, _now: Instant) {
-        for _ in 0..cells {
-            let Some(st) = self.streams.get_mut(&sid) else {
-                return;
-            };
-            match st.win.on_data_received() {
-                Ok(true) => {
-                    if st.win.sendme_sent().is_err() {
-                        return;
-                    }
-                    st.sendme_sent();
-                    let tag = st.next_sendme_tag();
-                    self.originate(sid, &RelayMsg::Sendme(Sendme { tag }));
-                }
-                Ok(false) => {}
-                // More consumed than received: a driver bug; stop counting.
-                Err(_) => return,
-            }
-        }
-    }
-
-    /// Package destination bytes of stream `sid` into DATA cells, as far as both package windows
-    /// allow. Returns how many bytes were taken (0 if blocked or the stream is gone). If not all
-    /// could be taken, the stream is ended with TIMEOUT unless a window opens and the rest is
-    /// offered again within [`CoreConfig::window_timeout`].
-    pub fn package(&mut self, sid: u16, data: &[u8], now: Instant) -> usize {
-        let used = self.package_inner(sid, data);
-        if let Some(st) = self.streams.get_mut(&sid) {
-            if used < data.len() {
-                st.window_blocked_since.get_or_insert(now);
-            } else {
-                st.window_blocked_since = None;
-            }
-        }
-        used
-    }
-
-    fn package_inner(&mut self, sid: u16, data: &[u8]) -> usize {
-        let Some(budget) = self.stream_budget(sid) else {
-            return 0;
-        };
-        let mut used = 0;
-        let mut buf = [0u8; RELAY_MSG_LEN];
-        for chunk in data.chunks(MAX_DATA).take(budget) {
-            let len = relaymsg::encode_data(sid, chunk, &mut buf);
-            let msg = buf.get(..len).unwrap_or(&[]);
-            let Some(tag) = self.encrypt_backward(msg) else {
-                return used;
-            };
-            let ok = self.send_win.note_data_sent(&tag).is_ok()
-                && self
-                    .streams
-                    .get_mut(&sid)
-                    .is_some_and(|st| st.win.note_data_sent().is_ok());
-            if !ok {
-                // Cannot happen within the budget; treat as a local failure.
-                self.close(CircError::Local, None);
-                return used;
-            }
-            used += chunk.len();
-        }
-        used
     }
 
     // ---- Forward path ----
@@ -568,107 +400,6 @@ impl CircuitCore {
         }
     }
 
-    fn on_begin(&mut self, sid: u16, begin: Begin) -> Result<(), CircError> {
-        if self.cfg.prev_is_client {
-            // No one-hop exit circuits.
-            self.originate(sid, &RelayMsg::End(End::new(EndReason::TORPROTOCOL)));
-            return Ok(());
-        }
-        let policy = &self.cfg.policy;
-        if !policy.is_exit() || !policy.port_allowed(begin.port) {
-            self.originate(sid, &RelayMsg::End(End::new(EndReason::EXITPOLICY)));
-            return Ok(());
-        }
-        if self.streams.contains_key(&sid) {
-            return Err(CircError::Unexpected {
-                what: "BEGIN on a stream id in use",
-            });
-        }
-        if self.streams.len() >= self.cfg.max_streams {
-            self.originate(sid, &RelayMsg::End(End::new(EndReason::RESOURCELIMIT)));
-            return Ok(());
-        }
-        match begin.target {
-            Target::Ip(ip) => {
-                if self.cfg.policy.check(ip, begin.port) == Err(Refusal::Address) {
-                    self.originate(sid, &RelayMsg::End(End::new(EndReason::EXITPOLICY)));
-                    return Ok(());
-                }
-                let addrs = vec![SocketAddr::new(ip, begin.port)];
-                self.streams.insert(
-                    sid,
-                    Stream::new(StreamState::Connecting { client_done: false }),
-                );
-                self.events.push_back(Event::OpenStream { sid, addrs });
-            }
-            Target::Hostname(hostname) => {
-                let state = StreamState::Resolving {
-                    port: begin.port,
-                    client_done: false,
-                };
-                self.streams.insert(sid, Stream::new(state));
-                self.events.push_back(Event::Resolve { sid, hostname });
-            }
-        }
-        Ok(())
-    }
-
-    fn on_resolve(&mut self, sid: u16, req: Resolve) -> Result<(), CircError> {
-        if self.cfg.prev_is_client || !self.cfg.policy.is_exit() {
-            self.originate(sid, &RelayMsg::End(End::new(EndReason::EXITPOLICY)));
-            return Ok(());
-        }
-        if self.streams.contains_key(&sid) {
-            return Err(CircError::Unexpected {
-                what: "RESOLVE on a stream id in use",
-            });
-        }
-        if self.streams.len() >= self.cfg.max_streams {
-            let busy = RelayMsg::Resolved(Resolved {
-                answers: vec![(ResolvedValue::TransientError, 0)],
-            });
-            self.originate(sid, &busy);
-            return Ok(());
-        }
-        self.streams.insert(sid, Stream::new(StreamState::Lookup));
-        self.events.push_back(Event::Resolve {
-            sid,
-            hostname: req.hostname,
-        });
-        Ok(())
-    }
-
-    fn on_end(&mut self, sid: u16, reason: EndReason) {
-        let Some(state) = self.stream_state(sid) else {
-            return;
-        };
-        if reason != EndReason::DONE {
-            self.remove_stream(sid, false);
-            return;
-        }
-        let new = match state {
-            StreamState::Lookup => {
-                self.remove_stream(sid, false);
-                return;
-            }
-            StreamState::Resolving { port, .. } => StreamState::Resolving {
-                port,
-                client_done: true,
-            },
-            StreamState::Connecting { .. } => StreamState::Connecting { client_done: true },
-            StreamState::Open => StreamState::HalfClosed(HalfClose::ClientFinished),
-            StreamState::HalfClosed(HalfClose::DestinationFinished) => {
-                self.events.push_back(Event::StreamEnd { sid });
-                self.remove_stream(sid, true);
-                return;
-            }
-            // A second END DONE: nothing new.
-            StreamState::HalfClosed(HalfClose::ClientFinished) => return,
-        };
-        self.set_state(sid, new);
-        self.events.push_back(Event::StreamEnd { sid });
-    }
-
     fn on_extend(&mut self, cmd: CellCmd, ext: Extend, now: Instant) -> Result<(), CircError> {
         if cmd != CellCmd::RELAY_EARLY {
             return Err(CircError::Unexpected {
@@ -770,28 +501,9 @@ impl CircuitCore {
         }
     }
 
-    fn set_state(&mut self, sid: u16, state: StreamState) {
-        if let Some(st) = self.streams.get_mut(&sid) {
-            st.state = state;
-        }
-    }
-
-    fn remove_stream(&mut self, sid: u16, graceful: bool) {
-        if let Some(st) = self.streams.remove(&sid)
-            && st.state != StreamState::Lookup
-        {
-            self.events.push_back(Event::StreamClosed { sid, graceful });
-        }
-    }
-
-    fn end_stream(&mut self, sid: u16, reason: EndReason) {
-        self.originate(sid, &RelayMsg::End(End::new(reason)));
-        self.remove_stream(sid, false);
-    }
-
     /// Encrypt `msg` as a new backward cell and queue it. `None` if the circuit is closed (or
     /// just closed because the crypto failed).
-    fn encrypt_backward(&mut self, msg: &[u8]) -> Option<Tag> {
+    pub(super) fn encrypt_backward(&mut self, msg: &[u8]) -> Option<Tag> {
         if self.is_closed() {
             return None;
         }
@@ -813,7 +525,7 @@ impl CircuitCore {
     }
 
     /// Originate a control message towards the client.
-    fn originate(&mut self, sid: u16, msg: &RelayMsg) {
+    pub(super) fn originate(&mut self, sid: u16, msg: &RelayMsg) {
         let mut buf = [0u8; RELAY_MSG_LEN];
         match msg.encode(sid, &mut buf) {
             Ok(n) => {
@@ -824,26 +536,19 @@ impl CircuitCore {
         }
     }
 
-    fn fail_on_err(
-        &mut self,
-        r: Result<(), CircError>,
-        from: Option<Side>,
-    ) -> Result<(), CircError> {
-        match r {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // The DESTROY goes both ways: the side that misbehaved learns nothing more.
-                let _ = from;
-                let copy = describe(&e);
-                self.close(e, None);
-                Err(copy)
-            }
-        }
+    /// On a violation: destroy (DESTROY both ways: the side that misbehaved learns nothing
+    /// more), keep the error for [`CircuitCore::close_error`] and return an equal one.
+    fn fail_on_err(&mut self, r: Result<(), CircError>) -> Result<(), CircError> {
+        r.map_err(|e| {
+            let copy = describe(&e);
+            self.close(e, None);
+            copy
+        })
     }
 
     /// Destroy: DESTROY on every side other than `from` (whose DESTROY or link failure this
     /// is), drop the streams, emit [`Event::Destroyed`].
-    fn close(&mut self, error: CircError, from: Option<Side>) {
+    pub(super) fn close(&mut self, error: CircError, from: Option<Side>) {
         if self.is_closed() {
             return;
         }

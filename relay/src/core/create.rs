@@ -34,16 +34,27 @@ impl CreateError {
     }
 }
 
-/// Answer a CREATE cell body: run the handshake with this relay's identity and onion keys
-/// (current first, then the previous one) and return the new circuit and the CREATED to send.
-/// This is the public-key work; the driver runs it off the link readers.
-pub fn answer_create(
+/// Answer a CREATE cell body: decode it, then [`answer_create`].
+pub fn answer_create_body(
     body: &[u8],
     own_id: &RelayId,
     onion_keys: &[&X25519Secret],
     cfg: CoreConfig,
 ) -> Result<(CircuitCore, Created), CreateError> {
     let create = Create::decode(body).map_err(CreateError::Malformed)?;
+    answer_create(&create, own_id, onion_keys, cfg)
+}
+
+/// Answer a CREATE: run the handshake with this relay's identity and onion keys (current first,
+/// then the previous one) and return the new circuit and the CREATED to send. This is the
+/// public-key work; the driver runs it off the link readers. (A test harness can hand it the
+/// `create` of an [`super::Event::ExtendTo`] directly.)
+pub fn answer_create(
+    create: &Create,
+    own_id: &RelayId,
+    onion_keys: &[&X25519Secret],
+    cfg: CoreConfig,
+) -> Result<(CircuitCore, Created), CreateError> {
     if create.htype != HTYPE_NTOR3 {
         return Err(CreateError::UnsupportedHtype(create.htype));
     }

@@ -42,6 +42,7 @@
 mod circuit;
 mod create;
 mod err;
+mod exit;
 mod stream;
 #[cfg(test)]
 mod tests;
@@ -56,7 +57,7 @@ use allium_proto::cell::{Create, DestroyReason};
 use allium_proto::relaymsg::EndReason;
 
 pub use circuit::{CircuitCore, MAX_RELAY_EARLY, Next};
-pub use create::{CreateError, answer_create};
+pub use create::{CreateError, answer_create, answer_create_body};
 pub use err::CircError;
 pub use stream::{HalfClose, StreamState};
 

@@ -28,7 +28,7 @@ fn cfg(prev_is_client: bool, policy: ExitPolicy) -> CoreConfig {
     CoreConfig::new(OWN, prev_is_client, Arc::new(policy))
 }
 
-/// A core created through [`answer_create`], and the client that created it.
+/// A core created through [`answer_create_body`], and the client that created it.
 fn setup(cfg: CoreConfig) -> (CircuitCore, Client) {
     let onion = X25519Secret::generate();
     let (hs, skin) = client_start(&OWN, &onion.public(), &[]).unwrap();
@@ -40,7 +40,7 @@ fn setup(cfg: CoreConfig) -> (CircuitCore, Client) {
         },
     )
     .unwrap();
-    let (core, created) = answer_create(&create.body[..], &OWN, &[&onion], cfg).unwrap();
+    let (core, created) = answer_create_body(&create.body[..], &OWN, &[&onion], cfg).unwrap();
     let (keys, sm) = hs.finish(&created.hdata).unwrap();
     assert!(sm.is_empty());
     let mut cc = ClientCircuitCrypto::new();
@@ -206,7 +206,7 @@ fn create_failures_say_why() {
         },
     )
     .unwrap();
-    let e = answer_create(&cell.body[..], &OWN, &[&onion], c.clone()).unwrap_err();
+    let e = answer_create_body(&cell.body[..], &OWN, &[&onion], c.clone()).unwrap_err();
     assert!(matches!(e, CreateError::Handshake(_)), "{e:?}");
     assert_eq!(e.wire_reason(), DestroyReason::NONE);
     let (_, skin) = client_start(&OWN, &onion.public(), &[]).unwrap();
@@ -218,7 +218,7 @@ fn create_failures_say_why() {
         },
     )
     .unwrap();
-    let e = answer_create(&cell.body[..], &OWN, &[&onion], c).unwrap_err();
+    let e = answer_create_body(&cell.body[..], &OWN, &[&onion], c).unwrap_err();
     assert!(matches!(e, CreateError::UnsupportedHtype(2)), "{e:?}");
     assert_eq!(e.wire_reason(), DestroyReason::PROTOCOL);
 }
@@ -953,4 +953,95 @@ fn stream_waiting_too_long_for_a_window_ends_with_timeout() {
     ));
     assert!(!core.is_closed());
     assert_eq!(core.poll_timeout(), None);
+}
+
+/// Two cores wired in memory, as a harness would: the client's EXTEND at hop 1 becomes a CREATE
+/// answered by [`answer_create`] at hop 2, whose CREATED goes back into hop 1; then a stream at
+/// hop 2 carries bytes both ways through hop 1.
+#[test]
+fn two_cores_in_memory_extend_and_stream() {
+    let now = Instant::now();
+    let (mut hop1, mut cl) = setup(cfg(true, ExitPolicy::default()));
+    let id2 = RelayId([2; 32]);
+    let onion2 = X25519Secret::generate();
+    let (hs, skin) = client_start(&id2, &onion2.public(), &[]).unwrap();
+    let ext = RelayMsg::Extend(Extend {
+        specs: vec![
+            LinkSpec::Ed25519Id(id2),
+            LinkSpec::Ipv4("127.0.0.2:9001".parse().unwrap()),
+        ],
+        htype: 1,
+        hdata: skin,
+    });
+    let c = cl.cell(0, CellCmd::RELAY_EARLY, 0, &ext);
+    hop1.handle_cell(Side::Prev, c, now).unwrap();
+    let ev = events(&mut hop1);
+    let [Event::ExtendTo { create, .. }] = &ev[..] else {
+        panic!("{ev:?}")
+    };
+    let cfg2 = CoreConfig::new(id2, false, Arc::new(ExitPolicy::accept_all(true)));
+    let (mut hop2, created) = answer_create(create, &id2, &[&onion2], cfg2).unwrap();
+    let created = Cell::created(CircId::new(9).unwrap(), &created).unwrap();
+    hop1.handle_cell(Side::Next, created, now).unwrap();
+    let r = replies(&mut hop1, &mut cl);
+    let [(0, RelayMsg::Extended(e))] = &r[..] else {
+        panic!("{r:?}")
+    };
+    let (keys, _) = hs.finish(&e.hdata).unwrap();
+    cl.cc.add_hop(&keys).unwrap();
+
+    // Move every cell between the two cores until both are quiet; return what reached the
+    // client.
+    fn pump(hop1: &mut CircuitCore, hop2: &mut CircuitCore, now: Instant) -> Vec<Cell> {
+        let mut to_client = Vec::new();
+        loop {
+            let mut moved = false;
+            while let Some((side, c)) = hop1.poll_transmit() {
+                moved = true;
+                match side {
+                    Side::Prev => to_client.push(c),
+                    Side::Next => hop2.handle_cell(Side::Prev, c, now).unwrap(),
+                }
+            }
+            while let Some((side, c)) = hop2.poll_transmit() {
+                moved = true;
+                assert_eq!(side, Side::Prev);
+                hop1.handle_cell(Side::Next, c, now).unwrap();
+            }
+            if !moved {
+                return to_client;
+            }
+        }
+    }
+
+    let c = cl.cell(1, CellCmd::RELAY, 5, &begin(Target::Ip(ip("10.0.0.1")), 80));
+    hop1.handle_cell(Side::Prev, c, now).unwrap();
+    assert!(pump(&mut hop1, &mut hop2, now).is_empty());
+    let ev = events(&mut hop2);
+    assert!(
+        matches!(&ev[..], [Event::OpenStream { sid: 5, .. }]),
+        "{ev:?}"
+    );
+    hop2.stream_connected(5, None, now);
+    let c = cl.cell(1, CellCmd::RELAY, 5, &data(b"ping"));
+    hop1.handle_cell(Side::Prev, c, now).unwrap();
+    let back = pump(&mut hop1, &mut hop2, now);
+    let ev = events(&mut hop2);
+    assert!(matches!(&ev[..], [Event::StreamData { sid: 5, data }] if data.bytes() == b"ping"));
+    assert_eq!(hop2.package(5, b"pong", now), 4);
+    let mut back2 = pump(&mut hop1, &mut hop2, now);
+    let mut all = back;
+    all.append(&mut back2);
+    let msgs: Vec<(usize, u16, RelayMsg)> = all.into_iter().map(|c| cl.open(c)).collect();
+    assert_eq!(
+        msgs,
+        vec![
+            (
+                1,
+                5,
+                RelayMsg::Connected(allium_proto::relaymsg::Connected { addr: None })
+            ),
+            (1, 5, data(b"pong")),
+        ]
+    );
 }
