@@ -1,5 +1,7 @@
 //! What the HTTP server reads from the authority state, and the descriptor uploads it accepts.
 
+use std::net::SocketAddr;
+
 use allium_crypto::RelayId;
 
 use super::state::Inner;
@@ -74,26 +76,7 @@ impl Inner {
         let d = Signed::<RelayDescriptor>::from_bytes(bytes)?.verify()?;
         d.check_valid_at(now, MAX_DESC_FUTURE)?;
         let desc = d.desc();
-        // Public addresses always; internal ones only on a test network; reserved never.
-        if let Some(a) = desc
-            .addrs
-            .iter()
-            .find(|a| !addr::is_allowed(a.ip(), self.cfg.allow_private_addresses))
-        {
-            return Err(DirError::invalid(
-                "relay descriptor",
-                match addr::classify(a.ip()) {
-                    addr::AddrClass::Reserved => {
-                        "reserved address (unspecified, multicast, broadcast or documentation); \
-                         advertise a public address"
-                    }
-                    _ => {
-                        "private or loopback address (this network does not allow them); \
-                         advertise a public address"
-                    }
-                },
-            ));
-        }
+        check_addrs(&desc.addrs, self.cfg.allow_private_addresses)?;
         let id = desc.identity;
         {
             let mut st = self.lock();
@@ -120,5 +103,58 @@ impl Inner {
         }
         tracing::debug!(relay = %id, "accepted descriptor");
         Ok(id)
+    }
+}
+
+/// The authority's address policy for relay descriptors: public addresses always, internal ones
+/// only when `allow_internal` (`allow_private_addresses`, test networks), reserved ones never.
+fn check_addrs(addrs: &[SocketAddr], allow_internal: bool) -> Result<()> {
+    let Some(a) = addrs
+        .iter()
+        .find(|a| !addr::is_allowed(a.ip(), allow_internal))
+    else {
+        return Ok(());
+    };
+    Err(DirError::invalid(
+        "relay descriptor",
+        match addr::classify(a.ip()) {
+            addr::AddrClass::Reserved => {
+                "reserved address (unspecified, multicast, broadcast or documentation); \
+                 advertise a public address"
+            }
+            _ => {
+                "private or loopback address (this network does not allow them); \
+                 advertise a public address"
+            }
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|s| s.parse().expect("addr")).collect()
+    }
+
+    #[test]
+    fn descriptor_address_policy() {
+        let public = addrs(&["8.8.8.8:9001", "[2001:4860::1]:9001"]);
+        let internal = addrs(&["8.8.8.8:9001", "127.0.0.1:9001"]);
+        let mapped = addrs(&["[::ffff:10.0.0.1]:9001"]);
+        let reserved = addrs(&["224.0.0.1:9001"]);
+        let doc = addrs(&["192.0.2.1:9001"]);
+        for allow in [false, true] {
+            assert!(check_addrs(&public, allow).is_ok());
+            let e = check_addrs(&reserved, allow).expect_err("reserved");
+            assert!(e.to_string().contains("reserved"), "{e}");
+            assert!(check_addrs(&doc, allow).is_err());
+        }
+        let e = check_addrs(&internal, false).expect_err("internal refused");
+        assert!(e.to_string().contains("private"), "{e}");
+        assert!(check_addrs(&mapped, false).is_err());
+        assert!(check_addrs(&internal, true).is_ok());
+        assert!(check_addrs(&mapped, true).is_ok());
     }
 }
