@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use allium_crypto::{RelayId, X25519Public, X25519Secret};
@@ -193,7 +193,14 @@ impl Channel {
         let (sealer, opener) = t.split();
         let closed = CloseSignal::new();
         let (tx, rx) = mpsc::channel(SEND_QUEUE_CELLS);
-        tokio::spawn(writer_task(wr, rx, sealer, closed.clone()));
+        let write_timeout_ms = Arc::new(AtomicU64::new(duration_ms(WRITE_TIMEOUT)));
+        tokio::spawn(writer_task(
+            wr,
+            rx,
+            sealer,
+            closed.clone(),
+            Arc::clone(&write_timeout_ms),
+        ));
         Self {
             peer_static,
             peer_addr,
@@ -202,6 +209,7 @@ impl Channel {
             sender: ChannelSender {
                 tx,
                 closed: closed.clone(),
+                write_timeout_ms,
             },
             receiver: ChannelReceiver {
                 rd,
@@ -258,9 +266,20 @@ impl Channel {
 pub struct ChannelSender {
     tx: mpsc::Sender<Cell>,
     closed: CloseSignal,
+    /// Longest wait for one frame to be written, in milliseconds (shared with the writer task).
+    write_timeout_ms: Arc<AtomicU64>,
 }
 
 impl ChannelSender {
+    /// Set the longest wait for one frame to be written (default [`WRITE_TIMEOUT`]). A peer that
+    /// reads nothing for this long loses the link: its writer stops and the link closes. Relays
+    /// set it to their circuit stall timeout, so a peer that stops reading cannot hold the
+    /// link's queued cells (and the circuits waiting behind them) for longer.
+    pub fn set_write_timeout(&self, timeout: Duration) {
+        self.write_timeout_ms
+            .store(duration_ms(timeout).max(1), Ordering::Relaxed);
+    }
+
     /// Queue a cell, waiting while the queue is full. Fails if the link is closed, or if the cell
     /// breaks the link-cell rules (unknown command, circuit id 0 on a circuit command...).
     pub async fn send(&self, cell: Cell) -> Result<(), LinkError> {
@@ -410,11 +429,16 @@ impl ChannelReceiver {
     }
 }
 
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 async fn writer_task(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Cell>,
     mut sealer: LinkSealer,
     closed: CloseSignal,
+    write_timeout_ms: Arc<AtomicU64>,
 ) {
     // One slot per cell of a frame, zeroed once per link (every slot used is overwritten).
     let mut plain = vec![[0u8; CELL_LEN]; MAX_CELLS_PER_FRAME];
@@ -427,12 +451,32 @@ async fn writer_task(
                 () = closed.cancelled() => None,
             };
             let Some(first) = first else { break };
-            write_batch(first, &mut rx, &mut plain, &mut frame, &mut sealer, &mut wr).await?;
+            let limit = Duration::from_millis(write_timeout_ms.load(Ordering::Relaxed));
+            write_batch(
+                first,
+                &mut rx,
+                &mut plain,
+                &mut frame,
+                &mut sealer,
+                &mut wr,
+                limit,
+            )
+            .await?;
         }
         // Closing: flush what is already queued, then shut down.
         rx.close();
         while let Some(c) = rx.recv().await {
-            write_batch(c, &mut rx, &mut plain, &mut frame, &mut sealer, &mut wr).await?;
+            let limit = Duration::from_millis(write_timeout_ms.load(Ordering::Relaxed));
+            write_batch(
+                c,
+                &mut rx,
+                &mut plain,
+                &mut frame,
+                &mut sealer,
+                &mut wr,
+                limit,
+            )
+            .await?;
         }
         let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.shutdown()).await;
         Ok(())
@@ -451,6 +495,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     frame: &mut [u8],
     sealer: &mut LinkSealer,
     wr: &mut W,
+    limit: Duration,
 ) -> Result<(), LinkError> {
     // `first` and then whatever is already queued, up to one frame's worth of cells.
     let mut n = 0;
@@ -469,7 +514,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         .as_flattened();
     let n = sealer.seal_frame(plain, frame)?;
     let bytes = frame.get(..n).ok_or(LinkError::Misuse("frame bounds"))?;
-    tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(bytes))
+    tokio::time::timeout(limit, wr.write_all(bytes))
         .await
         .map_err(|_| LinkError::WriteTimeout)??;
     Ok(())

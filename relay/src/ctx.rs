@@ -395,6 +395,8 @@ impl LinkManager {
         };
         let peer_static = ch.peer_static();
         let (tx, rx) = ch.split();
+        // A peer that stops reading loses the link after the circuit stall timeout.
+        tx.set_write_timeout(ctx.limits.blocked_cap);
         let link = Link::new(
             CellSink::Channel(tx),
             true,

@@ -333,6 +333,9 @@ async fn run_listener(ctx: Arc<Ctx>, listener: TcpListener, slots: Arc<Semaphore
                 .netdir()
                 .and_then(|nd| nd.by_link_key(&peer_static).map(|e| e.identity));
             let (tx, rx) = ch.split();
+            // A peer that stops reading loses the link after the circuit stall timeout, so
+            // circuits with nothing left to send cannot be held on a stuck link either.
+            tx.set_write_timeout(ctx.limits.blocked_cap);
             let link = Link::new(
                 CellSink::Channel(tx),
                 false,

@@ -27,7 +27,7 @@ use allium_proto::cell::{Cell, CellCmd, CircId, DestroyReason};
 use allium_proto::relaymsg::EndReason;
 use allium_relay::ExitPolicy;
 use allium_relay::core::{
-    CircuitCore, CoreConfig, Event as RelayEvent, ResolveFailure, Side, answer_create,
+    CircuitCore, CoreConfig, Event as RelayEvent, ResolveFailure, Side, answer_create_body,
 };
 
 /// Port of the in-memory echo destination (RFC 862's port).
@@ -673,7 +673,7 @@ impl Net {
                     },
                 };
                 let cid = CircId::new(cell.circ_id).expect("id");
-                match answer_create(&cell.body[..], &r.id, &[&r.onion], cfg) {
+                match answer_create_body(&cell.body[..], &r.id, &[&r.onion], cfg) {
                     Ok((core, created)) => {
                         assert_eq!(self.hops.len(), hop, "one circuit, extended in order");
                         self.hops.push(core);

@@ -51,6 +51,8 @@ struct RawClient {
     tx: ChannelSender,
     rx: ChannelReceiver,
     circs: HashMap<u32, ClientCircuit>,
+    /// What each stream sends once connected.
+    request: &'static [u8],
     built: usize,
     received: usize,
     destroyed: usize,
@@ -71,6 +73,7 @@ impl RawClient {
             tx,
             rx,
             circs: HashMap::new(),
+            request: b"",
             built: 0,
             received: 0,
             destroyed: 0,
@@ -87,6 +90,10 @@ impl RawClient {
             while let Some(ev) = c.poll_event() {
                 match ev {
                     Event::Built => self.built += 1,
+                    Event::StreamConnected { stream } => {
+                        let n = c.package(stream, self.request, Instant::now());
+                        assert_eq!(n, self.request.len(), "the request fits the windows");
+                    }
                     Event::StreamData { stream, data } => {
                         self.received += data.len();
                         c.consumed(stream, 1);
@@ -177,11 +184,11 @@ fn a_frozen_client_on_the_same_guard_costs_only_its_own_circuits() {
             assert_eq!(g.stats().blocked_destroys(), 0);
             (gi, (g.identity(), g.or_addr(), g.link_key()), hops)
         };
-        let guard_destroys = || {
+        let guard_stats = || {
             let relays = net.relays.lock().expect("relays");
-            relays[guard_idx]
-                .as_ref()
-                .map_or(0, |g| g.stats().blocked_destroys())
+            relays[guard_idx].as_ref().map_or((0, 0), |g| {
+                (g.stats().blocked_destroys(), g.stats().open_circuits())
+            })
         };
 
         // The attacker: dozens of circuits through the same guard and middle, each downloading.
@@ -200,19 +207,18 @@ fn a_frozen_client_on_the_same_guard_costs_only_its_own_circuits() {
         let (host, port) = net.http_target();
         let ip: IpAddr = host.parse().expect("IP literal");
         let req = b"GET /bytes/10000000000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        attacker.request = req;
         let now = Instant::now();
         for c in attacker.circs.values_mut() {
-            let sid = c
-                .begin_stream(
-                    &StreamTarget::Begin(Begin {
-                        target: Target::Ip(ip),
-                        port,
-                        flags: BeginFlags::default(),
-                    }),
-                    now,
-                )
-                .expect("BEGIN");
-            c.package(sid, req, now);
+            c.begin_stream(
+                &StreamTarget::Begin(Begin {
+                    target: Target::Ip(ip),
+                    port,
+                    flags: BeginFlags::default(),
+                }),
+                now,
+            )
+            .expect("BEGIN");
         }
         attacker
             .pump_until("the attacker's downloads to flow", |a| {
@@ -221,6 +227,7 @@ fn a_frozen_client_on_the_same_guard_costs_only_its_own_circuits() {
             .await;
 
         // Freeze: the attacker never reads its link again (its socket stays open).
+        let (_, open_at_freeze) = guard_stats();
         let rss_before = rss_mib();
         let frozen_at = Instant::now();
         let during = honest_download(&net).await;
@@ -233,19 +240,29 @@ fn a_frozen_client_on_the_same_guard_costs_only_its_own_circuits() {
             "honest throughput fell from {baseline:.1} to {during:.1} MiB/s beside a frozen client"
         );
 
-        // The frozen client's circuits are destroyed once past the stall timeout, and only those.
-        let deadline = frozen_at + Duration::from_secs(STALL_SECS * 4 + 10);
+        // The frozen client's circuits are destroyed once past the stall timeout: those blocked
+        // on the stuck link by their own cap, the rest when the guard drops the link it cannot
+        // write to for as long.
+        let deadline = frozen_at + Duration::from_secs(STALL_SECS * 3 + 10);
         loop {
-            let destroyed = guard_destroys();
-            if destroyed >= FROZEN_CIRCUITS as u64 {
+            let (blocked, open) = guard_stats();
+            if blocked >= 1 && open + FROZEN_CIRCUITS as u64 <= open_at_freeze {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "only {destroyed} of {FROZEN_CIRCUITS} frozen circuits were destroyed"
+                "frozen circuits still open at the guard: {open} open (was {open_at_freeze} at \
+                 the freeze), {blocked} destroyed for being blocked"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // The attacker, reading again, finds its link closed by the guard.
+        let closed =
+            tokio::time::timeout(T, async { while attacker.rx.recv().await.is_some() {} }).await;
+        assert!(
+            closed.is_ok(),
+            "the guard kept the frozen client's link open"
+        );
         let rss_after = rss_mib();
         eprintln!("process RSS {rss_before:.0} MiB when frozen, {rss_after:.0} MiB after");
         assert!(
