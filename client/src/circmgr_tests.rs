@@ -1,6 +1,9 @@
 //! The circuit manager with a scripted fake builder and tokio's paused clock: pool reuse,
 //! isolation, dirtiness, retries on other paths, timeouts. No sockets, no real waiting.
 
+// The paused tokio clock: its sleeps and reads are simulated time.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;

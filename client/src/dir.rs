@@ -61,6 +61,7 @@ fn summary(v: &DirView) -> (usize, usize, usize) {
 }
 
 /// Fetch the consensus now (or use a valid cached one), then again on Tor's client schedule.
+#[allow(clippy::disallowed_methods)] // the directory fetch driver sleeps until the next fetch
 pub(crate) async fn run(
     mgr: Arc<CircMgr>,
     authorities: Vec<AuthorityInfo>,

@@ -1,6 +1,9 @@
 //! In-process networks of authorities on 127.0.0.1: voting, signatures, client acceptance,
 //! uploads, restarts.
 
+// Authorities on loopback sockets: bounded real-time waits.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use allium_directory::authority::run_round;

@@ -105,6 +105,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // the epoch of the test clock (tokio paused time in the async test)
     fn bucket_refills_at_rate_and_caps_at_burst() {
         let t0 = Instant::now();
         let b = TokenBucket::new(1000, 2000, t0);
@@ -122,12 +123,14 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // the epoch of the test clock (tokio paused time in the async test)
     fn unlimited_never_waits() {
         let b = TokenBucket::new(0, 0, Instant::now());
         assert_eq!(b.take(u64::MAX, Instant::now()), (u64::MAX, None));
     }
 
     #[tokio::test(start_paused = true)]
+    #[allow(clippy::disallowed_methods)] // the epoch of the test clock (tokio paused time in the async test)
     async fn credit_spend_waits_for_tokens() {
         let b = TokenBucket::new(1024 * 100, 1024, tokio::time::Instant::now().into_std());
         let mut c = Credit::default();

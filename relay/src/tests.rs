@@ -2,6 +2,10 @@
 //! streams to loopback sockets, and two real relays over loopback. Circuit behaviour itself is
 //! tested on the core (`core/tests.rs`) with simulated time.
 
+// Driver tests over in-memory links and loopback sockets, in real time (the cores have their own
+// simulated-time tests in `core/tests.rs`).
+#![allow(clippy::disallowed_methods)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -7,6 +7,9 @@
 //! a resolver that knows [`EXIT_ONLY_NAME`]), a SOCKS proxy, and an HTTP server
 //! ([`allium::cmd::testnet::httpd`]). Every wait is bounded.
 
+// Whole-network tests run real nodes on real sockets; their waits are bounded real time.
+#![allow(clippy::disallowed_methods)]
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};

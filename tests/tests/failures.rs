@@ -1,5 +1,8 @@
 //! Whole-network tests that damage their network (stop relays), each on a network of its own.
 
+// Whole-network tests run real nodes on real sockets; their waits are bounded real time.
+#![allow(clippy::disallowed_methods)]
+
 use std::time::{Duration, Instant};
 
 use allium_tests::{GET_HELLO, Options, TestNet, http_exchange, socks, start_relay};

@@ -2,6 +2,9 @@
 //! link to a guard must cost only its own circuits, never the honest circuits that share the
 //! guard and the middle.
 
+// Whole-network tests run real nodes on real sockets; their waits are bounded real time.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};

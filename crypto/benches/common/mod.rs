@@ -4,6 +4,8 @@
 //! measures other people's compilers. Thread CPU time (`CLOCK_THREAD_CPUTIME_ID`) is what "per core"
 //! throughput means; set `ALLIUM_BENCH_WALL=1` to measure wall time instead.
 
+// Benchmarks measure real time.
+#![allow(clippy::disallowed_methods)]
 #![allow(dead_code)]
 
 use std::time::{Duration, Instant};

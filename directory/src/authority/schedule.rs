@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use super::state::Inner;
 
 /// The wall clock in unix milliseconds (the schedule's only clock read).
+#[allow(clippy::disallowed_methods)] // the voting schedule driver: the authority's one clock
 fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -19,6 +20,7 @@ fn now_unix_ms() -> u64 {
 /// seconds) the authority votes at `va − I/2`, computes at `va − I/4` and publishes at `va`. Phase
 /// times are kept in milliseconds so that short test-network intervals (2 s) keep three distinct
 /// phases and no phase fires up to a second late.
+#[allow(clippy::disallowed_methods)] // the voting schedule driver: the authority's one clock
 pub(crate) async fn schedule_loop(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
     let i = inner.cfg.voting_interval_secs;
     let i_ms = i.saturating_mul(1000);

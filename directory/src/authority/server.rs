@@ -219,6 +219,7 @@ impl axum::serve::Listener for LimitedListener {
     type Io = LimitedIo;
     type Addr = SocketAddr;
 
+    #[allow(clippy::disallowed_methods)] // the HTTP server driver: accept back-off and connection lifetime
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             let Ok(permit) = self.sem.clone().acquire_owned().await else {

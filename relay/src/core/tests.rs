@@ -1,5 +1,8 @@
 //! The core driven directly with simulated time: no tokio, no sockets.
 
+// The epoch of simulated time: each test reads the clock once and only adds durations to it.
+#![allow(clippy::disallowed_methods)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -4,6 +4,9 @@
 //! It waits until the proxy carries a stream, prints the SOCKS address and a `curl` line, writes
 //! `testnet.json` in the data directory, and runs until Ctrl-C (or SIGTERM), then stops every child.
 
+// `allium testnet` supervises real processes in real time: a driver.
+#![allow(clippy::disallowed_methods)]
+
 pub mod httpd;
 pub mod plan;
 mod procs;

@@ -1,5 +1,8 @@
 //! Child processes of the test network: started from this same binary, stopped by PID.
 
+// Process supervision waits on real processes in real time: a driver.
+#![allow(clippy::disallowed_methods)]
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
