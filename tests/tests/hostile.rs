@@ -160,8 +160,10 @@ fn a_frozen_client_on_the_same_guard_costs_only_its_own_circuits() {
     });
     net.rt.block_on(async {
         // The honest client's usual throughput, and the path its circuit takes.
+        // Best of two after a warm-up, on both sides of the comparison: one download is short,
+        // and a shared machine adds noise to any single one.
         let _ = honest_download(&net).await;
-        let baseline = honest_download(&net).await;
+        let baseline = honest_download(&net).await.max(honest_download(&net).await);
         let path: [RelayId; 3] = net
             .proxy
             .circuits()
@@ -233,7 +235,11 @@ fn a_frozen_client_on_the_same_guard_costs_only_its_own_circuits() {
         let (_, open_at_freeze) = guard_stats();
         let rss_before = rss_mib();
         let frozen_at = Instant::now();
-        let during = honest_download(&net).await;
+        let during = honest_download(&net).await.max(honest_download(&net).await);
+        assert!(
+            frozen_at.elapsed() < Duration::from_secs(STALL_SECS),
+            "the honest downloads must run while the client is still frozen"
+        );
         eprintln!(
             "honest download: {baseline:.1} MiB/s before, {during:.1} MiB/s beside a frozen \
              client with {FROZEN_CIRCUITS} circuits on the same guard and middle"
@@ -245,11 +251,16 @@ fn a_frozen_client_on_the_same_guard_costs_only_its_own_circuits() {
 
         // The frozen client's circuits are destroyed once past the stall timeout: those blocked
         // on the stuck link by their own cap, the rest when the guard drops the link it cannot
-        // write to for as long.
+        // write to for as long (whichever of the two equal timeouts fires first).
         let deadline = frozen_at + Duration::from_secs(STALL_SECS * 3 + 10);
         loop {
             let (blocked, open) = guard_stats();
-            if blocked >= 1 && open + FROZEN_CIRCUITS as u64 <= open_at_freeze {
+            if open + FROZEN_CIRCUITS as u64 <= open_at_freeze {
+                eprintln!(
+                    "all {FROZEN_CIRCUITS} frozen circuits destroyed after {:.1} s ({blocked} by \
+                     their own stall cap, the rest with the stuck link)",
+                    frozen_at.elapsed().as_secs_f64()
+                );
                 break;
             }
             assert!(
