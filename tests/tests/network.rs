@@ -302,18 +302,26 @@ fn guards_persist_across_proxy_restarts() {
         let first: Vec<_> = proxy.circuits().iter().map(|c| c.path[0]).collect();
         proxy.shutdown().await;
         let state = std::fs::read_to_string(data.path().join("guards.json")).expect("guards.json");
-        assert!(
-            state.contains(&first[0].to_hex()),
-            "the guard in use is not in the state file"
-        );
+        // A circuit's guard is the first primary guard that is not its exit: one of the first two
+        // sampled guards (every relay of the test network runs).
+        let sampled = allium_client::guard::GuardSet::load(data.path())
+            .expect("guard state")
+            .sampled();
+        let first_two = &sampled[..2.min(sampled.len())];
+        for g in &first {
+            assert!(
+                first_two.contains(g),
+                "a circuit used a guard that is not primary"
+            );
+        }
         for _ in 0..2 {
             let proxy = net.start_proxy(data.path()).await.expect("restarted proxy");
             let again: Vec<_> = proxy.circuits().iter().map(|c| c.path[0]).collect();
-            // Every circuit uses a guard sampled by the first run.
+            assert!(!again.is_empty(), "the restarted proxy built no circuit");
+            // Every circuit still uses one of the guards the first run chose.
             for g in &again {
-                assert!(state.contains(&g.to_hex()), "a new guard after a restart");
+                assert!(first_two.contains(g), "a new guard after a restart");
             }
-            assert!(first.iter().any(|g| again.contains(g)));
             proxy.shutdown().await;
         }
         assert_eq!(
