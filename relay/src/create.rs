@@ -1,8 +1,11 @@
 //! The handshake pool: CREATE cells are answered here, off the link readers (Tor's onionskin
 //! queue).
 //!
-//! A link reader reserves the circuit id and calls [`submit`]; a few worker tasks take jobs
-//! oldest first and run [`crate::core::answer_create`] (the public-key work). The queue is
+//! A link reader reserves the circuit id and calls [`submit`]; a few worker threads take jobs
+//! oldest first and run [`crate::core::answer_create`] (the public-key work). The workers are
+//! dedicated OS threads at a lower scheduling priority (nice +10, where the OS allows it), not
+//! tasks on the runtime: under a CREATE flood the link readers and circuit reactors, which carry
+//! established circuits, keep the CPU, and the flood only fills (and ages out of) this queue. The queue is
 //! bounded ([`Limits::create_queue`]): when it is full the *oldest* job is dropped, and a job
 //! that waited longer than [`Limits::create_max_delay`] is dropped when a worker reaches it.
 //! A link may have at most [`Limits::create_per_link`] CREATEs waiting (checked by its reader
@@ -11,12 +14,11 @@
 //! [`crate::Stats::creates_dropped`].
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use allium_crypto::X25519Secret;
 use allium_proto::cell::{Cell, CircId, DestroyReason};
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::core::{CoreConfig, answer_create_body};
@@ -34,7 +36,7 @@ struct Job {
 #[derive(Default)]
 pub(crate) struct CreateQueue {
     jobs: Mutex<VecDeque<Job>>,
-    ready: Notify,
+    ready: Condvar,
 }
 
 impl std::fmt::Debug for CreateQueue {
@@ -72,6 +74,11 @@ pub(crate) fn submit(ctx: &Ctx, link: Arc<Link>, cell: Cell, now: Instant) {
     ctx.creates.ready.notify_one();
 }
 
+/// How much lower than the rest of the relay the handshake workers run (nice increment).
+const WORKER_NICE: i32 = 10;
+/// How often an idle worker checks for shutdown.
+const WORKER_POLL: Duration = Duration::from_millis(200);
+
 /// Refuse a CREATE that was dropped from the queue.
 fn refuse(ctx: &Ctx, job: &Job, reason: DestroyReason) {
     ctx.stats.note_create_dropped();
@@ -80,36 +87,104 @@ fn refuse(ctx: &Ctx, job: &Job, reason: DestroyReason) {
     job.link.send_destroy_detached(id, reason);
 }
 
-/// Start the workers; they stop at shutdown.
+/// Start the workers (OS threads; they stop at shutdown). Each returned task ends when its
+/// worker thread has stopped.
 pub(crate) fn spawn_workers(ctx: &Arc<Ctx>) -> Vec<JoinHandle<()>> {
+    if ctx.limits.create_on_runtime {
+        return (0..ctx.limits.create_workers.max(1))
+            .map(|_| tokio::spawn(runtime_worker(Arc::clone(ctx))))
+            .collect();
+    }
+    let rt = tokio::runtime::Handle::current();
     (0..ctx.limits.create_workers.max(1))
-        .map(|_| tokio::spawn(worker(Arc::clone(ctx))))
+        .filter_map(|i| {
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let ctx = Arc::clone(ctx);
+            let rt = rt.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("allium-onionskin-{i}"))
+                .spawn(move || {
+                    lower_priority();
+                    // Reactors of answered circuits are spawned on the relay's runtime.
+                    let _guard = rt.enter();
+                    worker(&ctx);
+                    let _ = done_tx.send(());
+                });
+            match spawned {
+                Ok(_) => Some(tokio::spawn(async move {
+                    let _ = done_rx.await;
+                })),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not start a handshake worker thread");
+                    None
+                }
+            }
+        })
         .collect()
 }
 
-async fn worker(ctx: Arc<Ctx>) {
+/// Lower this thread's scheduling priority (best effort: some sandboxes refuse).
+fn lower_priority() {
+    let tid = rustix::thread::gettid();
+    let current = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), current + WORKER_NICE) {
+        tracing::debug!(error = %e, "could not lower the handshake worker's priority");
+    }
+}
+
+fn worker(ctx: &Arc<Ctx>) {
+    let shutdown = ctx.shutdown.subscribe();
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let job = {
+            let mut q = ctx.creates.lock();
+            if q.is_empty() {
+                q = match ctx.creates.ready.wait_timeout(q, WORKER_POLL) {
+                    Ok((q, _)) => q,
+                    Err(p) => p.into_inner().0,
+                };
+            }
+            q.pop_front()
+        };
+        if let Some(job) = job {
+            run_job(ctx, job);
+        }
+    }
+}
+
+/// The same worker as a task on the runtime ([`Limits::create_on_runtime`], paused-clock tests).
+async fn runtime_worker(ctx: Arc<Ctx>) {
     let mut shutdown = ctx.shutdown.subscribe();
+    let mut poll = tokio::time::interval(Duration::from_millis(1));
     loop {
         if *shutdown.borrow_and_update() {
             return;
         }
         let job = ctx.creates.lock().pop_front();
-        let Some(job) = job else {
-            tokio::select! {
-                () = ctx.creates.ready.notified() => {}
-                _ = shutdown.changed() => return,
+        match job {
+            Some(job) => {
+                run_job(&ctx, job);
+                tokio::task::yield_now().await;
             }
-            continue;
-        };
-        let now = coarse_now();
-        if now.saturating_duration_since(job.queued) > ctx.limits.create_max_delay {
-            refuse(&ctx, &job, DestroyReason::RESOURCELIMIT);
-            continue;
+            None => {
+                tokio::select! {
+                    _ = poll.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
         }
-        answer(&ctx, job, now);
-        // Let readers and reactors run between handshakes.
-        tokio::task::yield_now().await;
     }
+}
+
+fn run_job(ctx: &Arc<Ctx>, job: Job) {
+    let now = coarse_now();
+    if now.saturating_duration_since(job.queued) > ctx.limits.create_max_delay {
+        refuse(ctx, &job, DestroyReason::RESOURCELIMIT);
+        return;
+    }
+    answer(ctx, job, now);
 }
 
 /// Run the handshake and start the circuit's reactor (or refuse).

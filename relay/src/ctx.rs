@@ -120,6 +120,9 @@ pub(crate) struct Limits {
     pub(crate) create_workers: usize,
     /// CREATEs from one link waiting for a worker, at most.
     pub(crate) create_per_link: usize,
+    /// Run the handshake workers as tasks on the runtime instead of low-priority threads (tests
+    /// with tokio's paused clock, which must see every piece of work to advance time correctly).
+    pub(crate) create_on_runtime: bool,
 }
 
 /// A circuit's inbound queue: both windows (1000 DATA cells each way) plus room for control
@@ -144,6 +147,7 @@ impl Default for Limits {
             create_max_delay: CREATE_MAX_DELAY,
             create_workers: CREATE_WORKERS,
             create_per_link: CREATE_PER_LINK,
+            create_on_runtime: false,
         }
     }
 }

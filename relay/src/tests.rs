@@ -1257,7 +1257,12 @@ async fn frozen_link_does_not_stall_other_circuits() {
     const FROZEN: usize = 24;
     const PER_FROZEN: usize = 300;
     const HONEST_CELLS: usize = 3000;
-    let r = test_relay(ExitPolicy::default());
+    // Tokio's paused clock must see the handshake work: workers as runtime tasks.
+    let limits = Limits {
+        create_on_runtime: true,
+        ..Limits::default()
+    };
+    let r = test_relay_limits(ExitPolicy::default(), |_| {}, limits);
     let mut nl = attach_next(&r, 8192);
     // The frozen client: a queue of 64 cells that nobody reads after the setup.
     let mut frozen = attach_full(&r.ctx, None, false, 64, 4096);

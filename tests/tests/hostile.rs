@@ -140,6 +140,13 @@ fn hop(r: &RelayHandle) -> HopTarget {
     HopTarget::new(r.identity(), r.onion_key(), &[r.or_addr()])
 }
 
+/// The tests here compare throughput with and without an attack: they run one at a time, so one
+/// test's network never loads the machine under another's measurement.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn rss_mib() -> f64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: f64 = statm
@@ -152,6 +159,7 @@ fn rss_mib() -> f64 {
 
 #[test]
 fn a_frozen_client_on_the_same_guard_costs_only_its_own_circuits() {
+    let _serial = serial();
     allium_tests::init_logging();
     let net = TestNet::start(Options {
         relays: 3,
@@ -288,5 +296,123 @@ fn a_frozen_client_on_the_same_guard_costs_only_its_own_circuits() {
         let after = honest_download(&net).await;
         assert!(after >= baseline / 2.0, "after: {after:.1} MiB/s");
         drop(attacker);
+    });
+}
+
+/// CREATE cells per second the flood sends, over its four links.
+const FLOOD_RATE: u64 = 4_000;
+
+/// Flood the guard with CREATE cells on four links from the attacker's address (one onionskin
+/// replayed, so each costs the attacker nothing and the relay a full handshake) for as long as
+/// `stop` is unset. Returns the cells answered (CREATED or DESTROY).
+async fn create_flood(
+    guard: (RelayId, SocketAddr, X25519Public),
+    onion: X25519Public,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u64, u64) {
+    use std::sync::atomic::Ordering;
+    let (skin_hs, skin) =
+        allium_crypto::handshake::client_start(&guard.0, &onion, &[]).expect("onionskin");
+    drop(skin_hs);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let client = RawClient::connect(guard).await;
+        let RawClient { tx, mut rx, .. } = client;
+        let skin = skin.clone();
+        let stop2 = std::sync::Arc::clone(&stop);
+        let sender = tokio::spawn(async move {
+            let mut sent = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            while !stop2.load(Ordering::Relaxed) {
+                // FLOOD_RATE / 4 per link: 1 / 400 of that every 10 ms.
+                if sent.is_multiple_of(FLOOD_RATE / 400) {
+                    tick.tick().await;
+                }
+                let cell = allium_proto::cell::Cell::create(
+                    CircId::random(true),
+                    &allium_proto::cell::Create {
+                        htype: allium_proto::cell::HTYPE_NTOR3,
+                        hdata: skin.clone(),
+                    },
+                )
+                .expect("CREATE");
+                if tx.send(cell).await.is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            sent
+        });
+        let stop3 = std::sync::Arc::clone(&stop);
+        let reader = tokio::spawn(async move {
+            let mut answered = 0u64;
+            while !stop3.load(Ordering::Relaxed) {
+                match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+                    Ok(Some(_)) => answered += 1,
+                    Ok(None) => break,
+                    Err(_) => {}
+                }
+            }
+            answered
+        });
+        tasks.push((sender, reader));
+    }
+    let (mut sent, mut answered) = (0, 0);
+    for (s, r) in tasks {
+        sent += s.await.unwrap_or(0);
+        answered += r.await.unwrap_or(0);
+    }
+    (sent, answered)
+}
+
+#[test]
+fn a_create_flood_does_not_stall_established_circuits() {
+    let _serial = serial();
+    allium_tests::init_logging();
+    let net = TestNet::start(Options {
+        relays: 3,
+        exits: 1,
+        ..Options::default()
+    });
+    net.rt.block_on(async {
+        let _ = honest_download(&net).await;
+        let baseline = honest_download(&net).await.max(honest_download(&net).await);
+        let path = net
+            .proxy
+            .circuits()
+            .into_iter()
+            .find(|c| c.dirty)
+            .expect("the circuit that carried the download")
+            .path;
+        let (guard, onion, gi) = {
+            let relays = net.relays.lock().expect("relays");
+            let gi = relays
+                .iter()
+                .position(|r| r.as_ref().is_some_and(|r| r.identity() == path[0]))
+                .expect("guard");
+            let g = relays[gi].as_ref().expect("guard runs");
+            ((g.identity(), g.or_addr(), g.link_key()), g.onion_key(), gi)
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flood = tokio::spawn(create_flood(guard, onion, std::sync::Arc::clone(&stop)));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let during = honest_download(&net).await.max(honest_download(&net).await);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (sent, answered) = flood.await.expect("flood");
+        let dropped = {
+            let relays = net.relays.lock().expect("relays");
+            relays[gi]
+                .as_ref()
+                .map_or(0, |g| g.stats().creates_dropped())
+        };
+        eprintln!(
+            "honest download: {baseline:.1} MiB/s before, {during:.1} MiB/s during a CREATE flood \
+             ({sent} CREATEs sent on 4 links, {answered} answered, {dropped} refused by the queue)"
+        );
+        assert!(sent > FLOOD_RATE, "the flood did not flood: {sent} CREATEs");
+        assert!(
+            during >= baseline / 2.0,
+            "honest throughput fell from {baseline:.1} to {during:.1} MiB/s during a CREATE flood"
+        );
     });
 }
