@@ -59,10 +59,16 @@ fn info(h: &FakeHop, link: &X25519Secret, addr: SocketAddr) -> RelayInfo {
 }
 
 /// Originate `msg` at hop `at` towards the client (layers of hops `at-1..0` added).
-fn backward(hops: &mut [RelayHopCrypto], at: usize, circ: u32, sid: u16, msg: &RelayMsg) -> Cell {
+fn backward(
+    hops: &mut [RelayHopCrypto],
+    at: usize,
+    circ: CircId,
+    sid: u16,
+    msg: &RelayMsg,
+) -> Cell {
     let mut buf = [0u8; RELAY_MSG_LEN];
     let n = msg.encode(sid, &mut buf).unwrap();
-    let mut cell = Cell::new_zeroed(circ, CellCmd::RELAY);
+    let mut cell = Cell::new_zeroed(Some(circ), CellCmd::RELAY);
     hops[at]
         .encrypt_backward(CellCmd::RELAY.0, &buf[..n], &mut cell.body)
         .unwrap();
@@ -82,7 +88,7 @@ async fn fake_relay(
 ) -> bool {
     let mut hops: Vec<RelayHopCrypto> = Vec::new();
     while let Some(mut cell) = rx.recv().await {
-        let id = cell.circ_id;
+        let id = cell.circ_id.expect("decoded non-PADDING cells carry an id");
         match cell.cmd {
             CellCmd::CREATE => {
                 let c = Create::decode(&cell.body[..]).unwrap();
@@ -94,8 +100,7 @@ async fn fake_relay(
                 )
                 .unwrap();
                 hops.push(RelayHopCrypto::new(&k));
-                let cid = CircId::new(id).unwrap();
-                tx.send(Cell::created(cid, &Created { hdata: reply }).unwrap())
+                tx.send(Cell::created(id, &Created { hdata: reply }).unwrap())
                     .await
                     .unwrap();
             }
@@ -151,7 +156,7 @@ async fn fake_relay(
 async fn misbehave(
     tx: &ChannelSender,
     hops: &mut [RelayHopCrypto],
-    id: u32,
+    id: CircId,
     sid: u16,
     how: Misbehave,
 ) {

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use allium_crypto::RelayId;
+use allium_proto::cell::CircId;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -176,7 +177,7 @@ pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
     wake: Notify,
     ready: watch::Sender<bool>,
     /// SOCKS client address → circuit id of its open stream (diagnostics and tests).
-    by_peer: Mutex<HashMap<std::net::SocketAddr, u32>>,
+    by_peer: Mutex<HashMap<std::net::SocketAddr, CircId>>,
 }
 
 impl<B: CircBuilder> std::fmt::Debug for CircMgr<B> {
@@ -545,7 +546,7 @@ impl<B: CircBuilder> CircMgr<B> {
 
     /// Remember that the SOCKS client at `peer` has a stream on circuit `circ` (until
     /// [`CircMgr::forget_peer`]).
-    pub(crate) fn note_peer(&self, peer: std::net::SocketAddr, circ: u32) {
+    pub(crate) fn note_peer(&self, peer: std::net::SocketAddr, circ: CircId) {
         if let Ok(mut m) = self.by_peer.lock() {
             m.insert(peer, circ);
         }
@@ -559,7 +560,7 @@ impl<B: CircBuilder> CircMgr<B> {
     }
 
     /// The circuit id carrying the stream of the SOCKS client at `peer`.
-    pub(crate) fn peer_circuit(&self, peer: std::net::SocketAddr) -> Option<u32> {
+    pub(crate) fn peer_circuit(&self, peer: std::net::SocketAddr) -> Option<CircId> {
         self.by_peer.lock().ok().and_then(|m| m.get(&peer).copied())
     }
 

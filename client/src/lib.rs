@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use allium_proto::cell::CircId;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -90,7 +91,7 @@ impl ProxyHandle {
     /// The circuit (its id on the guard link) carrying the stream of the SOCKS client whose
     /// local address is `client_addr`, while that stream is open. Streams of one isolation key
     /// share a circuit; streams of different keys never do.
-    pub fn debug_stream_circuit(&self, client_addr: SocketAddr) -> Option<u32> {
+    pub fn debug_stream_circuit(&self, client_addr: SocketAddr) -> Option<CircId> {
         self.mgr.peer_circuit(client_addr)
     }
 

@@ -43,7 +43,7 @@ pub(crate) struct Registration {
 /// A link's routing table: circuit id → the circuit's bounded inbound queue.
 #[derive(Default)]
 pub(crate) struct Router {
-    routes: Mutex<HashMap<u32, Route>>,
+    routes: Mutex<HashMap<CircId, Route>>,
 }
 
 impl Router {
@@ -55,14 +55,14 @@ impl Router {
             .map_err(|_| crate::err::CircError::NotReady("link routing table poisoned"))?;
         let id = loop {
             let id = CircId::random(true);
-            if !map.contains_key(&id.get()) {
+            if !map.contains_key(&id) {
                 break id;
             }
         };
         let (tx, inbound) = mpsc::channel(cap);
         let overflowed = Arc::new(AtomicBool::new(false));
         map.insert(
-            id.get(),
+            id,
             Route {
                 tx,
                 overflowed: Arc::clone(&overflowed),
@@ -78,7 +78,7 @@ impl Router {
     /// Drop a circuit's route.
     pub(crate) fn unregister(&self, id: CircId) {
         if let Ok(mut m) = self.routes.lock() {
-            m.remove(&id.get());
+            m.remove(&id);
         }
     }
 
@@ -95,7 +95,10 @@ impl Router {
         let Ok(mut map) = self.routes.lock() else {
             return;
         };
-        let id = cell.circ_id;
+        // Decoding guarantees an id on every command but PADDING (which has no circuit).
+        let Some(id) = cell.circ_id else {
+            return;
+        };
         let Some(route) = map.get(&id) else {
             // A cell for a circuit we already closed (e.g. its DESTROY crossed ours): drop it.
             return;
@@ -198,7 +201,7 @@ mod tests {
     use super::*;
 
     fn cell(id: CircId) -> Cell {
-        Cell::new_zeroed(id.get(), CellCmd::RELAY)
+        Cell::new_zeroed(Some(id), CellCmd::RELAY)
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@
 use std::hint::black_box;
 
 use allium_crypto::{RelayId, X25519Secret};
-use allium_proto::cell::{CELL_LEN, Cell, CellCmd};
+use allium_proto::cell::{CELL_LEN, Cell, CellCmd, CircId};
 use allium_proto::channel;
 use allium_proto::link::{Initiator, LinkTransport, MAX_CELLS_PER_FRAME, MAX_FRAME_LEN, Responder};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group};
@@ -156,7 +156,7 @@ fn bench_channel(c: &mut Criterion) {
                 let tx = tx.clone();
                 let send = tokio::spawn(async move {
                     for i in 0..CELLS {
-                        let mut cell = Cell::new_zeroed(0x8000_0001, CellCmd::RELAY);
+                        let mut cell = Cell::new_zeroed(CircId::new(0x8000_0001), CellCmd::RELAY);
                         cell.body[0] = i as u8;
                         tx.send(cell).await.unwrap();
                     }

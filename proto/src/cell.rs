@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Invariants enforced by [`Cell::decode`]: `cmd` is one of the six known commands (anything else
-//! closes the link); PADDING has `circ_id == 0`; every other command has `circ_id != 0`.
+//! closes the link); PADDING has wire `circ_id == 0`; every other command has `circ_id != 0`.
+//! In memory the id is an `Option<CircId>`: wire 0 is `None`, and `None` encodes as 0.
 
 use std::fmt;
 use std::num::NonZeroU32;
@@ -44,11 +45,14 @@ impl CircId {
     pub const INITIATOR_BIT: u32 = 0x8000_0000;
 
     /// `None` for 0.
-    pub fn new(v: u32) -> Option<Self> {
-        NonZeroU32::new(v).map(Self)
+    pub const fn new(v: u32) -> Option<Self> {
+        match NonZeroU32::new(v) {
+            Some(v) => Some(Self(v)),
+            None => None,
+        }
     }
     /// The wire value.
-    pub fn get(self) -> u32 {
+    pub const fn get(self) -> u32 {
         self.0.get()
     }
     /// True if the link initiator's allocation rule produced this id (MSB set).
@@ -142,8 +146,11 @@ impl fmt::Debug for CellCmd {
 /// One link cell.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Cell {
-    /// The circuit id (0 only for PADDING). Use [`CircId`] to interpret it.
-    pub circ_id: u32,
+    /// The circuit id: wire 0 is `None`, which a decoded cell has only for PADDING. The relay's
+    /// sans-IO circuit core also emits its cells with `None` (it serves two links) and its driver
+    /// writes the link's id before sending; [`Cell::check`] refuses a non-PADDING cell still at
+    /// `None`.
+    pub circ_id: Option<CircId>,
     /// The command.
     pub cmd: CellCmd,
     /// The 1019-byte body.
@@ -153,7 +160,7 @@ pub struct Cell {
 impl fmt::Debug for Cell {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Cell")
-            .field("circ_id", &format_args!("{:#010x}", self.circ_id))
+            .field("circ_id", &format_args!("{:#010x}", wire_id(self.circ_id)))
             .field("cmd", &self.cmd)
             .finish_non_exhaustive()
     }
@@ -161,7 +168,7 @@ impl fmt::Debug for Cell {
 
 impl Cell {
     /// A cell with an all-zero body.
-    pub fn new_zeroed(circ_id: u32, cmd: CellCmd) -> Self {
+    pub fn new_zeroed(circ_id: Option<CircId>, cmd: CellCmd) -> Self {
         Self {
             circ_id,
             cmd,
@@ -169,35 +176,30 @@ impl Cell {
         }
     }
 
-    /// A PADDING cell (circ id 0, zero body).
+    /// A PADDING cell (no circuit id, wire 0; zero body).
     pub fn padding() -> Self {
-        Self::new_zeroed(0, CellCmd::PADDING)
+        Self::new_zeroed(None, CellCmd::PADDING)
     }
 
     /// A CREATE cell.
     pub fn create(circ_id: CircId, create: &Create) -> Result<Self> {
-        let mut c = Self::new_zeroed(circ_id.get(), CellCmd::CREATE);
+        let mut c = Self::new_zeroed(Some(circ_id), CellCmd::CREATE);
         create.encode(&mut c.body)?;
         Ok(c)
     }
 
     /// A CREATED cell.
     pub fn created(circ_id: CircId, created: &Created) -> Result<Self> {
-        let mut c = Self::new_zeroed(circ_id.get(), CellCmd::CREATED);
+        let mut c = Self::new_zeroed(Some(circ_id), CellCmd::CREATED);
         created.encode(&mut c.body)?;
         Ok(c)
     }
 
     /// A DESTROY cell.
     pub fn destroy(circ_id: CircId, reason: DestroyReason) -> Self {
-        let mut c = Self::new_zeroed(circ_id.get(), CellCmd::DESTROY);
+        let mut c = Self::new_zeroed(Some(circ_id), CellCmd::DESTROY);
         Destroy { reason }.encode(&mut c.body);
         c
-    }
-
-    /// The circuit id, `None` for 0.
-    pub fn circ_id(&self) -> Option<CircId> {
-        CircId::new(self.circ_id)
     }
 
     /// Check the command and circuit-id rules (see the module docs).
@@ -205,7 +207,7 @@ impl Cell {
         if !self.cmd.is_known() {
             return Err(ProtoError::UnknownCellCmd(self.cmd.0));
         }
-        match (self.cmd == CellCmd::PADDING, self.circ_id == 0) {
+        match (self.cmd == CellCmd::PADDING, self.circ_id.is_none()) {
             (true, false) => Err(ProtoError::Invalid {
                 object: "link cell",
                 problem: "PADDING with a non-zero circuit id",
@@ -221,7 +223,7 @@ impl Cell {
     /// Write the 1024 wire bytes.
     pub fn encode_into(&self, out: &mut [u8; CELL_LEN]) {
         let (hdr, body) = out.split_at_mut(CELL_HEADER_LEN);
-        hdr[..4].copy_from_slice(&self.circ_id.to_be_bytes());
+        hdr[..4].copy_from_slice(&wire_id(self.circ_id).to_be_bytes());
         hdr[4] = self.cmd.0;
         body.copy_from_slice(&self.body[..]);
     }
@@ -236,7 +238,7 @@ impl Cell {
     /// Decode exactly [`CELL_LEN`] bytes, enforcing the rules of [`Cell::check`].
     pub fn decode(b: &[u8]) -> Result<Self> {
         let mut r = Reader::for_object(b, "link cell");
-        let circ_id = r.take_u32()?;
+        let circ_id = CircId::new(r.take_u32()?);
         let cmd = CellCmd(r.take_u8()?);
         // One allocation and one copy, straight from the frame into the box (no stack copy).
         let body: Box<[u8]> = r.take(CELL_BODY_LEN)?.into();
@@ -250,6 +252,14 @@ impl Cell {
         Ok(cell)
     }
 }
+
+/// The wire value of an optional circuit id (0 for `None`).
+fn wire_id(id: Option<CircId>) -> u32 {
+    id.map_or(0, CircId::get)
+}
+
+// `Option<CircId>` costs nothing over the bare `u32` it replaces (niche of `NonZeroU32`).
+const _: () = assert!(std::mem::size_of::<Option<CircId>>() == 4);
 
 /// CREATE body: `htype u16 | hlen u16 | hdata | zero pad`.
 #[derive(Clone, PartialEq, Eq, Debug)]

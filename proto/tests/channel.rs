@@ -46,7 +46,7 @@ async fn serve_one(
 }
 
 fn cell(circ: u32, n: u16) -> Cell {
-    let mut c = Cell::new_zeroed(circ, CellCmd::RELAY);
+    let mut c = Cell::new_zeroed(CircId::new(circ), CellCmd::RELAY);
     c.body[..2].copy_from_slice(&n.to_be_bytes());
     c.body[1018] = n as u8;
     c
@@ -94,8 +94,16 @@ async fn cells_flow_both_ways() {
         assert_eq!(c, cell(7, i));
     }
     // Invalid cells are refused locally.
-    assert!(ctx.send(Cell::new_zeroed(0, CellCmd::RELAY)).await.is_err());
-    assert!(ctx.send(Cell::new_zeroed(1, CellCmd(9))).await.is_err());
+    assert!(
+        ctx.send(Cell::new_zeroed(None, CellCmd::RELAY))
+            .await
+            .is_err()
+    );
+    assert!(
+        ctx.send(Cell::new_zeroed(CircId::new(1), CellCmd(9)))
+            .await
+            .is_err()
+    );
 
     // Closing one side ends the other's receiver.
     ctx.close();

@@ -41,7 +41,7 @@ fn constants_match_design() {
 fn create_cell_vector() {
     let wire = padded(&unhex("80000001 01 0001 0003 aabbcc"), CELL_LEN);
     let cell = Cell::decode(&wire).unwrap();
-    assert_eq!(cell.circ_id, 0x8000_0001);
+    assert_eq!(cell.circ_id, CircId::new(0x8000_0001));
     assert_eq!(cell.cmd, CellCmd::CREATE);
     let create = Create::decode(&cell.body[..]).unwrap();
     assert_eq!(
@@ -87,7 +87,7 @@ fn relay_and_padding_cells_round_trip() {
         (5, CellCmd::RELAY),
         (0x8000_0005, CellCmd::RELAY_EARLY),
     ] {
-        let mut c = Cell::new_zeroed(circ, cmd);
+        let mut c = Cell::new_zeroed(CircId::new(circ), cmd);
         for (i, b) in c.body.iter_mut().enumerate() {
             *b = i as u8;
         }

@@ -28,6 +28,8 @@ use crate::link::{Link, coarse_now};
 /// One CREATE waiting for a worker.
 struct Job {
     link: Arc<Link>,
+    /// The reserved id (the CREATE cell's own).
+    id: CircId,
     cell: Cell,
     queued: Instant,
 }
@@ -51,9 +53,9 @@ impl CreateQueue {
     }
 }
 
-/// Queue a CREATE whose id `link` has reserved. Never waits: if the queue is full, the oldest
-/// job is refused to make room.
-pub(crate) fn submit(ctx: &Ctx, link: Arc<Link>, cell: Cell, now: Instant) {
+/// Queue a CREATE whose id `id` `link` has reserved. Never waits: if the queue is full, the
+/// oldest job is refused to make room.
+pub(crate) fn submit(ctx: &Ctx, link: Arc<Link>, id: CircId, cell: Cell, now: Instant) {
     let dropped = {
         let mut q = ctx.creates.lock();
         let dropped = if q.len() >= ctx.limits.create_queue.max(1) {
@@ -63,6 +65,7 @@ pub(crate) fn submit(ctx: &Ctx, link: Arc<Link>, cell: Cell, now: Instant) {
         };
         q.push_back(Job {
             link,
+            id,
             cell,
             queued: now,
         });
@@ -82,9 +85,8 @@ const WORKER_POLL: Duration = Duration::from_millis(200);
 /// Refuse a CREATE that was dropped from the queue.
 fn refuse(ctx: &Ctx, job: &Job, reason: DestroyReason) {
     ctx.stats.note_create_dropped();
-    let id = job.cell.circ_id;
-    job.link.unreserve(id);
-    job.link.send_destroy_detached(id, reason);
+    job.link.unreserve(job.id);
+    job.link.send_destroy_detached(job.id, reason);
 }
 
 /// Start the workers (OS threads; they stop at shutdown). Each returned task ends when its
@@ -189,12 +191,7 @@ fn run_job(ctx: &Arc<Ctx>, job: Job) {
 
 /// Run the handshake and start the circuit's reactor (or refuse).
 fn answer(ctx: &Arc<Ctx>, job: Job, now: Instant) {
-    let Job { link, cell, .. } = job;
-    let id = cell.circ_id;
-    let Some(cid) = CircId::new(id) else {
-        link.unreserve(id);
-        return;
-    };
+    let Job { link, id, cell, .. } = job;
     if link.is_closed() {
         return;
     }
@@ -207,7 +204,7 @@ fn answer(ctx: &Arc<Ctx>, job: Job, now: Instant) {
         answer_create_body(&cell.body[..], &ctx.keys.id, &keys, cfg)
     };
     match result {
-        Ok((core, created)) => match Cell::created(cid, &created) {
+        Ok((core, created)) => match Cell::created(id, &created) {
             Ok(reply) => crate::reactor::spawn(ctx, core, link, id, reply, now),
             Err(_) => {
                 link.unreserve(id);

@@ -145,7 +145,7 @@ pub(crate) struct CircHandle {
 
 /// The reader's one-entry route cache.
 struct Cached {
-    id: u32,
+    id: CircId,
     generation: u64,
     handle: CircHandle,
     side: Side,
@@ -161,11 +161,11 @@ enum Entry {
 
 #[derive(Default)]
 struct CircTable {
-    map: HashMap<u32, Entry>,
+    map: HashMap<CircId, Entry>,
     /// Entries that are [`Entry::Creating`].
     creating: usize,
-    quarantine: VecDeque<(u32, Instant)>,
-    quarantined: HashSet<u32>,
+    quarantine: VecDeque<(CircId, Instant)>,
+    quarantined: HashSet<CircId>,
 }
 
 impl CircTable {
@@ -247,7 +247,7 @@ impl Link {
     }
 
     /// The circuit routed under `id`, and which side of it this link is.
-    pub(crate) fn get(&self, id: u32) -> Option<(CircHandle, Side)> {
+    pub(crate) fn get(&self, id: CircId) -> Option<(CircHandle, Side)> {
         match self.table().map.get(&id)? {
             Entry::Circ(h, s) => Some((h.clone(), *s)),
             Entry::Creating => None,
@@ -257,7 +257,7 @@ impl Link {
     /// As [`Link::get`], through a one-entry cache kept by the reader task: bulk traffic on a
     /// link mostly belongs to the same circuit, so most cells skip the table lock (and no handle
     /// is cloned per cell).
-    fn get_cached<'c>(&self, id: u32, cache: &'c mut Option<Cached>) -> Option<&'c Cached> {
+    fn get_cached<'c>(&self, id: CircId, cache: &'c mut Option<Cached>) -> Option<&'c Cached> {
         let generation = self.generation.load(Ordering::Acquire);
         let hit = cache
             .as_ref()
@@ -282,7 +282,11 @@ impl Link {
     /// Reserve a peer-chosen id for a CREATE waiting in the handshake pool; at most
     /// `max_creating` may wait per link, so one link's flood cannot push every other link's
     /// CREATEs out of the shared queue.
-    pub(crate) fn reserve_peer_id(&self, id: u32, max_creating: usize) -> Result<(), InsertError> {
+    pub(crate) fn reserve_peer_id(
+        &self,
+        id: CircId,
+        max_creating: usize,
+    ) -> Result<(), InsertError> {
         let mut t = self.table();
         if self.is_closed() {
             return Err(InsertError::Closed);
@@ -300,7 +304,7 @@ impl Link {
 
     /// Turn a reserved id into a routed circuit (the handshake succeeded). Fails if the
     /// reservation is gone (the link closed).
-    pub(crate) fn install(&self, id: u32, handle: CircHandle) -> Result<(), InsertError> {
+    pub(crate) fn install(&self, id: CircId, handle: CircHandle) -> Result<(), InsertError> {
         let mut t = self.table();
         if self.is_closed() {
             return Err(InsertError::Closed);
@@ -316,7 +320,7 @@ impl Link {
     }
 
     /// Drop a reservation made for a CREATE that was refused.
-    pub(crate) fn unreserve(&self, id: u32) {
+    pub(crate) fn unreserve(&self, id: CircId) {
         let mut t = self.table();
         if matches!(t.map.get(&id), Some(Entry::Creating)) {
             t.map.remove(&id);
@@ -325,7 +329,7 @@ impl Link {
     }
 
     /// Allocate a fresh id of ours routed to `handle` as its next side.
-    pub(crate) fn allocate(&self, handle: CircHandle, now: Instant) -> Result<u32, InsertError> {
+    pub(crate) fn allocate(&self, handle: CircHandle, now: Instant) -> Result<CircId, InsertError> {
         let mut t = self.table();
         if self.is_closed() {
             return Err(InsertError::Closed);
@@ -335,7 +339,7 @@ impl Link {
         }
         t.expire(now);
         for _ in 0..64 {
-            let id = CircId::random(self.initiator).get();
+            let id = CircId::random(self.initiator);
             if !t.map.contains_key(&id) && !t.quarantined.contains(&id) {
                 t.map.insert(id, Entry::Circ(handle, Side::Next));
                 return Ok(id);
@@ -345,11 +349,11 @@ impl Link {
     }
 
     /// Remove `id`; quarantine it if we allocated it. Returns whether it was there.
-    pub(crate) fn remove(&self, id: u32, now: Instant) -> bool {
+    pub(crate) fn remove(&self, id: CircId, now: Instant) -> bool {
         let mut t = self.table();
         let was = t.map.remove(&id).is_some();
         self.generation.fetch_add(1, Ordering::Release);
-        let ours = CircId::new(id).is_some_and(|c| c.allocatable_by(self.initiator));
+        let ours = id.allocatable_by(self.initiator);
         if was && ours && t.quarantined.insert(id) {
             t.quarantine.push_back((id, now));
         }
@@ -358,18 +362,17 @@ impl Link {
 
     /// Whether `id` is currently quarantined (tests).
     #[cfg(test)]
-    pub(crate) fn is_quarantined(&self, id: u32) -> bool {
+    pub(crate) fn is_quarantined(&self, id: CircId) -> bool {
         self.table().quarantined.contains(&id)
     }
 
     /// Send a DESTROY for `id` without waiting: queued now if there is room, else by a small
     /// task that waits (bounded) behind what was already queued.
-    pub(crate) fn send_destroy_detached(&self, id: u32, reason: DestroyReason) {
-        let Some(cid) = CircId::new(id) else { return };
+    pub(crate) fn send_destroy_detached(&self, id: CircId, reason: DestroyReason) {
         if self.is_closed() {
             return;
         }
-        self.send_detached(Cell::destroy(cid, reason));
+        self.send_detached(Cell::destroy(id, reason));
     }
 
     /// Queue `cell` without waiting, falling back to a small bounded task if the queue is full.
@@ -474,7 +477,8 @@ fn route_cell(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell, cache: &mut Option<C
             true
         }
         CellCmd::CREATED | CellCmd::RELAY | CellCmd::RELAY_EARLY => {
-            let id = cell.circ_id;
+            // Decoding guarantees an id on every command but PADDING.
+            let Some(id) = cell.circ_id else { return true };
             if let Some(c) = link.get_cached(id, cache)
                 && (c.side == Side::Next || cell.cmd != CellCmd::CREATED)
             {
@@ -483,7 +487,7 @@ fn route_cell(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell, cache: &mut Option<C
             true
         }
         CellCmd::DESTROY => {
-            let id = cell.circ_id;
+            let Some(id) = cell.circ_id else { return true };
             if let Some((h, side)) = link.get(id) {
                 // No more cells for this id from this link; the reactor hears the DESTROY.
                 link.remove(id, coarse_now());
@@ -496,7 +500,7 @@ fn route_cell(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell, cache: &mut Option<C
 }
 
 /// Hand `cell` to its circuit's queue; a full queue destroys that circuit (only).
-fn deliver(ctx: &Ctx, link: &Link, id: u32, h: &CircHandle, side: Side, cell: Cell) {
+fn deliver(ctx: &Ctx, link: &Link, id: CircId, h: &CircHandle, side: Side, cell: Cell) {
     match h.tx.try_send((side, cell)) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
@@ -511,14 +515,13 @@ fn deliver(ctx: &Ctx, link: &Link, id: u32, h: &CircHandle, side: Side, cell: Ce
 
 /// CREATE: check the id, reserve it and queue the handshake; never runs it here.
 fn on_create(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell) {
-    let id = cell.circ_id;
-    let Some(cid) = CircId::new(id) else { return };
+    let Some(id) = cell.circ_id else { return };
     // The peer allocates ids on this link; it is the initiator iff we are not.
-    if !cid.allocatable_by(!link.initiator) {
+    if !id.allocatable_by(!link.initiator) {
         return;
     }
     match link.reserve_peer_id(id, ctx.limits.create_per_link) {
-        Ok(()) => crate::create::submit(ctx, Arc::clone(link), cell, coarse_now()),
+        Ok(()) => crate::create::submit(ctx, Arc::clone(link), id, cell, coarse_now()),
         Err(InsertError::Full) => {
             ctx.stats.note_create_dropped();
             link.send_destroy_detached(id, DestroyReason::RESOURCELIMIT);

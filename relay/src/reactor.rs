@@ -63,7 +63,7 @@ pub(crate) fn spawn(
     ctx: &Arc<Ctx>,
     core: CircuitCore,
     prev: Arc<Link>,
-    prev_id: u32,
+    prev_id: CircId,
     created: Cell,
     _now: Instant,
 ) {
@@ -98,10 +98,10 @@ struct Reactor {
     ctx: Arc<Ctx>,
     core: CircuitCore,
     prev: Arc<Link>,
-    prev_id: u32,
+    prev_id: CircId,
     /// The next hop's link and our id on it (kept after NextClosed until replaced, so a DESTROY
     /// queued before it still goes out).
-    next: Option<(Arc<Link>, u32)>,
+    next: Option<(Arc<Link>, CircId)>,
     handle: CircHandle,
     inbox: mpsc::Receiver<(Side, Cell)>,
     io_tx: mpsc::Sender<Io>,
@@ -183,7 +183,7 @@ impl Reactor {
     }
 
     /// The link and id for `side`, if there is one.
-    fn route(&self, side: Side) -> Option<(Arc<Link>, u32)> {
+    fn route(&self, side: Side) -> Option<(Arc<Link>, CircId)> {
         match side {
             Side::Prev => Some((Arc::clone(&self.prev), self.prev_id)),
             Side::Next => self.next.as_ref().map(|(l, id)| (Arc::clone(l), *id)),
@@ -200,7 +200,7 @@ impl Reactor {
             let Some((link, id)) = self.route(side) else {
                 continue;
             };
-            cell.circ_id = id;
+            cell.circ_id = Some(id);
             match link.sink.try_enqueue(cell) {
                 Enqueue::Done => {}
                 Enqueue::Full(c) => {
@@ -471,7 +471,7 @@ impl Reactor {
                 return;
             }
         };
-        let Some(Ok(cell)) = CircId::new(id).map(|cid| Cell::create(cid, &create)) else {
+        let Ok(cell) = Cell::create(id, &create) else {
             link.remove(id, now);
             self.core.extend_failed(DestroyReason::PROTOCOL, now);
             return;
@@ -495,7 +495,7 @@ impl Reactor {
                 continue;
             }
             if let Some((link, id)) = self.route(side) {
-                cell.circ_id = id;
+                cell.circ_id = Some(id);
                 link.send_detached(cell);
             }
         }

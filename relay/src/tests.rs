@@ -129,7 +129,7 @@ impl MemLink {
 
 /// A minimal client circuit over some link (in-memory or real).
 struct TestCirc {
-    id: u32,
+    id: CircId,
     cc: ClientCircuitCrypto,
     early_left: u8,
     send_win: CircSendWindow,
@@ -153,7 +153,7 @@ fn relay_cell(
         .unwrap();
     (
         Cell {
-            circ_id: tc.id,
+            circ_id: Some(tc.id),
             cmd,
             body,
         },
@@ -179,14 +179,14 @@ async fn create_circuit(ml: &mut MemLink, ctx: &Ctx) -> TestCirc {
     ml.tx.send(cell).await.unwrap();
     let reply = ml.recv().await;
     assert_eq!(reply.cmd, CellCmd::CREATED, "expected CREATED");
-    assert_eq!(reply.circ_id, id.get());
+    assert_eq!(reply.circ_id, Some(id));
     let created = Created::decode(&reply.body[..]).unwrap();
     let (keys, sm) = hs.finish(&created.hdata).unwrap();
     assert!(sm.is_empty());
     let mut cc = ClientCircuitCrypto::new();
     cc.add_hop(&keys).unwrap();
     TestCirc {
-        id: id.get(),
+        id,
         cc,
         early_left: 8,
         send_win: CircSendWindow::new(),
@@ -228,9 +228,9 @@ fn open_backward(tc: &mut TestCirc, mut cell: Cell) -> (usize, u16, RelayMsg, [u
     (hop, sid, msg, tag)
 }
 
-fn assert_destroy(cell: &Cell, id: u32) {
+fn assert_destroy(cell: &Cell, id: CircId) {
     assert_eq!(cell.cmd, CellCmd::DESTROY, "expected DESTROY");
-    assert_eq!(cell.circ_id, id);
+    assert_eq!(cell.circ_id, Some(id));
     let d = Destroy::decode(&cell.body[..]).unwrap();
     assert_eq!(d.reason, DestroyReason::NONE);
 }
@@ -277,7 +277,7 @@ async fn bad_create_gets_destroy_and_no_state() {
     )
     .unwrap();
     ml.tx.send(cell).await.unwrap();
-    assert_destroy(&ml.recv().await, id.get());
+    assert_destroy(&ml.recv().await, id);
     assert_eq!(ml.link.n_circuits(), 0);
     // A circuit id with the wrong MSB (the relay's own half) is ignored; the link stays usable.
     let (_, skin) = new_create(&r.ctx);
@@ -392,7 +392,7 @@ async fn destroy_frees_circuit_and_link_close_frees_all() {
     let tc = create_circuit(&mut ml, &r.ctx).await;
     let _tc2 = create_circuit(&mut ml, &r.ctx).await;
     assert_eq!(r.ctx.stats.open_circuits(), 2);
-    let cid = CircId::new(tc.id).unwrap();
+    let cid = tc.id;
     ml.tx
         .send(Cell::destroy(cid, DestroyReason::REQUESTED))
         .await
@@ -728,7 +728,7 @@ async fn two_relays_extend_begin_and_destroy() {
         .finish(&Created::decode(&c.body[..]).unwrap().hdata)
         .unwrap();
     let mut tc = TestCirc {
-        id: id.get(),
+        id,
         cc: ClientCircuitCrypto::new(),
         early_left: 8,
         send_win: CircSendWindow::new(),
@@ -831,14 +831,14 @@ async fn previous_onion_key_accepted_after_rotation_only_once() {
     let (hs, id, cell) = try_key(old);
     ml.tx.send(cell).await.unwrap();
     let c = ml.recv().await;
-    assert_eq!((c.cmd, c.circ_id), (CellCmd::CREATED, id.get()));
+    assert_eq!((c.cmd, c.circ_id), (CellCmd::CREATED, Some(id)));
     hs.finish(&Created::decode(&c.body[..]).unwrap().hdata)
         .unwrap();
     // After a second rotation it is gone.
     r.ctx.keys.rotate_onion().unwrap();
     let (_, id, cell) = try_key(old);
     ml.tx.send(cell).await.unwrap();
-    assert_destroy(&ml.recv().await, id.get());
+    assert_destroy(&ml.recv().await, id);
 }
 
 #[tokio::test]
@@ -1104,7 +1104,7 @@ async fn extend_via(
     ml: &mut MemLink,
     tc: &mut TestCirc,
     nl: &mut MemLink,
-) -> (u32, allium_crypto::relaycell::RelayHopCrypto) {
+) -> (CircId, allium_crypto::relaycell::RelayHopCrypto) {
     let ext = RelayMsg::Extend(Extend {
         specs: vec![
             LinkSpec::Ed25519Id(NEXT),
@@ -1117,12 +1117,11 @@ async fn extend_via(
     ml.tx.send(c).await.unwrap();
     let create = nl.recv().await;
     assert_eq!(create.cmd, CellCmd::CREATE);
-    let next_id = create.circ_id;
+    let next_id = create.circ_id.unwrap();
     // The relay is the initiator on this link: its ids have the MSB set.
-    assert_ne!(next_id & 0x8000_0000, 0);
-    let cid = CircId::new(next_id).unwrap();
+    assert!(next_id.is_initiator_allocated());
     nl.tx
-        .send(Cell::created(cid, &Created { hdata: vec![1; 64] }).unwrap())
+        .send(Cell::created(next_id, &Created { hdata: vec![1; 64] }).unwrap())
         .await
         .unwrap();
     let (hop, _, msg, _) = open_backward(tc, ml.recv().await);
@@ -1142,7 +1141,7 @@ fn hop2_keys() -> allium_crypto::handshake::HopKeys {
 /// A backward DATA cell that hop 2 originates on stream `sid` under `next_id`.
 fn hop2_data(
     hop2: &mut allium_crypto::relaycell::RelayHopCrypto,
-    next_id: u32,
+    next_id: CircId,
     sid: u16,
     bytes: &[u8],
 ) -> Cell {
@@ -1152,7 +1151,7 @@ fn hop2_data(
     })
     .encode(sid, &mut buf)
     .unwrap();
-    let mut cell = Cell::new_zeroed(next_id, CellCmd::RELAY);
+    let mut cell = Cell::new_zeroed(Some(next_id), CellCmd::RELAY);
     hop2.encrypt_backward(CellCmd::RELAY.0, &buf[..n], &mut cell.body)
         .unwrap();
     cell
@@ -1169,7 +1168,10 @@ async fn middle_forwards_both_ways_and_propagates_destroy() {
     let (c, _) = relay_cell(&mut tc, 1, CellCmd::RELAY_EARLY, 0, &drop_msg);
     ml.tx.send(c).await.unwrap();
     let mut fwd = nl.recv().await;
-    assert_eq!((fwd.circ_id, fwd.cmd), (next_id, CellCmd::RELAY_EARLY));
+    assert_eq!(
+        (fwd.circ_id, fwd.cmd),
+        (Some(next_id), CellCmd::RELAY_EARLY)
+    );
     let f = hop2.decrypt_forward(fwd.cmd.0, &mut fwd.body).unwrap();
     assert!(matches!(
         f,
@@ -1182,7 +1184,7 @@ async fn middle_forwards_both_ways_and_propagates_destroy() {
         .await
         .unwrap();
     let back = ml.recv().await;
-    assert_eq!(back.circ_id, tc.id);
+    assert_eq!(back.circ_id, Some(tc.id));
     let (hop, sid, msg, _) = open_backward(&mut tc, back);
     assert_eq!((hop, sid), (1, 3));
     assert_eq!(
@@ -1194,10 +1196,7 @@ async fn middle_forwards_both_ways_and_propagates_destroy() {
 
     // DESTROY from the next hop reaches the client with reason NONE.
     nl.tx
-        .send(Cell::destroy(
-            CircId::new(next_id).unwrap(),
-            DestroyReason::FINISHED,
-        ))
+        .send(Cell::destroy(next_id, DestroyReason::FINISHED))
         .await
         .unwrap();
     assert_destroy(&ml.recv().await, tc.id);
@@ -1212,7 +1211,7 @@ async fn backward_relay_early_destroys_both_ways() {
     let mut nl = attach_next(&r, 2048);
     let (next_id, _) = extend_via(&mut ml, &mut tc, &mut nl).await;
     nl.tx
-        .send(Cell::new_zeroed(next_id, CellCmd::RELAY_EARLY))
+        .send(Cell::new_zeroed(Some(next_id), CellCmd::RELAY_EARLY))
         .await
         .unwrap();
     assert_destroy(&ml.recv().await, tc.id);
@@ -1243,7 +1242,7 @@ async fn quarantine_of_own_ids() {
     let now = crate::link::coarse_now();
     let id = ml.link.allocate(h, now).unwrap();
     // The relay is the responder on this link: its ids have the MSB clear.
-    assert_eq!(id & 0x8000_0000, 0);
+    assert!(!id.is_initiator_allocated());
     assert!(ml.link.remove(id, now));
     assert!(ml.link.is_quarantined(id));
 }
@@ -1327,7 +1326,7 @@ async fn frozen_link_does_not_stall_other_circuits() {
             Destroy::decode(&c.body[..]).unwrap().reason,
             DestroyReason::TIMEOUT
         );
-        destroyed.insert(c.circ_id);
+        destroyed.insert(c.circ_id.unwrap());
     }
     assert!(frozen_circs.iter().all(|(id, _)| destroyed.contains(id)));
     // The honest circuit is still there.
@@ -1360,7 +1359,7 @@ async fn create_burst_does_not_stall_forwarding() {
         for _ in 0..CREATES {
             let (_, skin) = client_start(&id, &onion, &[]).unwrap();
             let cid = CircId::random(true);
-            ids.push(cid.get());
+            ids.push(cid);
             tx.send(
                 Cell::create(
                     cid,
@@ -1390,7 +1389,7 @@ async fn create_burst_does_not_stall_forwarding() {
         match c.cmd {
             CellCmd::CREATED => {
                 created += 1;
-                creates.insert(c.circ_id);
+                creates.insert(c.circ_id.unwrap());
             }
             CellCmd::DESTROY => {
                 assert_eq!(
@@ -1398,10 +1397,10 @@ async fn create_burst_does_not_stall_forwarding() {
                     DestroyReason::RESOURCELIMIT
                 );
                 refused += 1;
-                creates.insert(c.circ_id);
+                creates.insert(c.circ_id.unwrap());
             }
             CellCmd::RELAY => {
-                assert_eq!(c.circ_id, tc.id);
+                assert_eq!(c.circ_id, Some(tc.id));
                 let (hop, sid, msg, _) = open_backward(&mut tc, c);
                 assert_eq!((hop, sid), (1, 5));
                 let RelayMsg::Data(d) = msg else {
@@ -1447,7 +1446,7 @@ async fn overflowing_circuit_is_destroyed_alone() {
     }
     let c = ml.recv().await;
     assert_eq!(c.cmd, CellCmd::DESTROY);
-    assert_eq!(c.circ_id, bad.id);
+    assert_eq!(c.circ_id, Some(bad.id));
     assert_eq!(
         Destroy::decode(&c.body[..]).unwrap().reason,
         DestroyReason::RESOURCELIMIT
@@ -1471,20 +1470,20 @@ async fn overflowing_circuit_is_destroyed_alone() {
 async fn pending_creates_are_capped_per_link() {
     let r = test_relay(ExitPolicy::default());
     let ml = attach_full(&r.ctx, None, false, 64, 4096);
-    let base = CircId::INITIATOR_BIT;
+    let base = |i: u32| CircId::new(CircId::INITIATOR_BIT | i).unwrap();
     for i in 1..=4 {
-        ml.link.reserve_peer_id(base | i, 4).unwrap();
+        ml.link.reserve_peer_id(base(i), 4).unwrap();
     }
     assert_eq!(
-        ml.link.reserve_peer_id(base | 5, 4),
+        ml.link.reserve_peer_id(base(5), 4),
         Err(crate::link::InsertError::Full)
     );
     // An id in use is refused as such; a reservation given back makes room.
     assert_eq!(
-        ml.link.reserve_peer_id(base | 1, 8),
+        ml.link.reserve_peer_id(base(1), 8),
         Err(crate::link::InsertError::InUse)
     );
-    ml.link.unreserve(base | 2);
-    ml.link.reserve_peer_id(base | 5, 4).unwrap();
+    ml.link.unreserve(base(2));
+    ml.link.reserve_peer_id(base(5), 4).unwrap();
     assert_eq!(ml.link.n_circuits(), 4);
 }

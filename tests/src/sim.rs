@@ -464,7 +464,7 @@ impl Net {
             match side {
                 Side::Prev => {
                     if i == 0 {
-                        cell.circ_id = self.client.id().get();
+                        cell.circ_id = Some(self.client.id());
                         self.send(Dest::Client, cell);
                     } else {
                         self.send(
@@ -672,7 +672,7 @@ impl Net {
                         from: Side::Next,
                     },
                 };
-                let cid = CircId::new(cell.circ_id).expect("id");
+                let cid = cell.circ_id.expect("a CREATE carries an id");
                 match answer_create_body(&cell.body[..], &r.id, &[&r.onion], cfg) {
                     Ok((core, created)) => {
                         assert_eq!(self.hops.len(), hop, "one circuit, extended in order");

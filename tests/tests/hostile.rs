@@ -53,7 +53,7 @@ async fn honest_download(net: &TestNet) -> f64 {
 struct RawClient {
     tx: ChannelSender,
     rx: ChannelReceiver,
-    circs: HashMap<u32, ClientCircuit>,
+    circs: HashMap<CircId, ClientCircuit>,
     /// What each stream sends once connected.
     request: &'static [u8],
     built: usize,
@@ -129,7 +129,7 @@ impl RawClient {
                 .await
                 .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
                 .unwrap_or_else(|| panic!("the guard closed the attacker's link ({what})"));
-            if let Some(c) = self.circs.get_mut(&cell.circ_id) {
+            if let Some(c) = cell.circ_id.and_then(|id| self.circs.get_mut(&id)) {
                 let _ = c.handle_cell(cell, Instant::now());
             }
         }
@@ -210,7 +210,7 @@ fn a_frozen_client_on_the_same_guard_costs_only_its_own_circuits() {
             let id = CircId::random(true);
             let c = ClientCircuit::build(id, hops.clone(), CircParams::default(), Instant::now())
                 .expect("circuit start");
-            attacker.circs.insert(id.get(), c);
+            attacker.circs.insert(id, c);
         }
         attacker
             .pump_until("the attacker's circuits to build", |a| {

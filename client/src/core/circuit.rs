@@ -436,7 +436,7 @@ impl ClientCircuit {
     /// Encrypt an encoded relay message for `hop` and queue it.
     fn send_raw(&mut self, hop: usize, msg: &[u8], is_extend: bool) -> Result<Tag, CircError> {
         let cmd = self.next_cmd(hop, is_extend)?;
-        let mut cell = Cell::new_zeroed(self.id.get(), cmd);
+        let mut cell = Cell::new_zeroed(Some(self.id), cmd);
         let tag = self
             .crypto
             .encrypt_forward(hop, cmd.0, msg, &mut cell.body)

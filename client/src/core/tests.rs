@@ -76,7 +76,7 @@ fn begin(host: &str, port: u16) -> StreamTarget {
     })
 }
 
-const CIRC: u32 = 0x8000_1234;
+const CIRC: CircId = CircId::new(0x8000_1234).unwrap();
 
 /// The start of simulated time (only ever advanced by the tests).
 fn epoch() -> Instant {
@@ -94,9 +94,7 @@ impl Net {
             .map(|(i, r)| target(r, 9000 + i as u16))
             .collect();
         let now = epoch();
-        let client =
-            ClientCircuit::build(CircId::new(CIRC).unwrap(), path, CircParams::default(), now)
-                .unwrap();
+        let client = ClientCircuit::build(CIRC, path, CircParams::default(), now).unwrap();
         Self {
             relays,
             hops: Vec::new(),
@@ -154,7 +152,7 @@ impl Net {
     fn backward(&mut self, at: usize, sid: u16, msg: &RelayMsg) -> Cell {
         let mut buf = [0u8; RELAY_MSG_LEN];
         let n = msg.encode(sid, &mut buf).unwrap();
-        let mut cell = Cell::new_zeroed(CIRC, CellCmd::RELAY);
+        let mut cell = Cell::new_zeroed(Some(CIRC), CellCmd::RELAY);
         let tag = self.hops[at]
             .encrypt_backward(CellCmd::RELAY.0, &buf[..n], &mut cell.body)
             .unwrap();
@@ -182,7 +180,7 @@ impl Net {
     }
 
     fn relay_side(&mut self, mut cell: Cell) {
-        assert_eq!(cell.circ_id, CIRC);
+        assert_eq!(cell.circ_id, Some(CIRC));
         match cell.cmd {
             CellCmd::CREATE => {
                 let c = Create::decode(&cell.body[..]).unwrap();
@@ -190,7 +188,7 @@ impl Net {
                 let (k, reply) =
                     relay_respond(&r.id.public(), &[&r.onion], &c.hdata, |_| vec![]).unwrap();
                 self.hops.push(RelayHopCrypto::new(&k));
-                let cid = CircId::new(CIRC).unwrap();
+                let cid = CIRC;
                 self.to_client
                     .push_back(Cell::created(cid, &Created { hdata: reply }).unwrap());
             }
@@ -347,13 +345,8 @@ fn relay_early_budget_then_relay_and_extend_fails_when_spent() {
 fn cells_for_the_guard_are_never_relay_early() {
     let relays = relays(1);
     let now = epoch();
-    let mut c = ClientCircuit::new(
-        CircId::new(CIRC).unwrap(),
-        target(&relays[0], 1),
-        CircParams::default(),
-        now,
-    )
-    .unwrap();
+    let mut c =
+        ClientCircuit::new(CIRC, target(&relays[0], 1), CircParams::default(), now).unwrap();
     let mut n = Net::new();
     n.relays = relays;
     std::mem::swap(&mut n.client, &mut c);
@@ -550,7 +543,7 @@ fn destroy_from_the_guard_ends_every_stream_without_an_answer() {
     let mut n = Net::built();
     n.open();
     n.open();
-    let d = Cell::destroy(CircId::new(CIRC).unwrap(), DestroyReason::FINISHED);
+    let d = Cell::destroy(CIRC, DestroyReason::FINISHED);
     assert!(matches!(
         n.client.handle_cell(d, n.now),
         Err(CircError::Destroyed(DestroyReason::FINISHED))
@@ -903,7 +896,7 @@ fn destroy_while_building_fails_the_extend() {
     let mut n = Net::new();
     n.auto = false;
     n.drive();
-    let d = Cell::destroy(CircId::new(CIRC).unwrap(), DestroyReason::CONNECTFAILED);
+    let d = Cell::destroy(CIRC, DestroyReason::CONNECTFAILED);
     let _ = n.client.handle_cell(d, n.now);
     n.drive();
     assert!(n.events.iter().any(|e| matches!(

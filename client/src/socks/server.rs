@@ -219,7 +219,7 @@ impl<'a> PeerGuard<'a> {
     fn new(mgr: &'a CircMgr, sock: &TcpStream, circ: &Circuit) -> Self {
         let peer = sock.peer_addr().ok();
         if let Some(p) = peer {
-            mgr.note_peer(p, circ.id.get());
+            mgr.note_peer(p, circ.id);
         }
         Self { mgr, peer }
     }

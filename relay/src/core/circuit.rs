@@ -78,7 +78,7 @@ impl CircuitCore {
 
     // ---- Outputs ----
 
-    /// The next cell to send, and on which side. Cells carry circuit id 0 (see the module docs).
+    /// The next cell to send, and on which side. Cells carry no circuit id (`None`; see the module docs).
     pub fn poll_transmit(&mut self) -> Option<(Side, Cell)> {
         self.transmit.pop_front()
     }
@@ -277,7 +277,7 @@ impl CircuitCore {
                 if self.next != Next::Open {
                     return Err(CircError::NoNextHop);
                 }
-                cell.circ_id = 0;
+                cell.circ_id = None;
                 self.transmit.push_back((Side::Next, cell));
                 Ok(())
             }
@@ -445,7 +445,7 @@ impl CircuitCore {
         self.crypto
             .relay_backward(&mut cell.body)
             .map_err(CircError::BackwardCrypto)?;
-        cell.circ_id = 0;
+        cell.circ_id = None;
         cell.cmd = CellCmd::RELAY;
         self.transmit.push_back((Side::Prev, cell));
         Ok(())
@@ -507,7 +507,7 @@ impl CircuitCore {
         if self.is_closed() {
             return None;
         }
-        let mut cell = Cell::new_zeroed(0, CellCmd::RELAY);
+        let mut cell = Cell::new_zeroed(None, CellCmd::RELAY);
         match self
             .crypto
             .encrypt_backward(CellCmd::RELAY.0, msg, &mut cell.body)
@@ -568,9 +568,9 @@ impl CircuitCore {
     }
 }
 
-/// A DESTROY cell with circuit id 0 (the driver writes the id).
+/// A DESTROY cell with no circuit id (the driver writes the id).
 fn destroy_cell(reason: DestroyReason) -> Cell {
-    let mut c = Cell::new_zeroed(0, CellCmd::DESTROY);
+    let mut c = Cell::new_zeroed(None, CellCmd::DESTROY);
     Destroy { reason }.encode(&mut c.body);
     c
 }

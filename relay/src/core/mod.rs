@@ -22,8 +22,9 @@
 //! - **Ratchet order.** Every backward cell is encrypted (its ratchet advanced) when it is put in
 //!   the transmit queue, and [`CircuitCore::poll_transmit`] returns cells in that order: a driver
 //!   that sends them in the order it polls them keeps the client's decryption in step.
-//! - **Ids.** Cells from `poll_transmit` carry circuit id 0: the driver writes the id it uses on
-//!   that side's link. A cell for [`Side::Next`] while the driver has no next-hop id (the
+//! - **Ids.** Cells from `poll_transmit` carry no circuit id (`circ_id: None`, which would encode
+//!   as wire 0): the driver writes the id it uses on that side's link, so the core never knows
+//!   either link's id. A cell for [`Side::Next`] while the driver has no next-hop id (the
 //!   extension failed before a CREATE was sent) is dropped by the driver.
 //! - **Destruction.** Any error returned by [`CircuitCore::handle_cell`] has already destroyed the
 //!   circuit: DESTROY cells for the other side(s) are queued, [`Event::Destroyed`] is queued, and

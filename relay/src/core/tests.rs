@@ -68,7 +68,7 @@ impl Client {
             .encrypt_forward(hop, cmd.0, &buf[..n], &mut body)
             .unwrap();
         Cell {
-            circ_id: 7,
+            circ_id: CircId::new(7),
             cmd,
             body,
         }
@@ -294,7 +294,7 @@ fn extend_fails_then_succeeds_and_cells_pass_both_ways() {
     let mut buf = [0u8; RELAY_MSG_LEN];
     let end = RelayMsg::End(End::new(EndReason::DONE));
     let n = end.encode(3, &mut buf).unwrap();
-    let mut cell = Cell::new_zeroed(9, CellCmd::RELAY);
+    let mut cell = Cell::new_zeroed(CircId::new(9), CellCmd::RELAY);
     hop2.encrypt_backward(CellCmd::RELAY.0, &buf[..n], &mut cell.body)
         .unwrap();
     core.handle_cell(Side::Next, cell, now).unwrap();
@@ -439,7 +439,11 @@ fn pass_without_next_hop_and_backward_relay_early_destroy() {
     let now = Instant::now();
     let _ = extend_open(&mut core, &mut cl, now);
     let e = core
-        .handle_cell(Side::Next, Cell::new_zeroed(9, CellCmd::RELAY_EARLY), now)
+        .handle_cell(
+            Side::Next,
+            Cell::new_zeroed(CircId::new(9), CellCmd::RELAY_EARLY),
+            now,
+        )
         .unwrap_err();
     assert!(matches!(e, CircError::BackwardRelayEarly));
     assert_destroyed(&mut core, &[Side::Prev, Side::Next], DestroyReason::NONE);
@@ -470,7 +474,7 @@ fn backward_only_message_and_bad_stream_id_destroy() {
         .encrypt_forward(0, CellCmd::RELAY.0, &buf[..n], &mut body)
         .unwrap();
     let c = Cell {
-        circ_id: 7,
+        circ_id: CircId::new(7),
         cmd: CellCmd::RELAY,
         body,
     };
@@ -899,7 +903,7 @@ fn stream_sendme_echoes_the_tag_of_the_cell_that_completed_the_increment() {
             .unwrap();
         tags.push(tag);
         let c = Cell {
-            circ_id: 7,
+            circ_id: CircId::new(7),
             cmd: CellCmd::RELAY,
             body,
         };
