@@ -39,6 +39,8 @@ struct Job {
 pub(crate) struct CreateQueue {
     jobs: Mutex<VecDeque<Job>>,
     ready: Condvar,
+    /// When a refusal was last logged, and the refusal count then (one info line a minute).
+    last_log: Mutex<Option<(Instant, u64)>>,
 }
 
 impl std::fmt::Debug for CreateQueue {
@@ -87,6 +89,33 @@ fn refuse(ctx: &Ctx, job: &Job, reason: DestroyReason) {
     ctx.stats.note_create_dropped();
     job.link.unreserve(job.id);
     job.link.send_destroy_detached(job.id, reason);
+    log_refusals(ctx, coarse_now());
+}
+
+/// How often refused CREATEs are reported at info.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Say at info, at most once a minute, that the handshake queue is refusing CREATEs (a flood
+/// must not flood the log too). No addresses.
+fn log_refusals(ctx: &Ctx, now: Instant) {
+    let total = ctx.stats.creates_dropped();
+    let mut last = ctx
+        .creates
+        .last_log
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let since = match *last {
+        Some((t, _)) if now.saturating_duration_since(t) < REFUSAL_LOG_EVERY => return,
+        Some((_, n)) => total.saturating_sub(n),
+        None => total,
+    };
+    *last = Some((now, total));
+    tracing::info!(
+        refused = since,
+        total,
+        "handshake queue full or too slow: CREATE cells refused with DESTROY (RESOURCELIMIT); \
+         established circuits are not affected"
+    );
 }
 
 /// Start the workers (OS threads; they stop at shutdown). Each returned task ends when its

@@ -409,7 +409,11 @@ fn a_create_flood_does_not_stall_established_circuits() {
             "honest download: {baseline:.1} MiB/s before, {during:.1} MiB/s during a CREATE flood \
              ({sent} CREATEs sent on 4 links, {answered} answered, {dropped} refused by the queue)"
         );
-        assert!(sent > FLOOD_RATE, "the flood did not flood: {sent} CREATEs");
+        // It ran for at least the half second before the downloads, at its full rate.
+        assert!(
+            sent >= FLOOD_RATE / 2,
+            "the flood did not flood: {sent} CREATEs"
+        );
         assert!(
             during >= baseline / 2.0,
             "honest throughput fell from {baseline:.1} to {during:.1} MiB/s during a CREATE flood"
