@@ -193,7 +193,25 @@ impl NetworkBuilder {
 }
 
 /// A free port on 127.0.0.1 (bound, then released).
+///
+/// The port is released before the node binds it, so it is taken below the kernel's ephemeral
+/// range: a port the kernel hands out for an outgoing connection in the meantime (the nodes open
+/// many) would otherwise take it first, and the node would fail to start.
 pub fn free_port() -> std::io::Result<SocketAddr> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOWEST: u16 = 10_000;
+    if ephemeral_low > LOWEST + 1000 {
+        let span = u32::from(ephemeral_low - LOWEST);
+        for _ in 0..200 {
+            let port = LOWEST + (allium_crypto::rng::random_u32() % span) as u16;
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+                return l.local_addr();
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
