@@ -21,20 +21,7 @@ use allium_proto::cell::DestroyReason;
 use allium_proto::relaymsg::EndReason;
 
 /// SOCKS5 reply codes (RFC 1928 §6) that [`ClientError::socks_reply`] returns.
-pub mod socks_code {
-    /// General SOCKS server failure.
-    pub const GENERAL_FAILURE: u8 = 0x01;
-    /// Connection not allowed by ruleset.
-    pub const NOT_ALLOWED: u8 = 0x02;
-    /// Network unreachable.
-    pub const NETWORK_UNREACHABLE: u8 = 0x03;
-    /// Host unreachable.
-    pub const HOST_UNREACHABLE: u8 = 0x04;
-    /// Connection refused.
-    pub const CONNECTION_REFUSED: u8 = 0x05;
-    /// TTL expired.
-    pub const TTL_EXPIRED: u8 = 0x06;
-}
+pub use crate::socks::wire::reply as socks_code;
 
 /// Why a circuit failed, or why an operation on it was refused. `Clone` (its crypto sources are
 /// shared) so that the reason a circuit died can be reported to each of its streams.

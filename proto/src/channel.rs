@@ -453,32 +453,14 @@ async fn writer_task(
                 () = closed.cancelled() => None,
             };
             let Some(first) = first else { break };
-            let limit = Duration::from_millis(write_timeout_ms.load(Ordering::Relaxed));
-            write_batch(
-                first,
-                &mut rx,
-                &mut plain,
-                &mut frame,
-                &mut sealer,
-                &mut wr,
-                limit,
-            )
-            .await?;
+            let out = (&mut plain[..], &mut frame[..], &mut sealer, &mut wr);
+            write_batch(first, &mut rx, out, &write_timeout_ms).await?;
         }
         // Closing: flush what is already queued, then shut down.
         rx.close();
         while let Some(c) = rx.recv().await {
-            let limit = Duration::from_millis(write_timeout_ms.load(Ordering::Relaxed));
-            write_batch(
-                c,
-                &mut rx,
-                &mut plain,
-                &mut frame,
-                &mut sealer,
-                &mut wr,
-                limit,
-            )
-            .await?;
+            let out = (&mut plain[..], &mut frame[..], &mut sealer, &mut wr);
+            write_batch(c, &mut rx, out, &write_timeout_ms).await?;
         }
         let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.shutdown()).await;
         Ok(())
@@ -490,15 +472,22 @@ async fn writer_task(
     closed.cancel();
 }
 
+/// Where a batch goes: the per-cell plaintext slots, the frame buffer, the sealer and the socket.
+type FrameOut<'a, W> = (
+    &'a mut [[u8; CELL_LEN]],
+    &'a mut [u8],
+    &'a mut LinkSealer,
+    &'a mut W,
+);
+
 async fn write_batch<W: AsyncWrite + Unpin>(
     first: Cell,
     rx: &mut mpsc::Receiver<Cell>,
-    plain: &mut [[u8; CELL_LEN]],
-    frame: &mut [u8],
-    sealer: &mut LinkSealer,
-    wr: &mut W,
-    limit: Duration,
+    out: FrameOut<'_, W>,
+    write_timeout_ms: &AtomicU64,
 ) -> Result<(), LinkError> {
+    let (plain, frame, sealer, wr) = out;
+    let limit = Duration::from_millis(write_timeout_ms.load(Ordering::Relaxed));
     // `first` and then whatever is already queued, up to one frame's worth of cells.
     let mut n = 0;
     let mut next = Some(first);

@@ -141,8 +141,55 @@ impl RawClient {
     }
 }
 
+/// The guard's (circuits destroyed for being blocked, circuits open).
+fn guard_stats_of(net: &TestNet, guard_idx: usize) -> (u64, u64) {
+    let relays = net.relays.lock().expect("relays");
+    relays[guard_idx].as_ref().map_or((0, 0), |g| {
+        (g.stats().blocked_destroys(), g.stats().open_circuits())
+    })
+}
+
 fn hop(r: &RelayHandle) -> HopTarget {
     HopTarget::new(r.identity(), r.onion_key(), &[r.or_addr()])
+}
+
+/// The honest proxy's path as an attacker targets it: the guard's index in `net.relays`, what a
+/// link to the guard needs, the guard's onion key, and the three hops. Call after a download, so
+/// that the proxy holds the dirty circuit that carried it.
+struct HonestPath {
+    guard_idx: usize,
+    guard: (RelayId, SocketAddr, X25519Public),
+    guard_onion: X25519Public,
+    hops: Vec<HopTarget>,
+}
+
+fn honest_path(net: &TestNet) -> HonestPath {
+    let path: [RelayId; 3] = net
+        .proxy
+        .circuits()
+        .into_iter()
+        .find(|c| c.dirty)
+        .expect("the circuit that carried the download")
+        .path;
+    let relays = net.relays.lock().expect("relays");
+    let idx = |id: &RelayId| {
+        relays
+            .iter()
+            .position(|r| r.as_ref().is_some_and(|r| r.identity() == *id))
+            .expect("relay on the path")
+    };
+    let hops = path
+        .iter()
+        .map(|id| hop(relays[idx(id)].as_ref().expect("relay runs")))
+        .collect();
+    let guard_idx = idx(&path[0]);
+    let g = relays[guard_idx].as_ref().expect("guard runs");
+    HonestPath {
+        guard_idx,
+        guard: (g.identity(), g.or_addr(), g.link_key()),
+        guard_onion: g.onion_key(),
+        hops,
+    }
 }
 
 /// The tests here compare throughput with and without an attack: they run one at a time, so one
@@ -177,37 +224,14 @@ fn a_frozen_client_on_the_same_guard_costs_only_its_own_circuits() {
         // and a shared machine adds noise to any single one.
         let _ = honest_download(&net).await;
         let baseline = honest_download(&net).await.max(honest_download(&net).await);
-        let path: [RelayId; 3] = net
-            .proxy
-            .circuits()
-            .into_iter()
-            .find(|c| c.dirty)
-            .expect("the circuit that carried the download")
-            .path;
-        // Everything the attacker needs about the path, and the guard's index for its counters.
-        let (guard_idx, guard, hops) = {
-            let relays = net.relays.lock().expect("relays");
-            let idx = |id: &RelayId| {
-                relays
-                    .iter()
-                    .position(|r| r.as_ref().is_some_and(|r| r.identity() == *id))
-                    .expect("relay on the path")
-            };
-            let hops: Vec<HopTarget> = path
-                .iter()
-                .map(|id| hop(relays[idx(id)].as_ref().expect("relay runs")))
-                .collect();
-            let gi = idx(&path[0]);
-            let g = relays[gi].as_ref().expect("guard runs");
-            assert_eq!(g.stats().blocked_destroys(), 0);
-            (gi, (g.identity(), g.or_addr(), g.link_key()), hops)
-        };
-        let guard_stats = || {
-            let relays = net.relays.lock().expect("relays");
-            relays[guard_idx].as_ref().map_or((0, 0), |g| {
-                (g.stats().blocked_destroys(), g.stats().open_circuits())
-            })
-        };
+        let HonestPath {
+            guard_idx,
+            guard,
+            hops,
+            ..
+        } = honest_path(&net);
+        assert_eq!(guard_stats_of(&net, guard_idx).0, 0);
+        let guard_stats = || guard_stats_of(&net, guard_idx);
 
         // The attacker: dozens of circuits through the same guard and middle, each downloading.
         let mut attacker = RawClient::connect(guard).await;
@@ -385,22 +409,12 @@ fn a_create_flood_does_not_stall_established_circuits() {
     net.rt.block_on(async {
         let _ = honest_download(&net).await;
         let baseline = honest_download(&net).await.max(honest_download(&net).await);
-        let path = net
-            .proxy
-            .circuits()
-            .into_iter()
-            .find(|c| c.dirty)
-            .expect("the circuit that carried the download")
-            .path;
-        let (guard, onion, gi) = {
-            let relays = net.relays.lock().expect("relays");
-            let gi = relays
-                .iter()
-                .position(|r| r.as_ref().is_some_and(|r| r.identity() == path[0]))
-                .expect("guard");
-            let g = relays[gi].as_ref().expect("guard runs");
-            ((g.identity(), g.or_addr(), g.link_key()), g.onion_key(), gi)
-        };
+        let HonestPath {
+            guard_idx: gi,
+            guard,
+            guard_onion: onion,
+            ..
+        } = honest_path(&net);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flood = tokio::spawn(create_flood(guard, onion, std::sync::Arc::clone(&stop)));
         tokio::time::sleep(Duration::from_millis(500)).await;
