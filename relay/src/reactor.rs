@@ -67,7 +67,7 @@ pub(crate) fn spawn(
     created: Cell,
     _now: Instant,
 ) {
-    let (tx, inbox) = mpsc::channel(ctx.limits.inbound_queue.max(1));
+    let (tx, inbox) = crate::link::inbox(ctx.limits.inbound_queue);
     let handle = CircHandle {
         tx,
         kill: Arc::new(Kill::default()),
@@ -90,6 +90,7 @@ pub(crate) fn spawn(
         streams: HashMap::new(),
         stalled: Some((Side::Prev, created)),
         attempt: 0,
+        classified_with: netdir_id(ctx),
     };
     tokio::spawn(r.run());
 }
@@ -103,7 +104,7 @@ struct Reactor {
     /// queued before it still goes out).
     next: Option<(Arc<Link>, CircId)>,
     handle: CircHandle,
-    inbox: mpsc::Receiver<(Side, Cell)>,
+    inbox: crate::link::InboxRx,
     io_tx: mpsc::Sender<Io>,
     io_rx: mpsc::Receiver<Io>,
     streams: HashMap<u16, StreamIo>,
@@ -111,9 +112,33 @@ struct Reactor {
     stalled: Option<(Side, Cell)>,
     /// Extension attempts so far (a late answer for an older one is ignored).
     attempt: u64,
+    /// The consensus the previous hop was last classified against (its address), while the core
+    /// takes the previous hop for a client.
+    classified_with: Option<usize>,
+}
+
+/// Which consensus the relay holds now (its address; `None`: none yet).
+fn netdir_id(ctx: &Ctx) -> Option<usize> {
+    ctx.netdir().map(|nd| Arc::as_ptr(&nd) as usize)
 }
 
 impl Reactor {
+    /// A circuit created before this relay knew its previous hop as a relay (say, the first
+    /// consensus arrived after the CREATE) would refuse every BEGIN for its lifetime: look again
+    /// whenever the relay holds a newer consensus.
+    fn reclassify_prev(&mut self) {
+        if !self.core.prev_is_client() {
+            return;
+        }
+        let now_with = netdir_id(&self.ctx);
+        if now_with != self.classified_with {
+            self.classified_with = now_with;
+            if self.ctx.is_known_relay_link(&self.prev) {
+                self.core.note_prev_is_relay();
+            }
+        }
+    }
+
     async fn run(mut self) {
         let mut batch: Vec<(Side, Cell)> = Vec::with_capacity(BATCH);
         let kill = Arc::clone(&self.handle.kill);
@@ -140,6 +165,7 @@ impl Reactor {
                         self.core.destroy(CircError::Local);
                     }
                     let now = coarse_now();
+                    self.reclassify_prev();
                     for (side, cell) in batch.drain(..) {
                         if let Err(e) = self.core.handle_cell(side, cell, now) {
                             tracing::debug!(error = %e, "circuit violation");

@@ -1234,7 +1234,7 @@ async fn wait_until(mut f: impl FnMut() -> bool) {
 async fn quarantine_of_own_ids() {
     let r = test_relay(ExitPolicy::default());
     let ml = attach(&r.ctx, true);
-    let (tx, _rx) = mpsc::channel(1);
+    let (tx, _rx) = crate::link::inbox(1);
     let h = crate::link::CircHandle {
         tx,
         kill: Arc::default(),
@@ -1309,7 +1309,7 @@ async fn frozen_link_does_not_stall_other_circuits() {
     let mut held = 0;
     for (id, _) in &frozen_circs {
         if let Some((h, _)) = nl.link.get(*id) {
-            let queued = h.tx.max_capacity() - h.tx.capacity();
+            let queued = h.tx.queued();
             assert!(queued <= crate::ctx::INBOUND_QUEUE_CELLS);
             held += queued;
         }

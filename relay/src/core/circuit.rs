@@ -124,7 +124,19 @@ impl CircuitCore {
         self.next
     }
 
-    /// Whether the circuit is destroyed.
+    /// Whether the previous hop is taken for a client (this relay is the first hop: no BEGIN).
+    pub fn prev_is_client(&self) -> bool {
+        self.cfg.prev_is_client
+    }
+
+    /// The previous hop turned out to be a relay after all (the relay learnt it from a newer
+    /// consensus than the one it had when the CREATE came): BEGIN and RESOLVE are allowed from
+    /// now on. A relay is never reclassified as a client.
+    pub fn note_prev_is_relay(&mut self) {
+        self.cfg.prev_is_client = false;
+    }
+
+    /// Whether the circuit has been destroyed.
     pub fn is_closed(&self) -> bool {
         matches!(self.next, Next::Closed(_))
     }

@@ -195,6 +195,32 @@ fn first_hop_refuses_begin_and_ignores_drop() {
     assert!(events(&mut core).is_empty());
 }
 
+/// A circuit whose previous hop was taken for a client (the relay had no consensus yet when the
+/// CREATE came) accepts BEGIN once the driver learns the previous hop is a relay.
+#[test]
+fn begin_is_accepted_once_the_previous_hop_is_known_as_a_relay() {
+    let (mut core, mut cl) = setup(cfg(true, ExitPolicy::accept_all(true)));
+    let now = Instant::now();
+    let c = cl.cell(0, CellCmd::RELAY, 1, &begin(Target::Ip(ip("8.8.8.8")), 80));
+    core.handle_cell(Side::Prev, c, now).unwrap();
+    assert_eq!(
+        replies(&mut core, &mut cl),
+        vec![(1, RelayMsg::End(End::new(EndReason::TORPROTOCOL)))]
+    );
+    assert!(core.prev_is_client());
+    core.note_prev_is_relay();
+    assert!(!core.prev_is_client());
+    let c = cl.cell(0, CellCmd::RELAY, 2, &begin(Target::Ip(ip("8.8.8.8")), 80));
+    core.handle_cell(Side::Prev, c, now).unwrap();
+    assert!(replies(&mut core, &mut cl).is_empty(), "BEGIN refused");
+    let evs = events(&mut core);
+    assert!(
+        evs.iter()
+            .any(|e| matches!(e, crate::core::Event::OpenStream { sid: 2, .. })),
+        "{evs:?}"
+    );
+}
+
 #[test]
 fn create_failures_say_why() {
     let onion = X25519Secret::generate();
