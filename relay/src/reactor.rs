@@ -223,8 +223,11 @@ impl Reactor {
             else {
                 return;
             };
-            let Some((link, id)) = self.route(side) else {
-                continue;
+            // Borrowed, not cloned: this runs once per cell.
+            let (link, id) = match (side, &self.next) {
+                (Side::Prev, _) => (&self.prev, self.prev_id),
+                (Side::Next, Some((l, id))) => (l, *id),
+                (Side::Next, None) => continue,
             };
             cell.circ_id = Some(id);
             match link.sink.try_enqueue(cell) {

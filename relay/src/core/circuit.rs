@@ -1,6 +1,7 @@
 //! [`CircuitCore`]: one circuit as a relay sees it, as a synchronous state machine.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use allium_crypto::relaycell::{
@@ -283,7 +284,7 @@ impl CircuitCore {
         match self
             .crypto
             .decrypt_forward(cmd.0, &mut cell.body)
-            .map_err(CircError::BadTag)?
+            .map_err(|e| CircError::BadTag(Arc::new(e)))?
         {
             Forward::Pass => {
                 if self.next != Next::Open {
@@ -456,7 +457,7 @@ impl CircuitCore {
         }
         self.crypto
             .relay_backward(&mut cell.body)
-            .map_err(CircError::BackwardCrypto)?;
+            .map_err(|e| CircError::BackwardCrypto(Arc::new(e)))?;
         cell.circ_id = None;
         cell.cmd = CellCmd::RELAY;
         self.transmit.push_back((Side::Prev, cell));
@@ -530,7 +531,7 @@ impl CircuitCore {
                 Some(tag)
             }
             Err(e) => {
-                self.close(CircError::BackwardCrypto(e), None);
+                self.close(CircError::BackwardCrypto(Arc::new(e)), None);
                 None
             }
         }
@@ -551,11 +552,7 @@ impl CircuitCore {
     /// On a violation: destroy (DESTROY both ways: the side that misbehaved learns nothing
     /// more), keep the error for [`CircuitCore::close_error`] and return an equal one.
     fn fail_on_err(&mut self, r: Result<(), CircError>) -> Result<(), CircError> {
-        r.map_err(|e| {
-            let copy = describe(&e);
-            self.close(e, None);
-            copy
-        })
+        r.inspect_err(|e| self.close(e.clone(), None))
     }
 
     /// Destroy: DESTROY on every side other than `from` (whose DESTROY or link failure this
@@ -585,30 +582,4 @@ fn destroy_cell(reason: DestroyReason) -> Cell {
     let mut c = Cell::new_zeroed(None, CellCmd::DESTROY);
     Destroy { reason }.encode(&mut c.body);
     c
-}
-
-/// A second value describing the same error, for the caller of `handle_cell` (the original is
-/// kept in the core; crypto and codec errors are not `Clone`).
-fn describe(e: &CircError) -> CircError {
-    match e {
-        CircError::BadTag(_) => CircError::BadTag(allium_crypto::CryptoError::CellAuthFailed),
-        CircError::BackwardCrypto(_) => {
-            CircError::BackwardCrypto(allium_crypto::CryptoError::CellAuthFailed)
-        }
-        CircError::RelayEarlyBudget { max } => CircError::RelayEarlyBudget { max: *max },
-        CircError::BackwardRelayEarly => CircError::BackwardRelayEarly,
-        CircError::Malformed(p) => CircError::Malformed(p.clone()),
-        CircError::StreamIdRule { cmd, sid } => CircError::StreamIdRule {
-            cmd: *cmd,
-            sid: *sid,
-        },
-        CircError::Unexpected { what } => CircError::Unexpected { what },
-        CircError::Window(p) => CircError::Window(p.clone()),
-        CircError::NoNextHop => CircError::NoNextHop,
-        CircError::QueueOverflow { cap } => CircError::QueueOverflow { cap: *cap },
-        CircError::Blocked { secs } => CircError::Blocked { secs: *secs },
-        CircError::DestroyReceived { reason } => CircError::DestroyReceived { reason: *reason },
-        CircError::LinkClosed => CircError::LinkClosed,
-        CircError::Local => CircError::Local,
-    }
 }

@@ -1,5 +1,7 @@
 //! Why a circuit died: [`CircError`].
 
+use std::sync::Arc;
+
 use allium_crypto::CryptoError;
 use allium_proto::ProtoError;
 use allium_proto::cell::DestroyReason;
@@ -7,15 +9,15 @@ use allium_proto::relaymsg::RelayCmd;
 
 /// A reason to destroy a circuit. Every variant is fatal for the circuit it concerns and for no
 /// other; [`CircError::wire_reason`] gives the reason sent in the DESTROY.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CircError {
     /// A forward cell failed authentication, was replayed or reordered, or the ratchet ran out.
     #[error("relay cell crypto failed (bad tag, replay or reorder)")]
-    BadTag(#[source] CryptoError),
+    BadTag(#[source] Arc<CryptoError>),
     /// Originating or relaying a backward cell failed (the circuit's crypto state is unusable).
     #[error("backward relay crypto failed")]
-    BackwardCrypto(#[source] CryptoError),
+    BackwardCrypto(#[source] Arc<CryptoError>),
     /// More forward RELAY_EARLY cells than the budget allows.
     #[error("more than {max} RELAY_EARLY cells")]
     RelayEarlyBudget {
