@@ -18,14 +18,14 @@ use std::time::Duration;
 use allium_crypto::RelayId;
 use allium_proto::cell::{Cell, CircId};
 use allium_proto::channel::{self, ChannelReceiver, ChannelSender};
-use tokio::sync::mpsc;
+use allium_proto::inbox::{InboxFull, InboxRx, InboxTx, inbox};
 
 use crate::err::ClientError;
 use crate::path::RelayInfo;
 
 /// A circuit's route on its link.
 struct Route {
-    tx: mpsc::Sender<Cell>,
+    tx: InboxTx<Cell>,
     /// Set when the relay overran the circuit's queue.
     overflowed: Arc<AtomicBool>,
 }
@@ -35,7 +35,7 @@ pub(crate) struct Registration {
     /// Its circuit id on the link.
     pub(crate) id: CircId,
     /// Its inbound cells, in link order.
-    pub(crate) inbound: mpsc::Receiver<Cell>,
+    pub(crate) inbound: InboxRx<Cell>,
     /// Set (before the queue ends) if the relay overran the queue.
     pub(crate) overflowed: Arc<AtomicBool>,
 }
@@ -59,7 +59,7 @@ impl Router {
                 break id;
             }
         };
-        let (tx, inbound) = mpsc::channel(cap);
+        let (tx, inbound) = inbox(cap);
         let overflowed = Arc::new(AtomicBool::new(false));
         map.insert(
             id,
@@ -105,12 +105,12 @@ impl Router {
         };
         match route.tx.try_send(cell) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(InboxFull::Full) => {
                 // The circuit's reactor logs it once when it destroys the circuit.
                 route.overflowed.store(true, Ordering::Release);
                 map.remove(&id);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(InboxFull::Closed) => {
                 map.remove(&id);
             }
         }

@@ -68,7 +68,7 @@ struct Slot {
 pub(crate) struct Reactor {
     core: ClientCircuit,
     link: Arc<Link>,
-    inbound: mpsc::Receiver<Cell>,
+    inbound: allium_proto::inbox::InboxRx<Cell>,
     overflowed: Arc<AtomicBool>,
     cmds: mpsc::Receiver<Cmd>,
     shared: Arc<Shared>,
@@ -274,6 +274,7 @@ fn now() -> std::time::Instant {
 /// Drive the circuit until it is closed.
 pub(crate) async fn run(mut r: Reactor) {
     let id = r.core.id();
+    let mut batch: Vec<Cell> = Vec::with_capacity(INBOUND_BATCH);
     loop {
         r.package_pending();
         r.dispatch_events();
@@ -292,19 +293,15 @@ pub(crate) async fn run(mut r: Reactor) {
             }
         };
         tokio::select! {
-            cell = r.inbound.recv() => match cell {
-                Some(cell) => {
-                    let t = now();
-                    let _ = r.core.handle_cell(cell, t);
-                    // Take what else is queued (bounded), then flush once: cells leave in batches.
-                    for _ in 1..INBOUND_BATCH {
-                        match r.inbound.try_recv() {
-                            Ok(cell) => { let _ = r.core.handle_cell(cell, t); }
-                            Err(_) => break,
-                        }
-                    }
+            // Take what is queued (bounded), then flush once: cells leave in batches.
+            n = r.inbound.recv_many(&mut batch, INBOUND_BATCH) => {
+                if n == 0 {
+                    r.on_inbound_end();
                 }
-                None => r.on_inbound_end(),
+                let t = now();
+                for cell in batch.drain(..) {
+                    let _ = r.core.handle_cell(cell, t);
+                }
             },
             cmd = r.cmds.recv() => match cmd {
                 Some(cmd) => r.handle_cmd(cmd),

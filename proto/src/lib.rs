@@ -7,6 +7,7 @@ pub mod codec;
 pub mod consts;
 pub mod err;
 pub mod flowctl;
+pub mod inbox;
 pub mod link;
 #[cfg(feature = "openssl")]
 mod link_cipher;

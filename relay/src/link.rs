@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use allium_crypto::{RelayId, X25519Public};
@@ -143,73 +143,14 @@ pub(crate) struct CircHandle {
     pub(crate) kill: Arc<Kill>,
 }
 
-/// The sending end of a circuit's inbound queue: a cell count capped at `cap` over an unbounded
-/// channel. (Tokio's bounded channel takes a semaphore lock per cell received; this pays one
-/// atomic add per cell sent and one subtraction per batch received, with the same bound.)
-#[derive(Clone, Debug)]
-pub(crate) struct InboxTx {
-    tx: mpsc::UnboundedSender<(Side, Cell)>,
-    queued: Arc<AtomicUsize>,
-    cap: usize,
-}
-
-/// Why a cell could not be queued for its circuit.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum InboxFull {
-    /// `cap` cells are queued already: the peer broke its windows, or the circuit is stalled.
-    Full,
-    /// The reactor is gone.
-    Closed,
-}
-
-impl InboxTx {
-    /// Cells queued now (tests).
-    #[cfg(test)]
-    pub(crate) fn queued(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
-    }
-
-    /// Queue a cell without waiting.
-    pub(crate) fn try_send(&self, item: (Side, Cell)) -> Result<(), InboxFull> {
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.cap {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(InboxFull::Full);
-        }
-        self.tx.send(item).map_err(|_| {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            InboxFull::Closed
-        })
-    }
-}
-
+/// The sending end of a circuit's inbound queue (capped in cells; never waits).
+pub(crate) type InboxTx = allium_proto::inbox::InboxTx<(Side, Cell)>;
 /// The receiving end of a circuit's inbound queue (its reactor's).
-#[derive(Debug)]
-pub(crate) struct InboxRx {
-    rx: mpsc::UnboundedReceiver<(Side, Cell)>,
-    queued: Arc<AtomicUsize>,
-}
-
-impl InboxRx {
-    /// Take up to `limit` queued cells into `buf` (waiting for one); 0 once every sender is gone.
-    pub(crate) async fn recv_many(&mut self, buf: &mut Vec<(Side, Cell)>, limit: usize) -> usize {
-        let n = self.rx.recv_many(buf, limit).await;
-        self.queued.fetch_sub(n, Ordering::AcqRel);
-        n
-    }
-}
+pub(crate) type InboxRx = allium_proto::inbox::InboxRx<(Side, Cell)>;
 
 /// A circuit's inbound queue holding at most `cap` cells.
 pub(crate) fn inbox(cap: usize) -> (InboxTx, InboxRx) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    (
-        InboxTx {
-            tx,
-            queued: Arc::clone(&queued),
-            cap: cap.max(1),
-        },
-        InboxRx { rx, queued },
-    )
+    allium_proto::inbox::inbox(cap)
 }
 
 /// The reader's one-entry route cache.
@@ -572,13 +513,13 @@ fn route_cell(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell, cache: &mut Option<C
 fn deliver(ctx: &Ctx, link: &Link, id: CircId, h: &CircHandle, side: Side, cell: Cell) {
     match h.tx.try_send((side, cell)) {
         Ok(()) => {}
-        Err(InboxFull::Full) => {
+        Err(allium_proto::inbox::InboxFull::Full) => {
             link.remove(id, coarse_now());
             ctx.stats.note_queue_overflow();
             h.kill.fire(KillReason::QueueOverflow);
         }
         // The reactor is gone: the circuit is being torn down.
-        Err(InboxFull::Closed) => {}
+        Err(allium_proto::inbox::InboxFull::Closed) => {}
     }
 }
 
