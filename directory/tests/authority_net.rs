@@ -308,10 +308,10 @@ async fn restarted_authority_rejoins_and_cache_protects_against_rollback() {
     let mut net = Net::start(3).await;
     let rs = relays(4);
     upload_all(&net, &rs, now_unix()).await;
+    // Votes are accepted only for the current and the next period: round 1 is the current
+    // period, round 2 the next.
     let va = Net::current_va();
-    run_round(&net.live(), va - common::INTERVAL)
-        .await
-        .expect("round 1");
+    run_round(&net.live(), va).await.expect("round 1");
 
     let cache_dir = tempfile::tempdir().expect("tmp");
     let cache_path = cache_dir.path().join("consensus");
@@ -329,10 +329,9 @@ async fn restarted_authority_rejoins_and_cache_protects_against_rollback() {
     let h2 = net.handles[2].as_ref().expect("restarted");
     assert_eq!(h2.descriptor_count(), 4);
     assert!(h2.current_consensus().is_some());
-    // It remembers its vote for the last period and does not sign a second one.
-    h2.vote_phase(va - common::INTERVAL)
-        .await
-        .expect("re-vote is a no-op");
+    // It remembers its vote for the current period and does not sign a second one.
+    h2.vote_phase(va).await.expect("re-vote is a no-op");
+    let va = va + common::INTERVAL;
     run_round(&net.live(), va).await.expect("round 2");
     for h in net.live() {
         assert_eq!(h.current_consensus().expect("c").sigs().len(), 3);

@@ -90,6 +90,70 @@ pub struct AuthorityConfig {
     /// Most relay descriptors held.
     #[serde(default = "default_max_relays")]
     pub max_relays: usize,
+    /// Rate limits, caps and timeouts against floods (`[limits]`).
+    #[serde(default)]
+    pub limits: AuthorityLimits,
+}
+
+/// Limits that keep one source from jamming the authority (docs/protocol/80-directory.md,
+/// "Authority limits"). Every field has a default; a test network (one host, every relay on
+/// one address) raises the per-address and per-prefix relay caps unless they are set.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthorityLimits {
+    /// POSTs one source address may make at once (token-bucket burst).
+    pub upload_burst: u32,
+    /// POSTs a minute one source address may make once its burst is used.
+    pub upload_per_min: u32,
+    /// POSTs one source prefix (/24 or /48) may make at once.
+    pub prefix_upload_burst: u32,
+    /// POSTs a minute one source prefix may make once its burst is used.
+    pub prefix_upload_per_min: u32,
+    /// Most source addresses and prefixes whose upload rate is remembered.
+    pub max_tracked_sources: usize,
+    /// Most relays held whose descriptor names one address (default 4; 1024 when
+    /// `allow_private_addresses` is on).
+    pub max_relays_per_addr: Option<usize>,
+    /// Most relays held whose descriptor names an address in one /24 or /48 (default 64; 4096
+    /// when `allow_private_addresses` is on).
+    pub max_relays_per_prefix: Option<usize>,
+    /// Most simultaneous HTTP connections from one address (authorities exempt).
+    pub max_connections_per_addr: usize,
+    /// Most simultaneous HTTP connections from one /24 or /48 (authorities exempt).
+    pub max_connections_per_prefix: usize,
+    /// Of `max_connections`, slots only the configured authorities' addresses may use.
+    pub reserved_authority_connections: usize,
+    /// More source addresses to treat as authorities (when an authority connects from another
+    /// address than its `dir_addr`).
+    pub authority_source_addrs: Vec<std::net::IpAddr>,
+    /// Seconds a client has to send a whole request head (slowloris bound).
+    pub header_timeout_secs: u64,
+    /// Seconds a connection may stay without reading or writing a byte.
+    pub idle_timeout_secs: u64,
+    /// Milliseconds one reachability probe may take (an address that drops packets costs no
+    /// more than this).
+    pub probe_timeout_ms: u64,
+}
+
+impl Default for AuthorityLimits {
+    fn default() -> Self {
+        Self {
+            upload_burst: 10,
+            upload_per_min: 2,
+            prefix_upload_burst: 64,
+            prefix_upload_per_min: 32,
+            max_tracked_sources: 16_384,
+            max_relays_per_addr: None,
+            max_relays_per_prefix: None,
+            max_connections_per_addr: 8,
+            max_connections_per_prefix: 32,
+            reserved_authority_connections: 32,
+            authority_source_addrs: Vec::new(),
+            header_timeout_secs: 10,
+            idle_timeout_secs: 30,
+            probe_timeout_ms: 10_000,
+        }
+    }
 }
 
 impl AuthorityConfig {
@@ -106,6 +170,7 @@ impl AuthorityConfig {
             params: BTreeMap::new(),
             max_connections: default_max_conns(),
             max_relays: default_max_relays(),
+            limits: AuthorityLimits::default(),
         }
     }
 
@@ -167,7 +232,76 @@ impl AuthorityConfig {
                 "max_connections and max_relays must be positive".into(),
             ));
         }
+        let l = &self.limits;
+        if l.upload_burst == 0
+            || l.prefix_upload_burst == 0
+            || l.max_tracked_sources < 2
+            || l.max_connections_per_addr == 0
+            || l.max_connections_per_prefix == 0
+            || l.max_relays_per_addr == Some(0)
+            || l.max_relays_per_prefix == Some(0)
+        {
+            return Err(DirError::Config(
+                "[limits]: bursts, caps and max_tracked_sources must be positive".into(),
+            ));
+        }
+        if l.reserved_authority_connections >= self.max_connections {
+            return Err(DirError::Config(
+                "[limits] reserved_authority_connections must be below max_connections".into(),
+            ));
+        }
+        if !(1..=600).contains(&l.header_timeout_secs)
+            || !(1..=3600).contains(&l.idle_timeout_secs)
+            || !(100..=60_000).contains(&l.probe_timeout_ms)
+        {
+            return Err(DirError::Config(
+                "[limits]: header_timeout_secs 1-600, idle_timeout_secs 1-3600, \
+                 probe_timeout_ms 100-60000"
+                    .into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Most relays held per descriptor address (see [`AuthorityLimits::max_relays_per_addr`]).
+    pub fn relays_per_addr(&self) -> usize {
+        self.limits
+            .max_relays_per_addr
+            .unwrap_or(if self.allow_private_addresses {
+                1024
+            } else {
+                4
+            })
+    }
+
+    /// Most relays held per descriptor prefix (see [`AuthorityLimits::max_relays_per_prefix`]).
+    pub fn relays_per_prefix(&self) -> usize {
+        self.limits
+            .max_relays_per_prefix
+            .unwrap_or(if self.allow_private_addresses {
+                4096
+            } else {
+                64
+            })
+    }
+
+    /// The source addresses treated as authorities: every configured authority's directory
+    /// address, plus `limits.authority_source_addrs`.
+    pub fn authority_addrs(&self) -> Vec<std::net::IpAddr> {
+        let mut v: Vec<std::net::IpAddr> = self
+            .authorities
+            .iter()
+            .map(|a| super::limits::canonical(a.dir_addr.ip()))
+            .chain(
+                self.limits
+                    .authority_source_addrs
+                    .iter()
+                    .map(|ip| super::limits::canonical(*ip)),
+            )
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// The configured identities.

@@ -10,6 +10,7 @@
 pub mod compute;
 pub mod config;
 pub mod keys;
+pub mod limits;
 mod probe;
 pub mod reach;
 mod round;
@@ -28,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use config::{AuthorityConfig, FlagThresholds};
+pub use config::{AuthorityConfig, AuthorityLimits, FlagThresholds};
 pub use keys::AuthorityKeys;
 pub use reach::{FakeReachability, LinkReachability, Reachability, TcpReachability};
 
@@ -108,6 +109,10 @@ pub async fn start_with(config: AuthorityConfig, opts: StartOptions) -> Result<A
         rx.clone(),
     ))];
     if opts.schedule {
+        inner
+            .background_probing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tasks.push(tokio::spawn(probe::probe_loop(inner.clone(), rx.clone())));
         tasks.push(tokio::spawn(schedule::schedule_loop(inner.clone(), rx)));
     }
     tracing::info!(%addr, identity = %me, "directory authority started");
@@ -156,6 +161,23 @@ impl AuthorityHandle {
     /// The number of relay descriptors held.
     pub fn descriptor_count(&self) -> usize {
         self.inner.descriptor_count()
+    }
+    /// How often each limit refused something or was hit since start (non-zero counts, by
+    /// name; see [`limits::Limit`]).
+    pub fn limit_counts(&self) -> Vec<(&'static str, u64)> {
+        self.inner.limit_log.snapshot()
+    }
+    /// The count of one limit.
+    pub fn limit_count(&self, limit: limits::Limit) -> u64 {
+        self.inner.limit_log.count(limit)
+    }
+    /// HTTP connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.inner
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .open_count()
     }
     /// Stop serving and scheduling. The data directory keeps everything for a restart.
     pub async fn shutdown(self) {

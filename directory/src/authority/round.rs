@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::compute::compute_consensus;
+use super::limits::Limit;
 use super::state::{Inner, insert_cert, published};
 use super::vote::build_vote;
 use crate::client::http;
@@ -32,6 +33,22 @@ pub(crate) struct DetachedSignature {
     /// The signature (by a signing key).
     pub sig: SigEntry,
 }
+
+/// The periods whose votes are accepted at `now`: the current and the next, with a clock-skew
+/// allowance of a quarter interval (at most 60 s) on both sides. Returns the first and the last
+/// `valid_after` accepted.
+pub(crate) fn vote_window(now: u64, interval: u64) -> (u64, u64) {
+    let i = interval.max(1);
+    let skew = (i / 4).min(60);
+    let lo = now.saturating_sub(skew) / i * i;
+    let hi = (now.saturating_add(skew) / i + 1) * i;
+    (lo, hi)
+}
+
+/// Most periods one authority may have a vote held for (the previous one while its consensus
+/// is still being signed, the current, the next). Each authority only fills its own slots, so
+/// one with a stolen key cannot push another's votes out.
+pub(crate) const MAX_PERIODS_PER_AUTHORITY: usize = 3;
 
 /// Cap on a detached signature message.
 pub(crate) const MAX_DETACHED_LEN: usize = 256;
@@ -80,27 +97,68 @@ impl Inner {
             })?;
         let v = signed.verify(cert, now)?;
         let va = v.vote().valid_after;
-        let interval = self.cfg.voting_interval_secs;
-        if va > now.saturating_add(2 * interval) || va.saturating_add(2 * interval) < now {
-            return Err(DirError::invalid("vote", "for a period too far from now"));
-        }
         let auth = v.vote().authority;
+        if !self.ids.contains(&auth) {
+            self.limit_log.hit(
+                Limit::VoteUnknownAuthority,
+                now,
+                "vote by an unknown authority",
+            );
+            return Err(DirError::BadSignature {
+                object: "vote",
+                why: "not by a configured authority",
+            });
+        }
+        let (lo, hi) = vote_window(now, self.cfg.voting_interval_secs);
+        if va < lo || va > hi {
+            self.limit_log.hit(
+                Limit::VoteWrongPeriod,
+                now,
+                "vote for a period other than the current or the next",
+            );
+            return Err(DirError::invalid(
+                "vote",
+                "not for the current or the next voting period",
+            ));
+        }
         let mut st = self.lock();
+        // Forget periods that can no longer be voted for; what is left is at most the
+        // periods in [lo, hi], each with at most one vote per configured authority.
+        st.votes.retain(|p, _| *p >= lo);
+        let periods_of_auth = st
+            .votes
+            .iter()
+            .filter(|(p, m)| **p != va && m.contains_key(&auth))
+            .count();
+        if periods_of_auth >= MAX_PERIODS_PER_AUTHORITY {
+            drop(st);
+            self.limit_log.hit(
+                Limit::VoteConflict,
+                now,
+                "an authority voted for more periods than the window holds",
+            );
+            return Err(DirError::invalid(
+                "vote",
+                "this authority already has votes for as many periods as are kept",
+            ));
+        }
         let m = st.votes.entry(va).or_default();
         if let Some(old) = m.get(&auth) {
             if old.signed().body() == v.signed().body() {
                 return Ok(va);
             }
+            drop(st);
+            self.limit_log.hit(
+                Limit::VoteConflict,
+                now,
+                "a second, different vote by one authority for one period",
+            );
             return Err(DirError::invalid(
                 "vote",
                 "conflicting vote for this period already held",
             ));
         }
         m.insert(auth, Arc::new(v.clone()));
-        // Keep three periods.
-        while st.votes.len() > 3 {
-            st.votes.pop_first();
-        }
         drop(st);
         let _ = self.store.save_vote(&auth, v.signed());
         Ok(va)

@@ -1,13 +1,15 @@
 //! What the HTTP server reads from the authority state, and the descriptor uploads it accepts.
 
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 
 use allium_crypto::RelayId;
 
+use super::limits::{Limit, Prefix, canonical};
 use super::state::Inner;
 use super::vote::RelayHistory;
 use crate::addr;
-use crate::doc::{AuthCert, Consensus, RelayDescriptor, Signed};
+use crate::doc::{AuthCert, Consensus, RelayDescriptor, Signed, VerifiedDescriptor};
 use crate::err::{DirError, Result};
 
 /// How far in the future a descriptor's `published` may be.
@@ -72,24 +74,58 @@ impl Inner {
     }
 
     /// Handle an uploaded descriptor. Errors are one-line reasons for the uploader.
-    pub(crate) fn accept_descriptor(&self, bytes: &[u8], now: u64) -> Result<RelayId> {
+    ///
+    /// Beyond the checks of the descriptor itself, the table is bounded three ways: at most
+    /// `relays_per_addr` relays name one address, at most `relays_per_prefix` name addresses in
+    /// one /24 or /48, and at most `max_relays` are held. A new relay that finds the table full
+    /// takes the place of the newest relay that is not reachable (never-reachable newcomers go
+    /// first); reachable relays are never evicted, so then it is refused.
+    pub(crate) fn accept_descriptor(
+        &self,
+        bytes: &[u8],
+        now: u64,
+    ) -> std::result::Result<RelayId, UploadError> {
         let d = Signed::<RelayDescriptor>::from_bytes(bytes)?.verify()?;
         d.check_valid_at(now, MAX_DESC_FUTURE)?;
         let desc = d.desc();
         check_addrs(&desc.addrs, self.cfg.allow_private_addresses)?;
         let id = desc.identity;
+        let mut evicted = None;
         {
             let mut st = self.lock();
             if let Some(old) = st.descs.get(&id)
                 && old.desc().published >= desc.published
             {
-                return Err(DirError::NotNewer);
+                return Err(DirError::NotNewer.into());
+            }
+            if let Err(l) = check_colocation(
+                &st.descs,
+                id,
+                &desc.addrs,
+                self.cfg.relays_per_addr(),
+                self.cfg.relays_per_prefix(),
+            ) {
+                drop(st);
+                self.limit_log.hit(
+                    l,
+                    now,
+                    "descriptor refused: too many relays at one address or prefix",
+                );
+                return Err(UploadError::Limited(l));
             }
             if !st.descs.contains_key(&id) && st.descs.len() >= self.cfg.max_relays {
-                return Err(DirError::invalid(
-                    "relay descriptor",
-                    "authority is full; try again later",
-                ));
+                let Some(victim) = eviction_victim(&st.descs, &st.history) else {
+                    drop(st);
+                    self.limit_log.hit(
+                        Limit::TableFull,
+                        now,
+                        "descriptor refused: relay table full of reachable relays",
+                    );
+                    return Err(UploadError::Limited(Limit::TableFull));
+                };
+                st.descs.remove(&victim);
+                st.history.remove(&victim);
+                evicted = Some(victim);
             }
             st.history.entry(id).or_insert(RelayHistory {
                 first_seen: now,
@@ -98,12 +134,89 @@ impl Inner {
             st.descs.insert(id, d.clone());
             st.descs_reply = None;
         }
+        if let Some(v) = evicted {
+            self.store.remove_descriptor(&v);
+            self.limit_log.hit(
+                Limit::Evicted,
+                now,
+                "relay table full: evicted the newest unreachable relay",
+            );
+        }
         if let Err(e) = self.store.save_descriptor(&d) {
             tracing::warn!(error = %e, "could not store descriptor");
         }
         tracing::debug!(relay = %id, "accepted descriptor");
         Ok(id)
     }
+}
+
+/// Why an upload was refused: the descriptor itself, or a limit.
+#[derive(Debug)]
+pub(crate) enum UploadError {
+    /// The descriptor is bad, old, or otherwise refused by the checks of `accept_descriptor`.
+    Dir(DirError),
+    /// A limit refused it.
+    Limited(Limit),
+}
+
+impl From<DirError> for UploadError {
+    fn from(e: DirError) -> Self {
+        Self::Dir(e)
+    }
+}
+
+/// Whether a relay `id` at `addrs` fits the per-address and per-prefix caps, counting the other
+/// relays held (its own older descriptor does not count).
+pub(crate) fn check_colocation(
+    descs: &BTreeMap<RelayId, VerifiedDescriptor>,
+    id: RelayId,
+    addrs: &[SocketAddr],
+    per_addr: usize,
+    per_prefix: usize,
+) -> std::result::Result<(), Limit> {
+    let ips: BTreeSet<IpAddr> = addrs.iter().map(|a| canonical(a.ip())).collect();
+    let prefixes: BTreeSet<Prefix> = ips.iter().map(|ip| Prefix::of(*ip)).collect();
+    let mut same_addr = 0usize;
+    let mut same_prefix = 0usize;
+    for (other, d) in descs {
+        if *other == id {
+            continue;
+        }
+        let theirs = &d.desc().addrs;
+        if theirs.iter().any(|a| ips.contains(&canonical(a.ip()))) {
+            same_addr += 1;
+        }
+        if theirs
+            .iter()
+            .any(|a| prefixes.contains(&Prefix::of(a.ip())))
+        {
+            same_prefix += 1;
+        }
+    }
+    if same_addr >= per_addr {
+        return Err(Limit::RelaysPerAddr);
+    }
+    if same_prefix >= per_prefix {
+        return Err(Limit::RelaysPerPrefix);
+    }
+    Ok(())
+}
+
+/// The relay to evict from a full table: among relays whose last probe did not succeed (or that
+/// were never probed), the one first seen most recently, so never-reachable newcomers go before
+/// long-known relays that are briefly down. `None` when every relay is reachable.
+pub(crate) fn eviction_victim(
+    descs: &BTreeMap<RelayId, VerifiedDescriptor>,
+    history: &BTreeMap<RelayId, RelayHistory>,
+) -> Option<RelayId> {
+    descs
+        .keys()
+        .filter_map(|id| {
+            let h = history.get(id).copied().unwrap_or_default();
+            (!h.last_ok).then_some((h.first_seen, *id))
+        })
+        .max()
+        .map(|(_, id)| id)
 }
 
 /// The authority's address policy for relay descriptors: public addresses always, internal ones

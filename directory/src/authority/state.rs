@@ -13,6 +13,7 @@ use allium_crypto::RelayId;
 
 use super::config::AuthorityConfig;
 use super::keys::AuthorityKeys;
+use super::limits::{ConnCaps, ConnLimiter, LimitLog, SourceLimiter, SourceRates};
 use super::reach::Reachability;
 use super::store::Store;
 use super::vote::RelayHistory;
@@ -60,8 +61,21 @@ pub(crate) struct Inner {
     pub(super) store: Store,
     pub(super) state: Mutex<State>,
     pub(super) probe_slots: Arc<tokio::sync::Semaphore>,
-    /// Concurrent large (vote) uploads being read.
+    /// Concurrent large (vote) uploads being read from the authorities' addresses.
     pub(crate) big_uploads: Arc<tokio::sync::Semaphore>,
+    /// Concurrent vote uploads being read from any other address (a flood of slow vote
+    /// uploads cannot take the authorities' slots).
+    pub(crate) big_uploads_other: Arc<tokio::sync::Semaphore>,
+    /// Source addresses treated as authorities (sorted).
+    pub(crate) authority_addrs: Vec<std::net::IpAddr>,
+    /// POST rate per source address and prefix.
+    pub(crate) sources: Mutex<SourceLimiter>,
+    /// HTTP connection slots.
+    pub(crate) conns: Mutex<ConnLimiter>,
+    /// Refusal counters.
+    pub(crate) limit_log: LimitLog,
+    /// Whether the background prober runs (then a vote only re-probes stale relays).
+    pub(super) background_probing: std::sync::atomic::AtomicBool,
 }
 
 /// Zlib-compress `bytes` (the `.z` form of the consensus); empty on failure.
@@ -109,6 +123,9 @@ impl Inner {
                 }
             }
         }
+        // Only votes for the periods still accepted are kept (see `round::vote_window`).
+        let (lo, _) = super::round::vote_window(now, cfg.voting_interval_secs);
+        st.votes.retain(|p, _| *p >= lo);
         if let Some(c) = store.load_consensus(false)
             && let Ok(v) = c.clone().verify_signatures_only(&ids, &certs, now)
         {
@@ -120,7 +137,28 @@ impl Inner {
         {
             st.pending = Some((body.valid_after, c));
         }
+        let l = &cfg.limits;
+        let sources = SourceLimiter::new(SourceRates {
+            addr_burst: l.upload_burst,
+            addr_per_min: l.upload_per_min,
+            prefix_burst: l.prefix_upload_burst,
+            prefix_per_min: l.prefix_upload_per_min,
+            max_sources: l.max_tracked_sources,
+        });
+        let conns = ConnLimiter::new(ConnCaps {
+            total: cfg.max_connections,
+            reserved: l.reserved_authority_connections,
+            per_addr: l.max_connections_per_addr,
+            per_prefix: l.max_connections_per_prefix,
+        });
+        let authority_addrs = cfg.authority_addrs();
         Ok(Self {
+            authority_addrs,
+            sources: Mutex::new(sources),
+            conns: Mutex::new(conns),
+            limit_log: LimitLog::default(),
+            background_probing: std::sync::atomic::AtomicBool::new(false),
+            big_uploads_other: Arc::new(tokio::sync::Semaphore::new(1)),
             cfg,
             keys,
             ids,
@@ -135,6 +173,13 @@ impl Inner {
     /// Lock the state (a poisoned lock is taken over: every writer leaves it consistent).
     pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `ip` is one of the authorities' addresses.
+    pub(crate) fn is_authority_addr(&self, ip: std::net::IpAddr) -> bool {
+        self.authority_addrs
+            .binary_search(&super::limits::canonical(ip))
+            .is_ok()
     }
 
     /// The other configured authorities.
