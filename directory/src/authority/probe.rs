@@ -42,14 +42,16 @@ impl Inner {
 
     /// The probing pass before a vote. When the background prober runs, only relays not probed
     /// in the last half interval are probed (the rest were, spread over the period); otherwise
-    /// every relay is. The pass has a budget of `clamp(interval / 8, 5 s, 10 min)`.
+    /// every relay is. The pass has a budget of `clamp(interval / 8, 5 s, 10 min)`, and never
+    /// more than the quarter interval between the vote and the compute phase.
     pub(super) async fn probe_all(&self, now: u64) {
         let i = self.cfg.voting_interval_secs;
         let max_age = self
             .background_probing
             .load(std::sync::atomic::Ordering::Relaxed)
             .then_some(i / 2);
-        let budget = Duration::from_secs((i / 8).clamp(5, 600));
+        let i_ms = i.saturating_mul(1000);
+        let budget = Duration::from_millis((i_ms / 8).clamp(5_000, 600_000).min(i_ms / 4));
         self.probe_pass(now, budget, max_age).await;
     }
 
