@@ -30,10 +30,26 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 77);
 const INTERVAL: u64 = 6;
 const RELAYS: usize = 4;
-/// How long the floods run once the network is up.
-const FLOOD_FOR: Duration = Duration::from_secs(18);
-/// Slowloris connections the attacker tries to hold at each authority.
-const SLOWLORIS_PER_AUTHORITY: usize = 200;
+/// How long the floods run once the network is up (`ALLIUM_FLOOD_SECS` for bigger runs).
+fn flood_for() -> Duration {
+    Duration::from_secs(env_or("ALLIUM_FLOOD_SECS", 18))
+}
+/// Slowloris connections the attacker tries to hold at each authority
+/// (`ALLIUM_FLOOD_SLOWLORIS`).
+fn slowloris_per_authority() -> usize {
+    usize::try_from(env_or("ALLIUM_FLOOD_SLOWLORIS", 200)).unwrap_or(200)
+}
+/// Junk-descriptor uploaders per authority (`ALLIUM_FLOOD_UPLOADERS`).
+fn uploaders_per_authority() -> usize {
+    usize::try_from(env_or("ALLIUM_FLOOD_UPLOADERS", 1)).unwrap_or(1)
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 /// Listeners that accept nothing (probes of them hang until the probe timeout).
 const BLACKHOLES: u8 = 16;
 
@@ -280,11 +296,13 @@ async fn run(dir: &std::path::Path, attacker: tokio::runtime::Handle) {
     let stop = Arc::new(AtomicBool::new(false));
     let mut attack = tokio::task::JoinSet::new();
     for to in &dir_addrs {
-        attack.spawn_on(
-            junk_flood(*to, holes.clone(), fig.clone(), stop.clone()),
-            &attacker,
-        );
-        for _ in 0..SLOWLORIS_PER_AUTHORITY {
+        for _ in 0..uploaders_per_authority() {
+            attack.spawn_on(
+                junk_flood(*to, holes.clone(), fig.clone(), stop.clone()),
+                &attacker,
+            );
+        }
+        for _ in 0..slowloris_per_authority() {
             attack.spawn_on(slowloris(*to, fig.clone(), stop.clone()), &attacker);
         }
     }
@@ -307,7 +325,7 @@ async fn run(dir: &std::path::Path, attacker: tokio::runtime::Handle) {
     let mut bystander_ok = 0u32;
     let mut bystander_tries = 0u32;
     let mut last_bystander = Instant::now();
-    while flood_start.elapsed() < FLOOD_FOR {
+    while flood_start.elapsed() < flood_for() {
         for (i, a) in auths.iter().enumerate() {
             if let Some(c) = a.current_consensus()
                 && let Ok(b) = c.dangerously_decode_unverified()
@@ -376,7 +394,7 @@ async fn run(dir: &std::path::Path, attacker: tokio::runtime::Handle) {
     let counts: Vec<Vec<(&'static str, u64)>> = auths.iter().map(|a| a.limit_counts()).collect();
     let held: Vec<usize> = auths.iter().map(|a| a.descriptor_count()).collect();
     let figures = serde_json::json!({
-        "flood_secs": FLOOD_FOR.as_secs(),
+        "flood_secs": flood_for().as_secs(),
         "interval_secs": INTERVAL,
         "junk": {
             "sent": fig.junk_sent.load(Ordering::Relaxed),
@@ -386,7 +404,8 @@ async fn run(dir: &std::path::Path, attacker: tokio::runtime::Handle) {
             "other": fig.junk_other.load(Ordering::Relaxed),
         },
         "slowloris": {
-            "per_authority": SLOWLORIS_PER_AUTHORITY,
+            "per_authority": slowloris_per_authority(),
+            "uploaders_per_authority": uploaders_per_authority(),
             "opened": fig.slow_opened.load(Ordering::Relaxed),
             "refused_503": fig.slow_refused_503.load(Ordering::Relaxed),
             "closed_by_server": fig.slow_closed_by_server.load(Ordering::Relaxed),
@@ -428,9 +447,11 @@ async fn run(dir: &std::path::Path, attacker: tokio::runtime::Handle) {
     );
     let accepted = fig.junk_accepted.load(Ordering::Relaxed);
     let sent = fig.junk_sent.load(Ordering::Relaxed);
+    // Per authority: the burst (5) and 6 a minute over the flood and the bootstrap.
+    let allowed = 3 * (5 + (flood_for().as_secs() + 10) * 6 / 60 + 1);
     assert!(
-        accepted <= 3 * 8,
-        "junk accepted beyond the burst and refill: {figures}"
+        accepted <= allowed,
+        "junk accepted beyond the burst and refill ({allowed}): {figures}"
     );
     assert!(sent > 10 * accepted, "the flood did not flood: {figures}");
     for c in &counts {

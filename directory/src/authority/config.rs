@@ -309,3 +309,77 @@ impl AuthorityConfig {
         self.authorities.iter().map(|a| a.identity).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> AuthorityConfig {
+        let text = include_str!("../../../authority.example.toml");
+        AuthorityConfig::from_toml(text).expect("example parses")
+    }
+
+    #[test]
+    fn example_limits_are_the_defaults() {
+        let c = example();
+        let d = AuthorityLimits::default();
+        assert_eq!(
+            c.limits,
+            AuthorityLimits {
+                max_relays_per_addr: Some(4),
+                max_relays_per_prefix: Some(64),
+                ..d
+            }
+        );
+        assert_eq!(c.relays_per_addr(), 4);
+        assert_eq!(c.relays_per_prefix(), 64);
+    }
+
+    #[test]
+    fn relay_caps_default_by_network_kind() {
+        let mut c = example();
+        c.limits.max_relays_per_addr = None;
+        c.limits.max_relays_per_prefix = None;
+        assert_eq!((c.relays_per_addr(), c.relays_per_prefix()), (4, 64));
+        c.allow_private_addresses = true;
+        assert_eq!((c.relays_per_addr(), c.relays_per_prefix()), (1024, 4096));
+    }
+
+    #[test]
+    fn bad_limits_are_refused() {
+        let base = example();
+        let cases: [fn(&mut AuthorityConfig); 6] = [
+            |c| c.limits.upload_burst = 0,
+            |c| c.limits.max_connections_per_addr = 0,
+            |c| c.limits.max_relays_per_addr = Some(0),
+            |c| c.limits.reserved_authority_connections = c.max_connections,
+            |c| c.limits.header_timeout_secs = 0,
+            |c| c.limits.probe_timeout_ms = 10,
+        ];
+        for f in cases {
+            let mut c = base.clone();
+            f(&mut c);
+            let e = c.validate().expect_err("refused");
+            assert!(e.to_string().contains("limits"), "{e}");
+        }
+        assert!(
+            AuthorityConfig::from_toml(
+                &include_str!("../../../authority.example.toml")
+                    .replace("[limits]\n", "[limits]\nno_such_key = 1\n")
+            )
+            .is_err(),
+            "unknown keys in [limits] are refused"
+        );
+    }
+
+    #[test]
+    fn authority_addrs_include_extra_sources() {
+        let mut c = example();
+        let before = c.authority_addrs().len();
+        c.limits.authority_source_addrs = vec![
+            "198.51.100.7".parse().expect("ip"),
+            "::ffff:198.51.100.7".parse().expect("ip"),
+        ];
+        assert_eq!(c.authority_addrs().len(), before + 1);
+    }
+}

@@ -503,7 +503,27 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn vote_window_is_the_current_and_next_period() {
+        // I = 3600, skew 60 s.
+        assert_eq!(vote_window(36_000 + 1000, 3600), (36_000, 39_600));
+        // Just after a period began: the previous one still counts as current (skew).
+        assert_eq!(vote_window(36_000 + 30, 3600), (32_400, 39_600));
+        // Just before the next began: the one after it counts as next (skew).
+        assert_eq!(vote_window(39_600 - 30, 3600), (36_000, 43_200));
+        // Short test intervals: skew I/4.
+        assert_eq!(vote_window(100, 4), (96, 104));
+        assert_eq!(vote_window(0, 4), (0, 4));
+    }
+
     proptest! {
+        #[test]
+        fn vote_window_holds_at_most_three_periods(now in 0u64..u64::MAX / 2, i in 2u64..100_000) {
+            let (lo, hi) = vote_window(now, i);
+            prop_assert!(lo <= now && now < hi);
+            prop_assert!(hi - lo <= 3 * i);
+        }
+
         #[test]
         fn detached_signature_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             if let Ok(d) = decode_canonical::<DetachedSignature>(&bytes, "x") {
