@@ -32,6 +32,16 @@ struct One {
 
 /// One authority on 127.0.0.1 with the test-network settings, changed by `f`.
 async fn one(f: impl FnOnce(&mut AuthorityConfig)) -> One {
+    let reach = Arc::new(FakeReachability::all_up());
+    one_with(f, reach.clone(), reach).await
+}
+
+/// The same with a chosen prober.
+async fn one_with(
+    f: impl FnOnce(&mut AuthorityConfig),
+    prober: Arc<dyn authority::Reachability>,
+    reach: Arc<FakeReachability>,
+) -> One {
     let d = tempfile::tempdir().expect("tmp");
     let (_id, keys) = authority::keys::generate_for_test(d.path(), now_unix()).expect("keys");
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -44,12 +54,11 @@ async fn one(f: impl FnOnce(&mut AuthorityConfig)) -> One {
     }];
     let mut cfg = common::config(d.path(), addr, &infos);
     f(&mut cfg);
-    let reach = Arc::new(FakeReachability::all_up());
     let h = authority::start_with(
         cfg,
         StartOptions {
             listener: Some(l),
-            reachability: reach.clone(),
+            reachability: prober,
             schedule: false,
         },
     )
@@ -471,4 +480,73 @@ async fn votes_only_for_the_current_or_next_period() {
     let r = post(vote_by(&net, 2, va + common::INTERVAL, now + 1)).await;
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
     assert!(net.live()[0].limit_count(Limit::VoteConflict) >= 1);
+}
+
+/// A prober for which some addresses drop every packet: their probes never finish by
+/// themselves.
+struct Blackholes {
+    prefix: [u8; 2],
+    up: Arc<FakeReachability>,
+}
+
+impl authority::Reachability for Blackholes {
+    fn probe(
+        &self,
+        addr: SocketAddr,
+        id: allium_crypto::RelayId,
+        link_key: allium_crypto::X25519Public,
+    ) -> authority::reach::ProbeFuture {
+        match addr.ip() {
+            IpAddr::V4(a) if a.octets()[..2] == self.prefix => Box::pin(std::future::pending()),
+            _ => self.up.probe(addr, id, link_key),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_of_dropping_addresses_cost_bounded_time() {
+    let up = Arc::new(FakeReachability::all_up());
+    let a = one_with(
+        |c| c.limits.probe_timeout_ms = 300,
+        Arc::new(Blackholes {
+            prefix: [127, 77],
+            up: up.clone(),
+        }),
+        up,
+    )
+    .await;
+    let to = a.h.dir_addr();
+    let now = now_unix();
+    // 100 junk relays at addresses that drop packets (4 per address), 3 honest relays.
+    for i in 0..100u16 {
+        let r = relay_at([127, 77, (i / 4) as u8, 1], 9000 + i);
+        allium_directory::upload_descriptor(to, &r.signed(now, false))
+            .await
+            .expect("junk");
+    }
+    let honest: Vec<Relay> = (0..3)
+        .map(|i| relay_at([127, 0, 20 + i, 1], 9000))
+        .collect();
+    for r in &honest {
+        allium_directory::upload_descriptor(to, &r.signed(now, true))
+            .await
+            .expect("honest");
+    }
+    // 103 probes, 32 at a time, the 100 hanging ones cut off after 0.3 s: about 1.2 s. Without
+    // the per-probe bound the pass would run until its budget (7.5 s) and reach nothing else.
+    let va = Net::current_va();
+    let start = Instant::now();
+    a.h.vote_phase(va).await.expect("vote");
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(4), "vote phase took {took:?}");
+    assert!(a.h.limit_count(Limit::ProbeTimeout) >= 100);
+    a.h.compute_phase(va).await.expect("compute");
+    assert!(a.h.publish_phase(va).await.expect("publish"));
+    let c = a.h.current_consensus().expect("published");
+    let body = c.dangerously_decode_unverified().expect("decode");
+    assert_eq!(body.relays.len(), 3, "only the honest relays are listed");
+    for r in &honest {
+        assert!(body.relays.iter().any(|e| e.identity == r.id.public()));
+    }
+    a.h.shutdown().await;
 }

@@ -433,12 +433,12 @@ async fn run(dir: &std::path::Path, attacker: tokio::runtime::Handle) {
     );
     assert_eq!(listed_junk, 0, "no junk relay listed: {figures}");
     // Votes exchanged on time: every authority published at least two periods during the
-    // flood, each signed by all three, each within a second of its start.
+    // flood, each signed by all three, each within 1.5 s of its start.
     for p in &published {
         let full: Vec<_> = p.iter().filter(|(_, _, sigs)| *sigs == 3).collect();
         assert!(full.len() >= 2, "periods published under flood: {figures}");
         for (_, late, _) in &full {
-            assert!(*late < 1.0, "a consensus was late: {figures}");
+            assert!(*late < 1.5, "a consensus was late: {figures}");
         }
     }
     assert_eq!(
