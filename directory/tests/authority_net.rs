@@ -393,12 +393,17 @@ async fn hostile_votes_and_signatures_change_nothing() {
         params: Default::default(),
         relays: vec![],
     };
+    // (Counted as a vote by an unknown authority; pushes that arrived before the certificates
+    // were exchanged were counted the same way.)
+    let unknown = allium_directory::authority::limits::Limit::VoteUnknownAuthority;
+    let unknown_before = net.live()[0].limit_count(unknown);
     let r = post(
         paths::VOTE,
         Signed::sign(&v, &stranger).expect("s").to_bytes(),
     )
     .await;
     assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(net.live()[0].limit_count(unknown), unknown_before + 1);
     // A detached signature by a stranger over the pending consensus.
     let pending = net.live()[0].current_consensus().expect("c");
     #[derive(serde::Serialize)]

@@ -87,14 +87,21 @@ impl Inner {
     pub(crate) fn accept_vote(&self, bytes: &[u8], now: u64) -> Result<u64> {
         let signed = Signed::<Vote>::from_bytes(bytes)?;
         let certs = self.valid_certs(now);
-        let cert = signed
+        let Some(cert) = signed
             .sigs()
             .iter()
             .find_map(|s| certs.iter().find(|c| c.signing_key() == s.signer))
-            .ok_or(DirError::BadSignature {
+        else {
+            self.limit_log.hit(
+                Limit::VoteUnknownAuthority,
+                now,
+                "vote not signed by a known authority signing key",
+            );
+            return Err(DirError::BadSignature {
                 object: "vote",
                 why: "not signed by a known authority signing key",
-            })?;
+            });
+        };
         let v = signed.verify(cert, now)?;
         let va = v.vote().valid_after;
         let auth = v.vote().authority;
