@@ -594,12 +594,15 @@ def serve_payloads(cfg):
     raise SystemExit("the HTTP server did not start:\n" + tail(os.path.join(cfg.work, "httpd.log")))
 
 
-def start_wanem(cfg, name, maps, rate, logpath):
-    """Start bench/wanem.py with `maps` (LISTEN=TARGET) at --wan delay and `rate` Mbit/s (0: none);
-    returns after it listens."""
+def start_wanem(cfg, name, maps, rate, logpath, client_cmdline=None):
+    """Start bench/wanem.py with `maps` (LISTEN=TARGET) at --wan delay and `rate` Mbit/s (0: none;
+    with --rate-scope guard only on links dialled by a process whose command line contains
+    `client_cmdline`); returns after it listens."""
     argv = [sys.executable, os.path.join(HERE, "wanem.py"), "--delay", str(cfg.wan)]
     if rate:
         argv += ["--rate", str(rate)]
+        if cfg.rate_scope == "guard" and client_cmdline:
+            argv += ["--rate-from", client_cmdline]
     if cfg.loss:
         argv += ["--loss", str(cfg.loss)]
     for m in maps:
@@ -819,7 +822,7 @@ def run_tor(cfg):
     emu = None
     if cfg.wan_on:
         emu = start_wanem(cfg, "tor-links", ["127.0.0.1:%d=127.0.0.1:%d" % (adv[n], orp[n]) for n in names],
-                          cfg.rate, os.path.join(w, "wanem.log"))
+                          cfg.rate, os.path.join(w, "wanem.log"), client_cmdline=os.path.join(w, "c0", "torrc"))
 
     def start(n, r):
         d = os.path.join(w, n)
@@ -987,7 +990,7 @@ def run_allium(cfg):
         argv += ["--relay-port-base", str(real), "--advertise-port-base", str(via)]
         emu = start_wanem(cfg, "allium-links", ["127.0.0.1:%d=127.0.0.1:%d" % (via + i, real + i)
                                                 for i in range(cfg.relays)], cfg.rate,
-                          os.path.join(w, "wanem.log"))
+                          os.path.join(w, "wanem.log"), client_cmdline=os.path.join(data, "proxy.toml"))
     res["argv"] = argv
     log("[allium] %s" % " ".join(argv))
     t0 = time.monotonic()
@@ -1177,7 +1180,7 @@ def machine_meta(cfg):
          "nice": os.nice(0), "allium_cargo_args": os.environ.get("ALLIUM_CARGO_ARGS", ""),
          "build_skipped": os.environ.get("SKIP_BUILD", "0") == "1",
          "wan_ms_one_way": cfg.wan if cfg.wan_on else None, "rate_mbit": cfg.rate or None,
-         "loss_pct": cfg.loss or None}
+         "loss_pct": cfg.loss or None, "rate_scope": cfg.rate_scope if cfg.rate else None}
     try:
         with open("/proc/cpuinfo") as f:
             m["host_cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
@@ -1225,10 +1228,12 @@ def main():
                     help="one-way delay of every inter-node link (bench/wanem.py), ms")
     ap.add_argument("--rate", type=float, default=0.0, metavar="MBIT",
                     help="with --wan: rate cap of every OR link, per direction, Mbit/s")
+    ap.add_argument("--rate-scope", choices=("all", "guard"), default="all",
+                    help="--rate on every OR link, or only on the client's links to its guard")
     ap.add_argument("--loss", type=float, default=0.0, metavar="PCT",
                     help="with --wan: segment loss (emulated as stalls), percent")
     ap.add_argument("--fairness", action="store_true",
-                    help="add the interactive-vs-bulk workload (run it with --wan and --rate 20)")
+                    help="add the interactive-vs-bulk workload (run it with --wan, --rate 20 --rate-scope guard)")
     ap.add_argument("--n-interactive", type=int, default=20, help="GETs of the fairness workload, per case")
     ap.add_argument("--fair-ramp", type=float, default=3.0, help="seconds the bulk download runs before measuring")
     cfg = ap.parse_args()

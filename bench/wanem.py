@@ -19,9 +19,16 @@ Model of one link direction (a FIFO, never reordered):
   queue would make it. Bytes in propagation are capped at --max-inflight-mib (a receive window).
   Loss: each 1448-byte segment is "lost" with probability PCT/100; a loss stalls that direction
   (this chunk and everything behind it) for one round trip plus 10 ms, as a fast retransmit does.
+  With a rate cap the emulator's own sockets get a small receive buffer (10 ms of the rate, at
+  least 64 KiB), so that a paused direction backs up into the sender instead of into a kernel
+  buffer of megabytes.
   A new connection costs one round trip before the target sees data (the TCP handshake): the
   target is dialled one delay after the accept, and the first bytes leave no earlier than three
   delays after it.
+
+--rate-from SUBSTRING limits the rate cap to the connections dialled by a process whose command
+line contains SUBSTRING (found through /proc at accept time): e.g. the client's links to its
+guard, so that the guard link is the one bottleneck of a fairness run.
 
 Each --map is its own listener; every accepted connection is its own link (two directions with
 their own rate caps). One process, one asyncio loop, Protocol callbacks (no task per chunk),
@@ -52,9 +59,48 @@ class Stats:
         self.writes = 0
         self.stalls = 0
         self.paused = 0
+        self.capped = 0
 
 
 STATS = Stats()
+
+
+def _hexaddr(addr):
+    """/proc/net/tcp's form of an IPv4 (host, port): little-endian hex address, hex port."""
+    a = socket.inet_aton(addr[0])
+    return "%08X:%04X" % (int.from_bytes(a, "little"), addr[1])
+
+
+def dialled_by(peer, local, needle):
+    """Whether the socket at `peer` that connected to our `local` belongs to a process whose
+    command line contains `needle`."""
+    try:
+        want_l, want_r = _hexaddr(peer), _hexaddr(local)
+        inode = None
+        with open("/proc/net/tcp") as f:
+            for line in f:
+                x = line.split()
+                if len(x) > 9 and x[1] == want_l and x[2] == want_r:
+                    inode = x[9]
+                    break
+        if inode is None:
+            return False
+        target = "socket:[%s]" % inode
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open("/proc/%s/cmdline" % pid, "rb") as f:
+                    if needle.encode() not in f.read():
+                        continue
+                for fd in os.listdir("/proc/%s/fd" % pid):
+                    if os.readlink("/proc/%s/fd/%s" % (pid, fd)) == target:
+                        return True
+            except OSError:
+                continue
+    except (OSError, ValueError, TypeError, IndexError):
+        return False
+    return False
 
 
 class Direction:
@@ -251,6 +297,15 @@ class Link:
         self.done = False
 
     def start(self):
+        if self.cfg.rate and self.cfg.rate_from:
+            peer = self.client.transport.get_extra_info("peername")
+            local = self.client.transport.get_extra_info("sockname")
+            if not dialled_by(peer, local, self.cfg.rate_from):
+                for d in (self.up, self.down):
+                    d.rate = 0.0
+                    d.buffer = 0.0
+            else:
+                STATS.capped += 1
         self.client.out = self.up
         self.client.back = self.down
         self.up.src = self.client.transport
@@ -261,7 +316,12 @@ class Link:
     async def connect(self):
         host, port = self.target
         try:
-            _, proto = await self.loop.create_connection(lambda: Side(self, "server"), host, port)
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            if self.down.rate:
+                set_rcvbuf(sock, self.cfg)
+            await self.loop.sock_connect(sock, (host, port))
+            _, proto = await self.loop.create_connection(lambda: Side(self, "server"), sock=sock)
         except OSError:
             self.close()
             return
@@ -292,6 +352,16 @@ class Link:
                 s.transport.close()
 
 
+def set_rcvbuf(sock, cfg):
+    """With a rate cap: a small receive buffer, so that backpressure reaches the sender."""
+    if cfg.rate > 0:
+        size = max(65536, int(cfg.rate * 1e6 / 8 * 0.010))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        except OSError:
+            pass
+
+
 def parse_addr(s):
     host, _, port = s.rpartition(":")
     return host.strip("[]"), int(port)
@@ -311,7 +381,13 @@ async def serve(cfg):
             STATS.conns += 1
             return Link(loop, cfg, tgt).client
 
-        servers.append(await loop.create_server(factory, lh, lp, reuse_address=True, backlog=512))
+        ls = socket.socket(socket.AF_INET6 if ":" in lh else socket.AF_INET, socket.SOCK_STREAM)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        set_rcvbuf(ls, cfg)  # inherited by accepted sockets
+        ls.bind((lh, lp))
+        ls.listen(512)
+        ls.setblocking(False)
+        servers.append(await loop.create_server(factory, sock=ls))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -319,7 +395,8 @@ async def serve(cfg):
     await stop.wait()
     for s in servers:
         s.close()
-    print(json.dumps({"conns": STATS.conns, "bytes": STATS.bytes, "writes": STATS.writes,
+    print(json.dumps({"conns": STATS.conns, "rate_capped_conns": STATS.capped,
+                      "bytes": STATS.bytes, "writes": STATS.writes,
                       "stalls": STATS.stalls, "pauses": STATS.paused,
                       "cpu_s": round(time.process_time(), 3)}), flush=True)
 
@@ -455,6 +532,8 @@ def main():
     ap.add_argument("--delay-back", type=float, default=None, help="one-way delay target->client, ms "
                     "(default: --delay)")
     ap.add_argument("--rate", type=float, default=0.0, help="rate cap per link direction, Mbit/s")
+    ap.add_argument("--rate-from", default=None, metavar="SUBSTRING",
+                    help="cap only connections dialled by a process whose command line has SUBSTRING")
     ap.add_argument("--loss", type=float, default=0.0, help="segment loss, percent (stalls)")
     ap.add_argument("--buffer-ms", type=float, default=50.0,
                     help="bottleneck queue, in ms of the rate (with --rate)")

@@ -56,7 +56,7 @@ impl Default for CbtConfig {
             initial: Duration::from_secs(10),
             // Tor uses 10 ms; a build on a loaded machine can stall longer than that without
             // anything being wrong with the path.
-            min_timeout: Duration::from_millis(250),
+            min_timeout: Duration::from_millis(500),
             min_samples: 100,
             max_samples: 1000,
             bin: Duration::from_millis(10),
