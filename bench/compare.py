@@ -1252,6 +1252,11 @@ def main():
         return 0
     if not 1024 <= cfg.base_port <= 65000:
         ap.error("--base-port must be in 1024..65000")
+    top = cfg.base_port + (160 if cfg.wan_on else 70)
+    if cfg.base_port < 61000 and top >= 32768:
+        log("WARNING: ports %d..%d overlap the kernel's ephemeral range (32768-60999): an outgoing "
+            "connection may take one of them first; a --base-port below %d avoids it"
+            % (cfg.base_port, top, 32768 - (top - cfg.base_port)))
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_signal)
     cfg.stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")

@@ -41,8 +41,9 @@ pub use crate::link::HANDSHAKE_TIMEOUT;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A frame write that makes no progress for this long closes the link.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Cells queued per link (all circuits) before [`ChannelSender::send`] waits.
-pub const SEND_QUEUE_CELLS: usize = 1024;
+/// Cells queued per link (all circuits) before [`ChannelSender::send`] waits (a circuit with
+/// fewer than 4 cells queued may still add to them: see [`MuxConfig::reserve`]).
+pub const SEND_QUEUE_CELLS: usize = 512;
 /// Cells queued per circuit on a link before [`ChannelSender::send`] waits for that circuit.
 pub const CIRC_QUEUE_CELLS: usize = 128;
 /// Unsent bytes a link socket may hold in the kernel before the writer waits

@@ -20,7 +20,10 @@
 //! - Cells of one circuit leave in the order they were pushed; cells without a circuit
 //!   (link PADDING) leave before any circuit cell.
 //! - At most [`MuxConfig::circ_cap`] cells wait per circuit and [`MuxConfig::total_cap`] in all;
-//!   a push beyond either is refused and the cell handed back (the sender waits for room).
+//!   a push beyond either is refused and the cell handed back (the sender waits for room). A
+//!   circuit with fewer than [`MuxConfig::reserve`] cells queued (and link control) may exceed
+//!   the link's cap, so that bulk circuits filling the link cannot keep a light one out of it:
+//!   the link holds at most `total_cap + reserve` per circuit.
 //! - A circuit's entry is dropped once its DESTROY has left, and idle entries are dropped on
 //!   rescale, so the table holds only circuits that sent recently.
 //! - No allocation per cell: queues keep their capacity while the circuit lives; the heap and
@@ -48,8 +51,10 @@ pub struct MuxConfig {
     pub tick: Duration,
     /// Most cells queued per circuit.
     pub circ_cap: usize,
-    /// Most cells queued on the link in all.
+    /// Most cells queued on the link in all (see [`MuxConfig::reserve`]).
     pub total_cap: usize,
+    /// Cells a circuit may always queue, even when the link is at `total_cap`.
+    pub reserve: usize,
 }
 
 impl Default for MuxConfig {
@@ -58,7 +63,8 @@ impl Default for MuxConfig {
             half_life: Duration::from_secs(30),
             tick: Duration::from_secs(1),
             circ_cap: 128,
-            total_cap: 1024,
+            total_cap: 512,
+            reserve: 4,
         }
     }
 }
@@ -140,6 +146,7 @@ impl CircuitMux {
             tick: cfg.tick.max(Duration::from_millis(1)),
             circ_cap: cfg.circ_cap.max(1),
             total_cap: cfg.total_cap.max(1),
+            reserve: cfg.reserve.min(cfg.circ_cap.max(1)),
         };
         Self {
             cfg,
@@ -186,10 +193,14 @@ impl CircuitMux {
 
     /// Whether a cell for `circ` (`None`: link control) would be accepted now.
     pub fn has_room(&self, circ: Option<CircId>) -> bool {
-        if self.queued >= self.cfg.total_cap {
+        let mine = match circ {
+            Some(id) => self.queued_for(id),
+            None => self.control.len(),
+        };
+        if self.queued >= self.cfg.total_cap && mine >= self.cfg.reserve {
             return false;
         }
-        circ.is_none_or(|id| self.queued_for(id) < self.cfg.circ_cap)
+        circ.is_none() || mine < self.cfg.circ_cap
     }
 
     /// The current exponentially weighted cell count of circuit `id` (cells; decayed to the
@@ -204,10 +215,11 @@ impl CircuitMux {
     /// Queue `cell` behind its circuit's earlier cells; refused (cell handed back) if its
     /// circuit's queue or the link's is full.
     pub fn push(&mut self, cell: Cell) -> Result<(), Refused> {
-        if self.queued >= self.cfg.total_cap {
-            return Err(Refused::LinkFull(cell));
-        }
+        let link_full = self.queued >= self.cfg.total_cap;
         let Some(id) = cell.circ_id else {
+            if link_full && self.control.len() >= self.cfg.reserve {
+                return Err(Refused::LinkFull(cell));
+            }
             self.control.push_back(cell);
             self.queued += 1;
             return Ok(());
@@ -219,6 +231,10 @@ impl CircuitMux {
         let Some(slot) = self.slots.get_mut(idx) else {
             return Err(Refused::LinkFull(cell));
         };
+        if link_full && slot.queue.len() >= self.cfg.reserve {
+            // A new slot stays (empty, not in the heap) until the next rescale forgets it.
+            return Err(Refused::LinkFull(cell));
+        }
         if slot.queue.len() >= self.cfg.circ_cap {
             return Err(Refused::CircuitFull(cell));
         }
@@ -485,6 +501,7 @@ mod tests {
         let mut m = CircuitMux::new(MuxConfig {
             circ_cap: 3,
             total_cap: 5,
+            reserve: 1,
             ..MuxConfig::default()
         });
         for _ in 0..3 {
@@ -494,11 +511,21 @@ mod tests {
         assert!(matches!(m.push(cell(1, 4)), Err(Refused::CircuitFull(c)) if c.body[0] == 4));
         m.push(cell(2, 0)).unwrap();
         m.push(cell(3, 0)).unwrap();
-        assert!(!m.has_room(Some(id(4))));
-        assert!(matches!(m.push(cell(4, 0)), Err(Refused::LinkFull(_))));
-        assert!(matches!(m.push(Cell::padding()), Err(Refused::LinkFull(_))));
-        m.pop(Instant::now()).unwrap();
+        // The link is at its cap: circuits 2 and 3 have their reserve queued already...
+        assert!(!m.has_room(Some(id(2))));
+        assert!(matches!(m.push(cell(2, 0)), Err(Refused::LinkFull(_))));
+        // ...but a circuit with nothing queued still gets its one reserved cell in, and so does
+        // one control cell.
         assert!(m.has_room(Some(id(4))));
+        m.push(cell(4, 0)).unwrap();
+        assert!(matches!(m.push(cell(4, 0)), Err(Refused::LinkFull(_))));
+        m.push(Cell::padding()).unwrap();
+        assert!(matches!(m.push(Cell::padding()), Err(Refused::LinkFull(_))));
+        assert_eq!(m.len(), 7);
+        m.pop(Instant::now()).unwrap();
+        m.pop(Instant::now()).unwrap();
+        m.pop(Instant::now()).unwrap();
+        assert!(m.has_room(Some(id(2))));
         assert_eq!(m.len(), 4);
     }
 
