@@ -9,6 +9,8 @@
 # 3. runs bench/compare.py, which serves the payloads on 127.0.0.2, measures the no-overlay ceiling,
 #    then a private C Tor network, then `allium testnet` (one network at a time), prints one table
 #    and writes bench/results/compare-<UTC>.json.  See docs/BENCHMARKS.md.
+# WAN emulation (issue 9): --wan MS [--rate MBIT] [--fairness] puts every inter-node link through
+# bench/wanem.py (check it first with `python3 bench/wanem.py selftest --delay MS`).
 # Everything stays on loopback; every process is started and stopped by PID; every wait is bounded.
 set -Eeuo pipefail
 export LC_ALL=C

@@ -18,6 +18,16 @@ N_TINY on a new circuit each (new SOCKS credentials each), then 1 x BULK_MIB MiB
 MiB in parallel on N_PAR isolated circuits, with utime+stime of every network process read from
 /proc/PID/stat around the bulk phases, and VmHWM of every process at the end.
 
+WAN emulation (issue 9): --wan MS puts every inter-node link through bench/wanem.py with MS of
+one-way delay each way (--rate MBIT also caps each OR link's rate per direction): client to guard,
+relay to relay (Tor: "ORPort <emulator> NoListen" + "ORPort <real> NoAdvertise", so the consensus
+lists the emulator; Allium: `allium testnet --relay-port-base/--advertise-port-base`, the relay
+config's `advertised` address) and exit to web server (the URLs name an emulator in front of the
+web server, which is delay-only so that the bottleneck of a --rate run is an OR link). The
+application to SOCKS hop is not emulated. --fairness adds the interactive-vs-bulk workload: one
+small GET every 200 ms on a ready circuit, alone and then beside one bulk download through the same
+guard; its median time to first byte in both cases.
+
 Every process is started here and stopped here by PID; every wait is bounded; all traffic is on
 loopback. Standard library only.
 """
@@ -29,6 +39,7 @@ import json
 import os
 import platform
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -57,6 +68,15 @@ GOALS = {
     "relay_rss": ("<=", 1.0),
     "first_stream": ("abs<", 10.0),
 }
+# Goals of issue 9 on emulated WAN links (--wan): Allium / Tor ratios.
+GOALS_WAN = {
+    "bulk_1": (">=", 2.0),
+    "bulk_par": (">=", 2.0),
+    "tiny_new": ("<=", 0.7),
+    "tiny_reuse": ("<=", 0.7),
+    "fairness": ("abs<=", 1.5),
+}
+ACTIVE_GOALS = GOALS
 
 
 def log(msg):
@@ -376,6 +396,8 @@ def workload(cfg, side, socks, nodes, extra_latency=None):
     res["tiny_new"] = summarize_tiny(rows)
     if extra_latency:
         res.update(extra_latency(c, nonce))
+    if cfg.fairness:
+        res["fairness"] = fairness(cfg, side, c, nonce)
     time.sleep(cfg.settle)
 
     snaps = [cpu_snap(nodes)]
@@ -400,6 +422,55 @@ def workload(cfg, side, socks, nodes, extra_latency=None):
     res["rss"] = rss(nodes)
     if cfg.perf:
         res["perf"] = perf_phase(cfg, side, c, nodes, nonce)
+    return res
+
+
+def interactive(c, cfg, user, n, period=0.2):
+    """n small GETs on one circuit (credentials `user`), one every `period` s (or right after the
+    previous one if it took longer)."""
+    rows = []
+    nxt = time.monotonic()
+    for _ in range(n):
+        nxt += period
+        rows.append(c.get(cfg.url_tiny, user, 30))
+        time.sleep(max(0.0, nxt - time.monotonic()))
+    return rows
+
+
+def fairness(cfg, side, c, nonce):
+    """The interactive stream's time to first byte alone, then beside one bulk download. Both go
+    through the client's one guard (Tor and Allium each use their first primary guard), so they
+    share the client-guard link; with --rate that link is a bottleneck."""
+    user = "int" + nonce
+    c.get(cfg.url_tiny, user, 30)  # build (or pick) its circuit: the stream is interactive, not new
+    log("[%s] fairness: %d small GETs every 200 ms, alone" % (side, cfg.n_interactive))
+    alone = summarize_tiny(interactive(c, cfg, user, cfg.n_interactive))
+    log("[%s] fairness: the same beside one %d MiB download" % (side, cfg.bulk_mib))
+    bulk = PROCS.spawn(c.argv(cfg.url_bulk, "fbulk" + nonce, cfg.bulk_timeout), env=c.env, capture=True)
+    t0 = time.monotonic()
+    time.sleep(cfg.fair_ramp)  # let the download reach its full rate first
+    rows = interactive(c, cfg, user, cfg.n_interactive)
+    # The download must still be running when the last GET ends, or part of it ran alone.
+    running = bulk.poll() is None
+    if running:
+        bulk.kill()
+    try:
+        out, err = bulk.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        out, err = b"", b""
+    PROCS.popens = [p for p in PROCS.popens if p is not bulk]
+    shared = summarize_tiny(rows)
+    a, w = alone["ttfb_ms_median"], shared["ttfb_ms_median"]
+    res = {"alone": alone, "with_bulk": shared, "ratio": (w / a) if a and w else None,
+           "bulk_ran_throughout": running, "interactive_phase_s": time.monotonic() - t0 - cfg.fair_ramp,
+           "period_s": 0.2, "ramp_s": cfg.fair_ramp, "rate_mbit": cfg.rate}
+    if not running:
+        b = Curl.parse(out or b"", err or b"", bulk.returncode)
+        res["bulk"] = b
+        log("[%s] fairness: WARNING: the download ended before the interactive GETs (use a larger --bulk-mib)"
+            % side)
+    log("[%s] fairness: first byte median %.1f ms alone, %.1f ms beside the download (%.2fx)"
+        % (side, a or 0, w or 0, res["ratio"] or 0))
     return res
 
 
@@ -503,15 +574,74 @@ def serve_payloads(cfg):
         f.write(os.urandom(1024))
     if not port_free(HTTP_ADDR, cfg.http_port):
         raise SystemExit("port %s:%d is busy: pick another --base-port" % (HTTP_ADDR, cfg.http_port))
-    p = PROCS.spawn([sys.executable, os.path.join(HERE, "httpd.py"), HTTP_ADDR, str(cfg.http_port), www],
+    real = cfg.http_port
+    if cfg.wan_on:
+        # the URLs name the emulator; the server listens one port up
+        real = cfg.http_port + 1
+        if not port_free(HTTP_ADDR, real):
+            raise SystemExit("port %s:%d is busy: pick another --base-port" % (HTTP_ADDR, real))
+    p = PROCS.spawn([sys.executable, os.path.join(HERE, "httpd.py"), HTTP_ADDR, str(real), www],
                     logpath=os.path.join(cfg.work, "httpd.log"))
     cfg.http_pid = p.pid
+    if cfg.wan_on:
+        cfg.http_emu = start_wanem(cfg, "web", ["%s:%d=%s:%d" % (HTTP_ADDR, cfg.http_port, HTTP_ADDR, real)], 0.0,
+                                   os.path.join(cfg.work, "wanem-web.log"))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if Curl(cfg).get(cfg.url_tiny, "", 2)["ok"]:
             return
         time.sleep(0.1)
     raise SystemExit("the HTTP server did not start:\n" + tail(os.path.join(cfg.work, "httpd.log")))
+
+
+def start_wanem(cfg, name, maps, rate, logpath, client_cmdline=None):
+    """Start bench/wanem.py with `maps` (LISTEN=TARGET) at --wan delay and `rate` Mbit/s (0: none;
+    with --rate-scope guard only on links dialled by a process whose command line contains
+    `client_cmdline`); returns after it listens."""
+    argv = [sys.executable, os.path.join(HERE, "wanem.py"), "--delay", str(cfg.wan)]
+    if rate:
+        argv += ["--rate", str(rate)]
+        if cfg.rate_scope == "guard" and client_cmdline:
+            argv += ["--rate-from", client_cmdline]
+    if cfg.loss:
+        argv += ["--loss", str(cfg.loss)]
+    for m in maps:
+        argv += ["--map", m]
+    with open(logpath, "ab") as errf:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf,
+                             env=clean_env(), preexec_fn=_die_with_parent)
+    PROCS.popens.append(p)
+    line = b""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not line:
+        if p.poll() is not None:
+            break
+        r, _, _ = select.select([p.stdout], [], [], 0.2)
+        if r:
+            line = p.stdout.readline()
+    if not line.startswith(b"READY"):
+        PROCS.stop([p])
+        raise Fatal("link emulator %s did not start:\n%s" % (name, tail(logpath)))
+    log("link emulator %s: %d links, %g ms one way%s" % (name, len(maps), cfg.wan,
+                                                         ", %g Mbit/s" % rate if rate else ""))
+    return {"name": name, "popen": p, "logpath": logpath}
+
+
+def stop_wanem(emu):
+    """Stop an emulator; its counters (bytes, writes, stalls, CPU seconds)."""
+    p = emu["popen"]
+    stats = None
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+    try:
+        out, _ = p.communicate(timeout=10)
+        for line in (out or b"").decode("utf-8", "replace").splitlines():
+            if line.startswith("{"):
+                stats = json.loads(line)
+    except (subprocess.TimeoutExpired, ValueError, OSError):
+        PROCS.stop([p])
+    PROCS.popens = [x for x in PROCS.popens if x is not p]
+    return stats
 
 
 def direct(cfg):
@@ -638,8 +768,10 @@ def run_tor(cfg):
                 fp[n] = f.read().split()[1]
         except (OSError, IndexError):
             raise Fatal("tor --list-fingerprint failed: %s" % p.stdout.decode()[-300:]) from None
+    # With --wan each relay's advertised ORPort is an emulator that forwards to its real one.
+    adv = {n: (cfg.wan_or_port(orp[n]) if cfg.wan_on else orp[n]) for n in names}
     dirauth = "".join("DirAuthority %s orport=%d no-v2 v3ident=%s 127.0.0.1:%d %s\n"
-                      % (n, orp[n], v3[n], dirp[n], fp[n]) for n in names if role[n] == "authority")
+                      % (n, adv[n], v3[n], dirp[n], fp[n]) for n in names if role[n] == "authority")
     exit_set = ",".join("$" + fp[n] for n in names if exitf[n])
 
     def common(n, d):
@@ -651,10 +783,14 @@ def run_tor(cfg):
 
     for n in names:
         d = os.path.join(w, n)
-        t = common(n, d) + (
-            "ORPort 127.0.0.1:%d\nDirPort 127.0.0.1:%d\nAddress 127.0.0.1\nSocksPort 0\nAssumeReachable 1\n"
+        if cfg.wan_on:
+            orport = "ORPort 127.0.0.1:%d NoListen\nORPort 127.0.0.1:%d NoAdvertise\n" % (adv[n], orp[n])
+        else:
+            orport = "ORPort 127.0.0.1:%d\n" % orp[n]
+        t = common(n, d) + orport + (
+            "DirPort 127.0.0.1:%d\nAddress 127.0.0.1\nSocksPort 0\nAssumeReachable 1\n"
             "ContactInfo %s@compare.invalid\nServerDNSDetectHijacking 0\nServerDNSTestAddresses\n"
-            "ServerDNSResolvConfFile %s/resolv.conf\nServerDNSAllowBrokenConfig 1\n" % (orp[n], dirp[n], n, w))
+            "ServerDNSResolvConfFile %s/resolv.conf\nServerDNSAllowBrokenConfig 1\n" % (dirp[n], n, w))
         if role[n] == "authority":
             t += ("AuthoritativeDirectory 1\nV3AuthoritativeDirectory 1\n"
                   "TestingV3AuthInitialVotingInterval 10\nTestingV3AuthInitialVoteDelay 2\n"
@@ -683,6 +819,10 @@ def run_tor(cfg):
                 "ExcludeNodes %s\n" % (socks, ctlp, ",".join("$" + fp[n] for n in names if role[n] == "authority")))
 
     nodes, popen = [], {}
+    emu = None
+    if cfg.wan_on:
+        emu = start_wanem(cfg, "tor-links", ["127.0.0.1:%d=127.0.0.1:%d" % (adv[n], orp[n]) for n in names],
+                          cfg.rate, os.path.join(w, "wanem.log"), client_cmdline=os.path.join(w, "c0", "torrc"))
 
     def start(n, r):
         d = os.path.join(w, n)
@@ -749,6 +889,8 @@ def run_tor(cfg):
     finally:
         log("[tor] stopping the network")
         PROCS.stop(list(popen.values()))
+        if emu is not None:
+            res["wanem"] = stop_wanem(emu)
     return res
 
 
@@ -837,6 +979,18 @@ def run_allium(cfg):
     data = os.path.join(w, "data")
     argv = [binp, "testnet", "--relays", str(cfg.relays), "--exits", str(cfg.exits),
             "--socks-port", str(socks_port), "--data-dir", data]
+    emu = None
+    if cfg.wan_on:
+        # relay i listens on BASE+80+i and advertises the emulator on BASE+150+i
+        real, via = cfg.base_port + 80, cfg.base_port + 150
+        for i in range(cfg.relays):
+            for port in (real + i, via + i):
+                if not port_free("127.0.0.1", port):
+                    raise Fatal("port 127.0.0.1:%d is busy: pick another --base-port" % port)
+        argv += ["--relay-port-base", str(real), "--advertise-port-base", str(via)]
+        emu = start_wanem(cfg, "allium-links", ["127.0.0.1:%d=127.0.0.1:%d" % (via + i, real + i)
+                                                for i in range(cfg.relays)], cfg.rate,
+                          os.path.join(w, "wanem.log"), client_cmdline=os.path.join(data, "proxy.toml"))
     res["argv"] = argv
     log("[allium] %s" % " ".join(argv))
     t0 = time.monotonic()
@@ -890,6 +1044,8 @@ def run_allium(cfg):
         log("[allium] stopping the test network")
         PROCS.stop([p], kids, grace=10.0)
         res["log_tail"] = tail(logp, 10)
+        if emu is not None:
+            res["wanem"] = stop_wanem(emu)
     return res
 
 
@@ -904,11 +1060,13 @@ def dig(d, *path):
 
 
 def verdict(key, a, t):
-    if key not in GOALS:
+    if key not in ACTIVE_GOALS:
         return ""
-    op, v = GOALS[key]
+    op, v = ACTIVE_GOALS[key]
     if op == "abs<":
         return "< %g s: %s" % (v, "n/a" if a is None else "PASS" if a < v else "FAIL")
+    if op == "abs<=":
+        return "Allium ≤ %g: %s" % (v, "n/a" if a is None else "PASS" if a <= v else "FAIL")
     if a is None or t is None or t == 0:
         return "%s %gx: n/a" % (op.replace(">=", "≥").replace("<=", "≤"), v)
     r = a / t
@@ -917,6 +1075,9 @@ def verdict(key, a, t):
 
 
 def table(out):
+    global ACTIVE_GOALS
+    wan = (out.get("meta") or {}).get("wan_ms_one_way")
+    ACTIVE_GOALS = GOALS_WAN if wan is not None else GOALS
     A, T, D = out.get("allium") or {}, out.get("tor") or {}, out.get("direct") or {}
     rows = []
 
@@ -963,6 +1124,11 @@ def table(out):
     row("machine CPU busy during the 8-circuit phase, cores", ("cpu_bulk_par", "machine_busy_cores"), "%.2f",
         ratio=False)
     row("  of which other users of the machine, cores", ("cpu_bulk_par", "others_busy_cores"), "%.2f", ratio=False)
+    if dig(A, "fairness") or dig(T, "fairness"):
+        row("interactive GET every 200 ms, first byte median ms, alone", ("fairness", "alone", "ttfb_ms_median"),
+            "%.1f")
+        row("  the same beside one bulk download (same guard)", ("fairness", "with_bulk", "ttfb_ms_median"), "%.1f")
+        row("  with bulk / alone", ("fairness", "ratio"), "%.2f", "fairness", ratio=False)
     dem = dig(T, "tiny_on_demand", "ttfb_ms_median")
     if dem is not None:
         rows.append(("Tor only: small GET, circuit built on demand, median ms", "—", "%.1f" % dem, "—", "info"))
@@ -978,7 +1144,10 @@ def table(out):
     d = dig(D, "tiny", "ttfb_ms_median")
     rows.append(("ceiling: small GET direct, median ms", "%.2f" % d if d else "n/a", "%.2f" % d if d else "n/a",
                  "—", ""))
-    hdr = ("metric", "Allium", "Tor %s" % (T.get("version") or ""), "ratio A/T", "goal (issue 5)")
+    hdr = ("metric", "Allium", "Tor %s" % (T.get("version") or ""), "ratio A/T",
+           "goal (issue 9, %g ms per link%s)" % (wan, ", %g Mbit/s" % out["meta"]["rate_mbit"]
+                                                 if out["meta"].get("rate_mbit") else "")
+           if wan is not None else "goal (issue 5)")
     lines = ["| " + " | ".join(hdr) + " |", "|" + "|".join(["---"] + ["---:"] * 3 + ["---"]) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(r) + " |")
@@ -1009,7 +1178,9 @@ def machine_meta(cfg):
          "python": platform.python_version(), "bulk_mib": cfg.bulk_mib, "n_par": cfg.n_par, "n_tiny": cfg.n_tiny,
          "relays": cfg.relays, "exits": cfg.exits, "http_target": "%s:%d" % (HTTP_ADDR, cfg.http_port),
          "nice": os.nice(0), "allium_cargo_args": os.environ.get("ALLIUM_CARGO_ARGS", ""),
-         "build_skipped": os.environ.get("SKIP_BUILD", "0") == "1"}
+         "build_skipped": os.environ.get("SKIP_BUILD", "0") == "1",
+         "wan_ms_one_way": cfg.wan if cfg.wan_on else None, "rate_mbit": cfg.rate or None,
+         "loss_pct": cfg.loss or None, "rate_scope": cfg.rate_scope if cfg.rate else None}
     try:
         with open("/proc/cpuinfo") as f:
             m["host_cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
@@ -1034,7 +1205,8 @@ def main():
     ap.add_argument("--only", choices=("tor", "allium", "both"), default="both")
     ap.add_argument("--allium-bin", default=os.path.join(ROOT, "target", "release", "allium"))
     ap.add_argument("--allium-na", metavar="REASON", help="do not run Allium; its column reads n/a (REASON)")
-    ap.add_argument("--base-port", type=int, default=27000, help="ports BASE..BASE+70 on 127.0.0.1/.2")
+    ap.add_argument("--base-port", type=int, default=27000,
+                    help="ports BASE..BASE+70 on 127.0.0.1/.2 (with --wan: up to BASE+160)")
     ap.add_argument("--bulk-mib", type=int, default=100)
     ap.add_argument("--n-par", type=int, default=8)
     ap.add_argument("--n-tiny", type=int, default=20)
@@ -1052,7 +1224,24 @@ def main():
                     help="run the driver and everything it starts at this nice value (e.g. -10, needs root) so that "
                          "other users of a shared machine disturb the measurement less")
     ap.add_argument("--table", metavar="JSON", help="only print the table of an earlier results file")
+    ap.add_argument("--wan", type=float, default=None, metavar="MS",
+                    help="one-way delay of every inter-node link (bench/wanem.py), ms")
+    ap.add_argument("--rate", type=float, default=0.0, metavar="MBIT",
+                    help="with --wan: rate cap of every OR link, per direction, Mbit/s")
+    ap.add_argument("--rate-scope", choices=("all", "guard"), default="all",
+                    help="--rate on every OR link, or only on the client's links to its guard")
+    ap.add_argument("--loss", type=float, default=0.0, metavar="PCT",
+                    help="with --wan: segment loss (emulated as stalls), percent")
+    ap.add_argument("--fairness", action="store_true",
+                    help="add the interactive-vs-bulk workload (run it with --wan, --rate 20 --rate-scope guard)")
+    ap.add_argument("--n-interactive", type=int, default=20, help="GETs of the fairness workload, per case")
+    ap.add_argument("--fair-ramp", type=float, default=3.0, help="seconds the bulk download runs before measuring")
     cfg = ap.parse_args()
+    cfg.wan_on = cfg.wan is not None or cfg.rate > 0 or cfg.loss > 0
+    if cfg.wan is None:
+        cfg.wan = 0.0
+    cfg.wan_or_port = lambda p: p + 100  # Tor: the emulator of ORPort p
+    cfg.http_emu = None
     if cfg.table:
         with open(cfg.table) as f:
             out = json.load(f)
@@ -1063,6 +1252,11 @@ def main():
         return 0
     if not 1024 <= cfg.base_port <= 65000:
         ap.error("--base-port must be in 1024..65000")
+    top = cfg.base_port + (160 if cfg.wan_on else 70)
+    if cfg.base_port < 61000 and top >= 32768:
+        log("WARNING: ports %d..%d overlap the kernel's ephemeral range (32768-60999): an outgoing "
+            "connection may take one of them first; a --base-port below %d avoids it"
+            % (cfg.base_port, top, 32768 - (top - cfg.base_port)))
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_signal)
     cfg.stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
@@ -1094,6 +1288,8 @@ def main():
                 log("[%s] n/a: %s" % (side, e))
                 out[side] = {"error": str(e)}
                 rc = 1
+        if cfg.http_emu is not None:
+            out["wanem_web"] = stop_wanem(cfg.http_emu)
         with open("/proc/loadavg") as f:
             out["meta"]["loadavg_end"] = " ".join(f.read().split()[:3])
         out["meta"]["wall_s"] = time.monotonic() - T_START

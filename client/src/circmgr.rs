@@ -5,8 +5,16 @@
 //!   that has carried no stream yet), and that became dirty less than `max_circuit_dirtiness`
 //!   ago. Otherwise a circuit is built for it (builds on demand are serialised, so a burst of
 //!   streams shares the first new circuit instead of building one each).
-//! - The maintenance task keeps `prebuilt_circuits` clean circuits ready for the recently used
-//!   ports, and closes dirty circuits that are past `max_circuit_dirtiness` and carry no stream.
+//! - The maintenance task keeps, for each port used in the last [`PREDICTED_PORT_TTL`] (Tor's
+//!   predicted ports), `prebuilt_circuits` clean circuits whose exit allows it (a circuit whose
+//!   exit allows several of them counts for each), so that a new stream to a port in use never
+//!   waits for a build; and it closes dirty circuits that are past `max_circuit_dirtiness` and
+//!   carry no stream.
+//! - Build timeout: learned from past build times ([`crate::cbt`], Tor's CBT) when
+//!   `learn_circuit_build_timeout` is on, with `circuit_build_timeout` as the initial value and
+//!   upper bound; the history is kept in `cbt.json` in the state directory. A learned timeout
+//!   only cuts attempts short (the last attempt of a request always gets the full bound), and
+//!   does not mark the stalled relay down (a fifth of builds hit it by design).
 //! - Guards: the first primary guard that is not marked down. A relay at which a build failed
 //!   or stalled (link, CREATE or EXTEND) is avoided in every position for [`RELAY_RETRY`],
 //!   unless that leaves no path.
@@ -27,6 +35,7 @@ use allium_proto::cell::CircId;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use crate::cbt::{BuildTimes, CbtConfig, CbtState};
 use crate::circ::{self, Circuit};
 use crate::config::ProxyConfig;
 use crate::core::CircParams;
@@ -43,6 +52,14 @@ const RELAY_RETRY: Duration = Duration::from_secs(60);
 const BUILD_ATTEMPTS: usize = 3;
 /// How many recently requested ports are predicted.
 const PREDICTED_PORTS: usize = 3;
+/// A port not requested for this long is no longer predicted (Tor: one hour).
+pub(crate) const PREDICTED_PORT_TTL: Duration = Duration::from_secs(3600);
+/// The build-time history file in the state directory.
+const CBT_FILE: &str = "cbt.json";
+/// Largest build-time history file read (1000 samples take about 30 KiB).
+const CBT_MAX_FILE_LEN: u64 = 256 * 1024;
+/// New build times recorded between two saves of the history.
+const CBT_SAVE_EVERY: usize = 10;
 
 /// The time now (tokio's clock, so that tests can pause it).
 fn now() -> Instant {
@@ -172,7 +189,10 @@ pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
     build_lock: tokio::sync::Mutex<bool>,
     /// Builds on demand finished so far (a waiter compares it before and after queueing).
     builds_done: std::sync::atomic::AtomicU64,
-    predicted: Mutex<Vec<u16>>,
+    /// Recently requested ports, most recent first, with when.
+    predicted: Mutex<Vec<(u16, Instant)>>,
+    /// Build times and the learned timeout, with the records not saved yet.
+    cbt: Mutex<(BuildTimes, usize)>,
     relay_down: Mutex<HashMap<RelayId, Instant>>,
     wake: Notify,
     ready: watch::Sender<bool>,
@@ -203,6 +223,7 @@ impl<B: CircBuilder> CircMgr<B> {
         ready: watch::Sender<bool>,
         builder: B,
     ) -> Self {
+        let cbt = load_cbt(&cfg);
         Self {
             cfg,
             builder,
@@ -212,6 +233,7 @@ impl<B: CircBuilder> CircMgr<B> {
             build_lock: tokio::sync::Mutex::new(false),
             builds_done: std::sync::atomic::AtomicU64::new(0),
             predicted: Mutex::new(Vec::new()),
+            cbt: Mutex::new((cbt, 0)),
             relay_down: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             ready,
@@ -261,26 +283,117 @@ impl<B: CircBuilder> CircMgr<B> {
             .unwrap_or(false)
     }
 
-    fn note_port(&self, port: u16) {
+    fn note_port(&self, port: u16, now: Instant) {
         if let Ok(mut p) = self.predicted.lock() {
-            p.retain(|&x| x != port);
-            p.insert(0, port);
+            p.retain(|&(x, _)| x != port);
+            p.insert(0, (port, now));
             p.truncate(PREDICTED_PORTS);
         }
     }
 
-    /// Ports to build ahead for: all predicted ports if some exit allows them all, else the
-    /// most recent one, else any exit.
-    fn predicted_ports(&self, view: &DirView) -> Vec<u16> {
-        let p = self.predicted.lock().map(|p| p.clone()).unwrap_or_default();
-        let ok = |ports: &[u16]| view.relays.iter().any(|r| r.is_exit_for(ports));
-        if !p.is_empty() && ok(&p) {
-            p
-        } else if let Some(&first) = p.first().filter(|&&f| ok(&[f])) {
-            vec![first]
-        } else {
-            Vec::new()
+    /// The ports requested in the last [`PREDICTED_PORT_TTL`] that some exit allows, most
+    /// recent first.
+    fn predicted_ports(&self, view: &DirView, now: Instant) -> Vec<u16> {
+        let Ok(mut p) = self.predicted.lock() else {
+            return Vec::new();
+        };
+        p.retain(|&(_, t)| now.saturating_duration_since(t) < PREDICTED_PORT_TTL);
+        p.iter()
+            .map(|&(port, _)| port)
+            .filter(|&port| view.relays.iter().any(|r| r.is_exit_for(&[port])))
+            .collect()
+    }
+
+    /// The builds that bring every predicted port to `want` clean circuits whose exit allows
+    /// it (and the pool to `want` clean circuits in all): each entry is the port set one build's
+    /// exit must allow. Ports share a build when some exit allows them together.
+    fn plan_prebuilds(&self, view: &DirView, ports: &[u16], want: usize) -> Vec<Vec<u16>> {
+        let Ok(pool) = self.pool.lock() else {
+            return Vec::new();
+        };
+        let clean: Vec<&Entry<B::Circ>> = pool
+            .iter()
+            .filter(|e| e.dirty_since.is_none() && !e.circ.is_closed())
+            .collect();
+        let n_clean = clean.len();
+        let mut deficit: Vec<(u16, usize)> = ports
+            .iter()
+            .map(|&p| {
+                let have = clean
+                    .iter()
+                    .filter(|e| e.circ.exit().allows_port(p))
+                    .count();
+                (p, want.saturating_sub(have))
+            })
+            .collect();
+        drop(clean);
+        drop(pool);
+        let mut plan = Vec::new();
+        // Each round plans one build and lowers at least one deficit: bounded by their sum.
+        while deficit.iter().any(|&(_, d)| d > 0) {
+            let needy: Vec<u16> = deficit
+                .iter()
+                .filter(|&&(_, d)| d > 0)
+                .map(|&(p, _)| p)
+                .collect();
+            let together = view.relays.iter().any(|r| r.is_exit_for(&needy));
+            let set = if together {
+                needy
+            } else {
+                needy.into_iter().take(1).collect()
+            };
+            for (p, d) in &mut deficit {
+                if set.contains(p) {
+                    *d = d.saturating_sub(1);
+                }
+            }
+            plan.push(set);
         }
+        let total_clean = n_clean + plan.len();
+        for _ in total_clean..want {
+            plan.push(Vec::new());
+        }
+        plan
+    }
+
+    /// The timeout for attempt `attempt` (1-based) of a build, and whether it is learned.
+    fn build_timeout(&self, attempt: usize) -> (Duration, bool) {
+        let bound = self.cfg.circuit_build_timeout;
+        if !self.cfg.learn_circuit_build_timeout || attempt >= BUILD_ATTEMPTS {
+            return (bound, false);
+        }
+        match self.cbt.lock() {
+            Ok(c) if c.0.is_learned() => (c.0.timeout().min(bound), true),
+            _ => (bound, false),
+        }
+    }
+
+    /// Record a build outcome (`Ok(took)`, or `Err(timeout)` hit) and save the history now and
+    /// then.
+    fn record_build(&self, outcome: Result<Duration, Duration>) {
+        if !self.cfg.learn_circuit_build_timeout {
+            return;
+        }
+        let state = {
+            let Ok(mut c) = self.cbt.lock() else { return };
+            match outcome {
+                Ok(took) => c.0.record_success(took),
+                Err(after) => c.0.record_timeout(after),
+            }
+            c.1 += 1;
+            if c.1 < CBT_SAVE_EVERY {
+                return;
+            }
+            c.1 = 0;
+            c.0.to_state()
+        };
+        save_cbt(&self.cfg, &state);
+    }
+
+    /// The current build timeout (learned or fixed) of a first attempt.
+    #[cfg(test)]
+    pub(crate) fn current_build_timeout(&self) -> Duration {
+        self.build_timeout(1).0
     }
 
     fn choose_path(
@@ -326,21 +439,18 @@ impl<B: CircBuilder> CircMgr<B> {
             let started = now();
             let path = self.choose_path(&view, ports, started)?;
             let progress = Arc::new(AtomicUsize::new(0));
-            let res = tokio::time::timeout(
-                self.cfg.circuit_build_timeout,
-                self.builder.build(&path, Arc::clone(&progress)),
-            )
-            .await;
+            let (limit, learned) = self.build_timeout(attempt);
+            let res =
+                tokio::time::timeout(limit, self.builder.build(&path, Arc::clone(&progress))).await;
             let failed_at = path
                 .hops()
                 .get(progress.load(Ordering::Acquire))
                 .map(|r| r.id);
             match res {
                 Ok(Ok(c)) => {
-                    tracing::debug!(
-                        ms = started.elapsed().as_secs_f64() * 1000.0,
-                        "circuit built"
-                    );
+                    let took = now().saturating_duration_since(started);
+                    tracing::debug!(ms = took.as_secs_f64() * 1000.0, "circuit built");
+                    self.record_build(Ok(took));
                     return Ok(c);
                 }
                 Ok(Err(e)) => {
@@ -353,8 +463,14 @@ impl<B: CircBuilder> CircMgr<B> {
                     last = e;
                 }
                 Err(_) => {
-                    tracing::debug!(attempt, "circuit build timed out");
-                    if let Some(id) = failed_at {
+                    tracing::debug!(
+                        attempt,
+                        ms = limit.as_millis(),
+                        learned,
+                        "circuit build timed out"
+                    );
+                    self.record_build(Err(limit));
+                    if !learned && let Some(id) = failed_at {
                         self.mark_down(id, now());
                     }
                     last = ClientError::Timeout("building a circuit");
@@ -401,7 +517,7 @@ impl<B: CircBuilder> CircMgr<B> {
         iso: &IsolationKey,
     ) -> Result<Arc<B::Circ>, ClientError> {
         if let Some(p) = port {
-            self.note_port(p);
+            self.note_port(p, now());
         }
         if let Some(c) = self.find(port, iso, now()) {
             return Ok(c);
@@ -452,16 +568,17 @@ impl<B: CircBuilder> CircMgr<B> {
 
     /// Build the clean circuits missing at `now`; returns the first failure, if any.
     async fn top_up(&self, view: &DirView) -> Result<(), ClientError> {
-        let clean = self.expire(now());
+        self.expire(now());
         let want = self
             .cfg
             .prebuilt_circuits
             .max(usize::from(!*self.ready.borrow()));
-        if clean >= want {
+        let ports = self.predicted_ports(view, now());
+        let plan = self.plan_prebuilds(view, &ports, want);
+        if plan.is_empty() {
             return Ok(());
         }
-        let ports = self.predicted_ports(view);
-        let builds = (clean..want).map(|_| self.build_one(&ports));
+        let builds = plan.iter().map(|ports| self.build_one(ports));
         let results = futures::future::join_all(builds).await;
         let mut failed = Ok(());
         let mut built = 0usize;
@@ -587,6 +704,60 @@ impl<B: CircBuilder> CircMgr<B> {
             .lock()
             .map(|p| p.iter().filter(|e| !e.circ.is_closed()).count())
             .unwrap_or(0)
+    }
+}
+
+/// The saved build-time history in `cfg.data_dir`, or none (absent, unreadable or too big: a
+/// fresh history; a damaged file only costs the learning, so it is logged, not fatal).
+fn load_cbt(cfg: &ProxyConfig) -> BuildTimes {
+    let cbt_cfg = CbtConfig {
+        initial: cfg.circuit_build_timeout,
+        ..CbtConfig::default()
+    };
+    let path = cfg.data_dir.join(CBT_FILE);
+    let fresh = || BuildTimes::new(cbt_cfg);
+    if !cfg.learn_circuit_build_timeout {
+        return fresh();
+    }
+    match std::fs::metadata(&path) {
+        Ok(m) if m.len() <= CBT_MAX_FILE_LEN => {}
+        Ok(_) => {
+            tracing::warn!(
+                "{} is too big; starting a new build-time history",
+                path.display()
+            );
+            return fresh();
+        }
+        Err(_) => return fresh(),
+    }
+    let parsed = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<CbtState>(&t).ok());
+    match parsed {
+        Some(state) => BuildTimes::from_state(cbt_cfg, &state),
+        None => {
+            tracing::warn!(
+                "{} is unreadable; starting a new build-time history",
+                path.display()
+            );
+            fresh()
+        }
+    }
+}
+
+/// Write the build-time history atomically (temporary file, then rename); failures are logged.
+fn save_cbt(cfg: &ProxyConfig, state: &CbtState) {
+    let path = cfg.data_dir.join(CBT_FILE);
+    let tmp = path.with_extension("json.tmp");
+    let res = serde_json::to_string(state)
+        .map_err(std::io::Error::other)
+        .and_then(|text| std::fs::write(&tmp, text))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = res {
+        tracing::debug!(
+            "could not save the build-time history to {}: {e}",
+            path.display()
+        );
     }
 }
 

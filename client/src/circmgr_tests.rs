@@ -175,7 +175,9 @@ async fn a_circuit_is_reused_for_its_isolation_key_only() {
 #[tokio::test(start_paused = true)]
 async fn a_clean_circuit_is_claimed_and_a_used_one_preferred() {
     let r = rig(&[]);
-    // Build two clean circuits ahead of demand.
+    // Build two clean circuits ahead of demand, for port 80 (an exit chosen for no port in
+    // particular may be one of the two that allow only port 22).
+    r.mgr.note_port(80, now());
     let view = r.mgr.view().unwrap();
     r.mgr.top_up(&view).await.unwrap();
     assert_eq!(r.mgr.n_circuits(), 2);
@@ -338,6 +340,146 @@ async fn maintenance_makes_the_proxy_ready_and_keeps_clean_circuits() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     tx.send(true).unwrap();
     task.await.unwrap();
-    assert_eq!(r.mgr.circuits().iter().filter(|c| !c.dirty).count(), 2);
+    // At least two clean circuits, and two for the port in use (an exit built for no port in
+    // particular may not allow it, then more are built).
+    assert!(r.mgr.circuits().iter().filter(|c| !c.dirty).count() >= 2);
+    let pool = r.mgr.pool.lock().unwrap();
+    let clean_80 = pool
+        .iter()
+        .filter(|e| e.dirty_since.is_none() && e.circ.exit().allows_port(80))
+        .count();
+    assert_eq!(clean_80, 2);
+    drop(pool);
     assert_eq!(r.mgr.circuits().iter().filter(|c| c.dirty).count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn prebuilt_circuits_cover_every_predicted_port() {
+    let r = rig(&[]);
+    let k = IsolationKey::NoAuth;
+    // Ports 80 and 22 are in use; only relays 5 and 6 exit to 22, and they do not exit to 80,
+    // so no single exit covers both.
+    r.mgr.get_circuit(Some(80), &k).await.unwrap();
+    r.mgr
+        .get_circuit(Some(22), &IsolationKey::credentials("x", "y"))
+        .await
+        .unwrap();
+    let view = r.mgr.view().unwrap();
+    r.mgr.top_up(&view).await.unwrap();
+    {
+        let pool = r.mgr.pool.lock().unwrap();
+        let clean: Vec<_> = pool.iter().filter(|e| e.dirty_since.is_none()).collect();
+        for port in [80u16, 22] {
+            let n = clean
+                .iter()
+                .filter(|e| e.circ.exit().allows_port(port))
+                .count();
+            assert!(n >= r.mgr.cfg.prebuilt_circuits, "port {port}: {n} clean");
+        }
+        // Relays 1-4 exit to every port, so a circuit through them counts for both ports:
+        // no more than four builds are needed.
+        assert!(clean.len() <= 4, "{}", clean.len());
+    }
+    // A new stream to either port now finds a circuit without building.
+    let before = builds(&r);
+    r.mgr
+        .get_circuit(Some(22), &IsolationKey::credentials("p", "q"))
+        .await
+        .unwrap();
+    r.mgr
+        .get_circuit(Some(80), &IsolationKey::credentials("s", "t"))
+        .await
+        .unwrap();
+    assert_eq!(builds(&r), before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn predicted_ports_expire() {
+    let r = rig(&[]);
+    r.mgr
+        .get_circuit(Some(22), &IsolationKey::NoAuth)
+        .await
+        .unwrap();
+    let view = r.mgr.view().unwrap();
+    assert_eq!(r.mgr.predicted_ports(&view, now()), vec![22]);
+    tokio::time::advance(PREDICTED_PORT_TTL).await;
+    assert!(r.mgr.predicted_ports(&view, now()).is_empty());
+}
+
+/// A builder whose builds take a scripted time (simulated), to feed the learned timeout.
+#[derive(Default)]
+struct TimedBuilder {
+    /// Build durations in ms, in order; a build past the end hangs.
+    times: Mutex<VecDeque<u64>>,
+    inner: FakeBuilder,
+}
+
+impl CircBuilder for TimedBuilder {
+    type Circ = FakeCirc;
+
+    async fn build<'a>(
+        &'a self,
+        path: &'a Path,
+        progress: Arc<AtomicUsize>,
+    ) -> Result<Arc<FakeCirc>, ClientError> {
+        let t = self.times.lock().unwrap().pop_front();
+        match t {
+            Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            None => std::future::pending().await,
+        }
+        self.inner.build(path, progress).await
+    }
+
+    async fn close_links(&self) {}
+    fn close_links_now(&self) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_build_timeout_is_learned_saved_and_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Arc::new(ProxyConfig {
+        data_dir: dir.path().to_path_buf(),
+        test_network: true,
+        ..ProxyConfig::default()
+    });
+    let mk = |times: Vec<u64>| {
+        let b = TimedBuilder::default();
+        b.times.lock().unwrap().extend(times);
+        let (ready, _) = watch::channel(false);
+        let guards = GuardSet::load(dir.path()).unwrap();
+        let mgr = Arc::new(CircMgr::with_builder(Arc::clone(&cfg), guards, ready, b));
+        let relays: Vec<RelayInfo> = (1..=4).map(|i| relay(i, vec![(1, 65535)])).collect();
+        mgr.set_dir(DirView { relays });
+        mgr
+    };
+    // 100 builds of 200-600 ms (spread like a Pareto tail).
+    let times: Vec<u64> = (0..100u64).map(|i| 200 + (i * i) % 400).collect();
+    let mgr = mk(times);
+    assert_eq!(mgr.current_build_timeout(), Duration::from_secs(10));
+    for i in 0..100 {
+        let k = IsolationKey::credentials(i.to_string().as_str(), "x");
+        mgr.get_circuit(Some(80), &k).await.unwrap();
+    }
+    let learned = mgr.current_build_timeout();
+    assert!(
+        learned > Duration::from_millis(250) && learned < Duration::from_secs(2),
+        "{learned:?}"
+    );
+    // A stuck first attempt is now cut at the learned timeout, not at 10 s, and the retry
+    // succeeds; the stuck relay is not marked down for it.
+    mgr.builder.times.lock().unwrap().extend([100_000, 300]);
+    let started = now();
+    mgr.get_circuit(Some(80), &IsolationKey::credentials("late", "x"))
+        .await
+        .unwrap();
+    assert!(started.elapsed() < learned + Duration::from_millis(400));
+    assert!(mgr.relay_down.lock().unwrap().is_empty());
+    // Saved every 10 records: a restarted manager starts from the learned timeout.
+    assert!(dir.path().join(CBT_FILE).exists());
+    let again = mk(vec![]);
+    let restored = again.current_build_timeout();
+    assert!(
+        restored < Duration::from_secs(2) && restored > Duration::from_millis(250),
+        "{restored:?}"
+    );
 }

@@ -28,6 +28,9 @@ pub struct ProxyConfig {
     /// How long one circuit build may take before it is abandoned and retried on another path.
     #[serde(with = "secs")]
     pub circuit_build_timeout: Duration,
+    /// Learn the build timeout from past build times (Tor's CBT), with `circuit_build_timeout`
+    /// as the initial value and the upper bound. Off: always `circuit_build_timeout`.
+    pub learn_circuit_build_timeout: bool,
     /// How many circuits to keep built ahead of demand.
     pub prebuilt_circuits: usize,
     /// A circuit takes no new streams this long after its first stream.
@@ -50,6 +53,7 @@ impl Default for ProxyConfig {
             authorities: Vec::new(),
             test_network: false,
             circuit_build_timeout: Duration::from_secs(10),
+            learn_circuit_build_timeout: true,
             prebuilt_circuits: 2,
             max_circuit_dirtiness: Duration::from_secs(600),
             max_socks_connections: 1024,

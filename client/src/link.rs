@@ -7,8 +7,10 @@
 //! ([`crate::err::CircError::QueueOverflow`]). When the link closes, every route is dropped and
 //! each circuit's reactor sees its queue end (its streams end with a reset, never a hang).
 //!
-//! Circuits write to the link through [`ChannelSender`], whose writer packs up to 32 queued cells
-//! into one frame.
+//! Circuits write to the link through [`ChannelSender`]: each circuit has its own bounded queue
+//! there, and the writer packs up to 32 queued cells into one frame, taking them from the circuit
+//! that sent least recently (EWMA, `allium_proto::circmux`), so a bulk download does not hold up
+//! another circuit's cells on the same guard link.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,6 +3,7 @@
 
 pub mod cell;
 pub mod channel;
+pub mod circmux;
 pub mod codec;
 pub mod consts;
 pub mod err;

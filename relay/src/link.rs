@@ -4,7 +4,11 @@
 //! id and `try_send`s the cell into that circuit's bounded inbound queue. The reader never awaits
 //! another link, a circuit or a handshake: CREATE goes to the handshake pool (`crate::create`),
 //! and a circuit whose queue is full (it broke its windows, or it is stalled) is destroyed with
-//! reason RESOURCELIMIT. Only a circuit's reactor writes cells for it (`crate::reactor`).
+//! reason RESOURCELIMIT. Only a circuit's reactor writes cells for it (`crate::reactor`), into
+//! the link's [`ChannelSender`], which keeps a bounded queue per circuit and sends from the
+//! circuit with the lowest EWMA of recent cells first (`allium_proto::circmux`): "the link is
+//! full" for a reactor means its own circuit's queue on that link is full (or the whole link is),
+//! and other circuits on the link keep going.
 //!
 //! Circuit ids: the link initiator allocates ids with the most significant bit set, the responder
 //! with it clear. An id we allocated is not reused for [`ID_QUARANTINE`] after its circuit closed.

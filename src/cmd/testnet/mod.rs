@@ -49,6 +49,14 @@ pub struct Args {
     /// Exit as soon as the network is ready (for scripts and smoke tests).
     #[arg(long)]
     pub exit_when_ready: bool,
+    /// Relay i listens on 127.0.0.1:(BASE + i) instead of a free port (benchmarks that put a
+    /// link emulator in front of each relay).
+    #[arg(long, value_name = "BASE")]
+    pub relay_port_base: Option<u16>,
+    /// Relay i advertises 127.0.0.1:(BASE + i) in its descriptor instead of its listener (where
+    /// a link emulator forwards to the listener): every connection to it goes through there.
+    #[arg(long, value_name = "BASE")]
+    pub advertise_port_base: Option<u16>,
 }
 
 /// One node as recorded in `testnet.json`.
@@ -152,6 +160,8 @@ async fn run_async(args: Args) -> CmdResult {
         .exit_policy(ExitPolicy::accept_all(true))
         .voting_interval_secs(VOTING_INTERVAL_SECS)
         .fixed_relay_ports(true)
+        .relay_port_base(args.relay_port_base)
+        .advertise_port_base(args.advertise_port_base)
         .socks_listen(socks_addr)
         .plan(&dir, now)?;
 

@@ -26,6 +26,8 @@ pub struct NetworkBuilder {
     exit_policy: ExitPolicy,
     voting_interval_secs: u64,
     fixed_relay_ports: bool,
+    relay_port_base: Option<u16>,
+    advertise_port_base: Option<u16>,
     socks_listen: SocketAddr,
 }
 
@@ -37,6 +39,8 @@ impl Default for NetworkBuilder {
             exit_policy: ExitPolicy::accept_all(true),
             voting_interval_secs: 3600,
             fixed_relay_ports: false,
+            relay_port_base: None,
+            advertise_port_base: None,
             socks_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
@@ -120,6 +124,18 @@ impl NetworkBuilder {
         self
     }
 
+    /// Relay i listens on 127.0.0.1:(base + i) (`None`: as [`Self::fixed_relay_ports`] says).
+    pub fn relay_port_base(mut self, base: Option<u16>) -> Self {
+        self.relay_port_base = base;
+        self
+    }
+
+    /// Relay i advertises 127.0.0.1:(base + i) instead of its listener (`None`: the listener).
+    pub fn advertise_port_base(mut self, base: Option<u16>) -> Self {
+        self.advertise_port_base = base;
+        self
+    }
+
     /// The proxy's SOCKS address.
     pub fn socks_listen(mut self, a: SocketAddr) -> Self {
         self.socks_listen = a;
@@ -163,8 +179,21 @@ impl NetworkBuilder {
             let name = format!("relay{i}");
             let nickname = format!("{}{i}", if exit { "TestExit" } else { "TestRelay" });
             let mut config = RelayConfig::for_test(&nickname, dir.join(&name));
-            if self.fixed_relay_ports {
+            let port_at = |base: u16| {
+                u16::try_from(i)
+                    .ok()
+                    .and_then(|i| base.checked_add(i))
+                    .filter(|&p| p != 0)
+                    .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+                    .ok_or_else(|| format!("port base {base} + {i} is not a port"))
+            };
+            if let Some(base) = self.relay_port_base {
+                config.listen = port_at(base)?;
+            } else if self.fixed_relay_ports {
                 config.listen = free_port().map_err(|e| format!("a port for {name}: {e}"))?;
+            }
+            if let Some(base) = self.advertise_port_base {
+                config.advertised = Some(port_at(base)?);
             }
             config.contact = "allium testnet".into();
             config.authorities = relay_auths.clone();
@@ -308,6 +337,40 @@ impl NetworkPlan {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn port_bases_set_listen_and_advertised_addresses() {
+        // Not `tempfile_dir()`: that one is shared with (and wiped by) the other test.
+        let dir =
+            std::env::temp_dir().join(format!("allium-plan-bases-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let plan = NetworkBuilder::new()
+            .relays(3)
+            .exits(1)
+            .relay_port_base(Some(40_080))
+            .advertise_port_base(Some(40_150))
+            .plan(&dir, 1_700_000_000)
+            .unwrap();
+        for (i, r) in (0u16..).zip(&plan.relays) {
+            assert_eq!(
+                r.config.listen,
+                SocketAddr::from(([127, 0, 0, 1], 40_080 + i))
+            );
+            assert_eq!(
+                r.config.advertised,
+                Some(SocketAddr::from(([127, 0, 0, 1], 40_150 + i)))
+            );
+        }
+        assert!(
+            NetworkBuilder::new()
+                .relays(3)
+                .advertise_port_base(Some(65_534))
+                .plan(&dir, 1_700_000_000)
+                .is_err()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn plan_shapes_the_network() {
