@@ -52,6 +52,8 @@ pub struct ProxyHandle {
     shutdown: watch::Sender<bool>,
     mgr: Arc<CircMgr>,
     tasks: JoinSet<()>,
+    /// Held while the proxy runs: no second process may use the data directory.
+    _lock: allium_directory::datadir::DataDirLock,
 }
 
 impl ProxyHandle {
@@ -134,6 +136,7 @@ pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
     config.validate()?;
     let auths = config.authorities.clone();
     make_data_dir(&config.data_dir)?;
+    let lock = allium_directory::datadir::DataDirLock::acquire(&config.data_dir)?;
     let guards = GuardSet::load(&config.data_dir)?;
     let listener = TcpListener::bind(config.socks_listen).await.map_err(|e| {
         ClientError::io(
@@ -172,5 +175,6 @@ pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
         shutdown: shutdown_tx,
         mgr,
         tasks,
+        _lock: lock,
     })
 }
