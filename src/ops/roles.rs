@@ -13,11 +13,7 @@ use super::privs::{self, Privileges};
 use super::{Role, serve};
 use crate::cmd::CmdResult;
 
-/// A running relay.
-#[derive(Debug)]
-pub struct RelayRole(pub RelayHandle);
-
-impl Role for RelayRole {
+impl Role for RelayHandle {
     type Config = RelayConfig;
     const NAME: &'static str = "relay";
     fn reloadable(&self) -> &'static [&'static str] {
@@ -27,11 +23,11 @@ impl Role for RelayRole {
         RelayConfig::load(path).map_err(|e| e.to_string())
     }
     fn apply(&self, cfg: &RelayConfig) -> Result<(), String> {
-        self.0.reconfigure(cfg).map_err(|e| e.to_string())
+        self.reconfigure(cfg).map_err(|e| e.to_string())
     }
     fn heartbeat(&self) -> String {
-        let s = self.0.stats();
-        let listed = match self.0.listed_in_consensus() {
+        let s = self.stats();
+        let listed = match self.listed_in_consensus() {
             None => "no consensus yet",
             Some(true) => "listed in the consensus",
             Some(false) => "NOT listed in the consensus",
@@ -99,11 +95,7 @@ impl Role for ProxyRole {
     }
 }
 
-/// A running authority.
-#[derive(Debug)]
-pub struct AuthorityRole(pub AuthorityHandle);
-
-impl Role for AuthorityRole {
+impl Role for AuthorityHandle {
     type Config = AuthorityConfig;
     const NAME: &'static str = "authority";
     fn reloadable(&self) -> &'static [&'static str] {
@@ -113,14 +105,14 @@ impl Role for AuthorityRole {
         AuthorityConfig::load(path).map_err(|e| format!("{e:#}"))
     }
     fn apply(&self, cfg: &AuthorityConfig) -> Result<(), String> {
-        self.0.reconfigure(cfg);
+        self.reconfigure(cfg);
         Ok(())
     }
     fn heartbeat(&self) -> String {
         format!(
             "{} relay descriptors held; {}",
-            self.0.descriptor_count(),
-            if self.0.current_consensus().is_some() {
+            self.descriptor_count(),
+            if self.current_consensus().is_some() {
                 "serving a consensus"
             } else {
                 "no consensus to serve yet"
@@ -166,9 +158,8 @@ pub fn run_relay(path: PathBuf) -> CmdResult {
             advertised = %handle.advertised_addr(),
             "relay running; stop with Ctrl-C or SIGTERM, reload the configuration with SIGHUP"
         );
-        let role = RelayRole(handle);
-        serve(&role, signals, Some(path), &cfg).await?;
-        role.0.shutdown().await;
+        serve(&handle, signals, Some(path), &cfg).await?;
+        handle.shutdown().await;
         Ok(())
     })
 }
@@ -232,9 +223,8 @@ pub fn run_authority(path: PathBuf) -> CmdResult {
             identity = %h.identity(),
             "authority running; stop with Ctrl-C or SIGTERM, reload the configuration with SIGHUP"
         );
-        let role = AuthorityRole(h);
-        serve(&role, signals, Some(path), &cfg).await?;
-        role.0.shutdown().await;
+        serve(&h, signals, Some(path), &cfg).await?;
+        h.shutdown().await;
         Ok(())
     })
 }
