@@ -47,9 +47,15 @@ fn reload_changes_live_keys_of_running_relays_and_open_circuits_carry_on() {
             .debug_stream_circuit(local)
             .expect("the stream's circuit");
 
-        let relays = net.relays.lock().expect("lock");
+        // Out of the network's mutex, so that no lock is held across the waits below.
+        let relays: Vec<_> = net
+            .relays
+            .lock()
+            .expect("lock")
+            .iter_mut()
+            .map(|r| r.take().expect("relay runs"))
+            .collect();
         for (i, relay) in relays.iter().enumerate() {
-            let relay = relay.as_ref().expect("relay runs");
             let running_cfg = net.relay_configs[i].clone();
             let mut running = reload::snapshot(&running_cfg).expect("snapshot");
             let before = relay.last_descriptor();
@@ -107,10 +113,12 @@ fn reload_changes_live_keys_of_running_relays_and_open_circuits_carry_on() {
             assert!(matches!(outcome, ReloadOutcome::Broken(_)), "{outcome:?}");
             assert_eq!(relay.config().nickname, cfg.nickname);
         }
-        drop(relays);
 
         // The open stream, on the same circuit, carries on.
         assert_eq!(echo(&mut s, b"after the reload").await, b"after the reload");
         assert_eq!(net.proxy.debug_stream_circuit(local), Some(circ));
+        for r in relays {
+            r.shutdown().await;
+        }
     });
 }
