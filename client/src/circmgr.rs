@@ -101,7 +101,7 @@ pub(crate) trait CircBuilder: Send + Sync + 'static {
 
 /// The real builder: one link per guard, one reactor per circuit.
 pub(crate) struct LinkBuilder {
-    cfg: Arc<ProxyConfig>,
+    cfg: LiveConfig,
     links: tokio::sync::Mutex<HashMap<RelayId, Arc<Link>>>,
 }
 
@@ -112,7 +112,7 @@ impl LinkBuilder {
             return Ok(Arc::clone(l));
         }
         links.retain(|_, l| !l.is_closed());
-        let l = Link::connect(guard, self.cfg.circuit_build_timeout).await?;
+        let l = Link::connect(guard, self.cfg.get().circuit_build_timeout).await?;
         links.insert(guard.id, Arc::clone(&l));
         Ok(l)
     }
@@ -129,7 +129,7 @@ impl CircBuilder for LinkBuilder {
         progress.store(0, Ordering::Release);
         let link = self.link_for(&path.guard).await?;
         let params = CircParams {
-            build_timeout: self.cfg.circuit_build_timeout,
+            build_timeout: self.cfg.get().circuit_build_timeout,
             max_streams: circ::MAX_STREAMS,
             ..CircParams::default()
         };
@@ -162,8 +162,25 @@ struct Entry<C> {
 }
 
 /// Chooses, builds and retires circuits.
+/// The proxy's configuration as last reloaded, shared by the manager and the real builder.
+#[derive(Clone, Debug)]
+pub(crate) struct LiveConfig(Arc<RwLock<Arc<ProxyConfig>>>);
+
+impl LiveConfig {
+    pub(crate) fn new(cfg: Arc<ProxyConfig>) -> Self {
+        Self(Arc::new(RwLock::new(cfg)))
+    }
+    /// The configuration in force.
+    pub(crate) fn get(&self) -> Arc<ProxyConfig> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+    fn set(&self, cfg: ProxyConfig) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
+    }
+}
+
 pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
-    cfg: Arc<ProxyConfig>,
+    cfg: LiveConfig,
     builder: B,
     dir: RwLock<Option<Arc<DirView>>>,
     guards: Mutex<GuardSet>,
@@ -188,17 +205,28 @@ impl<B: CircBuilder> std::fmt::Debug for CircMgr<B> {
 
 impl CircMgr<LinkBuilder> {
     pub(crate) fn new(cfg: Arc<ProxyConfig>, guards: GuardSet, ready: watch::Sender<bool>) -> Self {
+        let live = LiveConfig::new(cfg);
         let builder = LinkBuilder {
-            cfg: Arc::clone(&cfg),
+            cfg: live.clone(),
             links: tokio::sync::Mutex::new(HashMap::new()),
         };
-        Self::with_builder(cfg, guards, ready, builder)
+        Self::with_live(live, guards, ready, builder)
     }
 }
 
 impl<B: CircBuilder> CircMgr<B> {
+    #[cfg(test)]
     pub(crate) fn with_builder(
         cfg: Arc<ProxyConfig>,
+        guards: GuardSet,
+        ready: watch::Sender<bool>,
+        builder: B,
+    ) -> Self {
+        Self::with_live(LiveConfig::new(cfg), guards, ready, builder)
+    }
+
+    fn with_live(
+        cfg: LiveConfig,
         guards: GuardSet,
         ready: watch::Sender<bool>,
         builder: B,
@@ -219,8 +247,24 @@ impl<B: CircBuilder> CircMgr<B> {
         }
     }
 
-    pub(crate) fn config(&self) -> &ProxyConfig {
-        &self.cfg
+    /// The configuration in force (as last reloaded).
+    pub(crate) fn config(&self) -> Arc<ProxyConfig> {
+        self.cfg.get()
+    }
+
+    /// Take the reloadable keys of `new` (`config::RELOADABLE_KEYS`); the others are ignored.
+    pub(crate) fn reconfigure(&self, new: &ProxyConfig) {
+        let mut merged = (*self.cfg.get()).clone();
+        merged.circuit_build_timeout = new.circuit_build_timeout;
+        merged.max_circuit_dirtiness = new.max_circuit_dirtiness;
+        merged.prebuilt_circuits = new.prebuilt_circuits;
+        merged.socks_handshake_timeout = new.socks_handshake_timeout;
+        merged.primary_guards = new.primary_guards;
+        merged.log_level = new.log_level.clone();
+        merged.heartbeat_period_secs = new.heartbeat_period_secs;
+        self.cfg.set(merged);
+        // The pool may now want more (or fewer) clean circuits.
+        self.wake.notify_one();
     }
 
     pub(crate) fn has_dir(&self) -> bool {
@@ -231,8 +275,12 @@ impl<B: CircBuilder> CircMgr<B> {
     pub(crate) fn set_dir(&self, view: DirView) {
         if let Ok(mut g) = self.guards.lock() {
             let now = allium_directory::now_unix();
-            if g.refresh(&view.relays, self.cfg.primary_guards, now, &mut rand::rng())
-                && let Err(e) = g.save()
+            if g.refresh(
+                &view.relays,
+                self.cfg.get().primary_guards,
+                now,
+                &mut rand::rng(),
+            ) && let Err(e) = g.save()
             {
                 tracing::warn!("could not save the guard state: {e}");
             }
@@ -292,7 +340,7 @@ impl<B: CircBuilder> CircMgr<B> {
         let primary = self
             .guards
             .lock()
-            .map(|g| g.primary(&view.relays, self.cfg.primary_guards))
+            .map(|g| g.primary(&view.relays, self.cfg.get().primary_guards))
             .unwrap_or_default();
         let avoid: Vec<RelayId> = self
             .relay_down
@@ -302,7 +350,7 @@ impl<B: CircBuilder> CircMgr<B> {
                 m.keys().copied().collect()
             })
             .unwrap_or_default();
-        let relaxed = self.cfg.test_network;
+        let relaxed = self.cfg.get().test_network;
         let mut rng = rand::rng();
         path::choose_path(&view.relays, &primary, &avoid, ports, relaxed, &mut rng)
             .or_else(|_| {
@@ -327,7 +375,7 @@ impl<B: CircBuilder> CircMgr<B> {
             let path = self.choose_path(&view, ports, started)?;
             let progress = Arc::new(AtomicUsize::new(0));
             let res = tokio::time::timeout(
-                self.cfg.circuit_build_timeout,
+                self.cfg.get().circuit_build_timeout,
                 self.builder.build(&path, Arc::clone(&progress)),
             )
             .await;
@@ -366,7 +414,7 @@ impl<B: CircBuilder> CircMgr<B> {
 
     fn dirty_ok(&self, e: &Entry<B::Circ>, now: Instant) -> bool {
         e.dirty_since
-            .is_none_or(|t| now.saturating_duration_since(t) < self.cfg.max_circuit_dirtiness)
+            .is_none_or(|t| now.saturating_duration_since(t) < self.cfg.get().max_circuit_dirtiness)
     }
 
     /// Find a usable circuit for `port` (`None`: any exit) and `iso` at `now`, and claim it.
@@ -455,6 +503,7 @@ impl<B: CircBuilder> CircMgr<B> {
         let clean = self.expire(now());
         let want = self
             .cfg
+            .get()
             .prebuilt_circuits
             .max(usize::from(!*self.ready.borrow()));
         if clean >= want {
@@ -497,7 +546,7 @@ impl<B: CircBuilder> CircMgr<B> {
         loop {
             let mut wait = Duration::from_secs(5);
             if let Ok(view) = self.view() {
-                if !announced && self.expire(now()) < self.cfg.prebuilt_circuits.max(1) {
+                if !announced && self.expire(now()) < self.cfg.get().prebuilt_circuits.max(1) {
                     tracing::info!("bootstrap 60%: building circuits");
                     announced = true;
                 }

@@ -50,9 +50,17 @@ pub struct ProxyConfig {
     pub user: Option<String>,
 }
 
-/// Keys a running proxy takes from a reloaded file (the binary applies them); every other key
-/// needs a restart.
-pub const RELOADABLE_KEYS: &[&str] = &["log_level", "heartbeat_period_secs"];
+/// Keys a running proxy takes from a reloaded file ([`crate::ProxyHandle::reconfigure`]; the
+/// binary applies `log_level` and `heartbeat_period_secs`); every other key needs a restart.
+pub const RELOADABLE_KEYS: &[&str] = &[
+    "log_level",
+    "heartbeat_period_secs",
+    "circuit_build_timeout",
+    "max_circuit_dirtiness",
+    "prebuilt_circuits",
+    "socks_handshake_timeout",
+    "primary_guards",
+];
 
 impl Default for ProxyConfig {
     fn default() -> Self {

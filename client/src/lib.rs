@@ -97,6 +97,21 @@ impl ProxyHandle {
         self.mgr.peer_circuit(client_addr)
     }
 
+    /// Apply the reloadable keys of `config` ([`config::RELOADABLE_KEYS`]): circuit build
+    /// timeout, dirtiness, prebuilt circuits and SOCKS handshake timeout from now on, the number of
+    /// primary guards at the next consensus. Other keys of `config` are ignored (they need a
+    /// restart). An invalid configuration changes nothing.
+    pub fn reconfigure(&self, config: &ProxyConfig) -> Result<(), ClientError> {
+        config.validate()?;
+        self.mgr.reconfigure(config);
+        Ok(())
+    }
+
+    /// The configuration in force (as last reloaded).
+    pub fn config(&self) -> Arc<ProxyConfig> {
+        self.mgr.config()
+    }
+
     /// Number of open circuits held for streams.
     pub fn n_circuits(&self) -> usize {
         self.mgr.n_circuits()

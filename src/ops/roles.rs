@@ -73,9 +73,8 @@ impl Role for ProxyRole {
     fn load(&self, path: &Path) -> Result<ProxyConfig, String> {
         load_proxy(path, self.socks_port)
     }
-    fn apply(&self, _cfg: &ProxyConfig) -> Result<(), String> {
-        // Its reloadable keys (log level, heartbeat period) are the binary's own.
-        Ok(())
+    fn apply(&self, cfg: &ProxyConfig) -> Result<(), String> {
+        self.handle.reconfigure(cfg).map_err(|e| e.to_string())
     }
     fn heartbeat(&self) -> String {
         let circs = self.handle.circuits();
