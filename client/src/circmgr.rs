@@ -189,6 +189,8 @@ pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
     build_lock: tokio::sync::Mutex<bool>,
     /// Builds on demand finished so far (a waiter compares it before and after queueing).
     builds_done: std::sync::atomic::AtomicU64,
+    /// Circuits built since start (the heartbeat reports it).
+    built_total: std::sync::atomic::AtomicU64,
     predicted: Mutex<Vec<u16>>,
     relay_down: Mutex<HashMap<RelayId, Instant>>,
     wake: Notify,
@@ -239,12 +241,18 @@ impl<B: CircBuilder> CircMgr<B> {
             pool: Mutex::new(Vec::new()),
             build_lock: tokio::sync::Mutex::new(false),
             builds_done: std::sync::atomic::AtomicU64::new(0),
+            built_total: std::sync::atomic::AtomicU64::new(0),
             predicted: Mutex::new(Vec::new()),
             relay_down: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             ready,
             by_peer: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Circuits built since start.
+    pub(crate) fn circuits_built(&self) -> u64 {
+        self.built_total.load(Ordering::Relaxed)
     }
 
     /// The configuration in force (as last reloaded).
@@ -389,6 +397,7 @@ impl<B: CircBuilder> CircMgr<B> {
                         ms = started.elapsed().as_secs_f64() * 1000.0,
                         "circuit built"
                     );
+                    self.built_total.fetch_add(1, Ordering::Relaxed);
                     return Ok(c);
                 }
                 Ok(Err(e)) => {

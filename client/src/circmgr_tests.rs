@@ -168,6 +168,7 @@ async fn a_circuit_is_reused_for_its_isolation_key_only() {
     let b = r.mgr.get_circuit(Some(80), &bob).await.unwrap();
     assert!(!Arc::ptr_eq(&a1, &b));
     assert_eq!(builds(&r), 2);
+    assert_eq!(r.mgr.circuits_built(), 2);
     assert_eq!(r.mgr.n_circuits(), 2);
     assert!(r.mgr.circuits().iter().all(|c| c.dirty));
 }

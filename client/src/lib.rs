@@ -112,6 +112,11 @@ impl ProxyHandle {
         self.mgr.config()
     }
 
+    /// Circuits built since the proxy started.
+    pub fn circuits_built(&self) -> u64 {
+        self.mgr.circuits_built()
+    }
+
     /// Number of open circuits held for streams.
     pub fn n_circuits(&self) -> usize {
         self.mgr.n_circuits()

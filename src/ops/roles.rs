@@ -80,8 +80,9 @@ impl Role for ProxyRole {
         let circs = self.handle.circuits();
         let streams: usize = circs.iter().map(|c| c.streams).sum();
         format!(
-            "{} circuits open carrying {streams} streams; {}",
+            "{} circuits open carrying {streams} streams, {} built since start; {}",
             circs.len(),
+            self.handle.circuits_built(),
             if self.handle.is_ready() {
                 "ready"
             } else {
