@@ -4,6 +4,7 @@
 
 pub mod cmd;
 mod logging;
+pub mod ops;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,8 @@ pub enum Command {
     Proxy(cmd::proxy::Args),
     /// Show a consensus.
     Consensus(cmd::consensus::Args),
+    /// Check a configuration file without starting anything.
+    Config(cmd::config::Args),
     /// Run a whole local network (authorities, relays, a proxy) on 127.0.0.1.
     Testnet(cmd::testnet::Args),
 }
@@ -42,6 +45,8 @@ pub fn main() -> std::process::ExitCode {
     // Precedence: --log, then ALLIUM_LOG, then the role's configuration file, then `info`.
     let configured = match &cli.command {
         Command::Relay(a) => cmd::relay::configured_log_level(a),
+        Command::Proxy(a) => cmd::proxy::configured_log_level(a),
+        Command::Authority(a) => ops::roles::configured_log_level("authority", a.config.as_deref()),
         _ => None,
     };
     logging::init(cli.log.as_deref(), configured.as_deref());
@@ -51,6 +56,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Relay(a) => cmd::relay::run(a),
         Command::Proxy(a) => cmd::proxy::run(a),
         Command::Consensus(a) => cmd::consensus::run(a),
+        Command::Config(a) => cmd::config::run(a),
         Command::Testnet(a) => cmd::testnet::run(a),
     };
     match result {

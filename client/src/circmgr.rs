@@ -118,7 +118,7 @@ pub(crate) trait CircBuilder: Send + Sync + 'static {
 
 /// The real builder: one link per guard, one reactor per circuit.
 pub(crate) struct LinkBuilder {
-    cfg: Arc<ProxyConfig>,
+    cfg: LiveConfig,
     links: tokio::sync::Mutex<HashMap<RelayId, Arc<Link>>>,
 }
 
@@ -129,7 +129,7 @@ impl LinkBuilder {
             return Ok(Arc::clone(l));
         }
         links.retain(|_, l| !l.is_closed());
-        let l = Link::connect(guard, self.cfg.circuit_build_timeout).await?;
+        let l = Link::connect(guard, self.cfg.get().circuit_build_timeout).await?;
         links.insert(guard.id, Arc::clone(&l));
         Ok(l)
     }
@@ -146,7 +146,7 @@ impl CircBuilder for LinkBuilder {
         progress.store(0, Ordering::Release);
         let link = self.link_for(&path.guard).await?;
         let params = CircParams {
-            build_timeout: self.cfg.circuit_build_timeout,
+            build_timeout: self.cfg.get().circuit_build_timeout,
             max_streams: circ::MAX_STREAMS,
             ..CircParams::default()
         };
@@ -179,8 +179,25 @@ struct Entry<C> {
 }
 
 /// Chooses, builds and retires circuits.
+/// The proxy's configuration as last reloaded, shared by the manager and the real builder.
+#[derive(Clone, Debug)]
+pub(crate) struct LiveConfig(Arc<RwLock<Arc<ProxyConfig>>>);
+
+impl LiveConfig {
+    pub(crate) fn new(cfg: Arc<ProxyConfig>) -> Self {
+        Self(Arc::new(RwLock::new(cfg)))
+    }
+    /// The configuration in force.
+    pub(crate) fn get(&self) -> Arc<ProxyConfig> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+    fn set(&self, cfg: ProxyConfig) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
+    }
+}
+
 pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
-    cfg: Arc<ProxyConfig>,
+    cfg: LiveConfig,
     builder: B,
     dir: RwLock<Option<Arc<DirView>>>,
     guards: Mutex<GuardSet>,
@@ -189,6 +206,8 @@ pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
     build_lock: tokio::sync::Mutex<bool>,
     /// Builds on demand finished so far (a waiter compares it before and after queueing).
     builds_done: std::sync::atomic::AtomicU64,
+    /// Circuits built since start (the heartbeat reports it).
+    built_total: std::sync::atomic::AtomicU64,
     /// Recently requested ports, most recent first, with when.
     predicted: Mutex<Vec<(u16, Instant)>>,
     /// Build times and the learned timeout, with the records not saved yet.
@@ -208,22 +227,33 @@ impl<B: CircBuilder> std::fmt::Debug for CircMgr<B> {
 
 impl CircMgr<LinkBuilder> {
     pub(crate) fn new(cfg: Arc<ProxyConfig>, guards: GuardSet, ready: watch::Sender<bool>) -> Self {
+        let live = LiveConfig::new(cfg);
         let builder = LinkBuilder {
-            cfg: Arc::clone(&cfg),
+            cfg: live.clone(),
             links: tokio::sync::Mutex::new(HashMap::new()),
         };
-        Self::with_builder(cfg, guards, ready, builder)
+        Self::with_live(live, guards, ready, builder)
     }
 }
 
 impl<B: CircBuilder> CircMgr<B> {
+    #[cfg(test)]
     pub(crate) fn with_builder(
         cfg: Arc<ProxyConfig>,
         guards: GuardSet,
         ready: watch::Sender<bool>,
         builder: B,
     ) -> Self {
-        let cbt = load_cbt(&cfg);
+        Self::with_live(LiveConfig::new(cfg), guards, ready, builder)
+    }
+
+    fn with_live(
+        cfg: LiveConfig,
+        guards: GuardSet,
+        ready: watch::Sender<bool>,
+        builder: B,
+    ) -> Self {
+        let cbt = load_cbt(&cfg.get());
         Self {
             cfg,
             builder,
@@ -232,6 +262,7 @@ impl<B: CircBuilder> CircMgr<B> {
             pool: Mutex::new(Vec::new()),
             build_lock: tokio::sync::Mutex::new(false),
             builds_done: std::sync::atomic::AtomicU64::new(0),
+            built_total: std::sync::atomic::AtomicU64::new(0),
             predicted: Mutex::new(Vec::new()),
             cbt: Mutex::new((cbt, 0)),
             relay_down: Mutex::new(HashMap::new()),
@@ -241,8 +272,29 @@ impl<B: CircBuilder> CircMgr<B> {
         }
     }
 
-    pub(crate) fn config(&self) -> &ProxyConfig {
-        &self.cfg
+    /// Circuits built since start.
+    pub(crate) fn circuits_built(&self) -> u64 {
+        self.built_total.load(Ordering::Relaxed)
+    }
+
+    /// The configuration in force (as last reloaded).
+    pub(crate) fn config(&self) -> Arc<ProxyConfig> {
+        self.cfg.get()
+    }
+
+    /// Take the reloadable keys of `new` (`config::RELOADABLE_KEYS`); the others are ignored.
+    pub(crate) fn reconfigure(&self, new: &ProxyConfig) {
+        let mut merged = (*self.cfg.get()).clone();
+        merged.circuit_build_timeout = new.circuit_build_timeout;
+        merged.max_circuit_dirtiness = new.max_circuit_dirtiness;
+        merged.prebuilt_circuits = new.prebuilt_circuits;
+        merged.socks_handshake_timeout = new.socks_handshake_timeout;
+        merged.primary_guards = new.primary_guards;
+        merged.log_level = new.log_level.clone();
+        merged.heartbeat_period_secs = new.heartbeat_period_secs;
+        self.cfg.set(merged);
+        // The pool may now want more (or fewer) clean circuits.
+        self.wake.notify_one();
     }
 
     pub(crate) fn has_dir(&self) -> bool {
@@ -253,8 +305,12 @@ impl<B: CircBuilder> CircMgr<B> {
     pub(crate) fn set_dir(&self, view: DirView) {
         if let Ok(mut g) = self.guards.lock() {
             let now = allium_directory::now_unix();
-            if g.refresh(&view.relays, self.cfg.primary_guards, now, &mut rand::rng())
-                && let Err(e) = g.save()
+            if g.refresh(
+                &view.relays,
+                self.cfg.get().primary_guards,
+                now,
+                &mut rand::rng(),
+            ) && let Err(e) = g.save()
             {
                 tracing::warn!("could not save the guard state: {e}");
             }
@@ -358,8 +414,9 @@ impl<B: CircBuilder> CircMgr<B> {
 
     /// The timeout for attempt `attempt` (1-based) of a build, and whether it is learned.
     fn build_timeout(&self, attempt: usize) -> (Duration, bool) {
-        let bound = self.cfg.circuit_build_timeout;
-        if !self.cfg.learn_circuit_build_timeout || attempt >= BUILD_ATTEMPTS {
+        let cfg = self.cfg.get();
+        let bound = cfg.circuit_build_timeout;
+        if !cfg.learn_circuit_build_timeout || attempt >= BUILD_ATTEMPTS {
             return (bound, false);
         }
         match self.cbt.lock() {
@@ -371,7 +428,7 @@ impl<B: CircBuilder> CircMgr<B> {
     /// Record a build outcome (`Ok(took)`, or `Err(timeout)` hit) and save the history now and
     /// then.
     fn record_build(&self, outcome: Result<Duration, Duration>) {
-        if !self.cfg.learn_circuit_build_timeout {
+        if !self.cfg.get().learn_circuit_build_timeout {
             return;
         }
         let state = {
@@ -387,7 +444,7 @@ impl<B: CircBuilder> CircMgr<B> {
             c.1 = 0;
             c.0.to_state()
         };
-        save_cbt(&self.cfg, &state);
+        save_cbt(&self.cfg.get(), &state);
     }
 
     /// The current build timeout (learned or fixed) of a first attempt.
@@ -405,7 +462,7 @@ impl<B: CircBuilder> CircMgr<B> {
         let primary = self
             .guards
             .lock()
-            .map(|g| g.primary(&view.relays, self.cfg.primary_guards))
+            .map(|g| g.primary(&view.relays, self.cfg.get().primary_guards))
             .unwrap_or_default();
         let avoid: Vec<RelayId> = self
             .relay_down
@@ -415,7 +472,7 @@ impl<B: CircBuilder> CircMgr<B> {
                 m.keys().copied().collect()
             })
             .unwrap_or_default();
-        let relaxed = self.cfg.test_network;
+        let relaxed = self.cfg.get().test_network;
         let mut rng = rand::rng();
         path::choose_path(&view.relays, &primary, &avoid, ports, relaxed, &mut rng)
             .or_else(|_| {
@@ -451,6 +508,7 @@ impl<B: CircBuilder> CircMgr<B> {
                     let took = now().saturating_duration_since(started);
                     tracing::debug!(ms = took.as_secs_f64() * 1000.0, "circuit built");
                     self.record_build(Ok(took));
+                    self.built_total.fetch_add(1, Ordering::Relaxed);
                     return Ok(c);
                 }
                 Ok(Err(e)) => {
@@ -482,7 +540,7 @@ impl<B: CircBuilder> CircMgr<B> {
 
     fn dirty_ok(&self, e: &Entry<B::Circ>, now: Instant) -> bool {
         e.dirty_since
-            .is_none_or(|t| now.saturating_duration_since(t) < self.cfg.max_circuit_dirtiness)
+            .is_none_or(|t| now.saturating_duration_since(t) < self.cfg.get().max_circuit_dirtiness)
     }
 
     /// Find a usable circuit for `port` (`None`: any exit) and `iso` at `now`, and claim it.
@@ -571,6 +629,7 @@ impl<B: CircBuilder> CircMgr<B> {
         self.expire(now());
         let want = self
             .cfg
+            .get()
             .prebuilt_circuits
             .max(usize::from(!*self.ready.borrow()));
         let ports = self.predicted_ports(view, now());
@@ -614,7 +673,7 @@ impl<B: CircBuilder> CircMgr<B> {
         loop {
             let mut wait = Duration::from_secs(5);
             if let Ok(view) = self.view() {
-                if !announced && self.expire(now()) < self.cfg.prebuilt_circuits.max(1) {
+                if !announced && self.expire(now()) < self.cfg.get().prebuilt_circuits.max(1) {
                     tracing::info!("bootstrap 60%: building circuits");
                     announced = true;
                 }

@@ -168,6 +168,7 @@ async fn a_circuit_is_reused_for_its_isolation_key_only() {
     let b = r.mgr.get_circuit(Some(80), &bob).await.unwrap();
     assert!(!Arc::ptr_eq(&a1, &b));
     assert_eq!(builds(&r), 2);
+    assert_eq!(r.mgr.circuits_built(), 2);
     assert_eq!(r.mgr.n_circuits(), 2);
     assert!(r.mgr.circuits().iter().all(|c| c.dirty));
 }
@@ -214,7 +215,7 @@ async fn dirty_circuits_expire_and_idle_ones_are_closed() {
     let k = IsolationKey::NoAuth;
     let old = r.mgr.get_circuit(Some(80), &k).await.unwrap();
     old.streams.store(1, Ordering::Release);
-    tokio::time::advance(r.mgr.cfg.max_circuit_dirtiness).await;
+    tokio::time::advance(r.mgr.cfg.get().max_circuit_dirtiness).await;
     let new = r.mgr.get_circuit(Some(80), &k).await.unwrap();
     assert!(
         !Arc::ptr_eq(&old, &new),
@@ -286,7 +287,7 @@ async fn a_request_queued_behind_a_failing_build_fails_at_once() {
     let e1 = first.await.unwrap().unwrap_err();
     assert!(matches!(e1, ClientError::Timeout(_)), "{e1}");
     // Three attempts, each cut at the build timeout (paused clock: no real wait).
-    assert_eq!(started.elapsed(), 3 * r.mgr.cfg.circuit_build_timeout);
+    assert_eq!(started.elapsed(), 3 * r.mgr.cfg.get().circuit_build_timeout);
     let e2 = second.await.unwrap().unwrap_err();
     assert!(matches!(e2, ClientError::RecentBuildFailed), "{e2}");
     assert_eq!(builds(&r), 3);
@@ -374,7 +375,7 @@ async fn prebuilt_circuits_cover_every_predicted_port() {
                 .iter()
                 .filter(|e| e.circ.exit().allows_port(port))
                 .count();
-            assert!(n >= r.mgr.cfg.prebuilt_circuits, "port {port}: {n} clean");
+            assert!(n >= r.mgr.cfg.get().prebuilt_circuits, "port {port}: {n} clean");
         }
         // Relays 1-4 exit to every port, so a circuit through them counts for both ports:
         // no more than four builds are needed.
@@ -481,5 +482,32 @@ async fn the_build_timeout_is_learned_saved_and_restored() {
     assert!(
         restored < Duration::from_secs(2) && restored > Duration::from_millis(250),
         "{restored:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reloaded_dirtiness_applies_to_circuits_already_open() {
+    let r = rig(&[]);
+    let k = IsolationKey::NoAuth;
+    let old = r.mgr.get_circuit(Some(80), &k).await.unwrap();
+    let mut new_cfg = (*r.mgr.config()).clone();
+    new_cfg.max_circuit_dirtiness = Duration::from_secs(30);
+    new_cfg.prebuilt_circuits = 5;
+    new_cfg.socks_listen = "127.0.0.1:1".parse().unwrap(); // not reloadable: ignored
+    r.mgr.reconfigure(&new_cfg);
+    assert_eq!(
+        r.mgr.config().max_circuit_dirtiness,
+        Duration::from_secs(30)
+    );
+    assert_eq!(r.mgr.config().prebuilt_circuits, 5);
+    assert_ne!(r.mgr.config().socks_listen, new_cfg.socks_listen);
+    tokio::time::advance(Duration::from_secs(29)).await;
+    let same = r.mgr.get_circuit(Some(80), &k).await.unwrap();
+    assert!(Arc::ptr_eq(&old, &same), "still within the new dirtiness");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let fresh = r.mgr.get_circuit(Some(80), &k).await.unwrap();
+    assert!(
+        !Arc::ptr_eq(&old, &fresh),
+        "past the reloaded dirtiness (30 s, not the 600 s it started with)"
     );
 }

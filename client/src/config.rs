@@ -43,7 +43,27 @@ pub struct ProxyConfig {
     pub socks_handshake_timeout: Duration,
     /// How many primary guards to keep.
     pub primary_guards: usize,
+    /// Log filter used by the `allium proxy` binary (e.g. `info`, `allium_client=debug`).
+    pub log_level: String,
+    /// Seconds between heartbeat log lines; 0 turns them off (default 21600, 6 hours).
+    pub heartbeat_period_secs: u64,
+    /// Allow running as root without dropping privileges (not recommended; see `user`).
+    pub allow_root: bool,
+    /// Started as root: bind the SOCKS port, then switch to this user (and its group) for good.
+    pub user: Option<String>,
 }
+
+/// Keys a running proxy takes from a reloaded file ([`crate::ProxyHandle::reconfigure`]; the
+/// binary applies `log_level` and `heartbeat_period_secs`); every other key needs a restart.
+pub const RELOADABLE_KEYS: &[&str] = &[
+    "log_level",
+    "heartbeat_period_secs",
+    "circuit_build_timeout",
+    "max_circuit_dirtiness",
+    "prebuilt_circuits",
+    "socks_handshake_timeout",
+    "primary_guards",
+];
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -59,6 +79,10 @@ impl Default for ProxyConfig {
             max_socks_connections: 1024,
             socks_handshake_timeout: Duration::from_secs(10),
             primary_guards: 3,
+            log_level: "info".to_owned(),
+            heartbeat_period_secs: 6 * 3600,
+            allow_root: false,
+            user: None,
         }
     }
 }

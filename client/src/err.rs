@@ -191,6 +191,9 @@ pub enum ClientError {
     /// The configuration is invalid.
     #[error("invalid proxy configuration: {0}")]
     Config(String),
+    /// Another process holds the data directory.
+    #[error(transparent)]
+    DataDirLocked(#[from] allium_directory::datadir::DataDirLockError),
     /// A file or socket operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -249,7 +252,7 @@ impl ClientError {
     /// What kind of error this is.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Config(_) => ErrorKind::Config,
+            Self::Config(_) | Self::DataDirLocked(_) => ErrorKind::Config,
             Self::Io { .. } => ErrorKind::Io,
             Self::Directory(_) => ErrorKind::Directory,
             Self::NoPath(_) => ErrorKind::NoPath,

@@ -53,6 +53,8 @@ pub struct ProxyHandle {
     shutdown: watch::Sender<bool>,
     mgr: Arc<CircMgr>,
     tasks: JoinSet<()>,
+    /// Held while the proxy runs: no second process may use the data directory.
+    _lock: allium_directory::datadir::DataDirLock,
 }
 
 impl ProxyHandle {
@@ -96,6 +98,26 @@ impl ProxyHandle {
         self.mgr.peer_circuit(client_addr)
     }
 
+    /// Apply the reloadable keys of `config` ([`config::RELOADABLE_KEYS`]): circuit build
+    /// timeout, dirtiness, prebuilt circuits and SOCKS handshake timeout from now on, the number of
+    /// primary guards at the next consensus. Other keys of `config` are ignored (they need a
+    /// restart). An invalid configuration changes nothing.
+    pub fn reconfigure(&self, config: &ProxyConfig) -> Result<(), ClientError> {
+        config.validate()?;
+        self.mgr.reconfigure(config);
+        Ok(())
+    }
+
+    /// The configuration in force (as last reloaded).
+    pub fn config(&self) -> Arc<ProxyConfig> {
+        self.mgr.config()
+    }
+
+    /// Circuits built since the proxy started.
+    pub fn circuits_built(&self) -> u64 {
+        self.mgr.circuits_built()
+    }
+
     /// Number of open circuits held for streams.
     pub fn n_circuits(&self) -> usize {
         self.mgr.n_circuits()
@@ -135,6 +157,7 @@ pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
     config.validate()?;
     let auths = config.authorities.clone();
     make_data_dir(&config.data_dir)?;
+    let lock = allium_directory::datadir::DataDirLock::acquire(&config.data_dir)?;
     let guards = GuardSet::load(&config.data_dir)?;
     let listener = TcpListener::bind(config.socks_listen).await.map_err(|e| {
         ClientError::io(
@@ -173,5 +196,6 @@ pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
         shutdown: shutdown_tx,
         mgr,
         tasks,
+        _lock: lock,
     })
 }

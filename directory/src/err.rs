@@ -99,6 +99,9 @@ pub enum DirError {
         #[source]
         last: Box<Self>,
     },
+    /// Another process holds the data directory.
+    #[error(transparent)]
+    DataDirLocked(#[from] crate::datadir::DataDirLockError),
     /// A configuration value is wrong (the message names the key and what to do).
     #[error("configuration: {0}")]
     Config(String),

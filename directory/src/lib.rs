@@ -5,6 +5,7 @@ pub mod addr;
 pub mod authinfo;
 pub mod authority;
 pub mod client;
+pub mod datadir;
 pub mod doc;
 pub mod err;
 pub mod netdir;

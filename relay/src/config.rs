@@ -81,6 +81,16 @@ pub struct RelayConfig {
     /// before it is destroyed (default 30). Only that circuit is affected.
     #[serde(default = "default_circuit_stall_timeout")]
     pub circuit_stall_timeout_secs: u64,
+    /// Seconds between heartbeat log lines (uptime, circuits, traffic); 0 turns them off
+    /// (default 21600, 6 hours, like Tor's `HeartbeatPeriod`).
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_period_secs: u64,
+    /// Allow running as root without dropping privileges (not recommended; see `user`).
+    #[serde(default)]
+    pub allow_root: bool,
+    /// Started as root: bind the listeners, then switch to this user (and its group) for good.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 fn default_log_level() -> String {
@@ -104,6 +114,26 @@ fn default_max_exit_streams() -> usize {
 fn default_circuit_stall_timeout() -> u64 {
     30
 }
+fn default_heartbeat() -> u64 {
+    DEFAULT_HEARTBEAT_PERIOD_SECS
+}
+
+/// Default seconds between heartbeat log lines (6 hours, Tor's `HeartbeatPeriod`).
+pub const DEFAULT_HEARTBEAT_PERIOD_SECS: u64 = 6 * 3600;
+
+/// Keys a running relay takes from a reloaded file ([`crate::RelayHandle::reconfigure`]; the
+/// binary also applies `log_level` and `heartbeat_period_secs`). Every other key needs a restart.
+pub const RELOADABLE_KEYS: &[&str] = &[
+    "log_level",
+    "heartbeat_period_secs",
+    "nickname",
+    "contact",
+    "family",
+    "exit_policy",
+    "bandwidth_rate",
+    "bandwidth_burst",
+    "max_streams_per_circuit",
+];
 
 impl RelayConfig {
     /// A minimal configuration for tests: listen on `127.0.0.1:0`, no exit, no authorities.
@@ -127,6 +157,9 @@ impl RelayConfig {
             max_streams_per_circuit: default_max_streams(),
             max_exit_streams: default_max_exit_streams(),
             circuit_stall_timeout_secs: default_circuit_stall_timeout(),
+            heartbeat_period_secs: DEFAULT_HEARTBEAT_PERIOD_SECS,
+            allow_root: false,
+            user: None,
         }
     }
 
@@ -188,6 +221,9 @@ impl RelayConfig {
             || self.circuit_stall_timeout_secs == 0
         {
             return Err(bad("max_*", "limits must be at least 1"));
+        }
+        if self.user.as_deref().is_some_and(str::is_empty) {
+            return Err(bad("user", "give a user name, or remove the key"));
         }
         if self.bandwidth_rate != 0 && self.bandwidth_burst != 0 && self.bandwidth_burst < 1024 {
             return Err(bad(

@@ -258,9 +258,9 @@ pub(crate) fn core_config(ctx: &Ctx, link: &Link) -> CoreConfig {
     let mut cfg = CoreConfig::new(
         ctx.keys.id,
         !ctx.is_known_relay_link(link),
-        Arc::clone(&ctx.policy),
+        ctx.exit_policy(),
     );
-    cfg.max_streams = ctx.cfg.max_streams_per_circuit;
+    cfg.max_streams = ctx.live().max_streams_per_circuit;
     cfg.blocked_cap = blocked_cap;
     cfg.extend_timeout = extend_timeout;
     cfg

@@ -155,8 +155,13 @@ impl Default for Limits {
 /// The relay's shared state.
 pub struct Ctx {
     pub(crate) keys: RelayKeys,
+    /// The configuration the relay started with (keys that need a restart are read here).
     pub(crate) cfg: RelayConfig,
-    pub(crate) policy: Arc<ExitPolicy>,
+    /// The configuration as last reloaded: the keys in `config::RELOADABLE_KEYS` are read here
+    /// (descriptor fields, stream limit); the others equal `cfg`'s.
+    pub(crate) live: RwLock<Arc<RelayConfig>>,
+    /// The exit policy new circuits get (replaced on reload; open circuits keep theirs).
+    pub(crate) policy: RwLock<Arc<ExitPolicy>>,
     pub(crate) limits: Limits,
     /// CREATEs waiting for the handshake workers.
     pub(crate) creates: crate::create::CreateQueue,
@@ -215,7 +220,8 @@ impl Ctx {
         );
         let (shutdown, _) = watch::channel(false);
         Arc::new(Self {
-            policy: Arc::new(cfg.exit_policy.clone()),
+            policy: RwLock::new(Arc::new(cfg.exit_policy.clone())),
+            live: RwLock::new(Arc::new(cfg.clone())),
             limits,
             creates: crate::create::CreateQueue::default(),
             keys,
@@ -233,6 +239,49 @@ impl Ctx {
             resolve_slots: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_RESOLVES)),
             cfg,
         })
+    }
+
+    /// The exit policy for new circuits.
+    pub(crate) fn exit_policy(&self) -> Arc<ExitPolicy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The configuration as last reloaded.
+    pub(crate) fn live(&self) -> Arc<RelayConfig> {
+        Arc::clone(&self.live.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Take the reloadable keys of `new` (`config::RELOADABLE_KEYS`); the others are ignored.
+    /// Returns whether the descriptor changed (then it should be republished).
+    pub(crate) fn reconfigure(&self, new: &RelayConfig) -> bool {
+        let old = self.live();
+        let mut merged = (*old).clone();
+        merged.nickname = new.nickname.clone();
+        merged.contact = new.contact.clone();
+        merged.family = new.family.clone();
+        merged.exit_policy = new.exit_policy.clone();
+        merged.bandwidth_rate = new.bandwidth_rate;
+        merged.bandwidth_burst = new.bandwidth_burst;
+        merged.max_streams_per_circuit = new.max_streams_per_circuit;
+        merged.log_level = new.log_level.clone();
+        merged.heartbeat_period_secs = new.heartbeat_period_secs;
+        let descriptor_changed = merged.nickname != old.nickname
+            || merged.contact != old.contact
+            || merged.family != old.family
+            || merged.exit_policy != old.exit_policy
+            || merged.bandwidth_rate != old.bandwidth_rate;
+        if merged.exit_policy != old.exit_policy {
+            *self.policy.write().unwrap_or_else(|p| p.into_inner()) =
+                Arc::new(merged.exit_policy.clone());
+        }
+        if (merged.bandwidth_rate, merged.bandwidth_burst)
+            != (old.bandwidth_rate, old.bandwidth_burst)
+        {
+            self.bucket
+                .set_rate(merged.bandwidth_rate, merged.effective_burst());
+        }
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
+        descriptor_changed
     }
 
     /// The current consensus, if any.

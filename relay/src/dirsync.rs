@@ -54,12 +54,13 @@ pub(crate) fn authorities(ctx: &Ctx) -> Vec<AuthorityInfo> {
 
 /// The descriptor's view of the exit policy.
 pub(crate) fn desc_policy(ctx: &Ctx) -> DescPolicy {
+    let policy = ctx.exit_policy();
     DescPolicy::from_ranges(
-        ctx.policy
+        policy
             .port_ranges()
             .into_iter()
             .map(|(lo, hi)| PortRange { lo, hi }),
-        ctx.policy.allow_private,
+        policy.allow_private,
     )
 }
 
@@ -69,12 +70,13 @@ pub(crate) fn build_descriptor(ctx: &Ctx) -> Result<Vec<u8>, RelayError> {
     let prev = ctx.dir.last_published.load(Ordering::Relaxed);
     let published = now.max(prev.saturating_add(1));
     ctx.dir.last_published.store(published, Ordering::Relaxed);
-    let mut family = ctx.cfg.family_ids()?;
+    let live = ctx.live();
+    let mut family = live.family_ids()?;
     family.retain(|f| !f.ct_eq(&ctx.keys.id));
     family.sort();
     family.dedup();
     let peak = ctx.dir.peak_bw.load(Ordering::Relaxed);
-    let observed = match (ctx.cfg.bandwidth_rate, peak) {
+    let observed = match (live.bandwidth_rate, peak) {
         (0, 0) => DEFAULT_OBSERVED_BW,
         (0, p) => p,
         (r, 0) => r.min(DEFAULT_OBSERVED_BW.max(r)),
@@ -85,13 +87,13 @@ pub(crate) fn build_descriptor(ctx: &Ctx) -> Result<Vec<u8>, RelayError> {
         identity: ctx.keys.id,
         link_key: ctx.keys.link.public(),
         onion_key: ctx.keys.onion_public(),
-        nickname: ctx.cfg.nickname.clone(),
+        nickname: live.nickname.clone(),
         addrs: vec![ctx.advertised],
         bandwidth_observed: observed,
         exit_policy: desc_policy(ctx),
         family,
         protocols: default_protocols(),
-        contact: ctx.cfg.contact.clone(),
+        contact: live.contact.clone(),
         published,
         expires: published.saturating_add(DESC_LIFETIME_SECS),
     };

@@ -55,6 +55,9 @@ pub enum RelayError {
         #[source]
         source: std::io::Error,
     },
+    /// Another process holds the data directory.
+    #[error(transparent)]
+    DataDirLocked(#[from] allium_directory::datadir::DataDirLockError),
     /// Building or signing the descriptor failed.
     #[error("descriptor: {0}")]
     Descriptor(String),

@@ -84,6 +84,8 @@ pub struct RelayHandle {
     or_addr: SocketAddr,
     tasks: Vec<JoinHandle<()>>,
     link_slots: Arc<Semaphore>,
+    /// Held while the relay runs: no second process may use the data directory.
+    _lock: allium_directory::datadir::DataDirLock,
 }
 
 impl RelayHandle {
@@ -119,6 +121,29 @@ impl RelayHandle {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+    /// Apply the reloadable keys of `config` ([`config::RELOADABLE_KEYS`]) to the running relay:
+    /// the exit policy and stream limit for new circuits (open circuits keep theirs), the
+    /// bandwidth rate and burst at once, and nickname, contact, family and policy in a descriptor
+    /// republished now if any of them changed. Other keys of `config` are ignored: they need a
+    /// restart. The configuration is validated first; an invalid one changes nothing.
+    pub fn reconfigure(&self, config: &RelayConfig) -> Result<(), RelayError> {
+        config.validate()?;
+        if self.ctx.reconfigure(config) {
+            self.ctx.dir.republish.notify_one();
+        }
+        Ok(())
+    }
+    /// The configuration as last reloaded.
+    pub fn config(&self) -> Arc<RelayConfig> {
+        self.ctx.live()
+    }
+    /// Whether the relay's own identity is listed in the consensus it holds (`None`: it holds
+    /// none yet).
+    pub fn listed_in_consensus(&self) -> Option<bool> {
+        self.ctx
+            .netdir()
+            .map(|nd| nd.by_id(&self.ctx.keys.id).is_some())
     }
     /// Upload the descriptor to every authority now (in addition to the periodic schedule).
     pub fn republish(&self) {
@@ -199,6 +224,7 @@ pub async fn start_with_resolver(
     resolver: Arc<dyn Resolver>,
 ) -> Result<RelayHandle, RelayError> {
     config.validate()?;
+    let lock = allium_directory::datadir::DataDirLock::acquire(&config.data_dir)?;
     let keys = keys::RelayKeys::load_or_create(&config.data_dir)?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -226,7 +252,7 @@ pub async fn start_with_resolver(
         nickname = %ctx.cfg.nickname,
         identity = %ctx.keys.id,
         addr = %or_addr,
-        exit = ctx.policy.is_exit(),
+        exit = ctx.exit_policy().is_exit(),
         "relay started"
     );
     let mut tasks = vec![
@@ -245,6 +271,7 @@ pub async fn start_with_resolver(
         or_addr,
         tasks,
         link_slots,
+        _lock: lock,
     })
 }
 

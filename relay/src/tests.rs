@@ -1487,3 +1487,91 @@ async fn pending_creates_are_capped_per_link() {
     ml.link.reserve_peer_id(base(5), 4).unwrap();
     assert_eq!(ml.link.n_circuits(), 4);
 }
+
+/// Send `data` on stream `sid` of a one-hop circuit and read the echo back.
+async fn echo_through(ml: &mut MemLink, tc: &mut TestCirc, sid: u16, data: &[u8]) -> Vec<u8> {
+    let msg = RelayMsg::Data(allium_proto::relaymsg::Data {
+        data: data.to_vec(),
+    });
+    let (c, tag) = relay_cell(tc, 0, CellCmd::RELAY, sid, &msg);
+    tc.send_win.note_data_sent(&tag).unwrap();
+    tc.stream.note_data_sent().unwrap();
+    ml.tx.send(c).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        let cell = tokio::time::timeout(T, ml.rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let (_, s, msg, tag) = open_backward(tc, cell);
+        match msg {
+            RelayMsg::Data(d) => {
+                assert_eq!(s, sid);
+                tc.recv_win.on_data_received(&tag).unwrap();
+                tc.stream.on_data_received().unwrap();
+                got.extend_from_slice(&d.data);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn reconfigure_applies_to_new_circuits_while_open_streams_keep_working() {
+    let r = test_relay(ExitPolicy::accept_all(true));
+    let echo = echo_server().await;
+    let begin = RelayMsg::Begin(Begin {
+        target: Target::Ip("127.0.0.1".parse().unwrap()),
+        port: echo.port(),
+        flags: BeginFlags::default(),
+    });
+    let mut ml = attach(&r.ctx, true);
+    let mut tc = create_circuit(&mut ml, &r.ctx).await;
+    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 7, &begin);
+    ml.tx.send(c).await.unwrap();
+    let (sid, msg) = client_recv(&mut ml, &mut tc, 0, &mut Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(sid, 7);
+    assert!(matches!(msg, RelayMsg::Connected(_)), "{msg:?}");
+    assert_eq!(
+        echo_through(&mut ml, &mut tc, 7, b"before").await,
+        b"before"
+    );
+
+    // Reload: the echo port is no longer an exit port; new nickname and a bandwidth limit.
+    let mut new = (*r.ctx.live()).clone();
+    new.exit_policy = ExitPolicy {
+        accept: vec!["1".into()],
+        allow_private: true,
+    };
+    new.nickname = "Renamed".into();
+    new.bandwidth_rate = 1_000_000;
+    new.listen = "127.0.0.1:9".parse().unwrap(); // not reloadable: ignored
+    assert!(r.ctx.reconfigure(&new), "the descriptor changed");
+    assert!(!r.ctx.reconfigure(&new), "nothing changed the second time");
+    assert_eq!(r.ctx.bucket.rate(), (1_000_000, new.effective_burst()));
+    assert_ne!(r.ctx.live().listen, new.listen);
+    let desc = crate::dirsync::build_descriptor(&r.ctx).unwrap();
+    let desc =
+        allium_directory::doc::Signed::<allium_directory::doc::RelayDescriptor>::from_bytes(&desc)
+            .unwrap()
+            .verify()
+            .unwrap();
+    assert_eq!(desc.desc().nickname, "Renamed");
+
+    // The open stream keeps working on its circuit.
+    assert_eq!(echo_through(&mut ml, &mut tc, 7, b"after").await, b"after");
+
+    // A new circuit gets the new policy.
+    let mut ml2 = attach(&r.ctx, true);
+    let mut tc2 = create_circuit(&mut ml2, &r.ctx).await;
+    let (c, _) = relay_cell(&mut tc2, 0, CellCmd::RELAY, 1, &begin);
+    ml2.tx.send(c).await.unwrap();
+    let (sid, msg) = client_recv(&mut ml2, &mut tc2, 0, &mut Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(sid, 1);
+    assert_eq!(msg, RelayMsg::End(End::new(EndReason::EXITPOLICY)));
+}

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use allium_directory::authority::{self, AuthorityConfig, keys as akeys};
+use allium_directory::authority::keys as akeys;
 
 use super::CmdResult;
 
@@ -71,17 +71,5 @@ pub fn run(args: Args) -> CmdResult {
                 .into(),
         );
     };
-    let cfg = AuthorityConfig::load(&path)?;
-    let rt = super::runtime()?;
-    rt.block_on(async move {
-        let h = authority::start(cfg).await?;
-        tracing::info!(
-            addr = %h.dir_addr(),
-            identity = %h.identity(),
-            "authority running; stop with Ctrl-C or SIGTERM"
-        );
-        super::wait_for_shutdown_signal().await;
-        h.shutdown().await;
-        Ok(())
-    })
+    crate::ops::roles::run_authority(path)
 }

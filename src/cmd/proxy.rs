@@ -1,7 +1,6 @@
-//! `allium proxy`: the client, a local SOCKS5 proxy.
+//! `allium proxy`: the client, a local SOCKS5 proxy. SIGHUP reloads the configuration file.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use super::CmdResult;
 
@@ -17,38 +16,12 @@ pub struct Args {
     pub socks_port: Option<u16>,
 }
 
-/// Run `allium proxy` until Ctrl-C.
+/// The log filter the proxy's configuration asks for, if the file reads.
+pub fn configured_log_level(args: &Args) -> Option<String> {
+    crate::ops::roles::configured_log_level("proxy", args.config.as_deref())
+}
+
+/// Run `allium proxy` until Ctrl-C or SIGTERM.
 pub fn run(args: Args) -> CmdResult {
-    let hint = "(see proxy.example.toml for a documented example configuration)";
-    let mut cfg = match &args.config {
-        Some(path) => allium_client::ProxyConfig::load(path).map_err(|e| format!("{e}\n{hint}"))?,
-        None => allium_client::ProxyConfig::default(),
-    };
-    if let Some(p) = args.socks_port {
-        cfg.socks_listen.set_port(p);
-    }
-    cfg.validate()
-        .map_err(|e| format!("{e}\npass --config FILE {hint}"))?;
-    let rt = super::runtime()?;
-    rt.block_on(async move {
-        let proxy = allium_client::start(cfg).await?;
-        let addr = proxy.socks_addr();
-        tokio::select! {
-            r = proxy.wait_ready(Duration::from_secs(120)) => match r {
-                Ok(()) => tracing::info!(
-                    "ready: point applications at socks5h://{addr} (for example: curl --socks5-hostname {addr} https://example.com/)"
-                ),
-                Err(e) => tracing::warn!("{e}; still trying in the background"),
-            },
-            () = super::wait_for_shutdown_signal() => {
-                tracing::info!("interrupted; shutting down");
-                proxy.shutdown().await;
-                return Ok(());
-            }
-        }
-        super::wait_for_shutdown_signal().await;
-        tracing::info!("interrupted; shutting down");
-        proxy.shutdown().await;
-        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
-    })
+    crate::ops::roles::run_proxy(args.config, args.socks_port)
 }

@@ -1,4 +1,4 @@
-//! `allium relay --config FILE`: run a relay until Ctrl-C.
+//! `allium relay --config FILE`: run a relay until Ctrl-C or SIGTERM; SIGHUP reloads the file.
 
 use std::path::PathBuf;
 
@@ -15,26 +15,10 @@ pub struct Args {
 /// The log filter the relay's configuration asks for, if the file reads (used before logging is
 /// set up; errors are reported later by [`run`]).
 pub fn configured_log_level(args: &Args) -> Option<String> {
-    allium_relay::RelayConfig::load(&args.config)
-        .ok()
-        .map(|c| c.log_level)
+    crate::ops::roles::configured_log_level("relay", Some(&args.config))
 }
 
 /// Run `allium relay`.
 pub fn run(args: Args) -> CmdResult {
-    let cfg = allium_relay::RelayConfig::load(&args.config)?;
-    let rt = super::runtime()?;
-    rt.block_on(async move {
-        let handle = allium_relay::start(cfg).await?;
-        tracing::info!(
-            identity = %handle.identity(),
-            or_addr = %handle.or_addr(),
-            advertised = %handle.advertised_addr(),
-            "relay running; stop with Ctrl-C or SIGTERM"
-        );
-        super::wait_for_shutdown_signal().await;
-        tracing::info!("shutting down");
-        handle.shutdown().await;
-        Ok(())
-    })
+    crate::ops::roles::run_relay(args.config)
 }

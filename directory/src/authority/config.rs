@@ -5,13 +5,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use allium_crypto::RelayId;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::authinfo::AuthorityInfo;
 use crate::err::{DirError, Result};
 
 /// Thresholds for flag assignment (docs/protocol/80-directory.md, "Flags").
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlagThresholds {
     /// Fast: bandwidth at least this (bytes/s) always qualifies (Tor: 100 KB/s).
@@ -59,7 +59,7 @@ fn default_max_relays() -> usize {
 }
 
 /// The authority's configuration.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorityConfig {
     /// Where keys, descriptors, votes and the consensus live. The signing key and certificate
@@ -90,6 +90,19 @@ pub struct AuthorityConfig {
     /// Most relay descriptors held.
     #[serde(default = "default_max_relays")]
     pub max_relays: usize,
+    /// Log filter used by the `allium authority` binary (e.g. `info`, `allium_directory=debug`).
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    /// Seconds between heartbeat log lines (uptime, circuits, traffic); 0 turns them off
+    /// (default 21600, 6 hours, like Tor's `HeartbeatPeriod`).
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_period_secs: u64,
+    /// Allow running as root without dropping privileges (not recommended; see `user`).
+    #[serde(default)]
+    pub allow_root: bool,
+    /// Started as root: bind the listeners, then switch to this user (and its group) for good.
+    #[serde(default)]
+    pub user: Option<String>,
     /// Rate limits, caps and timeouts against floods (`[limits]`).
     #[serde(default)]
     pub limits: AuthorityLimits,
@@ -98,7 +111,7 @@ pub struct AuthorityConfig {
 /// Limits that keep one source from jamming the authority (docs/protocol/80-directory.md,
 /// "Authority limits"). Every field has a default; a test network (one host, every relay on
 /// one address) raises the per-address and per-prefix relay caps unless they are set.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthorityLimits {
     /// POSTs one source address may make at once (token-bucket burst).
@@ -156,6 +169,26 @@ impl Default for AuthorityLimits {
     }
 }
 
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_heartbeat() -> u64 {
+    6 * 3600
+}
+
+/// Keys a running authority takes from a reloaded file ([`crate::authority::AuthorityHandle::reconfigure`]
+/// applies the vote inputs; the binary applies `log_level` and `heartbeat_period_secs`). They count
+/// from the next vote on. Every other key needs a restart.
+pub const RELOADABLE_KEYS: &[&str] = &[
+    "log_level",
+    "heartbeat_period_secs",
+    "flags",
+    "bad_exits",
+    "params",
+    "allow_private_addresses",
+    "max_relays",
+];
+
 impl AuthorityConfig {
     /// A configuration with defaults for everything but the essentials.
     pub fn new(data_dir: PathBuf, listen: SocketAddr, authorities: Vec<AuthorityInfo>) -> Self {
@@ -171,6 +204,10 @@ impl AuthorityConfig {
             max_connections: default_max_conns(),
             max_relays: default_max_relays(),
             limits: AuthorityLimits::default(),
+            log_level: default_log_level(),
+            heartbeat_period_secs: default_heartbeat(),
+            allow_root: false,
+            user: None,
         }
     }
 

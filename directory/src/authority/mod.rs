@@ -65,6 +65,8 @@ pub struct AuthorityHandle {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Held while the authority runs: no second process may use the data directory.
+    _lock: crate::datadir::DataDirLock,
 }
 
 impl std::fmt::Debug for AuthorityHandle {
@@ -85,6 +87,7 @@ pub async fn start(config: AuthorityConfig) -> Result<AuthorityHandle> {
 /// Start an authority with explicit options.
 pub async fn start_with(config: AuthorityConfig, opts: StartOptions) -> Result<AuthorityHandle> {
     config.validate()?;
+    let lock = crate::datadir::DataDirLock::acquire(&config.data_dir)?;
     let keys = keys::load(&config.data_dir)?;
     let me = keys.identity();
     if !config.authorities.iter().any(|a| a.identity == me) {
@@ -121,6 +124,7 @@ pub async fn start_with(config: AuthorityConfig, opts: StartOptions) -> Result<A
         addr,
         shutdown: tx,
         tasks,
+        _lock: lock,
     })
 }
 
@@ -178,6 +182,16 @@ impl AuthorityHandle {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .open_count()
+    }
+    /// Apply the reloadable keys of `new` ([`config::RELOADABLE_KEYS`]: flag thresholds,
+    /// BadExit list, parameters, private addresses, descriptor cap) from the next vote on; the
+    /// other keys of `new` are ignored (they need a restart). `new` should be validated.
+    pub fn reconfigure(&self, new: &AuthorityConfig) {
+        self.inner.reconfigure(new);
+    }
+    /// The configuration as last reloaded.
+    pub fn config(&self) -> Arc<AuthorityConfig> {
+        self.inner.live_cfg()
     }
     /// Stop serving and scheduling. The data directory keeps everything for a restart.
     pub async fn shutdown(self) {

@@ -191,7 +191,7 @@ impl Inner {
         let vote = {
             let st = self.lock();
             build_vote(
-                &self.cfg,
+                &self.live_cfg(),
                 self.keys.identity(),
                 &st.descs,
                 &st.history,

@@ -88,7 +88,7 @@ impl Inner {
         let d = Signed::<RelayDescriptor>::from_bytes(bytes)?.verify()?;
         d.check_valid_at(now, MAX_DESC_FUTURE)?;
         let desc = d.desc();
-        check_addrs(&desc.addrs, self.cfg.allow_private_addresses)?;
+        check_addrs(&desc.addrs, self.live_cfg().allow_private_addresses)?;
         let id = desc.identity;
         let mut evicted = None;
         {
@@ -113,7 +113,7 @@ impl Inner {
                 );
                 return Err(UploadError::Limited(l));
             }
-            if !st.descs.contains_key(&id) && st.descs.len() >= self.cfg.max_relays {
+            if !st.descs.contains_key(&id) && st.descs.len() >= self.live_cfg().max_relays {
                 let Some(victim) = eviction_victim(&st.descs, &st.history) else {
                     drop(st);
                     self.limit_log.hit(

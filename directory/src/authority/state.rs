@@ -55,6 +55,9 @@ pub(super) struct State {
 /// The shared authority state.
 pub(crate) struct Inner {
     pub(crate) cfg: AuthorityConfig,
+    /// The configuration as last reloaded: its vote inputs (`config::RELOADABLE_KEYS`) count
+    /// from the next vote on; the other keys keep their start-up values in `cfg`.
+    pub(crate) live: std::sync::RwLock<Arc<AuthorityConfig>>,
     pub(crate) keys: AuthorityKeys,
     pub(super) ids: Vec<RelayId>,
     pub(super) reach: Arc<dyn Reachability>,
@@ -89,6 +92,24 @@ fn compress(bytes: &[u8]) -> Vec<u8> {
 }
 
 impl Inner {
+    /// The configuration as last reloaded (see `live`).
+    pub(crate) fn live_cfg(&self) -> Arc<AuthorityConfig> {
+        Arc::clone(&self.live.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Take the reloadable keys from `new` (the others are ignored).
+    pub(crate) fn reconfigure(&self, new: &AuthorityConfig) {
+        let mut merged = (*self.live_cfg()).clone();
+        merged.flags = new.flags.clone();
+        merged.bad_exits = new.bad_exits.clone();
+        merged.params = new.params.clone();
+        merged.allow_private_addresses = new.allow_private_addresses;
+        merged.max_relays = new.max_relays;
+        merged.log_level = new.log_level.clone();
+        merged.heartbeat_period_secs = new.heartbeat_period_secs;
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
+    }
+
     /// Open the data directory and load what a previous run stored.
     pub(crate) fn new(
         cfg: AuthorityConfig,
@@ -159,6 +180,7 @@ impl Inner {
             limit_log: LimitLog::default(),
             background_probing: std::sync::atomic::AtomicBool::new(false),
             big_uploads_other: Arc::new(tokio::sync::Semaphore::new(1)),
+            live: std::sync::RwLock::new(Arc::new(cfg.clone())),
             cfg,
             keys,
             ids,

@@ -198,6 +198,8 @@ impl NetworkBuilder {
             config.contact = "allium testnet".into();
             config.authorities = relay_auths.clone();
             config.descriptor_publish_interval_secs = 60;
+            // A throwaway local network runs as whoever starts it, root included.
+            config.allow_root = true;
             config.exit_policy = if exit {
                 self.exit_policy.clone()
             } else {
@@ -210,6 +212,7 @@ impl NetworkBuilder {
             data_dir: dir.join("proxy"),
             authorities: infos,
             test_network: true,
+            allow_root: true,
             ..ProxyConfig::default()
         };
         Ok(NetworkPlan {
@@ -315,6 +318,7 @@ impl NetworkPlan {
                 cfg.allow_private_addresses.into(),
             ),
             ("authorities", Value::Array(auths)),
+            ("allow_root", true.into()),
             (
                 "flags",
                 Value::Table(table([
