@@ -2,6 +2,8 @@
 //! `info` (lifecycle and progress), `debug` (per circuit/link events, never destinations or keys).
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Install the global subscriber. No dependency of ours logs SOCKS credentials or targets (the
 /// SOCKS parser is our own), so the filter is the operator's as given.
@@ -17,5 +19,8 @@ pub(crate) fn init(filter: Option<&str>, configured: Option<&str>) {
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .finish()
+        // Log events for control-port controllers (NOTICE/WARN/... events).
+        .with(allium_control::logfeed::layer())
         .try_init();
 }

@@ -40,6 +40,15 @@ pub struct ProxyConfig {
     pub socks_handshake_timeout: Duration,
     /// How many primary guards to keep.
     pub primary_guards: usize,
+    /// Control port (Tor's `ControlPort`): a loopback `address:port` (default: none).
+    pub control_port: Option<SocketAddr>,
+    /// Control port on a Unix socket (Tor's `ControlSocket`; default: none).
+    pub control_socket: Option<PathBuf>,
+    /// Write `control_auth_cookie` into the data directory and accept it (Tor's
+    /// `CookieAuthentication`; default false).
+    pub cookie_authentication: bool,
+    /// Accepted control passwords, hashed as `tor --hash-password` prints them (`16:...`).
+    pub hashed_control_password: Vec<String>,
 }
 
 impl Default for ProxyConfig {
@@ -55,6 +64,10 @@ impl Default for ProxyConfig {
             max_socks_connections: 1024,
             socks_handshake_timeout: Duration::from_secs(10),
             primary_guards: 3,
+            control_port: None,
+            control_socket: None,
+            cookie_authentication: false,
+            hashed_control_password: Vec::new(),
         }
     }
 }
@@ -75,6 +88,16 @@ impl ProxyConfig {
             ClientError::Config(m) => ClientError::Config(format!("{}: {m}", path.display())),
             other => other,
         })
+    }
+
+    /// The control-port keys of this configuration.
+    pub fn control(&self) -> allium_control::ControlConfig {
+        allium_control::ControlConfig {
+            control_port: self.control_port,
+            control_socket: self.control_socket.clone(),
+            cookie_authentication: self.cookie_authentication,
+            hashed_control_password: self.hashed_control_password.clone(),
+        }
     }
 
     /// Check the values make sense together.
@@ -107,6 +130,9 @@ impl ProxyConfig {
                 "primary_guards must be between 1 and 20".into(),
             ));
         }
+        self.control()
+            .validate()
+            .map_err(|e| ClientError::Config(e.to_string()))?;
         if self.prebuilt_circuits > 64 {
             return Err(ClientError::Config(
                 "prebuilt_circuits must be at most 64".into(),

@@ -4,6 +4,7 @@
 mod circ;
 mod circmgr;
 pub mod config;
+mod control;
 pub mod core;
 mod dir;
 pub mod err;
@@ -93,6 +94,17 @@ impl ProxyHandle {
     /// share a circuit; streams of different keys never do.
     pub fn debug_stream_circuit(&self, client_addr: SocketAddr) -> Option<CircId> {
         self.mgr.peer_circuit(client_addr)
+    }
+
+    /// The proxy's control-port backend (circuits, traffic, consensus, NEWNYM), for
+    /// `allium_control::start`.
+    pub fn control_backend(&self) -> Arc<dyn allium_control::ControlBackend> {
+        Arc::new(control::ProxyControl::new(
+            Arc::clone(&self.mgr),
+            Arc::new(self.mgr.config().clone()),
+            self.socks_addr,
+            self.ready.clone(),
+        ))
     }
 
     /// Number of open circuits held for streams.

@@ -81,6 +81,19 @@ pub struct RelayConfig {
     /// before it is destroyed (default 30). Only that circuit is affected.
     #[serde(default = "default_circuit_stall_timeout")]
     pub circuit_stall_timeout_secs: u64,
+    /// Control port (Tor's `ControlPort`): a loopback `address:port` (default: none).
+    #[serde(default)]
+    pub control_port: Option<SocketAddr>,
+    /// Control port on a Unix socket (Tor's `ControlSocket`; default: none).
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// Write `control_auth_cookie` into the data directory and accept it (Tor's
+    /// `CookieAuthentication`; default false).
+    #[serde(default)]
+    pub cookie_authentication: bool,
+    /// Accepted control passwords, hashed as `tor --hash-password` prints them (`16:...`).
+    #[serde(default)]
+    pub hashed_control_password: Vec<String>,
 }
 
 fn default_log_level() -> String {
@@ -127,6 +140,20 @@ impl RelayConfig {
             max_streams_per_circuit: default_max_streams(),
             max_exit_streams: default_max_exit_streams(),
             circuit_stall_timeout_secs: default_circuit_stall_timeout(),
+            control_port: None,
+            control_socket: None,
+            cookie_authentication: false,
+            hashed_control_password: Vec::new(),
+        }
+    }
+
+    /// The control-port keys of this configuration.
+    pub fn control(&self) -> allium_control::ControlConfig {
+        allium_control::ControlConfig {
+            control_port: self.control_port,
+            control_socket: self.control_socket.clone(),
+            cookie_authentication: self.cookie_authentication,
+            hashed_control_password: self.hashed_control_password.clone(),
         }
     }
 
@@ -188,6 +215,12 @@ impl RelayConfig {
             || self.circuit_stall_timeout_secs == 0
         {
             return Err(bad("max_*", "limits must be at least 1"));
+        }
+        if let Err(e) = self.control().validate() {
+            let allium_control::ControlError::Invalid { key, why } = e else {
+                return Err(bad("control_port", &e.to_string()));
+            };
+            return Err(bad(key, &why));
         }
         if self.bandwidth_rate != 0 && self.bandwidth_burst != 0 && self.bandwidth_burst < 1024 {
             return Err(bad(

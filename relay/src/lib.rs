@@ -41,6 +41,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+mod control;
 pub mod core;
 mod create;
 mod ctx;
@@ -119,6 +120,14 @@ impl RelayHandle {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+    /// The relay's control-port backend (GETINFO answers, links, traffic, consensus), for
+    /// `allium_control::start`.
+    pub fn control_backend(&self) -> Arc<dyn allium_control::ControlBackend> {
+        Arc::new(control::RelayControl::new(
+            Arc::clone(&self.ctx),
+            self.or_addr,
+        ))
     }
     /// Upload the descriptor to every authority now (in addition to the periodic schedule).
     pub fn republish(&self) {

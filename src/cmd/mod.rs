@@ -32,3 +32,23 @@ pub async fn wait_for_shutdown_signal() {
         }
     }
 }
+
+/// Wait for Ctrl-C, SIGTERM, or a controller's SIGNAL SHUTDOWN/HALT (or its owning controller
+/// leaving) on the control port.
+pub async fn wait_for_shutdown_or_controller(control: Option<&allium_control::ControlServer>) {
+    match control {
+        Some(c) => {
+            tokio::select! {
+                () = wait_for_shutdown_signal() => {}
+                r = c.requested() => tracing::info!("control port asked to stop ({r:?})"),
+            }
+        }
+        None => wait_for_shutdown_signal().await,
+    }
+}
+
+/// When this process started (GETINFO uptime).
+#[allow(clippy::disallowed_methods)] // The binary: where the process's start time is read.
+pub fn process_start() -> std::time::Instant {
+    std::time::Instant::now()
+}

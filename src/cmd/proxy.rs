@@ -29,9 +29,20 @@ pub fn run(args: Args) -> CmdResult {
     }
     cfg.validate()
         .map_err(|e| format!("{e}\npass --config FILE {hint}"))?;
+    let started = super::process_start();
     let rt = super::runtime()?;
     rt.block_on(async move {
+        let control_cfg = cfg.control();
+        let data_dir = cfg.data_dir.clone();
         let proxy = allium_client::start(cfg).await?;
+        let control = allium_control::start(
+            &control_cfg,
+            &data_dir,
+            args.config.as_deref().map(super::relay::absolute),
+            started,
+            proxy.control_backend(),
+        )
+        .await?;
         let addr = proxy.socks_addr();
         tokio::select! {
             r = proxy.wait_ready(Duration::from_secs(120)) => match r {
@@ -40,14 +51,20 @@ pub fn run(args: Args) -> CmdResult {
                 ),
                 Err(e) => tracing::warn!("{e}; still trying in the background"),
             },
-            () = super::wait_for_shutdown_signal() => {
+            () = super::wait_for_shutdown_or_controller(control.as_ref()) => {
                 tracing::info!("interrupted; shutting down");
+                if let Some(c) = control {
+                    c.stop().await;
+                }
                 proxy.shutdown().await;
                 return Ok(());
             }
         }
-        super::wait_for_shutdown_signal().await;
+        super::wait_for_shutdown_or_controller(control.as_ref()).await;
         tracing::info!("interrupted; shutting down");
+        if let Some(c) = control {
+            c.stop().await;
+        }
         proxy.shutdown().await;
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     })
