@@ -69,6 +69,26 @@ pub fn iso_time(t: SystemTime) -> String {
     format!("{d} {h}")
 }
 
+/// An Allium log filter (`info`, `warn,allium_relay=debug`, ...) as Tor's `Log` option: the
+/// default level mapped to Tor's severity (tracing's info is Tor's notice, debug is info), then
+/// `stderr`, where Allium logs. Directives for single modules are left out.
+pub fn tor_log_line(filter: &str) -> String {
+    let level = filter
+        .split(',')
+        .map(str::trim)
+        .rev()
+        .find(|d| !d.contains('='))
+        .unwrap_or("info");
+    let sev = match level.to_ascii_lowercase().as_str() {
+        "error" => "err",
+        "warn" => "warn",
+        "debug" => "info",
+        "trace" => "debug",
+        _ => "notice",
+    };
+    format!("{sev} stderr")
+}
+
 /// A circuit's state (control-spec `CircStatus`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CircState {
@@ -332,6 +352,14 @@ mod tests {
             iso_time(UNIX_EPOCH + Duration::from_secs(951_782_400)),
             "2000-02-29 00:00:00"
         );
+    }
+
+    #[test]
+    fn log_filters_in_tor_form() {
+        assert_eq!(tor_log_line("info"), "notice stderr");
+        assert_eq!(tor_log_line("warn,allium_relay=debug"), "warn stderr");
+        assert_eq!(tor_log_line("allium_relay=trace"), "notice stderr");
+        assert_eq!(tor_log_line("debug"), "info stderr");
     }
 
     #[test]

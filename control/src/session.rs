@@ -661,11 +661,27 @@ impl Session {
             };
             set.insert(*name);
         }
+        // Event kinds no longer wanted forget their baseline; kinds kept go on from theirs (so
+        // changes since the last tick are not lost); new kinds take theirs now.
+        if !set.contains("BW") {
+            self.seen.traffic = None;
+        }
+        if !set.contains("CIRC") {
+            self.seen.circuits = None;
+        }
+        if !set.contains("STREAM") {
+            self.seen.streams = None;
+        }
+        if !set.contains("ORCONN") {
+            self.seen.orconns = None;
+        }
+        if !set.contains("STATUS_CLIENT") {
+            self.seen.bootstrap = None;
+        }
         self.events = set;
-        // Changes are reported from now on: take the baseline.
-        self.seen = Seen::default();
-        let _ = self.tick(now);
-        single(Code::OK, "OK")
+        let mut out = single(Code::OK, "OK");
+        out.push_str(&self.changes(now, false));
+        out
     }
 
     fn signal(&mut self, args: &[Arg]) -> Output {
@@ -703,11 +719,17 @@ impl Session {
 
     /// Once a second: the BW event and the events found by comparing snapshots.
     pub fn tick(&mut self, now: &Now) -> String {
+        self.changes(now, true)
+    }
+
+    /// Events for what changed since the last look (and the BW event if `bw`); kinds seen for the
+    /// first time only take their baseline.
+    fn changes(&mut self, now: &Now, bw: bool) -> String {
         let mut out = String::new();
         if !self.authenticated {
             return out;
         }
-        if self.events.contains("BW") {
+        if self.events.contains("BW") && (bw || self.seen.traffic.is_none()) {
             let cur = self.backend.traffic();
             if let Some(prev) = self.seen.traffic {
                 out.push_str(&single(

@@ -387,6 +387,13 @@ fn circuit_status_and_events() {
         "{ev}"
     );
     assert_eq!(t.s.tick(&t.now), "650 BW 0 0\r\n");
+    // Changing the subscription keeps what happened since the last tick for kept kinds.
+    let mut c6 = circ.clone();
+    c6.id = 6;
+    t.fake.circuits.lock().unwrap().push(c6);
+    let r = t.reply("SETEVENTS CIRC BW");
+    assert!(r.starts_with("250 OK\r\n650 CIRC 6 BUILT "), "{r}");
+    assert!(!r.contains("BW"), "{r}");
     // Unsubscribing stops them.
     assert_eq!(t.reply("SETEVENTS"), "250 OK\r\n");
     assert_eq!(t.s.tick(&t.now), "");

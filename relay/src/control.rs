@@ -243,8 +243,8 @@ impl ControlBackend for RelayControl {
                 "Log",
                 "log_level",
                 "LineList",
-                one(&c.log_level),
-                one("info"),
+                one(allium_control::backend::tor_log_line(&c.log_level)),
+                one("notice stderr"),
             ),
             opt(
                 "ControlPort",

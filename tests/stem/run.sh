@@ -54,11 +54,12 @@ import json, sys
 info = json.load(open(sys.argv[1]))
 print(next(n["control_port"] for n in info["nodes"] if n["role"] == "relay" and n.get("control_port")).rsplit(":", 1)[1])
 ' "$dir/net/testnet.json")
+# (Debian's nyx 2.1.0 crashes with `-d` on Python 3.11: platform.dist() is gone; so no debug log.)
 # Nyx keeps its settings under $HOME/.nyx; give it a clean one.
 export HOME="$dir/home"
 mkdir -p "$HOME"
 tmux new-session -d -s "$session" -x 150 -y 45 \
-    "nyx -i 127.0.0.1:$relay_port -d '$dir/nyx-debug.log' 2>'$dir/nyx.stderr'; echo NYX-EXITED; sleep 60"
+    "nyx -i 127.0.0.1:$relay_port 2>'$dir/nyx.stderr'; echo NYX-EXITED; sleep 60"
 sleep 8
 tmux capture-pane -p -t "$session" >"$dir/nyx-pane.txt"
 cat "$dir/nyx-pane.txt" | sed -e 's/[[:space:]]*$//' | grep -v '^$' | head -40
@@ -71,10 +72,6 @@ if grep -q "NYX-EXITED" "$dir/nyx-pane.txt"; then
 fi
 if ! grep -q "Download" "$dir/nyx-pane.txt" || ! grep -q "Upload" "$dir/nyx-pane.txt"; then
     echo "FAIL: nyx's bandwidth panel (Download/Upload graphs) is not on the screen"; status=1
-fi
-if grep -qi "unable to\|failed" "$dir/nyx-debug.log" 2>/dev/null; then
-    echo "-- nyx debug log, queries Allium did not answer:"
-    grep -i "unable to\|failed" "$dir/nyx-debug.log" | head -20
 fi
 [ "$status" = 0 ] && echo "nyx: bandwidth panel rendered, no traceback"
 exit "$status"
