@@ -215,6 +215,22 @@ mod tests {
     }
 
     #[test]
+    fn control_keys() {
+        let c = ProxyConfig::from_toml_str(&format!(
+            "control_port = \"[::1]:9051\"\ncookie_authentication = true\n{AUTH}"
+        ))
+        .unwrap();
+        assert!(c.control().enabled() && c.cookie_authentication);
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(ProxyConfig::from_toml_str(&text).unwrap(), c);
+        let e = ProxyConfig::from_toml_str(&format!("control_port = \"192.0.2.1:9051\"\n{AUTH}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loopback"), "{e}");
+        assert!(!ProxyConfig::default().control().enabled());
+    }
+
+    #[test]
     fn example_file_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proxy.example.toml");
         let c = ProxyConfig::load(&path).unwrap();

@@ -292,6 +292,42 @@ mod tests {
     }
 
     #[test]
+    fn control_keys() {
+        let base = "nickname = \"r1\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"/tmp/x\"\n";
+        let cfg = RelayConfig::from_toml_str(
+            &format!(
+                "{base}control_port = \"127.0.0.1:9051\"\ncookie_authentication = true\n\
+                 hashed_control_password = [\"16:A7D7E322DED38B7B605F3362EDDC6642CCCD440E203A93B405A9911304\"]\n"
+            ),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let c = cfg.control();
+        assert_eq!(c.control_port, Some("127.0.0.1:9051".parse().unwrap()));
+        assert!(c.cookie_authentication && c.enabled());
+        let s = RelayConfig::from_toml_str(
+            &format!("{base}control_port = \"0.0.0.0:9051\"\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(s.contains("control_port") && s.contains("loopback"), "{s}");
+        let s = RelayConfig::from_toml_str(
+            &format!("{base}hashed_control_password = [\"hunter2\"]\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(s.contains("hashed_control_password"), "{s}");
+        assert!(
+            !RelayConfig::from_toml_str(base, Path::new("t.toml"))
+                .unwrap()
+                .control()
+                .enabled()
+        );
+    }
+
+    #[test]
     fn errors_name_file_and_key() {
         let text = "nickname = \"r1\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"/tmp/x\"\nbandwith_rate = 5\n";
         let err = RelayConfig::from_toml_str(text, Path::new("my.toml")).unwrap_err();

@@ -424,7 +424,63 @@ impl ControlBackend for RelayControl {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::disallowed_methods)] // test code: the time for the backend's snapshots
+
+    use std::time::{Instant, SystemTime};
+
     use super::*;
+
+    #[tokio::test]
+    async fn backend_answers_from_relay_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = crate::start(crate::RelayConfig::for_test("CtlTest", dir.path()))
+            .await
+            .unwrap();
+        let b = relay.control_backend();
+        let now = Now {
+            mono: Instant::now(),
+            wall: SystemTime::now(),
+        };
+        let info = |k: &str| b.getinfo(k, &now);
+        assert_eq!(
+            info("fingerprint").unwrap().unwrap(),
+            fingerprint(&relay.identity())
+        );
+        assert_eq!(
+            info("allium/identity").unwrap().unwrap(),
+            hex::encode_upper(relay.identity().0)
+        );
+        assert_eq!(
+            info("net/listeners/or").unwrap().unwrap(),
+            format!("\"{}\"", relay.or_addr())
+        );
+        assert_eq!(info("address").unwrap().unwrap(), "127.0.0.1");
+        assert_eq!(info("exit-policy/full").unwrap().unwrap(), "reject *:*");
+        assert!(info("ns/all").unwrap().is_err(), "no consensus yet");
+        assert!(info("no/such/key").is_none());
+        let opts = b.options();
+        let nick = opts.iter().find(|o| o.name == "Nickname").unwrap();
+        assert_eq!(nick.values, vec!["CtlTest"]);
+        let log = opts.iter().find(|o| o.name == "Log").unwrap();
+        assert_eq!(log.values, vec!["notice stderr"]);
+        assert!(
+            b.set_options(&[("Nickname", vec!["CtlTest".into()])])
+                .is_ok()
+        );
+        let e = b
+            .set_options(&[("Nickname", vec!["Other".into()])])
+            .unwrap_err();
+        assert!(e.contains("`nickname`"), "{e}");
+        assert!(
+            b.set_options(&[("BandwidthRate", vec![])]).is_ok(),
+            "already the default"
+        );
+        assert_eq!(b.bootstrap().tag, "loading_status");
+        assert!(b.circuits(&now).is_empty() && b.orconns(&now).is_empty());
+        assert!(b.signal(Signal::NewNym).is_ok() && b.signal(Signal::Heartbeat).is_ok());
+        assert_eq!(b.traffic(), (0, 0));
+        relay.shutdown().await;
+    }
 
     #[test]
     fn exit_policy_in_tor_syntax() {
