@@ -518,3 +518,79 @@ fn hostile_input() {
     assert!(t.s.handle(&cmd, &t.now).reply.starts_with("510 "));
     let _ = SystemTime::UNIX_EPOCH;
 }
+
+/// Every reply line is `NNN`, then `-`, `+` or space (or a data line inside a `+` block ending
+/// with `.`), and ends with CRLF.
+fn well_formed(out: &str) -> bool {
+    let mut in_data = false;
+    for line in out.split_inclusive("\r\n") {
+        let Some(body) = line.strip_suffix("\r\n") else {
+            return false;
+        };
+        if body.contains(['\r', '\n']) {
+            return false;
+        }
+        if in_data {
+            in_data = body != ".";
+            continue;
+        }
+        let b = body.as_bytes();
+        if b.len() < 4 || !b[..3].iter().all(u8::is_ascii_digit) {
+            return false;
+        }
+        match b[3] {
+            b'+' => in_data = true,
+            b'-' | b' ' => {}
+            _ => return false,
+        }
+    }
+    !in_data
+}
+
+proptest::proptest! {
+    #[test]
+    fn hostile_bytes_never_panic_and_replies_stay_framed(
+        chunks in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), 0..16),
+        words in proptest::collection::vec(0usize..12, 0..12),
+    ) {
+        const WORDS: [&str; 12] = [
+            "GETINFO version", "GETINFO \"x", "SETCONF SocksPort=\"a\\", "AUTHENTICATE ",
+            "SETEVENTS BW CIRC", "SIGNAL NEWNYM", "GETCONF Log", "+LOADCONF", ".", "QUIT",
+            "AUTHCHALLENGE SAFECOOKIE 00", "USEFEATURE X",
+        ];
+        for auth in [AuthConfig::open(), AuthConfig::new(Some((PathBuf::from("/c"), COOKIE)), vec![])] {
+            let mut t = setup(auth);
+            let mut f = Framer::new();
+            let mut input: Vec<Vec<u8>> = chunks.clone();
+            input.extend(words.iter().map(|&w| format!("{}\r\n", WORDS[w]).into_bytes()));
+            'feed: for c in &input {
+                if f.push(c).is_err() {
+                    break;
+                }
+                loop {
+                    match f.next_command() {
+                        Ok(Some(cmd)) => {
+                            let out = t.s.handle(&cmd, &t.now);
+                            proptest::prop_assert!(well_formed(&out.reply), "{:?}", out.reply);
+                            proptest::prop_assert!(well_formed(&t.s.tick(&t.now)));
+                            if out.close {
+                                break 'feed;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(_) => break 'feed,
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_framing_check_can_fail() {
+    assert!(well_formed("250-a\r\n250+b=\r\nx\r\n.\r\n250 OK\r\n"));
+    assert!(!well_formed("250 OK\n"));
+    assert!(!well_formed("25 OK\r\n"));
+    assert!(!well_formed("250+b=\r\nx\r\n"));
+    assert!(!well_formed("250 a\rb\r\n"));
+}

@@ -238,6 +238,24 @@ impl ControlBackend for RelayControl {
                 one(c.effective_burst()),
                 one(d.effective_burst()),
             ),
+            // Tor's limit for relayed traffic only; 0 (unset) means BandwidthRate applies, which
+            // is always so here: every byte a relay moves is relayed.
+            opt(
+                "RelayBandwidthRate",
+                "(bandwidth_rate applies)",
+                "DataSize",
+                one(0),
+                one(0),
+            ),
+            opt(
+                "RelayBandwidthBurst",
+                "(bandwidth_burst applies)",
+                "DataSize",
+                one(0),
+                one(0),
+            ),
+            // Allium relays serve no directory: Tor's DirPort 0.
+            opt("DirPort", "(no directory port)", "LineList", one(0), one(0)),
             opt("MyFamily", "family", "LineList", c.family.clone(), vec![]),
             opt(
                 "Log",
@@ -334,6 +352,9 @@ impl ControlBackend for RelayControl {
                 values
             };
             if *wanted != o.values {
+                if o.allium_key.starts_with('(') {
+                    return Err(format!("{name} is fixed in Allium {}", o.allium_key));
+                }
                 return Err(format!(
                     "{name} cannot be changed while the relay runs; edit `{}` in the configuration \
                      file and send SIGNAL RELOAD",
