@@ -168,6 +168,7 @@ pub async fn start(
         pid: std::process::id(),
         user: user_name(),
         descriptor_limit: descriptor_limit(),
+        bw_history: Arc::default(),
     });
     let (req_tx, req_rx) = watch::channel(None);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -181,6 +182,25 @@ pub async fn start(
     });
     let mut tasks = JoinSet::new();
     hold_sighup(&mut tasks);
+    {
+        // The per-second traffic history (bw-event-cache), kept whether or not anyone listens.
+        let shared = Arc::clone(&shared);
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut stop = shared.stop.clone();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                let traffic = shared.backend.traffic();
+                if let Ok(mut h) = shared.info.bw_history.lock() {
+                    h.sample(traffic);
+                }
+            }
+        });
+    }
     let tcp_addr = tcp.as_ref().map(|(_, a)| *a);
     if let Some((l, bound)) = tcp {
         tracing::info!("control port listening on {bound}");

@@ -110,6 +110,44 @@ pub struct ServerInfo {
     pub user: String,
     /// The most file descriptors the process may open.
     pub descriptor_limit: u64,
+    /// Bytes read and written in each of the last seconds, oldest first (`bw-event-cache`),
+    /// filled by the driver once a second.
+    pub bw_history: Arc<std::sync::Mutex<BwHistory>>,
+}
+
+/// Most seconds kept in [`BwHistory`] (Tor keeps 300 too).
+pub const BW_HISTORY_LEN: usize = 300;
+
+/// The per-second traffic of the last [`BW_HISTORY_LEN`] seconds.
+#[derive(Debug, Default)]
+pub struct BwHistory {
+    last: Option<(u64, u64)>,
+    seconds: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl BwHistory {
+    /// Record the counters' values at a one-second tick.
+    pub fn sample(&mut self, traffic: (u64, u64)) {
+        if let Some(prev) = self.last {
+            if self.seconds.len() == BW_HISTORY_LEN {
+                self.seconds.pop_front();
+            }
+            self.seconds.push_back((
+                traffic.0.saturating_sub(prev.0),
+                traffic.1.saturating_sub(prev.1),
+            ));
+        }
+        self.last = Some(traffic);
+    }
+
+    /// Tor's `bw-event-cache` form: `read,written` per second, space-separated.
+    pub fn render(&self) -> String {
+        self.seconds
+            .iter()
+            .map(|(r, w)| format!("{r},{w}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 /// What the driver must do after a command, besides writing the reply.
@@ -394,6 +432,12 @@ impl Session {
             "process/pid" => ok(self.info.pid.to_string()),
             "process/user" => ok(self.info.user.clone()),
             "process/descriptor-limit" => ok(self.info.descriptor_limit.to_string()),
+            "bw-event-cache" => ok(self
+                .info
+                .bw_history
+                .lock()
+                .map(|h| h.render())
+                .unwrap_or_default()),
             "uptime" => ok(now
                 .mono
                 .saturating_duration_since(self.info.started)
@@ -472,6 +516,10 @@ impl Session {
             ),
             ("process/descriptor-limit", "File descriptor limit."),
             ("uptime", "Uptime of the process in seconds."),
+            (
+                "bw-event-cache",
+                "Bytes read and written in each of the last 300 seconds.",
+            ),
             ("traffic/read", "Bytes read since the process was started."),
             (
                 "traffic/written",

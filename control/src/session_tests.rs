@@ -107,6 +107,7 @@ fn info() -> Arc<ServerInfo> {
         pid: 42,
         user: "allium".into(),
         descriptor_limit: 1024,
+        bw_history: Arc::default(),
     })
 }
 
@@ -593,4 +594,29 @@ fn the_framing_check_can_fail() {
     assert!(!well_formed("25 OK\r\n"));
     assert!(!well_formed("250+b=\r\nx\r\n"));
     assert!(!well_formed("250 a\rb\r\n"));
+}
+
+#[test]
+fn bw_event_cache() {
+    let mut t = open();
+    assert_eq!(
+        t.reply("GETINFO bw-event-cache"),
+        "250-bw-event-cache=\r\n250 OK\r\n"
+    );
+    {
+        let mut h = t.s.info.bw_history.lock().unwrap();
+        h.sample((100, 10));
+        h.sample((150, 30));
+        h.sample((150, 30));
+        for i in 0..BW_HISTORY_LEN as u64 + 5 {
+            h.sample((150 + i, 30));
+        }
+    }
+    let r = t.reply("GETINFO bw-event-cache");
+    let v = r.strip_prefix("250-bw-event-cache=").unwrap();
+    let v = v.split("\r\n").next().unwrap();
+    let entries: Vec<&str> = v.split(' ').collect();
+    assert_eq!(entries.len(), BW_HISTORY_LEN);
+    assert_eq!(*entries.last().unwrap(), "1,0");
+    assert!(!v.starts_with("50,20"), "the oldest seconds were dropped");
 }
