@@ -40,6 +40,8 @@ pub(crate) fn init(filter: Option<&str>, configured: Option<&str>) {
     if tracing_subscriber::registry()
         .with(layer)
         .with(fmt)
+        // Log events for control-port controllers (NOTICE/WARN/... events).
+        .with(allium_control::logfeed::layer())
         .try_init()
         .is_ok()
     {

@@ -225,7 +225,31 @@ impl<B: CircBuilder> std::fmt::Debug for CircMgr<B> {
     }
 }
 
+/// What the control port shows of one held circuit.
+pub(crate) struct ControlCirc {
+    /// The circuit's id on its guard link.
+    pub(crate) circ_id: u32,
+    /// Its relays, guard first.
+    pub(crate) hops: [RelayId; 3],
+}
+
 impl CircMgr<LinkBuilder> {
+    /// The open circuits in the pool, with their guard-link ids (control port).
+    pub(crate) fn control_circuits(&self) -> Vec<ControlCirc> {
+        self.pool
+            .lock()
+            .map(|p| {
+                p.iter()
+                    .filter(|e| !e.circ.is_closed())
+                    .map(|e| ControlCirc {
+                        circ_id: e.circ.id.get(),
+                        hops: e.circ.hops,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub(crate) fn new(cfg: Arc<ProxyConfig>, guards: GuardSet, ready: watch::Sender<bool>) -> Self {
         let live = LiveConfig::new(cfg);
         let builder = LinkBuilder {
@@ -755,6 +779,27 @@ impl<B: CircBuilder> CircMgr<B> {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// NEWNYM (control port): take every circuit out of the pool, so new streams get fresh
+    /// circuits. Idle ones close now; busy ones close when their last stream ends (their streams
+    /// hold the only references). Fresh circuits are built at once.
+    pub(crate) fn newnym(&self) {
+        let old: Vec<Entry<B::Circ>> = self
+            .pool
+            .lock()
+            .map(|mut p| p.drain(..).collect())
+            .unwrap_or_default();
+        for e in &old {
+            if e.circ.n_streams() == 0 {
+                e.circ.close();
+            }
+        }
+        drop(old);
+        if let Ok(mut m) = self.by_peer.lock() {
+            m.clear();
+        }
+        self.wake.notify_one();
     }
 
     /// Number of open circuits in the pool (for tests and logs).

@@ -375,7 +375,10 @@ async fn prebuilt_circuits_cover_every_predicted_port() {
                 .iter()
                 .filter(|e| e.circ.exit().allows_port(port))
                 .count();
-            assert!(n >= r.mgr.cfg.get().prebuilt_circuits, "port {port}: {n} clean");
+            assert!(
+                n >= r.mgr.cfg.get().prebuilt_circuits,
+                "port {port}: {n} clean"
+            );
         }
         // Relays 1-4 exit to every port, so a circuit through them counts for both ports:
         // no more than four builds are needed.

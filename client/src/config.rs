@@ -51,6 +51,15 @@ pub struct ProxyConfig {
     pub allow_root: bool,
     /// Started as root: bind the SOCKS port, then switch to this user (and its group) for good.
     pub user: Option<String>,
+    /// Control port (Tor's `ControlPort`): a loopback `address:port` (default: none).
+    pub control_port: Option<SocketAddr>,
+    /// Control port on a Unix socket (Tor's `ControlSocket`; default: none).
+    pub control_socket: Option<PathBuf>,
+    /// Write `control_auth_cookie` into the data directory and accept it (Tor's
+    /// `CookieAuthentication`; default false).
+    pub cookie_authentication: bool,
+    /// Accepted control passwords, hashed as `tor --hash-password` prints them (`16:...`).
+    pub hashed_control_password: Vec<String>,
 }
 
 /// Keys a running proxy takes from a reloaded file ([`crate::ProxyHandle::reconfigure`]; the
@@ -83,6 +92,10 @@ impl Default for ProxyConfig {
             heartbeat_period_secs: 6 * 3600,
             allow_root: false,
             user: None,
+            control_port: None,
+            control_socket: None,
+            cookie_authentication: false,
+            hashed_control_password: Vec::new(),
         }
     }
 }
@@ -103,6 +116,16 @@ impl ProxyConfig {
             ClientError::Config(m) => ClientError::Config(format!("{}: {m}", path.display())),
             other => other,
         })
+    }
+
+    /// The control-port keys of this configuration.
+    pub fn control(&self) -> allium_control::ControlConfig {
+        allium_control::ControlConfig {
+            control_port: self.control_port,
+            control_socket: self.control_socket.clone(),
+            cookie_authentication: self.cookie_authentication,
+            hashed_control_password: self.hashed_control_password.clone(),
+        }
     }
 
     /// Check the values make sense together.
@@ -135,6 +158,9 @@ impl ProxyConfig {
                 "primary_guards must be between 1 and 20".into(),
             ));
         }
+        self.control()
+            .validate()
+            .map_err(|e| ClientError::Config(e.to_string()))?;
         if self.prebuilt_circuits > 64 {
             return Err(ClientError::Config(
                 "prebuilt_circuits must be at most 64".into(),
@@ -214,6 +240,22 @@ mod tests {
         );
         assert!(ProxyConfig::from_toml_str(&bad).is_err());
         assert!(ProxyConfig::from_toml_str(&format!("max_socks_connections = 0\n{AUTH}")).is_err());
+    }
+
+    #[test]
+    fn control_keys() {
+        let c = ProxyConfig::from_toml_str(&format!(
+            "control_port = \"[::1]:9051\"\ncookie_authentication = true\n{AUTH}"
+        ))
+        .unwrap();
+        assert!(c.control().enabled() && c.cookie_authentication);
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(ProxyConfig::from_toml_str(&text).unwrap(), c);
+        let e = ProxyConfig::from_toml_str(&format!("control_port = \"192.0.2.1:9051\"\n{AUTH}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loopback"), "{e}");
+        assert!(!ProxyConfig::default().control().enabled());
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod cbt;
 mod circ;
 mod circmgr;
 pub mod config;
+mod control;
 pub mod core;
 mod dir;
 pub mod err;
@@ -116,6 +117,17 @@ impl ProxyHandle {
     /// Circuits built since the proxy started.
     pub fn circuits_built(&self) -> u64 {
         self.mgr.circuits_built()
+    }
+
+    /// The proxy's control-port backend (circuits, traffic, consensus, NEWNYM), for
+    /// `allium_control::start`.
+    pub fn control_backend(&self) -> Arc<dyn allium_control::ControlBackend> {
+        Arc::new(control::ProxyControl::new(
+            Arc::clone(&self.mgr),
+            self.mgr.config(),
+            self.socks_addr,
+            self.ready.clone(),
+        ))
     }
 
     /// Number of open circuits held for streams.

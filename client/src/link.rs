@@ -189,6 +189,7 @@ impl Link {
 /// Route cells by circuit id until the link closes, then drop every route.
 async fn reader(link: Arc<Link>, mut rx: ChannelReceiver) {
     while let Some(cell) = rx.recv().await {
+        crate::control::TRAFFIC.cell_read();
         link.router.route(cell);
     }
     link.closed.store(true, Ordering::Release);

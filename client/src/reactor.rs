@@ -102,6 +102,7 @@ impl Reactor {
     /// Put the core's queued cells on the link, in order.
     async fn flush(&mut self) {
         while let Some(cell) = self.core.poll_transmit() {
+            crate::control::TRAFFIC.cell_written();
             match self.link.sender.try_send(cell) {
                 Ok(None) => {}
                 Ok(Some(cell)) => {

@@ -3,6 +3,7 @@
 
 mod aead;
 pub mod ct;
+pub mod ctlauth;
 pub mod err;
 pub mod handshake;
 pub mod keyfile;

@@ -91,6 +91,19 @@ pub struct RelayConfig {
     /// Started as root: bind the listeners, then switch to this user (and its group) for good.
     #[serde(default)]
     pub user: Option<String>,
+    /// Control port (Tor's `ControlPort`): a loopback `address:port` (default: none).
+    #[serde(default)]
+    pub control_port: Option<SocketAddr>,
+    /// Control port on a Unix socket (Tor's `ControlSocket`; default: none).
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// Write `control_auth_cookie` into the data directory and accept it (Tor's
+    /// `CookieAuthentication`; default false).
+    #[serde(default)]
+    pub cookie_authentication: bool,
+    /// Accepted control passwords, hashed as `tor --hash-password` prints them (`16:...`).
+    #[serde(default)]
+    pub hashed_control_password: Vec<String>,
 }
 
 fn default_log_level() -> String {
@@ -160,6 +173,20 @@ impl RelayConfig {
             heartbeat_period_secs: DEFAULT_HEARTBEAT_PERIOD_SECS,
             allow_root: false,
             user: None,
+            control_port: None,
+            control_socket: None,
+            cookie_authentication: false,
+            hashed_control_password: Vec::new(),
+        }
+    }
+
+    /// The control-port keys of this configuration.
+    pub fn control(&self) -> allium_control::ControlConfig {
+        allium_control::ControlConfig {
+            control_port: self.control_port,
+            control_socket: self.control_socket.clone(),
+            cookie_authentication: self.cookie_authentication,
+            hashed_control_password: self.hashed_control_password.clone(),
         }
     }
 
@@ -224,6 +251,12 @@ impl RelayConfig {
         }
         if self.user.as_deref().is_some_and(str::is_empty) {
             return Err(bad("user", "give a user name, or remove the key"));
+        }
+        if let Err(e) = self.control().validate() {
+            let allium_control::ControlError::Invalid { key, why } = e else {
+                return Err(bad("control_port", &e.to_string()));
+            };
+            return Err(bad(key, &why));
         }
         if self.bandwidth_rate != 0 && self.bandwidth_burst != 0 && self.bandwidth_burst < 1024 {
             return Err(bad(
@@ -292,6 +325,42 @@ mod tests {
         assert_eq!(cfg.descriptor_publish_interval_secs, 3600);
         assert_eq!(cfg.log_level, "info");
         assert_eq!(cfg.effective_burst(), 64 * 1024);
+    }
+
+    #[test]
+    fn control_keys() {
+        let base = "nickname = \"r1\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"/tmp/x\"\n";
+        let cfg = RelayConfig::from_toml_str(
+            &format!(
+                "{base}control_port = \"127.0.0.1:9051\"\ncookie_authentication = true\n\
+                 hashed_control_password = [\"16:A7D7E322DED38B7B605F3362EDDC6642CCCD440E203A93B405A9911304\"]\n"
+            ),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let c = cfg.control();
+        assert_eq!(c.control_port, Some("127.0.0.1:9051".parse().unwrap()));
+        assert!(c.cookie_authentication && c.enabled());
+        let s = RelayConfig::from_toml_str(
+            &format!("{base}control_port = \"0.0.0.0:9051\"\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(s.contains("control_port") && s.contains("loopback"), "{s}");
+        let s = RelayConfig::from_toml_str(
+            &format!("{base}hashed_control_password = [\"hunter2\"]\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(s.contains("hashed_control_password"), "{s}");
+        assert!(
+            !RelayConfig::from_toml_str(base, Path::new("t.toml"))
+                .unwrap()
+                .control()
+                .enabled()
+        );
     }
 
     #[test]

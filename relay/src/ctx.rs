@@ -392,6 +392,18 @@ impl LinkManager {
         g.retain(|_, l| !Arc::ptr_eq(l, link));
     }
 
+    /// The relays we hold an open link to, with the circuits on each (control port).
+    pub(crate) fn open_peers(&self) -> Vec<(RelayId, u64)> {
+        let g = match self.by_id.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.iter()
+            .filter(|(_, l)| !l.is_closed())
+            .map(|(id, l)| (*id, u64::try_from(l.n_circuits()).unwrap_or(u64::MAX)))
+            .collect()
+    }
+
     /// Close every link (shutdown).
     pub(crate) fn close_all(&self) {
         let g = match self.by_id.lock() {

@@ -41,6 +41,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+mod control;
 pub mod core;
 mod create;
 mod ctx;
@@ -144,6 +145,14 @@ impl RelayHandle {
         self.ctx
             .netdir()
             .map(|nd| nd.by_id(&self.ctx.keys.id).is_some())
+    }
+    /// The relay's control-port backend (GETINFO answers, links, traffic, consensus), for
+    /// `allium_control::start`.
+    pub fn control_backend(&self) -> Arc<dyn allium_control::ControlBackend> {
+        Arc::new(control::RelayControl::new(
+            Arc::clone(&self.ctx),
+            self.or_addr,
+        ))
     }
     /// Upload the descriptor to every authority now (in addition to the periodic schedule).
     pub fn republish(&self) {

@@ -33,3 +33,9 @@ pub async fn wait_for_shutdown_signal() {
         }
     }
 }
+
+/// When this process started (GETINFO uptime).
+#[allow(clippy::disallowed_methods)] // The binary: where the process's start time is read.
+pub fn process_start() -> std::time::Instant {
+    std::time::Instant::now()
+}

@@ -22,3 +22,8 @@ pub fn configured_log_level(args: &Args) -> Option<String> {
 pub fn run(args: Args) -> CmdResult {
     crate::ops::roles::run_relay(args.config)
 }
+
+/// `path` made absolute (GETINFO config-file), or as given if the working directory is unknown.
+pub(crate) fn absolute(path: &std::path::Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}

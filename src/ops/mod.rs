@@ -145,6 +145,7 @@ pub async fn serve<R: Role>(
     signals: Signals,
     path: Option<PathBuf>,
     cfg: &R::Config,
+    control: Option<&allium_control::ControlServer>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let Signals {
         mut hup,
@@ -166,6 +167,7 @@ pub async fn serve<R: Role>(
         tokio::select! {
             _ = int.recv() => break,
             _ = term.recv() => break,
+            () = controller_stop(control) => break,
             _ = hup.recv() => {
                 let (_, new_period) = reload_role(role, path.as_deref(), &mut running);
                 if let Some(p) = new_period {
@@ -186,4 +188,16 @@ pub async fn serve<R: Role>(
     }
     tracing::info!("shutting down");
     Ok(())
+}
+
+/// Resolves when a controller asks the process to stop (`SIGNAL SHUTDOWN`/`HALT`); never without
+/// a control port.
+async fn controller_stop(control: Option<&allium_control::ControlServer>) {
+    match control {
+        Some(c) => {
+            let r = c.requested().await;
+            tracing::info!("control port asked to stop ({r:?})");
+        }
+        None => std::future::pending().await,
+    }
 }

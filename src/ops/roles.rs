@@ -146,11 +146,20 @@ fn maybe_drop(p: &Privileges, data_dir: &Path) -> Result<(), String> {
 
 /// Run `allium relay -c FILE`.
 pub fn run_relay(path: PathBuf) -> CmdResult {
+    let started = crate::cmd::process_start();
     let cfg = RelayConfig::load(&path)?;
     let p = privs::decide_for_me(cfg.allow_root, cfg.user.as_deref())?;
     crate::cmd::runtime()?.block_on(async move {
         let signals = super::Signals::new()?;
         let handle = allium_relay::start(cfg.clone()).await?;
+        let control = allium_control::start(
+            &cfg.control(),
+            &cfg.data_dir,
+            Some(crate::cmd::relay::absolute(&path)),
+            started,
+            handle.control_backend(),
+        )
+        .await?;
         maybe_drop(&p, &cfg.data_dir)?;
         tracing::info!(
             identity = %handle.identity(),
@@ -158,7 +167,10 @@ pub fn run_relay(path: PathBuf) -> CmdResult {
             advertised = %handle.advertised_addr(),
             "relay running; stop with Ctrl-C or SIGTERM, reload the configuration with SIGHUP"
         );
-        serve(&handle, signals, Some(path), &cfg).await?;
+        serve(&handle, signals, Some(path), &cfg, control.as_ref()).await?;
+        if let Some(c) = control {
+            c.stop().await;
+        }
         handle.shutdown().await;
         Ok(())
     })
@@ -166,6 +178,7 @@ pub fn run_relay(path: PathBuf) -> CmdResult {
 
 /// Run `allium proxy [-c FILE] [--socks-port P]`.
 pub fn run_proxy(path: Option<PathBuf>, socks_port: Option<u16>) -> CmdResult {
+    let started = crate::cmd::process_start();
     let hint = "(see proxy.example.toml for a documented example configuration)";
     let cfg = match &path {
         Some(p) => load_proxy(p, socks_port).map_err(|e| format!("{e}\n{hint}"))?,
@@ -183,6 +196,14 @@ pub fn run_proxy(path: Option<PathBuf>, socks_port: Option<u16>) -> CmdResult {
     crate::cmd::runtime()?.block_on(async move {
         let signals = super::Signals::new()?;
         let proxy = allium_client::start(cfg.clone()).await?;
+        let control = allium_control::start(
+            &cfg.control(),
+            &cfg.data_dir,
+            path.as_deref().map(crate::cmd::relay::absolute),
+            started,
+            proxy.control_backend(),
+        )
+        .await?;
         maybe_drop(&p, &cfg.data_dir)?;
         let role = ProxyRole {
             handle: proxy,
@@ -198,13 +219,16 @@ pub fn run_proxy(path: Option<PathBuf>, socks_port: Option<u16>) -> CmdResult {
             }
         };
         let result = {
-            let served = serve(&role, signals, path, &cfg);
+            let served = serve(&role, signals, path, &cfg, control.as_ref());
             tokio::pin!(served);
             tokio::select! {
                 () = ready => served.await,
                 r = &mut served => r,
             }
         };
+        if let Some(c) = control {
+            c.stop().await;
+        }
         role.handle.shutdown().await;
         result
     })
@@ -223,7 +247,7 @@ pub fn run_authority(path: PathBuf) -> CmdResult {
             identity = %h.identity(),
             "authority running; stop with Ctrl-C or SIGTERM, reload the configuration with SIGHUP"
         );
-        serve(&h, signals, Some(path), &cfg).await?;
+        serve(&h, signals, Some(path), &cfg, None).await?;
         h.shutdown().await;
         Ok(())
     })

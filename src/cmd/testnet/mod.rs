@@ -69,6 +69,19 @@ struct NodeInfo {
     exit: bool,
     addrs: serde_json::Map<String, serde_json::Value>,
     log: PathBuf,
+    /// The control port (stem, Nyx), if the node has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    control_port: Option<SocketAddr>,
+    /// The control port's authentication cookie file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    control_cookie: Option<PathBuf>,
+}
+
+/// A loopback control port with cookie authentication, for one testnet node: its address and
+/// cookie file.
+fn testnet_control(data_dir: &std::path::Path) -> Result<(SocketAddr, PathBuf), String> {
+    let addr = plan::free_port().map_err(|e| format!("a control port: {e}"))?;
+    Ok((addr, data_dir.join(allium_control::config::COOKIE_FILE)))
 }
 
 /// The contents of `testnet.json`.
@@ -209,12 +222,17 @@ async fn start_and_serve(
             exit: false,
             addrs,
             log,
+            control_port: None,
+            control_cookie: None,
         });
         nodes.push(node);
     }
 
-    for r in relays {
+    for mut r in relays {
         let name = r.name;
+        let (control_port, control_cookie) = testnet_control(&r.config.data_dir)?;
+        r.config.control_port = Some(control_port);
+        r.config.cookie_authentication = true;
         let identity = allium_relay::keys::RelayKeys::load_or_create(&r.config.data_dir)
             .map_err(|e| format!("creating keys for {name}: {e}"))?
             .id;
@@ -233,11 +251,16 @@ async fn start_and_serve(
             exit: r.exit,
             addrs,
             log,
+            control_port: Some(control_port),
+            control_cookie: Some(control_cookie),
         });
         nodes.push(node);
     }
 
-    let pcfg = proxy;
+    let mut pcfg = proxy;
+    let (pcontrol_port, pcontrol_cookie) = testnet_control(&pcfg.data_dir)?;
+    pcfg.control_port = Some(pcontrol_port);
+    pcfg.cookie_authentication = true;
     let pcfg_path = dir.join("proxy.toml");
     write_file(&pcfg_path, &toml::to_string(&pcfg)?)?;
     let plog = dir.join("proxy.log");
@@ -253,6 +276,8 @@ async fn start_and_serve(
         exit: false,
         addrs,
         log: plog,
+        control_port: Some(pcontrol_port),
+        control_cookie: Some(pcontrol_cookie),
     });
     nodes.push(proxy);
 

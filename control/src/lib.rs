@@ -1,0 +1,19 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+
+pub mod args;
+pub mod auth;
+pub mod backend;
+pub mod config;
+pub mod driver;
+pub mod framer;
+pub mod logfeed;
+pub mod reply;
+pub mod session;
+
+pub use backend::{
+    Bootstrap, CircState, CircuitStatus, ConfOption, ControlBackend, Now, OrConnStatus, Signal,
+    StreamStatus, fingerprint, long_name, ns_entry,
+};
+pub use config::{ControlConfig, ControlError};
+pub use driver::{ControlServer, Request, start};
