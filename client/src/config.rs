@@ -40,6 +40,11 @@ pub struct ProxyConfig {
     pub socks_handshake_timeout: Duration,
     /// How many primary guards to keep.
     pub primary_guards: usize,
+    /// Answer a SOCKS CONNECT at once, before the exit connected, so the application's first
+    /// bytes ride right behind BEGIN (optimistic data: one circuit round trip to the first
+    /// response byte instead of two). The cost: a refused or unreachable destination then shows
+    /// as a closed connection, not as a SOCKS error code.
+    pub socks_optimistic: bool,
 }
 
 impl Default for ProxyConfig {
@@ -55,6 +60,7 @@ impl Default for ProxyConfig {
             max_socks_connections: 1024,
             socks_handshake_timeout: Duration::from_secs(10),
             primary_guards: 3,
+            socks_optimistic: true,
         }
     }
 }
