@@ -45,6 +45,8 @@ struct Net {
     events: Vec<Event>,
     /// Answer BEGIN with CONNECTED and EXTEND with EXTENDED.
     auto: bool,
+    /// The server message every relay answers with (congestion control agreed by default).
+    sm: Vec<u8>,
     /// Tags of the backward DATA cells the exit sent, in order.
     data_tags: Vec<Tag>,
     /// Tags of the forward DATA cells the exit got, in order.
@@ -107,6 +109,7 @@ impl Net {
             destroys: 0,
             events: Vec::new(),
             auto: true,
+            sm: cc_sm(),
             data_tags: Vec::new(),
             fwd_data_tags: Vec::new(),
             to_client: VecDeque::new(),
@@ -188,8 +191,9 @@ impl Net {
             CellCmd::CREATE => {
                 let c = Create::decode(&cell.body[..]).unwrap();
                 let r = &self.relays[0];
+                let sm = self.sm.clone();
                 let (k, reply) =
-                    relay_respond(&r.id.public(), &[&r.onion], &c.hdata, |_| cc_sm()).unwrap();
+                    relay_respond(&r.id.public(), &[&r.onion], &c.hdata, |_| sm).unwrap();
                 self.hops.push(RelayHopCrypto::new(&k));
                 let cid = CIRC;
                 self.to_client
@@ -217,11 +221,10 @@ impl Net {
                         RelayMsg::Extend(e) => {
                             let next = &self.relays[at + 1];
                             assert_eq!(e.relay_id(), Some(next.id.public()));
+                            let sm = self.sm.clone();
                             let (k, reply) =
-                                relay_respond(&next.id.public(), &[&next.onion], &e.hdata, |_| {
-                                    cc_sm()
-                                })
-                                .unwrap();
+                                relay_respond(&next.id.public(), &[&next.onion], &e.hdata, |_| sm)
+                                    .unwrap();
                             self.send_back(at, 0, &RelayMsg::Extended(Extended { hdata: reply }));
                             self.hops.push(RelayHopCrypto::new(&k));
                         }
@@ -981,4 +984,65 @@ fn hop_targets_carry_the_identity_then_each_address() {
     assert!(
         matches!(t.specs[2], allium_proto::relaymsg::LinkSpec::Ipv6(a) if SocketAddr::V6(a) == v6)
     );
+}
+
+#[test]
+fn early_or_repeated_circuit_sendmes_destroy_the_circuit() {
+    let inc = usize::from(SENDME_INC_DEFAULT);
+    let is_sendme_violation = |n: &Net| {
+        matches!(
+            n.destroyed(),
+            Some(CircError::FlowControl {
+                what: "circuit SENDME",
+                ..
+            })
+        )
+    };
+    // Too early: fewer than `sendme_inc` cells were sent.
+    let mut n = Net::built();
+    let sid = n.open();
+    let some = vec![0u8; (inc - 1) * MAX_DATA];
+    assert_eq!(n.client.package(sid, &some, n.now), some.len());
+    n.drive();
+    let t = n.fwd_data_tags[inc - 2];
+    n.send_back(2, 0, &RelayMsg::Sendme(Sendme { tag: Some(t) }));
+    n.drive();
+    assert!(is_sendme_violation(&n), "{:?}", n.destroyed());
+    // One too many: a single increment sent, acknowledged twice.
+    let mut n = Net::built();
+    let sid = n.open();
+    let one = vec![0u8; inc * MAX_DATA];
+    assert_eq!(n.client.package(sid, &one, n.now), one.len());
+    n.drive();
+    let t = n.fwd_data_tags[inc - 1];
+    n.send_back(2, 0, &RelayMsg::Sendme(Sendme { tag: Some(t) }));
+    n.drive();
+    assert!(n.destroyed().is_none(), "{:?}", n.destroyed());
+    n.send_back(2, 0, &RelayMsg::Sendme(Sendme { tag: Some(t) }));
+    n.drive();
+    assert!(is_sendme_violation(&n), "{:?}", n.destroyed());
+}
+
+#[test]
+fn a_relay_without_congestion_control_fails_the_hop() {
+    // A guard whose handshake reply lacks the congestion-control extension (or offers an
+    // increment below the minimum) is not added: the build fails at hop 0.
+    for sm in [Vec::new(), vec![1, 2, 1, 3]] {
+        let mut n = Net::new();
+        n.sm = sm;
+        n.drive();
+        assert!(
+            n.events.iter().any(|e| matches!(
+                e,
+                Event::ExtendFailed {
+                    hop: 0,
+                    error: CircError::FlowControl { .. }
+                }
+            )),
+            "{:?}",
+            n.events
+        );
+        assert!(n.client.is_closed());
+        assert_eq!(n.client.n_hops(), 0);
+    }
 }

@@ -223,6 +223,27 @@ fn begin_is_accepted_once_the_previous_hop_is_known_as_a_relay() {
 }
 
 #[test]
+fn create_without_congestion_control_is_refused() {
+    let onion = X25519Secret::generate();
+    // An empty CM, and one that names an unknown algorithm.
+    for cm in [&[][..], &[1, 1, 9][..]] {
+        let (_, skin) = client_start(&OWN, &onion.public(), cm).unwrap();
+        let cell = Cell::create(
+            CircId::new(1).unwrap(),
+            &Create {
+                htype: 1,
+                hdata: skin,
+            },
+        )
+        .unwrap();
+        let c = cfg(true, ExitPolicy::default());
+        let e = answer_create_body(&cell.body[..], &OWN, &[&onion], c).unwrap_err();
+        assert!(matches!(e, CreateError::NoCongestionControl), "{e:?}");
+        assert_eq!(e.wire_reason(), DestroyReason::PROTOCOL);
+    }
+}
+
+#[test]
 fn create_failures_say_why() {
     let onion = X25519Secret::generate();
     let c = cfg(true, ExitPolicy::default());
