@@ -90,6 +90,10 @@ impl CircuitCore {
                     .map(|data| Event::StreamData { sid, data }),
             );
         }
+        if client_done {
+            // The client's END DONE came before the connection: EOF after its data.
+            self.events.push_back(Event::StreamEnd { sid });
+        }
         self.set_state(
             sid,
             if client_done {
@@ -256,11 +260,22 @@ impl CircuitCore {
                 self.remove_stream(sid, false);
                 return;
             }
-            StreamState::Resolving { port, .. } => StreamState::Resolving {
-                port,
-                client_done: true,
-            },
-            StreamState::Connecting { .. } => StreamState::Connecting { client_done: true },
+            // Not connected yet: the end is passed on after the held optimistic data, once the
+            // connection is made (`stream_connected`), so the destination sees data then EOF.
+            StreamState::Resolving { port, .. } => {
+                self.set_state(
+                    sid,
+                    StreamState::Resolving {
+                        port,
+                        client_done: true,
+                    },
+                );
+                return;
+            }
+            StreamState::Connecting { .. } => {
+                self.set_state(sid, StreamState::Connecting { client_done: true });
+                return;
+            }
             StreamState::Open => StreamState::HalfClosed(HalfClose::ClientFinished),
             StreamState::HalfClosed(HalfClose::DestinationFinished) => {
                 self.events.push_back(Event::StreamEnd { sid });

@@ -833,6 +833,32 @@ fn optimistic_data_waits_for_the_connection_and_dies_with_it() {
         })
         .collect();
     assert_eq!(got, b"GET / HTTP/1.0");
+    // Data then END DONE before the connection: the destination gets the data, then EOF.
+    core.handle_cell(Side::Prev, cl.cell(0, CellCmd::RELAY, 11, &begin), now)
+        .unwrap();
+    let c = cl.cell(0, CellCmd::RELAY, 11, &data(b"req"));
+    core.handle_cell(Side::Prev, c, now).unwrap();
+    let end = RelayMsg::End(End::new(EndReason::DONE));
+    core.handle_cell(Side::Prev, cl.cell(0, CellCmd::RELAY, 11, &end), now)
+        .unwrap();
+    assert!(
+        events(&mut core)
+            .iter()
+            .all(|e| matches!(e, Event::Resolve { .. }))
+    );
+    core.resolved(11, Ok(vec!["10.0.0.9".parse().unwrap()]), now);
+    let _ = events(&mut core);
+    core.stream_connected(11, None, now);
+    let ev = events(&mut core);
+    assert!(
+        matches!(&ev[..], [Event::StreamData { sid: 11, data }, Event::StreamEnd { sid: 11 }] if data.bytes() == b"req"),
+        "{ev:?}"
+    );
+    assert_eq!(
+        core.stream_state(11),
+        Some(StreamState::HalfClosed(HalfClose::ClientFinished))
+    );
+    let _ = replies(&mut core, &mut cl);
     // A failed connection drops held bytes with END.
     let begin = RelayMsg::Begin(Begin {
         target: Target::Ip("10.0.0.9".parse().unwrap()),
