@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use allium_crypto::RelayId;
 use allium_proto::cell::CircId;
-use allium_proto::flowctl::{CIRC_WINDOW_START, STREAM_WINDOW_START};
+use allium_proto::flowctl::{CWND_MAX, XOFF_LIMIT};
 use allium_proto::relaymsg::EndReason;
 use tokio::sync::{mpsc, oneshot};
 
@@ -25,11 +25,12 @@ use crate::reactor::{self, Cmd};
 /// Most open streams per circuit (relays accept 512 by default); a busier isolation key gets
 /// another circuit.
 pub(crate) const MAX_STREAMS: usize = 500;
-/// Capacity of a circuit's inbound queue: a full circuit window of DATA plus a control cell per
-/// stream each way and some slack. A relay that respects the windows never fills it.
-pub(crate) const INBOUND_CAP: usize = CIRC_WINDOW_START as usize + 2 * MAX_STREAMS + 64;
-/// Capacity of a stream's event queue: a full stream window plus control events.
-pub(crate) const STREAM_QUEUE: usize = STREAM_WINDOW_START as usize + 16;
+/// Capacity of a circuit's inbound queue: a maximal congestion window of DATA plus a control
+/// cell per stream each way and some slack. A relay that respects congestion control never
+/// fills it.
+pub(crate) const INBOUND_CAP: usize = CWND_MAX as usize + 2 * MAX_STREAMS + 64;
+/// Capacity of a stream's event queue: the XOFF limit plus control events.
+pub(crate) const STREAM_QUEUE: usize = XOFF_LIMIT as usize + 16;
 /// Capacity of a circuit's command queue (shared by its streams; each has at most one data
 /// buffer in flight).
 const CMD_CAP: usize = 256;

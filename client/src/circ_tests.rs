@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
-use allium_proto::flowctl::STREAM_WINDOW_START;
+use allium_proto::flowctl::{self, XOFF_LIMIT};
 
 use allium_crypto::handshake::relay_respond;
 use allium_crypto::relaycell::{FORWARD_MSG_OFFSET, Forward, RelayHopCrypto};
@@ -29,7 +29,7 @@ struct FakeHop {
 /// How the fake exit misbehaves once the stream is open.
 #[derive(Clone, Copy)]
 enum Misbehave {
-    /// Send more DATA than the stream window allows, without waiting for SENDMEs.
+    /// Send more DATA than the XOFF limit allows, ignoring XOFF.
     OverrunWindow,
     /// Send a cell whose body was altered after encryption.
     Tamper,
@@ -92,13 +92,11 @@ async fn fake_relay(
         match cell.cmd {
             CellCmd::CREATE => {
                 let c = Create::decode(&cell.body[..]).unwrap();
-                let (k, reply) = relay_respond(
-                    &keys[0].id.public(),
-                    &[&keys[0].onion],
-                    &c.hdata,
-                    |_| vec![],
-                )
-                .unwrap();
+                let (k, reply) =
+                    relay_respond(&keys[0].id.public(), &[&keys[0].onion], &c.hdata, |_| {
+                        flowctl::cc_reply(Default::default()).to_vec()
+                    })
+                    .unwrap();
                 hops.push(RelayHopCrypto::new(&k));
                 tx.send(Cell::created(id, &Created { hdata: reply }).unwrap())
                     .await
@@ -124,8 +122,10 @@ async fn fake_relay(
                         let next = &keys[at + 1];
                         assert_eq!(e.relay_id(), Some(next.id.public()));
                         let (k, reply) =
-                            relay_respond(&next.id.public(), &[&next.onion], &e.hdata, |_| vec![])
-                                .unwrap();
+                            relay_respond(&next.id.public(), &[&next.onion], &e.hdata, |_| {
+                                flowctl::cc_reply(Default::default()).to_vec()
+                            })
+                            .unwrap();
                         let ext = RelayMsg::Extended(Extended { hdata: reply });
                         let c = backward(&mut hops, at, id, 0, &ext);
                         hops.push(RelayHopCrypto::new(&k));
@@ -165,7 +165,7 @@ async fn misbehave(
     });
     match how {
         Misbehave::OverrunWindow => {
-            for _ in 0..=STREAM_WINDOW_START {
+            for _ in 0..=XOFF_LIMIT {
                 let c = backward(hops, 2, id, sid, &data);
                 if tx.send(c).await.is_err() {
                     return;
@@ -246,12 +246,12 @@ async fn run(how: Misbehave) -> (Arc<Circuit>, Vec<&'static str>, bool) {
 }
 
 #[tokio::test]
-async fn overrunning_the_stream_window_destroys_the_circuit() {
+async fn ignoring_xoff_destroys_the_circuit() {
     let (circ, events, destroyed) = run(Misbehave::OverrunWindow).await;
     assert!(circ.is_closed());
     assert!(destroyed, "the relay got no DESTROY");
     let n = events.iter().filter(|e| **e == "data").count();
-    assert!(n <= usize::from(STREAM_WINDOW_START), "{n} cells delivered");
+    assert!(n <= XOFF_LIMIT as usize, "{n} cells delivered");
 }
 
 #[tokio::test]

@@ -60,6 +60,11 @@ pub struct ProxyConfig {
     pub cookie_authentication: bool,
     /// Accepted control passwords, hashed as `tor --hash-password` prints them (`16:...`).
     pub hashed_control_password: Vec<String>,
+    /// Answer a SOCKS CONNECT at once, before the exit connected, so the application's first
+    /// bytes ride right behind BEGIN (optimistic data: one circuit round trip to the first
+    /// response byte instead of two). The cost: a refused or unreachable destination then shows
+    /// as a closed connection, not as a SOCKS error code.
+    pub socks_optimistic: bool,
 }
 
 /// Keys a running proxy takes from a reloaded file ([`crate::ProxyHandle::reconfigure`]; the
@@ -96,6 +101,7 @@ impl Default for ProxyConfig {
             control_socket: None,
             cookie_authentication: false,
             hashed_control_password: Vec::new(),
+            socks_optimistic: true,
         }
     }
 }

@@ -180,7 +180,7 @@ impl Reactor {
         match slot.tx.try_send(ev) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                // Cannot happen while the windows hold (the queue holds a full window); if it
+                // Cannot happen while the XOFF limit holds (the queue holds that much); if it
                 // does, abort the stream rather than wait or grow.
                 self.drop_slot(sid);
                 self.core.close_stream(sid, EndReason::RESOURCELIMIT, now());
@@ -218,7 +218,7 @@ impl Reactor {
                     slot.pending = Some(Pending { data, off, done });
                 }
             }
-            Cmd::Consumed { sid, cells } => self.core.consumed(sid, cells),
+            Cmd::Consumed { sid, cells } => self.core.consumed(sid, cells, now),
             Cmd::End { sid, reason } => {
                 self.core.close_stream(sid, reason, now);
                 if self.core.stream_state(sid).is_none() || reason != EndReason::DONE {

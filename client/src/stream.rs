@@ -2,11 +2,13 @@
 //!
 //! Upstream (application → exit) runs in its own task: it reads up to 16 cells' worth from the
 //! socket per `read` and hands the buffer to the circuit's reactor ([`Circuit::send_data`]),
-//! which packages it as the windows allow; the task waits until it is all taken (per-stream
+//! which packages it as congestion control and XON/XOFF allow (and, before CONNECTED, as
+//! optimistic data up to its bound); the task waits until it is all taken (per-stream
 //! backpressure). Downstream (exit → application) drains every queued DATA cell into one buffer,
-//! writes it with one `write_all`, then reports the cells consumed (so stream SENDMEs follow
-//! delivery, and a slow application closes the window). A circuit failure ends the stream with a
-//! TCP reset, so the application never mistakes a cut transfer for a complete one.
+//! writes it with one `write_all`, then reports the cells consumed (so a slow application makes
+//! the core send XOFF, and XON once drained). A circuit failure, or an exit that refuses an
+//! optimistically answered stream, ends the stream with a TCP reset, so the application never
+//! mistakes a cut transfer for a complete one.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -82,6 +84,23 @@ pub(crate) async fn connect(
         }
         None => Err(StreamError::Circuit(crate::err::CircError::Closed).into()),
     }
+}
+
+/// Send BEGIN for `target` without waiting for CONNECTED (optimistic data): the stream's events,
+/// CONNECTED or an END, arrive on the receiver; the application's bytes may follow at once.
+pub(crate) async fn begin_optimistic(
+    circ: &Arc<Circuit>,
+    target: &Target,
+) -> Result<(u16, mpsc::Receiver<StreamEvent>), OpenError> {
+    let opened = async {
+        let begin = wire_target(target)?;
+        let (sid, rx) = circ.open_stream(StreamTarget::Begin(begin)).await?;
+        Ok::<_, ClientError>((sid.get(), rx))
+    };
+    opened.await.map_err(|e| {
+        tracing::debug!(circ = %circ.id, "opening a stream failed: {e}");
+        OpenError::from(&e)
+    })
 }
 
 /// Send BEGIN for `target` and wait for CONNECTED.

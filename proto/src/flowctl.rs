@@ -1,420 +1,495 @@
-//! Flow control v1: Tor's fixed SENDME windows with authenticated SENDMEs (design §4, Tor prop 289).
+//! Flow control v2: per-circuit congestion control (Tor proposal 324's TOR_VEGAS) with
+//! authenticated SENDMEs (Tor prop 289), and XON/XOFF stream flow control (Tor prop 344's idea).
+//! Specified in `docs/protocol/70-flow-control.md`.
 //!
 //! Sans-IO counters; the circuit layer calls them and acts on the results:
-//! - **Sender** (package window): check [`CircSendWindow::can_send`] before originating a DATA cell,
-//!   then report it with [`CircSendWindow::note_data_sent`] and the cell's origin-layer tag. Every
-//!   [`CIRC_SENDME_INC`]th cell's tag is remembered in a [`SendmeTags`] FIFO. On a circuit SENDME,
-//!   [`CircSendWindow::on_sendme`] checks its tag against the oldest remembered one in constant time.
-//! - **Receiver** (deliver window): [`CircRecvWindow::on_data_received`] with the tag of each DATA
-//!   cell; it returns the tag to put in a SENDME once [`CIRC_SENDME_INC`] cells arrived; after
-//!   sending that SENDME, [`CircRecvWindow::sendme_sent`] reopens the window.
-//! - Streams use the same shape without tags: [`StreamWindow`] (send + receive halves).
+//! - **Sender** of DATA ([`CongestionControl`]): check [`CongestionControl::can_send`] before
+//!   originating a DATA cell, then report it with [`CongestionControl::note_data_sent`] with the
+//!   cell's origin-layer tag and `now`. Every `sendme_inc`th cell's tag and send time are
+//!   remembered in a bounded FIFO. On a circuit SENDME, [`CongestionControl::on_sendme`] checks
+//!   its tag against the oldest remembered one in constant time, takes an RTT sample, and runs
+//!   the Vegas update (slow start, then queue-delay driven congestion avoidance).
+//! - **Receiver** of DATA ([`CircRecv`]): [`CircRecv::on_data_received`] with the tag of each
+//!   DATA cell; it returns the tag to put in a SENDME every `sendme_inc` cells.
+//! - **Streams** ([`StreamRecv`], [`StreamSend`]): no windows. The receiving edge counts cells
+//!   delivered to its application but not yet consumed; past [`XOFF_THRESHOLD`] it sends XOFF,
+//!   once drained to [`XON_THRESHOLD`] it sends XON with the measured drain rate. A sender that
+//!   overshoots past [`XOFF_LIMIT`] (more than a whole maximal congestion window after the XOFF
+//!   threshold) is in violation.
 //!
 //! Every `Err` is a flow-control violation: destroy the circuit (design §4).
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use crate::consts::Tag;
 use crate::err::{ProtoError, Result};
 
-/// Circuit window: DATA cells in flight per circuit and direction (Tor: 1000).
-pub const CIRC_WINDOW_START: u16 = 1000;
-/// Circuit SENDME increment: one SENDME per this many DATA cells (Tor: 100).
-pub const CIRC_SENDME_INC: u16 = 100;
-/// Stream window: DATA cells in flight per stream and direction (Tor: 500).
-pub const STREAM_WINDOW_START: u16 = 500;
-/// Stream SENDME increment (Tor: 50).
-pub const STREAM_SENDME_INC: u16 = 50;
-/// Most SENDME tags that can be outstanding on a circuit (window / increment).
-pub const MAX_PENDING_TAGS: usize = (CIRC_WINDOW_START / CIRC_SENDME_INC) as usize;
+/// The SENDME increment a relay offers in the handshake, in cells (Tor: 31).
+pub const SENDME_INC_DEFAULT: u8 = 31;
+/// The smallest SENDME increment a client accepts (fewer means a SENDME every few cells).
+pub const SENDME_INC_MIN: u8 = 10;
+/// The initial congestion window, in cells.
+pub const CWND_INIT_INCS: u32 = 4;
+/// The smallest congestion window, in SENDME increments.
+pub const CWND_MIN_INCS: u32 = 4;
+/// The largest congestion window, in cells (half of Tor's slow-start cap: about 2.3 MB of data
+/// in flight, 9.7 MB/s at a 240 ms round trip). It bounds what a relay
+/// queues per circuit and direction, and so the inbound queues of the drivers.
+pub const CWND_MAX: u32 = 2500;
+/// Vegas `alpha`, in SENDME increments: below this queue estimate, grow the window.
+pub const VEGAS_ALPHA_INCS: u32 = 3;
+/// Vegas `beta`, in SENDME increments: above this queue estimate, shrink the window.
+pub const VEGAS_BETA_INCS: u32 = 6;
+/// Vegas `gamma`, in SENDME increments: above this queue estimate, leave slow start.
+pub const VEGAS_GAMMA_INCS: u32 = 6;
+/// Vegas `delta`, in SENDME increments: above this queue estimate, cut the window to the
+/// bandwidth-delay product plus delta.
+pub const VEGAS_DELTA_INCS: u32 = 10;
+/// The RTT EWMA's `N` (weight `2 / (N + 1)`) in slow start.
+pub const EWMA_N_SLOW_START: u64 = 2;
+/// The largest RTT EWMA `N` in congestion avoidance (half a window of SENDMEs, at most this).
+pub const EWMA_N_MAX: u32 = 10;
+/// Most SENDME tags that can be outstanding on a circuit: [`CWND_MAX`] over the smallest
+/// increment, plus one (for the cells that may be sent once `inflight` is just below cwnd).
+pub const MAX_PENDING_TAGS: usize = (CWND_MAX / SENDME_INC_MIN as u32) as usize + 1;
+/// The receiving edge of a stream sends XOFF when this many DATA cells were delivered to its
+/// application but not consumed (about 470 KB).
+pub const XOFF_THRESHOLD: u32 = 500;
+/// Once an XOFF was sent, XON goes out when the unconsumed cells drop to this.
+pub const XON_THRESHOLD: u32 = 100;
+/// Most unconsumed DATA cells a stream may hold: the XOFF threshold plus a maximal congestion
+/// window (what the sender may have had in flight when the XOFF reached it). More is a violation.
+pub const XOFF_LIMIT: u32 = XOFF_THRESHOLD + CWND_MAX;
 
-const _: () = assert!(CIRC_WINDOW_START.is_multiple_of(CIRC_SENDME_INC));
-const _: () = assert!(STREAM_WINDOW_START.is_multiple_of(STREAM_SENDME_INC));
-
-/// A package (send) window: how many more DATA cells may be sent before a SENDME arrives.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SendWindow<const MAX: u16, const INC: u16> {
-    window: u16,
+/// Congestion-control parameters agreed in the circuit handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CcParams {
+    /// One circuit SENDME per this many DATA cells.
+    pub sendme_inc: u8,
 }
 
-impl<const MAX: u16, const INC: u16> Default for SendWindow<MAX, INC> {
+impl Default for CcParams {
     fn default() -> Self {
-        Self::new()
+        Self {
+            sendme_inc: SENDME_INC_DEFAULT,
+        }
     }
 }
 
-impl<const MAX: u16, const INC: u16> SendWindow<MAX, INC> {
-    /// A full window.
-    pub fn new() -> Self {
-        Self { window: MAX }
+impl CcParams {
+    /// Parameters with `sendme_inc`; fails below [`SENDME_INC_MIN`].
+    pub fn new(sendme_inc: u8) -> Result<Self> {
+        if sendme_inc < SENDME_INC_MIN {
+            return Err(ProtoError::Flow("SENDME increment below the minimum"));
+        }
+        Ok(Self { sendme_inc })
     }
-    /// The current window.
-    pub fn window(&self) -> u16 {
-        self.window
+    fn inc(self) -> u32 {
+        u32::from(self.sendme_inc)
+    }
+}
+
+/// The CM/SM TLV type of the congestion-control extension of the circuit handshake.
+pub const CC_EXT_TYPE: u8 = 1;
+/// The only congestion-control algorithm: TOR_VEGAS-style (this module).
+pub const CC_ALG_VEGAS: u8 = 1;
+
+/// The client's request, for the handshake's CM: `type = 1, len = 1, alg = 1`.
+pub fn cc_request() -> [u8; 3] {
+    [CC_EXT_TYPE, 1, CC_ALG_VEGAS]
+}
+
+/// Whether a CM TLV list requests congestion control this relay speaks. A malformed list, an
+/// unknown algorithm or no request at all gives `false`; unknown TLV types are ignored.
+pub fn cm_requests_cc(cm: &[u8]) -> bool {
+    let mut found = false;
+    for entry in allium_crypto::handshake::tlv::iter(cm) {
+        match entry {
+            Ok((CC_EXT_TYPE, value)) => found = value == [CC_ALG_VEGAS],
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    found
+}
+
+/// The relay's answer, for the handshake's SM: `type = 1, len = 2, alg = 1, sendme_inc`.
+pub fn cc_reply(params: CcParams) -> [u8; 4] {
+    [CC_EXT_TYPE, 2, CC_ALG_VEGAS, params.sendme_inc]
+}
+
+/// The parameters a relay agreed to in its SM. Fails if the SM is malformed, lacks the
+/// extension, names another algorithm or an increment below [`SENDME_INC_MIN`].
+pub fn parse_cc_reply(sm: &[u8]) -> Result<CcParams> {
+    let mut params = None;
+    for entry in allium_crypto::handshake::tlv::iter(sm) {
+        let (ty, value) = entry.map_err(|_| ProtoError::Flow("malformed handshake reply"))?;
+        if ty != CC_EXT_TYPE {
+            continue;
+        }
+        let [alg, inc] = value else {
+            return Err(ProtoError::Flow("malformed congestion-control extension"));
+        };
+        if *alg != CC_ALG_VEGAS {
+            return Err(ProtoError::Flow("unknown congestion-control algorithm"));
+        }
+        params = Some(CcParams::new(*inc)?);
+    }
+    params.ok_or(ProtoError::Flow(
+        "the relay did not agree to congestion control",
+    ))
+}
+
+/// What a SENDME did to the congestion controller (for tests and statistics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SendmeOutcome {
+    /// The RTT sample it gave.
+    pub rtt: Duration,
+    /// The window after it.
+    pub cwnd: u32,
+}
+
+/// The sending side of a circuit: TOR_VEGAS congestion control over authenticated SENDMEs.
+pub struct CongestionControl {
+    params: CcParams,
+    cwnd: u32,
+    inflight: u32,
+    slow_start: bool,
+    /// Cells acknowledged since the last congestion-avoidance update.
+    acked_since_update: u32,
+    /// DATA cells sent since the last remembered tag (modulo `sendme_inc`).
+    since_tag: u32,
+    /// (tag, time sent) of every `sendme_inc`th cell, oldest first.
+    pending: VecDeque<(Tag, Instant)>,
+    rtt_min: Option<Duration>,
+    rtt_ewma: Option<Duration>,
+}
+
+impl std::fmt::Debug for CongestionControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CongestionControl")
+            .field("cwnd", &self.cwnd)
+            .field("inflight", &self.inflight)
+            .field("slow_start", &self.slow_start)
+            .field("pending", &self.pending.len())
+            .field("rtt_min", &self.rtt_min)
+            .field("rtt_ewma", &self.rtt_ewma)
+            .finish()
+    }
+}
+
+impl Default for CongestionControl {
+    fn default() -> Self {
+        Self::new(CcParams::default())
+    }
+}
+
+impl CongestionControl {
+    /// A controller in slow start with the initial window.
+    pub fn new(params: CcParams) -> Self {
+        Self {
+            params,
+            cwnd: CWND_INIT_INCS * params.inc(),
+            inflight: 0,
+            slow_start: true,
+            acked_since_update: 0,
+            since_tag: 0,
+            // Sized for a typical window; grows (bounded by MAX_PENDING_TAGS) only on fast paths.
+            pending: VecDeque::with_capacity(64),
+            rtt_min: None,
+            rtt_ewma: None,
+        }
+    }
+    /// The agreed parameters.
+    pub fn params(&self) -> CcParams {
+        self.params
+    }
+    /// The congestion window, in cells.
+    pub fn cwnd(&self) -> u32 {
+        self.cwnd
+    }
+    /// DATA cells sent and not yet acknowledged.
+    pub fn inflight(&self) -> u32 {
+        self.inflight
+    }
+    /// Whether the controller is still in slow start.
+    pub fn in_slow_start(&self) -> bool {
+        self.slow_start
+    }
+    /// The smallest RTT seen (None before the first SENDME).
+    pub fn rtt_min(&self) -> Option<Duration> {
+        self.rtt_min
+    }
+    /// The smoothed RTT.
+    pub fn rtt_ewma(&self) -> Option<Duration> {
+        self.rtt_ewma
+    }
+    /// How many DATA cells may be sent now.
+    pub fn budget(&self) -> u32 {
+        self.cwnd.saturating_sub(self.inflight)
     }
     /// True if a DATA cell may be sent now.
     pub fn can_send(&self) -> bool {
-        self.window > 0
+        self.inflight < self.cwnd
     }
-    /// Count one DATA cell sent. Returns true if it is a cell whose SENDME the peer will send
-    /// (every `INC`th cell), i.e. its tag must be remembered. Fails if the window is empty.
-    pub fn take(&mut self) -> Result<bool> {
-        let w = self
-            .window
-            .checked_sub(1)
-            .ok_or(ProtoError::Flow("sent DATA with an empty package window"))?;
-        self.window = w;
-        Ok(w % INC == 0)
-    }
-    /// A SENDME arrived: open the window by `INC`. Fails if it would exceed `MAX`.
-    pub fn put(&mut self) -> Result<()> {
-        let w = self
-            .window
-            .checked_add(INC)
-            .filter(|&w| w <= MAX)
-            .ok_or(ProtoError::Flow(
-                "SENDME would raise the package window above its maximum",
-            ))?;
-        self.window = w;
-        Ok(())
-    }
-}
-
-/// A deliver (receive) window.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RecvWindow<const MAX: u16, const INC: u16> {
-    window: u16,
-}
-
-impl<const MAX: u16, const INC: u16> Default for RecvWindow<MAX, INC> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl<const MAX: u16, const INC: u16> RecvWindow<MAX, INC> {
-    /// A full window.
-    pub fn new() -> Self {
-        Self { window: MAX }
-    }
-    /// The current window.
-    pub fn window(&self) -> u16 {
-        self.window
-    }
-    /// Count one DATA cell received. Returns true when this cell completes an increment of `INC`
-    /// cells, so a SENDME is due: send it (once the data was delivered onwards) and call
-    /// [`RecvWindow::sendme_sent`]. Fails if the window would go below 0.
-    pub fn take(&mut self) -> Result<bool> {
-        let w = self.window.checked_sub(1).ok_or(ProtoError::Flow(
-            "DATA received with an empty deliver window",
-        ))?;
-        self.window = w;
-        Ok(w % INC == 0)
-    }
-    /// A SENDME was sent: reopen the window by `INC`. Fails (a local bug) if it would exceed `MAX`.
-    pub fn sendme_sent(&mut self) -> Result<()> {
-        let w = self
-            .window
-            .checked_add(INC)
-            .filter(|&w| w <= MAX)
-            .ok_or(ProtoError::Flow("SENDME sent without enough DATA received"))?;
-        self.window = w;
-        Ok(())
-    }
-}
-
-/// The tags of the DATA cells that will trigger SENDMEs, oldest first (design §4).
-pub struct SendmeTags {
-    tags: VecDeque<Tag>,
-}
-
-// Not derived: `CircSendWindow::new` goes through `Default`, and it should get the
-// preallocated queue of `new` rather than one that grows on the first SENDMEs.
-impl Default for SendmeTags {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl std::fmt::Debug for SendmeTags {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SendmeTags({} pending)", self.tags.len())
-    }
-}
-
-impl SendmeTags {
-    /// Empty.
-    pub fn new() -> Self {
-        Self {
-            tags: VecDeque::with_capacity(MAX_PENDING_TAGS),
+    /// Count one originated DATA cell whose origin-layer AEAD tag is `tag`, sent at `now`.
+    /// Fails if the window is full.
+    pub fn note_data_sent(&mut self, tag: &Tag, now: Instant) -> Result<()> {
+        if !self.can_send() {
+            return Err(ProtoError::Flow("sent DATA with a full congestion window"));
         }
-    }
-    /// Number of tags waiting for a SENDME.
-    pub fn len(&self) -> usize {
-        self.tags.len()
-    }
-    /// True if none are waiting.
-    pub fn is_empty(&self) -> bool {
-        self.tags.is_empty()
-    }
-    /// Remember a tag. Fails if [`MAX_PENDING_TAGS`] are already waiting.
-    pub fn push(&mut self, tag: Tag) -> Result<()> {
-        if self.tags.len() >= MAX_PENDING_TAGS {
-            return Err(ProtoError::Flow("too many outstanding SENDME tags"));
+        self.inflight += 1;
+        self.since_tag += 1;
+        if self.since_tag >= self.params.inc() {
+            self.since_tag = 0;
+            if self.pending.len() >= MAX_PENDING_TAGS {
+                return Err(ProtoError::Flow("too many outstanding SENDME tags"));
+            }
+            self.pending.push_back((*tag, now));
         }
-        self.tags.push_back(tag);
         Ok(())
     }
-    /// Check a received SENDME tag against the oldest remembered one (constant time) and forget it.
-    pub fn check(&mut self, tag: &Tag) -> Result<()> {
-        let expected = self
-            .tags
+
+    /// A circuit-level SENDME arrived at `now` with `tag` (`None` if it carried none, which is an
+    /// error). A SENDME for which not `sendme_inc` cells were sent, or with the wrong tag, fails.
+    pub fn on_sendme(&mut self, tag: Option<&Tag>, now: Instant) -> Result<SendmeOutcome> {
+        let tag = tag.ok_or(ProtoError::Flow("circuit SENDME without a tag"))?;
+        let (expected, sent) = self
+            .pending
             .pop_front()
             .ok_or(ProtoError::Flow("SENDME without outstanding DATA"))?;
-        if allium_crypto::ct::ct_eq(&expected, tag) {
-            Ok(())
+        if !allium_crypto::ct::ct_eq(&expected, tag) {
+            return Err(ProtoError::Flow("SENDME tag mismatch"));
+        }
+        let inc = self.params.inc();
+        // Cannot underflow: a tag is remembered only after `inc` cells were counted in flight.
+        self.inflight = self.inflight.saturating_sub(inc);
+        let rtt = now.saturating_duration_since(sent);
+        self.sample_rtt(rtt);
+        self.update(inc);
+        Ok(SendmeOutcome {
+            rtt,
+            cwnd: self.cwnd,
+        })
+    }
+
+    fn sample_rtt(&mut self, rtt: Duration) {
+        // A zero RTT (simulated or coarse clocks) would make every queue estimate zero.
+        let rtt = rtt.max(Duration::from_micros(1));
+        self.rtt_min = Some(self.rtt_min.map_or(rtt, |m| m.min(rtt)));
+        // EWMA with weight 2 / (N + 1): N = 2 in slow start, so a growing queue shows at once
+        // and slow start does not overshoot; then about half a window of SENDMEs (2 to 10).
+        let n = if self.slow_start {
+            EWMA_N_SLOW_START
         } else {
-            Err(ProtoError::Flow("SENDME tag mismatch"))
+            u64::from((self.cwnd / self.params.inc() / 2).clamp(2, EWMA_N_MAX))
+        };
+        self.rtt_ewma = Some(match self.rtt_ewma {
+            None => rtt,
+            Some(e) => {
+                let e = e.as_micros() as u64;
+                let r = rtt.as_micros() as u64;
+                let mixed = (2 * r + (n - 1) * e) / (n + 1);
+                Duration::from_micros(mixed.max(1))
+            }
+        });
+    }
+
+    /// The Vegas estimate of the bandwidth-delay product, in cells: `cwnd * rtt_min / rtt_ewma`.
+    pub fn bdp(&self) -> u32 {
+        match (self.rtt_min, self.rtt_ewma) {
+            (Some(min), Some(ewma)) => {
+                let min = min.as_micros().max(1);
+                let ewma = ewma.as_micros().max(min);
+                u32::try_from(u128::from(self.cwnd) * min / ewma).unwrap_or(self.cwnd)
+            }
+            _ => self.cwnd,
         }
     }
-}
 
-/// Circuit package window with the authenticated-SENDME tag FIFO.
-#[derive(Debug, Default)]
-pub struct CircSendWindow {
-    window: SendWindow<CIRC_WINDOW_START, CIRC_SENDME_INC>,
-    tags: SendmeTags,
-}
+    /// The Vegas queue estimate, in cells: `cwnd - bdp = cwnd * (1 - rtt_min / rtt_ewma)`.
+    pub fn queue_use(&self) -> u32 {
+        self.cwnd.saturating_sub(self.bdp())
+    }
 
-impl CircSendWindow {
-    /// A full window.
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// The current window.
-    pub fn window(&self) -> u16 {
-        self.window.window()
-    }
-    /// True if a DATA cell may be originated now.
-    pub fn can_send(&self) -> bool {
-        self.window.can_send()
-    }
-    /// Count one originated DATA cell whose origin-layer AEAD tag is `tag`.
-    pub fn note_data_sent(&mut self, tag: &Tag) -> Result<()> {
-        if self.window.take()? {
-            self.tags.push(*tag)?;
+    fn update(&mut self, acked: u32) {
+        let inc = self.params.inc();
+        let queue = self.queue_use();
+        let cwnd_min = CWND_MIN_INCS * inc;
+        if self.slow_start {
+            if queue > VEGAS_GAMMA_INCS * inc {
+                // Queue delay seen: leave slow start at the path's capacity plus gamma.
+                self.slow_start = false;
+                self.cwnd = self.bdp().saturating_add(VEGAS_GAMMA_INCS * inc);
+            } else {
+                // Exponential growth: one increment per SENDME doubles the window per RTT.
+                self.cwnd = self.cwnd.saturating_add(acked);
+                if self.cwnd >= CWND_MAX {
+                    self.slow_start = false;
+                }
+            }
+            self.acked_since_update = 0;
+        } else {
+            // Congestion avoidance: one decision per window's worth of acknowledged cells.
+            self.acked_since_update = self.acked_since_update.saturating_add(acked);
+            if self.acked_since_update < self.cwnd {
+                self.cwnd = self.cwnd.clamp(cwnd_min, CWND_MAX);
+                return;
+            }
+            self.acked_since_update = 0;
+            if queue > VEGAS_DELTA_INCS * inc {
+                let target = self.bdp().saturating_add(VEGAS_DELTA_INCS * inc);
+                self.cwnd = target
+                    .saturating_sub(inc)
+                    .min(self.cwnd.saturating_sub(inc));
+            } else if queue > VEGAS_BETA_INCS * inc {
+                self.cwnd = self.cwnd.saturating_sub(inc);
+            } else if queue < VEGAS_ALPHA_INCS * inc {
+                self.cwnd = self.cwnd.saturating_add(inc);
+            }
         }
-        Ok(())
-    }
-    /// A circuit-level SENDME arrived with `tag` (`None` if it carried none, which is an error).
-    pub fn on_sendme(&mut self, tag: Option<&Tag>) -> Result<()> {
-        let tag = tag.ok_or(ProtoError::Flow("circuit SENDME without a tag"))?;
-        self.tags.check(tag)?;
-        self.window.put()
+        self.cwnd = self.cwnd.clamp(cwnd_min, CWND_MAX);
     }
 }
 
-/// Circuit deliver window.
-#[derive(Debug, Default)]
-pub struct CircRecvWindow {
-    window: RecvWindow<CIRC_WINDOW_START, CIRC_SENDME_INC>,
+/// The receiving side of a circuit: a SENDME every `sendme_inc` DATA cells, echoing the tag of
+/// the cell that made it due.
+#[derive(Clone, Debug)]
+pub struct CircRecv {
+    params: CcParams,
+    count: u32,
 }
 
-impl CircRecvWindow {
-    /// A full window.
-    pub fn new() -> Self {
-        Self::default()
+impl Default for CircRecv {
+    fn default() -> Self {
+        Self::new(CcParams::default())
     }
-    /// The current window.
-    pub fn window(&self) -> u16 {
-        self.window.window()
+}
+
+impl CircRecv {
+    /// A fresh counter.
+    pub fn new(params: CcParams) -> Self {
+        Self { params, count: 0 }
     }
     /// Count one DATA cell that arrived with origin-layer tag `tag`. Returns `Some(tag)` when a
-    /// circuit SENDME carrying that tag is due: send it, then call [`CircRecvWindow::sendme_sent`].
-    /// Fails if the deliver window would go below 0.
-    pub fn on_data_received(&mut self, tag: &Tag) -> Result<Option<Tag>> {
-        Ok(self.window.take()?.then_some(*tag))
-    }
-    /// A circuit SENDME was sent: reopen the window.
-    pub fn sendme_sent(&mut self) -> Result<()> {
-        self.window.sendme_sent()
+    /// circuit SENDME carrying that tag is due: send it at once.
+    pub fn on_data_received(&mut self, tag: &Tag) -> Option<Tag> {
+        self.count += 1;
+        if self.count >= self.params.inc() {
+            self.count = 0;
+            Some(*tag)
+        } else {
+            None
+        }
     }
 }
 
-/// Stream package window (500/50).
-pub type StreamSendWindow = SendWindow<STREAM_WINDOW_START, STREAM_SENDME_INC>;
-/// Stream deliver window (500/50).
-pub type StreamRecvWindow = RecvWindow<STREAM_WINDOW_START, STREAM_SENDME_INC>;
-
-/// Both windows of one stream. Stream SENDMEs carry no tag (stream id ≠ 0, empty body).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct StreamWindow {
-    /// Package window.
-    pub send: StreamSendWindow,
-    /// Deliver window.
-    pub recv: StreamRecvWindow,
+/// The receiving edge of a stream: counts cells delivered to the application and consumed, and
+/// says when XOFF and XON are due.
+#[derive(Clone, Debug, Default)]
+pub struct StreamRecv {
+    /// Cells delivered to the application and not consumed yet.
+    unconsumed: u32,
+    /// When the XOFF went out, while one is in force.
+    xoff_since: Option<Instant>,
+    /// Cells consumed since the XOFF.
+    drained: u64,
 }
 
-impl StreamWindow {
-    /// Full windows.
+/// What the receiving edge must send after a stream event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamSignal {
+    /// Nothing.
+    None,
+    /// Send XOFF.
+    Xoff,
+    /// Send XON with this rate advisory (KiB/s).
+    Xon(u32),
+}
+
+impl StreamRecv {
+    /// A fresh stream.
     pub fn new() -> Self {
         Self::default()
     }
-    /// True if a DATA cell may be sent on the stream.
+    /// Cells delivered and not consumed yet.
+    pub fn unconsumed(&self) -> u32 {
+        self.unconsumed
+    }
+    /// Whether an XOFF is in force.
+    pub fn is_xoff(&self) -> bool {
+        self.xoff_since.is_some()
+    }
+    /// A DATA cell arrived for the application at `now`. Fails when the peer ignored XOFF past
+    /// [`XOFF_LIMIT`].
+    pub fn on_data(&mut self, now: Instant) -> Result<StreamSignal> {
+        self.unconsumed += 1;
+        if self.unconsumed > XOFF_LIMIT {
+            return Err(ProtoError::Flow("stream DATA beyond the XOFF limit"));
+        }
+        if self.xoff_since.is_none() && self.unconsumed >= XOFF_THRESHOLD {
+            self.xoff_since = Some(now);
+            self.drained = 0;
+            return Ok(StreamSignal::Xoff);
+        }
+        Ok(StreamSignal::None)
+    }
+    /// The application consumed `cells` more cells at `now` (counts beyond what was delivered are
+    /// ignored).
+    pub fn on_consumed(&mut self, cells: u32, now: Instant) -> StreamSignal {
+        let cells = cells.min(self.unconsumed);
+        self.unconsumed -= cells;
+        let Some(since) = self.xoff_since else {
+            return StreamSignal::None;
+        };
+        self.drained = self.drained.saturating_add(u64::from(cells));
+        if self.unconsumed > XON_THRESHOLD {
+            return StreamSignal::None;
+        }
+        self.xoff_since = None;
+        let micros = now.saturating_duration_since(since).as_micros().max(1);
+        // Bytes per second over the drain, in KiB/s (a DATA cell carries up to 498 bytes).
+        let bytes = u128::from(self.drained) * crate::consts::MAX_DATA as u128;
+        let kib = bytes * 1_000_000 / micros / 1024;
+        StreamSignal::Xon(u32::try_from(kib).unwrap_or(u32::MAX).max(1))
+    }
+}
+
+/// The sending edge of a stream: paused by XOFF, resumed by XON.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamSend {
+    paused: bool,
+    rate_kib: u32,
+}
+
+impl StreamSend {
+    /// A fresh (unpaused) stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Whether DATA may be packaged on the stream.
     pub fn can_send(&self) -> bool {
-        self.send.can_send()
+        !self.paused
     }
-    /// Count a DATA cell sent on the stream.
-    pub fn note_data_sent(&mut self) -> Result<()> {
-        self.send.take().map(|_| ())
+    /// The last XON's rate advisory, KiB/s (0: none received).
+    pub fn rate_advisory(&self) -> u32 {
+        self.rate_kib
     }
-    /// A stream SENDME arrived.
-    pub fn on_sendme(&mut self) -> Result<()> {
-        self.send.put()
+    /// An XOFF arrived. A second XOFF without an XON in between is a violation.
+    pub fn on_xoff(&mut self) -> Result<()> {
+        if self.paused {
+            return Err(ProtoError::Flow("XOFF on a stream already paused"));
+        }
+        self.paused = true;
+        Ok(())
     }
-    /// Count a DATA cell received on the stream. Returns true when a stream SENDME is due: send it
-    /// (once the data was delivered to the application), then call [`StreamWindow::sendme_sent`].
-    pub fn on_data_received(&mut self) -> Result<bool> {
-        self.recv.take()
-    }
-    /// A stream SENDME was sent: reopen the deliver window.
-    pub fn sendme_sent(&mut self) -> Result<()> {
-        self.recv.sendme_sent()
+    /// An XON arrived (allowed unpaused too: it updates the advisory).
+    pub fn on_xon(&mut self, rate_kib: u32) {
+        self.paused = false;
+        self.rate_kib = rate_kib;
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tag(i: u32) -> Tag {
-        let mut t = [0u8; 16];
-        t[..4].copy_from_slice(&i.to_be_bytes());
-        t
-    }
-
-    #[test]
-    fn circuit_send_window_records_every_100th_tag() {
-        let mut w = CircSendWindow::new();
-        for i in 1..=CIRC_WINDOW_START as u32 {
-            assert!(w.can_send());
-            w.note_data_sent(&tag(i)).unwrap();
-        }
-        assert!(!w.can_send());
-        assert_eq!(w.tags.len(), 10);
-        // Sending past the window is a violation.
-        assert_eq!(
-            w.note_data_sent(&tag(0)),
-            Err(ProtoError::Flow("sent DATA with an empty package window"))
-        );
-        // SENDMEs must carry the tags of cells 100, 200, ... in order.
-        w.on_sendme(Some(&tag(100))).unwrap();
-        assert_eq!(w.window(), 100);
-        w.on_sendme(Some(&tag(200))).unwrap();
-        assert_eq!(w.window(), 200);
-        assert_eq!(
-            w.on_sendme(Some(&tag(400))),
-            Err(ProtoError::Flow("SENDME tag mismatch"))
-        );
-    }
-
-    #[test]
-    fn circuit_sendme_without_tag_or_without_data_is_rejected() {
-        let mut w = CircSendWindow::new();
-        assert!(w.on_sendme(None).is_err());
-        assert_eq!(
-            w.on_sendme(Some(&tag(1))),
-            Err(ProtoError::Flow("SENDME without outstanding DATA"))
-        );
-    }
-
-    #[test]
-    fn send_window_overflow_is_an_error() {
-        let mut w = StreamSendWindow::new();
-        assert!(w.put().is_err(), "SENDME on a full window must fail");
-        for _ in 0..STREAM_SENDME_INC {
-            w.take().unwrap();
-        }
-        w.put().unwrap();
-        assert_eq!(w.window(), STREAM_WINDOW_START);
-        assert!(w.put().is_err());
-    }
-
-    #[test]
-    fn receive_window_underflow_is_an_error() {
-        let mut w = CircRecvWindow::new();
-        let mut due = Vec::new();
-        for i in 1..=CIRC_WINDOW_START as u32 {
-            if let Some(t) = w.on_data_received(&tag(i)).unwrap() {
-                due.push(t);
-            }
-        }
-        assert_eq!(due.len(), 10);
-        assert_eq!(due[0], tag(100));
-        assert_eq!(due[9], tag(1000));
-        assert_eq!(w.window(), 0);
-        assert_eq!(
-            w.on_data_received(&tag(1001)),
-            Err(ProtoError::Flow(
-                "DATA received with an empty deliver window"
-            ))
-        );
-    }
-
-    #[test]
-    fn receive_window_reopens_after_sendme() {
-        let mut w = CircRecvWindow::new();
-        assert!(w.sendme_sent().is_err(), "no SENDME is due yet");
-        for i in 1..=5000u32 {
-            if w.on_data_received(&tag(i)).unwrap().is_some() {
-                w.sendme_sent().unwrap();
-            }
-        }
-        assert_eq!(w.window(), CIRC_WINDOW_START);
-    }
-
-    #[test]
-    fn sender_and_receiver_agree_on_tags() {
-        let mut s = CircSendWindow::new();
-        let mut r = CircRecvWindow::new();
-        for i in 1..=10_000u32 {
-            assert!(s.can_send());
-            s.note_data_sent(&tag(i)).unwrap();
-            if let Some(t) = r.on_data_received(&tag(i)).unwrap() {
-                r.sendme_sent().unwrap();
-                s.on_sendme(Some(&t)).unwrap();
-            }
-        }
-        assert!(s.tags.is_empty());
-    }
-
-    #[test]
-    fn stream_window_cycle() {
-        let mut w = StreamWindow::new();
-        let mut sendmes = 0;
-        for _ in 0..STREAM_WINDOW_START {
-            w.note_data_sent().unwrap();
-            if w.on_data_received().unwrap() {
-                sendmes += 1;
-            }
-        }
-        assert!(!w.can_send());
-        assert!(w.note_data_sent().is_err());
-        assert_eq!(sendmes, 10);
-        assert!(w.on_data_received().is_err());
-        w.sendme_sent().unwrap();
-        w.on_sendme().unwrap();
-        assert!(w.can_send());
-    }
-
-    #[test]
-    fn tag_fifo_is_bounded() {
-        let mut t = SendmeTags::new();
-        for i in 0..MAX_PENDING_TAGS as u32 {
-            t.push(tag(i)).unwrap();
-        }
-        assert!(t.push(tag(99)).is_err());
-        t.check(&tag(0)).unwrap();
-        assert!(t.check(&tag(2)).is_err());
-    }
-}
+mod tests;

@@ -62,6 +62,10 @@ impl RelayCmd {
     pub const EXTEND: Self = Self(14);
     /// Reply to EXTEND.
     pub const EXTENDED: Self = Self(15);
+    /// Stream flow control: stop sending DATA on this stream (Tor prop 344's XOFF).
+    pub const XOFF: Self = Self(43);
+    /// Stream flow control: resume sending DATA, with a rate advisory (Tor prop 344's XON).
+    pub const XON: Self = Self(44);
 
     /// Name for logs.
     pub fn name(self) -> &'static str {
@@ -79,6 +83,8 @@ impl RelayCmd {
             13 => "BEGIN_DIR",
             14 => "EXTEND",
             15 => "EXTENDED",
+            43 => "XOFF",
+            44 => "XON",
             _ => "UNKNOWN",
         }
     }
@@ -92,7 +98,9 @@ impl RelayCmd {
             | Self::CONNECTED
             | Self::RESOLVE
             | Self::RESOLVED
-            | Self::BEGIN_DIR => StreamIdRule::NonZero,
+            | Self::BEGIN_DIR
+            | Self::XOFF
+            | Self::XON => StreamIdRule::NonZero,
             Self::EXTEND | Self::EXTENDED | Self::TRUNCATE | Self::TRUNCATED | Self::DROP => {
                 StreamIdRule::Zero
             }
@@ -497,6 +505,23 @@ impl fmt::Debug for Sendme {
 /// The SENDME version this crate writes and accepts.
 pub const SENDME_VERSION: u8 = 1;
 
+/// XOFF: the receiving edge's buffer towards its application is full; stop packaging DATA on
+/// this stream until XON. Body: `version u8 (=0)`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Xoff;
+
+/// XON: resume packaging DATA on this stream. Body: `version u8 (=0) | rate u32` where `rate`
+/// is the rate (KiB/s) at which the receiving edge's application drained its buffer, an advisory
+/// for the sender (0 = no advice).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Xon {
+    /// Drain rate advisory in KiB/s (0: none).
+    pub rate_kib: u32,
+}
+
+/// The XON/XOFF version this crate writes and accepts.
+pub const XON_VERSION: u8 = 0;
+
 /// A link specifier in EXTEND: `type u8 | len u8 | value`.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum LinkSpec {
@@ -835,6 +860,10 @@ pub enum RelayMsg {
     Extend(Extend),
     /// EXTENDED (15).
     Extended(Extended),
+    /// XOFF (43).
+    Xoff(Xoff),
+    /// XON (44).
+    Xon(Xon),
     /// Any other command.
     Unrecognized(Unrecognized),
 }
@@ -856,6 +885,8 @@ impl RelayMsg {
             Self::BeginDir(_) => RelayCmd::BEGIN_DIR,
             Self::Extend(_) => RelayCmd::EXTEND,
             Self::Extended(_) => RelayCmd::EXTENDED,
+            Self::Xoff(_) => RelayCmd::XOFF,
+            Self::Xon(_) => RelayCmd::XON,
             Self::Unrecognized(u) => u.cmd,
         }
     }
@@ -923,6 +954,11 @@ impl RelayMsg {
             Self::Resolved(r) => r.write(w),
             Self::Extend(e) => e.write(w),
             Self::Extended(e) => w.write_u16len(&e.hdata),
+            Self::Xoff(_) => w.write_u8(XON_VERSION),
+            Self::Xon(x) => {
+                w.write_u8(XON_VERSION)?;
+                w.write_u32(x.rate_kib)
+            }
             Self::Unrecognized(u) => {
                 if u.cmd.name() != "UNKNOWN" {
                     return Err(bad(
@@ -987,6 +1023,20 @@ impl RelayMsg {
             RelayCmd::EXTENDED => Self::Extended(Extended {
                 hdata: r.take_u16len()?.to_vec(),
             }),
+            RelayCmd::XOFF => {
+                if r.take_u8()? != XON_VERSION {
+                    return Err(bad("XOFF", "unsupported version"));
+                }
+                Self::Xoff(Xoff)
+            }
+            RelayCmd::XON => {
+                if r.take_u8()? != XON_VERSION {
+                    return Err(bad("XON", "unsupported version"));
+                }
+                Self::Xon(Xon {
+                    rate_kib: r.take_u32()?,
+                })
+            }
             _ => Self::Unrecognized(Unrecognized {
                 cmd,
                 body: r.take_rest().to_vec(),
@@ -1010,5 +1060,5 @@ from_msg!(
     Begin => Begin, Data => Data, End => End, Connected => Connected, Sendme => Sendme,
     Truncate => Truncate, Truncated => Truncated, DropMsg => Drop, Resolve => Resolve,
     Resolved => Resolved, BeginDir => BeginDir, Extend => Extend, Extended => Extended,
-    Unrecognized => Unrecognized,
+    Xoff => Xoff, Xon => Xon, Unrecognized => Unrecognized,
 );

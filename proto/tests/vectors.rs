@@ -356,6 +356,19 @@ fn sendme_vectors() {
 }
 
 #[test]
+fn xon_xoff_vectors() {
+    use allium_proto::relaymsg::{Xoff, Xon};
+    check_vector("2b 0007 0001 00", 7, Xoff.into());
+    check_vector("2c 0007 0005 00 00000c80", 7, Xon { rate_kib: 3200 }.into());
+    // Unknown version, short or long bodies, stream 0.
+    assert!(RelayMsg::decode(&unhex("2b 0007 0001 01")).is_err());
+    assert!(RelayMsg::decode(&unhex("2b 0007 0000")).is_err());
+    assert!(RelayMsg::decode(&unhex("2c 0007 0004 00 000c80")).is_err());
+    assert!(RelayMsg::decode(&unhex("2c 0007 0006 00 00000c80 00")).is_err());
+    assert!(RelayMsg::decode(&unhex("2b 0000 0001 00")).is_err());
+}
+
+#[test]
 fn extend_vectors() {
     let id = RelayId([0x11; 32]);
     let wire = format!(

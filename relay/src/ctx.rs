@@ -125,9 +125,10 @@ pub(crate) struct Limits {
     pub(crate) create_on_runtime: bool,
 }
 
-/// A circuit's inbound queue: both windows (1000 DATA cells each way) plus room for control
-/// cells (SENDMEs, stream ENDs, ...). A peer that respects the windows never fills it.
-pub const INBOUND_QUEUE_CELLS: usize = 2 * 1000 + 512;
+/// A circuit's inbound queue: a maximal congestion window each way plus room for control
+/// cells (SENDMEs, XON/XOFF, stream ENDs, ...). A peer that respects congestion control never
+/// fills it.
+pub const INBOUND_QUEUE_CELLS: usize = 2 * allium_proto::flowctl::CWND_MAX as usize + 512;
 /// Most CREATEs waiting for a handshake worker; beyond it the oldest is refused.
 pub const CREATE_QUEUE_LEN: usize = 1024;
 /// Longest time a CREATE may wait for a handshake worker (Tor's `MaxOnionQueueDelay`).

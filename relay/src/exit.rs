@@ -17,7 +17,7 @@ use std::time::Duration;
 use allium_crypto::RelayId;
 use allium_crypto::relaycell::MAX_DATA;
 use allium_proto::cell::{Create, DestroyReason};
-use allium_proto::flowctl::STREAM_WINDOW_START;
+use allium_proto::flowctl::XOFF_LIMIT;
 use allium_proto::relaymsg::EndReason;
 use bytes::{BufMut as _, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -40,8 +40,8 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const READ_CELLS: usize = 32;
 /// The writer coalesces at most this many bytes per write.
 const WRITE_COALESCE: usize = 64 * 1024;
-/// Queue of received DATA cells per stream: the stream window plus slack for the FIN.
-pub(crate) const WRITE_QUEUE: usize = STREAM_WINDOW_START as usize + 16;
+/// Queue of received DATA cells per stream: the XOFF limit plus slack for the FIN.
+pub(crate) const WRITE_QUEUE: usize = XOFF_LIMIT as usize + 16;
 
 /// What the I/O tasks of a circuit tell its reactor.
 #[derive(Debug)]

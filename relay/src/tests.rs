@@ -14,7 +14,7 @@ use allium_crypto::handshake::client_start;
 use allium_crypto::relaycell::{BACKWARD_MSG_OFFSET, CellBody, ClientCircuitCrypto, RELAY_MSG_LEN};
 use allium_crypto::{RelayId, X25519Public};
 use allium_proto::cell::{Cell, CellCmd, CircId, Create, Created, Destroy, DestroyReason};
-use allium_proto::flowctl::{CircRecvWindow, CircSendWindow, StreamWindow};
+use allium_proto::flowctl::{self, CircRecv, CongestionControl};
 use allium_proto::relaymsg::{
     Begin, BeginFlags, End, EndReason, Extend, LinkSpec, RelayMsg, Resolve, ResolvedValue, Sendme,
     Target,
@@ -132,9 +132,14 @@ struct TestCirc {
     id: CircId,
     cc: ClientCircuitCrypto,
     early_left: u8,
-    send_win: CircSendWindow,
-    recv_win: CircRecvWindow,
-    stream: StreamWindow,
+    send_win: CongestionControl,
+    recv_win: CircRecv,
+}
+
+/// The clock for the test client's congestion controller.
+fn test_now() -> std::time::Instant {
+    #[allow(clippy::disallowed_methods)] // a test driver: time enters here
+    std::time::Instant::now()
 }
 
 fn relay_cell(
@@ -162,7 +167,12 @@ fn relay_cell(
 }
 
 fn new_create(ctx: &Ctx) -> (allium_crypto::handshake::ClientHandshake, Vec<u8>) {
-    client_start(&ctx.keys.id, &ctx.keys.onion_public(), &[]).unwrap()
+    client_start(
+        &ctx.keys.id,
+        &ctx.keys.onion_public(),
+        &flowctl::cc_request(),
+    )
+    .unwrap()
 }
 
 async fn create_circuit(ml: &mut MemLink, ctx: &Ctx) -> TestCirc {
@@ -182,16 +192,15 @@ async fn create_circuit(ml: &mut MemLink, ctx: &Ctx) -> TestCirc {
     assert_eq!(reply.circ_id, Some(id));
     let created = Created::decode(&reply.body[..]).unwrap();
     let (keys, sm) = hs.finish(&created.hdata).unwrap();
-    assert!(sm.is_empty());
+    assert_eq!(flowctl::parse_cc_reply(&sm).unwrap(), Default::default());
     let mut cc = ClientCircuitCrypto::new();
     cc.add_hop(&keys).unwrap();
     TestCirc {
         id,
         cc,
         early_left: 8,
-        send_win: CircSendWindow::new(),
-        recv_win: CircRecvWindow::new(),
-        stream: StreamWindow::new(),
+        send_win: CongestionControl::default(),
+        recv_win: CircRecv::default(),
     }
 }
 
@@ -479,21 +488,16 @@ async fn client_recv(
         match msg {
             RelayMsg::Data(d) => {
                 got.extend_from_slice(&d.data);
-                if let Some(t) = tc.recv_win.on_data_received(&tag).unwrap() {
-                    tc.recv_win.sendme_sent().unwrap();
+                if let Some(t) = tc.recv_win.on_data_received(&tag) {
                     let sm = RelayMsg::Sendme(Sendme { tag: Some(t) });
                     let (c, _) = relay_cell(tc, hop, CellCmd::RELAY, 0, &sm);
                     ml.tx.send(c).await.unwrap();
                 }
-                if tc.stream.on_data_received().unwrap() {
-                    tc.stream.sendme_sent().unwrap();
-                    let sm = RelayMsg::Sendme(Sendme { tag: Some(tag) });
-                    let (c, _) = relay_cell(tc, hop, CellCmd::RELAY, sid, &sm);
-                    ml.tx.send(c).await.unwrap();
-                }
             }
-            RelayMsg::Sendme(s) if sid == 0 => tc.send_win.on_sendme(s.tag.as_ref()).unwrap(),
-            RelayMsg::Sendme(_) => tc.stream.on_sendme().unwrap(),
+            RelayMsg::Sendme(s) if sid == 0 => {
+                tc.send_win.on_sendme(s.tag.as_ref(), test_now()).unwrap();
+            }
+            RelayMsg::Xoff(_) | RelayMsg::Xon(_) => {}
             other => return Some((sid, other)),
         }
     }
@@ -517,29 +521,24 @@ async fn exit_stream_round_trip_with_flow_control_and_half_close() {
     assert_eq!(sid, 7);
     assert!(matches!(msg, RelayMsg::Connected(_)), "{msg:?}");
 
-    // 1.5 MB each way: more than both the circuit (1000) and stream (500) windows.
+    // 1.5 MB each way: far more than the initial congestion window.
     let payload: Vec<u8> = (0..1_500_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let mut sent = 0;
     while sent < payload.len() {
         // Respect our package windows; collect the echo (and the exit's SENDMEs) meanwhile.
-        while !(tc.send_win.can_send() && tc.stream.can_send()) {
+        while !tc.send_win.can_send() {
             let cell = ml.recv().await;
             let (_, sid, msg, tag) = open_backward(&mut tc, cell);
             match msg {
-                RelayMsg::Sendme(s) if sid == 0 => tc.send_win.on_sendme(s.tag.as_ref()).unwrap(),
-                RelayMsg::Sendme(_) => tc.stream.on_sendme().unwrap(),
+                RelayMsg::Sendme(s) if sid == 0 => {
+                    tc.send_win.on_sendme(s.tag.as_ref(), test_now()).unwrap();
+                }
+                RelayMsg::Xoff(_) | RelayMsg::Xon(_) => {}
                 RelayMsg::Data(d) => {
                     got.extend_from_slice(&d.data);
-                    if let Some(t) = tc.recv_win.on_data_received(&tag).unwrap() {
-                        tc.recv_win.sendme_sent().unwrap();
+                    if let Some(t) = tc.recv_win.on_data_received(&tag) {
                         let sm = RelayMsg::Sendme(Sendme { tag: Some(t) });
                         let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 0, &sm);
-                        ml.tx.send(c).await.unwrap();
-                    }
-                    if tc.stream.on_data_received().unwrap() {
-                        tc.stream.sendme_sent().unwrap();
-                        let sm = RelayMsg::Sendme(Sendme { tag: Some(tag) });
-                        let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 7, &sm);
                         ml.tx.send(c).await.unwrap();
                     }
                 }
@@ -551,8 +550,7 @@ async fn exit_stream_round_trip_with_flow_control_and_half_close() {
             data: payload[sent..sent + n].to_vec(),
         });
         let (c, tag) = relay_cell(&mut tc, 0, CellCmd::RELAY, 7, &data);
-        tc.send_win.note_data_sent(&tag).unwrap();
-        tc.stream.note_data_sent().unwrap();
+        tc.send_win.note_data_sent(&tag, test_now()).unwrap();
         ml.tx.send(c).await.unwrap();
         sent += n;
     }
@@ -709,7 +707,7 @@ async fn two_relays_extend_begin_and_destroy() {
     let (tx, mut rx) = ch.split();
 
     // CREATE to A.
-    let (hs, skin) = client_start(&a.identity(), &a.onion_key(), &[]).unwrap();
+    let (hs, skin) = client_start(&a.identity(), &a.onion_key(), &flowctl::cc_request()).unwrap();
     let id = CircId::random(true);
     tx.send(
         Cell::create(
@@ -731,14 +729,13 @@ async fn two_relays_extend_begin_and_destroy() {
         id,
         cc: ClientCircuitCrypto::new(),
         early_left: 8,
-        send_win: CircSendWindow::new(),
-        recv_win: CircRecvWindow::new(),
-        stream: StreamWindow::new(),
+        send_win: CongestionControl::default(),
+        recv_win: CircRecv::default(),
     };
     tc.cc.add_hop(&k1).unwrap();
 
     // EXTEND to B.
-    let (hs2, skin2) = client_start(&b.identity(), &b.onion_key(), &[]).unwrap();
+    let (hs2, skin2) = client_start(&b.identity(), &b.onion_key(), &flowctl::cc_request()).unwrap();
     let SocketAddr::V4(b4) = b.or_addr() else {
         panic!()
     };
@@ -812,7 +809,7 @@ async fn previous_onion_key_accepted_after_rotation_only_once() {
     r.ctx.keys.rotate_onion().unwrap();
     assert_ne!(old, r.ctx.keys.onion_public());
     let try_key = |key: X25519Public| {
-        let (hs, skin) = client_start(&r.ctx.keys.id, &key, &[]).unwrap();
+        let (hs, skin) = client_start(&r.ctx.keys.id, &key, &flowctl::cc_request()).unwrap();
         let id = CircId::random(true);
         (
             hs,
@@ -894,7 +891,6 @@ async fn full_link_queue_keeps_backward_order() {
     }
     let mut got: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
     let mut ended = 0;
-    let mut stream_recv = [StreamWindow::new(), StreamWindow::new()];
     while ended < 2 {
         let cell = ml.recv().await;
         let (hop, sid, msg, tag) = open_backward(&mut tc, cell);
@@ -904,16 +900,9 @@ async fn full_link_queue_keeps_backward_order() {
             RelayMsg::Connected(_) => {}
             RelayMsg::Data(d) => {
                 got[i].extend_from_slice(&d.data);
-                if let Some(t) = tc.recv_win.on_data_received(&tag).unwrap() {
-                    tc.recv_win.sendme_sent().unwrap();
+                if let Some(t) = tc.recv_win.on_data_received(&tag) {
                     let sm = RelayMsg::Sendme(Sendme { tag: Some(t) });
                     let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, 0, &sm);
-                    ml.tx.send(c).await.unwrap();
-                }
-                if stream_recv[i].on_data_received().unwrap() {
-                    stream_recv[i].sendme_sent().unwrap();
-                    let sm = RelayMsg::Sendme(Sendme { tag: None });
-                    let (c, _) = relay_cell(&mut tc, 0, CellCmd::RELAY, sid, &sm);
                     ml.tx.send(c).await.unwrap();
                 }
             }
@@ -1357,7 +1346,7 @@ async fn create_burst_does_not_stall_forwarding() {
     let burst = tokio::spawn(async move {
         let mut ids = Vec::new();
         for _ in 0..CREATES {
-            let (_, skin) = client_start(&id, &onion, &[]).unwrap();
+            let (_, skin) = client_start(&id, &onion, &flowctl::cc_request()).unwrap();
             let cid = CircId::random(true);
             ids.push(cid);
             tx.send(
@@ -1494,8 +1483,7 @@ async fn echo_through(ml: &mut MemLink, tc: &mut TestCirc, sid: u16, data: &[u8]
         data: data.to_vec(),
     });
     let (c, tag) = relay_cell(tc, 0, CellCmd::RELAY, sid, &msg);
-    tc.send_win.note_data_sent(&tag).unwrap();
-    tc.stream.note_data_sent().unwrap();
+    tc.send_win.note_data_sent(&tag, test_now()).unwrap();
     ml.tx.send(c).await.unwrap();
     let mut got = Vec::new();
     while got.len() < data.len() {
@@ -1507,8 +1495,7 @@ async fn echo_through(ml: &mut MemLink, tc: &mut TestCirc, sid: u16, data: &[u8]
         match msg {
             RelayMsg::Data(d) => {
                 assert_eq!(s, sid);
-                tc.recv_win.on_data_received(&tag).unwrap();
-                tc.stream.on_data_received().unwrap();
+                let _ = tc.recv_win.on_data_received(&tag);
                 got.extend_from_slice(&d.data);
             }
             other => panic!("unexpected {other:?}"),

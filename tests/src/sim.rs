@@ -200,6 +200,19 @@ pub struct Net {
     /// The client stopped reading its link: cells for it are held, and the guard is told its
     /// link is blocked.
     frozen_client: bool,
+    /// Per-cell transmission time of a link (by link index), both directions separately: a
+    /// bottleneck. Links not listed have unlimited rate.
+    pub link_cell_time: HashMap<usize, Duration>,
+    /// When each (link, towards-the-client) direction finishes sending what it was given.
+    busy_until: HashMap<(usize, bool), Instant>,
+    /// Time the exit's destinations take to accept a connection.
+    pub connect_delay: Duration,
+    /// Connections in progress: (when they complete, hop, stream id, address).
+    connecting: Vec<(Instant, usize, u16, SocketAddr)>,
+    /// When each exit stream was reported connected (by (hop, stream id)).
+    pub connected_at: HashMap<(usize, u16), Instant>,
+    /// When the first byte of each exit stream reached its destination.
+    pub first_byte_at: HashMap<(usize, u16), Instant>,
     /// Cells held for a frozen client.
     pub held: Vec<Cell>,
 }
@@ -251,6 +264,12 @@ impl Net {
             tamper: None,
             frozen_client: false,
             held: Vec::new(),
+            link_cell_time: HashMap::new(),
+            busy_until: HashMap::new(),
+            connect_delay: Duration::ZERO,
+            connecting: Vec::new(),
+            connected_at: HashMap::new(),
+            first_byte_at: HashMap::new(),
         }
     }
 
@@ -276,11 +295,50 @@ impl Net {
 
     fn send(&mut self, dest: Dest, cell: Cell) {
         self.seq += 1;
+        let link = dest.link();
+        let backward = matches!(
+            dest,
+            Dest::Client
+                | Dest::Hop {
+                    from: Side::Next,
+                    ..
+                }
+        );
+        let busy = self.busy_until.get(&(link, backward)).copied();
+        let start = busy.map_or(self.now, |b| b.max(self.now));
+        let sent = match self.link_cell_time.get(&link) {
+            Some(t) => start + *t,
+            None => start,
+        };
+        if busy.is_some() || self.link_cell_time.contains_key(&link) {
+            self.busy_until.insert((link, backward), sent);
+        }
         self.wire
-            .insert((self.now + self.latency, self.seq), (dest, cell));
+            .insert((sent + self.latency, self.seq), (dest, cell));
     }
 
-    /// Queue `data` for upload on `stream` (packaged as the windows allow).
+    /// Stall link `link` (both directions) for `d` from now: nothing it is given leaves it
+    /// before then, and what is in flight on it waits too (a route flap, a frozen relay).
+    pub fn stall_link(&mut self, link: usize, d: Duration) {
+        let until = self.now + d;
+        for backward in [false, true] {
+            let b = self.busy_until.entry((link, backward)).or_insert(until);
+            *b = (*b).max(until);
+        }
+        let moved: Vec<(Instant, u64)> = self
+            .wire
+            .iter()
+            .filter(|(_, (dest, _))| dest.link() == link)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in moved {
+            if let Some(v) = self.wire.remove(&k) {
+                self.wire.insert((k.0.max(until + self.latency), k.1), v);
+            }
+        }
+    }
+
+    /// Queue `data` for upload on `stream` (packaged as flow control allows).
     pub fn upload(&mut self, stream: StreamId, data: &[u8]) {
         self.uploads
             .entry(stream)
@@ -300,8 +358,9 @@ impl Net {
     pub fn resume_reading(&mut self) {
         self.client_reads = true;
         let pending: Vec<(StreamId, usize)> = self.unconsumed.drain().collect();
+        let now = self.now;
         for (sid, cells) in pending {
-            self.client.consumed(sid, cells);
+            self.client.consumed(sid, cells, now);
         }
     }
 
@@ -313,6 +372,7 @@ impl Net {
             for i in 0..self.hops.len() {
                 progress |= self.poll_hop(i);
             }
+            progress |= self.finish_connects();
             progress |= self.feed_destinations();
             progress |= self.deliver_due();
             if !progress {
@@ -330,6 +390,7 @@ impl Net {
             }
         };
         consider(self.client.poll_timeout());
+        consider(self.connecting.iter().map(|c| c.0).min());
         for h in &self.hops {
             consider(h.poll_timeout());
         }
@@ -430,7 +491,7 @@ impl Net {
                         .or_default()
                         .extend_from_slice(data.bytes());
                     if self.client_reads {
-                        self.client.consumed(stream, 1);
+                        self.client.consumed(stream, 1, now);
                     } else {
                         *self.unconsumed.entry(stream).or_default() += 1;
                     }
@@ -438,7 +499,7 @@ impl Net {
                 other => self.client_events.push(other),
             }
         }
-        // Uploads, as far as the windows allow.
+        // Uploads, as far as flow control allows.
         let sids: Vec<StreamId> = self.uploads.keys().copied().collect();
         for sid in sids {
             let Some(buf) = self.uploads.get_mut(&sid) else {
@@ -522,14 +583,11 @@ impl Net {
                     self.hops[i].stream_failed(sid, EndReason::CONNECTREFUSED, now);
                     return;
                 }
-                self.destinations.insert(
-                    (i, sid),
-                    Destination {
-                        port,
-                        ..Destination::default()
-                    },
-                );
-                self.hops[i].stream_connected(sid, addrs.first().copied(), now);
+                let Some(addr) = addrs.first().copied() else {
+                    return;
+                };
+                self.connecting
+                    .push((now + self.connect_delay, i, sid, addr));
             }
             RelayEvent::Resolve { sid, hostname } => {
                 let answer = self
@@ -541,6 +599,7 @@ impl Net {
             }
             RelayEvent::StreamData { sid, data } => {
                 let bytes = data.bytes().to_vec();
+                self.first_byte_at.entry((i, sid)).or_insert(now);
                 if let Some(d) = self.destinations.get_mut(&(i, sid)) {
                     if d.port == ECHO_PORT {
                         d.pending.extend_from_slice(&bytes);
@@ -579,7 +638,30 @@ impl Net {
         }
     }
 
-    /// Hand the exit's destinations' bytes to its core, as far as the windows allow.
+    /// Complete the destination connections that are due.
+    fn finish_connects(&mut self) -> bool {
+        let now = self.now;
+        let (due, later): (Vec<_>, Vec<_>) = self.connecting.drain(..).partition(|c| c.0 <= now);
+        self.connecting = later;
+        let progress = !due.is_empty();
+        for (_, i, sid, addr) in due {
+            if i >= self.hops.len() {
+                continue;
+            }
+            self.destinations.insert(
+                (i, sid),
+                Destination {
+                    port: addr.port(),
+                    ..Destination::default()
+                },
+            );
+            self.connected_at.insert((i, sid), now);
+            self.hops[i].stream_connected(sid, Some(addr), now);
+        }
+        progress
+    }
+
+    /// Hand the exit's destinations' bytes to its core, as far as flow control allows.
     fn feed_destinations(&mut self) -> bool {
         let now = self.now;
         let mut progress = false;

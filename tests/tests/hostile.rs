@@ -104,7 +104,7 @@ impl RawClient {
                     }
                     Event::StreamData { stream, data } => {
                         self.received += data.len();
-                        c.consumed(stream, 1);
+                        c.consumed(stream, 1, Instant::now());
                     }
                     Event::Destroyed { .. } => self.destroyed += 1,
                     _ => {}
@@ -343,8 +343,12 @@ async fn create_flood(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> (u64, u64) {
     use std::sync::atomic::Ordering;
-    let (skin_hs, skin) =
-        allium_crypto::handshake::client_start(&guard.0, &onion, &[]).expect("onionskin");
+    let (skin_hs, skin) = allium_crypto::handshake::client_start(
+        &guard.0,
+        &onion,
+        &allium_proto::flowctl::cc_request(),
+    )
+    .expect("onionskin");
     drop(skin_hs);
     let mut tasks = Vec::new();
     for _ in 0..4 {

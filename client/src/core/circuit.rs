@@ -10,10 +10,10 @@ use allium_crypto::relaycell::{BACKWARD_MSG_OFFSET, ClientCircuitCrypto, RELAY_M
 use allium_proto::cell::{
     Cell, CellCmd, CircId, Create, Created, Destroy, DestroyReason, HTYPE_NTOR3,
 };
-use allium_proto::flowctl::{CircRecvWindow, CircSendWindow};
+use allium_proto::flowctl::{self, CcParams, CircRecv, CongestionControl, StreamSignal};
 use allium_proto::relaymsg::{
     self, End, EndReason, Extend, RELAY_HEADER_LEN, RelayCmd, RelayHeader, RelayMsg, ResolvedValue,
-    Sendme,
+    Sendme, Xoff, Xon,
 };
 
 use super::stream::{Stream, StreamState};
@@ -46,8 +46,10 @@ pub struct ClientCircuit {
     /// When the build (or the current extend) fails with a timeout.
     build_deadline: Option<Instant>,
     early_left: u8,
-    send_win: CircSendWindow,
-    recv_win: CircRecvWindow,
+    /// Congestion control of the DATA we send to the last hop (reset with each hop added).
+    cc: CongestionControl,
+    /// SENDME counter of the DATA the last hop sends us.
+    recv: CircRecv,
     streams: HashMap<u16, Stream>,
     next_stream: u16,
     transmit: VecDeque<Cell>,
@@ -90,12 +92,12 @@ impl ClientCircuit {
         let mut path: VecDeque<HopTarget> = path.into();
         let guard = path.pop_front().ok_or(CircError::NotReady("empty path"))?;
         let (hs, skin) =
-            handshake::client_start(&guard.id, &guard.onion_key, &[]).map_err(|e| {
-                CircError::Handshake {
+            handshake::client_start(&guard.id, &guard.onion_key, &flowctl::cc_request()).map_err(
+                |e| CircError::Handshake {
                     hop: 0,
                     source: Arc::new(e),
-                }
-            })?;
+                },
+            )?;
         let create = Cell::create(
             id,
             &Create {
@@ -114,8 +116,8 @@ impl ClientCircuit {
             announce_built,
             build_deadline: now.checked_add(params.build_timeout),
             early_left: MAX_RELAY_EARLY,
-            send_win: CircSendWindow::new(),
-            recv_win: CircRecvWindow::new(),
+            cc: CongestionControl::new(CcParams::default()),
+            recv: CircRecv::new(CcParams::default()),
             streams: HashMap::new(),
             next_stream: 1,
             transmit: VecDeque::with_capacity(8),
@@ -166,24 +168,22 @@ impl ClientCircuit {
         self.early_left
     }
 
-    /// The circuit package window (DATA cells we may still send before a circuit SENDME).
-    pub fn send_window(&self) -> u16 {
-        self.send_win.window()
+    /// The congestion controller of the DATA this circuit sends (towards its last hop).
+    pub fn congestion(&self) -> &CongestionControl {
+        &self.cc
     }
 
-    /// The package window of stream `sid`.
-    pub fn stream_send_window(&self, sid: StreamId) -> Option<u16> {
-        self.streams.get(&sid.get()).map(|s| s.send.window())
+    /// Whether the exit has stopped stream `sid` with XOFF.
+    pub fn stream_paused(&self, sid: StreamId) -> Option<bool> {
+        self.streams.get(&sid.get()).map(|s| !s.send.can_send())
     }
 
-    /// Whether DATA for `sid` could be packaged now (open stream, both windows open).
+    /// Whether DATA for `sid` could be packaged now: the congestion window has room, the stream
+    /// is open (or connecting with optimistic budget left) and not stopped by XOFF.
     pub fn can_package(&self, sid: StreamId) -> bool {
         self.closed.is_none()
-            && self.send_win.can_send()
-            && self
-                .streams
-                .get(&sid.get())
-                .is_some_and(|s| s.state.can_send() && s.send.can_send())
+            && self.cc.can_send()
+            && self.streams.get(&sid.get()).is_some_and(|s| s.can_send())
     }
 
     /// The next cell to put on the guard link.
@@ -300,12 +300,12 @@ impl ClientCircuit {
 
     /// Handle a cell from the guard link (in link order). `Err`: this cell destroyed the circuit
     /// (the reason is also in [`Event::Destroyed`]). Cells after the circuit closed are ignored.
-    pub fn handle_cell(&mut self, cell: Cell, _now: Instant) -> Result<(), CircError> {
+    pub fn handle_cell(&mut self, cell: Cell, now: Instant) -> Result<(), CircError> {
         if self.closed.is_some() {
             return Ok(());
         }
         match cell.cmd {
-            CellCmd::RELAY => match self.handle_relay(cell) {
+            CellCmd::RELAY => match self.handle_relay(cell, now) {
                 Ok(()) => Ok(()),
                 Err(e) => self.die(e),
             },
@@ -350,7 +350,7 @@ impl ClientCircuit {
 
     /// The reply for hop `hop` arrived: add it, then extend on along the path.
     fn hop_done(&mut self, hop: usize, hs: ClientHandshake, reply: &[u8]) -> Result<(), CircError> {
-        let (keys, _server_msg) = hs.finish(reply).map_err(|e| {
+        let (keys, server_msg) = hs.finish(reply).map_err(|e| {
             let err = CircError::Handshake {
                 hop,
                 source: Arc::new(e),
@@ -361,6 +361,20 @@ impl ClientCircuit {
             });
             err
         })?;
+        let params = flowctl::parse_cc_reply(&server_msg).map_err(|e| {
+            let err = CircError::FlowControl {
+                what: "congestion-control handshake",
+                source: e,
+            };
+            self.events.push_back(Event::ExtendFailed {
+                hop,
+                error: err.clone(),
+            });
+            err
+        })?;
+        // DATA flows only to and from the last hop: its parameters replace the previous hop's.
+        self.cc = CongestionControl::new(params);
+        self.recv = CircRecv::new(params);
         self.crypto
             .add_hop(&keys)
             .map_err(|e| CircError::Crypto(Arc::new(e)))?;
@@ -404,12 +418,11 @@ impl ClientCircuit {
             return Err(CircError::EarlyExhausted);
         }
         let (hs, skin) =
-            handshake::client_start(&target.id, &target.onion_key, &[]).map_err(|e| {
-                CircError::Handshake {
+            handshake::client_start(&target.id, &target.onion_key, &flowctl::cc_request())
+                .map_err(|e| CircError::Handshake {
                     hop,
                     source: Arc::new(e),
-                }
-            })?;
+                })?;
         let msg = RelayMsg::Extend(Extend {
             specs: target.specs.clone(),
             htype: HTYPE_NTOR3,
@@ -464,7 +477,7 @@ impl ClientCircuit {
         self.send_msg(last, sid, msg)
     }
 
-    fn handle_relay(&mut self, mut cell: Cell) -> Result<(), CircError> {
+    fn handle_relay(&mut self, mut cell: Cell, now: Instant) -> Result<(), CircError> {
         let (hop, tag) = self
             .crypto
             .decrypt_backward(cell.cmd.0, &mut cell.body)
@@ -482,30 +495,28 @@ impl ClientCircuit {
             if hop != last || h.stream_id == 0 {
                 return Err(CircError::Protocol("DATA from a hop that is not the exit"));
             }
-            return self.handle_data(h.stream_id, usize::from(h.len), tag, cell);
+            return self.handle_data(h.stream_id, usize::from(h.len), tag, cell, now);
         }
         let (sid, msg) = RelayMsg::decode(region).map_err(|e| CircError::Malformed {
             what: "relay message",
             source: e,
         })?;
-        self.handle_control(hop, last, sid, msg)
+        self.handle_control(hop, last, sid, msg, now)
     }
 
-    fn handle_data(&mut self, sid: u16, len: usize, tag: Tag, cell: Cell) -> Result<(), CircError> {
-        let flow = |what| move |e| CircError::FlowControl { what, source: e };
-        if let Some(t) = self
-            .recv_win
-            .on_data_received(&tag)
-            .map_err(flow("circuit deliver window"))?
-        {
-            // Reopen the window as the SENDME leaves: the exit may send more once it arrives.
+    fn handle_data(
+        &mut self,
+        sid: u16,
+        len: usize,
+        tag: Tag,
+        cell: Cell,
+        now: Instant,
+    ) -> Result<(), CircError> {
+        if let Some(t) = self.recv.on_data_received(&tag) {
             self.send_msg_last(0, &RelayMsg::Sendme(Sendme { tag: Some(t) }))?;
-            self.recv_win
-                .sendme_sent()
-                .map_err(flow("circuit deliver window"))?;
         }
         let Some(s) = self.streams.get_mut(&sid) else {
-            // Data for a stream we already closed: it counted against the circuit window.
+            // Data for a stream we already closed.
             return Ok(());
         };
         if !s.state.can_receive() {
@@ -513,13 +524,18 @@ impl ClientCircuit {
                 "DATA on a stream that is not open for receiving",
             ));
         }
-        let due = s.recv.take().map_err(flow("stream deliver window"))?;
-        s.on_data(due, tag);
+        let signal = s.recv.on_data(now).map_err(|e| CircError::FlowControl {
+            what: "stream XOFF limit",
+            source: e,
+        })?;
         if let Some(stream) = StreamId::new(sid) {
             self.events.push_back(Event::StreamData {
                 stream,
                 data: DataCell::new(cell.body, len),
             });
+        }
+        if signal == StreamSignal::Xoff {
+            self.send_msg_last(sid, &RelayMsg::Xoff(Xoff))?;
         }
         Ok(())
     }
@@ -530,6 +546,7 @@ impl ClientCircuit {
         last: usize,
         sid: u16,
         msg: RelayMsg,
+        now: Instant,
     ) -> Result<(), CircError> {
         if hop != last && !matches!(msg, RelayMsg::Drop(_) | RelayMsg::Truncated(_)) {
             return Err(CircError::Protocol(
@@ -539,19 +556,29 @@ impl ClientCircuit {
         let stream = StreamId::new(sid);
         match msg {
             RelayMsg::Sendme(Sendme { tag }) if sid == 0 => {
-                self.send_win
-                    .on_sendme(tag.as_ref())
+                self.cc
+                    .on_sendme(tag.as_ref(), now)
                     .map_err(|e| CircError::FlowControl {
                         what: "circuit SENDME",
                         source: e,
                     })?;
             }
             RelayMsg::Sendme(_) => {
+                return Err(CircError::Protocol(
+                    "stream-level SENDME (streams use XON/XOFF)",
+                ));
+            }
+            RelayMsg::Xoff(Xoff) => {
                 if let Some(s) = self.streams.get_mut(&sid) {
-                    s.send.put().map_err(|e| CircError::FlowControl {
-                        what: "stream SENDME",
+                    s.send.on_xoff().map_err(|e| CircError::FlowControl {
+                        what: "XOFF",
                         source: e,
                     })?;
+                }
+            }
+            RelayMsg::Xon(Xon { rate_kib }) => {
+                if let Some(s) = self.streams.get_mut(&sid) {
+                    s.send.on_xon(rate_kib);
                 }
             }
             RelayMsg::Connected(_) => {
@@ -656,20 +683,23 @@ impl ClientCircuit {
         }
         self.next_stream = id.wrapping_add(1);
         let deadline = now.checked_add(self.params.stream_timeout).unwrap_or(now);
-        let (msg, state) = match target {
+        let (msg, state, optimistic) = match target {
             StreamTarget::Begin(b) => (
                 RelayMsg::Begin(b.clone()),
                 StreamState::Connecting { deadline },
+                true,
             ),
             StreamTarget::BeginDir => (
                 RelayMsg::BeginDir(relaymsg::BeginDir),
                 StreamState::Connecting { deadline },
+                false,
             ),
             StreamTarget::Resolve(h) => (
                 RelayMsg::Resolve(relaymsg::Resolve {
                     hostname: h.clone(),
                 }),
                 StreamState::Resolving { deadline },
+                false,
             ),
         };
         let mut buf = [0u8; RELAY_MSG_LEN];
@@ -680,14 +710,15 @@ impl ClientCircuit {
             self.fail(e.clone(), true);
             return Err(e);
         }
-        self.streams.insert(id, Stream::new(state));
+        self.streams.insert(id, Stream::new(state, optimistic));
         StreamId::new(id).ok_or(CircError::NotReady("stream id"))
     }
 
-    /// Package as much of `data` as the windows allow as DATA cells on stream `sid`; returns
-    /// the number of bytes taken (0 if a window is closed, the stream cannot send, or the
-    /// circuit is closed).
-    pub fn package(&mut self, sid: StreamId, data: &[u8], _now: Instant) -> usize {
+    /// Package as much of `data` as flow control allows as DATA cells on stream `sid`; returns
+    /// the number of bytes taken (0 if the congestion window is full, the stream is stopped by
+    /// XOFF or cannot send, or the circuit is closed). A BEGIN stream may send up to
+    /// [`super::OPTIMISTIC_MAX`] cells before CONNECTED (optimistic data).
+    pub fn package(&mut self, sid: StreamId, data: &[u8], now: Instant) -> usize {
         let Ok(last) = self.last_hop() else { return 0 };
         let mut off = 0;
         let mut msg = [0u8; RELAY_MSG_LEN];
@@ -704,12 +735,10 @@ impl ClientCircuit {
                     break;
                 }
             };
-            let r = self.send_win.note_data_sent(&tag).and_then(|()| {
-                self.streams
-                    .get_mut(&sid.get())
-                    .map_or(Ok(false), |s| s.send.take())
-            });
-            if let Err(e) = r {
+            if let Some(s) = self.streams.get_mut(&sid.get()) {
+                s.note_sent();
+            }
+            if let Err(e) = self.cc.note_data_sent(&tag, now) {
                 self.fail(
                     CircError::FlowControl {
                         what: "package window",
@@ -724,32 +753,20 @@ impl ClientCircuit {
         off
     }
 
-    /// The application took `cells` more DATA cells of stream `sid`: send the stream SENDMEs
-    /// that this makes due.
-    pub fn consumed(&mut self, sid: StreamId, cells: usize) {
+    /// The application took `cells` more DATA cells of stream `sid` at `now`: sends XON if the
+    /// stream was stopped with XOFF and has drained.
+    pub fn consumed(&mut self, sid: StreamId, cells: usize, now: Instant) {
         if self.closed.is_some() {
             return;
         }
         let Some(s) = self.streams.get_mut(&sid.get()) else {
             return;
         };
-        let tags: Vec<Tag> = s.on_consumed(cells).collect();
-        for t in tags {
-            let r = self
-                .send_msg_last(sid.get(), &RelayMsg::Sendme(Sendme { tag: Some(t) }))
-                .and_then(|_| {
-                    self.streams
-                        .get_mut(&sid.get())
-                        .map_or(Ok(()), |s| s.recv.sendme_sent())
-                        .map_err(|e| CircError::FlowControl {
-                            what: "stream deliver window",
-                            source: e,
-                        })
-                });
-            if let Err(e) = r {
-                self.fail(e, true);
-                return;
-            }
+        let cells = u32::try_from(cells).unwrap_or(u32::MAX);
+        if let StreamSignal::Xon(rate_kib) = s.recv.on_consumed(cells, now)
+            && let Err(e) = self.send_msg_last(sid.get(), &RelayMsg::Xon(Xon { rate_kib }))
+        {
+            self.fail(e, true);
         }
     }
 

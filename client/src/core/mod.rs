@@ -3,7 +3,7 @@
 //!
 //! A [`ClientCircuit`] owns everything about one circuit: the per-hop relay-cell crypto
 //! ([`allium_crypto::relaycell::ClientCircuitCrypto`]), the pending handshake of the hop being
-//! added, the RELAY_EARLY budget, the circuit and stream windows ([`allium_proto::flowctl`]) and
+//! added, the RELAY_EARLY budget, congestion control and stream XON/XOFF ([`allium_proto::flowctl`]) and
 //! the stream table (each stream in an explicit [`StreamState`]). Its owner (the reactor in
 //! `client/src/reactor.rs`, or a test harness) feeds it and drains it:
 //!
@@ -19,10 +19,12 @@
 //!   backward cells must be handed in in link order. Nothing else touches the crypto.
 //! - **Time enters only as arguments.** Build and stream-open deadlines are computed from the
 //!   `now` passed in; [`ClientCircuit::poll_timeout`] says when the next one falls due.
-//! - **Windows bound everything.** [`ClientCircuit::package`] never takes more than the circuit
-//!   and stream package windows allow; a relay that sends more DATA than the deliver windows allow
-//!   (or a SENDME that does not match) destroys the circuit. The transmit and event queues are
-//!   thus bounded by the windows plus one control cell per stream.
+//! - **Flow control bounds everything.** [`ClientCircuit::package`] never takes more than the
+//!   congestion window allows (nor anything on a stream stopped by XOFF, nor more than
+//!   [`OPTIMISTIC_MAX`] cells before CONNECTED); an exit that sends more DATA on a stream than
+//!   its XOFF limit, a SENDME that does not match one of our cells, or a stream SENDME destroys
+//!   the circuit. The transmit and event queues are thus bounded by the congestion window and the
+//!   XOFF limit plus one control cell per stream.
 //! - **A circuit fails once.** The first failure (bad cell, protocol violation, DESTROY, link
 //!   loss, timeout, [`ClientCircuit::close`]) moves the circuit to closed: the transmit queue
 //!   holds at most the DESTROY that tells the guard (none when the guard destroyed it or the link
@@ -33,9 +35,9 @@
 //!   (an EXTEND when none is left fails with [`CircError::EarlyExhausted`]); other forward cells
 //!   for hops after the guard use RELAY_EARLY while the budget lasts, then RELAY; cells for the
 //!   guard itself use RELAY. A backward RELAY_EARLY destroys the circuit.
-//! - **Stream SENDMEs follow delivery.** A stream SENDME is sent only once the application read
-//!   the data that made it due ([`ClientCircuit::consumed`]), so a slow reader closes the window.
-//!   Circuit SENDMEs are sent as soon as the DATA arrives.
+//! - **XON/XOFF follow delivery.** A stream's cells count as unconsumed until the application read
+//!   them ([`ClientCircuit::consumed`]): XOFF goes out when too many wait, XON once they drained,
+//!   so a slow reader stops its own stream. Circuit SENDMEs are sent as soon as the DATA arrives.
 //! - Wire input is hostile: no panics and no unchecked indexing on it.
 
 mod circuit;
@@ -54,7 +56,7 @@ use allium_proto::relaymsg::{Begin, LinkSpec, RELAY_HEADER_LEN};
 
 pub use crate::err::{CircError, StreamError};
 pub use circuit::{ClientCircuit, MAX_RELAY_EARLY};
-pub use stream::StreamState;
+pub use stream::{OPTIMISTIC_MAX, StreamState};
 
 /// Where the data of a backward DATA cell starts in the decrypted cell body.
 pub const DATA_OFFSET: usize = BACKWARD_MSG_OFFSET + RELAY_HEADER_LEN;

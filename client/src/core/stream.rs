@@ -1,12 +1,8 @@
 //! One stream's state inside a [`super::ClientCircuit`].
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
-use allium_crypto::relaycell::Tag;
-use allium_proto::flowctl::{
-    STREAM_SENDME_INC, STREAM_WINDOW_START, StreamRecvWindow, StreamSendWindow,
-};
+use allium_proto::flowctl::{StreamRecv, StreamSend};
 
 /// Where a stream is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,55 +44,45 @@ impl StreamState {
     }
 }
 
-/// Most stream SENDMEs that can be due at once (window / increment).
-const MAX_DUE: usize = (STREAM_WINDOW_START / STREAM_SENDME_INC) as usize;
+/// Most DATA cells the client packages on a stream before CONNECTED (optimistic data, about
+/// 60 KB: a request, not an upload).
+pub const OPTIMISTIC_MAX: u32 = 64;
 
 /// A stream's entry in the circuit's table.
 #[derive(Debug)]
 pub(super) struct Stream {
     pub(super) state: StreamState,
-    pub(super) send: StreamSendWindow,
-    pub(super) recv: StreamRecvWindow,
-    /// DATA cells received so far.
-    received: u64,
-    /// DATA cells the application took so far (≤ `received`).
-    consumed: u64,
-    /// SENDMEs due once `consumed` passes the index: (index of the cell, its tag), oldest first.
-    due: VecDeque<(u64, Tag)>,
+    /// Sending edge: paused by the exit's XOFF.
+    pub(super) send: StreamSend,
+    /// Receiving edge: cells delivered but not consumed, XOFF/XON.
+    pub(super) recv: StreamRecv,
+    /// Optimistic DATA cells it may still send before CONNECTED (0 for RESOLVE and BEGIN_DIR).
+    pub(super) optimistic_left: u32,
 }
 
 impl Stream {
-    pub(super) fn new(state: StreamState) -> Self {
+    pub(super) fn new(state: StreamState, optimistic: bool) -> Self {
         Self {
             state,
-            send: StreamSendWindow::new(),
-            recv: StreamRecvWindow::new(),
-            received: 0,
-            consumed: 0,
-            due: VecDeque::with_capacity(MAX_DUE),
+            send: StreamSend::new(),
+            recv: StreamRecv::new(),
+            optimistic_left: if optimistic { OPTIMISTIC_MAX } else { 0 },
         }
     }
 
-    /// Count a received DATA cell; remember its tag if it makes a SENDME due.
-    pub(super) fn on_data(&mut self, due: bool, tag: Tag) {
-        if due && self.due.len() < MAX_DUE {
-            self.due.push_back((self.received, tag));
-        }
-        self.received = self.received.saturating_add(1);
+    /// Whether DATA may be packaged now (flow control aside from the circuit's window).
+    pub(super) fn can_send(&self) -> bool {
+        let state_ok = match self.state {
+            StreamState::Connecting { .. } => self.optimistic_left > 0,
+            s => s.can_send(),
+        };
+        state_ok && self.send.can_send()
     }
 
-    /// The application took `cells` more cells; returns the tags of the SENDMEs now due.
-    pub(super) fn on_consumed(&mut self, cells: usize) -> impl Iterator<Item = Tag> + '_ {
-        let add = u64::try_from(cells).unwrap_or(u64::MAX);
-        self.consumed = self.consumed.saturating_add(add).min(self.received);
-        let consumed = self.consumed;
-        std::iter::from_fn(move || {
-            let (idx, _) = self.due.front()?;
-            if *idx < consumed {
-                self.due.pop_front().map(|(_, t)| t)
-            } else {
-                None
-            }
-        })
+    /// Count one DATA cell packaged.
+    pub(super) fn note_sent(&mut self) {
+        if matches!(self.state, StreamState::Connecting { .. }) {
+            self.optimistic_left = self.optimistic_left.saturating_sub(1);
+        }
     }
 }

@@ -10,12 +10,10 @@ use allium_crypto::handshake::relay_respond;
 use allium_crypto::relaycell::{FORWARD_MSG_OFFSET, Forward, RELAY_MSG_LEN, RelayHopCrypto, Tag};
 use allium_crypto::{IdentityKeypair, X25519Secret};
 use allium_proto::cell::{Cell, CellCmd, CircId, Create, Created, DestroyReason};
-use allium_proto::flowctl::{
-    CIRC_SENDME_INC, CIRC_WINDOW_START, STREAM_SENDME_INC, STREAM_WINDOW_START,
-};
+use allium_proto::flowctl::{self, SENDME_INC_DEFAULT, XOFF_LIMIT, XOFF_THRESHOLD, XON_THRESHOLD};
 use allium_proto::relaymsg::{
     Begin, BeginFlags, Connected, Data, End, EndReason, Extended, MAX_DATA, RelayMsg, Resolved,
-    ResolvedValue, Sendme, Target, Truncated,
+    ResolvedValue, Sendme, Target, Truncated, Xoff, Xon,
 };
 
 use super::*;
@@ -47,11 +45,18 @@ struct Net {
     events: Vec<Event>,
     /// Answer BEGIN with CONNECTED and EXTEND with EXTENDED.
     auto: bool,
+    /// The server message every relay answers with (congestion control agreed by default).
+    sm: Vec<u8>,
     /// Tags of the backward DATA cells the exit sent, in order.
     data_tags: Vec<Tag>,
     /// Tags of the forward DATA cells the exit got, in order.
     fwd_data_tags: Vec<Tag>,
     to_client: VecDeque<Cell>,
+}
+
+/// The server message of a relay that agrees to congestion control with the default parameters.
+fn cc_sm() -> Vec<u8> {
+    flowctl::cc_reply(Default::default()).to_vec()
 }
 
 fn relays(n: usize) -> Vec<Relay> {
@@ -104,6 +109,7 @@ impl Net {
             destroys: 0,
             events: Vec::new(),
             auto: true,
+            sm: cc_sm(),
             data_tags: Vec::new(),
             fwd_data_tags: Vec::new(),
             to_client: VecDeque::new(),
@@ -185,8 +191,9 @@ impl Net {
             CellCmd::CREATE => {
                 let c = Create::decode(&cell.body[..]).unwrap();
                 let r = &self.relays[0];
+                let sm = self.sm.clone();
                 let (k, reply) =
-                    relay_respond(&r.id.public(), &[&r.onion], &c.hdata, |_| vec![]).unwrap();
+                    relay_respond(&r.id.public(), &[&r.onion], &c.hdata, |_| sm).unwrap();
                 self.hops.push(RelayHopCrypto::new(&k));
                 let cid = CIRC;
                 self.to_client
@@ -214,13 +221,10 @@ impl Net {
                         RelayMsg::Extend(e) => {
                             let next = &self.relays[at + 1];
                             assert_eq!(e.relay_id(), Some(next.id.public()));
-                            let (k, reply) = relay_respond(
-                                &next.id.public(),
-                                &[&next.onion],
-                                &e.hdata,
-                                |_| vec![],
-                            )
-                            .unwrap();
+                            let sm = self.sm.clone();
+                            let (k, reply) =
+                                relay_respond(&next.id.public(), &[&next.onion], &e.hdata, |_| sm)
+                                    .unwrap();
                             self.send_back(at, 0, &RelayMsg::Extended(Extended { hdata: reply }));
                             self.hops.push(RelayHopCrypto::new(&k));
                         }
@@ -368,7 +372,7 @@ fn cells_for_the_guard_are_never_relay_early() {
 }
 
 #[test]
-fn data_both_ways_and_stream_sendmes_follow_delivery() {
+fn data_both_ways_and_no_stream_sendmes() {
     let mut n = Net::built();
     let sid = n.open();
     assert!(
@@ -384,9 +388,9 @@ fn data_both_ways_and_stream_sendmes_follow_delivery() {
     });
     assert_eq!(got.as_deref(), Some(&b"GET / HTTP/1.0\r\n\r\n"[..]));
 
-    n.data(sid, usize::from(STREAM_SENDME_INC));
+    n.data(sid, 50);
     n.drive();
-    assert_eq!(n.n_data(), usize::from(STREAM_SENDME_INC));
+    assert_eq!(n.n_data(), 50);
     let bytes: usize = n
         .events
         .iter()
@@ -395,55 +399,68 @@ fn data_both_ways_and_stream_sendmes_follow_delivery() {
             _ => None,
         })
         .sum();
-    assert_eq!(bytes, 100 * usize::from(STREAM_SENDME_INC));
-    assert!(
-        n.sendmes(sid.get()).is_empty(),
-        "a stream SENDME before delivery"
-    );
-    n.client.consumed(sid, usize::from(STREAM_SENDME_INC) - 1);
+    assert_eq!(bytes, 100 * 50);
+    n.client.consumed(sid, 50, n.now);
     n.drive();
+    // Streams use XON/XOFF: no stream-level SENDME, ever.
     assert!(n.sendmes(sid.get()).is_empty());
-    n.client.consumed(sid, 1);
-    n.drive();
-    let tag_of_50th = n.data_tags[usize::from(STREAM_SENDME_INC) - 1];
-    assert_eq!(n.sendmes(sid.get()), vec![Some(tag_of_50th)]);
 }
 
 #[test]
-fn circuit_sendme_carries_the_tag_of_the_hundredth_cell() {
+fn circuit_sendme_carries_the_tag_of_every_sendme_inc_th_cell() {
     let mut n = Net::built();
     let a = n.open();
     let b = n.open();
-    n.data(a, 60);
-    n.data(b, 40);
+    n.data(a, 40);
+    n.data(b, 30);
     n.drive();
+    let inc = usize::from(SENDME_INC_DEFAULT);
     assert_eq!(
         n.sendmes(0),
-        vec![Some(n.data_tags[usize::from(CIRC_SENDME_INC) - 1])]
+        vec![Some(n.data_tags[inc - 1]), Some(n.data_tags[2 * inc - 1])]
     );
-    assert_eq!(n.n_data(), 100);
+    assert_eq!(n.n_data(), 70);
 }
 
 #[test]
-fn package_stops_at_the_stream_window_and_sendme_reopens_it() {
+fn package_stops_at_xoff_and_xon_resumes() {
     let mut n = Net::built();
     let sid = n.open();
-    let big = vec![0u8; 600 * MAX_DATA];
-    let took = n.client.package(sid, &big, n.now);
-    assert_eq!(took, usize::from(STREAM_WINDOW_START) * MAX_DATA);
-    assert_eq!(n.client.package(sid, &big, n.now), 0);
+    let big = vec![0u8; 10 * MAX_DATA];
+    assert_eq!(n.client.package(sid, &big[..MAX_DATA], n.now), MAX_DATA);
+    n.send_back(2, sid.get(), &RelayMsg::Xoff(Xoff));
+    n.drive();
+    assert_eq!(n.client.stream_paused(sid), Some(true));
     assert!(!n.client.can_package(sid));
+    assert_eq!(n.client.package(sid, &big, n.now), 0);
+    n.send_back(2, sid.get(), &RelayMsg::Xon(Xon { rate_kib: 100 }));
     n.drive();
-    n.send_back(2, sid.get(), &RelayMsg::Sendme(Sendme { tag: None }));
+    assert_eq!(n.client.package(sid, &big, n.now), big.len());
+    // A second XOFF without XON in between is a violation.
+    n.send_back(2, sid.get(), &RelayMsg::Xoff(Xoff));
+    n.send_back(2, sid.get(), &RelayMsg::Xoff(Xoff));
     n.drive();
-    assert_eq!(
-        n.client.package(sid, &big, n.now),
-        usize::from(STREAM_SENDME_INC) * MAX_DATA
+    assert!(
+        matches!(
+            n.destroyed(),
+            Some(CircError::FlowControl { what: "XOFF", .. })
+        ),
+        "{:?}",
+        n.destroyed()
     );
 }
 
 #[test]
-fn circuit_window_and_authenticated_circuit_sendmes() {
+fn a_stream_sendme_destroys_the_circuit() {
+    let mut n = Net::built();
+    let sid = n.open();
+    n.send_back(2, sid.get(), &RelayMsg::Sendme(Sendme { tag: None }));
+    n.drive();
+    assert!(matches!(n.destroyed(), Some(CircError::Protocol(_))));
+}
+
+#[test]
+fn congestion_window_and_authenticated_circuit_sendmes() {
     let mut n = Net::built();
     let streams: Vec<StreamId> = (0..3).map(|_| n.open()).collect();
     let big = vec![0u8; 500 * MAX_DATA];
@@ -451,15 +468,23 @@ fn circuit_window_and_authenticated_circuit_sendmes() {
     for s in &streams {
         total += n.client.package(*s, &big, n.now);
     }
-    assert_eq!(total, usize::from(CIRC_WINDOW_START) * MAX_DATA);
-    assert_eq!(n.client.send_window(), 0);
+    let cwnd = n.client.congestion().cwnd();
+    assert_eq!(total, cwnd as usize * MAX_DATA);
+    assert_eq!(n.client.congestion().budget(), 0);
     n.drive();
-    assert_eq!(n.fwd_data_tags.len(), usize::from(CIRC_WINDOW_START));
-    // The exit acknowledges with the tag of the 100th DATA cell: the window opens by 100.
-    let t = n.fwd_data_tags[usize::from(CIRC_SENDME_INC) - 1];
+    assert_eq!(n.fwd_data_tags.len(), cwnd as usize);
+    // The exit acknowledges with the tag of the 31st DATA cell: 31 cells leave flight, and slow
+    // start grows the window by as much.
+    let inc = usize::from(SENDME_INC_DEFAULT);
+    let t = n.fwd_data_tags[inc - 1];
+    n.now += Duration::from_millis(100);
     n.send_back(2, 0, &RelayMsg::Sendme(Sendme { tag: Some(t) }));
     n.drive();
-    assert_eq!(n.client.send_window(), CIRC_SENDME_INC);
+    assert_eq!(n.client.congestion().budget(), 2 * inc as u32);
+    assert_eq!(
+        n.client.congestion().rtt_min(),
+        Some(Duration::from_millis(100))
+    );
     // A SENDME with a tag the client never sent destroys the circuit.
     n.send_back(
         2,
@@ -480,7 +505,6 @@ fn circuit_window_and_authenticated_circuit_sendmes() {
         "{:?}",
         n.destroyed()
     );
-    assert_eq!(n.destroys, 1, "the guard was told");
 }
 
 #[test]
@@ -555,23 +579,49 @@ fn destroy_from_the_guard_ends_every_stream_without_an_answer() {
 }
 
 #[test]
-fn overrunning_the_stream_window_destroys_the_circuit() {
+fn xoff_then_xon_and_ignoring_xoff_destroys_the_circuit() {
     let mut n = Net::built();
     let sid = n.open();
-    n.data(sid, usize::from(STREAM_WINDOW_START) + 1);
+    n.data(sid, XOFF_THRESHOLD as usize - 1);
+    n.drive();
+    assert!(!n.seen.iter().any(|s| matches!(s.msg, RelayMsg::Xoff(_))));
+    n.data(sid, 1);
+    n.drive();
+    assert_eq!(
+        n.seen
+            .iter()
+            .filter(|s| s.sid == sid.get() && matches!(s.msg, RelayMsg::Xoff(_)))
+            .count(),
+        1
+    );
+    // The application drains: XON once at most XON_THRESHOLD cells are left.
+    n.now += Duration::from_secs(1);
+    n.client
+        .consumed(sid, (XOFF_THRESHOLD - XON_THRESHOLD - 1) as usize, n.now);
+    n.drive();
+    assert!(!n.seen.iter().any(|s| matches!(s.msg, RelayMsg::Xon(_))));
+    n.client.consumed(sid, 1, n.now);
+    n.drive();
+    let rate = n.seen.iter().find_map(|s| match s.msg {
+        RelayMsg::Xon(Xon { rate_kib }) => Some(rate_kib),
+        _ => None,
+    });
+    let expect = (XOFF_THRESHOLD - XON_THRESHOLD) * MAX_DATA as u32 / 1024;
+    assert!(rate.is_some_and(|r| r.abs_diff(expect) <= 1), "{rate:?}");
+    // An exit that ignores the next XOFF is cut off at the limit.
+    n.data(sid, (XOFF_LIMIT - XON_THRESHOLD) as usize + 1);
     n.drive();
     assert!(
         matches!(
             n.destroyed(),
             Some(CircError::FlowControl {
-                what: "stream deliver window",
+                what: "stream XOFF limit",
                 ..
             })
         ),
         "{:?}",
         n.destroyed()
     );
-    assert_eq!(n.n_data(), usize::from(STREAM_WINDOW_START));
     assert_eq!(n.destroys, 1);
 }
 
@@ -583,9 +633,9 @@ fn data_for_a_closed_stream_is_dropped_but_counts_for_circuit_sendmes() {
     n.drive();
     n.data(s, 1200);
     n.drive();
-    // A circuit SENDME per 100 cells: the exit never overruns the circuit window.
+    // A circuit SENDME per SENDME_INC cells, whatever stream the data was for.
     assert!(n.destroyed().is_none(), "{:?}", n.destroyed());
-    assert_eq!(n.sendmes(0).len(), 12);
+    assert_eq!(n.sendmes(0).len(), 1200 / usize::from(SENDME_INC_DEFAULT));
     assert_eq!(n.n_data(), 0, "data for a closed stream is dropped");
 }
 
@@ -866,29 +916,38 @@ fn stream_ids_are_unique_and_bounded() {
 }
 
 #[test]
-fn stream_sendmes_leave_in_order_once_their_data_is_consumed() {
+fn optimistic_data_is_bounded_before_connected() {
     let mut n = Net::built();
-    let sid = n.open();
-    let inc = usize::from(STREAM_SENDME_INC);
-    n.data(sid, 3 * inc);
+    n.auto = false;
+    let sid = n
+        .client
+        .begin_stream(&begin("example.com", 80), n.now)
+        .unwrap();
+    // Before CONNECTED: the first bytes go right behind BEGIN, up to OPTIMISTIC_MAX cells.
+    let big = vec![1u8; 100 * MAX_DATA];
+    let took = n.client.package(sid, &big, n.now);
+    assert_eq!(took, super::OPTIMISTIC_MAX as usize * MAX_DATA);
+    assert_eq!(n.client.package(sid, &big, n.now), 0);
     n.drive();
-    assert!(n.sendmes(sid.get()).is_empty());
-    // Consuming everything at once releases the three SENDMEs, oldest first.
-    n.client.consumed(sid, 3 * inc);
-    n.drive();
-    let want: Vec<Option<Tag>> = (1..=3).map(|k| Some(n.data_tags[k * inc - 1])).collect();
-    assert_eq!(n.sendmes(sid.get()), want);
-    // The deliver window is whole again: another full window is accepted.
-    n.data(sid, usize::from(STREAM_WINDOW_START));
-    n.drive();
-    assert!(n.destroyed().is_none(), "{:?}", n.destroyed());
-    // Reporting more than was received releases nothing extra.
-    n.client.consumed(sid, 10_000);
-    n.drive();
-    assert_eq!(
-        n.sendmes(sid.get()).len(),
-        3 + usize::from(STREAM_WINDOW_START) / inc
-    );
+    let kinds: Vec<&str> = n
+        .seen
+        .iter()
+        .filter(|s| s.sid == sid.get())
+        .map(|s| match s.msg {
+            RelayMsg::Begin(_) => "begin",
+            RelayMsg::Data(_) => "data",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds.first(), Some(&"begin"));
+    assert_eq!(kinds.len(), 1 + super::OPTIMISTIC_MAX as usize);
+    assert!(kinds[1..].iter().all(|k| *k == "data"));
+    // RESOLVE streams take no data.
+    let r = n
+        .client
+        .begin_stream(&StreamTarget::Resolve("example.com".into()), n.now)
+        .unwrap();
+    assert_eq!(n.client.package(r, b"x", n.now), 0);
 }
 
 #[test]
@@ -925,4 +984,65 @@ fn hop_targets_carry_the_identity_then_each_address() {
     assert!(
         matches!(t.specs[2], allium_proto::relaymsg::LinkSpec::Ipv6(a) if SocketAddr::V6(a) == v6)
     );
+}
+
+#[test]
+fn early_or_repeated_circuit_sendmes_destroy_the_circuit() {
+    let inc = usize::from(SENDME_INC_DEFAULT);
+    let is_sendme_violation = |n: &Net| {
+        matches!(
+            n.destroyed(),
+            Some(CircError::FlowControl {
+                what: "circuit SENDME",
+                ..
+            })
+        )
+    };
+    // Too early: fewer than `sendme_inc` cells were sent.
+    let mut n = Net::built();
+    let sid = n.open();
+    let some = vec![0u8; (inc - 1) * MAX_DATA];
+    assert_eq!(n.client.package(sid, &some, n.now), some.len());
+    n.drive();
+    let t = n.fwd_data_tags[inc - 2];
+    n.send_back(2, 0, &RelayMsg::Sendme(Sendme { tag: Some(t) }));
+    n.drive();
+    assert!(is_sendme_violation(&n), "{:?}", n.destroyed());
+    // One too many: a single increment sent, acknowledged twice.
+    let mut n = Net::built();
+    let sid = n.open();
+    let one = vec![0u8; inc * MAX_DATA];
+    assert_eq!(n.client.package(sid, &one, n.now), one.len());
+    n.drive();
+    let t = n.fwd_data_tags[inc - 1];
+    n.send_back(2, 0, &RelayMsg::Sendme(Sendme { tag: Some(t) }));
+    n.drive();
+    assert!(n.destroyed().is_none(), "{:?}", n.destroyed());
+    n.send_back(2, 0, &RelayMsg::Sendme(Sendme { tag: Some(t) }));
+    n.drive();
+    assert!(is_sendme_violation(&n), "{:?}", n.destroyed());
+}
+
+#[test]
+fn a_relay_without_congestion_control_fails_the_hop() {
+    // A guard whose handshake reply lacks the congestion-control extension (or offers an
+    // increment below the minimum) is not added: the build fails at hop 0.
+    for sm in [Vec::new(), vec![1, 2, 1, 3]] {
+        let mut n = Net::new();
+        n.sm = sm;
+        n.drive();
+        assert!(
+            n.events.iter().any(|e| matches!(
+                e,
+                Event::ExtendFailed {
+                    hop: 0,
+                    error: CircError::FlowControl { .. }
+                }
+            )),
+            "{:?}",
+            n.events
+        );
+        assert!(n.client.is_closed());
+        assert_eq!(n.client.n_hops(), 0);
+    }
 }

@@ -149,10 +149,12 @@ fn warn_ip_literal(target: &Target) {
     }
 }
 
-/// CONNECT: open the stream, reply, then splice the socket to it.
+/// CONNECT: open the stream, reply, then splice the socket to it. With `socks_optimistic` the
+/// reply goes out as soon as BEGIN is queued, so the application's first bytes follow BEGIN.
 async fn connect(mgr: &CircMgr, mut sock: TcpStream, req: &SocksRequest) {
     warn_ip_literal(&req.target);
-    match open(mgr, &req.target, &req.isolation).await {
+    let optimistic = mgr.config().socks_optimistic;
+    match open(mgr, &req.target, &req.isolation, optimistic).await {
         Ok((circ, sid, rx)) => {
             if sock
                 .write_all(&req.reply(reply::SUCCEEDED, None))
@@ -236,14 +238,24 @@ impl Drop for PeerGuard<'_> {
 type Opened = (Arc<Circuit>, u16, tokio::sync::mpsc::Receiver<StreamEvent>);
 
 /// Open a stream to `target`, retrying on another circuit when one fails under us; never
-/// longer than [`OPEN_TIMEOUT`] in all.
-async fn open(mgr: &CircMgr, target: &Target, iso: &IsolationKey) -> Result<Opened, Failure> {
-    tokio::time::timeout(OPEN_TIMEOUT, open_inner(mgr, target, iso))
+/// longer than [`OPEN_TIMEOUT`] in all. `optimistic`: do not wait for CONNECTED.
+async fn open(
+    mgr: &CircMgr,
+    target: &Target,
+    iso: &IsolationKey,
+    optimistic: bool,
+) -> Result<Opened, Failure> {
+    tokio::time::timeout(OPEN_TIMEOUT, open_inner(mgr, target, iso, optimistic))
         .await
         .unwrap_or(Err(Failure::TimedOut))
 }
 
-async fn open_inner(mgr: &CircMgr, target: &Target, iso: &IsolationKey) -> Result<Opened, Failure> {
+async fn open_inner(
+    mgr: &CircMgr,
+    target: &Target,
+    iso: &IsolationKey,
+    optimistic: bool,
+) -> Result<Opened, Failure> {
     let port = target.port();
     if !mgr.exit_exists(port) {
         return Err(Failure::NoExit {
@@ -255,7 +267,12 @@ async fn open_inner(mgr: &CircMgr, target: &Target, iso: &IsolationKey) -> Resul
             Ok(c) => c,
             Err(e) => return Err(Failure::NoCircuit(e)),
         };
-        match stream::begin(&circ, target).await {
+        let opened = if optimistic {
+            stream::begin_optimistic(&circ, target).await
+        } else {
+            stream::begin(&circ, target).await
+        };
+        match opened {
             Ok((sid, rx)) => return Ok((circ, sid, rx)),
             Err(OpenError::Reply(code)) => return Err(Failure::Stream(code)),
             Err(OpenError::Retry) => continue,

@@ -8,10 +8,10 @@ use allium_crypto::relaycell::{
     CellBody, FORWARD_MSG_OFFSET, Forward, RELAY_MSG_LEN, RelayHopCrypto, Tag,
 };
 use allium_proto::cell::{Cell, CellCmd, Create, Created, Destroy, DestroyReason};
-use allium_proto::flowctl::{CircRecvWindow, CircSendWindow};
+use allium_proto::flowctl::{CircRecv, CongestionControl, StreamSignal};
 use allium_proto::relaymsg::{
     self, End, EndReason, Extend, Extended, RelayCmd, RelayHeader, RelayMsg, Sendme, StreamIdRule,
-    Truncated,
+    Truncated, Xoff, Xon,
 };
 
 use super::stream::{Stream, StreamState};
@@ -44,8 +44,8 @@ pub struct CircuitCore {
     early: u8,
     next: Next,
     pub(super) streams: HashMap<u16, Stream>,
-    pub(super) send_win: CircSendWindow,
-    recv_win: CircRecvWindow,
+    pub(super) cc: CongestionControl,
+    recv: CircRecv,
     transmit: VecDeque<(Side, Cell)>,
     pub(super) events: VecDeque<Event>,
     blocked_since: Option<Instant>,
@@ -61,14 +61,15 @@ fn window(e: allium_proto::ProtoError) -> CircError {
 impl CircuitCore {
     /// A circuit whose handshake produced `crypto`.
     pub fn new(cfg: CoreConfig, crypto: RelayHopCrypto) -> Self {
+        let cc = cfg.cc;
         Self {
             cfg,
             crypto,
             early: 0,
             next: Next::Unextended,
             streams: HashMap::new(),
-            send_win: CircSendWindow::new(),
-            recv_win: CircRecvWindow::new(),
+            cc: CongestionControl::new(cc),
+            recv: CircRecv::new(cc),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             blocked_since: None,
@@ -157,16 +158,22 @@ impl CircuitCore {
         self.streams.len()
     }
 
-    /// How many DATA cells stream `sid` may send now (the smaller package window); `None` if the
-    /// stream is gone or its destination may not send.
+    /// How many DATA cells stream `sid` may send now (the congestion window's room, 0 while the
+    /// client's XOFF is in force); `None` if the stream is gone or its destination may not send.
     pub fn stream_budget(&self, sid: u16) -> Option<usize> {
         let st = self.streams.get(&sid)?;
         if self.is_closed() || !st.state.destination_may_send() {
             return None;
         }
-        Some(usize::from(
-            self.send_win.window().min(st.win.send.window()),
-        ))
+        if !st.send.can_send() {
+            return Some(0);
+        }
+        usize::try_from(self.cc.budget()).ok()
+    }
+
+    /// The congestion controller of the data this relay sends towards the client.
+    pub fn congestion(&self) -> &CongestionControl {
+        &self.cc
     }
 
     /// Cells this core originated since the last call (for traffic statistics).
@@ -321,7 +328,7 @@ impl CircuitCore {
             RelayCmd::DATA => {
                 let start = FORWARD_MSG_OFFSET + relaymsg::RELAY_HEADER_LEN;
                 let len = usize::from(hdr.len);
-                self.on_data(sid, tag, DataChunk { body, start, len })
+                self.on_data(sid, tag, DataChunk { body, start, len }, now)
             }
             RelayCmd::SENDME => {
                 let msg = RelayMsg::decode_body(hdr.cmd, data).map_err(CircError::Malformed)?;
@@ -330,7 +337,7 @@ impl CircuitCore {
                         what: "SENDME body",
                     });
                 };
-                self.on_sendme(sid, tag.as_ref())
+                self.on_sendme(sid, tag.as_ref(), now)
             }
             _ => {
                 let msg = RelayMsg::decode_body(hdr.cmd, data).map_err(CircError::Malformed)?;
@@ -367,6 +374,16 @@ impl CircuitCore {
                 self.originate(0, &RelayMsg::Truncated(t));
                 Ok(())
             }
+            RelayMsg::Xoff(Xoff) => match self.streams.get_mut(&sid) {
+                Some(st) => st.send.on_xoff().map_err(window),
+                None => Ok(()),
+            },
+            RelayMsg::Xon(Xon { rate_kib }) => {
+                if let Some(st) = self.streams.get_mut(&sid) {
+                    st.send.on_xon(rate_kib);
+                }
+                Ok(())
+            }
             RelayMsg::Drop(_) | RelayMsg::Unrecognized(_) => Ok(()),
             RelayMsg::Connected(_) => Err(CircError::Unexpected { what: "CONNECTED" }),
             RelayMsg::Extended(_) => Err(CircError::Unexpected { what: "EXTENDED" }),
@@ -378,15 +395,19 @@ impl CircuitCore {
         }
     }
 
-    fn on_data(&mut self, sid: u16, tag: Tag, data: DataChunk) -> Result<(), CircError> {
-        let due = self.recv_win.on_data_received(&tag).map_err(window)?;
-        if let Some(t) = due {
-            // The circuit SENDME goes out now; the window reopens with it.
-            self.recv_win.sendme_sent().map_err(window)?;
+    fn on_data(
+        &mut self,
+        sid: u16,
+        tag: Tag,
+        data: DataChunk,
+        now: Instant,
+    ) -> Result<(), CircError> {
+        if let Some(t) = self.recv.on_data_received(&tag) {
+            // The circuit SENDME goes out at once: it measures the path, not the destination.
             self.originate(0, &RelayMsg::Sendme(Sendme { tag: Some(t) }));
         }
         let Some(st) = self.streams.get_mut(&sid) else {
-            // A stream that just ended: the data is dropped (it still counted above).
+            // A stream that just ended: the data is dropped.
             return Ok(());
         };
         if !st.state.accepts_client_data() {
@@ -394,23 +415,31 @@ impl CircuitCore {
                 what: "DATA after END",
             });
         }
-        if !st.take_credit(&tag) {
-            return Err(CircError::Window(allium_proto::ProtoError::Flow(
-                "DATA beyond the stream window",
-            )));
+        let signal = st.recv.on_data(now).map_err(window)?;
+        if !matches!(
+            st.state,
+            StreamState::Resolving { .. } | StreamState::Connecting { .. }
+        ) {
+            self.events.push_back(Event::StreamData { sid, data });
+        } else {
+            // Optimistic data: held until the destination is connected (bounded by the XOFF
+            // limit through `recv`).
+            st.early.push_back(data);
         }
-        self.events.push_back(Event::StreamData { sid, data });
+        if signal == StreamSignal::Xoff {
+            self.originate(sid, &RelayMsg::Xoff(Xoff));
+        }
         Ok(())
     }
 
-    fn on_sendme(&mut self, sid: u16, tag: Option<&Tag>) -> Result<(), CircError> {
-        if sid == 0 {
-            self.send_win.on_sendme(tag).map_err(window)
-        } else if let Some(st) = self.streams.get_mut(&sid) {
-            st.win.on_sendme().map_err(window)
-        } else {
-            Ok(())
+    fn on_sendme(&mut self, sid: u16, tag: Option<&Tag>, now: Instant) -> Result<(), CircError> {
+        if sid != 0 {
+            // Streams use XON/XOFF: a stream SENDME is a protocol violation.
+            return Err(CircError::Unexpected {
+                what: "stream-level SENDME",
+            });
         }
+        self.cc.on_sendme(tag, now).map(|_| ()).map_err(window)
     }
 
     fn on_extend(&mut self, cmd: CellCmd, ext: Extend, now: Instant) -> Result<(), CircError> {

@@ -3,8 +3,8 @@
 use allium_crypto::handshake::relay_respond;
 use allium_crypto::relaycell::RelayHopCrypto;
 use allium_crypto::{CryptoError, RelayId, X25519Secret};
-use allium_proto::ProtoError;
 use allium_proto::cell::{Create, Created, DestroyReason, HTYPE_NTOR3};
+use allium_proto::{ProtoError, flowctl};
 
 use super::{CircuitCore, CoreConfig};
 
@@ -21,13 +21,19 @@ pub enum CreateError {
     /// The handshake failed (wrong identity or onion key, bad MAC).
     #[error("onion handshake failed")]
     Handshake(#[source] CryptoError),
+    /// The client did not request congestion control (flow control v2), which every circuit
+    /// uses.
+    #[error("CREATE without the congestion-control extension")]
+    NoCongestionControl,
 }
 
 impl CreateError {
     /// The reason for the DESTROY that answers the CREATE.
     pub fn wire_reason(&self) -> DestroyReason {
         match self {
-            Self::Malformed(_) | Self::UnsupportedHtype(_) => DestroyReason::PROTOCOL,
+            Self::Malformed(_) | Self::UnsupportedHtype(_) | Self::NoCongestionControl => {
+                DestroyReason::PROTOCOL
+            }
             // No detail about keys goes to the peer.
             Self::Handshake(_) => DestroyReason::NONE,
         }
@@ -58,9 +64,17 @@ pub fn answer_create(
     if create.htype != HTYPE_NTOR3 {
         return Err(CreateError::UnsupportedHtype(create.htype));
     }
-    // CM is a TLV list; no types are defined yet, so it is ignored. SM is empty.
-    let (hop, reply) = relay_respond(own_id, onion_keys, &create.hdata, |_cm| Vec::new())
-        .map_err(CreateError::Handshake)?;
+    // CM is a TLV list: it must request congestion control; SM carries the agreed parameters.
+    let mut cc_requested = false;
+    let params = cfg.cc;
+    let (hop, reply) = relay_respond(own_id, onion_keys, &create.hdata, |cm| {
+        cc_requested = flowctl::cm_requests_cc(cm);
+        flowctl::cc_reply(params).to_vec()
+    })
+    .map_err(CreateError::Handshake)?;
+    if !cc_requested {
+        return Err(CreateError::NoCongestionControl);
+    }
     let core = CircuitCore::new(cfg, RelayHopCrypto::new(&hop));
     drop(hop);
     Ok((core, Created { hdata: reply }))

@@ -4,9 +4,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use allium_crypto::relaycell::{MAX_DATA, RELAY_MSG_LEN};
+use allium_proto::flowctl::StreamSignal;
 use allium_proto::relaymsg::{
     self, AddrTtl, Begin, Connected, End, EndReason, RelayMsg, Resolve, Resolved, ResolvedValue,
-    Sendme, Target,
+    Target, Xon,
 };
 
 use super::stream::{HalfClose, Stream, StreamState};
@@ -80,6 +81,19 @@ impl CircuitCore {
             }),
         });
         self.originate(sid, &msg);
+        // Optimistic data that arrived before the connection goes to the destination now.
+        if let Some(st) = self.streams.get_mut(&sid) {
+            let early = std::mem::take(&mut st.early);
+            self.events.extend(
+                early
+                    .into_iter()
+                    .map(|data| Event::StreamData { sid, data }),
+            );
+        }
+        if client_done {
+            // The client's END DONE came before the connection: EOF after its data.
+            self.events.push_back(Event::StreamEnd { sid });
+        }
         self.set_state(
             sid,
             if client_done {
@@ -113,35 +127,24 @@ impl CircuitCore {
         }
     }
 
-    /// The destination of stream `sid` accepted `cells` more DATA cells: stream SENDMEs go out
-    /// for each completed increment.
-    pub fn data_consumed(&mut self, sid: u16, cells: usize, _now: Instant) {
-        for _ in 0..cells {
-            let Some(st) = self.streams.get_mut(&sid) else {
-                return;
-            };
-            match st.win.on_data_received() {
-                Ok(true) => {
-                    if st.win.sendme_sent().is_err() {
-                        return;
-                    }
-                    st.sendme_sent();
-                    let tag = st.next_sendme_tag();
-                    self.originate(sid, &RelayMsg::Sendme(Sendme { tag }));
-                }
-                Ok(false) => {}
-                // More consumed than received: a driver bug; stop counting.
-                Err(_) => return,
-            }
+    /// The destination of stream `sid` accepted `cells` more DATA cells: an XON goes out if the
+    /// stream was stopped with XOFF and its queue has drained.
+    pub fn data_consumed(&mut self, sid: u16, cells: usize, now: Instant) {
+        let Some(st) = self.streams.get_mut(&sid) else {
+            return;
+        };
+        let cells = u32::try_from(cells).unwrap_or(u32::MAX);
+        if let StreamSignal::Xon(rate_kib) = st.recv.on_consumed(cells, now) {
+            self.originate(sid, &RelayMsg::Xon(Xon { rate_kib }));
         }
     }
 
-    /// Package destination bytes of stream `sid` into DATA cells, as far as both package windows
-    /// allow. Returns how many bytes were taken (0 if blocked or the stream is gone). If not all
-    /// could be taken, the stream is ended with TIMEOUT unless a window opens and the rest is
-    /// offered again within [`super::CoreConfig::window_timeout`].
+    /// Package destination bytes of stream `sid` into DATA cells, as far as the congestion window
+    /// and the client's XON/XOFF allow. Returns how many bytes were taken (0 if blocked or the
+    /// stream is gone). If not all could be taken, the stream is ended with TIMEOUT unless room
+    /// opens and the rest is offered again within [`super::CoreConfig::window_timeout`].
     pub fn package(&mut self, sid: u16, data: &[u8], now: Instant) -> usize {
-        let used = self.package_inner(sid, data);
+        let used = self.package_inner(sid, data, now);
         if let Some(st) = self.streams.get_mut(&sid) {
             if used < data.len() {
                 st.window_blocked_since.get_or_insert(now);
@@ -152,7 +155,7 @@ impl CircuitCore {
         used
     }
 
-    fn package_inner(&mut self, sid: u16, data: &[u8]) -> usize {
+    fn package_inner(&mut self, sid: u16, data: &[u8], now: Instant) -> usize {
         let Some(budget) = self.stream_budget(sid) else {
             return 0;
         };
@@ -164,12 +167,7 @@ impl CircuitCore {
             let Some(tag) = self.encrypt_backward(msg) else {
                 return used;
             };
-            let ok = self.send_win.note_data_sent(&tag).is_ok()
-                && self
-                    .streams
-                    .get_mut(&sid)
-                    .is_some_and(|st| st.win.note_data_sent().is_ok());
-            if !ok {
+            if self.cc.note_data_sent(&tag, now).is_err() {
                 // Cannot happen within the budget; treat as a local failure.
                 self.close(CircError::Local, None);
                 return used;
@@ -262,11 +260,22 @@ impl CircuitCore {
                 self.remove_stream(sid, false);
                 return;
             }
-            StreamState::Resolving { port, .. } => StreamState::Resolving {
-                port,
-                client_done: true,
-            },
-            StreamState::Connecting { .. } => StreamState::Connecting { client_done: true },
+            // Not connected yet: the end is passed on after the held optimistic data, once the
+            // connection is made (`stream_connected`), so the destination sees data then EOF.
+            StreamState::Resolving { port, .. } => {
+                self.set_state(
+                    sid,
+                    StreamState::Resolving {
+                        port,
+                        client_done: true,
+                    },
+                );
+                return;
+            }
+            StreamState::Connecting { .. } => {
+                self.set_state(sid, StreamState::Connecting { client_done: true });
+                return;
+            }
             StreamState::Open => StreamState::HalfClosed(HalfClose::ClientFinished),
             StreamState::HalfClosed(HalfClose::DestinationFinished) => {
                 self.events.push_back(Event::StreamEnd { sid });

@@ -29,10 +29,13 @@
 //! - **Destruction.** Any error returned by [`CircuitCore::handle_cell`] has already destroyed the
 //!   circuit: DESTROY cells for the other side(s) are queued, [`Event::Destroyed`] is queued, and
 //!   every later input is ignored. [`CircuitCore::close_error`] says why.
-//! - **Bounded.** A DATA cell is accepted only inside the circuit and stream windows (1000 and 500
-//!   cells); cells the core originates for a stream are bounded by the package windows; each
-//!   input produces a bounded number of output cells. So the transmit queue holds at most one
-//!   window plus a few control cells, as long as the driver drains it before feeding more input.
+//! - **Bounded.** Cells the core originates for streams are bounded by the congestion window
+//!   (at most [`allium_proto::flowctl::CWND_MAX`]); DATA from the client is bounded per stream by
+//!   the XOFF limit (optimistic data held before the connection counts too); each input produces
+//!   a bounded number of output cells. So the transmit queue holds at most the congestion window
+//!   plus a few control cells, as long as the driver drains it before feeding more input. A
+//!   SENDME that comes before its cells were sent, one too many, or with a wrong tag destroys
+//!   the circuit; so does a stream-level SENDME (streams use XON/XOFF).
 //! - **Blocked cap.** The driver reports when the link it must write to is full
 //!   ([`CircuitCore::note_blocked`]) and when it has room again ([`CircuitCore::note_unblocked`]);
 //!   blocked for longer than [`CoreConfig::blocked_cap`], the circuit is destroyed at the next
@@ -55,6 +58,7 @@ use std::time::Duration;
 use allium_crypto::RelayId;
 use allium_crypto::relaycell::CellBody;
 use allium_proto::cell::{Create, DestroyReason};
+use allium_proto::flowctl::CcParams;
 use allium_proto::relaymsg::EndReason;
 
 pub use circuit::{CircuitCore, MAX_RELAY_EARLY, Next};
@@ -105,6 +109,8 @@ pub struct CoreConfig {
     /// Longest time a stream may wait for the client to open a package window (then END
     /// TIMEOUT).
     pub window_timeout: Duration,
+    /// Congestion-control parameters this relay offers in CREATED (the SENDME increment).
+    pub cc: CcParams,
 }
 
 impl CoreConfig {
@@ -118,6 +124,7 @@ impl CoreConfig {
             extend_timeout: EXTEND_TIMEOUT,
             blocked_cap: BLOCKED_CAP,
             window_timeout: WINDOW_TIMEOUT,
+            cc: CcParams::default(),
         }
     }
 }

@@ -1,13 +1,11 @@
-//! The exit stream table's entries: [`StreamState`] and the per-stream windows.
+//! The exit stream table's entries: [`StreamState`] and the per-stream flow control.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use allium_crypto::relaycell::Tag;
-use allium_proto::flowctl::{STREAM_SENDME_INC, STREAM_WINDOW_START, StreamWindow};
+use allium_proto::flowctl::{StreamRecv, StreamSend};
 
-/// Most SENDME tags a stream remembers: one per increment of its window.
-const MAX_SENDME_TAGS: usize = (STREAM_WINDOW_START / STREAM_SENDME_INC) as usize;
+use super::DataChunk;
 
 /// Where an exit stream is in its life. Exactly one state at a time (no flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,17 +63,14 @@ impl StreamState {
 #[derive(Debug)]
 pub(crate) struct Stream {
     pub(crate) state: StreamState,
-    /// Package window (towards the client) and the deliver count of consumed cells.
-    pub(crate) win: StreamWindow,
-    /// How many more DATA cells the client may send before our next stream SENDME: cells that
-    /// arrived but were not yet consumed by the destination count against it.
-    pub(crate) credit: u16,
-    /// DATA cells received so far, modulo the SENDME increment.
-    arrived: u16,
-    /// Tags of the received cells that complete an increment, oldest first: a stream SENDME
-    /// echoes the tag of the cell whose consumption triggered it.
-    sendme_tags: VecDeque<Tag>,
-    /// Since when the destination has bytes the package windows do not allow.
+    /// Sending edge (towards the client): paused by the client's XOFF.
+    pub(crate) send: StreamSend,
+    /// Receiving edge (from the client): unconsumed cells, XOFF/XON.
+    pub(crate) recv: StreamRecv,
+    /// Optimistic data: DATA that arrived before the destination was connected, in order. Its
+    /// cells count as unconsumed in `recv`, so the XOFF limit bounds it.
+    pub(crate) early: VecDeque<DataChunk>,
+    /// Since when the destination has bytes the client's flow control does not let out.
     pub(crate) window_blocked_since: Option<Instant>,
 }
 
@@ -83,38 +78,10 @@ impl Stream {
     pub(crate) fn new(state: StreamState) -> Self {
         Self {
             state,
-            win: StreamWindow::new(),
-            credit: STREAM_WINDOW_START,
-            arrived: 0,
-            sendme_tags: VecDeque::new(),
+            send: StreamSend::new(),
+            recv: StreamRecv::new(),
+            early: VecDeque::new(),
             window_blocked_since: None,
         }
-    }
-
-    /// A DATA cell with `tag` arrived: take one credit. False if the client overran its stream
-    /// window.
-    pub(crate) fn take_credit(&mut self, tag: &Tag) -> bool {
-        let Some(c) = self.credit.checked_sub(1) else {
-            return false;
-        };
-        self.credit = c;
-        self.arrived = (self.arrived + 1) % STREAM_SENDME_INC;
-        if self.arrived == 0 && self.sendme_tags.len() < MAX_SENDME_TAGS {
-            self.sendme_tags.push_back(*tag);
-        }
-        true
-    }
-
-    /// The tag for the stream SENDME due now (the oldest increment's last cell).
-    pub(crate) fn next_sendme_tag(&mut self) -> Option<Tag> {
-        self.sendme_tags.pop_front()
-    }
-
-    /// A stream SENDME went out: the client may send another increment.
-    pub(crate) fn sendme_sent(&mut self) {
-        self.credit = self
-            .credit
-            .saturating_add(STREAM_SENDME_INC)
-            .min(STREAM_WINDOW_START);
     }
 }
