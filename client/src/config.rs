@@ -40,6 +40,17 @@ pub struct ProxyConfig {
     pub socks_handshake_timeout: Duration,
     /// How many primary guards to keep.
     pub primary_guards: usize,
+    /// Where the HTTP CONNECT tunnel listener binds (Tor's `HTTPTunnelPort`); none by default.
+    /// Port 0 picks a free port (see `ProxyHandle::http_tunnel_addr`).
+    pub http_tunnel_port: Option<SocketAddr>,
+    /// Where the DNS listener (UDP) binds (Tor's `DNSPort`); none by default. It answers A and
+    /// AAAA queries by resolving at an exit. Port 0 picks a free port.
+    pub dns_port: Option<SocketAddr>,
+    /// Where the Prometheus metrics listener binds (`/metrics`); none by default. Only loopback
+    /// addresses unless `metrics_allow_public` is set.
+    pub metrics_address: Option<SocketAddr>,
+    /// Allow `metrics_address` on a non-loopback address (the metrics reveal traffic volumes).
+    pub metrics_allow_public: bool,
 }
 
 impl Default for ProxyConfig {
@@ -55,6 +66,10 @@ impl Default for ProxyConfig {
             max_socks_connections: 1024,
             socks_handshake_timeout: Duration::from_secs(10),
             primary_guards: 3,
+            http_tunnel_port: None,
+            dns_port: None,
+            metrics_address: None,
+            metrics_allow_public: false,
         }
     }
 }
@@ -107,6 +122,8 @@ impl ProxyConfig {
                 "primary_guards must be between 1 and 20".into(),
             ));
         }
+        allium_proto::metrics::check_address(self.metrics_address, self.metrics_allow_public)
+            .map_err(ClientError::Config)?;
         if self.prebuilt_circuits > 64 {
             return Err(ClientError::Config(
                 "prebuilt_circuits must be at most 64".into(),

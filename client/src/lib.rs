@@ -8,6 +8,7 @@ pub mod core;
 mod dir;
 pub mod err;
 pub mod guard;
+pub mod http_tunnel;
 pub mod isolation;
 mod link;
 pub mod path;
@@ -48,6 +49,7 @@ pub struct CircuitInfo {
 #[derive(Debug)]
 pub struct ProxyHandle {
     socks_addr: SocketAddr,
+    http_tunnel_addr: Option<SocketAddr>,
     ready: watch::Receiver<bool>,
     shutdown: watch::Sender<bool>,
     mgr: Arc<CircMgr>,
@@ -58,6 +60,11 @@ impl ProxyHandle {
     /// The address the SOCKS5 listener is bound to (the real port when 0 was configured).
     pub fn socks_addr(&self) -> SocketAddr {
         self.socks_addr
+    }
+
+    /// The address the HTTP CONNECT listener is bound to, if `http_tunnel_port` is configured.
+    pub fn http_tunnel_addr(&self) -> Option<SocketAddr> {
+        self.http_tunnel_addr
     }
 
     /// Wait until a consensus is verified and at least one circuit is built.
@@ -128,6 +135,25 @@ fn make_data_dir(dir: &std::path::Path) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// Bind an extra client port (`what` names it in errors) and warn when it is not on loopback.
+async fn bind_tcp(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr), ClientError> {
+    let l = TcpListener::bind(addr).await.map_err(|e| {
+        ClientError::io(
+            format!("binding the {what} {addr} (is another program using it? choose another port)"),
+            e,
+        )
+    })?;
+    let bound = l
+        .local_addr()
+        .map_err(|e| ClientError::io(format!("reading the {what} address"), e))?;
+    if !bound.ip().is_loopback() {
+        tracing::warn!(
+            "the {what} {bound} is not on a loopback address: anyone who can reach it can use your circuits"
+        );
+    }
+    Ok((l, bound))
+}
+
 /// Start the proxy: bind the SOCKS port, then bootstrap in the background (fetch and verify the
 /// consensus, build circuits). Must be called inside a tokio runtime.
 pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
@@ -152,6 +178,10 @@ pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
             "the SOCKS port {socks_addr} is not on a loopback address: anyone who can reach it can use your circuits"
         );
     }
+    let http_tunnel = match config.http_tunnel_port {
+        Some(addr) => Some(bind_tcp(addr, "HTTP CONNECT tunnel port (http_tunnel_port)").await?),
+        None => None,
+    };
     let cfg = Arc::new(config);
     let (ready_tx, ready_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -160,6 +190,12 @@ pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
     let mut tasks = JoinSet::new();
     tasks.spawn(dir::run(Arc::clone(&mgr), auths, shutdown_rx.clone()));
     tasks.spawn(Arc::clone(&mgr).maintain(shutdown_rx.clone()));
+    let mut http_tunnel_addr = None;
+    if let Some((l, addr)) = http_tunnel {
+        tasks.spawn(http_tunnel::serve(l, Arc::clone(&mgr), shutdown_rx.clone()));
+        tracing::info!("HTTP CONNECT tunnel listening on {addr}");
+        http_tunnel_addr = Some(addr);
+    }
     tasks.spawn(socks::server::serve(
         listener,
         Arc::clone(&mgr),
@@ -168,6 +204,7 @@ pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
     tracing::info!("bootstrap 0%: SOCKS5 proxy listening on {socks_addr}");
     Ok(ProxyHandle {
         socks_addr,
+        http_tunnel_addr,
         ready: ready_rx,
         shutdown: shutdown_tx,
         mgr,

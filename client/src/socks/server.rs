@@ -66,10 +66,15 @@ pub(crate) async fn serve(
 
 async fn handle(mgr: Arc<CircMgr>, mut sock: TcpStream) {
     let t = mgr.config().socks_handshake_timeout;
-    let req = match tokio::time::timeout(t, read_request(&mut sock)).await {
+    let tunnel = mgr.config().http_tunnel_port.filter(|a| a.port() != 0);
+    let req = match tokio::time::timeout(t, read_request(&mut sock, tunnel)).await {
         Ok(Ok(Ok(req))) => req,
         Ok(Ok(Err(e))) => {
             tracing::debug!("SOCKS request refused: {e}");
+            if e == HandshakeError::HttpRequest {
+                // The 501 page is sent: let the client read it instead of resetting.
+                crate::http_tunnel::close_gently(sock).await;
+            }
             return;
         }
         Ok(Err(e)) => {
@@ -95,8 +100,11 @@ async fn handle(mgr: Arc<CircMgr>, mut sock: TcpStream) {
 
 /// Run the handshake on `sock` up to the request: peek, let the state machine consume, read
 /// out exactly what it consumed, send what it says. A refusal's reply is sent here.
-async fn read_request(sock: &mut TcpStream) -> io::Result<Result<SocksRequest, HandshakeError>> {
-    let mut hs = ServerHandshake::new();
+async fn read_request(
+    sock: &mut TcpStream,
+    http_tunnel: Option<SocketAddr>,
+) -> io::Result<Result<SocksRequest, HandshakeError>> {
+    let mut hs = ServerHandshake::new().with_http_tunnel(http_tunnel);
     let mut buf = [0u8; MAX_MESSAGE];
     loop {
         let n = sock.peek(&mut buf).await?;
@@ -210,13 +218,13 @@ pub(crate) fn reply_code_for(f: &Failure) -> u8 {
 }
 
 /// Records which circuit a SOCKS client's stream uses, for as long as the stream lives.
-struct PeerGuard<'a> {
+pub(crate) struct PeerGuard<'a> {
     mgr: &'a CircMgr,
     peer: Option<SocketAddr>,
 }
 
 impl<'a> PeerGuard<'a> {
-    fn new(mgr: &'a CircMgr, sock: &TcpStream, circ: &Circuit) -> Self {
+    pub(crate) fn new(mgr: &'a CircMgr, sock: &TcpStream, circ: &Circuit) -> Self {
         let peer = sock.peer_addr().ok();
         if let Some(p) = peer {
             mgr.note_peer(p, circ.id);
@@ -233,11 +241,15 @@ impl Drop for PeerGuard<'_> {
     }
 }
 
-type Opened = (Arc<Circuit>, u16, tokio::sync::mpsc::Receiver<StreamEvent>);
+pub(crate) type Opened = (Arc<Circuit>, u16, tokio::sync::mpsc::Receiver<StreamEvent>);
 
 /// Open a stream to `target`, retrying on another circuit when one fails under us; never
 /// longer than [`OPEN_TIMEOUT`] in all.
-async fn open(mgr: &CircMgr, target: &Target, iso: &IsolationKey) -> Result<Opened, Failure> {
+pub(crate) async fn open(
+    mgr: &CircMgr,
+    target: &Target,
+    iso: &IsolationKey,
+) -> Result<Opened, Failure> {
     tokio::time::timeout(OPEN_TIMEOUT, open_inner(mgr, target, iso))
         .await
         .unwrap_or(Err(Failure::TimedOut))
