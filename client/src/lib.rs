@@ -1,11 +1,13 @@
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
+pub mod api;
 mod circ;
 mod circmgr;
 pub mod config;
 pub mod core;
 mod dir;
+pub mod dnsport;
 pub mod err;
 pub mod guard;
 pub mod http_tunnel;
@@ -26,6 +28,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 pub use allium_directory::client::AuthorityInfo;
+pub use api::{Client, DataStream, IntoTarget, IsolationToken};
 pub use config::ProxyConfig;
 pub use err::{CircError, ClientError, ErrorKind, StreamError};
 
@@ -50,6 +53,7 @@ pub struct CircuitInfo {
 pub struct ProxyHandle {
     socks_addr: SocketAddr,
     http_tunnel_addr: Option<SocketAddr>,
+    dns_addr: Option<SocketAddr>,
     ready: watch::Receiver<bool>,
     shutdown: watch::Sender<bool>,
     mgr: Arc<CircMgr>,
@@ -57,7 +61,8 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
-    /// The address the SOCKS5 listener is bound to (the real port when 0 was configured).
+    /// The address the SOCKS5 listener is bound to (the real port when 0 was configured;
+    /// `0.0.0.0:0` for an embedded [`Client`], which has no SOCKS port).
     pub fn socks_addr(&self) -> SocketAddr {
         self.socks_addr
     }
@@ -65,6 +70,11 @@ impl ProxyHandle {
     /// The address the HTTP CONNECT listener is bound to, if `http_tunnel_port` is configured.
     pub fn http_tunnel_addr(&self) -> Option<SocketAddr> {
         self.http_tunnel_addr
+    }
+
+    /// The address the DNS (UDP) listener is bound to, if `dns_port` is configured.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns_addr
     }
 
     /// Wait until a consensus is verified and at least one circuit is built.
@@ -157,29 +167,49 @@ async fn bind_tcp(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAd
 /// Start the proxy: bind the SOCKS port, then bootstrap in the background (fetch and verify the
 /// consensus, build circuits). Must be called inside a tokio runtime.
 pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
+    start_with(config, true).await
+}
+
+/// [`start`], with or without the SOCKS port (the embeddable [`Client`] has none).
+pub(crate) async fn start_with(
+    config: ProxyConfig,
+    with_socks: bool,
+) -> Result<ProxyHandle, ClientError> {
     config.validate()?;
     let auths = config.authorities.clone();
     make_data_dir(&config.data_dir)?;
     let guards = GuardSet::load(&config.data_dir)?;
-    let listener = TcpListener::bind(config.socks_listen).await.map_err(|e| {
-        ClientError::io(
-            format!(
-                "binding the SOCKS port {} (is another proxy already using it? choose another port)",
-                config.socks_listen
-            ),
-            e,
-        )
-    })?;
-    let socks_addr = listener
-        .local_addr()
-        .map_err(|e| ClientError::io("reading the SOCKS address", e))?;
-    if !socks_addr.ip().is_loopback() {
-        tracing::warn!(
-            "the SOCKS port {socks_addr} is not on a loopback address: anyone who can reach it can use your circuits"
-        );
-    }
+    let socks = if with_socks {
+        Some(bind_tcp(config.socks_listen, "SOCKS port").await?)
+    } else {
+        None
+    };
+    // Without a SOCKS port (an embedded client) the handle reports 0.0.0.0:0.
+    let socks_addr = socks
+        .as_ref()
+        .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |(_, a)| *a);
     let http_tunnel = match config.http_tunnel_port {
         Some(addr) => Some(bind_tcp(addr, "HTTP CONNECT tunnel port (http_tunnel_port)").await?),
+        None => None,
+    };
+    let dns = match config.dns_port {
+        Some(addr) => {
+            let sock = tokio::net::UdpSocket::bind(addr).await.map_err(|e| {
+                ClientError::io(
+                    format!("binding the DNS port (dns_port) {addr} (is another program using it? choose another port)"),
+                    e,
+                )
+            })?;
+            let bound = sock
+                .local_addr()
+                .map_err(|e| ClientError::io("reading the DNS port address", e))?;
+            if !bound.ip().is_loopback() {
+                tracing::warn!(
+                    "the DNS port {bound} is not on a loopback address: anyone who can reach it can use your circuits"
+                );
+            }
+            Some((sock, bound))
+        }
         None => None,
     };
     let cfg = Arc::new(config);
@@ -196,15 +226,27 @@ pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
         tracing::info!("HTTP CONNECT tunnel listening on {addr}");
         http_tunnel_addr = Some(addr);
     }
-    tasks.spawn(socks::server::serve(
-        listener,
-        Arc::clone(&mgr),
-        shutdown_rx,
-    ));
-    tracing::info!("bootstrap 0%: SOCKS5 proxy listening on {socks_addr}");
+    let mut dns_addr = None;
+    if let Some((sock, addr)) = dns {
+        tasks.spawn(dnsport::serve(sock, Arc::clone(&mgr), shutdown_rx.clone()));
+        tracing::info!("DNS port listening on {addr} (UDP)");
+        dns_addr = Some(addr);
+    }
+    match socks {
+        Some((listener, _)) => {
+            tasks.spawn(socks::server::serve(
+                listener,
+                Arc::clone(&mgr),
+                shutdown_rx,
+            ));
+            tracing::info!("bootstrap 0%: SOCKS5 proxy listening on {socks_addr}");
+        }
+        None => tracing::info!("bootstrap 0%: embedded client starting"),
+    }
     Ok(ProxyHandle {
         socks_addr,
         http_tunnel_addr,
+        dns_addr,
         ready: ready_rx,
         shutdown: shutdown_tx,
         mgr,
