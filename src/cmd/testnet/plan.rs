@@ -181,6 +181,10 @@ impl NetworkBuilder {
             data_dir: dir.join("proxy"),
             authorities: infos,
             test_network: true,
+            // Every client port, on free ports (`allium testnet` fixes them before writing
+            // the proxy's configuration).
+            http_tunnel_port: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            dns_port: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..ProxyConfig::default()
         };
         Ok(NetworkPlan {
