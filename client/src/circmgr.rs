@@ -178,6 +178,8 @@ pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
     ready: watch::Sender<bool>,
     /// SOCKS client address → circuit id of its open stream (diagnostics and tests).
     by_peer: Mutex<HashMap<std::net::SocketAddr, CircId>>,
+    /// Prometheus counters.
+    pub(crate) metrics: Arc<crate::metrics::ClientMetrics>,
 }
 
 impl<B: CircBuilder> std::fmt::Debug for CircMgr<B> {
@@ -216,6 +218,7 @@ impl<B: CircBuilder> CircMgr<B> {
             wake: Notify::new(),
             ready,
             by_peer: Mutex::new(HashMap::new()),
+            metrics: Arc::default(),
         }
     }
 
@@ -337,6 +340,7 @@ impl<B: CircBuilder> CircMgr<B> {
                 .map(|r| r.id);
             match res {
                 Ok(Ok(c)) => {
+                    self.metrics.circuit_built(started.elapsed().as_secs_f64());
                     tracing::debug!(
                         ms = started.elapsed().as_secs_f64() * 1000.0,
                         "circuit built"
@@ -344,6 +348,7 @@ impl<B: CircBuilder> CircMgr<B> {
                     return Ok(c);
                 }
                 Ok(Err(e)) => {
+                    self.metrics.circuit_failed();
                     tracing::debug!(attempt, "circuit build failed: {e}");
                     if !matches!(e, ClientError::NoPath(_) | ClientError::Shutdown)
                         && let Some(id) = failed_at
@@ -353,6 +358,7 @@ impl<B: CircBuilder> CircMgr<B> {
                     last = e;
                 }
                 Err(_) => {
+                    self.metrics.circuit_failed();
                     tracing::debug!(attempt, "circuit build timed out");
                     if let Some(id) = failed_at {
                         self.mark_down(id, now());

@@ -413,6 +413,7 @@ pub(crate) async fn serve(sock: UdpSocket, mgr: Arc<CircMgr>, mut shutdown: watc
             Ok(p) if per_source.try_take(from.ip()) => p,
             _ => {
                 if let Ok(q) = parse_query(&msg) {
+                    mgr.metrics.dns(rcode::REFUSED);
                     let _ = sock.send_to(&q.error(rcode::REFUSED), from).await;
                 }
                 continue;
@@ -422,6 +423,10 @@ pub(crate) async fn serve(sock: UdpSocket, mgr: Arc<CircMgr>, mut shutdown: watc
             (Arc::clone(&sock), Arc::clone(&mgr), Arc::clone(&per_source));
         tokio::spawn(async move {
             if let Some(a) = answer(&mgr, &msg).await {
+                // The rcode is the low nibble of the fourth byte.
+                if let Some(flags) = a.get(3) {
+                    mgr.metrics.dns(flags & 0x0F);
+                }
                 let _ = sock.send_to(&a, from).await;
             }
             per_source.give_back(from.ip());

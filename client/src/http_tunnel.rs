@@ -27,7 +27,8 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::circmgr::CircMgr;
 use crate::isolation::IsolationKey;
-use crate::socks::server::{Failure, PeerGuard, open, reply_code_for};
+use crate::metrics::Outcome as Ended;
+use crate::socks::server::{Failure, PeerGuard, open, outcome_of, reply_code_for};
 use crate::socks::wire::{MAX_HOST_LEN, Target, reply};
 use crate::stream;
 
@@ -365,16 +366,19 @@ async fn handle(mgr: &CircMgr, mut sock: TcpStream) {
         Ok(Ok(Ok(h))) => h,
         Ok(Ok(Err(e))) => {
             tracing::debug!("HTTP CONNECT request refused: {e}");
+            mgr.metrics.tunnel(Ended::Refused);
             let _ = sock.write_all(&e.response()).await;
             close_gently(sock).await;
             return;
         }
         Ok(Err(e)) => {
             tracing::debug!("HTTP CONNECT request not read: {e}");
+            mgr.metrics.tunnel(Ended::Refused);
             return;
         }
         Err(_) => {
             tracing::debug!("HTTP CONNECT request timed out");
+            mgr.metrics.tunnel(Ended::Timeout);
             return;
         }
     };
@@ -382,6 +386,7 @@ async fn handle(mgr: &CircMgr, mut sock: TcpStream) {
         Head::Connect(r) => r,
         Head::OtherMethod => {
             tracing::debug!("a non-CONNECT request on the HTTP CONNECT port");
+            mgr.metrics.tunnel(Ended::WrongProtocol);
             let _ = sock.write_all(&method_not_allowed()).await;
             close_gently(sock).await;
             return;
@@ -389,6 +394,7 @@ async fn handle(mgr: &CircMgr, mut sock: TcpStream) {
     };
     match open(mgr, &req.target, &req.isolation).await {
         Ok((circ, sid, rx)) => {
+            mgr.metrics.tunnel(Ended::Success);
             if sock
                 .write_all(&established(req.minor_version))
                 .await
@@ -402,6 +408,7 @@ async fn handle(mgr: &CircMgr, mut sock: TcpStream) {
             stream::splice(circ, sid, rx, sock).await;
         }
         Err(f) => {
+            mgr.metrics.tunnel(outcome_of(&f));
             let _ = sock.write_all(&failure_response(&f)).await;
             close_gently(sock).await;
         }

@@ -13,6 +13,7 @@ pub mod guard;
 pub mod http_tunnel;
 pub mod isolation;
 mod link;
+mod metrics;
 pub mod path;
 mod reactor;
 pub mod socks;
@@ -54,6 +55,7 @@ pub struct ProxyHandle {
     socks_addr: SocketAddr,
     http_tunnel_addr: Option<SocketAddr>,
     dns_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     ready: watch::Receiver<bool>,
     shutdown: watch::Sender<bool>,
     mgr: Arc<CircMgr>,
@@ -75,6 +77,16 @@ impl ProxyHandle {
     /// The address the DNS (UDP) listener is bound to, if `dns_port` is configured.
     pub fn dns_addr(&self) -> Option<SocketAddr> {
         self.dns_addr
+    }
+
+    /// The address the Prometheus metrics listener is bound to, if `metrics_address` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The Prometheus metrics page (text exposition format 0.0.4), as `/metrics` serves it.
+    pub fn metrics_text(&self) -> String {
+        render_metrics(&self.mgr, &self.ready)
     }
 
     /// Wait until a consensus is verified and at least one circuit is built.
@@ -143,6 +155,20 @@ fn make_data_dir(dir: &std::path::Path) -> Result<(), ClientError> {
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     }
     Ok(())
+}
+
+/// The proxy's metrics page now.
+fn render_metrics(mgr: &CircMgr, ready: &watch::Receiver<bool>) -> String {
+    let circuits = mgr.circuits();
+    let view = metrics::View {
+        circuits_open: circuits.len(),
+        streams_open: circuits.iter().map(|c| c.streams).sum(),
+        has_dir: mgr.has_dir(),
+        ready: *ready.borrow(),
+    };
+    mgr.metrics
+        .render(&view, allium_directory::now_unix())
+        .finish()
 }
 
 /// Bind an extra client port (`what` names it in errors) and warn when it is not on loopback.
@@ -232,6 +258,16 @@ pub(crate) async fn start_with(
         tracing::info!("DNS port listening on {addr} (UDP)");
         dns_addr = Some(addr);
     }
+    let mut metrics_addr = None;
+    if let Some(addr) = cfg.metrics_address {
+        let (m, r) = (Arc::clone(&mgr), ready_rx.clone());
+        let render: allium_proto::metrics::Render = Arc::new(move || render_metrics(&m, &r));
+        let (l, bound) = allium_proto::metrics::bind(addr, cfg.metrics_allow_public)
+            .await
+            .map_err(ClientError::Config)?;
+        tasks.spawn(allium_proto::metrics::serve(l, render));
+        metrics_addr = Some(bound);
+    }
     match socks {
         Some((listener, _)) => {
             tasks.spawn(socks::server::serve(
@@ -247,6 +283,7 @@ pub(crate) async fn start_with(
         socks_addr,
         http_tunnel_addr,
         dns_addr,
+        metrics_addr,
         ready: ready_rx,
         shutdown: shutdown_tx,
         mgr,

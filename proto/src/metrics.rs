@@ -263,6 +263,134 @@ pub struct HistogramSnapshot {
     pub count: u64,
 }
 
+/// Longest request head the metrics listener reads.
+const MAX_REQUEST: usize = 4096;
+/// Scrapes served at once; more wait for a slot.
+const MAX_SCRAPES: usize = 8;
+/// Longest a scraper may take to send its request.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What the metrics listener answers to one request head (sans-IO: the bytes received so far).
+/// `None`: the head is incomplete (and under [`MAX_REQUEST`] bytes).
+pub fn respond(head: &[u8], render: &dyn Fn() -> String) -> Option<Vec<u8>> {
+    let end = head.windows(4).position(|w| w == b"\r\n\r\n");
+    if end.is_none() && head.len() < MAX_REQUEST {
+        return None;
+    }
+    let line = head
+        .split(|&b| b == b'\n')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, target) = (parts.next().unwrap_or_default(), parts.next());
+    let path = target.map(|t| t.split(|&b| b == b'?').next().unwrap_or_default());
+    let (status, ctype, body) = match (end, method, path) {
+        (None, ..) => (
+            "431 Request Header Fields Too Large",
+            "text/plain",
+            String::new(),
+        ),
+        (_, b"GET" | b"HEAD", Some(b"/metrics")) => ("200 OK", CONTENT_TYPE, render()),
+        (_, b"GET" | b"HEAD", Some(_)) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "Allium serves Prometheus metrics at /metrics only.\n".to_owned(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "Only GET /metrics is served here.\n".to_owned(),
+        ),
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if method != b"HEAD" {
+        out.extend_from_slice(body.as_bytes());
+    }
+    Some(out)
+}
+
+/// A function that renders the current metrics page.
+pub type Render = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serve `GET /metrics` on `listener` until the task is dropped or aborted: a thin tokio
+/// driver around [`respond`], one request per connection, [`MAX_SCRAPES`] at once, each
+/// request bounded in size and time.
+pub async fn serve(listener: tokio::net::TcpListener, render: Render) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
+    loop {
+        let Ok(permit) = std::sync::Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let mut sock = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("accepting a metrics connection failed: {e}");
+                #[allow(clippy::disallowed_methods)] // a tokio driver backing off
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let render = std::sync::Arc::clone(&render);
+        tokio::spawn(async move {
+            let exchange = async {
+                let mut head = Vec::with_capacity(512);
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = sock.read(&mut buf).await?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    let room = MAX_REQUEST.saturating_sub(head.len());
+                    head.extend_from_slice(buf.get(..n.min(room)).unwrap_or_default());
+                    if let Some(reply) = respond(&head, &*render) {
+                        sock.write_all(&reply).await?;
+                        return sock.shutdown().await;
+                    }
+                }
+            };
+            let r: Result<std::io::Result<()>, _> =
+                tokio::time::timeout(REQUEST_TIMEOUT, exchange).await;
+            if let Ok(Err(e)) = r {
+                tracing::debug!("a metrics request failed: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Bind `addr` for metrics, after [`check_address`]; returns the listener for [`serve`] and the
+/// bound address.
+pub async fn bind(
+    addr: SocketAddr,
+    allow_public: bool,
+) -> Result<(tokio::net::TcpListener, SocketAddr), String> {
+    check_address(Some(addr), allow_public)?;
+    let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        format!("binding the metrics address {addr}: {e} (is another program using it? choose another port)")
+    })?;
+    let bound = l
+        .local_addr()
+        .map_err(|e| format!("reading the metrics address: {e}"))?;
+    tracing::info!("Prometheus metrics at http://{bound}/metrics");
+    Ok((l, bound))
+}
+
+/// [`bind`], then [`serve`] in a new task; returns the bound address and the task.
+pub async fn spawn(
+    addr: SocketAddr,
+    allow_public: bool,
+    render: Render,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), String> {
+    let (l, bound) = bind(addr, allow_public).await?;
+    Ok((bound, tokio::spawn(serve(l, render))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,6 +460,57 @@ mod tests {
              allium_circuit_build_seconds_sum 3.65\n\
              allium_circuit_build_seconds_count 6\n"
         );
+    }
+
+    #[test]
+    fn http_answers() {
+        let render = || "a 1\n".to_owned();
+        assert_eq!(
+            respond(b"GET /metrics HTTP/1.1\r\nHost: x\r\n", &render),
+            None
+        );
+        let ok = respond(b"GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\n\r\n", &render).unwrap();
+        let ok = String::from_utf8(ok).unwrap();
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"));
+        assert!(ok.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"));
+        assert!(ok.contains("Content-Length: 4\r\n"));
+        assert!(ok.ends_with("\r\n\r\na 1\n"));
+        let head = respond(b"HEAD /metrics HTTP/1.1\r\n\r\n", &render).unwrap();
+        assert!(head.ends_with(b"\r\n\r\n"));
+        let nf = respond(b"GET / HTTP/1.1\r\n\r\n", &render).unwrap();
+        assert!(nf.starts_with(b"HTTP/1.1 404 "));
+        let post = respond(b"POST /metrics HTTP/1.1\r\n\r\n", &render).unwrap();
+        assert!(post.starts_with(b"HTTP/1.1 405 "));
+        let big = vec![b'a'; MAX_REQUEST];
+        assert!(
+            respond(&big, &render)
+                .unwrap()
+                .starts_with(b"HTTP/1.1 431 ")
+        );
+    }
+
+    #[tokio::test]
+    async fn serves_over_tcp() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let render: Render = std::sync::Arc::new(|| "allium_up 1\n".to_owned());
+        let (addr, task) = spawn("127.0.0.1:0".parse().unwrap(), false, render)
+            .await
+            .unwrap();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"));
+        assert!(out.ends_with("allium_up 1\n"));
+        task.abort();
+        let e = spawn(
+            "0.0.0.0:0".parse().unwrap(),
+            false,
+            std::sync::Arc::new(String::new),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("metrics_allow_public"));
     }
 
     #[test]

@@ -81,6 +81,13 @@ pub struct RelayConfig {
     /// before it is destroyed (default 30). Only that circuit is affected.
     #[serde(default = "default_circuit_stall_timeout")]
     pub circuit_stall_timeout_secs: u64,
+    /// Where the Prometheus metrics listener binds (`/metrics`); none by default. Loopback
+    /// only unless `metrics_allow_public` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<SocketAddr>,
+    /// Allow `metrics_address` on a non-loopback address.
+    #[serde(default)]
+    pub metrics_allow_public: bool,
 }
 
 fn default_log_level() -> String {
@@ -127,6 +134,8 @@ impl RelayConfig {
             max_streams_per_circuit: default_max_streams(),
             max_exit_streams: default_max_exit_streams(),
             circuit_stall_timeout_secs: default_circuit_stall_timeout(),
+            metrics_address: None,
+            metrics_allow_public: false,
         }
     }
 
@@ -155,6 +164,14 @@ impl RelayConfig {
             key,
             why: why.to_owned(),
         };
+        if let Err(why) =
+            allium_proto::metrics::check_address(self.metrics_address, self.metrics_allow_public)
+        {
+            return Err(RelayError::ConfigInvalid {
+                key: "metrics_address",
+                why,
+            });
+        }
         let n = &self.nickname;
         if n.is_empty() || n.len() > 19 || !n.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(bad("nickname", "use 1 to 19 ASCII letters or digits"));

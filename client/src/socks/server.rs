@@ -21,6 +21,7 @@ use super::wire::{Target, reply};
 use crate::circ::{Circuit, StreamEvent};
 use crate::circmgr::CircMgr;
 use crate::isolation::IsolationKey;
+use crate::metrics::Outcome as Ended;
 use crate::stream::{self, OpenError};
 
 /// Most attempts to open one stream on different circuits.
@@ -71,6 +72,11 @@ async fn handle(mgr: Arc<CircMgr>, mut sock: TcpStream) {
         Ok(Ok(Ok(req))) => req,
         Ok(Ok(Err(e))) => {
             tracing::debug!("SOCKS request refused: {e}");
+            mgr.metrics.socks(if e == HandshakeError::HttpRequest {
+                Ended::WrongProtocol
+            } else {
+                Ended::Refused
+            });
             if e == HandshakeError::HttpRequest {
                 // The 501 page is sent: let the client read it instead of resetting.
                 crate::http_tunnel::close_gently(sock).await;
@@ -79,10 +85,12 @@ async fn handle(mgr: Arc<CircMgr>, mut sock: TcpStream) {
         }
         Ok(Err(e)) => {
             tracing::debug!("SOCKS handshake failed: {e}");
+            mgr.metrics.socks(Ended::Refused);
             return;
         }
         Err(_) => {
             tracing::debug!("SOCKS handshake timed out");
+            mgr.metrics.socks(Ended::Timeout);
             return;
         }
     };
@@ -90,8 +98,14 @@ async fn handle(mgr: Arc<CircMgr>, mut sock: TcpStream) {
         SocksCommand::Connect => connect(&mgr, sock, &req).await,
         SocksCommand::Resolve => {
             let bytes = match resolve(&mgr, &req.target, &req.isolation).await {
-                Ok(ip) => req.reply(reply::SUCCEEDED, Some(SocketAddr::new(ip, 0))),
-                Err(f) => req.reply(reply_code_for(&f), None),
+                Ok(ip) => {
+                    mgr.metrics.socks(Ended::Success);
+                    req.reply(reply::SUCCEEDED, Some(SocketAddr::new(ip, 0)))
+                }
+                Err(f) => {
+                    mgr.metrics.socks(outcome_of(&f));
+                    req.reply(reply_code_for(&f), None)
+                }
             };
             let _ = sock.write_all(&bytes).await;
         }
@@ -162,6 +176,7 @@ async fn connect(mgr: &CircMgr, mut sock: TcpStream, req: &SocksRequest) {
     warn_ip_literal(&req.target);
     match open(mgr, &req.target, &req.isolation).await {
         Ok((circ, sid, rx)) => {
+            mgr.metrics.socks(Ended::Success);
             if sock
                 .write_all(&req.reply(reply::SUCCEEDED, None))
                 .await
@@ -175,6 +190,7 @@ async fn connect(mgr: &CircMgr, mut sock: TcpStream, req: &SocksRequest) {
             stream::splice(circ, sid, rx, sock).await;
         }
         Err(f) => {
+            mgr.metrics.socks(outcome_of(&f));
             let _ = sock.write_all(&req.reply(reply_code_for(&f), None)).await;
         }
     }
@@ -198,6 +214,15 @@ pub(crate) enum Failure {
     TimedOut,
     /// RESOLVED held no address.
     NoAddress,
+}
+
+/// The metrics outcome of a failure.
+pub(crate) fn outcome_of(f: &Failure) -> Ended {
+    match f {
+        Failure::NoExit { .. } => Ended::NoExit,
+        Failure::TimedOut => Ended::Timeout,
+        _ => Ended::Failed,
+    }
 }
 
 /// The SOCKS5 reply code for a failure (SOCKS4 replies "rejected" for every one). The one
