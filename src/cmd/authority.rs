@@ -72,16 +72,71 @@ pub fn run(args: Args) -> CmdResult {
         );
     };
     let cfg = AuthorityConfig::load(&path)?;
+    allium_proto::metrics::check_address(cfg.metrics_address, cfg.metrics_allow_public)?;
     let rt = super::runtime()?;
     rt.block_on(async move {
-        let h = authority::start(cfg).await?;
+        let metrics = (cfg.metrics_address, cfg.metrics_allow_public);
+        let h = std::sync::Arc::new(authority::start(cfg).await?);
         tracing::info!(
             addr = %h.dir_addr(),
             identity = %h.identity(),
             "authority running; stop with Ctrl-C or SIGTERM"
         );
+        let metrics_task = match metrics {
+            (Some(addr), allow_public) => {
+                let m = std::sync::Arc::clone(&h);
+                let render: allium_proto::metrics::Render = std::sync::Arc::new(move || {
+                    metrics_page(&m, allium_directory::now_unix()).finish()
+                });
+                Some(
+                    allium_proto::metrics::spawn(addr, allow_public, render)
+                        .await?
+                        .1,
+                )
+            }
+            (None, _) => None,
+        };
         super::wait_for_shutdown_signal().await;
-        h.shutdown().await;
+        if let Some(t) = metrics_task {
+            t.abort();
+            let _ = t.await;
+        }
+        match std::sync::Arc::try_unwrap(h) {
+            Ok(h) => h.shutdown().await,
+            Err(_) => tracing::warn!(
+                "metrics still held the authority; stopping without a clean shutdown"
+            ),
+        }
         Ok(())
     })
+}
+
+/// The authority's Prometheus metrics page at `now` (Unix seconds).
+pub fn metrics_page(h: &authority::AuthorityHandle, now: u64) -> allium_proto::metrics::Exposition {
+    use allium_proto::metrics::{Exposition, MetricType};
+    let mut e = Exposition::new();
+    e.single(
+        "allium_authority_descriptors",
+        MetricType::Gauge,
+        "Relay descriptors this authority holds.",
+        h.descriptor_count() as f64,
+    );
+    // The authority's own consensus (it signed it): decoded only to read its date.
+    let valid_after = h
+        .current_consensus()
+        .and_then(|c| c.dangerously_decode_unverified().ok())
+        .map(|c| c.valid_after);
+    e.single(
+        "allium_consensus_age_seconds",
+        MetricType::Gauge,
+        "Seconds since the consensus this authority serves became valid (NaN: none yet).",
+        valid_after.map_or(f64::NAN, |va| now.saturating_sub(va) as f64),
+    );
+    e.single(
+        "allium_bootstrap_percent",
+        MetricType::Gauge,
+        "100 once the authority serves a consensus, 0 before.",
+        if valid_after.is_some() { 100.0 } else { 0.0 },
+    );
+    e
 }

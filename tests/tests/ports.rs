@@ -232,3 +232,80 @@ fn embedded_client_fetches_the_test_page() {
         assert!(client.connect((host.as_str(), REFUSED_PORT)).await.is_err());
     });
 }
+
+/// GET `/metrics` from `addr` and return the body, checking the status and content type.
+async fn scrape(addr: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics port");
+    let resp = http_exchange(&mut s, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", T)
+        .await
+        .expect("scrape");
+    let (status, body) = split_response(&resp).expect("an HTTP response");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let head = String::from_utf8_lossy(&resp[..resp.len() - body.len()]).into_owned();
+    assert!(head.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"));
+    String::from_utf8(body.to_vec()).expect("UTF-8")
+}
+
+#[test]
+fn proxy_and_relay_metrics_follow_the_exposition_format() {
+    use allium_tests::promtext::{check, value};
+    let net = net();
+    let addr = net.proxy.metrics_addr().expect("a metrics port");
+    net.rt.block_on(async {
+        // Make sure one SOCKS request of a known outcome happened.
+        let mut s = tokio::net::TcpStream::connect(net.socks).await.unwrap();
+        let _ = http_exchange(&mut s, GET_HELLO, T).await;
+        let text = scrape(addr).await;
+        let page = check(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(value(&page, "allium_bootstrap_percent", &[]), Some(100.0));
+        assert!(value(&page, "allium_circuits_created_total", &[]).unwrap() >= 1.0);
+        assert!(value(&page, "allium_circuit_build_seconds_count", &[]).unwrap() >= 1.0);
+        assert!(
+            value(
+                &page,
+                "allium_socks_requests_total",
+                &[("outcome", "wrong_protocol")]
+            )
+            .unwrap()
+                >= 1.0
+        );
+        let age = value(&page, "allium_consensus_age_seconds", &[]).unwrap();
+        assert!((0.0..7200.0).contains(&age), "consensus age {age}");
+        for fam in [
+            "allium_circuits_open",
+            "allium_streams_open",
+            "allium_dns_queries_total",
+        ] {
+            assert!(page.contains_key(fam), "no {fam}");
+        }
+    });
+    // Every relay's page, and the flags the consensus gave them.
+    let relays = net.relays.lock().unwrap();
+    let mut guards = 0.0;
+    let mut exits = 0.0;
+    for r in relays.iter().flatten() {
+        let text = r.metrics_text();
+        let page = check(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(value(&page, "allium_bootstrap_percent", &[]), Some(100.0));
+        assert_eq!(
+            value(&page, "allium_relay_flag", &[("flag", "Running")]),
+            Some(1.0)
+        );
+        guards += value(&page, "allium_relay_flag", &[("flag", "Guard")]).unwrap();
+        exits += value(&page, "allium_relay_flag", &[("flag", "Exit")]).unwrap();
+        assert!(
+            value(
+                &page,
+                "allium_dos_rejections_total",
+                &[("reason", "queue_overflow")]
+            )
+            .is_some()
+        );
+    }
+    assert!(
+        guards >= 1.0 && exits >= 1.0,
+        "guards {guards}, exits {exits}"
+    );
+}

@@ -90,6 +90,13 @@ pub struct AuthorityConfig {
     /// Most relay descriptors held.
     #[serde(default = "default_max_relays")]
     pub max_relays: usize,
+    /// Where `allium authority` serves Prometheus metrics (`/metrics`); none by default.
+    /// Loopback only unless `metrics_allow_public` is set.
+    #[serde(default)]
+    pub metrics_address: Option<SocketAddr>,
+    /// Allow `metrics_address` on a non-loopback address.
+    #[serde(default)]
+    pub metrics_allow_public: bool,
 }
 
 impl AuthorityConfig {
@@ -106,6 +113,8 @@ impl AuthorityConfig {
             params: BTreeMap::new(),
             max_connections: default_max_conns(),
             max_relays: default_max_relays(),
+            metrics_address: None,
+            metrics_allow_public: false,
         }
     }
 

@@ -167,6 +167,8 @@ impl NetworkBuilder {
                 config.listen = free_port().map_err(|e| format!("a port for {name}: {e}"))?;
             }
             config.contact = "allium testnet".into();
+            // Metrics on a free loopback port (`allium testnet` fixes it in the file it writes).
+            config.metrics_address = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
             config.authorities = relay_auths.clone();
             config.descriptor_publish_interval_secs = 60;
             config.exit_policy = if exit {
@@ -185,6 +187,7 @@ impl NetworkBuilder {
             // the proxy's configuration).
             http_tunnel_port: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             dns_port: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            metrics_address: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..ProxyConfig::default()
         };
         Ok(NetworkPlan {
