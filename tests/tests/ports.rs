@@ -309,3 +309,36 @@ fn proxy_and_relay_metrics_follow_the_exposition_format() {
         "guards {guards}, exits {exits}"
     );
 }
+
+#[test]
+fn the_grafana_dashboard_uses_only_metrics_that_exist() {
+    let net = net();
+    let dash = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/grafana/allium.json"),
+    )
+    .expect("contrib/grafana/allium.json");
+    let json: serde_json::Value = serde_json::from_str(&dash).expect("valid JSON");
+    assert!(json["panels"].as_array().is_some_and(|p| !p.is_empty()));
+    let mut pages = net.proxy.metrics_text();
+    for r in net.relays.lock().unwrap().iter().flatten() {
+        pages.push_str(&r.metrics_text());
+    }
+    let mut used = 0;
+    for (i, _) in dash.match_indices("allium_") {
+        let name: String = dash[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if name == "allium_" || name.starts_with("allium_overview") {
+            continue;
+        }
+        used += 1;
+        assert!(
+            pages
+                .lines()
+                .any(|l| l.starts_with(&format!("# TYPE {} ", name.trim_end_matches("_bucket")))),
+            "the dashboard uses {name}, which no page has"
+        );
+    }
+    assert!(used >= 10);
+}
