@@ -217,6 +217,8 @@ pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
     ready: watch::Sender<bool>,
     /// SOCKS client address → circuit id of its open stream (diagnostics and tests).
     by_peer: Mutex<HashMap<std::net::SocketAddr, CircId>>,
+    /// Prometheus counters.
+    pub(crate) metrics: Arc<crate::metrics::ClientMetrics>,
 }
 
 impl<B: CircBuilder> std::fmt::Debug for CircMgr<B> {
@@ -293,6 +295,7 @@ impl<B: CircBuilder> CircMgr<B> {
             wake: Notify::new(),
             ready,
             by_peer: Mutex::new(HashMap::new()),
+            metrics: Arc::default(),
         }
     }
 
@@ -533,9 +536,11 @@ impl<B: CircBuilder> CircMgr<B> {
                     tracing::debug!(ms = took.as_secs_f64() * 1000.0, "circuit built");
                     self.record_build(Ok(took));
                     self.built_total.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.circuit_built(took.as_secs_f64());
                     return Ok(c);
                 }
                 Ok(Err(e)) => {
+                    self.metrics.circuit_failed();
                     tracing::debug!(attempt, "circuit build failed: {e}");
                     if !matches!(e, ClientError::NoPath(_) | ClientError::Shutdown)
                         && let Some(id) = failed_at
@@ -552,6 +557,7 @@ impl<B: CircBuilder> CircMgr<B> {
                         "circuit build timed out"
                     );
                     self.record_build(Err(limit));
+                    self.metrics.circuit_failed();
                     if !learned && let Some(id) = failed_at {
                         self.mark_down(id, now());
                     }

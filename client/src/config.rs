@@ -65,6 +65,17 @@ pub struct ProxyConfig {
     /// response byte instead of two). The cost: a refused or unreachable destination then shows
     /// as a closed connection, not as a SOCKS error code.
     pub socks_optimistic: bool,
+    /// Where the HTTP CONNECT tunnel listener binds (Tor's `HTTPTunnelPort`); none by default.
+    /// Port 0 picks a free port (see `ProxyHandle::http_tunnel_addr`).
+    pub http_tunnel_port: Option<SocketAddr>,
+    /// Where the DNS listener (UDP) binds (Tor's `DNSPort`); none by default. It answers A and
+    /// AAAA queries by resolving at an exit. Port 0 picks a free port.
+    pub dns_port: Option<SocketAddr>,
+    /// Where the Prometheus metrics listener binds (`/metrics`); none by default. Only loopback
+    /// addresses unless `metrics_allow_public` is set.
+    pub metrics_address: Option<SocketAddr>,
+    /// Allow `metrics_address` on a non-loopback address (the metrics reveal traffic volumes).
+    pub metrics_allow_public: bool,
 }
 
 /// Keys a running proxy takes from a reloaded file ([`crate::ProxyHandle::reconfigure`]; the
@@ -102,6 +113,10 @@ impl Default for ProxyConfig {
             cookie_authentication: false,
             hashed_control_password: Vec::new(),
             socks_optimistic: true,
+            http_tunnel_port: None,
+            dns_port: None,
+            metrics_address: None,
+            metrics_allow_public: false,
         }
     }
 }
@@ -167,6 +182,8 @@ impl ProxyConfig {
         self.control()
             .validate()
             .map_err(|e| ClientError::Config(e.to_string()))?;
+        allium_proto::metrics::check_address(self.metrics_address, self.metrics_allow_public)
+            .map_err(ClientError::Config)?;
         if self.prebuilt_circuits > 64 {
             return Err(ClientError::Config(
                 "prebuilt_circuits must be at most 64".into(),

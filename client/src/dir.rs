@@ -75,6 +75,7 @@ pub(crate) async fn run(
         tracing::info!(
             "bootstrap 40%: using the cached consensus ({u} usable relays, {e} exits, {g} guards)"
         );
+        mgr.metrics.consensus(nd.valid_after());
         mgr.set_dir(v);
     } else {
         tracing::info!("bootstrap 10%: fetching the consensus from the authorities");
@@ -106,6 +107,7 @@ pub(crate) async fn run(
                                 );
                             }
                             unusable = u < 3 || e == 0 || g == 0;
+                            mgr.metrics.consensus(nd.valid_after());
                             mgr.set_dir(v);
                         }
                         None => tracing::warn!(

@@ -18,6 +18,8 @@ pub enum IsolationKey {
         /// Password.
         pass: Vec<u8>,
     },
+    /// An embedding application's isolation token (`allium_client::IsolationToken`).
+    Token(u64),
 }
 
 impl IsolationKey {
@@ -41,6 +43,7 @@ impl fmt::Debug for IsolationKey {
         match self {
             Self::NoAuth => f.write_str("IsolationKey::NoAuth"),
             Self::Credentials { .. } => f.write_str("IsolationKey::Credentials([redacted])"),
+            Self::Token(t) => write!(f, "IsolationKey::Token({t})"),
         }
     }
 }

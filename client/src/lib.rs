@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod cbt;
 mod circ;
 mod circmgr;
@@ -8,10 +9,13 @@ pub mod config;
 mod control;
 pub mod core;
 mod dir;
+pub mod dnsport;
 pub mod err;
 pub mod guard;
+pub mod http_tunnel;
 pub mod isolation;
 mod link;
+mod metrics;
 pub mod path;
 mod reactor;
 pub mod socks;
@@ -27,6 +31,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 pub use allium_directory::client::AuthorityInfo;
+pub use api::{Client, DataStream, IntoTarget, IsolationToken};
 pub use config::ProxyConfig;
 pub use err::{CircError, ClientError, ErrorKind, StreamError};
 
@@ -50,6 +55,9 @@ pub struct CircuitInfo {
 #[derive(Debug)]
 pub struct ProxyHandle {
     socks_addr: SocketAddr,
+    http_tunnel_addr: Option<SocketAddr>,
+    dns_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     ready: watch::Receiver<bool>,
     shutdown: watch::Sender<bool>,
     mgr: Arc<CircMgr>,
@@ -59,9 +67,30 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
-    /// The address the SOCKS5 listener is bound to (the real port when 0 was configured).
+    /// The address the SOCKS5 listener is bound to (the real port when 0 was configured;
+    /// `0.0.0.0:0` for an embedded [`Client`], which has no SOCKS port).
     pub fn socks_addr(&self) -> SocketAddr {
         self.socks_addr
+    }
+
+    /// The address the HTTP CONNECT listener is bound to, if `http_tunnel_port` is configured.
+    pub fn http_tunnel_addr(&self) -> Option<SocketAddr> {
+        self.http_tunnel_addr
+    }
+
+    /// The address the DNS (UDP) listener is bound to, if `dns_port` is configured.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns_addr
+    }
+
+    /// The address the Prometheus metrics listener is bound to, if `metrics_address` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The Prometheus metrics page (text exposition format 0.0.4), as `/metrics` serves it.
+    pub fn metrics_text(&self) -> String {
+        render_metrics(&self.mgr, &self.ready)
     }
 
     /// Wait until a consensus is verified and at least one circuit is built.
@@ -163,31 +192,88 @@ fn make_data_dir(dir: &std::path::Path) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// The proxy's metrics page now.
+fn render_metrics(mgr: &CircMgr, ready: &watch::Receiver<bool>) -> String {
+    let circuits = mgr.circuits();
+    let view = metrics::View {
+        circuits_open: circuits.len(),
+        streams_open: circuits.iter().map(|c| c.streams).sum(),
+        has_dir: mgr.has_dir(),
+        ready: *ready.borrow(),
+    };
+    mgr.metrics
+        .render(&view, allium_directory::now_unix())
+        .finish()
+}
+
+/// Bind an extra client port (`what` names it in errors) and warn when it is not on loopback.
+async fn bind_tcp(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr), ClientError> {
+    let l = TcpListener::bind(addr).await.map_err(|e| {
+        ClientError::io(
+            format!("binding the {what} {addr} (is another program using it? choose another port)"),
+            e,
+        )
+    })?;
+    let bound = l
+        .local_addr()
+        .map_err(|e| ClientError::io(format!("reading the {what} address"), e))?;
+    if !bound.ip().is_loopback() {
+        tracing::warn!(
+            "the {what} {bound} is not on a loopback address: anyone who can reach it can use your circuits"
+        );
+    }
+    Ok((l, bound))
+}
+
 /// Start the proxy: bind the SOCKS port, then bootstrap in the background (fetch and verify the
 /// consensus, build circuits). Must be called inside a tokio runtime.
 pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
+    start_with(config, true).await
+}
+
+/// [`start`], with or without the SOCKS port (the embeddable [`Client`] has none).
+pub(crate) async fn start_with(
+    config: ProxyConfig,
+    with_socks: bool,
+) -> Result<ProxyHandle, ClientError> {
     config.validate()?;
     let auths = config.authorities.clone();
     make_data_dir(&config.data_dir)?;
     let lock = allium_directory::datadir::DataDirLock::acquire(&config.data_dir)?;
     let guards = GuardSet::load(&config.data_dir)?;
-    let listener = TcpListener::bind(config.socks_listen).await.map_err(|e| {
-        ClientError::io(
-            format!(
-                "binding the SOCKS port {} (is another proxy already using it? choose another port)",
-                config.socks_listen
-            ),
-            e,
-        )
-    })?;
-    let socks_addr = listener
-        .local_addr()
-        .map_err(|e| ClientError::io("reading the SOCKS address", e))?;
-    if !socks_addr.ip().is_loopback() {
-        tracing::warn!(
-            "the SOCKS port {socks_addr} is not on a loopback address: anyone who can reach it can use your circuits"
-        );
-    }
+    let socks = if with_socks {
+        Some(bind_tcp(config.socks_listen, "SOCKS port").await?)
+    } else {
+        None
+    };
+    // Without a SOCKS port (an embedded client) the handle reports 0.0.0.0:0.
+    let socks_addr = socks
+        .as_ref()
+        .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |(_, a)| *a);
+    let http_tunnel = match config.http_tunnel_port {
+        Some(addr) => Some(bind_tcp(addr, "HTTP CONNECT tunnel port (http_tunnel_port)").await?),
+        None => None,
+    };
+    let dns = match config.dns_port {
+        Some(addr) => {
+            let sock = tokio::net::UdpSocket::bind(addr).await.map_err(|e| {
+                ClientError::io(
+                    format!("binding the DNS port (dns_port) {addr} (is another program using it? choose another port)"),
+                    e,
+                )
+            })?;
+            let bound = sock
+                .local_addr()
+                .map_err(|e| ClientError::io("reading the DNS port address", e))?;
+            if !bound.ip().is_loopback() {
+                tracing::warn!(
+                    "the DNS port {bound} is not on a loopback address: anyone who can reach it can use your circuits"
+                );
+            }
+            Some((sock, bound))
+        }
+        None => None,
+    };
     let cfg = Arc::new(config);
     let (ready_tx, ready_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -196,14 +282,44 @@ pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
     let mut tasks = JoinSet::new();
     tasks.spawn(dir::run(Arc::clone(&mgr), auths, shutdown_rx.clone()));
     tasks.spawn(Arc::clone(&mgr).maintain(shutdown_rx.clone()));
-    tasks.spawn(socks::server::serve(
-        listener,
-        Arc::clone(&mgr),
-        shutdown_rx,
-    ));
-    tracing::info!("bootstrap 0%: SOCKS5 proxy listening on {socks_addr}");
+    let mut http_tunnel_addr = None;
+    if let Some((l, addr)) = http_tunnel {
+        tasks.spawn(http_tunnel::serve(l, Arc::clone(&mgr), shutdown_rx.clone()));
+        tracing::info!("HTTP CONNECT tunnel listening on {addr}");
+        http_tunnel_addr = Some(addr);
+    }
+    let mut dns_addr = None;
+    if let Some((sock, addr)) = dns {
+        tasks.spawn(dnsport::serve(sock, Arc::clone(&mgr), shutdown_rx.clone()));
+        tracing::info!("DNS port listening on {addr} (UDP)");
+        dns_addr = Some(addr);
+    }
+    let mut metrics_addr = None;
+    if let Some(addr) = cfg.metrics_address {
+        let (m, r) = (Arc::clone(&mgr), ready_rx.clone());
+        let render: allium_proto::metrics::Render = Arc::new(move || render_metrics(&m, &r));
+        let (l, bound) = allium_proto::metrics::bind(addr, cfg.metrics_allow_public)
+            .await
+            .map_err(ClientError::Config)?;
+        tasks.spawn(allium_proto::metrics::serve(l, render));
+        metrics_addr = Some(bound);
+    }
+    match socks {
+        Some((listener, _)) => {
+            tasks.spawn(socks::server::serve(
+                listener,
+                Arc::clone(&mgr),
+                shutdown_rx,
+            ));
+            tracing::info!("bootstrap 0%: SOCKS5 proxy listening on {socks_addr}");
+        }
+        None => tracing::info!("bootstrap 0%: embedded client starting"),
+    }
     Ok(ProxyHandle {
         socks_addr,
+        http_tunnel_addr,
+        dns_addr,
+        metrics_addr,
         ready: ready_rx,
         shutdown: shutdown_tx,
         mgr,

@@ -114,14 +114,24 @@ async fn refused_requests_get_the_right_codes() {
     s.read_exact(&mut m).await.unwrap();
     assert_eq!(m, [5, 0xFF]);
 
-    // Not SOCKS at all: closed.
+    // Not SOCKS at all (a TLS ClientHello): closed.
     let mut s = TcpStream::connect(a).await.unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    s.write_all(b"\x16\x03\x01\x00\x05hello").await.unwrap();
     let mut b = [0u8; 1];
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
         .await
         .unwrap();
     assert!(matches!(n, Ok(0) | Err(_)));
+
+    // HTTP: the "not an HTTP proxy" page, then a clean close.
+    let mut s = TcpStream::connect(a).await.unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut page = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut page))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(page.starts_with(b"HTTP/1.0 501 "));
 
     assert!(proxy.wait_ready(Duration::from_millis(50)).await.is_err());
     proxy.shutdown().await;

@@ -12,6 +12,7 @@ pub mod inbox;
 pub mod link;
 #[cfg(feature = "openssl")]
 mod link_cipher;
+pub mod metrics;
 pub mod relaymsg;
 
 pub use cell::{Cell, CellCmd, CircId};

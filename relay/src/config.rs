@@ -104,6 +104,13 @@ pub struct RelayConfig {
     /// Accepted control passwords, hashed as `tor --hash-password` prints them (`16:...`).
     #[serde(default)]
     pub hashed_control_password: Vec<String>,
+    /// Where the Prometheus metrics listener binds (`/metrics`); none by default. Loopback
+    /// only unless `metrics_allow_public` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<SocketAddr>,
+    /// Allow `metrics_address` on a non-loopback address.
+    #[serde(default)]
+    pub metrics_allow_public: bool,
 }
 
 fn default_log_level() -> String {
@@ -177,6 +184,8 @@ impl RelayConfig {
             control_socket: None,
             cookie_authentication: false,
             hashed_control_password: Vec::new(),
+            metrics_address: None,
+            metrics_allow_public: false,
         }
     }
 
@@ -215,6 +224,14 @@ impl RelayConfig {
             key,
             why: why.to_owned(),
         };
+        if let Err(why) =
+            allium_proto::metrics::check_address(self.metrics_address, self.metrics_allow_public)
+        {
+            return Err(RelayError::ConfigInvalid {
+                key: "metrics_address",
+                why,
+            });
+        }
         let n = &self.nickname;
         if n.is_empty() || n.len() > 19 || !n.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(bad("nickname", "use 1 to 19 ASCII letters or digits"));

@@ -50,6 +50,7 @@ pub mod err;
 mod exit;
 pub mod keys;
 mod link;
+mod metrics;
 pub mod policy;
 pub mod ratelimit;
 mod reactor;
@@ -257,6 +258,7 @@ pub async fn start_with_resolver(
     }
     let ctx = Ctx::new(config, keys, resolver, advertised);
     let link_slots = Arc::new(Semaphore::new(ctx.cfg.max_links));
+    let metrics_task = metrics::start(&ctx).await?;
     tracing::info!(
         nickname = %ctx.cfg.nickname,
         identity = %ctx.keys.id,
@@ -275,6 +277,7 @@ pub async fn start_with_resolver(
         tokio::spawn(dirsync::run_maintenance(Arc::clone(&ctx))),
     ];
     tasks.extend(create::spawn_workers(&ctx));
+    tasks.extend(metrics_task);
     Ok(RelayHandle {
         ctx,
         or_addr,

@@ -73,3 +73,36 @@ pub fn run(args: Args) -> CmdResult {
     };
     crate::ops::roles::run_authority(path)
 }
+
+/// The authority's Prometheus metrics page at `now` (Unix seconds).
+pub fn metrics_page(
+    h: &allium_directory::authority::AuthorityHandle,
+    now: u64,
+) -> allium_proto::metrics::Exposition {
+    use allium_proto::metrics::{Exposition, MetricType};
+    let mut e = Exposition::new();
+    e.single(
+        "allium_authority_descriptors",
+        MetricType::Gauge,
+        "Relay descriptors this authority holds.",
+        h.descriptor_count() as f64,
+    );
+    // The authority's own consensus (it signed it): decoded only to read its date.
+    let valid_after = h
+        .current_consensus()
+        .and_then(|c| c.dangerously_decode_unverified().ok())
+        .map(|c| c.valid_after);
+    e.single(
+        "allium_consensus_age_seconds",
+        MetricType::Gauge,
+        "Seconds since the consensus this authority serves became valid (NaN: none yet).",
+        valid_after.map_or(f64::NAN, |va| now.saturating_sub(va) as f64),
+    );
+    e.single(
+        "allium_bootstrap_percent",
+        MetricType::Gauge,
+        "100 once the authority serves a consensus, 0 before.",
+        if valid_after.is_some() { 100.0 } else { 0.0 },
+    );
+    e
+}

@@ -237,18 +237,42 @@ pub fn run_proxy(path: Option<PathBuf>, socks_port: Option<u16>) -> CmdResult {
 /// Run `allium authority --config FILE`.
 pub fn run_authority(path: PathBuf) -> CmdResult {
     let cfg = AuthorityConfig::load(&path)?;
+    allium_proto::metrics::check_address(cfg.metrics_address, cfg.metrics_allow_public)?;
     let p = privs::decide_for_me(cfg.allow_root, cfg.user.as_deref())?;
     crate::cmd::runtime()?.block_on(async move {
         let signals = super::Signals::new()?;
-        let h = authority::start(cfg.clone()).await?;
+        let h = std::sync::Arc::new(authority::start(cfg.clone()).await?);
+        let metrics_task = match cfg.metrics_address {
+            Some(addr) => {
+                let m = std::sync::Arc::clone(&h);
+                let render: allium_proto::metrics::Render = std::sync::Arc::new(move || {
+                    crate::cmd::authority::metrics_page(&m, allium_directory::now_unix()).finish()
+                });
+                Some(
+                    allium_proto::metrics::spawn(addr, cfg.metrics_allow_public, render)
+                        .await?
+                        .1,
+                )
+            }
+            None => None,
+        };
         maybe_drop(&p, &cfg.data_dir)?;
         tracing::info!(
             addr = %h.dir_addr(),
             identity = %h.identity(),
             "authority running; stop with Ctrl-C or SIGTERM, reload the configuration with SIGHUP"
         );
-        serve(&h, signals, Some(path), &cfg, None).await?;
-        h.shutdown().await;
+        serve(h.as_ref(), signals, Some(path), &cfg, None).await?;
+        if let Some(t) = metrics_task {
+            t.abort();
+            let _ = t.await;
+        }
+        match std::sync::Arc::try_unwrap(h) {
+            Ok(h) => h.shutdown().await,
+            Err(_) => tracing::warn!(
+                "metrics still held the authority; stopping without a clean shutdown"
+            ),
+        }
         Ok(())
     })
 }

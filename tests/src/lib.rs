@@ -20,6 +20,7 @@ use allium_client::{ProxyConfig, ProxyHandle};
 use allium_directory::authority::{self, AuthorityHandle, StartOptions};
 use allium_relay::{ExitPolicy, RelayConfig, RelayHandle, StaticResolver, SystemResolver};
 
+pub mod promtext;
 pub mod sim;
 
 pub use allium::cmd::testnet::httpd;

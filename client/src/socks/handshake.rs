@@ -106,6 +106,10 @@ pub enum HandshakeError {
     /// A message that cannot be read for another reason.
     #[error("malformed SOCKS message")]
     Malformed,
+    /// The client spoke HTTP (`GET `, `CONNECT `, ...) to the SOCKS port: it was configured
+    /// with this port as an HTTP proxy. The refusal's bytes are an HTTP 501 page saying so.
+    #[error("an HTTP request on the SOCKS port (the application is configured for an HTTP proxy)")]
+    HttpRequest,
 }
 
 /// What one call of [`ServerHandshake::handle`] did.
@@ -185,6 +189,8 @@ pub struct ServerHandshake {
     state: State,
     /// The part of the current message received so far (at most [`MAX_MESSAGE`] bytes).
     buf: Vec<u8>,
+    /// The HTTP CONNECT port to point HTTP clients at, if one is configured.
+    http_tunnel: Option<SocketAddr>,
 }
 
 impl Default for ServerHandshake {
@@ -199,7 +205,15 @@ impl ServerHandshake {
         Self {
             state: State::Start,
             buf: Vec::new(),
+            http_tunnel: None,
         }
+    }
+
+    /// A handshake whose answer to an HTTP client names `http_tunnel` (the proxy's HTTP CONNECT
+    /// port) as the address to configure instead.
+    pub fn with_http_tunnel(mut self, http_tunnel: Option<SocketAddr>) -> Self {
+        self.http_tunnel = http_tunnel;
+        self
     }
 
     /// Whether the handshake is over (a request was given out or it was refused).
@@ -269,6 +283,7 @@ impl ServerHandshake {
             State::Start => match buf.first() {
                 Some(&SOCKS5) => parse_greeting(buf),
                 Some(&SOCKS4) => parse_socks4(buf),
+                Some(b) if b.is_ascii_uppercase() => detect_http(buf, self.http_tunnel),
                 Some(&other) => Err(Stop::Refuse(Vec::new(), HandshakeError::NotSocks(other))),
                 None => Err(Stop::More),
             },
@@ -277,6 +292,70 @@ impl ServerHandshake {
             State::Done => Err(Stop::More),
         }
     }
+}
+
+/// HTTP methods whose request line, sent to a SOCKS port, gets the "not an HTTP proxy" page.
+const HTTP_METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"HEAD ",
+    b"PUT ",
+    b"DELETE ",
+    b"CONNECT ",
+    b"OPTIONS ",
+    b"TRACE ",
+    b"PATCH ",
+];
+
+/// The first bytes start with an upper-case letter: an HTTP request line, or not SOCKS at all.
+/// Waits (at most 8 bytes) until one method and its space match or none can.
+fn detect_http(buf: &[u8], http_tunnel: Option<SocketAddr>) -> Result<Step, Stop> {
+    let mut could_match = false;
+    for m in HTTP_METHODS {
+        if buf.starts_with(m) {
+            return Err(Stop::Refuse(
+                not_an_http_proxy(http_tunnel),
+                HandshakeError::HttpRequest,
+            ));
+        }
+        could_match |= m.starts_with(buf);
+    }
+    match buf.first() {
+        Some(&b) if !could_match => Err(Stop::Refuse(Vec::new(), HandshakeError::NotSocks(b))),
+        _ => Err(Stop::More),
+    }
+}
+
+/// The HTTP response for an HTTP client that was pointed at the SOCKS port.
+pub fn not_an_http_proxy(http_tunnel: Option<SocketAddr>) -> Vec<u8> {
+    let advice = match http_tunnel {
+        Some(a) => format!(
+            "<p>This proxy also has an HTTP CONNECT tunnel port at <code>{a}</code>: use that \
+             address as the HTTP/HTTPS proxy instead.</p>"
+        ),
+        None => "<p>To use Allium as an HTTP proxy, set <code>http_tunnel_port</code> in the \
+                 proxy's configuration and point the application's HTTPS proxy setting at that \
+                 port.</p>"
+            .to_owned(),
+    };
+    let body = format!(
+        "<!DOCTYPE html>\n<html><head><title>This is a SOCKS proxy, not an HTTP proxy</title></head>\n\
+         <body><h1>This is a SOCKS proxy, not an HTTP proxy</h1>\n\
+         <p>Your application sent an HTTP request to Allium's SOCKS port. Configure it to use \
+         this address as a <b>SOCKS5</b> proxy (with host names resolved by the proxy: \
+         <code>socks5h://</code>, \"Proxy DNS when using SOCKS v5\") instead of an HTTP \
+         proxy.</p>\n{advice}\n</body></html>\n"
+    );
+    let mut out = format!(
+        "HTTP/1.0 501 Allium is a SOCKS proxy, not an HTTP proxy\r\n\
+         Content-Type: text/html; charset=utf-8\r\n\
+         Content-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    out
 }
 
 /// `VER=5 NMETHODS METHODS`: choose username/password if offered, else no authentication.

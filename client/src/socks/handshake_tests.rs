@@ -250,12 +250,57 @@ fn bad_requests_get_the_right_reply_codes() {
 
 #[test]
 fn not_socks_is_closed_without_a_reply() {
-    let (send, _, outcome) = both(b"GET / HTTP/1.0\r\n\r\n");
-    assert!(send.is_empty());
-    assert_eq!(refused(outcome), HandshakeError::NotSocks(b'G'));
+    for input in [
+        &b"\x16\x03\x01"[..],
+        b"\x00",
+        b"GEX / HTTP/1.0\r\n",
+        b"get / HTTP/1.0\r\n",
+    ] {
+        let (send, _, outcome) = both(input);
+        assert!(send.is_empty());
+        assert_eq!(refused(outcome), HandshakeError::NotSocks(input[0]));
+    }
     let (p, hs) = run(&[]);
     assert_eq!(p, Progress::default());
     assert!(!hs.is_done());
+}
+
+#[test]
+fn http_requests_get_the_not_an_http_proxy_page() {
+    for input in [
+        &b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"[..],
+        b"POST /form HTTP/1.1\r\n",
+        b"CONNECT example.com:443 HTTP/1.1\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\n",
+        b"HEAD / HTTP/1.0\r\n\r\n",
+    ] {
+        let (send, _, outcome) = both(input);
+        assert_eq!(refused(outcome), HandshakeError::HttpRequest);
+        let text = String::from_utf8(send).unwrap();
+        assert!(text.starts_with("HTTP/1.0 501 "), "{text}");
+        assert!(text.contains("SOCKS proxy, not an HTTP proxy"));
+        assert!(text.contains("http_tunnel_port"));
+        // The declared length is the body's.
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+    }
+    // A method prefix alone waits for more.
+    let (p, hs) = run(b"CONNEC");
+    assert_eq!(p.outcome, None);
+    assert_eq!(p.consumed, 6);
+    assert!(!hs.is_done());
+    // With a tunnel port configured, the page names it.
+    let mut hs = ServerHandshake::new().with_http_tunnel(Some("127.0.0.1:8118".parse().unwrap()));
+    let p = hs.handle(b"GET http://example.com/ HTTP/1.1\r\n");
+    assert_eq!(
+        p.outcome,
+        Some(Outcome::Refused(HandshakeError::HttpRequest))
+    );
+    assert!(
+        String::from_utf8(p.send)
+            .unwrap()
+            .contains("127.0.0.1:8118")
+    );
 }
 
 #[test]

@@ -21,6 +21,7 @@ use super::wire::{Target, reply};
 use crate::circ::{Circuit, StreamEvent};
 use crate::circmgr::CircMgr;
 use crate::isolation::IsolationKey;
+use crate::metrics::Outcome as Ended;
 use crate::stream::{self, OpenError};
 
 /// Most attempts to open one stream on different circuits.
@@ -66,18 +67,30 @@ pub(crate) async fn serve(
 
 async fn handle(mgr: Arc<CircMgr>, mut sock: TcpStream) {
     let t = mgr.config().socks_handshake_timeout;
-    let req = match tokio::time::timeout(t, read_request(&mut sock)).await {
+    let tunnel = mgr.config().http_tunnel_port.filter(|a| a.port() != 0);
+    let req = match tokio::time::timeout(t, read_request(&mut sock, tunnel)).await {
         Ok(Ok(Ok(req))) => req,
         Ok(Ok(Err(e))) => {
             tracing::debug!("SOCKS request refused: {e}");
+            mgr.metrics.socks(if e == HandshakeError::HttpRequest {
+                Ended::WrongProtocol
+            } else {
+                Ended::Refused
+            });
+            if e == HandshakeError::HttpRequest {
+                // The 501 page is sent: let the client read it instead of resetting.
+                crate::http_tunnel::close_gently(sock).await;
+            }
             return;
         }
         Ok(Err(e)) => {
             tracing::debug!("SOCKS handshake failed: {e}");
+            mgr.metrics.socks(Ended::Refused);
             return;
         }
         Err(_) => {
             tracing::debug!("SOCKS handshake timed out");
+            mgr.metrics.socks(Ended::Timeout);
             return;
         }
     };
@@ -85,8 +98,14 @@ async fn handle(mgr: Arc<CircMgr>, mut sock: TcpStream) {
         SocksCommand::Connect => connect(&mgr, sock, &req).await,
         SocksCommand::Resolve => {
             let bytes = match resolve(&mgr, &req.target, &req.isolation).await {
-                Ok(ip) => req.reply(reply::SUCCEEDED, Some(SocketAddr::new(ip, 0))),
-                Err(f) => req.reply(reply_code_for(&f), None),
+                Ok(ip) => {
+                    mgr.metrics.socks(Ended::Success);
+                    req.reply(reply::SUCCEEDED, Some(SocketAddr::new(ip, 0)))
+                }
+                Err(f) => {
+                    mgr.metrics.socks(outcome_of(&f));
+                    req.reply(reply_code_for(&f), None)
+                }
             };
             let _ = sock.write_all(&bytes).await;
         }
@@ -95,8 +114,11 @@ async fn handle(mgr: Arc<CircMgr>, mut sock: TcpStream) {
 
 /// Run the handshake on `sock` up to the request: peek, let the state machine consume, read
 /// out exactly what it consumed, send what it says. A refusal's reply is sent here.
-async fn read_request(sock: &mut TcpStream) -> io::Result<Result<SocksRequest, HandshakeError>> {
-    let mut hs = ServerHandshake::new();
+async fn read_request(
+    sock: &mut TcpStream,
+    http_tunnel: Option<SocketAddr>,
+) -> io::Result<Result<SocksRequest, HandshakeError>> {
+    let mut hs = ServerHandshake::new().with_http_tunnel(http_tunnel);
     let mut buf = [0u8; MAX_MESSAGE];
     loop {
         let n = sock.peek(&mut buf).await?;
@@ -156,6 +178,7 @@ async fn connect(mgr: &CircMgr, mut sock: TcpStream, req: &SocksRequest) {
     let optimistic = mgr.config().socks_optimistic;
     match open(mgr, &req.target, &req.isolation, optimistic).await {
         Ok((circ, sid, rx)) => {
+            mgr.metrics.socks(Ended::Success);
             if sock
                 .write_all(&req.reply(reply::SUCCEEDED, None))
                 .await
@@ -169,6 +192,7 @@ async fn connect(mgr: &CircMgr, mut sock: TcpStream, req: &SocksRequest) {
             stream::splice(circ, sid, rx, sock).await;
         }
         Err(f) => {
+            mgr.metrics.socks(outcome_of(&f));
             let _ = sock.write_all(&req.reply(reply_code_for(&f), None)).await;
         }
     }
@@ -194,6 +218,15 @@ pub(crate) enum Failure {
     NoAddress,
 }
 
+/// The metrics outcome of a failure.
+pub(crate) fn outcome_of(f: &Failure) -> Ended {
+    match f {
+        Failure::NoExit { .. } => Ended::NoExit,
+        Failure::TimedOut => Ended::Timeout,
+        _ => Ended::Failed,
+    }
+}
+
 /// The SOCKS5 reply code for a failure (SOCKS4 replies "rejected" for every one). The one
 /// place where reply codes are chosen; docs/protocol/95-client.md has the table.
 pub(crate) fn reply_code_for(f: &Failure) -> u8 {
@@ -212,13 +245,13 @@ pub(crate) fn reply_code_for(f: &Failure) -> u8 {
 }
 
 /// Records which circuit a SOCKS client's stream uses, for as long as the stream lives.
-struct PeerGuard<'a> {
+pub(crate) struct PeerGuard<'a> {
     mgr: &'a CircMgr,
     peer: Option<SocketAddr>,
 }
 
 impl<'a> PeerGuard<'a> {
-    fn new(mgr: &'a CircMgr, sock: &TcpStream, circ: &Circuit) -> Self {
+    pub(crate) fn new(mgr: &'a CircMgr, sock: &TcpStream, circ: &Circuit) -> Self {
         let peer = sock.peer_addr().ok();
         if let Some(p) = peer {
             mgr.note_peer(p, circ.id);
@@ -235,11 +268,11 @@ impl Drop for PeerGuard<'_> {
     }
 }
 
-type Opened = (Arc<Circuit>, u16, tokio::sync::mpsc::Receiver<StreamEvent>);
+pub(crate) type Opened = (Arc<Circuit>, u16, tokio::sync::mpsc::Receiver<StreamEvent>);
 
 /// Open a stream to `target`, retrying on another circuit when one fails under us; never
 /// longer than [`OPEN_TIMEOUT`] in all. `optimistic`: do not wait for CONNECTED.
-async fn open(
+pub(crate) async fn open(
     mgr: &CircMgr,
     target: &Target,
     iso: &IsolationKey,

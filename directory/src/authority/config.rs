@@ -106,6 +106,13 @@ pub struct AuthorityConfig {
     /// Rate limits, caps and timeouts against floods (`[limits]`).
     #[serde(default)]
     pub limits: AuthorityLimits,
+    /// Where `allium authority` serves Prometheus metrics (`/metrics`); none by default.
+    /// Loopback only unless `metrics_allow_public` is set.
+    #[serde(default)]
+    pub metrics_address: Option<SocketAddr>,
+    /// Allow `metrics_address` on a non-loopback address.
+    #[serde(default)]
+    pub metrics_allow_public: bool,
 }
 
 /// Limits that keep one source from jamming the authority (docs/protocol/80-directory.md,
@@ -208,6 +215,8 @@ impl AuthorityConfig {
             heartbeat_period_secs: default_heartbeat(),
             allow_root: false,
             user: None,
+            metrics_address: None,
+            metrics_allow_public: false,
         }
     }
 

@@ -88,6 +88,10 @@ fn testnet_control(data_dir: &std::path::Path) -> Result<(SocketAddr, PathBuf), 
 #[derive(Serialize, Debug)]
 struct TestnetInfo {
     socks: SocketAddr,
+    /// The proxy's HTTP CONNECT tunnel port.
+    http_tunnel: Option<SocketAddr>,
+    /// The proxy's DNS port (UDP).
+    dns: Option<SocketAddr>,
     http_target: SocketAddr,
     ready_secs: f64,
     data_dir: PathBuf,
@@ -208,12 +212,16 @@ async fn start_and_serve(
         // The child process binds this address: let go of it first.
         drop(a.listener);
         let cfg = dir.join(format!("{}.toml", a.name));
+        let metrics = free_port()?;
+        // A top-level key goes before the file's tables.
+        let text = format!("metrics_address = \"{metrics}\"\n{text}");
         write_file(&cfg, &text)?;
         let log = dir.join(format!("{}.log", a.name));
         let cfg_s = cfg.display().to_string();
         let node = procs::spawn(&a.name, &["authority", "--config", &cfg_s], &log)?;
         let mut addrs = serde_json::Map::new();
         addrs.insert("dir".into(), a.addr.to_string().into());
+        addrs.insert("metrics".into(), metrics.to_string().into());
         infos.push(NodeInfo {
             name: node.name.clone(),
             role: "authority",
@@ -229,6 +237,7 @@ async fn start_and_serve(
     }
 
     for mut r in relays {
+        r.config.metrics_address = Some(free_port()?);
         let name = r.name;
         let (control_port, control_cookie) = testnet_control(&r.config.data_dir)?;
         r.config.control_port = Some(control_port);
@@ -243,6 +252,9 @@ async fn start_and_serve(
         let node = procs::spawn(&name, &["relay", "--config", &cfg_s], &log)?;
         let mut addrs = serde_json::Map::new();
         addrs.insert("or".into(), r.config.listen.to_string().into());
+        if let Some(m) = r.config.metrics_address {
+            addrs.insert("metrics".into(), m.to_string().into());
+        }
         infos.push(NodeInfo {
             name: name.clone(),
             role: "relay",
@@ -261,6 +273,10 @@ async fn start_and_serve(
     let (pcontrol_port, pcontrol_cookie) = testnet_control(&pcfg.data_dir)?;
     pcfg.control_port = Some(pcontrol_port);
     pcfg.cookie_authentication = true;
+    // Fixed ports for every client port, so testnet.json can name them.
+    pcfg.http_tunnel_port = Some(free_port()?);
+    pcfg.dns_port = Some(free_port()?);
+    pcfg.metrics_address = Some(free_port()?);
     let pcfg_path = dir.join("proxy.toml");
     write_file(&pcfg_path, &toml::to_string(&pcfg)?)?;
     let plog = dir.join("proxy.log");
@@ -268,6 +284,15 @@ async fn start_and_serve(
     let proxy = procs::spawn("proxy", &["proxy", "--config", &pcfg_s], &plog)?;
     let mut addrs = serde_json::Map::new();
     addrs.insert("socks".into(), socks_addr.to_string().into());
+    for (key, a) in [
+        ("http_tunnel", pcfg.http_tunnel_port),
+        ("dns", pcfg.dns_port),
+        ("metrics", pcfg.metrics_address),
+    ] {
+        if let Some(a) = a {
+            addrs.insert(key.into(), a.to_string().into());
+        }
+    }
     infos.push(NodeInfo {
         name: "proxy".into(),
         role: "client",
@@ -288,6 +313,8 @@ async fn start_and_serve(
 
     let info = TestnetInfo {
         socks: socks_addr,
+        http_tunnel: pcfg.http_tunnel_port,
+        dns: pcfg.dns_port,
         http_target: http_addr,
         ready_secs,
         data_dir: dir.to_path_buf(),
@@ -300,6 +327,15 @@ async fn start_and_serve(
     println!();
     println!("Allium test network ready in {ready_secs:.1} s.");
     println!("  SOCKS5 proxy:  {socks_addr}");
+    if let Some(a) = pcfg.http_tunnel_port {
+        println!("  HTTP CONNECT:  {a}  (curl --proxytunnel --proxy http://{a} ...)");
+    }
+    if let Some(a) = pcfg.dns_port {
+        println!("  DNS (UDP):     {a}");
+    }
+    if let Some(a) = pcfg.metrics_address {
+        println!("  metrics:       http://{a}/metrics");
+    }
     println!("  test page:     http://{http_addr}/");
     println!("  details:       {}", dir.join("testnet.json").display());
     println!();

@@ -196,6 +196,8 @@ impl NetworkBuilder {
                 config.advertised = Some(port_at(base)?);
             }
             config.contact = "allium testnet".into();
+            // Metrics on a free loopback port (`allium testnet` fixes it in the file it writes).
+            config.metrics_address = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
             config.authorities = relay_auths.clone();
             config.descriptor_publish_interval_secs = 60;
             // A throwaway local network runs as whoever starts it, root included.
@@ -213,6 +215,11 @@ impl NetworkBuilder {
             authorities: infos,
             test_network: true,
             allow_root: true,
+            // Every client port, on free ports (`allium testnet` fixes them before writing
+            // the proxy's configuration).
+            http_tunnel_port: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            dns_port: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            metrics_address: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..ProxyConfig::default()
         };
         Ok(NetworkPlan {

@@ -1,0 +1,263 @@
+//! The proxy's Prometheus metrics: counters the circuit manager and the front ends update, and
+//! the page [`crate::ProxyHandle::metrics_text`] renders with `allium_proto::metrics`.
+//!
+//! Families (all prefixed `allium_`): `circuits_open`, `circuits_created_total`,
+//! `circuit_build_failures_total`, `circuit_build_seconds` (histogram), `streams_open`,
+//! `socks_requests_total{outcome}`, `http_tunnel_requests_total{outcome}`,
+//! `dns_queries_total{rcode}`, `consensus_age_seconds`, `bootstrap_percent`.
+//! Labels carry only fixed words: never a destination, a credential or an address.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use allium_proto::metrics::{CIRCUIT_BUILD_BUCKETS, Exposition, Histogram, MetricType};
+
+/// How a SOCKS (or HTTP CONNECT) request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The stream opened (or the name resolved).
+    Success,
+    /// The handshake was refused or broke off (not SOCKS, bad request, EOF).
+    Refused,
+    /// An HTTP request on the SOCKS port (answered with the 501 page), or a non-CONNECT method
+    /// on the tunnel port.
+    WrongProtocol,
+    /// No exit allows the port.
+    NoExit,
+    /// The exit or the circuits failed the request.
+    Failed,
+    /// The handshake or the request timed out.
+    Timeout,
+}
+
+impl Outcome {
+    const ALL: [(Self, &'static str); 6] = [
+        (Self::Success, "success"),
+        (Self::Refused, "refused"),
+        (Self::WrongProtocol, "wrong_protocol"),
+        (Self::NoExit, "no_exit"),
+        (Self::Failed, "failed"),
+        (Self::Timeout, "timeout"),
+    ];
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|(o, _)| *o == self).unwrap_or(0)
+    }
+}
+
+/// DNS answer codes counted by name (RFC 1035 rcodes 0 to 5).
+const RCODES: [&str; 6] = [
+    "noerror", "formerr", "servfail", "nxdomain", "notimp", "refused",
+];
+
+/// The proxy's counters.
+#[derive(Debug)]
+pub(crate) struct ClientMetrics {
+    circuits_built: AtomicU64,
+    build_failures: AtomicU64,
+    build_seconds: Histogram,
+    socks: [AtomicU64; 6],
+    tunnel: [AtomicU64; 6],
+    dns: [AtomicU64; 6],
+    /// `valid-after` of the consensus in use (Unix seconds; 0: none yet).
+    consensus_valid_after: AtomicU64,
+}
+
+impl Default for ClientMetrics {
+    fn default() -> Self {
+        Self {
+            circuits_built: AtomicU64::new(0),
+            build_failures: AtomicU64::new(0),
+            build_seconds: Histogram::new(CIRCUIT_BUILD_BUCKETS),
+            socks: Default::default(),
+            tunnel: Default::default(),
+            dns: Default::default(),
+            consensus_valid_after: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ClientMetrics {
+    /// A circuit was built in `secs`.
+    pub(crate) fn circuit_built(&self, secs: f64) {
+        self.circuits_built.fetch_add(1, Ordering::Relaxed);
+        self.build_seconds.observe(secs);
+    }
+
+    /// A circuit build attempt failed or timed out.
+    pub(crate) fn circuit_failed(&self) {
+        self.build_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A SOCKS request ended so.
+    pub(crate) fn socks(&self, o: Outcome) {
+        if let Some(c) = self.socks.get(o.index()) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An HTTP CONNECT request ended so.
+    pub(crate) fn tunnel(&self, o: Outcome) {
+        if let Some(c) = self.tunnel.get(o.index()) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A DNS query was answered with `rcode` (nothing is counted for datagrams not answered).
+    pub(crate) fn dns(&self, rcode: u8) {
+        if let Some(c) = self.dns.get(usize::from(rcode)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The consensus in use became valid at `valid_after` (Unix seconds).
+    pub(crate) fn consensus(&self, valid_after: u64) {
+        self.consensus_valid_after
+            .store(valid_after, Ordering::Relaxed);
+    }
+
+    /// The metrics page. `now` is Unix seconds; the rest is what the caller reads from the
+    /// circuit manager.
+    pub(crate) fn render(&self, view: &View, now: u64) -> Exposition {
+        let mut e = Exposition::new();
+        e.single(
+            "allium_circuits_open",
+            MetricType::Gauge,
+            "Circuits currently held for streams.",
+            view.circuits_open as f64,
+        );
+        e.single(
+            "allium_circuits_created_total",
+            MetricType::Counter,
+            "Circuits built since start.",
+            self.circuits_built.load(Ordering::Relaxed) as f64,
+        );
+        e.single(
+            "allium_circuit_build_failures_total",
+            MetricType::Counter,
+            "Circuit build attempts that failed or timed out.",
+            self.build_failures.load(Ordering::Relaxed) as f64,
+        );
+        e.histogram(
+            "allium_circuit_build_seconds",
+            "Time to build a three-hop circuit, in seconds.",
+            &self.build_seconds.snapshot(),
+        );
+        e.single(
+            "allium_streams_open",
+            MetricType::Gauge,
+            "Streams currently open on the proxy's circuits.",
+            view.streams_open as f64,
+        );
+        for (name, help, counters) in [
+            (
+                "allium_socks_requests_total",
+                "SOCKS requests by how they ended.",
+                &self.socks,
+            ),
+            (
+                "allium_http_tunnel_requests_total",
+                "HTTP CONNECT tunnel requests by how they ended.",
+                &self.tunnel,
+            ),
+        ] {
+            e.family(name, MetricType::Counter, help);
+            for ((_, label), c) in Outcome::ALL.iter().zip(counters) {
+                e.sample(&[("outcome", label)], c.load(Ordering::Relaxed) as f64);
+            }
+        }
+        e.family(
+            "allium_dns_queries_total",
+            MetricType::Counter,
+            "DNS port queries answered, by response code.",
+        );
+        for (label, c) in RCODES.iter().zip(&self.dns) {
+            e.sample(&[("rcode", label)], c.load(Ordering::Relaxed) as f64);
+        }
+        let va = self.consensus_valid_after.load(Ordering::Relaxed);
+        e.single(
+            "allium_consensus_age_seconds",
+            MetricType::Gauge,
+            "Seconds since the consensus in use became valid (NaN: no consensus yet).",
+            if va == 0 {
+                f64::NAN
+            } else {
+                now.saturating_sub(va) as f64
+            },
+        );
+        let percent = match (view.has_dir, view.ready) {
+            (_, true) => 100.0,
+            (true, false) => 40.0,
+            (false, false) => 10.0,
+        };
+        e.single(
+            "allium_bootstrap_percent",
+            MetricType::Gauge,
+            "Bootstrap progress as the log reports it: 10 fetching the consensus, 40 consensus \
+             held, 100 ready (a circuit is built).",
+            percent,
+        );
+        e
+    }
+}
+
+/// What the circuit manager says at render time.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct View {
+    pub(crate) circuits_open: usize,
+    pub(crate) streams_open: usize,
+    pub(crate) has_dir: bool,
+    pub(crate) ready: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_is_valid_and_counts_show() {
+        let m = ClientMetrics::default();
+        m.circuit_built(0.3);
+        m.circuit_failed();
+        m.socks(Outcome::Success);
+        m.socks(Outcome::Success);
+        m.socks(Outcome::WrongProtocol);
+        m.tunnel(Outcome::NoExit);
+        m.dns(3);
+        m.dns(200);
+        let view = View {
+            circuits_open: 2,
+            streams_open: 1,
+            has_dir: true,
+            ready: false,
+        };
+        let e = m.render(&view, 1000);
+        assert!(e.errors().is_empty(), "{:?}", e.errors());
+        let page = e.finish();
+        for line in [
+            "allium_circuits_open 2",
+            "allium_circuits_created_total 1",
+            "allium_circuit_build_failures_total 1",
+            "allium_circuit_build_seconds_bucket{le=\"0.5\"} 1",
+            "allium_circuit_build_seconds_bucket{le=\"0.25\"} 0",
+            "allium_circuit_build_seconds_count 1",
+            "allium_streams_open 1",
+            "allium_socks_requests_total{outcome=\"success\"} 2",
+            "allium_socks_requests_total{outcome=\"wrong_protocol\"} 1",
+            "allium_http_tunnel_requests_total{outcome=\"no_exit\"} 1",
+            "allium_dns_queries_total{rcode=\"nxdomain\"} 1",
+            "allium_consensus_age_seconds NaN",
+            "allium_bootstrap_percent 40",
+        ] {
+            assert!(
+                page.lines().any(|l| l == line),
+                "missing {line:?} in\n{page}"
+            );
+        }
+        m.consensus(400);
+        let page = m.render(&view, 1000).finish();
+        assert!(
+            page.lines()
+                .any(|l| l == "allium_consensus_age_seconds 600")
+        );
+    }
+}

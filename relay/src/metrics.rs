@@ -1,0 +1,166 @@
+//! The relay's Prometheus metrics page ([`RelayHandle::metrics_text`]), written with
+//! `allium_proto::metrics` from the counters in [`crate::Stats`] and the consensus held.
+//!
+//! Families: `allium_relay_bytes_total{direction}` and `allium_relay_cells_total{direction}`
+//! (the counters count whole cells: read from links, and originated), `allium_circuits_open`,
+//! `allium_circuits_created_total`, `allium_streams_open` (exit streams),
+//! `allium_dos_rejections_total{reason}`, `allium_consensus_age_seconds`,
+//! `allium_bootstrap_percent` (0 without a consensus, 100 with one) and
+//! `allium_relay_flag{flag}` (1 when the consensus gives this relay the flag).
+
+use allium_directory::doc::Flags;
+use allium_proto::cell::CELL_LEN;
+use allium_proto::metrics::{Exposition, MetricType};
+
+use crate::RelayHandle;
+use crate::ctx::Ctx;
+
+impl RelayHandle {
+    /// The Prometheus metrics page (text exposition format 0.0.4), as `/metrics` serves it.
+    pub fn metrics_text(&self) -> String {
+        page(&self.ctx, allium_directory::now_unix()).finish()
+    }
+}
+
+/// Bind `metrics_address` if it is configured; the task serving it is returned to join the
+/// relay's others.
+pub(crate) async fn start(
+    ctx: &std::sync::Arc<Ctx>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, crate::RelayError> {
+    let Some(addr) = ctx.cfg.metrics_address else {
+        return Ok(None);
+    };
+    let (l, _bound) = allium_proto::metrics::bind(addr, ctx.cfg.metrics_allow_public)
+        .await
+        .map_err(|why| crate::RelayError::ConfigInvalid {
+            key: "metrics_address",
+            why,
+        })?;
+    let c = std::sync::Arc::clone(ctx);
+    let render: allium_proto::metrics::Render =
+        std::sync::Arc::new(move || page(&c, allium_directory::now_unix()).finish());
+    Ok(Some(tokio::spawn(allium_proto::metrics::serve(l, render))))
+}
+
+/// The page for the relay behind `ctx` at `now` (Unix seconds).
+pub(crate) fn page(ctx: &Ctx, now: u64) -> Exposition {
+    let s = &ctx.stats;
+    let mut e = Exposition::new();
+    let (read, written) = (s.bytes_read(), s.bytes_written());
+    e.family(
+        "allium_relay_bytes_total",
+        MetricType::Counter,
+        "Bytes of cells read from links (read) and of cells this relay originated (written).",
+    )
+    .sample(&[("direction", "read")], read as f64)
+    .sample(&[("direction", "written")], written as f64);
+    e.family(
+        "allium_relay_cells_total",
+        MetricType::Counter,
+        "Cells read from links (read) and originated by this relay (written).",
+    )
+    .sample(&[("direction", "read")], (read / CELL_LEN as u64) as f64)
+    .sample(
+        &[("direction", "written")],
+        (written / CELL_LEN as u64) as f64,
+    );
+    e.single(
+        "allium_circuits_open",
+        MetricType::Gauge,
+        "Circuits currently open through this relay (as any hop).",
+        s.open_circuits() as f64,
+    );
+    e.single(
+        "allium_circuits_created_total",
+        MetricType::Counter,
+        "Circuits created through this relay since start.",
+        s.total_circuits() as f64,
+    );
+    let exit_open = ctx
+        .cfg
+        .max_exit_streams
+        .saturating_sub(ctx.exit_slots.available_permits());
+    e.single(
+        "allium_streams_open",
+        MetricType::Gauge,
+        "Exit streams (destination sockets) currently open.",
+        exit_open as f64,
+    );
+    e.family(
+        "allium_dos_rejections_total",
+        MetricType::Counter,
+        "Circuits and CREATEs refused to protect the relay, by reason.",
+    )
+    .sample(&[("reason", "queue_overflow")], s.queue_overflows() as f64)
+    .sample(
+        &[("reason", "blocked_destroy")],
+        s.blocked_destroys() as f64,
+    )
+    .sample(&[("reason", "create_dropped")], s.creates_dropped() as f64)
+    .sample(
+        &[("reason", "protocol_violation")],
+        s.protocol_violations() as f64,
+    );
+    let nd = ctx.netdir();
+    e.single(
+        "allium_consensus_age_seconds",
+        MetricType::Gauge,
+        "Seconds since the consensus in use became valid (NaN: no consensus yet).",
+        nd.as_ref()
+            .map_or(f64::NAN, |nd| now.saturating_sub(nd.valid_after()) as f64),
+    );
+    e.single(
+        "allium_bootstrap_percent",
+        MetricType::Gauge,
+        "100 once the relay holds a consensus, 0 before.",
+        if nd.is_some() { 100.0 } else { 0.0 },
+    );
+    let ours = nd
+        .as_ref()
+        .and_then(|nd| nd.by_id(&ctx.keys.id).map(|e| e.flags))
+        .unwrap_or(Flags::empty());
+    e.family(
+        "allium_relay_flag",
+        MetricType::Gauge,
+        "1 when the consensus gives this relay the flag, else 0.",
+    );
+    for (flag, name) in Flags::ALL {
+        e.sample(
+            &[("flag", name)],
+            if ours.contains(flag) { 1.0 } else { 0.0 },
+        );
+    }
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::RelayConfig;
+
+    #[tokio::test]
+    async fn page_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = RelayConfig::for_test("MetricsTest", dir.path());
+        cfg.metrics_address = Some("127.0.0.1:0".parse().unwrap());
+        let h = crate::start(cfg).await.unwrap();
+        let e = super::page(&h.ctx, 1000);
+        assert!(e.errors().is_empty(), "{:?}", e.errors());
+        let page = e.finish();
+        for line in [
+            "# TYPE allium_relay_cells_total counter",
+            "allium_relay_cells_total{direction=\"read\"} 0",
+            "allium_circuits_open 0",
+            "allium_streams_open 0",
+            "allium_dos_rejections_total{reason=\"queue_overflow\"} 0",
+            "allium_consensus_age_seconds NaN",
+            "allium_bootstrap_percent 0",
+            "allium_relay_flag{flag=\"Guard\"} 0",
+        ] {
+            assert!(
+                page.lines().any(|l| l == line),
+                "missing {line:?} in\n{page}"
+            );
+        }
+        h.shutdown().await;
+    }
+}
