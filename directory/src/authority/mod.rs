@@ -9,6 +9,7 @@
 
 pub mod compute;
 pub mod config;
+pub mod history;
 pub mod keys;
 mod probe;
 pub mod reach;

@@ -77,7 +77,7 @@ impl Inner {
                     first_seen: now,
                     ..RelayHistory::default()
                 })
-                .record(ok, now);
+                .record_with(ok, now, self.cfg.flags.history_decay_interval_secs);
         }
         let ids: Vec<RelayId> = st.descs.keys().copied().collect();
         st.history.retain(|k, _| ids.contains(k));
@@ -103,7 +103,7 @@ impl Inner {
             let ok = me.reach.probe(addr, id, lk).await;
             let now = now_unix();
             if let Some(h) = me.lock().history.get_mut(&id) {
-                h.record(ok, now);
+                h.record_with(ok, now, me.cfg.flags.history_decay_interval_secs);
             }
             drop(permit);
         });

@@ -291,12 +291,26 @@ impl NetworkPlan {
                 Value::Table(table([
                     ("fast_min_bandwidth", int(cfg.flags.fast_min_bandwidth)?),
                     ("guard_min_bandwidth", int(cfg.flags.guard_min_bandwidth)?),
-                    (
-                        "stable_min_uptime_secs",
-                        int(cfg.flags.stable_min_uptime_secs)?,
-                    ),
+                    ("stable_min_mtbf_secs", int(cfg.flags.stable_min_mtbf_secs)?),
                     ("guard_min_known_secs", int(cfg.flags.guard_min_known_secs)?),
+                    ("guard_min_wfu_ppm", int(cfg.flags.guard_min_wfu_ppm)?),
+                    (
+                        "hsdir_min_uptime_secs",
+                        int(cfg.flags.hsdir_min_uptime_secs)?,
+                    ),
+                    (
+                        "history_decay_interval_secs",
+                        int(cfg.flags.history_decay_interval_secs)?,
+                    ),
                 ])),
+            ),
+            (
+                "max_relays_per_addr",
+                int(u64::try_from(cfg.max_relays_per_addr).unwrap_or(u64::MAX))?,
+            ),
+            (
+                "bandwidth_file_max_age_secs",
+                int(cfg.bandwidth_file_max_age_secs)?,
             ),
             ("params", Value::Table(params)),
         ]);
