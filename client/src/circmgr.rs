@@ -304,10 +304,11 @@ impl<B: CircBuilder> CircMgr<B> {
             .unwrap_or_default();
         let relaxed = self.cfg.test_network;
         let mut rng = rand::rng();
-        path::choose_path(&view.relays, &primary, &avoid, ports, relaxed, &mut rng)
+        let w = &view.weights;
+        path::choose_path_weighted(&view.relays, w, &primary, &avoid, ports, relaxed, &mut rng)
             .or_else(|_| {
                 // Everything usable failed recently: try again rather than give up.
-                path::choose_path(&view.relays, &primary, &[], ports, relaxed, &mut rng)
+                path::choose_path_weighted(&view.relays, w, &primary, &[], ports, relaxed, &mut rng)
             })
             .map_err(ClientError::NoPath)
     }

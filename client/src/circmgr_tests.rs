@@ -108,6 +108,8 @@ fn relay(i: u8, exit_ports: Vec<(u16, u16)>) -> RelayInfo {
             valid: true,
             guard: true,
             exit: !exit_ports.is_empty(),
+            fast: true,
+            stable: true,
             ..RelayFlags::default()
         },
         weight: 1,
@@ -145,6 +147,7 @@ fn rig(script: &[Outcome]) -> Rig {
     relays.push(relay(6, vec![(22, 22)]));
     mgr.set_dir(DirView {
         relays: relays.clone(),
+        weights: Default::default(),
     });
     Rig {
         mgr,
