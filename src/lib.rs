@@ -32,6 +32,8 @@ pub enum Command {
     Proxy(cmd::proxy::Args),
     /// Show a consensus.
     Consensus(cmd::consensus::Args),
+    /// Measure relays' bandwidth for an authority (the bandwidth scanner).
+    Bwscan(cmd::bwscan::Args),
     /// Run a whole local network (authorities, relays, a proxy) on 127.0.0.1.
     Testnet(cmd::testnet::Args),
 }
@@ -52,6 +54,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Proxy(a) => cmd::proxy::run(a),
         Command::Consensus(a) => cmd::consensus::run(a),
         Command::Testnet(a) => cmd::testnet::run(a),
+        Command::Bwscan(a) => cmd::bwscan::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -34,6 +34,8 @@ use crate::link::Link;
 use crate::path::{RelayInfo, compatible};
 use crate::socks::wire::Target;
 
+/// Failed samples retried (each with another helper) per relay and scan.
+const MAX_EXTRA_ATTEMPTS: usize = 3;
 /// Largest response header accepted from the destination.
 const MAX_HEADER: usize = 8 * 1024;
 
@@ -189,13 +191,17 @@ pub type Pair = [RelayInfo; 2];
 
 /// Choose the circuit that measures `target`: an exit (that allows the destination port) is
 /// measured in the exit position behind a non-exit helper when one exists; any other relay in
-/// the first position before an exit helper. Helpers are the configured ones first, then by
-/// consensus weight (highest first, ties by identity), never the target, always compatible.
+/// the first position before an exit helper. Helpers are the configured ones first, then the
+/// fastest measured so far (`known`, kB/s), then by consensus weight (highest first, ties by
+/// identity); never the target or a relay in `exclude` (helpers that failed), always
+/// compatible with the target.
 pub fn pick_pair(
     relays: &[RelayInfo],
     target: &RelayInfo,
     port: u16,
     helpers: &[RelayId],
+    known: &BTreeMap<RelayId, u32>,
+    exclude: &[RelayId],
     relaxed: bool,
 ) -> Option<Pair> {
     let rank = |r: &RelayInfo| {
@@ -203,11 +209,17 @@ pub fn pick_pair(
             .iter()
             .position(|h| *h == r.id)
             .unwrap_or(usize::MAX);
-        (preferred, std::cmp::Reverse(r.weight), r.id)
+        let speed = known.get(&r.id).copied().unwrap_or(0);
+        (
+            preferred,
+            std::cmp::Reverse(speed),
+            std::cmp::Reverse(r.weight),
+            r.id,
+        )
     };
     let mut cands: Vec<&RelayInfo> = relays
         .iter()
-        .filter(|r| r.usable() && compatible(r, target, relaxed))
+        .filter(|r| r.usable() && !exclude.contains(&r.id) && compatible(r, target, relaxed))
         .collect();
     cands.sort_by_key(|r| rank(r));
     let target_exits = target.is_exit_for(&[port]);
@@ -366,8 +378,9 @@ pub async fn measure_once(cfg: &BwScanConfig, pair: &Pair) -> Result<u32, Client
 }
 
 /// Measure every usable relay of `nd` once (`cfg.samples` downloads each, median), updating
-/// `results` and rewriting the bandwidth file after each relay. Relays that fail keep their
-/// previous result (it ages out at the authority).
+/// `results` and rewriting the bandwidth file after each relay. Non-exits go first (paired with
+/// exit helpers), then exits (paired with the fastest non-exits measured so far). Relays that
+/// fail keep their previous result (it ages out at the authority).
 pub async fn scan(
     cfg: &BwScanConfig,
     nd: &NetDir,
@@ -377,25 +390,38 @@ pub async fn scan(
     let view = crate::dir::view_from(nd);
     let helpers = cfg.helper_ids()?;
     let mut measured = 0usize;
-    for target in view.relays.iter().filter(|r| r.usable()) {
+    let port = cfg.destination_port;
+    let mut order: Vec<&RelayInfo> = view.relays.iter().filter(|r| r.usable()).collect();
+    order.sort_by_key(|r| r.is_exit_for(&[port]));
+    for target in order {
         if *shutdown.borrow() {
             break;
         }
-        let Some(pair) = pick_pair(
-            &view.relays,
-            target,
-            cfg.destination_port,
-            &helpers,
-            cfg.test_network,
-        ) else {
-            tracing::info!(relay = %target.id, "no helper relay to pair with; not measured");
-            continue;
-        };
+        let known: BTreeMap<RelayId, u32> = results.iter().map(|(k, m)| (*k, m.kbps)).collect();
+        // A failed sample may be the helper's fault: the next try uses another helper.
+        let mut exclude: Vec<RelayId> = Vec::new();
         let mut samples = Vec::new();
-        for _ in 0..cfg.samples {
+        let mut attempts = 0;
+        while samples.len() < cfg.samples && attempts < cfg.samples + MAX_EXTRA_ATTEMPTS {
+            attempts += 1;
+            let Some(pair) = pick_pair(
+                &view.relays,
+                target,
+                port,
+                &helpers,
+                &known,
+                &exclude,
+                cfg.test_network,
+            ) else {
+                tracing::info!(relay = %target.id, "no helper relay to pair with");
+                break;
+            };
             match measure_once(cfg, &pair).await {
                 Ok(k) => samples.push(k),
-                Err(e) => tracing::debug!(relay = %target.id, error = %e, "sample failed"),
+                Err(e) => {
+                    tracing::debug!(relay = %target.id, error = %e, "sample failed");
+                    exclude.extend(pair.iter().map(|r| r.id).filter(|id| *id != target.id));
+                }
             }
         }
         let Some(k) = median(&mut samples) else {
@@ -475,6 +501,7 @@ mod tests {
 
     #[test]
     fn pairs_put_the_target_in_the_right_position() {
+        let none = BTreeMap::new();
         // 1, 2: exits; 3, 4, 5: non-exits. Weights: 2 > 1, 5 > 4 > 3.
         let relays = vec![
             relay(1, [10, 1, 0, 1], false, true, 100),
@@ -484,23 +511,30 @@ mod tests {
             relay(5, [10, 5, 0, 1], true, false, 30),
         ];
         // A non-exit is measured first, with the heaviest exit.
-        let p = pick_pair(&relays, &relays[2], 80, &[], false).unwrap();
+        let p = pick_pair(&relays, &relays[2], 80, &[], &none, &[], false).unwrap();
         assert_eq!((p[0].id, p[1].id), (relays[2].id, relays[1].id));
         // The heaviest exit is measured as exit, behind the heaviest non-exit.
-        let p = pick_pair(&relays, &relays[1], 80, &[], false).unwrap();
+        let p = pick_pair(&relays, &relays[1], 80, &[], &none, &[], false).unwrap();
         assert_eq!((p[0].id, p[1].id), (relays[4].id, relays[1].id));
+        // A helper measured fast beats consensus weight.
+        let known = BTreeMap::from([(relays[2].id, 5000), (relays[4].id, 100)]);
+        let p = pick_pair(&relays, &relays[1], 80, &[], &known, &[], false).unwrap();
+        assert_eq!(p[0].id, relays[2].id);
+        // Failed helpers are skipped.
+        let p = pick_pair(&relays, &relays[2], 80, &[], &none, &[relays[1].id], false).unwrap();
+        assert_eq!(p[1].id, relays[0].id);
         // Configured helpers come first.
-        let p = pick_pair(&relays, &relays[3], 80, &[relays[0].id], false).unwrap();
+        let p = pick_pair(&relays, &relays[3], 80, &[relays[0].id], &none, &[], false).unwrap();
         assert_eq!(p[1].id, relays[0].id);
         // An exit that does not allow the port is measured as a first hop.
-        let p = pick_pair(&relays, &relays[3], 22, &[], false);
+        let p = pick_pair(&relays, &relays[3], 22, &[], &none, &[], false);
         assert!(p.is_none(), "no exit allows 22");
         // Never the target twice; same-/16 relays are no helpers unless relaxed.
         let mut same = relays.clone();
         same[1].addrs = relays[2].addrs.clone();
-        let p = pick_pair(&same, &same[2], 80, &[], false).unwrap();
+        let p = pick_pair(&same, &same[2], 80, &[], &none, &[], false).unwrap();
         assert_eq!(p[1].id, same[0].id);
-        let p = pick_pair(&same, &same[2], 80, &[], true).unwrap();
+        let p = pick_pair(&same, &same[2], 80, &[], &none, &[], true).unwrap();
         assert_eq!(p[1].id, same[1].id);
     }
 
@@ -539,6 +573,14 @@ mod tests {
         );
         assert!(body_start(b"HTTP/1.1 404 Not Found\r\n\r\n").is_err());
         assert!(body_start(&vec![b'a'; MAX_HEADER + 1]).is_err());
+    }
+
+    #[test]
+    fn example_config_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bwscan.example.toml");
+        let c = BwScanConfig::load(&p).unwrap();
+        assert_eq!(c.object_size, 4 * 1024 * 1024);
+        assert!(matches!(c.target(), Target::Host(..)));
     }
 
     #[test]

@@ -81,6 +81,10 @@ pub struct RelayConfig {
     /// before it is destroyed (default 30). Only that circuit is affected.
     #[serde(default = "default_circuit_stall_timeout")]
     pub circuit_stall_timeout_secs: u64,
+    /// TEST NETWORKS ONLY: publish this bandwidth (bytes/s) in the descriptor instead of the
+    /// observed one, to play a relay that lies about its capacity (bandwidth-measurement tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_advertise_bandwidth: Option<u64>,
 }
 
 fn default_log_level() -> String {
@@ -127,6 +131,7 @@ impl RelayConfig {
             max_streams_per_circuit: default_max_streams(),
             max_exit_streams: default_max_exit_streams(),
             circuit_stall_timeout_secs: default_circuit_stall_timeout(),
+            test_advertise_bandwidth: None,
         }
     }
 
