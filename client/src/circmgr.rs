@@ -231,7 +231,8 @@ impl<B: CircBuilder> CircMgr<B> {
     pub(crate) fn set_dir(&self, view: DirView) {
         if let Ok(mut g) = self.guards.lock() {
             let now = allium_directory::now_unix();
-            if g.refresh(&view.relays, self.cfg.primary_guards, now, &mut rand::rng())
+            let (relays, w, n) = (&view.relays, &view.weights, self.cfg.primary_guards);
+            if g.refresh_weighted(relays, w, n, now, &mut rand::rng())
                 && let Err(e) = g.save()
             {
                 tracing::warn!("could not save the guard state: {e}");
