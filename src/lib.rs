@@ -35,6 +35,8 @@ pub enum Command {
     Consensus(cmd::consensus::Args),
     /// Check a configuration file without starting anything.
     Config(cmd::config::Args),
+    /// Measure relays' bandwidth for an authority (the bandwidth scanner).
+    Bwscan(cmd::bwscan::Args),
     /// Run a whole local network (authorities, relays, a proxy) on 127.0.0.1.
     Testnet(cmd::testnet::Args),
 }
@@ -58,6 +60,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Consensus(a) => cmd::consensus::run(a),
         Command::Config(a) => cmd::config::run(a),
         Command::Testnet(a) => cmd::testnet::run(a),
+        Command::Bwscan(a) => cmd::bwscan::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

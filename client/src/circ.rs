@@ -210,6 +210,57 @@ pub(crate) async fn build(
     }
 }
 
+/// Build a circuit along `hops` (one or more, first hop first) through `link` (a link to the
+/// first hop), as [`build`] does for three. The bandwidth scanner (`bwscan.rs`) uses two hops;
+/// the handle's `hops` then repeats the last relay.
+pub(crate) async fn build_hops(
+    link: Arc<Link>,
+    hops: &[RelayInfo],
+    params: CircParams,
+) -> Result<Arc<Circuit>, ClientError> {
+    let (Some(first), Some(last)) = (hops.first(), hops.last()) else {
+        return Err(CircError::NotReady("empty path").into());
+    };
+    let ids = [
+        first.id,
+        hops.get(1).unwrap_or(last).id,
+        hops.get(2).unwrap_or(last).id,
+    ];
+    let shared = Arc::new(Shared::default());
+    let reg = link.register(INBOUND_CAP)?;
+    let id = reg.id;
+    #[allow(clippy::disallowed_methods)] // the driver is where time enters
+    let now = tokio::time::Instant::now().into_std();
+    let targets = hops
+        .iter()
+        .map(|r| HopTarget::new(r.id, r.onion_key, &r.addrs))
+        .collect();
+    let core = match ClientCircuit::build(id, targets, params, now) {
+        Ok(c) => c,
+        Err(e) => {
+            link.unregister(id);
+            return Err(e.into());
+        }
+    };
+    let (cmd_tx, cmd_rx) = mpsc::channel(CMD_CAP);
+    let (built_tx, built_rx) = oneshot::channel();
+    let circ = Arc::new(Circuit {
+        id,
+        exit: last.clone(),
+        hops: ids,
+        cmd: cmd_tx,
+        shared: Arc::clone(&shared),
+    });
+    tokio::spawn(reactor::run(reactor::Reactor::new(
+        core, link, reg, cmd_rx, shared, built_tx,
+    )));
+    match built_rx.await {
+        Ok(Ok(())) => Ok(circ),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(CircError::Closed.into()),
+    }
+}
+
 #[cfg(test)]
 #[path = "circ_tests.rs"]
 mod tests;

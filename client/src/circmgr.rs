@@ -332,12 +332,9 @@ impl<B: CircBuilder> CircMgr<B> {
     pub(crate) fn set_dir(&self, view: DirView) {
         if let Ok(mut g) = self.guards.lock() {
             let now = allium_directory::now_unix();
-            if g.refresh(
-                &view.relays,
-                self.cfg.get().primary_guards,
-                now,
-                &mut rand::rng(),
-            ) && let Err(e) = g.save()
+            let (relays, w, n) = (&view.relays, &view.weights, self.cfg.get().primary_guards);
+            if g.refresh_weighted(relays, w, n, now, &mut rand::rng())
+                && let Err(e) = g.save()
             {
                 tracing::warn!("could not save the guard state: {e}");
             }
@@ -501,10 +498,11 @@ impl<B: CircBuilder> CircMgr<B> {
             .unwrap_or_default();
         let relaxed = self.cfg.get().test_network;
         let mut rng = rand::rng();
-        path::choose_path(&view.relays, &primary, &avoid, ports, relaxed, &mut rng)
+        let w = &view.weights;
+        path::choose_path_weighted(&view.relays, w, &primary, &avoid, ports, relaxed, &mut rng)
             .or_else(|_| {
                 // Everything usable failed recently: try again rather than give up.
-                path::choose_path(&view.relays, &primary, &[], ports, relaxed, &mut rng)
+                path::choose_path_weighted(&view.relays, w, &primary, &[], ports, relaxed, &mut rng)
             })
             .map_err(ClientError::NoPath)
     }

@@ -108,6 +108,8 @@ fn relay(i: u8, exit_ports: Vec<(u16, u16)>) -> RelayInfo {
             valid: true,
             guard: true,
             exit: !exit_ports.is_empty(),
+            fast: true,
+            stable: true,
             ..RelayFlags::default()
         },
         weight: 1,
@@ -145,6 +147,7 @@ fn rig(script: &[Outcome]) -> Rig {
     relays.push(relay(6, vec![(22, 22)]));
     mgr.set_dir(DirView {
         relays: relays.clone(),
+        weights: Default::default(),
     });
     Rig {
         mgr,
@@ -453,7 +456,10 @@ async fn the_build_timeout_is_learned_saved_and_restored() {
         let guards = GuardSet::load(dir.path()).unwrap();
         let mgr = Arc::new(CircMgr::with_builder(Arc::clone(&cfg), guards, ready, b));
         let relays: Vec<RelayInfo> = (1..=4).map(|i| relay(i, vec![(1, 65535)])).collect();
-        mgr.set_dir(DirView { relays });
+        mgr.set_dir(DirView {
+            relays,
+            weights: Default::default(),
+        });
         mgr
     };
     // 100 builds of 200-600 ms (spread like a Pareto tail).

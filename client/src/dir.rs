@@ -10,7 +10,7 @@ use allium_directory::{NetDir, now_unix};
 use tokio::sync::watch;
 
 use crate::circmgr::CircMgr;
-use crate::path::{RelayFlags, RelayInfo};
+use crate::path::{PositionWeights, RelayFlags, RelayInfo};
 
 /// The consensus file in the data directory.
 pub const CACHE_FILE: &str = "consensus.cache";
@@ -20,6 +20,8 @@ pub const CACHE_FILE: &str = "consensus.cache";
 pub(crate) struct DirView {
     /// Every relay listed.
     pub(crate) relays: Vec<RelayInfo>,
+    /// The consensus' position weights.
+    pub(crate) weights: PositionWeights,
 }
 
 /// Convert a verified consensus.
@@ -46,7 +48,10 @@ pub(crate) fn view_from(nd: &NetDir) -> DirView {
             exit_ports: e.exit.accept.iter().map(|r| (r.lo, r.hi)).collect(),
         })
         .collect();
-    DirView { relays }
+    DirView {
+        relays,
+        weights: PositionWeights::from_consensus(&nd.consensus().bandwidth_weights),
+    }
 }
 
 fn summary(v: &DirView) -> (usize, usize, usize) {

@@ -14,7 +14,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::err::ClientError;
-use crate::path::{RelayInfo, weighted_choice};
+use crate::path::{Position, PositionWeights, RelayInfo, weighted_choice_by};
 
 /// Most sampled guards remembered in the state file.
 pub const MAX_SAMPLED: usize = 30;
@@ -123,6 +123,19 @@ impl GuardSet {
         now_unix: u64,
         rng: &mut R,
     ) -> bool {
+        self.refresh_weighted(relays, &PositionWeights::default(), n, now_unix, rng)
+    }
+
+    /// [`GuardSet::refresh`], sampling new guards by consensus weight × guard-position weight
+    /// (`Wgg` for Guard-only relays, `Wgd` for Guard+Exit ones; dir-spec §3.8.3).
+    pub fn refresh_weighted<R: Rng + ?Sized>(
+        &mut self,
+        relays: &[RelayInfo],
+        weights: &PositionWeights,
+        n: usize,
+        now_unix: u64,
+        rng: &mut R,
+    ) -> bool {
         let mut changed = false;
         loop {
             let usable = self
@@ -139,7 +152,9 @@ impl GuardSet {
                     r.usable() && r.flags.guard && !self.sampled.iter().any(|(id, _)| *id == r.id)
                 })
                 .collect();
-            let Some(pick) = weighted_choice(&cands, rng) else {
+            let Some(pick) =
+                weighted_choice_by(&cands, |r| weights.weight(r, Position::Guard), rng)
+            else {
                 break;
             };
             if self.sampled.len() >= MAX_SAMPLED {
@@ -187,6 +202,25 @@ mod tests {
         (1..=12u8)
             .map(|i| relay(i, [10, i, 0, 1], i <= 8, i > 8, 100))
             .collect()
+    }
+
+    #[test]
+    fn sampling_uses_guard_position_weights() {
+        // Relays 1-4: Guard only; 5-8: Guard and Exit. Wgd = 0: only Guard-only relays sampled.
+        let relays: Vec<RelayInfo> = (1..=8u8)
+            .map(|i| relay(i, [10, i, 0, 1], true, i > 4, 100))
+            .collect();
+        let w = PositionWeights {
+            wgd: 0,
+            ..PositionWeights::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = StdRng::seed_from_u64(8);
+        let mut g = GuardSet::load(dir.path()).unwrap();
+        assert!(g.refresh_weighted(&relays, &w, 4, 1000, &mut rng));
+        let p = g.primary(&relays, 4);
+        assert_eq!(p.len(), 4);
+        assert!(p.iter().all(|id| id.0[0] <= 4), "{p:?}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bwscan;
 pub mod cbt;
 mod circ;
 mod circmgr;

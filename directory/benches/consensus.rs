@@ -75,6 +75,7 @@ fn history(descs: &BTreeMap<RelayId, VerifiedDescriptor>) -> BTreeMap<RelayId, R
                     running_since: Some(NOW - (i as u64 % 20) * 86400),
                     last_probe: NOW,
                     last_ok: i % 10 != 0,
+                    ..RelayHistory::default()
                 },
             )
         })

@@ -54,7 +54,9 @@ fn consensus(va: u64) -> Consensus {
             exit: d.exit_policy,
             family: vec![],
             desc_digest: [7; 32],
+            measured: false,
         }],
+        bandwidth_weights: BTreeMap::new(),
     }
 }
 
@@ -299,15 +301,17 @@ fn vote_entry(r: &Relay, flags: Flags, weight: u32, published: u64) -> VoteEntry
             exit: d.exit_policy,
             family: vec![],
             desc_digest: [published as u8; 32],
+            measured: true,
         },
         published,
+        advertised: u32::MAX,
     }
 }
 
 fn vote(by: &IdentityKeypair, mut relays: Vec<VoteEntry>, params: &[(&str, i32)]) -> Vote {
     relays.sort_by_key(|e| e.entry.identity);
     Vote {
-        version: 1,
+        version: allium_directory::doc::consensus::VOTE_VERSION,
         authority: by.public(),
         valid_after: NOW,
         fresh_until: NOW + 3600,

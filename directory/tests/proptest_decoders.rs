@@ -35,6 +35,18 @@ fn all_decoders(bytes: &[u8]) {
         dir_addr: "127.0.0.1:1".parse().expect("addr"),
     }];
     let _ = verify_consensus_bytes(bytes, bytes, &auth, 0);
+    bandwidth_file(bytes);
+}
+
+/// The bandwidth-file parser: never panics; what it accepts writes back to text that parses to
+/// the same measurements.
+fn bandwidth_file(bytes: &[u8]) {
+    if let Ok(f) = allium_directory::doc::BandwidthFile::parse(bytes) {
+        let again = allium_directory::doc::BandwidthFile::parse(f.to_text().as_bytes())
+            .expect("written form parses");
+        assert_eq!(again.relays, f.relays);
+        assert_eq!(again.timestamp, f.timestamp);
+    }
 }
 
 fn sample_descriptor() -> Vec<u8> {
@@ -47,6 +59,22 @@ proptest! {
     #[test]
     fn arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
         all_decoders(&bytes);
+    }
+
+    #[test]
+    fn mutated_bandwidth_file(idx in any::<prop::sample::Index>(), val in any::<u8>(),
+                              cut in any::<prop::sample::Index>()) {
+        let good = format!(
+            "1800000000\nversion=1.0.0\nsoftware=x\n=====\nnode_id=${} bw=250 nick=r1 measured_at=1799999990\nnode_id=${} bw=7\n",
+            "ab".repeat(32), "cd".repeat(32)
+        ).into_bytes();
+        let parsed = allium_directory::doc::BandwidthFile::parse(&good).expect("sample parses");
+        prop_assert_eq!(parsed.relays.len(), 2);
+        let mut m = good.clone();
+        let i = idx.index(m.len());
+        m[i] = val;
+        bandwidth_file(&m);
+        bandwidth_file(&good[..cut.index(good.len())]);
     }
 
     #[test]

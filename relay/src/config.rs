@@ -111,6 +111,10 @@ pub struct RelayConfig {
     /// Allow `metrics_address` on a non-loopback address.
     #[serde(default)]
     pub metrics_allow_public: bool,
+    /// TEST NETWORKS ONLY: publish this bandwidth (bytes/s) in the descriptor instead of the
+    /// observed one, to play a relay that lies about its capacity (bandwidth-measurement tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_advertise_bandwidth: Option<u64>,
 }
 
 fn default_log_level() -> String {
@@ -186,6 +190,7 @@ impl RelayConfig {
             hashed_control_password: Vec::new(),
             metrics_address: None,
             metrics_allow_public: false,
+            test_advertise_bandwidth: None,
         }
     }
 

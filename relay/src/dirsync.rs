@@ -89,7 +89,7 @@ pub(crate) fn build_descriptor(ctx: &Ctx) -> Result<Vec<u8>, RelayError> {
         onion_key: ctx.keys.onion_public(),
         nickname: live.nickname.clone(),
         addrs: vec![ctx.advertised],
-        bandwidth_observed: observed,
+        bandwidth_observed: ctx.cfg.test_advertise_bandwidth.unwrap_or(observed),
         exit_policy: desc_policy(ctx),
         family,
         protocols: default_protocols(),

@@ -88,7 +88,16 @@ fn print_table(c: &Consensus, signed_by: Option<usize>, n_sigs: usize, note: &st
     }
     let params: Vec<String> = c.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("  params        {}", params.join(" "));
-    println!("  relays        {}", c.relays.len());
+    let bw: Vec<String> = c
+        .bandwidth_weights
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!("  bw-weights    {}", bw.join(" "));
+    println!(
+        "  relays        {} (weights in kB/s; * = unmeasured, capped)",
+        c.relays.len()
+    );
     println!(
         "{:<19} {:<16} {:<22} {:>8}  {:<40} exit",
         "nickname", "identity", "address", "weight", "flags"
@@ -100,7 +109,7 @@ fn print_table(c: &Consensus, signed_by: Option<usize>, n_sigs: usize, note: &st
             r.nickname,
             &r.identity.to_hex()[..16],
             addr,
-            r.weight,
+            format!("{}{}", r.weight, if r.measured { "" } else { "*" }),
             r.flags.to_string(),
             r.exit
         );
@@ -118,6 +127,7 @@ fn to_json(c: &Consensus, signed_by: Option<usize>, n_sigs: usize) -> serde_json
         "signatures": n_sigs,
         "voters": c.voters.iter().map(|v| v.to_hex()).collect::<Vec<_>>(),
         "params": c.params,
+        "bandwidth_weights": c.bandwidth_weights,
         "relays": c.relays.iter().map(|r| json!({
             "nickname": r.nickname,
             "identity": r.identity.to_hex(),
@@ -126,6 +136,7 @@ fn to_json(c: &Consensus, signed_by: Option<usize>, n_sigs: usize) -> serde_json
             "addrs": r.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "flags": r.flags.names(),
             "weight": r.weight,
+            "measured": r.measured,
             "exit_ports": r.exit.accept.iter().map(|p| [p.lo, p.hi]).collect::<Vec<_>>(),
             "exit_allow_private": r.exit.allow_private,
             "family": r.family.iter().map(|f| f.to_hex()).collect::<Vec<_>>(),
@@ -199,6 +210,41 @@ pub fn run(args: Args) -> CmdResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_has_weight_measured_and_flags() {
+        use allium_directory::doc::{ConsensusEntry, ExitPolicy, Flags};
+        let entry = |n: u8, measured: bool| ConsensusEntry {
+            identity: RelayId([n; 32]),
+            link_key: allium_crypto::X25519Public([n; 32]),
+            onion_key: allium_crypto::X25519Public([n; 32]),
+            nickname: format!("r{n}"),
+            addrs: vec![std::net::SocketAddr::from(([127, 0, 0, 1], 9000))],
+            flags: Flags::RUNNING | Flags::FAST | Flags::HSDIR,
+            weight: u32::from(n) * 10,
+            exit: ExitPolicy::reject_all(),
+            family: vec![],
+            desc_digest: [0; 32],
+            measured,
+        };
+        let c = Consensus {
+            version: 1,
+            method: 2,
+            valid_after: 1,
+            fresh_until: 2,
+            valid_until: 3,
+            voters: vec![],
+            params: Default::default(),
+            relays: vec![entry(1, true), entry(2, false)],
+            bandwidth_weights: [("Wgg".to_string(), 7000)].into_iter().collect(),
+        };
+        let j = to_json(&c, None, 0);
+        assert_eq!(j["relays"][0]["weight"], 10);
+        assert_eq!(j["relays"][0]["measured"], true);
+        assert_eq!(j["relays"][1]["measured"], false);
+        assert_eq!(j["relays"][1]["flags"][2], "HSDir");
+        assert_eq!(j["bandwidth_weights"]["Wgg"], 7000);
+    }
 
     #[test]
     fn utc_formatting() {

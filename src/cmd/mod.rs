@@ -1,6 +1,7 @@
 //! One module per subcommand. Each has `Args` (clap) and `run(Args) -> CmdResult`.
 
 pub mod authority;
+pub mod bwscan;
 pub mod config;
 pub mod consensus;
 pub mod keygen;

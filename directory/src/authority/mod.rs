@@ -9,6 +9,7 @@
 
 pub mod compute;
 pub mod config;
+pub mod history;
 pub mod keys;
 pub mod limits;
 mod probe;

@@ -139,7 +139,11 @@ impl Inner {
                     first_seen: now,
                     ..RelayHistory::default()
                 })
-                .record(r.unwrap_or(false), now);
+                .record_with(
+                    r.unwrap_or(false),
+                    now,
+                    self.live_cfg().flags.history_decay_interval_secs,
+                );
         }
         let State { descs, history, .. } = &mut *st;
         history.retain(|k, _| descs.contains_key(k));
@@ -180,7 +184,7 @@ impl Inner {
                 .unwrap_or(false);
             let now = now_unix();
             if let Some(h) = me.lock().history.get_mut(&id) {
-                h.record(ok, now);
+                h.record_with(ok, now, me.cfg.flags.history_decay_interval_secs);
             }
             drop(permit);
         });

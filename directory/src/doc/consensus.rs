@@ -22,8 +22,16 @@ pub const MAX_CONSENSUS_LEN: usize = 8 * 1024 * 1024;
 pub const VOTE_VERSION: u16 = 1;
 /// The only consensus format version.
 pub const CONSENSUS_VERSION: u16 = 1;
-/// The consensus method this code implements (how votes are combined).
-pub const CONSENSUS_METHOD: u16 = 1;
+/// The consensus method this code implements (how votes are combined; 2: measured weights,
+/// unmeasured cap, position weights).
+pub const CONSENSUS_METHOD: u16 = 2;
+/// Fixed-point scale of the position weights (Tor's `bwweightscale` default).
+pub const WEIGHT_SCALE: i32 = 10_000;
+/// The names of the position weights a consensus carries (Tor's `bandwidth-weights`), sorted.
+pub const BANDWIDTH_WEIGHT_NAMES: [&str; 19] = [
+    "Wbd", "Wbe", "Wbg", "Wbm", "Wdb", "Web", "Wed", "Wee", "Weg", "Wem", "Wgb", "Wgd", "Wgg",
+    "Wgm", "Wmb", "Wmd", "Wme", "Wmg", "Wmm",
+];
 /// Most parameters in a vote or consensus.
 pub const MAX_PARAMS: usize = 64;
 /// Longest parameter name.
@@ -48,7 +56,8 @@ pub struct ConsensusEntry {
     pub addrs: Vec<SocketAddr>,
     /// Flags.
     pub flags: Flags,
-    /// Path-selection weight (kilobytes per second).
+    /// Path-selection weight (kilobytes per second). In a vote: this authority's measurement
+    /// when `measured`, else the relay's self-reported bandwidth.
     pub weight: u32,
     /// Exit-port summary (the descriptor's exit policy).
     pub exit: ExitPolicy,
@@ -56,6 +65,9 @@ pub struct ConsensusEntry {
     pub family: Vec<RelayId>,
     /// SHA-256 of the descriptor body this entry was built from.
     pub desc_digest: [u8; 32],
+    /// Whether `weight` comes from bandwidth measurements (in a consensus: enough authorities
+    /// measured it; otherwise the weight is capped at `maxunmeasuredbw`).
+    pub measured: bool,
 }
 
 impl ConsensusEntry {
@@ -91,6 +103,9 @@ pub struct VoteEntry {
     pub entry: ConsensusEntry,
     /// The descriptor's `published` time.
     pub published: u64,
+    /// The relay's self-reported bandwidth, kilobytes per second (capped by the authority's
+    /// `max_weight_kbps`): an upper bound on its consensus weight.
+    pub advertised: u32,
 }
 
 /// An authority's vote for one consensus period (signed by its online signing key).
@@ -133,6 +148,9 @@ pub struct Consensus {
     pub params: BTreeMap<String, i32>,
     /// Relays, sorted by identity.
     pub relays: Vec<ConsensusEntry>,
+    /// Position weights (Tor's `bandwidth-weights`, dir-spec §3.8.3): either empty or exactly
+    /// the [`BANDWIDTH_WEIGHT_NAMES`], each in `0..=WEIGHT_SCALE`.
+    pub bandwidth_weights: BTreeMap<String, i32>,
 }
 
 fn strictly_sorted<T: Ord>(v: &[T]) -> bool {
@@ -229,8 +247,30 @@ impl Document for Consensus {
                 "voters must be sorted, unique, at most 16",
             ));
         }
-        check_relays(Self::NAME, self.relays.iter())
+        check_relays(Self::NAME, self.relays.iter())?;
+        check_bandwidth_weights(Self::NAME, &self.bandwidth_weights)
     }
+}
+
+fn check_bandwidth_weights(object: &'static str, w: &BTreeMap<String, i32>) -> Result<()> {
+    if w.is_empty() {
+        return Ok(());
+    }
+    let names_ok = w.len() == BANDWIDTH_WEIGHT_NAMES.len()
+        && w.keys().zip(BANDWIDTH_WEIGHT_NAMES).all(|(k, n)| k == n);
+    if !names_ok {
+        return Err(DirError::invalid(
+            object,
+            "bandwidth weights must be exactly Wbd..Wmm",
+        ));
+    }
+    if w.values().any(|v| !(0..=WEIGHT_SCALE).contains(v)) {
+        return Err(DirError::invalid(
+            object,
+            "bandwidth weight outside 0..=10000",
+        ));
+    }
+    Ok(())
 }
 
 /// A vote whose signature through a currently valid certificate has been checked.

@@ -5,12 +5,14 @@
 //! `verify` methods check signatures over the received bytes, then decode the body with a
 //! canonical-form (re-encode) check, giving `Verified*` values. Bypasses are named `dangerously_*`.
 
+pub mod bwfile;
 pub mod cert;
 pub mod consensus;
 pub mod descriptor;
 pub mod policy;
 pub mod signed;
 
+pub use bwfile::BandwidthFile;
 pub use cert::{AuthCert, VerifiedCert, issue_cert};
 pub use consensus::{Consensus, ConsensusEntry, VerifiedConsensus, VerifiedVote, Vote, VoteEntry};
 pub use descriptor::{RelayDescriptor, VerifiedDescriptor};

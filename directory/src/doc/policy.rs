@@ -142,9 +142,11 @@ impl Flags {
     pub const EXIT: Self = Self(1 << 5);
     /// Known to misbehave as an exit: never use it as one.
     pub const BAD_EXIT: Self = Self(1 << 6);
+    /// Suitable as an onion-service directory (Fast, Stable and up long enough).
+    pub const HSDIR: Self = Self(1 << 7);
 
     /// Every flag with its name, in bit order.
-    pub const ALL: [(Self, &'static str); 7] = [
+    pub const ALL: [(Self, &'static str); 8] = [
         (Self::RUNNING, "Running"),
         (Self::VALID, "Valid"),
         (Self::FAST, "Fast"),
@@ -152,6 +154,7 @@ impl Flags {
         (Self::GUARD, "Guard"),
         (Self::EXIT, "Exit"),
         (Self::BAD_EXIT, "BadExit"),
+        (Self::HSDIR, "HSDir"),
     ];
 
     /// No flags.

@@ -28,6 +28,47 @@ use procs::Node;
 /// Voting interval of a test network, seconds.
 pub const VOTING_INTERVAL_SECS: u64 = 2;
 /// How long to wait for the network to carry its first stream.
+/// Bytes per bandwidth-scanner download in a test network (small: loopback is fast).
+const BWSCAN_OBJECT_SIZE: u64 = 256 * 1024;
+/// Seconds between the test network's bandwidth scans.
+const BWSCAN_INTERVAL_SECS: u64 = 30;
+
+/// The bandwidth scanner's configuration file (its type is read-only, so it is written as a
+/// TOML table).
+fn bwscan_toml(c: &allium_client::bwscan::BwScanConfig) -> Result<String, String> {
+    use toml::{Table, Value};
+    let int = |v: u64| {
+        i64::try_from(v)
+            .map(Value::Integer)
+            .map_err(|e| e.to_string())
+    };
+    let auths: Vec<Value> = c
+        .authorities
+        .iter()
+        .map(|a| {
+            let mut t = Table::new();
+            t.insert("identity".into(), a.identity.to_hex().into());
+            t.insert("dir_addr".into(), a.dir_addr.to_string().into());
+            Value::Table(t)
+        })
+        .collect();
+    let mut t = Table::new();
+    t.insert("output".into(), c.output.display().to_string().into());
+    t.insert("destination_host".into(), c.destination_host.clone().into());
+    t.insert(
+        "destination_port".into(),
+        int(u64::from(c.destination_port))?,
+    );
+    t.insert("object_path".into(), c.object_path.clone().into());
+    t.insert("object_size".into(), int(c.object_size)?);
+    t.insert("scan_interval_secs".into(), int(c.scan_interval_secs)?);
+    t.insert("samples".into(), int(c.samples as u64)?);
+    t.insert("sample_timeout_secs".into(), int(c.sample_timeout_secs)?);
+    t.insert("test_network".into(), c.test_network.into());
+    t.insert("authorities".into(), Value::Array(auths));
+    toml::to_string(&t).map_err(|e| e.to_string())
+}
+
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Arguments of `allium testnet`.
@@ -180,6 +221,7 @@ async fn run_async(args: Args) -> CmdResult {
         .relay_port_base(args.relay_port_base)
         .advertise_port_base(args.advertise_port_base)
         .socks_listen(socks_addr)
+        .bandwidth_file(dir.join("bwscan").join("bandwidth"))
         .plan(&dir, now)?;
 
     let mut nodes: Vec<Node> = Vec::new();
@@ -202,6 +244,7 @@ async fn start_and_serve(
     let texts = (0..plan.authorities.len())
         .map(|i| plan.authority_toml(i))
         .collect::<Result<Vec<_>, _>>()?;
+    let authorities_bwfile = plan.authority_config(0).and_then(|c| c.bandwidth_file);
     let NetworkPlan {
         authorities,
         relays,
@@ -269,6 +312,45 @@ async fn start_and_serve(
         nodes.push(node);
     }
 
+    // The test page server, also the bandwidth scanner's download destination.
+    let (http_addr, _http_task) = httpd::spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+
+    // The bandwidth scanner beside the authorities (their `bandwidth_file` is its output). It
+    // runs on its own: the network is ready before its first scan ends, and the next voting
+    // period after a scan lists measured weights.
+    if let Some(bwfile) = authorities_bwfile.as_ref() {
+        let bw_dir = bwfile.parent().unwrap_or(dir).to_path_buf();
+        std::fs::create_dir_all(&bw_dir)
+            .map_err(|e| format!("creating {}: {e}", bw_dir.display()))?;
+        let mut bcfg = allium_client::bwscan::BwScanConfig::new(
+            proxy.authorities.clone(),
+            bwfile.clone(),
+            http_addr,
+        );
+        bcfg.object_size = BWSCAN_OBJECT_SIZE;
+        bcfg.samples = 1;
+        bcfg.sample_timeout_secs = 10;
+        bcfg.scan_interval_secs = BWSCAN_INTERVAL_SECS;
+        bcfg.test_network = true;
+        let bpath = dir.join("bwscan.toml");
+        write_file(&bpath, &bwscan_toml(&bcfg)?)?;
+        let blog = dir.join("bwscan.log");
+        let bpath_s = bpath.display().to_string();
+        let node = procs::spawn("bwscan", &["bwscan", "--config", &bpath_s], &blog)?;
+        infos.push(NodeInfo {
+            name: node.name.clone(),
+            role: "bwscan",
+            pid: node.child.id(),
+            identity: String::new(),
+            exit: false,
+            addrs: serde_json::Map::new(),
+            log: blog,
+            control_port: None,
+            control_cookie: None,
+        });
+        nodes.push(node);
+    }
+
     let mut pcfg = proxy;
     let (pcontrol_port, pcontrol_cookie) = testnet_control(&pcfg.data_dir)?;
     pcfg.control_port = Some(pcontrol_port);
@@ -305,8 +387,6 @@ async fn start_and_serve(
         control_cookie: Some(pcontrol_cookie),
     });
     nodes.push(proxy);
-
-    let (http_addr, _http_task) = httpd::spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
 
     wait_ready(nodes, socks_addr, http_addr, started).await?;
     let ready_secs = started.elapsed().as_secs_f64();
@@ -446,5 +526,35 @@ async fn wait_for_stop(nodes: &mut [Node]) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod bwscan_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn bwscan_file_says_what_the_config_says() {
+        let auths = vec![allium_client::AuthorityInfo {
+            identity: allium_crypto::RelayId([7; 32]),
+            dir_addr: SocketAddr::from(([127, 0, 0, 1], 7000)),
+        }];
+        let mut c = allium_client::bwscan::BwScanConfig::new(
+            auths,
+            PathBuf::from("/tmp/x/bandwidth"),
+            SocketAddr::from(([127, 0, 0, 1], 8080)),
+        );
+        c.object_size = BWSCAN_OBJECT_SIZE;
+        c.samples = 1;
+        c.test_network = true;
+        let back =
+            allium_client::bwscan::BwScanConfig::from_toml(&bwscan_toml(&c).unwrap()).unwrap();
+        assert_eq!(back.output, c.output);
+        assert_eq!(back.destination_port, 8080);
+        assert_eq!(back.object_size, BWSCAN_OBJECT_SIZE);
+        assert_eq!(back.samples, 1);
+        assert!(back.test_network);
+        assert_eq!(back.authorities, c.authorities);
     }
 }

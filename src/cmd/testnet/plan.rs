@@ -29,7 +29,11 @@ pub struct NetworkBuilder {
     relay_port_base: Option<u16>,
     advertise_port_base: Option<u16>,
     socks_listen: SocketAddr,
+    bandwidth_file: Option<PathBuf>,
 }
+
+/// How old a test network's bandwidth file may get before the authorities ignore it.
+pub const TESTNET_BWFILE_MAX_AGE_SECS: u64 = 600;
 
 impl Default for NetworkBuilder {
     fn default() -> Self {
@@ -42,6 +46,7 @@ impl Default for NetworkBuilder {
             relay_port_base: None,
             advertise_port_base: None,
             socks_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            bandwidth_file: None,
         }
     }
 }
@@ -83,6 +88,7 @@ pub struct NetworkPlan {
     /// The proxy's configuration (data directory `<dir>/proxy`).
     pub proxy: ProxyConfig,
     voting_interval_secs: u64,
+    bandwidth_file: Option<PathBuf>,
 }
 
 impl NetworkBuilder {
@@ -139,6 +145,12 @@ impl NetworkBuilder {
     /// The proxy's SOCKS address.
     pub fn socks_listen(mut self, a: SocketAddr) -> Self {
         self.socks_listen = a;
+        self
+    }
+
+    /// The bandwidth file every authority votes from (written by a bandwidth scanner).
+    pub fn bandwidth_file(mut self, p: PathBuf) -> Self {
+        self.bandwidth_file = Some(p);
         self
     }
 
@@ -227,6 +239,7 @@ impl NetworkBuilder {
             relays,
             proxy,
             voting_interval_secs: self.voting_interval_secs,
+            bandwidth_file: self.bandwidth_file.clone(),
         })
     }
 }
@@ -276,10 +289,13 @@ impl NetworkPlan {
     /// The configuration of authority `i` (for an in-process authority).
     pub fn authority_config(&self, i: usize) -> Option<AuthorityConfig> {
         let a = self.authorities.get(i)?;
-        Some(
-            AuthorityConfig::new(a.data_dir.clone(), a.addr, self.authority_infos())
-                .for_test_network(self.voting_interval_secs),
-        )
+        let mut cfg = AuthorityConfig::new(a.data_dir.clone(), a.addr, self.authority_infos())
+            .for_test_network(self.voting_interval_secs);
+        if let Some(p) = &self.bandwidth_file {
+            cfg.bandwidth_file = Some(p.clone());
+            cfg.bandwidth_file_max_age_secs = TESTNET_BWFILE_MAX_AGE_SECS;
+        }
+        Some(cfg)
     }
 
     /// The configuration file of authority `i` (for a child process): the same settings as
@@ -316,7 +332,8 @@ impl NetworkPlan {
             .iter()
             .map(|(k, v)| (k.clone(), Value::Integer(i64::from(*v))))
             .collect();
-        let cfg = table([
+        let bwfile = cfg.bandwidth_file.as_ref().map(|p| p.display().to_string());
+        let mut cfg = table([
             ("data_dir", cfg.data_dir.display().to_string().into()),
             ("listen", cfg.listen.to_string().into()),
             ("voting_interval_secs", int(cfg.voting_interval_secs)?),
@@ -331,15 +348,32 @@ impl NetworkPlan {
                 Value::Table(table([
                     ("fast_min_bandwidth", int(cfg.flags.fast_min_bandwidth)?),
                     ("guard_min_bandwidth", int(cfg.flags.guard_min_bandwidth)?),
-                    (
-                        "stable_min_uptime_secs",
-                        int(cfg.flags.stable_min_uptime_secs)?,
-                    ),
+                    ("stable_min_mtbf_secs", int(cfg.flags.stable_min_mtbf_secs)?),
                     ("guard_min_known_secs", int(cfg.flags.guard_min_known_secs)?),
+                    ("guard_min_wfu_ppm", int(cfg.flags.guard_min_wfu_ppm)?),
+                    (
+                        "hsdir_min_uptime_secs",
+                        int(cfg.flags.hsdir_min_uptime_secs)?,
+                    ),
+                    (
+                        "history_decay_interval_secs",
+                        int(cfg.flags.history_decay_interval_secs)?,
+                    ),
                 ])),
+            ),
+            (
+                "max_relays_per_addr",
+                int(u64::try_from(cfg.max_relays_per_addr).unwrap_or(u64::MAX))?,
+            ),
+            (
+                "bandwidth_file_max_age_secs",
+                int(cfg.bandwidth_file_max_age_secs)?,
             ),
             ("params", Value::Table(params)),
         ]);
+        if let Some(p) = bwfile {
+            cfg.insert("bandwidth_file".to_owned(), p.into());
+        }
         toml::to_string(&cfg).map_err(|e| e.to_string())
     }
 }
@@ -412,6 +446,8 @@ mod tests {
             assert!(parsed.allow_private_addresses);
             assert_eq!(parsed.flags, direct.flags);
             assert_eq!(parsed.params, direct.params);
+            assert_eq!(parsed.max_relays_per_addr, direct.max_relays_per_addr);
+            assert_eq!(parsed.bandwidth_file, direct.bandwidth_file);
             let ids = |c: &AuthorityConfig| {
                 c.authorities
                     .iter()
@@ -421,6 +457,18 @@ mod tests {
             assert_eq!(ids(&parsed), ids(&direct));
         }
         assert!(plan.authority_config(3).is_none());
+        // With a bandwidth scanner, every authority votes from its file.
+        let bw = dir.join("bw");
+        let plan = NetworkBuilder::new()
+            .bandwidth_file(bw.clone())
+            .plan(&dir.join("b"), 1_700_000_000)
+            .unwrap();
+        let parsed = AuthorityConfig::from_toml(&plan.authority_toml(0).unwrap()).unwrap();
+        assert_eq!(parsed.bandwidth_file.as_deref(), Some(bw.as_path()));
+        assert_eq!(
+            parsed.bandwidth_file_max_age_secs,
+            TESTNET_BWFILE_MAX_AGE_SECS
+        );
 
         let bad = NetworkBuilder::new().relays(2).plan(&dir, 0);
         assert!(bad.unwrap_err().contains("at least 3"));
