@@ -1,5 +1,5 @@
 //! Write the seed corpus (fuzz/corpus/<target>/) from real encodings. Run from fuzz/:
-//! `cargo run --bin gen_corpus`. Deterministic except for the handshake's ephemeral keys.
+//! `cargo run --example gen_corpus`. Deterministic except for the handshake's ephemeral keys.
 
 use std::fs;
 use std::path::Path;
