@@ -164,6 +164,13 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Fuzzing entry point: parse a response header block (the bytes before the blank line) exactly
+/// as [`request`] does; returns the status and the Content-Length.
+#[doc(hidden)]
+pub fn fuzz_parse_head(head: &[u8]) -> Result<(u16, Option<usize>)> {
+    parse_head(head, "fuzzed response")
+}
+
 fn parse_head(head: &[u8], what: &str) -> Result<(u16, Option<usize>)> {
     let text = std::str::from_utf8(head).map_err(|_| DirError::net(what, "non-UTF-8 header"))?;
     let mut lines = text.split("\r\n");
