@@ -215,7 +215,11 @@ impl Ctx {
         );
         let (shutdown, _) = watch::channel(false);
         Arc::new(Self {
-            policy: Arc::new(cfg.exit_policy.clone()),
+            policy: Arc::new(
+                cfg.exit_policy
+                    .clone()
+                    .with_my_addresses([advertised.ip(), cfg.listen.ip()]),
+            ),
             limits,
             creates: crate::create::CreateQueue::default(),
             keys,
@@ -408,6 +412,7 @@ impl LinkManager {
             Some(peer_static),
             ctx.cfg.max_circuits_per_link,
         );
+        link.set_peer_ip(addr.ip());
         self.register(id, &link);
         tokio::spawn(crate::link::run_reader(
             Arc::clone(ctx),

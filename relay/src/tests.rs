@@ -587,6 +587,7 @@ async fn exit_policy_and_resolution_failures_end_the_stream() {
     let r = test_relay(ExitPolicy {
         accept: vec!["1-1000".into(), "1024-65535".into()],
         allow_private: false,
+        ..ExitPolicy::default()
     });
     let echo = echo_server().await;
     let mut ml = attach(&r.ctx, true);
