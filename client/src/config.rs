@@ -43,6 +43,9 @@ pub struct ProxyConfig {
     pub socks_handshake_timeout: Duration,
     /// How many primary guards to keep.
     pub primary_guards: usize,
+    /// Days a sampled guard is kept before it is dropped and replaced (Tor's
+    /// `guard-lifetime-days`, 120; 1 to 3650).
+    pub guard_lifetime_days: u64,
 }
 
 impl Default for ProxyConfig {
@@ -59,6 +62,7 @@ impl Default for ProxyConfig {
             max_socks_connections: 1024,
             socks_handshake_timeout: Duration::from_secs(10),
             primary_guards: 3,
+            guard_lifetime_days: crate::guard::GUARD_LIFETIME_DAYS,
         }
     }
 }
@@ -109,6 +113,11 @@ impl ProxyConfig {
         if self.primary_guards == 0 || self.primary_guards > 20 {
             return Err(ClientError::Config(
                 "primary_guards must be between 1 and 20".into(),
+            ));
+        }
+        if !(1..=3650).contains(&self.guard_lifetime_days) {
+            return Err(ClientError::Config(
+                "guard_lifetime_days must be between 1 and 3650 (default 120)".into(),
             ));
         }
         if self.prebuilt_circuits > 64 {

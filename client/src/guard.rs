@@ -6,6 +6,11 @@
 //! consensus weight) and appended; old entries are kept (up to [`MAX_SAMPLED`]) so that a guard
 //! that comes back regains its place. Circuits use the first primary guard that is reachable and
 //! compatible with the chosen exit.
+//!
+//! A sampled guard is kept at most [`GUARD_LIFETIME_DAYS`] days from when it was sampled (Tor's
+//! `guard-lifetime-days`, 120), then dropped and replaced: a guard that has watched one client
+//! for months learns its usage pattern, and a long-lived choice made under a hostile consensus
+//! would otherwise never be revisited.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +25,8 @@ use crate::path::{RelayInfo, weighted_choice};
 pub const MAX_SAMPLED: usize = 30;
 /// Largest state file we read.
 const MAX_FILE_LEN: u64 = 1 << 20;
+/// How long a sampled guard is kept, in days (Tor's `guard-lifetime-days`).
+pub const GUARD_LIFETIME_DAYS: u64 = 120;
 /// The state file's name inside the data directory.
 pub const STATE_FILE: &str = "guards.json";
 
@@ -42,6 +49,8 @@ struct GuardFile {
 pub struct GuardSet {
     path: PathBuf,
     sampled: Vec<(RelayId, u64)>,
+    /// How long a sampled guard is kept, in seconds.
+    lifetime_secs: u64,
 }
 
 impl GuardSet {
@@ -52,6 +61,7 @@ impl GuardSet {
         let mut set = Self {
             path,
             sampled: Vec::new(),
+            lifetime_secs: GUARD_LIFETIME_DAYS * 86_400,
         };
         let meta = match std::fs::metadata(&set.path) {
             Ok(m) => m,
@@ -114,8 +124,24 @@ impl GuardSet {
             .any(|r| r.id == *id && r.usable() && r.flags.guard)
     }
 
-    /// Make sure at least `n` sampled guards are usable in `relays`, sampling new ones if
-    /// needed. Returns whether the sample changed (then call [`GuardSet::save`]).
+    /// Keep sampled guards for `days` days (default [`GUARD_LIFETIME_DAYS`]; at least one).
+    pub fn set_lifetime_days(&mut self, days: u64) {
+        self.lifetime_secs = days.max(1).saturating_mul(86_400);
+    }
+
+    /// Drop the guards sampled more than the guard lifetime before `now_unix`. Returns whether
+    /// any was dropped.
+    pub fn expire(&mut self, now_unix: u64) -> bool {
+        let before = self.sampled.len();
+        let lifetime = self.lifetime_secs;
+        self.sampled
+            .retain(|(_, added)| now_unix.saturating_sub(*added) < lifetime);
+        self.sampled.len() != before
+    }
+
+    /// Drop expired guards ([`GuardSet::expire`]), then make sure at least `n` sampled guards
+    /// are usable in `relays`, sampling new ones if needed. Returns whether the sample changed
+    /// (then call [`GuardSet::save`]).
     pub fn refresh<R: Rng + ?Sized>(
         &mut self,
         relays: &[RelayInfo],
@@ -123,7 +149,7 @@ impl GuardSet {
         now_unix: u64,
         rng: &mut R,
     ) -> bool {
-        let mut changed = false;
+        let mut changed = self.expire(now_unix);
         loop {
             let usable = self
                 .sampled
@@ -244,5 +270,33 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         assert!(g.refresh(&relays, 3, 0, &mut rng));
         assert_eq!(g.primary(&relays, 3), vec![relays[0].id]);
+    }
+
+    #[test]
+    fn guards_expire_after_their_lifetime() {
+        let dir = tempfile::tempdir().unwrap();
+        let relays = net();
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut g = GuardSet::load(dir.path()).unwrap();
+        let t0 = 1_000_000;
+        assert!(g.refresh(&relays, 3, t0, &mut rng));
+        let first = g.sampled();
+        assert!(g.sampled.iter().all(|(_, added)| *added == t0));
+        let lifetime = GUARD_LIFETIME_DAYS * 86_400;
+        // Just before the lifetime ends: kept.
+        assert!(!g.refresh(&relays, 3, t0 + lifetime - 1, &mut rng));
+        assert_eq!(g.sampled(), first);
+        // At the end of the lifetime: dropped and replaced by fresh samples.
+        assert!(g.refresh(&relays, 3, t0 + lifetime, &mut rng));
+        // (A dropped guard may be sampled again; it then starts a new lifetime.)
+        assert!(g.sampled.iter().all(|(_, added)| *added == t0 + lifetime));
+        assert_eq!(g.primary(&relays, 3).len(), 3);
+        // Expiry survives a restart (the sampling time is in the state file).
+        g.save().unwrap();
+        let mut g2 = GuardSet::load(dir.path()).unwrap();
+        g2.set_lifetime_days(1);
+        assert!(!g2.expire(t0 + lifetime + 86_399));
+        assert!(g2.expire(t0 + lifetime + 86_400));
+        assert!(g2.sampled().is_empty());
     }
 }

@@ -135,7 +135,8 @@ pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
     config.validate()?;
     let auths = config.authorities.clone();
     make_data_dir(&config.data_dir)?;
-    let guards = GuardSet::load(&config.data_dir)?;
+    let mut guards = GuardSet::load(&config.data_dir)?;
+    guards.set_lifetime_days(config.guard_lifetime_days);
     let listener = TcpListener::bind(config.socks_listen).await.map_err(|e| {
         ClientError::io(
             format!(
