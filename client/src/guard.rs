@@ -27,6 +27,76 @@ pub const MAX_SAMPLED: usize = 30;
 const MAX_FILE_LEN: u64 = 1 << 20;
 /// How long a sampled guard is kept, in days (Tor's `guard-lifetime-days`).
 pub const GUARD_LIFETIME_DAYS: u64 = 120;
+/// Path bias (Tor's path-spec, "Path bias detection"): circuits attempted through a guard
+/// before its success rate is judged (`pb_mincircs`).
+pub const PB_MIN_CIRCS: u32 = 150;
+/// Below this build success rate (percent), a notice (`pb_noticepct`).
+pub const PB_NOTICE_PCT: u32 = 70;
+/// Below this build success rate (percent), a warning (`pb_warnpct`).
+pub const PB_WARN_PCT: u32 = 50;
+/// Below this build success rate (percent), the guard is dropped (`pb_extremepct`; Allium
+/// drops it, as Tor does with `pb_dropguards` set).
+pub const PB_EXTREME_PCT: u32 = 30;
+/// Past this many attempts both counts are halved, so old history fades (`pb_scalecircs`).
+pub const PB_SCALE_CIRCS: u32 = 300;
+
+/// What the path-bias accounting of one guard says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathBiasVerdict {
+    /// Too few attempts yet, or a success rate at or above [`PB_NOTICE_PCT`].
+    Fine,
+    /// Below [`PB_NOTICE_PCT`].
+    Notice,
+    /// Below [`PB_WARN_PCT`]: a guard failing this many circuits may be tagging or
+    /// selectively failing them.
+    Warn,
+    /// Below [`PB_EXTREME_PCT`]: the guard is no longer used.
+    Drop,
+}
+
+/// Circuit build attempts and successes through one guard (kept in memory).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathBias {
+    /// Circuits whose first hop was built through the guard.
+    pub attempts: u32,
+    /// Of those, circuits that were built to the end.
+    pub successes: u32,
+}
+
+impl PathBias {
+    /// Count one circuit through the guard whose first hop was built, and whether the whole
+    /// circuit was then built.
+    pub fn record(&mut self, built: bool) {
+        self.attempts = self.attempts.saturating_add(1);
+        if built {
+            self.successes = self.successes.saturating_add(1);
+        }
+        if self.attempts > PB_SCALE_CIRCS {
+            self.attempts /= 2;
+            self.successes /= 2;
+        }
+    }
+
+    /// The verdict on the counts so far.
+    pub fn verdict(&self) -> PathBiasVerdict {
+        if self.attempts < PB_MIN_CIRCS {
+            return PathBiasVerdict::Fine;
+        }
+        // successes / attempts < pct / 100, in integers.
+        let below =
+            |pct: u32| u64::from(self.successes) * 100 < u64::from(self.attempts) * u64::from(pct);
+        if below(PB_EXTREME_PCT) {
+            PathBiasVerdict::Drop
+        } else if below(PB_WARN_PCT) {
+            PathBiasVerdict::Warn
+        } else if below(PB_NOTICE_PCT) {
+            PathBiasVerdict::Notice
+        } else {
+            PathBiasVerdict::Fine
+        }
+    }
+}
+
 /// The state file's name inside the data directory.
 pub const STATE_FILE: &str = "guards.json";
 
@@ -51,6 +121,8 @@ pub struct GuardSet {
     sampled: Vec<(RelayId, u64)>,
     /// How long a sampled guard is kept, in seconds.
     lifetime_secs: u64,
+    /// Path-bias accounting per guard.
+    bias: std::collections::HashMap<RelayId, PathBias>,
 }
 
 impl GuardSet {
@@ -62,6 +134,7 @@ impl GuardSet {
             path,
             sampled: Vec::new(),
             lifetime_secs: GUARD_LIFETIME_DAYS * 86_400,
+            bias: std::collections::HashMap::new(),
         };
         let meta = match std::fs::metadata(&set.path) {
             Ok(m) => m,
@@ -116,6 +189,47 @@ impl GuardSet {
         let tmp = self.path.with_extension("json.tmp");
         std::fs::write(&tmp, text).map_err(|e| ClientError::file(&tmp, "writing", e))?;
         std::fs::rename(&tmp, &self.path).map_err(|e| ClientError::file(&self.path, "writing", e))
+    }
+
+    /// Count a circuit whose first hop was built through `guard` (see [`PathBias::record`]).
+    /// A guard whose verdict becomes [`PathBiasVerdict::Drop`] is removed from the sample
+    /// (returns it; then call [`GuardSet::save`]); a warning is logged when it crosses
+    /// [`PB_WARN_PCT`] or is dropped.
+    pub fn note_circuit(&mut self, guard: RelayId, built: bool) -> PathBiasVerdict {
+        let b = self.bias.entry(guard).or_default();
+        let before = b.verdict();
+        b.record(built);
+        let after = b.verdict();
+        let (successes, attempts) = (b.successes, b.attempts);
+        if after != before {
+            match after {
+                PathBiasVerdict::Drop => tracing::warn!(
+                    "guard {} built only {successes} of {attempts} circuits (below {PB_EXTREME_PCT}%); \
+                     dropping it. If this repeats for every guard, the local network is failing circuits.",
+                    guard.to_hex()
+                ),
+                PathBiasVerdict::Warn => tracing::warn!(
+                    "guard {} built only {successes} of {attempts} circuits (below {PB_WARN_PCT}%); \
+                     it may be failing circuits on purpose",
+                    guard.to_hex()
+                ),
+                PathBiasVerdict::Notice => tracing::info!(
+                    "guard {} built {successes} of {attempts} circuits (below {PB_NOTICE_PCT}%)",
+                    guard.to_hex()
+                ),
+                PathBiasVerdict::Fine => {}
+            }
+        }
+        if after == PathBiasVerdict::Drop {
+            self.sampled.retain(|(id, _)| *id != guard);
+            self.bias.remove(&guard);
+        }
+        after
+    }
+
+    /// The path-bias counts of `guard`, if any circuit went through it.
+    pub fn path_bias(&self, guard: &RelayId) -> Option<PathBias> {
+        self.bias.get(guard).copied()
     }
 
     fn is_usable_guard(relays: &[RelayInfo], id: &RelayId) -> bool {
@@ -298,5 +412,57 @@ mod tests {
         assert!(!g2.expire(t0 + lifetime + 86_399));
         assert!(g2.expire(t0 + lifetime + 86_400));
         assert!(g2.sampled().is_empty());
+    }
+
+    #[test]
+    fn path_bias_thresholds_and_drop() {
+        // Too few attempts: never judged, even at 0%.
+        let mut b = PathBias::default();
+        for _ in 0..PB_MIN_CIRCS - 1 {
+            b.record(false);
+        }
+        assert_eq!(b.verdict(), PathBiasVerdict::Fine);
+        // At the minimum, each band.
+        let at = |succ: u32| PathBias {
+            attempts: 200,
+            successes: succ,
+        };
+        assert_eq!(at(140).verdict(), PathBiasVerdict::Fine);
+        assert_eq!(at(139).verdict(), PathBiasVerdict::Notice);
+        assert_eq!(at(100).verdict(), PathBiasVerdict::Notice);
+        assert_eq!(at(99).verdict(), PathBiasVerdict::Warn);
+        assert_eq!(at(60).verdict(), PathBiasVerdict::Warn);
+        assert_eq!(at(59).verdict(), PathBiasVerdict::Drop);
+        // Scaling keeps the counts bounded.
+        let mut s = PathBias::default();
+        for i in 0..10_000u32 {
+            s.record(i % 10 != 0);
+        }
+        assert!(s.attempts <= PB_SCALE_CIRCS);
+        assert_eq!(s.verdict(), PathBiasVerdict::Fine, "{s:?}");
+
+        // A guard that fails most circuits is dropped from the sample; others stay.
+        let dir = tempfile::tempdir().unwrap();
+        let relays = net();
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut g = GuardSet::load(dir.path()).unwrap();
+        g.refresh(&relays, 3, 0, &mut rng);
+        let p = g.primary(&relays, 3);
+        let (bad, good) = (p[0], p[1]);
+        let mut last = PathBiasVerdict::Fine;
+        for i in 0..PB_MIN_CIRCS {
+            last = g.note_circuit(bad, i % 4 == 0); // 25% success
+            g.note_circuit(good, i % 10 != 0); // 90%
+        }
+        assert_eq!(last, PathBiasVerdict::Drop);
+        assert!(!g.sampled().contains(&bad));
+        assert!(g.sampled().contains(&good));
+        assert_eq!(
+            g.path_bias(&good).map(|b| b.verdict()),
+            Some(PathBiasVerdict::Fine)
+        );
+        // A replacement is sampled on the next refresh.
+        assert!(g.refresh(&relays, 3, 1, &mut rng));
+        assert_eq!(g.primary(&relays, 3).len(), 3);
     }
 }
