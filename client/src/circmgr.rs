@@ -507,6 +507,18 @@ impl<B: CircBuilder> CircMgr<B> {
             .map_err(ClientError::NoPath)
     }
 
+    /// Count a circuit through `guard` for path bias; a dropped guard is saved at once.
+    fn note_path_bias(&self, guard: RelayId, built: bool) {
+        let Ok(mut g) = self.guards.lock() else {
+            return;
+        };
+        if g.note_circuit(guard, built) == crate::guard::PathBiasVerdict::Drop
+            && let Err(e) = g.save()
+        {
+            tracing::warn!("could not save the guard state after dropping a guard: {e}");
+        }
+    }
+
     fn mark_down(&self, id: RelayId, now: Instant) {
         if let Ok(mut m) = self.relay_down.lock() {
             m.insert(id, now);
@@ -524,10 +536,14 @@ impl<B: CircBuilder> CircMgr<B> {
             let (limit, learned) = self.build_timeout(attempt);
             let res =
                 tokio::time::timeout(limit, self.builder.build(&path, Arc::clone(&progress))).await;
-            let failed_at = path
-                .hops()
-                .get(progress.load(Ordering::Acquire))
-                .map(|r| r.id);
+            let reached = progress.load(Ordering::Acquire);
+            let failed_at = path.hops().get(reached).map(|r| r.id);
+            // Path bias: every circuit whose first hop was built counts for its guard.
+            if (reached >= 1 || matches!(res, Ok(Ok(_))))
+                && let Some(guard) = path.hops().first().map(|r| r.id)
+            {
+                self.note_path_bias(guard, matches!(res, Ok(Ok(_))));
+            }
             match res {
                 Ok(Ok(c)) => {
                     let took = now().saturating_duration_since(started);

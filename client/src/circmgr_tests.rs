@@ -520,3 +520,78 @@ async fn a_reloaded_dirtiness_applies_to_circuits_already_open() {
         "past the reloaded dirtiness (30 s, not the 600 s it started with)"
     );
 }
+
+/// Many streams with different isolation keys race for the same clean circuits: selecting a
+/// circuit and setting its key happen under one hold of the pool lock, so each clean circuit
+/// goes to one key only, and it records that key. (Were the key set in a second critical
+/// section, two racers could both see the circuit clean and share it.)
+#[test]
+fn racing_claims_never_share_a_clean_circuit_between_keys() {
+    const RACERS: usize = 16;
+    const CLEAN: usize = 3;
+    let r = rig(&[]);
+    let exit = r.relays[0].clone();
+    let t = now();
+    for round in 0..200 {
+        let circs: Vec<Arc<FakeCirc>> = (0..CLEAN)
+            .map(|_| {
+                Arc::new(FakeCirc {
+                    exit: exit.clone(),
+                    hops: [r.relays[1].id, r.relays[2].id, exit.id],
+                    closed: AtomicBool::new(false),
+                    streams: AtomicUsize::new(0),
+                })
+            })
+            .collect();
+        {
+            let mut pool = r.mgr.pool.lock().unwrap();
+            for e in pool.iter() {
+                e.circ.close();
+            }
+            pool.clear();
+            pool.extend(circs.iter().map(|c| Entry {
+                circ: Arc::clone(c),
+                dirty_since: None,
+                isolation: None,
+            }));
+        }
+        let barrier = std::sync::Barrier::new(RACERS);
+        let won: Vec<(usize, Option<Arc<FakeCirc>>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..RACERS)
+                .map(|i| {
+                    let (mgr, barrier) = (&r.mgr, &barrier);
+                    s.spawn(move || {
+                        let key = IsolationKey::credentials(format!("user{i}"), "pw");
+                        barrier.wait();
+                        (i, mgr.find(Some(80), &key, t))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let winners: Vec<(usize, Arc<FakeCirc>)> = won
+            .into_iter()
+            .filter_map(|(i, c)| c.map(|c| (i, c)))
+            .collect();
+        assert_eq!(
+            winners.len(),
+            CLEAN,
+            "round {round}: one claim per clean circuit"
+        );
+        for (n, (i, c)) in winners.iter().enumerate() {
+            for (j, d) in winners.iter().skip(n + 1) {
+                assert!(
+                    !Arc::ptr_eq(c, d),
+                    "round {round}: keys {i} and {j} share a circuit"
+                );
+            }
+            let pool = r.mgr.pool.lock().unwrap();
+            let e = pool.iter().find(|e| Arc::ptr_eq(&e.circ, c)).unwrap();
+            assert_eq!(
+                e.isolation,
+                Some(IsolationKey::credentials(format!("user{i}"), "pw")),
+                "round {round}: the circuit records its claimant's key"
+            );
+        }
+    }
+}

@@ -76,6 +76,9 @@ pub struct ProxyConfig {
     pub metrics_address: Option<SocketAddr>,
     /// Allow `metrics_address` on a non-loopback address (the metrics reveal traffic volumes).
     pub metrics_allow_public: bool,
+    /// Days a sampled guard is kept before it is dropped and replaced (Tor's
+    /// `guard-lifetime-days`, 120; 1 to 3650).
+    pub guard_lifetime_days: u64,
 }
 
 /// Keys a running proxy takes from a reloaded file ([`crate::ProxyHandle::reconfigure`]; the
@@ -117,6 +120,7 @@ impl Default for ProxyConfig {
             dns_port: None,
             metrics_address: None,
             metrics_allow_public: false,
+            guard_lifetime_days: crate::guard::GUARD_LIFETIME_DAYS,
         }
     }
 }
@@ -184,6 +188,11 @@ impl ProxyConfig {
             .map_err(|e| ClientError::Config(e.to_string()))?;
         allium_proto::metrics::check_address(self.metrics_address, self.metrics_allow_public)
             .map_err(ClientError::Config)?;
+        if !(1..=3650).contains(&self.guard_lifetime_days) {
+            return Err(ClientError::Config(
+                "guard_lifetime_days must be between 1 and 3650 (default 120)".into(),
+            ));
+        }
         if self.prebuilt_circuits > 64 {
             return Err(ClientError::Config(
                 "prebuilt_circuits must be at most 64".into(),

@@ -6,6 +6,11 @@
 //! consensus weight) and appended; old entries are kept (up to [`MAX_SAMPLED`]) so that a guard
 //! that comes back regains its place. Circuits use the first primary guard that is reachable and
 //! compatible with the chosen exit.
+//!
+//! A sampled guard is kept at most [`GUARD_LIFETIME_DAYS`] days from when it was sampled (Tor's
+//! `guard-lifetime-days`, 120), then dropped and replaced: a guard that has watched one client
+//! for months learns its usage pattern, and a long-lived choice made under a hostile consensus
+//! would otherwise never be revisited.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +25,78 @@ use crate::path::{Position, PositionWeights, RelayInfo, weighted_choice_by};
 pub const MAX_SAMPLED: usize = 30;
 /// Largest state file we read.
 const MAX_FILE_LEN: u64 = 1 << 20;
+/// How long a sampled guard is kept, in days (Tor's `guard-lifetime-days`).
+pub const GUARD_LIFETIME_DAYS: u64 = 120;
+/// Path bias (Tor's path-spec, "Path bias detection"): circuits attempted through a guard
+/// before its success rate is judged (`pb_mincircs`).
+pub const PB_MIN_CIRCS: u32 = 150;
+/// Below this build success rate (percent), a notice (`pb_noticepct`).
+pub const PB_NOTICE_PCT: u32 = 70;
+/// Below this build success rate (percent), a warning (`pb_warnpct`).
+pub const PB_WARN_PCT: u32 = 50;
+/// Below this build success rate (percent), the guard is dropped (`pb_extremepct`; Allium
+/// drops it, as Tor does with `pb_dropguards` set).
+pub const PB_EXTREME_PCT: u32 = 30;
+/// Past this many attempts both counts are halved, so old history fades (`pb_scalecircs`).
+pub const PB_SCALE_CIRCS: u32 = 300;
+
+/// What the path-bias accounting of one guard says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathBiasVerdict {
+    /// Too few attempts yet, or a success rate at or above [`PB_NOTICE_PCT`].
+    Fine,
+    /// Below [`PB_NOTICE_PCT`].
+    Notice,
+    /// Below [`PB_WARN_PCT`]: a guard failing this many circuits may be tagging or
+    /// selectively failing them.
+    Warn,
+    /// Below [`PB_EXTREME_PCT`]: the guard is no longer used.
+    Drop,
+}
+
+/// Circuit build attempts and successes through one guard (kept in memory).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathBias {
+    /// Circuits whose first hop was built through the guard.
+    pub attempts: u32,
+    /// Of those, circuits that were built to the end.
+    pub successes: u32,
+}
+
+impl PathBias {
+    /// Count one circuit through the guard whose first hop was built, and whether the whole
+    /// circuit was then built.
+    pub fn record(&mut self, built: bool) {
+        self.attempts = self.attempts.saturating_add(1);
+        if built {
+            self.successes = self.successes.saturating_add(1);
+        }
+        if self.attempts > PB_SCALE_CIRCS {
+            self.attempts /= 2;
+            self.successes /= 2;
+        }
+    }
+
+    /// The verdict on the counts so far.
+    pub fn verdict(&self) -> PathBiasVerdict {
+        if self.attempts < PB_MIN_CIRCS {
+            return PathBiasVerdict::Fine;
+        }
+        // successes / attempts < pct / 100, in integers.
+        let below =
+            |pct: u32| u64::from(self.successes) * 100 < u64::from(self.attempts) * u64::from(pct);
+        if below(PB_EXTREME_PCT) {
+            PathBiasVerdict::Drop
+        } else if below(PB_WARN_PCT) {
+            PathBiasVerdict::Warn
+        } else if below(PB_NOTICE_PCT) {
+            PathBiasVerdict::Notice
+        } else {
+            PathBiasVerdict::Fine
+        }
+    }
+}
+
 /// The state file's name inside the data directory.
 pub const STATE_FILE: &str = "guards.json";
 
@@ -42,6 +119,10 @@ struct GuardFile {
 pub struct GuardSet {
     path: PathBuf,
     sampled: Vec<(RelayId, u64)>,
+    /// How long a sampled guard is kept, in seconds.
+    lifetime_secs: u64,
+    /// Path-bias accounting per guard.
+    bias: std::collections::HashMap<RelayId, PathBias>,
 }
 
 impl GuardSet {
@@ -52,6 +133,8 @@ impl GuardSet {
         let mut set = Self {
             path,
             sampled: Vec::new(),
+            lifetime_secs: GUARD_LIFETIME_DAYS * 86_400,
+            bias: std::collections::HashMap::new(),
         };
         let meta = match std::fs::metadata(&set.path) {
             Ok(m) => m,
@@ -108,14 +191,71 @@ impl GuardSet {
         std::fs::rename(&tmp, &self.path).map_err(|e| ClientError::file(&self.path, "writing", e))
     }
 
+    /// Count a circuit whose first hop was built through `guard` (see [`PathBias::record`]).
+    /// A guard whose verdict becomes [`PathBiasVerdict::Drop`] is removed from the sample
+    /// (returns it; then call [`GuardSet::save`]); a warning is logged when it crosses
+    /// [`PB_WARN_PCT`] or is dropped.
+    pub fn note_circuit(&mut self, guard: RelayId, built: bool) -> PathBiasVerdict {
+        let b = self.bias.entry(guard).or_default();
+        let before = b.verdict();
+        b.record(built);
+        let after = b.verdict();
+        let (successes, attempts) = (b.successes, b.attempts);
+        if after != before {
+            match after {
+                PathBiasVerdict::Drop => tracing::warn!(
+                    "guard {} built only {successes} of {attempts} circuits (below {PB_EXTREME_PCT}%); \
+                     dropping it. If this repeats for every guard, the local network is failing circuits.",
+                    guard.to_hex()
+                ),
+                PathBiasVerdict::Warn => tracing::warn!(
+                    "guard {} built only {successes} of {attempts} circuits (below {PB_WARN_PCT}%); \
+                     it may be failing circuits on purpose",
+                    guard.to_hex()
+                ),
+                PathBiasVerdict::Notice => tracing::info!(
+                    "guard {} built {successes} of {attempts} circuits (below {PB_NOTICE_PCT}%)",
+                    guard.to_hex()
+                ),
+                PathBiasVerdict::Fine => {}
+            }
+        }
+        if after == PathBiasVerdict::Drop {
+            self.sampled.retain(|(id, _)| *id != guard);
+            self.bias.remove(&guard);
+        }
+        after
+    }
+
+    /// The path-bias counts of `guard`, if any circuit went through it.
+    pub fn path_bias(&self, guard: &RelayId) -> Option<PathBias> {
+        self.bias.get(guard).copied()
+    }
+
     fn is_usable_guard(relays: &[RelayInfo], id: &RelayId) -> bool {
         relays
             .iter()
             .any(|r| r.id == *id && r.usable() && r.flags.guard)
     }
 
-    /// Make sure at least `n` sampled guards are usable in `relays`, sampling new ones if
-    /// needed. Returns whether the sample changed (then call [`GuardSet::save`]).
+    /// Keep sampled guards for `days` days (default [`GUARD_LIFETIME_DAYS`]; at least one).
+    pub fn set_lifetime_days(&mut self, days: u64) {
+        self.lifetime_secs = days.max(1).saturating_mul(86_400);
+    }
+
+    /// Drop the guards sampled more than the guard lifetime before `now_unix`. Returns whether
+    /// any was dropped.
+    pub fn expire(&mut self, now_unix: u64) -> bool {
+        let before = self.sampled.len();
+        let lifetime = self.lifetime_secs;
+        self.sampled
+            .retain(|(_, added)| now_unix.saturating_sub(*added) < lifetime);
+        self.sampled.len() != before
+    }
+
+    /// Drop expired guards ([`GuardSet::expire`]), then make sure at least `n` sampled guards
+    /// are usable in `relays`, sampling new ones if needed. Returns whether the sample changed
+    /// (then call [`GuardSet::save`]).
     pub fn refresh<R: Rng + ?Sized>(
         &mut self,
         relays: &[RelayInfo],
@@ -136,7 +276,7 @@ impl GuardSet {
         now_unix: u64,
         rng: &mut R,
     ) -> bool {
-        let mut changed = false;
+        let mut changed = self.expire(now_unix);
         loop {
             let usable = self
                 .sampled
@@ -278,5 +418,85 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         assert!(g.refresh(&relays, 3, 0, &mut rng));
         assert_eq!(g.primary(&relays, 3), vec![relays[0].id]);
+    }
+
+    #[test]
+    fn guards_expire_after_their_lifetime() {
+        let dir = tempfile::tempdir().unwrap();
+        let relays = net();
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut g = GuardSet::load(dir.path()).unwrap();
+        let t0 = 1_000_000;
+        assert!(g.refresh(&relays, 3, t0, &mut rng));
+        let first = g.sampled();
+        assert!(g.sampled.iter().all(|(_, added)| *added == t0));
+        let lifetime = GUARD_LIFETIME_DAYS * 86_400;
+        // Just before the lifetime ends: kept.
+        assert!(!g.refresh(&relays, 3, t0 + lifetime - 1, &mut rng));
+        assert_eq!(g.sampled(), first);
+        // At the end of the lifetime: dropped and replaced by fresh samples.
+        assert!(g.refresh(&relays, 3, t0 + lifetime, &mut rng));
+        // (A dropped guard may be sampled again; it then starts a new lifetime.)
+        assert!(g.sampled.iter().all(|(_, added)| *added == t0 + lifetime));
+        assert_eq!(g.primary(&relays, 3).len(), 3);
+        // Expiry survives a restart (the sampling time is in the state file).
+        g.save().unwrap();
+        let mut g2 = GuardSet::load(dir.path()).unwrap();
+        g2.set_lifetime_days(1);
+        assert!(!g2.expire(t0 + lifetime + 86_399));
+        assert!(g2.expire(t0 + lifetime + 86_400));
+        assert!(g2.sampled().is_empty());
+    }
+
+    #[test]
+    fn path_bias_thresholds_and_drop() {
+        // Too few attempts: never judged, even at 0%.
+        let mut b = PathBias::default();
+        for _ in 0..PB_MIN_CIRCS - 1 {
+            b.record(false);
+        }
+        assert_eq!(b.verdict(), PathBiasVerdict::Fine);
+        // At the minimum, each band.
+        let at = |succ: u32| PathBias {
+            attempts: 200,
+            successes: succ,
+        };
+        assert_eq!(at(140).verdict(), PathBiasVerdict::Fine);
+        assert_eq!(at(139).verdict(), PathBiasVerdict::Notice);
+        assert_eq!(at(100).verdict(), PathBiasVerdict::Notice);
+        assert_eq!(at(99).verdict(), PathBiasVerdict::Warn);
+        assert_eq!(at(60).verdict(), PathBiasVerdict::Warn);
+        assert_eq!(at(59).verdict(), PathBiasVerdict::Drop);
+        // Scaling keeps the counts bounded.
+        let mut s = PathBias::default();
+        for i in 0..10_000u32 {
+            s.record(i % 10 != 0);
+        }
+        assert!(s.attempts <= PB_SCALE_CIRCS);
+        assert_eq!(s.verdict(), PathBiasVerdict::Fine, "{s:?}");
+
+        // A guard that fails most circuits is dropped from the sample; others stay.
+        let dir = tempfile::tempdir().unwrap();
+        let relays = net();
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut g = GuardSet::load(dir.path()).unwrap();
+        g.refresh(&relays, 3, 0, &mut rng);
+        let p = g.primary(&relays, 3);
+        let (bad, good) = (p[0], p[1]);
+        let mut last = PathBiasVerdict::Fine;
+        for i in 0..PB_MIN_CIRCS {
+            last = g.note_circuit(bad, i % 4 == 0); // 25% success
+            g.note_circuit(good, i % 10 != 0); // 90%
+        }
+        assert_eq!(last, PathBiasVerdict::Drop);
+        assert!(!g.sampled().contains(&bad));
+        assert!(g.sampled().contains(&good));
+        assert_eq!(
+            g.path_bias(&good).map(|b| b.verdict()),
+            Some(PathBiasVerdict::Fine)
+        );
+        // A replacement is sampled on the next refresh.
+        assert!(g.refresh(&relays, 3, 1, &mut rng));
+        assert_eq!(g.primary(&relays, 3).len(), 3);
     }
 }

@@ -241,7 +241,8 @@ pub(crate) async fn start_with(
     let auths = config.authorities.clone();
     make_data_dir(&config.data_dir)?;
     let lock = allium_directory::datadir::DataDirLock::acquire(&config.data_dir)?;
-    let guards = GuardSet::load(&config.data_dir)?;
+    let mut guards = GuardSet::load(&config.data_dir)?;
+    guards.set_lifetime_days(config.guard_lifetime_days);
     let socks = if with_socks {
         Some(bind_tcp(config.socks_listen, "SOCKS port").await?)
     } else {

@@ -513,6 +513,7 @@ mod tests {
         let p = ExitPolicy {
             accept: vec!["443".into(), "80".into(), "6660-6669".into()],
             allow_private: false,
+            ..ExitPolicy::default()
         };
         assert_eq!(
             tor_exit_policy(&p),

@@ -221,7 +221,11 @@ impl Ctx {
         );
         let (shutdown, _) = watch::channel(false);
         Arc::new(Self {
-            policy: RwLock::new(Arc::new(cfg.exit_policy.clone())),
+            policy: RwLock::new(Arc::new(
+                cfg.exit_policy
+                    .clone()
+                    .with_my_addresses([advertised.ip(), cfg.listen.ip()]),
+            )),
             live: RwLock::new(Arc::new(cfg.clone())),
             limits,
             creates: crate::create::CreateQueue::default(),
@@ -272,8 +276,12 @@ impl Ctx {
             || merged.exit_policy != old.exit_policy
             || merged.bandwidth_rate != old.bandwidth_rate;
         if merged.exit_policy != old.exit_policy {
-            *self.policy.write().unwrap_or_else(|p| p.into_inner()) =
-                Arc::new(merged.exit_policy.clone());
+            *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(
+                merged
+                    .exit_policy
+                    .clone()
+                    .with_my_addresses([self.advertised.ip(), merged.listen.ip()]),
+            );
         }
         if (merged.bandwidth_rate, merged.bandwidth_burst)
             != (old.bandwidth_rate, old.bandwidth_burst)
@@ -470,6 +478,7 @@ impl LinkManager {
             Some(peer_static),
             ctx.cfg.max_circuits_per_link,
         );
+        link.set_peer_ip(addr.ip());
         self.register(id, &link);
         tokio::spawn(crate::link::run_reader(
             Arc::clone(ctx),

@@ -14,8 +14,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use allium_crypto::RelayId;
 use allium_crypto::relaycell::MAX_DATA;
+use allium_crypto::{RelayId, X25519Public};
 use allium_proto::cell::{Create, DestroyReason};
 use allium_proto::flowctl::XOFF_LIMIT;
 use allium_proto::relaymsg::EndReason;
@@ -127,10 +127,37 @@ pub(crate) async fn connect(sid: u16, addrs: Vec<SocketAddr>, tx: mpsc::Sender<I
     report(&tx, io).await;
 }
 
-/// Find the next relay, check the client's address against the directory, and open (or reuse)
-/// a link to it.
+/// Whether extending to `relay` (link key `link_key`) at `addr` would go back to the previous
+/// hop `prev`: the same identity (or link key), or the same public address. Such a circuit
+/// would cross one relay twice in a row, which gains a client nothing and lets an attacker
+/// amplify traffic between two relays. Internal addresses are exempt: a test network runs
+/// every relay on one loopback host.
+pub(crate) fn extends_back(
+    relay: &RelayId,
+    link_key: &X25519Public,
+    addr: SocketAddr,
+    prev: &Link,
+) -> bool {
+    let same_id = prev.peer_relay.as_ref() == Some(relay)
+        || prev.peer_static.as_ref().is_some_and(|k| k.ct_eq(link_key));
+    let same_addr = prev.peer_ip().is_some_and(|ip| {
+        canonical(ip) == canonical(addr.ip()) && !allium_directory::addr::is_internal(ip)
+    });
+    same_id || same_addr
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Find the next relay, check the client's address against the directory, refuse to go back
+/// to the previous hop ([`extends_back`]), and open (or reuse) a link to it.
 pub(crate) async fn extend(
     ctx: Arc<Ctx>,
+    prev: Arc<Link>,
     attempt: u64,
     relay: RelayId,
     addrs: Vec<SocketAddr>,
@@ -148,6 +175,10 @@ pub(crate) async fn extend(
             .find(|a| known.addrs.contains(a))
             .copied()
             .ok_or(DestroyReason::CONNECTFAILED)?;
+        if extends_back(&relay, &known.link_key, addr, &prev) {
+            tracing::debug!("refused an EXTEND back to the previous hop");
+            return Err(DestroyReason::PROTOCOL);
+        }
         ctx.links
             .get_or_connect(&ctx, relay, addr, known.link_key)
             .await
@@ -256,5 +287,51 @@ pub(crate) async fn write_pump(
             let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.shutdown()).await;
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::CellSink;
+
+    fn link(peer: Option<RelayId>, key: Option<X25519Public>, ip: Option<&str>) -> Arc<Link> {
+        let (tx, _rx) = mpsc::channel(1);
+        let l = Link::new(CellSink::Mpsc(tx), false, peer, key, 8);
+        if let Some(ip) = ip {
+            l.set_peer_ip(ip.parse().unwrap());
+        }
+        l
+    }
+
+    #[test]
+    fn extend_back_to_the_previous_hop_is_refused() {
+        let a = RelayId([1; 32]);
+        let b = RelayId([2; 32]);
+        let ka = X25519Public([3; 32]);
+        let kb = X25519Public([4; 32]);
+        let to = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        // Same identity, on a link we opened (peer_relay known).
+        let prev = link(Some(a), Some(ka), Some("198.18.0.1"));
+        assert!(extends_back(&a, &ka, to("198.18.0.1:9001"), &prev));
+        // Same link key on an incoming link whose identity we did not look up.
+        let incoming = link(None, Some(ka), Some("198.18.0.1"));
+        assert!(extends_back(&a, &ka, to("203.0.114.9:9001"), &incoming));
+        // Another relay at the previous hop's public address (any port, mapped form too).
+        let client = link(None, Some(kb), Some("203.0.114.9"));
+        assert!(extends_back(&a, &ka, to("203.0.114.9:443"), &client));
+        assert!(extends_back(
+            &a,
+            &ka,
+            to("[::ffff:203.0.114.9]:443"),
+            &client
+        ));
+        // Elsewhere: allowed.
+        assert!(!extends_back(&b, &kb, to("203.0.114.10:9001"), &prev));
+        assert!(!extends_back(&a, &ka, to("203.0.114.10:9001"), &client));
+        // A test network's loopback relays share one address: identity alone decides there.
+        let local = link(None, Some(kb), Some("127.0.0.1"));
+        assert!(!extends_back(&a, &ka, to("127.0.0.1:9001"), &local));
+        assert!(extends_back(&b, &kb, to("127.0.0.1:9001"), &local));
     }
 }

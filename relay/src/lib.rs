@@ -382,6 +382,7 @@ async fn run_listener(ctx: Arc<Ctx>, listener: TcpListener, slots: Arc<Semaphore
                 Some(peer_static),
                 ctx.cfg.max_circuits_per_link,
             );
+            link.set_peer_ip(peer.ip());
             if let Some(id) = peer_relay {
                 ctx.links.register(id, &link);
             }

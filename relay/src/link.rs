@@ -203,6 +203,8 @@ pub struct Link {
     pub(crate) peer_relay: Option<RelayId>,
     /// The peer's Noise static key (for incoming links: look it up in the consensus).
     pub(crate) peer_static: Option<X25519Public>,
+    /// The peer's IP address, once known (set by the listener and the link manager).
+    peer_ip: std::sync::OnceLock<std::net::IpAddr>,
     table: Mutex<CircTable>,
     /// Bumped whenever a circuit leaves the table (invalidates the reader's lookup cache).
     generation: AtomicU64,
@@ -244,6 +246,7 @@ impl Link {
             initiator,
             peer_relay,
             peer_static,
+            peer_ip: std::sync::OnceLock::new(),
             table: Mutex::new(CircTable::default()),
             generation: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -253,6 +256,16 @@ impl Link {
 
     fn table(&self) -> std::sync::MutexGuard<'_, CircTable> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record the peer's IP address (the first value set stays).
+    pub(crate) fn set_peer_ip(&self, ip: std::net::IpAddr) {
+        let _ = self.peer_ip.set(ip);
+    }
+
+    /// The peer's IP address, if known.
+    pub(crate) fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        self.peer_ip.get().copied()
     }
 
     /// Whether the link has closed.

@@ -8,6 +8,11 @@
 //!   broadcast, 240/4, documentation ranges) is always refused; [`AddrClass::Internal`] (RFC 1918,
 //!   unique-local, loopback, link-local, shared 100.64/10) is refused unless `allow_private` is
 //!   set, which only a test network should do; IPv4 inside IPv6 is judged by its IPv4 address.
+//! - The relay's own addresses (advertised and listening) are refused on every port when
+//!   `reject_my_addresses` is set (the default; Tor's `ExitPolicyRejectMyAddresses`), so that a
+//!   client cannot reach services bound to the exit's host, its own listener included. Only the
+//!   test-network preset [`ExitPolicy::accept_all`]`(true)` turns it off, since there every relay
+//!   and every destination share 127.0.0.1.
 
 use std::net::IpAddr;
 
@@ -16,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::err::RelayError;
 
 /// The relay's exit policy, as written in the config file.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExitPolicy {
     /// Accepted destination ports: `"80"`, `"6660-6669"` or `"*"` (all). Empty: not an exit.
@@ -25,6 +30,29 @@ pub struct ExitPolicy {
     /// Allow private, loopback and link-local destinations (test networks only).
     #[serde(default)]
     pub allow_private: bool,
+    /// Refuse the relay's own addresses on every port (Tor's `ExitPolicyRejectMyAddresses`).
+    /// Default: on.
+    #[serde(default = "default_true")]
+    pub reject_my_addresses: bool,
+    /// The relay's own addresses, filled in at start ([`ExitPolicy::with_my_addresses`]).
+    #[serde(skip)]
+    pub my_addresses: Vec<IpAddr>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for ExitPolicy {
+    /// Not an exit; private destinations refused; own addresses refused.
+    fn default() -> Self {
+        Self {
+            accept: Vec::new(),
+            allow_private: false,
+            reject_my_addresses: true,
+            my_addresses: Vec::new(),
+        }
+    }
 }
 
 /// Why a destination was refused.
@@ -53,11 +81,33 @@ fn parse_range(s: &str) -> Option<(u16, u16)> {
 
 impl ExitPolicy {
     /// A policy accepting every port; `allow_private` as given (test networks use `true`).
+    ///
+    /// `accept_all(true)` is the test-network preset: it also turns `reject_my_addresses` off,
+    /// since a test network's relays and destinations share one loopback address.
     pub fn accept_all(allow_private: bool) -> Self {
         Self {
             accept: vec!["*".to_owned()],
             allow_private,
+            reject_my_addresses: !allow_private,
+            my_addresses: Vec::new(),
         }
+    }
+
+    /// This policy, knowing the relay's own addresses (unspecified ones are skipped; refused
+    /// anyway). They are refused when `reject_my_addresses` is set.
+    pub fn with_my_addresses(mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Self {
+        for a in addrs {
+            let a = canonical(a);
+            if !a.is_unspecified() && !self.my_addresses.contains(&a) {
+                self.my_addresses.push(a);
+            }
+        }
+        self
+    }
+
+    /// Whether `addr` is one of the relay's own addresses (IPv4-mapped forms included).
+    pub fn is_my_address(&self, addr: IpAddr) -> bool {
+        self.my_addresses.contains(&canonical(addr))
     }
 
     /// Check that every range parses.
@@ -110,11 +160,22 @@ impl ExitPolicy {
 
     /// Whether `addr` is an allowed destination (ignoring ports).
     pub fn check_addr(&self, addr: IpAddr) -> Result<(), Refusal> {
+        if self.reject_my_addresses && self.is_my_address(addr) {
+            return Err(Refusal::Address);
+        }
         if allium_directory::addr::is_allowed(addr, self.allow_private) {
             Ok(())
         } else {
             Err(Refusal::Address)
         }
+    }
+}
+
+/// `addr` with an IPv4-mapped IPv6 address turned into its IPv4 address.
+fn canonical(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
     }
 }
 
@@ -133,6 +194,7 @@ mod tests {
         let p = ExitPolicy {
             accept: vec!["443".into(), "80".into(), "81-90".into(), "100-200".into()],
             allow_private: false,
+            ..ExitPolicy::default()
         };
         p.validate().unwrap();
         assert_eq!(p.port_ranges(), vec![(80, 90), (100, 200), (443, 443)]);
@@ -144,6 +206,7 @@ mod tests {
             let p = ExitPolicy {
                 accept: vec![bad.into()],
                 allow_private: false,
+                ..ExitPolicy::default()
             };
             assert!(p.validate().is_err(), "{bad}");
         }
@@ -178,8 +241,38 @@ mod tests {
         let web = ExitPolicy {
             accept: vec!["80".into(), "443".into()],
             allow_private: false,
+            ..ExitPolicy::default()
         };
         assert_eq!(web.check(ip("8.8.8.8"), 22), Err(Refusal::Port));
         assert_eq!(web.check(ip("8.8.8.8"), 443), Ok(()));
+    }
+
+    #[test]
+    fn own_addresses_refused_on_every_port() {
+        let p = ExitPolicy::accept_all(false).with_my_addresses([
+            ip("203.0.114.5"),
+            ip("2a01:4f8::5"),
+            ip("0.0.0.0"),
+        ]);
+        assert!(p.reject_my_addresses);
+        for port in [1, 80, 443, 9001] {
+            assert_eq!(p.check(ip("203.0.114.5"), port), Err(Refusal::Address));
+            assert_eq!(
+                p.check(ip("::ffff:203.0.114.5"), port),
+                Err(Refusal::Address)
+            );
+            assert_eq!(p.check(ip("2a01:4f8::5"), port), Err(Refusal::Address));
+        }
+        assert_eq!(p.check(ip("203.0.114.6"), 80), Ok(()));
+        assert_eq!(p.check(ip("2a01:4f8::6"), 80), Ok(()));
+        // The switch turns it off; the config default is on.
+        let off = ExitPolicy {
+            reject_my_addresses: false,
+            ..p.clone()
+        };
+        assert_eq!(off.check(ip("203.0.114.5"), 80), Ok(()));
+        let parsed: ExitPolicy = toml::from_str("accept = [\"*\"]").unwrap();
+        assert!(parsed.reject_my_addresses);
+        assert!(ExitPolicy::default().reject_my_addresses);
     }
 }

@@ -334,6 +334,7 @@ impl Reactor {
                 self.next = None;
                 tokio::spawn(exit::extend(
                     Arc::clone(&self.ctx),
+                    Arc::clone(&self.prev),
                     self.attempt,
                     relay,
                     addrs,

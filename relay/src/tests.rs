@@ -585,6 +585,7 @@ async fn exit_policy_and_resolution_failures_end_the_stream() {
     let r = test_relay(ExitPolicy {
         accept: vec!["1-1000".into(), "1024-65535".into()],
         allow_private: false,
+        ..ExitPolicy::default()
     });
     let echo = echo_server().await;
     let mut ml = attach(&r.ctx, true);
@@ -1532,6 +1533,7 @@ async fn reconfigure_applies_to_new_circuits_while_open_streams_keep_working() {
     new.exit_policy = ExitPolicy {
         accept: vec!["1".into()],
         allow_private: true,
+        ..ExitPolicy::default()
     };
     new.nickname = "Renamed".into();
     new.bandwidth_rate = 1_000_000;

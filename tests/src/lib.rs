@@ -111,6 +111,9 @@ pub fn exit_policy() -> ExitPolicy {
             format!("{}-65535", REFUSED_PORT + 1),
         ],
         allow_private: true,
+        // Relays and destinations share 127.0.0.1 here.
+        reject_my_addresses: false,
+        ..ExitPolicy::default()
     }
 }
 

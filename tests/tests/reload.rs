@@ -67,6 +67,7 @@ fn reload_changes_live_keys_of_running_relays_and_open_circuits_carry_on() {
             cfg.exit_policy = ExitPolicy {
                 accept: vec!["443".into()],
                 allow_private: true,
+                ..ExitPolicy::default()
             };
             cfg.listen = "127.0.0.1:1".parse().expect("address");
             let path = net.dir.path().join(format!("reload-{i}.toml"));

@@ -888,6 +888,7 @@ fn exit_policy_resolution_and_resolve() {
     let strict = ExitPolicy {
         accept: vec!["1-1000".into(), "1024-65535".into()],
         allow_private: false,
+        ..ExitPolicy::default()
     };
     let (mut core, mut cl) = setup(cfg(false, strict));
     let now = Instant::now();
