@@ -50,6 +50,7 @@ fn entry(n: u8) -> ConsensusEntry {
         },
         family: Vec::new(),
         desc_digest: [n; 32],
+        measured: n % 2 == 1,
     }
 }
 
@@ -95,6 +96,7 @@ pub fn sample_vote(n: u8) -> Vec<u8> {
             .map(|i| VoteEntry {
                 entry: entry(i),
                 published: 1_799_999_000,
+                advertised: 2000 * u32::from(i),
             })
             .collect(),
     };
@@ -119,6 +121,7 @@ pub fn sample_consensus(n: u8) -> Vec<u8> {
         voters,
         params: BTreeMap::new(),
         relays,
+        bandwidth_weights: BTreeMap::new(),
     };
     let mut s = Signed::sign(&c, &a).expect("sign");
     s.add_own_signature(&b);
