@@ -246,6 +246,14 @@ impl<B: CircBuilder> CircMgr<B> {
         self.wake.notify_one();
     }
 
+    /// Forget the relay list (the consensus became too old to use); new circuits wait for the
+    /// next one.
+    pub(crate) fn clear_dir(&self) {
+        if let Ok(mut d) = self.dir.write() {
+            *d = None;
+        }
+    }
+
     fn view(&self) -> Result<Arc<DirView>, ClientError> {
         self.dir
             .read()

@@ -53,6 +53,7 @@ pub mod policy;
 pub mod ratelimit;
 mod reactor;
 pub mod resolver;
+pub mod selftest;
 #[cfg(test)]
 mod tests;
 
@@ -127,6 +128,14 @@ impl RelayHandle {
     /// Fetch the consensus now (in addition to the schedule; rate-limited).
     pub fn refetch_consensus(&self) {
         self.ctx.refetch.notify_one();
+    }
+    /// The outcome of the last reachability self-test of the advertised address.
+    pub fn reachability(&self) -> selftest::Reachability {
+        self.ctx.dir.selftest.get()
+    }
+    /// Test reachability of the advertised address again now (after an address change).
+    pub fn retest_reachability(&self) {
+        self.ctx.dir.selftest.retest.notify_one();
     }
     /// Whether the relay currently holds a consensus.
     pub fn has_consensus(&self) -> bool {
@@ -238,6 +247,7 @@ pub async fn start_with_resolver(
         tokio::spawn(dirsync::run_publisher(Arc::clone(&ctx))),
         tokio::spawn(dirsync::run_consensus(Arc::clone(&ctx))),
         tokio::spawn(dirsync::run_maintenance(Arc::clone(&ctx))),
+        tokio::spawn(selftest::run(Arc::clone(&ctx))),
     ];
     tasks.extend(create::spawn_workers(&ctx));
     Ok(RelayHandle {

@@ -292,8 +292,22 @@ pub fn encode_cert_list(certs: &[Signed<AuthCert>]) -> Vec<u8> {
     postcard::to_allocvec(&list).unwrap_or_default()
 }
 
-/// Verify consensus envelope bytes and certificate-list bytes (as fetched or cached).
+/// Verify consensus envelope bytes and certificate-list bytes (as fetched or cached): the
+/// signatures, then the time rule ([`Liveness`]: refused when not yet valid or too old).
 pub fn verify_consensus_bytes(
+    consensus: &[u8],
+    certs: &[u8],
+    authorities: &[AuthorityInfo],
+    now: u64,
+) -> Result<FetchedConsensus> {
+    let f = verify_consensus_signatures(consensus, certs, authorities, now)?;
+    Liveness::of(f.verified.consensus(), now).check()?;
+    Ok(f)
+}
+
+/// As [`verify_consensus_bytes`] without the time rule, for tools that show a consensus of any
+/// age with its [`Liveness`] (certificates must still be valid at `now`).
+pub fn verify_consensus_signatures(
     consensus: &[u8],
     certs: &[u8],
     authorities: &[AuthorityInfo],
@@ -328,7 +342,6 @@ pub fn verify_consensus_bytes(
         tracing::warn!("consensus accepted, but an authority identity looks wrong: {why}");
     }
     let verified = signed.verify_signatures_only(&ids, &certs, now)?;
-    Liveness::of(verified.consensus(), now).check()?;
     Ok(FetchedConsensus {
         verified,
         certs: certs.into_iter().map(|c| c.signed().clone()).collect(),
@@ -361,6 +374,13 @@ pub async fn fetch_consensus_from(
     now: u64,
     timeout: Duration,
 ) -> Result<FetchedConsensus> {
+    let (body, certs) = fetch_raw_from(addr, timeout).await?;
+    verify_consensus_bytes(&body, &certs, authorities, now)
+}
+
+/// Fetch the consensus envelope (inflated) and the certificate list from one authority,
+/// unverified.
+async fn fetch_raw_from(addr: SocketAddr, timeout: Duration) -> Result<(Vec<u8>, Vec<u8>)> {
     let z = http::request(
         addr,
         "GET",
@@ -375,7 +395,30 @@ pub async fn fetch_consensus_from(
     let certs = http::request(addr, "GET", paths::CERTS, None, MAX_CERTS_LEN, timeout)
         .await?
         .into_ok("fetching authority certificates")?;
-    verify_consensus_bytes(&body, &certs, authorities, now)
+    Ok((body, certs))
+}
+
+/// For display (`allium consensus show`): the consensus of the first authority whose
+/// signatures verify, whatever its age; the caller shows its [`Liveness`].
+pub async fn fetch_consensus_any_age(
+    authorities: &[AuthorityInfo],
+    now: u64,
+) -> Result<FetchedConsensus> {
+    let mut last = DirError::invalid("authority list", "no authorities configured");
+    for a in authorities {
+        match fetch_raw_from(a.dir_addr, http::DEFAULT_TIMEOUT).await {
+            Ok((body, certs)) => {
+                match verify_consensus_signatures(&body, &certs, authorities, now) {
+                    Ok(f) => return Ok(f),
+                    Err(e) => last = e,
+                }
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(DirError::NoConsensus {
+        last: Box::new(last),
+    })
 }
 
 /// Fetch a consensus newer than `held` from the first authority (in random order) that gives an
