@@ -258,6 +258,20 @@ fn read_key_text(path: &Path) -> Result<Zeroizing<String>, CryptoError> {
     ))
 }
 
+/// A passphrase, zeroed on drop.
+pub type Passphrase = Zeroizing<String>;
+
+/// Wrap a passphrase read from a prompt or a file (one trailing newline removed).
+pub fn passphrase(mut s: String) -> Passphrase {
+    if s.ends_with('\n') {
+        s.pop();
+        if s.ends_with('\r') {
+            s.pop();
+        }
+    }
+    Zeroizing::new(s)
+}
+
 /// 32 secret bytes, zeroed on drop.
 pub type SecretKeyBytes = Zeroizing<[u8; KEY_LEN]>;
 
@@ -268,7 +282,7 @@ pub type SecretKeyBytes = Zeroizing<[u8; KEY_LEN]>;
 pub fn read_secret_with_passphrase(
     path: &Path,
     kind: &str,
-    passphrase: impl FnOnce() -> Result<Zeroizing<String>, CryptoError>,
+    passphrase: impl FnOnce() -> Result<Passphrase, CryptoError>,
 ) -> Result<(SecretKeyBytes, Option<[u8; KEY_LEN]>), CryptoError> {
     let text = read_key_text(path)?;
     if text.lines().next() != Some(format!("allium-{kind}-v1-encrypted").as_str()) {

@@ -209,6 +209,7 @@ pub async fn start_with_resolver(
 ) -> Result<RelayHandle, RelayError> {
     config.validate()?;
     let keys = keys::RelayKeys::load_or_create(&config.data_dir)?;
+    allium_crypto::keyfile::write_fingerprint(&config.data_dir, &config.nickname, &keys.id.0)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| RelayError::Bind {

@@ -23,6 +23,16 @@ pub fn configured_log_level(args: &Args) -> Option<String> {
 /// Run `allium relay`.
 pub fn run(args: Args) -> CmdResult {
     let cfg = allium_relay::RelayConfig::load(&args.config)?;
+    if cfg.authorities.is_empty() {
+        // As the proxy: without authorities the relay could never publish or learn the network.
+        return Err(format!(
+            "{}: no authorities configured; add at least one [[authorities]] entry with \
+             `identity` and `dir_addr`\n(see relay.example.toml for a documented example \
+             configuration)",
+            args.config.display()
+        )
+        .into());
+    }
     let rt = super::runtime()?;
     rt.block_on(async move {
         let handle = allium_relay::start(cfg).await?;
