@@ -259,7 +259,9 @@ impl<B: CircBuilder> CircMgr<B> {
             .read()
             .ok()
             .and_then(|d| d.clone())
-            .ok_or(ClientError::NoPath("no consensus yet"))
+            .ok_or(ClientError::NoPath(
+                "no usable consensus (none fetched yet, or the last one expired more than 24 hours ago)",
+            ))
     }
 
     /// Whether some exit in the consensus allows `port`.

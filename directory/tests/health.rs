@@ -205,4 +205,12 @@ async fn before_the_first_period_the_reply_says_when() {
         .expect_err("nothing published");
     let why = client::not_published_yet(&err).expect("recognised");
     assert!(why.contains("the next voting period ends at"), "{why}");
+
+    // A lone authority's file verifies with its own certificate (from `keys/`).
+    run_round(&net.live(), Net::current_va())
+        .await
+        .expect("round");
+    let (c, certs) = cache::dangerously_read_cache_file(&net.dirs[0].path().join("consensus"))
+        .expect("read back");
+    client::verify_consensus_bytes(&c, &certs, &net.infos, now_unix()).expect("verifies");
 }

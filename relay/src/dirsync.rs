@@ -113,14 +113,15 @@ pub(crate) fn build_descriptor(ctx: &Ctx) -> Result<Vec<u8>, RelayError> {
     Ok(signed.to_bytes())
 }
 
-/// Upload the descriptor now; returns how many authorities accepted it.
-pub(crate) async fn publish_once(ctx: &Ctx) -> usize {
+/// Upload the descriptor now; returns how many authorities accepted it (and, when none did,
+/// the first refusal, for the operator's warning).
+pub(crate) async fn publish_once(ctx: &Ctx) -> (usize, Option<String>) {
     let auths = authorities(ctx);
     let bytes = match build_descriptor(ctx) {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(error = %e, "cannot build descriptor");
-            return 0;
+            return (0, None);
         }
     };
     *ctx.dir
@@ -128,7 +129,7 @@ pub(crate) async fn publish_once(ctx: &Ctx) -> usize {
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = Some(bytes.clone());
     if auths.is_empty() {
-        return 0;
+        return (0, None);
     }
     let (ok, errs) = upload_descriptor_to_all(&auths, &bytes).await;
     if ok > 0 {
@@ -145,7 +146,12 @@ pub(crate) async fn publish_once(ctx: &Ctx) -> usize {
     if errs.is_empty() {
         tracing::info!(authorities = ok, "descriptor published");
     }
-    ok
+    let why = auths.iter().find_map(|a| {
+        errs.iter()
+            .find(|(id, _)| *id == a.identity)
+            .map(|(_, e)| format!("{}: {e}", a.dir_addr))
+    });
+    (ok, why)
 }
 
 /// Publisher task.
@@ -159,15 +165,17 @@ pub(crate) async fn run_publisher(ctx: Arc<Ctx>) {
     // Tor's order: test reachability before the first upload (then keep retrying on failure).
     crate::selftest::test_and_log(&ctx, crate::selftest::first_retry(&ctx)).await;
     loop {
-        let ok = publish_once(&ctx).await;
+        let (ok, why) = publish_once(&ctx).await;
         if n > 0 && ok == 0 {
             failures = failures.saturating_add(1);
             if failures == 1 || failures.is_multiple_of(20) {
                 tracing::warn!(
                     authorities = n,
                     attempts = failures,
-                    "no authority accepted the descriptor; retrying (check the `authorities` \
-                     addresses in the config and that the authorities are running)"
+                    "no authority accepted the descriptor ({}); retrying (check that the \
+                     authorities are running, reachable from here at their `dir_addr`, and \
+                     what they answered)",
+                    why.as_deref().unwrap_or("no answer")
                 );
             }
         } else {

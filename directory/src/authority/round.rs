@@ -61,7 +61,20 @@ impl Inner {
                     let _ = self.store.save_cert(&c);
                     insert_cert(&mut self.lock().certs, c);
                 }
-                Ok(_) => tracing::warn!(authority = %id, "authority served a wrong certificate"),
+                Ok(c) if c.identity() != id => tracing::warn!(
+                    "the authority at {addr} serves a certificate for identity {}, but this \
+                     authority's [[authorities]] entry for {addr} says {}; correct the \
+                     `identity` of that entry (or of the other authority's configuration)",
+                    c.identity().to_hex(),
+                    id.to_hex()
+                ),
+                Ok(c) => tracing::warn!(
+                    "the authority {} at {addr} serves a certificate that is not valid now (valid \
+                     {} to {}); it must run `allium authority certify`, or a clock is wrong",
+                    id.to_hex(),
+                    crate::time_fmt::rfc3339(c.cert().valid_after),
+                    crate::time_fmt::rfc3339(c.cert().expires)
+                ),
                 Err(e) => tracing::debug!(authority = %id, error = %e, "certificate fetch failed"),
             }
         }
@@ -458,9 +471,27 @@ impl Inner {
             .map(|p| self.store.save_consensus(true, &p));
         let ok = self.try_publish(va, now, true)?;
         if !ok {
+            let signed_now = {
+                let certs = self.valid_certs(now);
+                let st = self.lock();
+                match &st.pending {
+                    Some((pva, p)) if *pva == va => valid_signers(p, &self.ids, &certs, now),
+                    _ => Vec::new(),
+                }
+            };
+            let unsigned: Vec<String> = self
+                .peers()
+                .into_iter()
+                .filter(|(id, _)| !signed_now.contains(id))
+                .map(|(id, addr)| format!("{} at {addr}", id.to_hex()))
+                .collect();
             tracing::warn!(
                 valid_after = va,
-                "consensus not signed by a majority; not published"
+                "consensus not signed by a majority ({} of {}); not published; no signature \
+                 from: {}",
+                signed_now.len(),
+                self.ids.len(),
+                unsigned.join(", ")
             );
         }
         Ok(ok)

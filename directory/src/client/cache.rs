@@ -211,8 +211,8 @@ pub fn dangerously_read_cache_file(path: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
     }
     match crate::doc::Signed::<crate::doc::Consensus>::from_bytes(&bytes) {
         Ok(_) => {
-            let dir = path.parent().unwrap_or(Path::new(".")).join("certs");
-            Ok((bytes, authority_certs(&dir)))
+            let data_dir = path.parent().unwrap_or(Path::new("."));
+            Ok((bytes, authority_certs(data_dir)))
         }
         Err(_) => Err(DirError::Malformed {
             object: "consensus file",
@@ -222,11 +222,19 @@ pub fn dangerously_read_cache_file(path: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
     }
 }
 
-/// The certificate list of an authority data directory's `certs/` (empty when absent).
-fn authority_certs(dir: &Path) -> Vec<u8> {
+/// The certificates of an authority data directory: its own (`keys/authority.cert`) and the
+/// others' (`certs/`), as a certificate list (empty when there are none).
+fn authority_certs(data_dir: &Path) -> Vec<u8> {
     let mut certs = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.filter_map(|e| e.ok()).take(super::MAX_CERTS) {
+    let own = crate::authority::keys::keys_dir(data_dir).join(crate::authority::keys::CERT_FILE);
+    if let Some(c) = std::fs::read(&own)
+        .ok()
+        .and_then(|b| crate::doc::Signed::<crate::doc::AuthCert>::from_bytes(&b).ok())
+    {
+        certs.push(c);
+    }
+    if let Ok(rd) = std::fs::read_dir(data_dir.join("certs")) {
+        for e in rd.filter_map(|e| e.ok()).take(super::MAX_CERTS - 1) {
             let small = e
                 .metadata()
                 .map(|m| m.is_file() && m.len() <= 4096)
