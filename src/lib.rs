@@ -5,6 +5,7 @@
 pub mod cmd;
 mod logging;
 pub mod ops;
+pub mod out;
 
 use clap::{Parser, Subcommand};
 
@@ -64,6 +65,8 @@ pub fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader of our output went away (`| head`): nothing more to say.
+        Err(e) if out::is_broken_pipe(e.as_ref()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("allium: error: {e:#}");
             std::process::ExitCode::FAILURE

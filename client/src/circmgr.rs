@@ -348,12 +348,22 @@ impl<B: CircBuilder> CircMgr<B> {
         self.wake.notify_one();
     }
 
+    /// Forget the relay list (the consensus became too old to use); new circuits wait for the
+    /// next one.
+    pub(crate) fn clear_dir(&self) {
+        if let Ok(mut d) = self.dir.write() {
+            *d = None;
+        }
+    }
+
     fn view(&self) -> Result<Arc<DirView>, ClientError> {
         self.dir
             .read()
             .ok()
             .and_then(|d| d.clone())
-            .ok_or(ClientError::NoPath("no consensus yet"))
+            .ok_or(ClientError::NoPath(
+                "no usable consensus (none fetched yet, or the last one expired more than 24 hours ago)",
+            ))
     }
 
     /// Whether some exit in the consensus allows `port`.

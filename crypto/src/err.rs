@@ -66,6 +66,15 @@ pub enum CryptoError {
         #[source]
         source: std::io::Error,
     },
+    /// A passphrase-protected key file did not open: wrong passphrase, or the file was altered.
+    #[error(
+        "key file {path}: wrong passphrase (or the file was altered); try again, or use the right \
+         --passphrase-file"
+    )]
+    KeyFilePassphrase {
+        /// The file.
+        path: PathBuf,
+    },
     /// A key file has the wrong size or format.
     #[error("key file {path} is malformed: {why}")]
     KeyFileMalformed {

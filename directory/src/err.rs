@@ -48,8 +48,9 @@ pub enum DirError {
         /// Stale, not yet valid, ...
         why: &'static str,
     },
-    /// A consensus is not newer than the one already held.
-    #[error("consensus rolled back (valid-after {got} is not newer than held {held})")]
+    /// A consensus is not newer than the one already held: the same period again (nothing newer
+    /// published yet), or an older one (a rollback, refused).
+    #[error("{}", rollback_text(*got, *held))]
     Rollback {
         /// The offered consensus' valid-after.
         got: u64,
@@ -136,6 +137,22 @@ pub enum DirError {
     /// An internal invariant broke (a bug).
     #[error("internal error: {0}")]
     Internal(&'static str),
+}
+
+/// The message of [`DirError::Rollback`]: only an older consensus is called a rollback.
+fn rollback_text(got: u64, held: u64) -> String {
+    if got == held {
+        format!(
+            "no newer consensus yet (the one offered is the one held, valid-after {})",
+            crate::time_fmt::rfc3339(held)
+        )
+    } else {
+        format!(
+            "consensus rolled back: valid-after {} is older than the held {}; refused",
+            crate::time_fmt::rfc3339(got),
+            crate::time_fmt::rfc3339(held)
+        )
+    }
 }
 
 impl DirError {

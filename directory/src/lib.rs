@@ -10,6 +10,7 @@ pub mod doc;
 pub mod err;
 pub mod netdir;
 pub mod paths;
+pub mod time_fmt;
 
 pub use authinfo::AuthorityInfo;
 pub use client::{ConsensusCache, fetch_consensus, upload_descriptor};

@@ -8,6 +8,12 @@
 //!   random time in `[fresh_until, fresh_until + interval/2)` (Tor's cache schedule), and early when
 //!   an unknown relay shows up (at most once per [`FORCED_FETCH_MIN_GAP`]). Until a consensus lists
 //!   this relay it still accepts links and circuits.
+//! - Before the first upload the relay tests its own reachability ([`crate::selftest`]).
+//! - Each consensus is checked for this relay: entering it (with its flags), a change of flags,
+//!   leaving it, and not appearing although the descriptor was accepted long enough ago, are
+//!   logged with the likely reason ([`Membership`]).
+//! - An expired consensus is used for 24 hours past valid-until with a warning, then dropped
+//!   (Tor's rule, [`Liveness`]).
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -15,12 +21,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use allium_directory::client::{
-    AuthorityInfo, ConsensusCache, FetchRole, upload_descriptor_to_all,
+    AuthorityInfo, ConsensusCache, FetchRole, Liveness, not_published_yet, upload_descriptor_to_all,
 };
 use allium_directory::doc::descriptor::{DESC_VERSION, default_protocols};
 use allium_directory::doc::policy::{ExitPolicy as DescPolicy, PortRange};
+use allium_directory::doc::{Consensus, Flags};
 use allium_directory::doc::{RelayDescriptor, Signed};
 use allium_directory::now_unix;
+use allium_directory::time_fmt::rfc3339;
+use allium_directory::{DirError, NetDir};
 use tokio::sync::Notify;
 
 use crate::ctx::Ctx;
@@ -46,6 +55,10 @@ pub(crate) struct DirState {
     pub(crate) republish: Notify,
     /// The last descriptor uploaded (envelope bytes), for tests and `allium testnet`.
     pub(crate) last_descriptor: Mutex<Option<Vec<u8>>>,
+    /// When an authority first accepted a descriptor (unix seconds; 0: not yet).
+    first_accepted: AtomicU64,
+    /// The reachability self-test.
+    pub(crate) selftest: crate::selftest::SelfTestState,
 }
 
 pub(crate) fn authorities(ctx: &Ctx) -> Vec<AuthorityInfo> {
@@ -102,14 +115,15 @@ pub(crate) fn build_descriptor(ctx: &Ctx) -> Result<Vec<u8>, RelayError> {
     Ok(signed.to_bytes())
 }
 
-/// Upload the descriptor now; returns how many authorities accepted it.
-pub(crate) async fn publish_once(ctx: &Ctx) -> usize {
+/// Upload the descriptor now; returns how many authorities accepted it (and, when none did,
+/// the first refusal, for the operator's warning).
+pub(crate) async fn publish_once(ctx: &Ctx) -> (usize, Option<String>) {
     let auths = authorities(ctx);
     let bytes = match build_descriptor(ctx) {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(error = %e, "cannot build descriptor");
-            return 0;
+            return (0, None);
         }
     };
     *ctx.dir
@@ -117,16 +131,29 @@ pub(crate) async fn publish_once(ctx: &Ctx) -> usize {
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = Some(bytes.clone());
     if auths.is_empty() {
-        return 0;
+        return (0, None);
     }
     let (ok, errs) = upload_descriptor_to_all(&auths, &bytes).await;
+    if ok > 0 {
+        let _ = ctx.dir.first_accepted.compare_exchange(
+            0,
+            now_unix(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
     for (id, e) in &errs {
         tracing::debug!(authority = %id, error = %e, "descriptor upload failed");
     }
     if errs.is_empty() {
         tracing::info!(authorities = ok, "descriptor published");
     }
-    ok
+    let why = auths.iter().find_map(|a| {
+        errs.iter()
+            .find(|(id, _)| *id == a.identity)
+            .map(|(_, e)| format!("{}: {e}", a.dir_addr))
+    });
+    (ok, why)
 }
 
 /// Publisher task.
@@ -137,16 +164,20 @@ pub(crate) async fn run_publisher(ctx: Arc<Ctx>) {
     let interval = Duration::from_secs(ctx.cfg.descriptor_publish_interval_secs);
     let mut backoff = Duration::from_secs(1);
     let mut failures: u32 = 0;
+    // Tor's order: test reachability before the first upload (then keep retrying on failure).
+    crate::selftest::test_and_log(&ctx, crate::selftest::first_retry(&ctx)).await;
     loop {
-        let ok = publish_once(&ctx).await;
+        let (ok, why) = publish_once(&ctx).await;
         if n > 0 && ok == 0 {
             failures = failures.saturating_add(1);
             if failures == 1 || failures.is_multiple_of(20) {
                 tracing::warn!(
                     authorities = n,
                     attempts = failures,
-                    "no authority accepted the descriptor; retrying (check the `authorities` \
-                     addresses in the config and that the authorities are running)"
+                    "no authority accepted the descriptor ({}); retrying (check that the \
+                     authorities are running, reachable from here at their `dir_addr`, and \
+                     what they answered)",
+                    why.as_deref().unwrap_or("no answer")
                 );
             }
         } else {
@@ -168,6 +199,127 @@ pub(crate) async fn run_publisher(ctx: Arc<Ctx>) {
     }
 }
 
+/// What the relay knows about its own place in the consensus, for notices when it changes.
+#[derive(Debug, Default)]
+pub(crate) struct Membership {
+    /// The flags of the last consensus that listed this relay (`None`: not listed in it).
+    listed: Option<Flags>,
+    /// `valid_after` of the last consensus looked at.
+    last_va: u64,
+    /// Whether the "still not listed" warning was given for the current absence.
+    absence_warned: bool,
+}
+
+/// How many voting periods after its descriptor was first accepted a relay should appear.
+const PERIODS_TO_APPEAR: u64 = 2;
+
+impl Membership {
+    /// Look at a new consensus. `first_accepted` is when an authority first accepted this
+    /// relay's descriptor (0: never). Returns the notices to log: `(warn?, text)`.
+    pub(crate) fn observe(
+        &mut self,
+        c: &Consensus,
+        me: &allium_crypto::RelayId,
+        advertised: std::net::SocketAddr,
+        first_accepted: u64,
+    ) -> Vec<(bool, String)> {
+        if c.valid_after <= self.last_va {
+            return Vec::new();
+        }
+        self.last_va = c.valid_after;
+        let mut out = Vec::new();
+        let va = rfc3339(c.valid_after);
+        let entry = c
+            .relays
+            .binary_search_by(|e| e.identity.cmp(me))
+            .ok()
+            .and_then(|i| c.relays.get(i));
+        match (self.listed, entry) {
+            (None, Some(e)) => {
+                self.absence_warned = false;
+                out.push((
+                    false,
+                    format!(
+                        "this relay is in the consensus of {va} with flags [{}]",
+                        e.flags
+                    ),
+                ));
+            }
+            (Some(old), Some(e)) if old != e.flags => out.push((
+                false,
+                format!(
+                    "this relay's flags changed in the consensus of {va}: [{old}] -> [{}]",
+                    e.flags
+                ),
+            )),
+            (Some(_), None) => {
+                self.absence_warned = true;
+                out.push((
+                    true,
+                    format!(
+                        "this relay is no longer in the consensus of {va}; likely the \
+                         authorities could not reach {advertised} (check that the relay is \
+                         reachable there: port forwarding, firewall, the `advertised` key) or \
+                         did not receive its descriptor"
+                    ),
+                ));
+            }
+            (None, None) => {
+                let period = c.fresh_until.saturating_sub(c.valid_after).max(1);
+                let due = first_accepted.saturating_add(PERIODS_TO_APPEAR.saturating_mul(period));
+                if first_accepted != 0 && c.valid_after > due && !self.absence_warned {
+                    self.absence_warned = true;
+                    out.push((
+                        true,
+                        format!(
+                            "this relay is still not in the consensus of {va}, although \
+                             authorities accepted its descriptor at {}; likely the \
+                             authorities cannot reach {advertised} (check port forwarding, the \
+                             firewall and the `advertised` key), or they refuse its address \
+                             (a private address needs `allow_private_addresses` on a test \
+                             network)",
+                            rfc3339(first_accepted)
+                        ),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if let Some(e) = entry
+            && !e.addrs.contains(&advertised)
+        {
+            out.push((
+                true,
+                format!(
+                    "the consensus lists this relay at {} but it advertises {advertised}; \
+                     another process may be publishing this identity (two relays on one \
+                     data directory?)",
+                    e.addrs
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        self.listed = entry.map(|e| e.flags);
+        out
+    }
+}
+
+/// Use a consensus: install it, log this relay's membership changes.
+fn install_netdir(ctx: &Ctx, nd: NetDir, membership: &mut Membership) {
+    let first = ctx.dir.first_accepted.load(Ordering::Relaxed);
+    for (warn, text) in membership.observe(nd.consensus(), &ctx.keys.id, ctx.advertised, first) {
+        if warn {
+            tracing::warn!("{text}");
+        } else {
+            tracing::info!("{text}");
+        }
+    }
+    ctx.set_netdir(nd);
+}
+
 /// Consensus task.
 #[allow(clippy::disallowed_methods)] // Driver task: its schedule is wall-clock time.
 pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
@@ -178,12 +330,14 @@ pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
     let mut shutdown = ctx.shutdown.subscribe();
     let path = ctx.cfg.data_dir.join("consensus.cache");
     let mut cache = ConsensusCache::open(Some(&path), auths, FetchRole::Cache, now_unix());
+    let mut membership = Membership::default();
     if let Some(nd) = cache.netdir(now_unix()) {
-        ctx.set_netdir(nd);
+        install_netdir(&ctx, nd, &mut membership);
     }
     let mut last_forced = tokio::time::Instant::now() - FORCED_FETCH_MIN_GAP;
     let mut force = false;
     let mut failures: u32 = 0;
+    let mut expiry_warned: u64 = 0;
     loop {
         let now = now_unix();
         if force || cache.needs_fetch(now) {
@@ -192,16 +346,27 @@ pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
                     failures = 0;
                     tracing::info!(relays = v.consensus().relays.len(), "consensus updated");
                     if let Some(nd) = cache.netdir(now_unix()) {
-                        ctx.set_netdir(nd);
+                        install_netdir(&ctx, nd, &mut membership);
                     }
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    if cache.current().is_none() && failures == 30 {
+                    if let Some(why) = not_published_yet(&e) {
+                        if failures == 1 {
+                            tracing::info!(
+                                "the authorities have not published a consensus yet: {why}"
+                            );
+                        }
+                    } else if matches!(e, DirError::Config(_)) {
+                        if failures == 1 || failures.is_multiple_of(30) {
+                            tracing::warn!("cannot use the consensus: {e}");
+                        }
+                    } else if cache.current().is_none() && failures == 30 {
                         tracing::warn!(
                             error = %e,
                             "still no consensus after 30 attempts; the relay keeps accepting \
-                             links but cannot extend circuits (check the `authorities` entries)"
+                             links but cannot extend circuits (check that the authorities are \
+                             running and reachable from here)"
                         );
                     } else {
                         tracing::debug!(error = %e, "consensus fetch failed");
@@ -211,8 +376,31 @@ pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
         }
         force = false;
         let now = now_unix();
+        match cache.liveness(now) {
+            Some(l @ Liveness::Expired { .. }) => {
+                if expiry_warned == 0 || now.saturating_sub(expiry_warned) >= 3600 {
+                    expiry_warned = now;
+                    if let Some(w) = l.warning() {
+                        tracing::warn!("{w}");
+                    }
+                }
+            }
+            Some(Liveness::TooOld { expired_at }) if ctx.netdir().is_some() => {
+                *ctx.netdir.write().unwrap_or_else(|p| p.into_inner()) = None;
+                tracing::warn!(
+                    "the consensus expired at {} (more than 24 hours ago) and is no longer used; \
+                     this relay cannot extend circuits until a newer one arrives; check that a \
+                     majority of authorities is running",
+                    rfc3339(expired_at)
+                );
+            }
+            _ => expiry_warned = 0,
+        }
         let wait = if cache.current().is_none() {
             BOOTSTRAP_RETRY
+        } else if !cache.liveness(now).is_some_and(|l| l == Liveness::Live) {
+            // Expired: ask again often for a newer one.
+            BOOTSTRAP_RETRY.max(Duration::from_secs(30))
         } else {
             Duration::from_secs(cache.next_fetch_at().saturating_sub(now).clamp(1, 600))
         };
@@ -262,5 +450,129 @@ pub(crate) async fn run_maintenance(ctx: Arc<Ctx>) {
         let rate = bytes.saturating_sub(last_bytes) / sample.as_secs().max(1);
         last_bytes = bytes;
         ctx.dir.peak_bw.fetch_max(rate, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use allium_crypto::{IdentityKeypair, X25519Secret};
+    use allium_directory::doc::consensus::{CONSENSUS_METHOD, CONSENSUS_VERSION};
+    use allium_directory::doc::{ConsensusEntry, ExitPolicy};
+
+    use super::*;
+
+    const VA: u64 = 1_800_000_000;
+    const I: u64 = 3600;
+
+    fn consensus(va: u64, me: Option<(allium_crypto::RelayId, Flags, &str)>) -> Consensus {
+        let relays = me
+            .map(|(id, flags, addr)| ConsensusEntry {
+                identity: id,
+                link_key: X25519Secret::generate().public(),
+                onion_key: X25519Secret::generate().public(),
+                nickname: "me".into(),
+                addrs: vec![addr.parse().expect("addr")],
+                flags,
+                weight: 1,
+                exit: ExitPolicy::reject_all(),
+                family: vec![],
+                desc_digest: [0; 32],
+                measured: true,
+            })
+            .into_iter()
+            .collect();
+        Consensus {
+            version: CONSENSUS_VERSION,
+            method: CONSENSUS_METHOD,
+            valid_after: va,
+            fresh_until: va + I,
+            valid_until: va + 3 * I,
+            voters: vec![],
+            params: BTreeMap::new(),
+            relays,
+            bandwidth_weights: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn membership_notices() {
+        let id = IdentityKeypair::generate().public();
+        let adv: std::net::SocketAddr = "192.0.2.1:9001".parse().expect("addr");
+        let mut m = Membership::default();
+        let accepted = VA - 10;
+        // Not listed within the first periods after the upload: nothing to say yet.
+        assert!(
+            m.observe(&consensus(VA, None), &id, adv, accepted)
+                .is_empty()
+        );
+        assert!(
+            m.observe(&consensus(VA + I, None), &id, adv, accepted)
+                .is_empty()
+        );
+        // Still not listed later: one warning with the likely reason.
+        let n = m.observe(&consensus(VA + 3 * I, None), &id, adv, accepted);
+        assert_eq!(n.len(), 1);
+        assert!(
+            n[0].0 && n[0].1.contains("still not in the consensus"),
+            "{n:?}"
+        );
+        assert!(n[0].1.contains("cannot reach 192.0.2.1:9001"), "{n:?}");
+        assert!(
+            m.observe(&consensus(VA + 4 * I, None), &id, adv, accepted)
+                .is_empty()
+        );
+        // Enters with flags (notice), flags change (notice), then leaves (warning).
+        let rv = Flags::RUNNING | Flags::VALID;
+        let n = m.observe(
+            &consensus(VA + 5 * I, Some((id, rv, "192.0.2.1:9001"))),
+            &id,
+            adv,
+            accepted,
+        );
+        assert_eq!(n.len(), 1);
+        assert!(!n[0].0 && n[0].1.contains("is in the consensus") && n[0].1.contains("Running"));
+        let same = m.observe(
+            &consensus(VA + 6 * I, Some((id, rv, "192.0.2.1:9001"))),
+            &id,
+            adv,
+            accepted,
+        );
+        assert!(same.is_empty());
+        let n = m.observe(
+            &consensus(VA + 7 * I, Some((id, rv | Flags::FAST, "192.0.2.1:9001"))),
+            &id,
+            adv,
+            accepted,
+        );
+        assert!(!n[0].0 && n[0].1.contains("flags changed") && n[0].1.contains("Fast"));
+        // An old consensus again says nothing.
+        assert!(
+            m.observe(&consensus(VA, None), &id, adv, accepted)
+                .is_empty()
+        );
+        let n = m.observe(&consensus(VA + 8 * I, None), &id, adv, accepted);
+        assert!(
+            n[0].0 && n[0].1.contains("no longer in the consensus"),
+            "{n:?}"
+        );
+        // Listed at another address: warned.
+        let n = m.observe(
+            &consensus(VA + 9 * I, Some((id, rv, "192.0.2.9:9001"))),
+            &id,
+            adv,
+            accepted,
+        );
+        assert!(
+            n.iter()
+                .any(|(w, t)| *w && t.contains("lists this relay at 192.0.2.9:9001"))
+        );
+        // A relay whose descriptor was never accepted is not told it is missing.
+        let mut m = Membership::default();
+        assert!(
+            m.observe(&consensus(VA + 9 * I, None), &id, adv, 0)
+                .is_empty()
+        );
     }
 }

@@ -55,6 +55,7 @@ pub mod policy;
 pub mod ratelimit;
 mod reactor;
 pub mod resolver;
+pub mod selftest;
 #[cfg(test)]
 mod tests;
 
@@ -163,6 +164,14 @@ impl RelayHandle {
     pub fn refetch_consensus(&self) {
         self.ctx.refetch.notify_one();
     }
+    /// The outcome of the last reachability self-test of the advertised address.
+    pub fn reachability(&self) -> selftest::Reachability {
+        self.ctx.dir.selftest.get()
+    }
+    /// Test reachability of the advertised address again now (after an address change).
+    pub fn retest_reachability(&self) {
+        self.ctx.dir.selftest.retest.notify_one();
+    }
     /// Whether the relay currently holds a consensus.
     pub fn has_consensus(&self) -> bool {
         self.ctx.netdir().is_some()
@@ -236,6 +245,7 @@ pub async fn start_with_resolver(
     config.validate()?;
     let lock = allium_directory::datadir::DataDirLock::acquire(&config.data_dir)?;
     let keys = keys::RelayKeys::load_or_create(&config.data_dir)?;
+    allium_crypto::keyfile::write_fingerprint(&config.data_dir, &config.nickname, &keys.id.0)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| RelayError::Bind {
@@ -275,6 +285,7 @@ pub async fn start_with_resolver(
         tokio::spawn(dirsync::run_publisher(Arc::clone(&ctx))),
         tokio::spawn(dirsync::run_consensus(Arc::clone(&ctx))),
         tokio::spawn(dirsync::run_maintenance(Arc::clone(&ctx))),
+        tokio::spawn(selftest::run(Arc::clone(&ctx))),
     ];
     tasks.extend(create::spawn_workers(&ctx));
     tasks.extend(metrics_task);

@@ -1,18 +1,22 @@
-//! `allium authority --config FILE` runs a directory authority;
-//! `allium authority certify --identity FILE --out DIR [--months N]` issues its signing key.
+//! `allium authority --config FILE` (or `-c FILE`) runs a directory authority;
+//! `allium authority certify --identity FILE --out DIR [--months N] [--passphrase-file F]`
+//! issues its signing key (a passphrase-protected identity is opened with F, or a prompt).
 
 use std::path::PathBuf;
 
 use allium_directory::authority::keys as akeys;
 
+use allium_directory::time_fmt::rfc3339;
+
 use super::CmdResult;
+use crate::outln;
 
 /// Arguments of `allium authority`.
 #[derive(clap::Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
     /// The configuration file (see `authority.example.toml`).
-    #[arg(long)]
+    #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Key management instead of running.
     #[command(subcommand)]
@@ -34,23 +38,46 @@ pub enum Sub {
         /// Validity in months of 30 days (1 to 6).
         #[arg(long, default_value_t = 3)]
         months: u64,
+        /// The passphrase of a protected identity key, in FILE (its first line); without it a
+        /// protected key's passphrase is asked for on the terminal.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
     },
 }
 
-fn certify(identity: PathBuf, out: PathBuf, months: u64) -> CmdResult {
-    let id = akeys::read_identity(&identity)?;
+fn certify(
+    identity: PathBuf,
+    out: PathBuf,
+    months: u64,
+    passphrase_file: Option<PathBuf>,
+) -> CmdResult {
+    let id = akeys::read_identity_with(&identity, || {
+        let p = match &passphrase_file {
+            Some(f) => super::keygen::passphrase_from_file(f),
+            None => super::keygen::passphrase_prompt(&format!(
+                "passphrase for {}: ",
+                identity.display()
+            )),
+        };
+        p.map_err(|why| allium_crypto::CryptoError::KeyFileIo {
+            path: identity.clone(),
+            source: std::io::Error::other(why),
+        })
+    })?;
     let cert = akeys::certify(&id, &out, months, allium_directory::now_unix())?;
-    println!("authority identity: {}", cert.identity().to_hex());
-    println!("signing key:        {}", cert.signing_key().to_hex());
-    println!(
-        "certificate valid until {} (unix); renew before then",
-        cert.cert().expires
-    );
-    println!(
+    let c = cert.cert();
+    outln!("authority identity: {}", cert.identity().to_hex())?;
+    outln!("signing key:        {}", cert.signing_key().to_hex())?;
+    outln!(
+        "certificate valid from {} until {}; certify a new signing key before then",
+        rfc3339(c.valid_after),
+        rfc3339(c.expires)
+    )?;
+    outln!(
         "wrote {} and {}",
         out.join(akeys::SIGNING_FILE).display(),
         out.join(akeys::CERT_FILE).display()
-    );
+    )?;
     Ok(())
 }
 
@@ -60,13 +87,14 @@ pub fn run(args: Args) -> CmdResult {
         identity,
         out,
         months,
+        passphrase_file,
     }) = args.cmd
     {
-        return certify(identity, out, months);
+        return certify(identity, out, months, passphrase_file);
     }
     let Some(path) = args.config else {
         return Err(
-            "give --config FILE to run an authority (see authority.example.toml), \
+            "give --config FILE (or -c FILE) to run an authority (see authority.example.toml), \
                     or use `allium authority certify`"
                 .into(),
         );

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use allium_crypto::RelayId;
-use allium_directory::client::{self, AuthorityInfo};
+use allium_directory::client::{self, AuthorityInfo, Liveness};
 use allium_directory::doc::{Consensus, Signed};
 
 use super::CmdResult;
@@ -50,75 +50,113 @@ fn parse_authority(s: &str) -> Result<AuthorityInfo, String> {
     })
 }
 
-/// `YYYY-MM-DD HH:MM:SS` UTC for unix seconds.
+use crate::outln;
+
 fn utc(t: u64) -> String {
-    let days = (t / 86400) as i64;
-    let secs = t % 86400;
-    // Civil-from-days (H. Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    allium_directory::time_fmt::utc_table(t)
 }
 
-fn print_table(c: &Consensus, signed_by: Option<usize>, n_sigs: usize, note: &str) {
-    println!("consensus ({note})");
-    println!("  valid-after   {} UTC", utc(c.valid_after));
-    println!("  fresh-until   {} UTC", utc(c.fresh_until));
-    println!("  valid-until   {} UTC", utc(c.valid_until));
-    println!("  method        {}", c.method);
-    match signed_by {
-        Some(n) => println!("  signatures    {n} valid of {n_sigs}"),
-        None => println!("  signatures    {n_sigs} (not checked)"),
+/// The status line of a consensus at `now`: live, EXPIRED (with until when it stays usable, or
+/// that it is too old), or not yet valid.
+fn status(l: Liveness) -> String {
+    use allium_directory::time_fmt::rfc3339;
+    match l {
+        Liveness::Live => "live".to_owned(),
+        Liveness::NotYetValid => "NOT YET VALID (dated in the future; check the clock)".to_owned(),
+        Liveness::Expired {
+            expired_at,
+            usable_until,
+        } => format!(
+            "EXPIRED at {}; usable until {} while no newer one is available",
+            rfc3339(expired_at),
+            rfc3339(usable_until)
+        ),
+        Liveness::TooOld { expired_at } => format!(
+            "EXPIRED at {}; too old (more than 24 h past valid-until), refused by relays and \
+             proxies",
+            rfc3339(expired_at)
+        ),
     }
-    println!("  voters        {}", c.voters.len());
+}
+
+fn print_table(
+    c: &Consensus,
+    signed_by: Option<usize>,
+    n_sigs: usize,
+    note: &str,
+    live: Liveness,
+) -> std::io::Result<()> {
+    let mark = match live {
+        Liveness::Live => "",
+        Liveness::NotYetValid => " NOT YET VALID",
+        Liveness::Expired { .. } | Liveness::TooOld { .. } => " EXPIRED",
+    };
+    outln!("consensus ({note}){mark}")?;
+    outln!("  status        {}", status(live))?;
+    outln!("  valid-after   {} UTC", utc(c.valid_after))?;
+    outln!("  fresh-until   {} UTC", utc(c.fresh_until))?;
+    outln!("  valid-until   {} UTC", utc(c.valid_until))?;
+    outln!("  method        {}", c.method)?;
+    match signed_by {
+        Some(n) => outln!("  signatures    {n} valid of {n_sigs}")?,
+        None => outln!("  signatures    {n_sigs} (not checked)")?,
+    }
+    outln!("  voters        {}", c.voters.len())?;
     for v in &c.voters {
-        println!("    {v}");
+        outln!("    {v}")?;
     }
     let params: Vec<String> = c.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!("  params        {}", params.join(" "));
+    outln!("  params        {}", params.join(" "))?;
     let bw: Vec<String> = c
         .bandwidth_weights
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    println!("  bw-weights    {}", bw.join(" "));
-    println!(
+    outln!("  bw-weights    {}", bw.join(" "))?;
+    outln!(
         "  relays        {} (weights in kB/s; * = unmeasured, capped)",
         c.relays.len()
-    );
-    println!(
+    )?;
+    outln!(
         "{:<19} {:<16} {:<22} {:>8}  {:<40} exit",
-        "nickname", "identity", "address", "weight", "flags"
-    );
+        "nickname",
+        "identity",
+        "address",
+        "weight",
+        "flags"
+    )?;
     for r in &c.relays {
         let addr = r.addrs.first().map(|a| a.to_string()).unwrap_or_default();
-        println!(
+        let id: String = r.identity.to_hex().chars().take(16).collect();
+        outln!(
             "{:<19} {:<16} {:<22} {:>8}  {:<40} {}",
             r.nickname,
-            &r.identity.to_hex()[..16],
+            id,
             addr,
             format!("{}{}", r.weight, if r.measured { "" } else { "*" }),
             r.flags.to_string(),
             r.exit
-        );
+        )?;
     }
+    Ok(())
 }
 
-fn to_json(c: &Consensus, signed_by: Option<usize>, n_sigs: usize) -> serde_json::Value {
+fn to_json(
+    c: &Consensus,
+    signed_by: Option<usize>,
+    n_sigs: usize,
+    live: Liveness,
+) -> serde_json::Value {
     use serde_json::json;
+    let (state, usable_until) = match live {
+        Liveness::Live => ("live", None),
+        Liveness::NotYetValid => ("not_yet_valid", None),
+        Liveness::Expired { usable_until, .. } => ("expired", Some(usable_until)),
+        Liveness::TooOld { .. } => ("too_old", None),
+    };
     json!({
+        "status": state,
+        "usable_until": usable_until,
         "valid_after": c.valid_after,
         "fresh_until": c.fresh_until,
         "valid_until": c.valid_until,
@@ -169,7 +207,7 @@ fn show(a: ShowArgs) -> CmdResult {
         }
         (Some(path), false) => {
             let (c, certs) = client::cache::dangerously_read_cache_file(path)?;
-            let f = client::verify_consensus_bytes(&c, &certs, &auths, now)?;
+            let f = client::verify_consensus_signatures(&c, &certs, &auths, now)?;
             let v = f.verified;
             (
                 v.consensus().clone(),
@@ -180,7 +218,9 @@ fn show(a: ShowArgs) -> CmdResult {
         }
         (None, false) => {
             let rt = super::runtime()?;
-            let v = rt.block_on(client::fetch_consensus(&auths, now))?;
+            let v = rt
+                .block_on(client::fetch_consensus_any_age(&auths, now))?
+                .verified;
             (
                 v.consensus().clone(),
                 Some(v.signed_by().len()),
@@ -189,13 +229,14 @@ fn show(a: ShowArgs) -> CmdResult {
             )
         }
     };
+    let live = Liveness::of(&consensus, now);
     if a.json {
-        println!(
+        outln!(
             "{}",
-            serde_json::to_string_pretty(&to_json(&consensus, signed_by, n_sigs))?
-        );
+            serde_json::to_string_pretty(&to_json(&consensus, signed_by, n_sigs, live))?
+        )?;
     } else {
-        print_table(&consensus, signed_by, n_sigs, note);
+        print_table(&consensus, signed_by, n_sigs, note, live)?;
     }
     Ok(())
 }
@@ -238,7 +279,7 @@ mod tests {
             relays: vec![entry(1, true), entry(2, false)],
             bandwidth_weights: [("Wgg".to_string(), 7000)].into_iter().collect(),
         };
-        let j = to_json(&c, None, 0);
+        let j = to_json(&c, None, 0, Liveness::Live);
         assert_eq!(j["relays"][0]["weight"], 10);
         assert_eq!(j["relays"][0]["measured"], true);
         assert_eq!(j["relays"][1]["measured"], false);
@@ -251,5 +292,21 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01 00:00:00");
         assert_eq!(utc(1_800_000_000), "2027-01-15 08:00:00");
         assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn status_marks_expired_and_too_old() {
+        assert_eq!(status(Liveness::Live), "live");
+        let e = status(Liveness::Expired {
+            expired_at: 1_800_000_000,
+            usable_until: 1_800_086_400,
+        });
+        assert!(
+            e.starts_with("EXPIRED at 2027-01-15T08:00:00Z; usable until 2027-01-16T08:00:00Z")
+        );
+        let t = status(Liveness::TooOld {
+            expired_at: 1_800_000_000,
+        });
+        assert!(t.starts_with("EXPIRED") && t.contains("too old"), "{t}");
     }
 }

@@ -148,6 +148,16 @@ fn maybe_drop(p: &Privileges, data_dir: &Path) -> Result<(), String> {
 pub fn run_relay(path: PathBuf) -> CmdResult {
     let started = crate::cmd::process_start();
     let cfg = RelayConfig::load(&path)?;
+    if cfg.authorities.is_empty() {
+        // As the proxy: without authorities the relay could never publish or learn the network.
+        return Err(format!(
+            "{}: no authorities configured; add at least one [[authorities]] entry with \
+             `identity` and `dir_addr`\n(see relay.example.toml for a documented example \
+             configuration)",
+            path.display()
+        )
+        .into());
+    }
     let p = privs::decide_for_me(cfg.allow_root, cfg.user.as_deref())?;
     crate::cmd::runtime()?.block_on(async move {
         let signals = super::Signals::new()?;

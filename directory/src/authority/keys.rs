@@ -4,6 +4,10 @@
 //! `authority_signing.key` (kind `authority-signing`) and `authority.cert` (a signed
 //! `AuthCert` envelope). The running authority reads the last two from
 //! `<data_dir>/keys/`.
+//!
+//! The offline identity may be passphrase-protected (scrypt and ChaCha20-Poly1305, format in
+//! `docs/protocol/10-keys.md`); its public identity stays readable without the passphrase.
+//! A running authority writes `<data_dir>/fingerprint` (`authority FINGERPRINT`, Tor's format).
 
 use std::path::{Path, PathBuf};
 
@@ -46,8 +50,17 @@ pub fn keys_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("keys")
 }
 
+/// The nickname written in an authority's `fingerprint` file.
+pub const FINGERPRINT_NICKNAME: &str = "authority";
+
 /// Create a fresh offline identity key in `dir`; refuses to overwrite one.
 pub fn create_identity(dir: &Path) -> Result<RelayId> {
+    create_identity_with(dir, None)
+}
+
+/// Create a fresh offline identity key in `dir`, passphrase-protected when `passphrase` is
+/// given (with scrypt cost `2^log_n`); refuses to overwrite one.
+pub fn create_identity_with(dir: &Path, passphrase: Option<(&[u8], u8)>) -> Result<RelayId> {
     let path = dir.join(IDENTITY_FILE);
     if path.exists() {
         return Err(DirError::Config(format!(
@@ -56,14 +69,54 @@ pub fn create_identity(dir: &Path) -> Result<RelayId> {
         )));
     }
     let id = IdentityKeypair::generate();
-    keyfile::write_secret(&path, KIND_IDENTITY, &id.seed())?;
+    match passphrase {
+        None => keyfile::write_secret(&path, KIND_IDENTITY, &id.seed())?,
+        Some((pass, log_n)) => keyfile::write_secret_encrypted(
+            &path,
+            KIND_IDENTITY,
+            &id.seed(),
+            &id.public().0,
+            pass,
+            log_n,
+        )?,
+    }
     Ok(id.public())
 }
 
-/// Read the offline identity key.
+/// Read a plain (not passphrase-protected) offline identity key.
 pub fn read_identity(path: &Path) -> Result<IdentityKeypair> {
-    let seed = keyfile::read_secret(path, KIND_IDENTITY)?;
-    Ok(IdentityKeypair::from_seed(&seed))
+    read_identity_with(path, || {
+        Err(allium_crypto::CryptoError::KeyFileMalformed {
+            path: path.to_path_buf(),
+            why: "passphrase-protected; give --passphrase-file FILE or run on a terminal to be \
+                  asked for it",
+        })
+    })
+}
+
+/// Read the offline identity key; `passphrase` is asked for only if the file is protected.
+pub fn read_identity_with(
+    path: &Path,
+    passphrase: impl FnOnce() -> std::result::Result<keyfile::Passphrase, allium_crypto::CryptoError>,
+) -> Result<IdentityKeypair> {
+    let (seed, claimed) = keyfile::read_secret_with_passphrase(path, KIND_IDENTITY, passphrase)?;
+    let id = IdentityKeypair::from_seed(&seed);
+    if claimed.is_some_and(|c| c != id.public().0) {
+        return Err(DirError::Config(format!(
+            "{}: the public identity written in the file does not match its key",
+            path.display()
+        )));
+    }
+    Ok(id)
+}
+
+/// The public identity of an offline identity key file without opening it: from the clear
+/// `public` line of a protected file, or from the key of a plain one.
+pub fn identity_of_file(path: &Path) -> Result<RelayId> {
+    match keyfile::read_public(path, KIND_IDENTITY)? {
+        Some(p) => Ok(RelayId(p)),
+        None => Ok(read_identity(path)?.public()),
+    }
 }
 
 /// Create a new signing key in `out_dir` and certify it with `identity` for
@@ -106,6 +159,7 @@ pub fn load(data_dir: &Path) -> Result<AuthorityKeys> {
             dir.join(SIGNING_FILE).display()
         )));
     }
+    keyfile::write_fingerprint(data_dir, FINGERPRINT_NICKNAME, &cert.identity().0)?;
     Ok(AuthorityKeys { signing, cert })
 }
 

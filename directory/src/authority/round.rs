@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use allium_crypto::RelayId;
 use serde::{Deserialize, Serialize};
 
 use super::compute::compute_consensus;
@@ -77,7 +78,20 @@ impl Inner {
                     let _ = self.store.save_cert(&c);
                     insert_cert(&mut self.lock().certs, c);
                 }
-                Ok(_) => tracing::warn!(authority = %id, "authority served a wrong certificate"),
+                Ok(c) if c.identity() != id => tracing::warn!(
+                    "the authority at {addr} serves a certificate for identity {}, but this \
+                     authority's [[authorities]] entry for {addr} says {}; correct the \
+                     `identity` of that entry (or of the other authority's configuration)",
+                    c.identity().to_hex(),
+                    id.to_hex()
+                ),
+                Ok(c) => tracing::warn!(
+                    "the authority {} at {addr} serves a certificate that is not valid now (valid \
+                     {} to {}); it must run `allium authority certify`, or a clock is wrong",
+                    id.to_hex(),
+                    crate::time_fmt::rfc3339(c.cert().valid_after),
+                    crate::time_fmt::rfc3339(c.cert().expires)
+                ),
                 Err(e) => tracing::debug!(authority = %id, error = %e, "certificate fetch failed"),
             }
         }
@@ -234,6 +248,7 @@ impl Inner {
                 .filter(|(id, _)| !have.is_some_and(|m| m.contains_key(id)))
                 .collect()
         };
+        let mut fetch_errors: Vec<(RelayId, String)> = Vec::new();
         for (id, addr) in missing {
             let r = async {
                 let b = http::request(
@@ -251,6 +266,7 @@ impl Inner {
             .await;
             if let Err(e) = r {
                 tracing::debug!(authority = %id, error = %e, "vote fetch failed");
+                fetch_errors.push((id, e.to_string()));
             }
         }
         let votes: Vec<Arc<VerifiedVote>> = {
@@ -260,22 +276,44 @@ impl Inner {
                 .map(|m| m.values().cloned().collect())
                 .unwrap_or_default()
         };
+        // Name every authority whose vote is absent, with why it could not be fetched.
+        let absent: Vec<String> = self
+            .peers()
+            .into_iter()
+            .filter(|(id, _)| !votes.iter().any(|v| v.vote().authority == *id))
+            .map(|(id, addr)| {
+                let why = fetch_errors
+                    .iter()
+                    .find(|(e_id, _)| *e_id == id)
+                    .map(|(_, e)| e.as_str())
+                    .unwrap_or("no vote received");
+                format!("{} at {addr} ({why})", id.to_hex())
+            })
+            .collect();
+        for a in &absent {
+            tracing::warn!(
+                valid_after = va,
+                "no vote from authority {a}; is it running and reachable from here?"
+            );
+        }
         if !votes
             .iter()
             .any(|v| v.vote().authority == self.keys.identity())
         {
             return Err(DirError::invalid(
                 "consensus",
-                "no own vote for this period; run the vote phase first",
+                "this authority has no vote of its own for this period (it started after the \
+                 voting time); it takes part from the next period",
             ));
         }
         if votes.len() * 2 <= self.ids.len() {
             return Err(DirError::invalid(
                 "consensus",
                 format!(
-                    "only {} of {} authorities voted; need more than half",
+                    "only {} of {} authorities voted, need more than half; missing: {}",
                     votes.len(),
-                    self.ids.len()
+                    self.ids.len(),
+                    absent.join(", ")
                 ),
             ));
         }
@@ -458,7 +496,9 @@ impl Inner {
         if !have_pending {
             return Err(DirError::invalid(
                 "consensus",
-                "nothing computed for this period; run the compute phase first",
+                "no consensus was computed here for this period (too few votes, or this \
+                 authority started after the voting time; see the warnings above); it takes \
+                 part from the next period",
             ));
         }
         for (id, addr) in self.peers() {
@@ -496,9 +536,27 @@ impl Inner {
             .map(|p| self.store.save_consensus(true, &p));
         let ok = self.try_publish(va, now, true)?;
         if !ok {
+            let signed_now = {
+                let certs = self.valid_certs(now);
+                let st = self.lock();
+                match &st.pending {
+                    Some((pva, p)) if *pva == va => valid_signers(p, &self.ids, &certs, now),
+                    _ => Vec::new(),
+                }
+            };
+            let unsigned: Vec<String> = self
+                .peers()
+                .into_iter()
+                .filter(|(id, _)| !signed_now.contains(id))
+                .map(|(id, addr)| format!("{} at {addr}", id.to_hex()))
+                .collect();
             tracing::warn!(
                 valid_after = va,
-                "consensus not signed by a majority; not published"
+                "consensus not signed by a majority ({} of {}); not published; no signature \
+                 from: {}",
+                signed_now.len(),
+                self.ids.len(),
+                unsigned.join(", ")
             );
         }
         Ok(ok)

@@ -367,17 +367,33 @@ async fn post_signature(
     }
 }
 
+/// The 404 reason while no consensus is published: when the next voting period will publish
+/// one (the schedule of `schedule_loop`: a period whose vote time has passed is skipped).
+fn no_consensus_yet(app: &Inner, now: u64) -> String {
+    let i = app.cfg.voting_interval_secs.max(1);
+    let mut va = super::next_valid_after(now, i);
+    if now.saturating_mul(4) > va.saturating_mul(4).saturating_sub(i) {
+        va = va.saturating_add(i);
+    }
+    format!(
+        "no consensus yet; the next voting period ends at {} (in {} s) and publishes one if a \
+         majority of the authorities takes part",
+        crate::time_fmt::rfc3339(va),
+        va.saturating_sub(now)
+    )
+}
+
 async fn get_consensus(State(app): State<App>) -> Response {
     match app.current_bytes(false) {
         Some(b) => octets(b),
-        None => line(StatusCode::NOT_FOUND, "no consensus yet; try again later"),
+        None => line(StatusCode::NOT_FOUND, no_consensus_yet(&app, now_unix())),
     }
 }
 
 async fn get_consensus_z(State(app): State<App>) -> Response {
     match app.current_bytes(true) {
         Some(b) => octets(b),
-        None => line(StatusCode::NOT_FOUND, "no consensus yet; try again later"),
+        None => line(StatusCode::NOT_FOUND, no_consensus_yet(&app, now_unix())),
     }
 }
 

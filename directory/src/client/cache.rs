@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{AuthorityInfo, FetchedConsensus, encode_cert_list, fetch_consensus_newer};
+use super::{
+    AuthorityInfo, FetchedConsensus, Liveness, MAX_CERTS_LEN, encode_cert_list,
+    fetch_consensus_newer,
+};
 use crate::doc::VerifiedConsensus;
 use crate::doc::consensus::MAX_CONSENSUS_LEN;
 use crate::doc::signed::decode_canonical;
@@ -56,10 +59,14 @@ impl ConsensusCache {
         if let Some(p) = &c.path {
             match load_file(p, &c.authorities, now) {
                 Ok(Some(f)) => {
-                    tracing::info!(
-                        valid_after = f.verified.consensus().valid_after,
-                        "using cached consensus"
-                    );
+                    let live = Liveness::of(f.verified.consensus(), now);
+                    match live.warning() {
+                        Some(w) => tracing::warn!("cached {w}"),
+                        None => tracing::info!(
+                            valid_after = f.verified.consensus().valid_after,
+                            "using cached consensus"
+                        ),
+                    }
                     c.next_fetch = schedule(&f.verified, role);
                     c.current = Some(f);
                 }
@@ -75,11 +82,17 @@ impl ConsensusCache {
         self.current.as_ref().map(|f| &f.verified)
     }
 
-    /// A [`NetDir`] of the held consensus, if it is valid at `now`.
+    /// A [`NetDir`] of the held consensus, if it is usable at `now`: within its validity window,
+    /// or expired less than 24 hours ago (Tor's rule; [`Liveness`]).
     pub fn netdir(&self, now: u64) -> Option<NetDir> {
         self.current()
-            .filter(|v| v.is_valid_at(now))
+            .filter(|v| Liveness::of(v.consensus(), now).usable())
             .map(|v| NetDir::new(v.clone()))
+    }
+
+    /// Where the held consensus stands at `now` (`None` when nothing is held).
+    pub fn liveness(&self, now: u64) -> Option<Liveness> {
+        self.current().map(|v| Liveness::of(v.consensus(), now))
     }
 
     /// When to fetch next (unix seconds); 0 when nothing is held.
@@ -177,9 +190,64 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| DirError::io(path, e))
 }
 
-/// Read a cached consensus file without verifying signatures (for `allium consensus show`).
+/// Read a consensus file without verifying signatures (for `allium consensus show`): a relay's
+/// or client's `consensus.cache` (consensus and certificates), or an authority's `consensus`
+/// (the bare signed envelope; the certificates then come from the `certs/` directory beside
+/// it, as the authority stores them). Returns the envelope bytes and certificate-list bytes.
 pub fn dangerously_read_cache_file(path: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| DirError::io(path, e))?
+        .len();
+    if len > (MAX_CONSENSUS_LEN + MAX_CERTS_LEN + 64) as u64 {
+        return Err(DirError::TooLarge {
+            object: "consensus file",
+            len: usize::try_from(len).unwrap_or(usize::MAX),
+            max: MAX_CONSENSUS_LEN,
+        });
+    }
     let bytes = std::fs::read(path).map_err(|e| DirError::io(path, e))?;
-    let file: CacheFile = decode_canonical(&bytes, "cached consensus file")?;
-    Ok((file.consensus, file.certs))
+    if let Ok(file) = decode_canonical::<CacheFile>(&bytes, "cached consensus file") {
+        return Ok((file.consensus, file.certs));
+    }
+    match crate::doc::Signed::<crate::doc::Consensus>::from_bytes(&bytes) {
+        Ok(_) => {
+            let data_dir = path.parent().unwrap_or(Path::new("."));
+            Ok((bytes, authority_certs(data_dir)))
+        }
+        Err(_) => Err(DirError::Malformed {
+            object: "consensus file",
+            why: "neither a consensus cache (`consensus.cache` of a relay or proxy) nor an \
+                  authority's `consensus` file",
+        }),
+    }
+}
+
+/// The certificates of an authority data directory: its own (`keys/authority.cert`) and the
+/// others' (`certs/`), as a certificate list (empty when there are none).
+fn authority_certs(data_dir: &Path) -> Vec<u8> {
+    let mut certs = Vec::new();
+    let own = crate::authority::keys::keys_dir(data_dir).join(crate::authority::keys::CERT_FILE);
+    if let Some(c) = std::fs::read(&own)
+        .ok()
+        .and_then(|b| crate::doc::Signed::<crate::doc::AuthCert>::from_bytes(&b).ok())
+    {
+        certs.push(c);
+    }
+    if let Ok(rd) = std::fs::read_dir(data_dir.join("certs")) {
+        for e in rd.filter_map(|e| e.ok()).take(super::MAX_CERTS - 1) {
+            let small = e
+                .metadata()
+                .map(|m| m.is_file() && m.len() <= 4096)
+                .unwrap_or(false);
+            if !small || e.file_name().to_string_lossy().ends_with(".tmp") {
+                continue;
+            }
+            if let Ok(c) = std::fs::read(e.path()).map_err(|_| ()).and_then(|b| {
+                crate::doc::Signed::<crate::doc::AuthCert>::from_bytes(&b).map_err(|_| ())
+            }) {
+                certs.push(c);
+            }
+        }
+    }
+    encode_cert_list(&certs)
 }

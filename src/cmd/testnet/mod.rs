@@ -404,28 +404,28 @@ async fn start_and_serve(
     write_file(&dir.join("testnet.json"), &json)?;
     *infos = info.nodes;
 
-    println!();
-    println!("Allium test network ready in {ready_secs:.1} s.");
-    println!("  SOCKS5 proxy:  {socks_addr}");
+    let _ = crate::outln!();
+    let _ = crate::outln!("Allium test network ready in {ready_secs:.1} s.");
+    let _ = crate::outln!("  SOCKS5 proxy:  {socks_addr}");
     if let Some(a) = pcfg.http_tunnel_port {
-        println!("  HTTP CONNECT:  {a}  (curl --proxytunnel --proxy http://{a} ...)");
+        let _ = crate::outln!("  HTTP CONNECT:  {a}  (curl --proxytunnel --proxy http://{a} ...)");
     }
     if let Some(a) = pcfg.dns_port {
-        println!("  DNS (UDP):     {a}");
+        let _ = crate::outln!("  DNS (UDP):     {a}");
     }
     if let Some(a) = pcfg.metrics_address {
-        println!("  metrics:       http://{a}/metrics");
+        let _ = crate::outln!("  metrics:       http://{a}/metrics");
     }
-    println!("  test page:     http://{http_addr}/");
-    println!("  details:       {}", dir.join("testnet.json").display());
-    println!();
-    println!("Try it:");
-    println!("  curl --socks5-hostname {socks_addr} http://{http_addr}/");
-    println!();
+    let _ = crate::outln!("  test page:     http://{http_addr}/");
+    let _ = crate::outln!("  details:       {}", dir.join("testnet.json").display());
+    let _ = crate::outln!();
+    let _ = crate::outln!("Try it:");
+    let _ = crate::outln!("  curl --socks5-hostname {socks_addr} http://{http_addr}/");
+    let _ = crate::outln!();
     if args.exit_when_ready {
         return Ok(());
     }
-    println!("Press Ctrl-C to stop.");
+    let _ = crate::outln!("Press Ctrl-C to stop.");
     wait_for_stop(nodes).await;
     Ok(())
 }
