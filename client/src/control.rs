@@ -34,8 +34,8 @@ use crate::config::ProxyConfig;
 /// Bytes of cells read from and written to guard links by this process.
 #[derive(Debug, Default)]
 pub(crate) struct Traffic {
-    read: AtomicU64,
-    written: AtomicU64,
+    pub(crate) read: AtomicU64,
+    pub(crate) written: AtomicU64,
 }
 
 impl Traffic {

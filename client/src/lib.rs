@@ -149,6 +149,15 @@ impl ProxyHandle {
         self.mgr.circuits_built()
     }
 
+    /// Bytes read from and written to guard links since the process started (whole cells).
+    pub fn traffic(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            control::TRAFFIC.read.load(Ordering::Relaxed),
+            control::TRAFFIC.written.load(Ordering::Relaxed),
+        )
+    }
+
     /// The proxy's control-port backend (circuits, traffic, consensus, NEWNYM), for
     /// `allium_control::start`.
     pub fn control_backend(&self) -> Arc<dyn allium_control::ControlBackend> {

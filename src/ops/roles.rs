@@ -79,10 +79,13 @@ impl Role for ProxyRole {
     fn heartbeat(&self) -> String {
         let circs = self.handle.circuits();
         let streams: usize = circs.iter().map(|c| c.streams).sum();
+        let (read, written) = self.handle.traffic();
         format!(
-            "{} circuits open carrying {streams} streams, {} built since start; {}",
+            "{} circuits open carrying {streams} streams, {} built since start; {} read, {} written; {}",
             circs.len(),
             self.handle.circuits_built(),
+            bytes(read),
+            bytes(written),
             if self.handle.is_ready() {
                 "ready"
             } else {
