@@ -134,6 +134,13 @@ fn liar_weighted_by_measured_capacity() {
     assert_eq!(nd.relays().len(), 5);
     assert!(nd.relays().iter().all(|r| !r.measured && r.weight == 20));
 
+    // Relays extend and open streams with the consensus they hold: scan once they have it.
+    wait_until(
+        "every relay holds the consensus",
+        Duration::from_secs(30),
+        || relays.iter().all(|r| r.listed_in_consensus().is_some()),
+    );
+
     // One scan.
     let (http, _task) = rt
         .block_on(httpd::spawn(SocketAddr::from(([127, 0, 0, 1], 0))))
