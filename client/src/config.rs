@@ -3,7 +3,7 @@
 //! See `proxy.example.toml` in the repository root for a documented example (a test loads it).
 //! Unknown keys are rejected, so a misspelt key is an error instead of a silently ignored line.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -76,6 +76,10 @@ pub struct ProxyConfig {
     pub metrics_address: Option<SocketAddr>,
     /// Allow `metrics_address` on a non-loopback address (the metrics reveal traffic volumes).
     pub metrics_allow_public: bool,
+    /// Local IP that outgoing directory connections (consensus fetches) bind to, as Tor's
+    /// `OutboundBindAddress`; none by default (the system picks). Not derived from
+    /// `socks_listen`, which is usually loopback and could not reach remote authorities.
+    pub outbound_bind_address: Option<IpAddr>,
 }
 
 /// Keys a running proxy takes from a reloaded file ([`crate::ProxyHandle::reconfigure`]; the
@@ -117,6 +121,7 @@ impl Default for ProxyConfig {
             dns_port: None,
             metrics_address: None,
             metrics_allow_public: false,
+            outbound_bind_address: None,
         }
     }
 }
