@@ -3,7 +3,7 @@
 //! See `proxy.example.toml` in the repository root for a documented example (a test loads it).
 //! Unknown keys are rejected, so a misspelt key is an error instead of a silently ignored line.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -79,6 +79,10 @@ pub struct ProxyConfig {
     /// Days a sampled guard is kept before it is dropped and replaced (Tor's
     /// `guard-lifetime-days`, 120; 1 to 3650).
     pub guard_lifetime_days: u64,
+    /// Local IP that outgoing directory connections (consensus fetches) bind to, as Tor's
+    /// `OutboundBindAddress`; none by default (the system picks). Not derived from
+    /// `socks_listen`, which is usually loopback and could not reach remote authorities.
+    pub outbound_bind_address: Option<IpAddr>,
 }
 
 /// Keys a running proxy takes from a reloaded file ([`crate::ProxyHandle::reconfigure`]; the
@@ -121,6 +125,7 @@ impl Default for ProxyConfig {
             metrics_address: None,
             metrics_allow_public: false,
             guard_lifetime_days: crate::guard::GUARD_LIFETIME_DAYS,
+            outbound_bind_address: None,
         }
     }
 }

@@ -291,7 +291,10 @@ pub(crate) async fn start_with(
     let mgr = Arc::new(CircMgr::new(Arc::clone(&cfg), guards, ready_tx));
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(dir::run(Arc::clone(&mgr), auths, shutdown_rx.clone()));
+    tasks.spawn(allium_directory::client::http::with_outbound_bind(
+        cfg.outbound_bind_address,
+        dir::run(Arc::clone(&mgr), auths, shutdown_rx.clone()),
+    ));
     tasks.spawn(Arc::clone(&mgr).maintain(shutdown_rx.clone()));
     let mut http_tunnel_addr = None;
     if let Some((l, addr)) = http_tunnel {

@@ -3,7 +3,7 @@
 //! Unknown keys are rejected so that a typo never silently weakens a setting. Values are checked
 //! in [`RelayConfig::validate`], which [`crate::start`] calls.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use allium_crypto::RelayId;
@@ -39,6 +39,11 @@ pub struct RelayConfig {
     /// specific, non-wildcard address).
     #[serde(default)]
     pub advertised: Option<SocketAddr>,
+    /// Local IP that outgoing directory connections (descriptor uploads, consensus fetches) bind
+    /// to, as Tor's `OutboundBindAddress`. Default: the listen IP when `listen` is a specific
+    /// address, none (the system's choice) when it is a wildcard.
+    #[serde(default)]
+    pub outbound_bind_address: Option<IpAddr>,
     /// Directory for keys and state (created with mode 0700 if missing).
     pub data_dir: PathBuf,
     /// Exit policy. Default: not an exit.
@@ -160,6 +165,15 @@ pub const RELOADABLE_KEYS: &[&str] = &[
 ];
 
 impl RelayConfig {
+    /// The local IP outgoing directory connections bind to: `outbound_bind_address` if set,
+    /// else the listen IP when it is a specific (non-wildcard) address.
+    pub fn effective_outbound_bind(&self) -> Option<IpAddr> {
+        self.outbound_bind_address.or_else(|| {
+            let ip = self.listen.ip();
+            (!ip.is_unspecified()).then_some(ip)
+        })
+    }
+
     /// A minimal configuration for tests: listen on `127.0.0.1:0`, no exit, no authorities.
     pub fn for_test(nickname: &str, data_dir: impl Into<PathBuf>) -> Self {
         Self {
@@ -167,6 +181,7 @@ impl RelayConfig {
             contact: String::new(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertised: None,
+            outbound_bind_address: None,
             data_dir: data_dir.into(),
             exit_policy: ExitPolicy::default(),
             bandwidth_rate: 0,

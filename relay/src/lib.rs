@@ -276,15 +276,25 @@ pub async fn start_with_resolver(
         exit = ctx.exit_policy().is_exit(),
         "relay started"
     );
+    let outbound_bind = ctx.cfg.effective_outbound_bind();
     let mut tasks = vec![
         tokio::spawn(run_listener(
             Arc::clone(&ctx),
             listener,
             Arc::clone(&link_slots),
         )),
-        tokio::spawn(dirsync::run_publisher(Arc::clone(&ctx))),
-        tokio::spawn(dirsync::run_consensus(Arc::clone(&ctx))),
-        tokio::spawn(dirsync::run_maintenance(Arc::clone(&ctx))),
+        tokio::spawn(allium_directory::client::http::with_outbound_bind(
+            outbound_bind,
+            dirsync::run_publisher(Arc::clone(&ctx)),
+        )),
+        tokio::spawn(allium_directory::client::http::with_outbound_bind(
+            outbound_bind,
+            dirsync::run_consensus(Arc::clone(&ctx)),
+        )),
+        tokio::spawn(allium_directory::client::http::with_outbound_bind(
+            outbound_bind,
+            dirsync::run_maintenance(Arc::clone(&ctx)),
+        )),
         tokio::spawn(selftest::run(Arc::clone(&ctx))),
     ];
     tasks.extend(create::spawn_workers(&ctx));

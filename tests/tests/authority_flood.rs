@@ -2,6 +2,12 @@
 //! 127.0.0.77, leave the honest relays (listening on 127.0.N.1) probed and listed, the votes
 //! exchanged on time by the authorities' own schedule, and a client bootstrapping.
 //!
+//! The honest nodes get through on their own merit: the relays bind their directory
+//! connections to their listen address (`outbound_bind_address`'s default) and the client to
+//! `CLIENT` (each its own /24), so none of them talks to the authorities from 127.0.0.1, the
+//! authorities' own address that the per-address limits exempt; the authorities' counters
+//! show every accepted descriptor charged to the limits.
+//!
 //! The network: 3 authorities on their real schedule (4 s periods, real link-handshake probes),
 //! 4 relays, a proxy. The attacker uploads self-signed descriptors for relays "at" addresses that
 //! drop packets (listeners on 127.77.K.1 that never answer), as fast as it can, and holds as many
@@ -28,6 +34,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 77);
+/// The client's address, for its SOCKS port and its directory connections.
+const CLIENT: Ipv4Addr = Ipv4Addr::new(127, 0, 60, 1);
 const INTERVAL: u64 = 6;
 const RELAYS: usize = 4;
 /// How long the floods run once the network is up (`ALLIUM_FLOOD_SECS` for bigger runs).
@@ -353,6 +361,9 @@ async fn run(dir: &std::path::Path, attacker: tokio::runtime::Handle) {
     let (http, _task) = httpd::spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .expect("httpd");
+    let mut proxy_config = proxy_config;
+    proxy_config.socks_listen = SocketAddr::from((CLIENT, 0));
+    proxy_config.outbound_bind_address = Some(CLIENT.into());
     let proxy = allium_client::start(proxy_config).await.expect("proxy");
     proxy
         .wait_ready(Duration::from_secs(20))
@@ -393,6 +404,10 @@ async fn run(dir: &std::path::Path, attacker: tokio::runtime::Handle) {
     let listed_junk = body.relays.len() - listed_honest;
     let counts: Vec<Vec<(&'static str, u64)>> = auths.iter().map(|a| a.limit_counts()).collect();
     let held: Vec<usize> = auths.iter().map(|a| a.descriptor_count()).collect();
+    let upload_sources: Vec<(u64, u64)> = auths
+        .iter()
+        .map(|a| a.descriptor_upload_sources())
+        .collect();
     let figures = serde_json::json!({
         "flood_secs": flood_for().as_secs(),
         "interval_secs": INTERVAL,
@@ -411,6 +426,9 @@ async fn run(dir: &std::path::Path, attacker: tokio::runtime::Handle) {
             "closed_by_server": fig.slow_closed_by_server.load(Ordering::Relaxed),
         },
         "descriptors_held": held,
+        "descriptors_accepted": upload_sources.iter().map(|(exempt, charged)| {
+            serde_json::json!({"from_authority_addr_exempt": exempt, "charged": charged})
+        }).collect::<Vec<_>>(),
         "honest_listed": listed_honest,
         "honest_total": honest_ids.len(),
         "junk_listed": listed_junk,
@@ -432,6 +450,18 @@ async fn run(dir: &std::path::Path, attacker: tokio::runtime::Handle) {
         "every honest relay listed: {figures}"
     );
     assert_eq!(listed_junk, 0, "no junk relay listed: {figures}");
+    // Listed on their own merit: no descriptor came from an authority's (exempt) address, and
+    // every authority took at least one from each honest relay through the limits.
+    for (exempt, charged) in &upload_sources {
+        assert_eq!(
+            *exempt, 0,
+            "an upload was exempt from the limits: {figures}"
+        );
+        assert!(
+            *charged >= RELAYS as u64,
+            "honest uploads missing: {figures}"
+        );
+    }
     // Votes exchanged on time: every authority published at least two periods during the
     // flood, each signed by all three, each within 1.5 s of its start.
     for p in &published {

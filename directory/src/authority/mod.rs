@@ -172,6 +172,15 @@ impl AuthorityHandle {
     pub fn limit_counts(&self) -> Vec<(&'static str, u64)> {
         self.inner.limit_log.snapshot()
     }
+    /// Descriptors accepted so far: `(exempt, charged)`, i.e. uploaded from an authority's own
+    /// address (exempt from the per-address limits) and from any other address.
+    pub fn descriptor_upload_sources(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.inner.desc_accepted_exempt.load(Relaxed),
+            self.inner.desc_accepted_charged.load(Relaxed),
+        )
+    }
     /// The count of one limit.
     pub fn limit_count(&self, limit: limits::Limit) -> u64 {
         self.inner.limit_log.count(limit)

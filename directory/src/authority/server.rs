@@ -303,6 +303,12 @@ async fn post_descriptor(
     };
     match app.accept_descriptor(&bytes, now_unix()) {
         Ok(id) => {
+            let counter = if app.is_authority_addr(peer.ip()) {
+                &app.desc_accepted_exempt
+            } else {
+                &app.desc_accepted_charged
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             app.spawn_probe(id);
             line(StatusCode::OK, "accepted")
         }

@@ -77,6 +77,10 @@ pub(crate) struct Inner {
     pub(crate) conns: Mutex<ConnLimiter>,
     /// Refusal counters.
     pub(crate) limit_log: LimitLog,
+    /// Descriptors accepted from an authority's address (exempt from the upload limits).
+    pub(crate) desc_accepted_exempt: std::sync::atomic::AtomicU64,
+    /// Descriptors accepted from any other address (charged to the upload limits).
+    pub(crate) desc_accepted_charged: std::sync::atomic::AtomicU64,
     /// Whether the background prober runs (then a vote only re-probes stale relays).
     pub(super) background_probing: std::sync::atomic::AtomicBool,
 }
@@ -178,6 +182,8 @@ impl Inner {
             sources: Mutex::new(sources),
             conns: Mutex::new(conns),
             limit_log: LimitLog::default(),
+            desc_accepted_exempt: std::sync::atomic::AtomicU64::new(0),
+            desc_accepted_charged: std::sync::atomic::AtomicU64::new(0),
             background_probing: std::sync::atomic::AtomicBool::new(false),
             big_uploads_other: Arc::new(tokio::sync::Semaphore::new(1)),
             live: std::sync::RwLock::new(Arc::new(cfg.clone())),

@@ -1,11 +1,11 @@
 //! A tiny bounded HTTP/1.1 client over tokio: one request per connection (`Connection: close`),
 //! a cap on response size, a deadline on the whole exchange. No chunked encoding, no redirects.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::err::{DirError, Result};
 
@@ -42,6 +42,40 @@ impl Response {
     }
 }
 
+tokio::task_local! {
+    /// The local IP that outgoing directory connections of the current task bind to (Tor's
+    /// `OutboundBindAddress`); set with [`with_outbound_bind`].
+    static OUTBOUND_BIND: Option<IpAddr>;
+}
+
+/// Run `fut` with every directory request it makes bound to the local address `bind` (port
+/// chosen by the system) when `bind` is `Some`, so the authorities see the node's own address
+/// rather than whatever the routing table picks.
+pub async fn with_outbound_bind<F: std::future::Future>(bind: Option<IpAddr>, fut: F) -> F::Output {
+    OUTBOUND_BIND.scope(bind, fut).await
+}
+
+/// The outbound bind address in force for the current task, if any.
+pub fn outbound_bind() -> Option<IpAddr> {
+    OUTBOUND_BIND.try_with(|b| *b).ok().flatten()
+}
+
+/// Connect to `addr`, from `bind` (port 0) when given.
+async fn connect_from(addr: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(ip) = bind else {
+        return TcpStream::connect(addr).await;
+    };
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if ip.is_ipv4() == addr.is_ipv4() {
+        sock.bind(SocketAddr::new(ip, 0))?;
+    }
+    sock.connect(addr).await
+}
+
 /// Send one request and read the response, with at most `max_body` body bytes, all within
 /// `timeout`.
 pub async fn request(
@@ -69,7 +103,7 @@ async fn request_inner(
     max_body: usize,
     what: &str,
 ) -> Result<Response> {
-    let mut s = TcpStream::connect(addr)
+    let mut s = connect_from(addr, outbound_bind())
         .await
         .map_err(|e| DirError::net_io(what, e))?;
     let _ = s.set_nodelay(true);
