@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use allium_control::args::quote;
 use allium_control::{
     Bootstrap, CircState, CircuitStatus, ConfOption, ControlBackend, Now, OrConnStatus, Signal,
-    StreamStatus, long_name, ns_entry,
+    StreamStatus, long_name,
 };
 use allium_crypto::RelayId;
 use allium_directory::NetDir;
@@ -154,32 +154,7 @@ impl ProxyControl {
         let Some(nd) = self.netdir(now) else {
             return Some(Err("no verified consensus yet".into()));
         };
-        let published = UNIX_EPOCH + Duration::from_secs(nd.valid_after());
-        if rest == "all" {
-            return Some(Ok(nd
-                .relays()
-                .iter()
-                .map(|e| ns_entry(e, published))
-                .collect()));
-        }
-        let entry = if let Some(fp) = rest.strip_prefix("id/") {
-            let fp = fp.trim_start_matches('$').to_ascii_uppercase();
-            if !(fp.len() == 40 || fp.len() == 64) || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Some(Err(format!("{} is not a fingerprint", quote(&fp))));
-            }
-            nd.relays()
-                .iter()
-                .find(|e| hex::encode_upper(e.identity.0).starts_with(&fp))
-        } else if let Some(nick) = rest.strip_prefix("name/") {
-            nd.relays().iter().find(|e| e.nickname == nick)
-        } else {
-            return None;
-        };
-        Some(
-            entry
-                .map(|e| ns_entry(e, published))
-                .ok_or_else(|| "no such relay in the consensus".into()),
-        )
+        allium_control::ns_lookup(&nd, rest)
     }
 }
 

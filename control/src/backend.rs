@@ -306,6 +306,40 @@ pub trait ControlBackend: Send + Sync + 'static {
     fn bootstrap(&self) -> Bootstrap;
 }
 
+/// Answer a GETINFO `ns/all`, `ns/id/<fingerprint>` or `ns/name/<nickname>` key from `nd`
+/// (`None` for another `ns/` key, `Err` for a bad fingerprint or an unknown relay).
+pub fn ns_lookup(nd: &allium_directory::NetDir, rest: &str) -> Option<Result<String, String>> {
+    let published = UNIX_EPOCH + Duration::from_secs(nd.valid_after());
+    if rest == "all" {
+        return Some(Ok(nd
+            .relays()
+            .iter()
+            .map(|e| ns_entry(e, published))
+            .collect()));
+    }
+    let entry = if let Some(fp) = rest.strip_prefix("id/") {
+        let fp = fp.trim_start_matches('$').to_ascii_uppercase();
+        if !(fp.len() == 40 || fp.len() == 64) || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Some(Err(format!(
+                "{} is not a fingerprint",
+                crate::args::quote(&fp)
+            )));
+        }
+        nd.relays()
+            .iter()
+            .find(|e| hex::encode_upper(e.identity.0).starts_with(&fp))
+    } else if let Some(nick) = rest.strip_prefix("name/") {
+        nd.relays().iter().find(|e| e.nickname == nick)
+    } else {
+        return None;
+    };
+    Some(
+        entry
+            .map(|e| ns_entry(e, published))
+            .ok_or_else(|| "no such relay in the consensus".into()),
+    )
+}
+
 /// A consensus entry in Tor's router-status format (dir-spec §3.4.1): `r`, `s` and `w` lines.
 /// `published` is the consensus's valid-after time.
 pub fn ns_entry(e: &ConsensusEntry, published: SystemTime) -> String {

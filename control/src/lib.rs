@@ -13,7 +13,7 @@ pub mod session;
 
 pub use backend::{
     Bootstrap, CircState, CircuitStatus, ConfOption, ControlBackend, Now, OrConnStatus, Signal,
-    StreamStatus, fingerprint, long_name, ns_entry,
+    StreamStatus, fingerprint, long_name, ns_entry, ns_lookup,
 };
 pub use config::{ControlConfig, ControlError};
 pub use driver::{ControlServer, Request, start};
