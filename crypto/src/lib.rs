@@ -6,6 +6,7 @@ pub mod ct;
 pub mod ctlauth;
 pub mod err;
 pub mod handshake;
+pub mod hs;
 pub mod keyfile;
 pub mod keys;
 pub mod relaycell;
