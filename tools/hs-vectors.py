@@ -122,8 +122,8 @@ EXPECTED = {
     "A'": "dfc3c2cda1ca398536cd762494f9ce442f241ad6c5f40f6238ce3624b2503d6f",
     "credential": "8100c902e18af194c6053ac05fe0b57b771848ae642d4d28e7c7803ecf20afd7",
     "subcredential": "5b67ec131ace8fc3f1bb2cd8de1d32145ac8d9dcbbf642427aac1f54d3c9620a",
-    "hs_index(replica 1)": "RING_HS1",
-    "hsdir_index(relay 0x33.., srv 0x44..)": "RING_DIR",
+    "hs_index(replica 1)": "e8f53e81907d1031427b6b4b5bd9fa0976e4251e77a8fcdc1b8bcef96d01a0a5",
+    "hsdir_index(relay 0x33.., srv 0x44..)": "ba1a46e3be8dde792b70a6ca4a0757e1121e933d17c954a4e1058d75f6d9356c",
 }
 
 

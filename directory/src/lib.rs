@@ -8,6 +8,7 @@ pub mod client;
 pub mod datadir;
 pub mod doc;
 pub mod err;
+pub mod hs;
 pub mod netdir;
 pub mod paths;
 pub mod time_fmt;
