@@ -1003,6 +1003,15 @@ mod tests {
     }
 
     #[test]
+    fn relay_config_checks_its_dos_table() {
+        let mut cfg = crate::RelayConfig::for_test("DosCfg", "/nonexistent");
+        cfg.validate().unwrap();
+        cfg.dos.create_burst = 0;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("dos.create_burst"), "{e}");
+    }
+
+    #[test]
     fn defaults_are_tors_and_validate() {
         let d = DosConfig::default();
         assert_eq!(
