@@ -727,7 +727,11 @@ async fn a_scraper_with_fresh_credentials_does_not_pile_up_circuits() {
                 c.streams.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        if now().saturating_duration_since(start).as_secs() % 5 == 0 {
+        if now()
+            .saturating_duration_since(start)
+            .as_secs()
+            .is_multiple_of(5)
+        {
             r.mgr.expire(now());
         }
         peak = peak.max(r.mgr.n_circuits());
