@@ -62,6 +62,12 @@ pub(crate) fn tor_exit_policy(p: &ExitPolicy) -> Vec<String> {
     if !p.allow_private && p.is_exit() {
         v.push("reject private:*".to_owned());
     }
+    if !p.rules.is_empty() {
+        // Address rules: the whole policy, in order, as the exit applies it.
+        v.extend(p.full_rules().iter().map(ToString::to_string));
+        v.push("reject *:*".to_owned());
+        return v;
+    }
     for (lo, hi) in p.port_ranges() {
         if lo == hi {
             v.push(format!("accept *:{lo}"));
@@ -497,6 +503,20 @@ mod tests {
                 "accept *:80",
                 "accept *:443",
                 "accept *:6660-6669",
+                "reject *:*"
+            ]
+        );
+        let r = ExitPolicy {
+            rules: vec!["reject 1.2.3.0/24:*".into()],
+            accept: vec!["80".into()],
+            ..ExitPolicy::default()
+        };
+        assert_eq!(
+            tor_exit_policy(&r),
+            vec![
+                "reject private:*",
+                "reject 1.2.3.0/24:*",
+                "accept *:80",
                 "reject *:*"
             ]
         );
