@@ -589,15 +589,17 @@ impl<B: CircBuilder> CircMgr<B> {
                 Ok(Err(e)) => {
                     self.metrics.circuit_failed();
                     tracing::debug!(attempt, "circuit build failed: {e}");
-                    let guard_full = reached == 0
+                    // The guard itself refused for lack of room (our link to it may be at its
+                    // per-link cap): free our idle circuits through it rather than mark it down.
+                    let refused_by_guard = reached == 0
                         && matches!(
                             e,
                             ClientError::Circuit(CircError::Destroyed(
                                 DestroyReason::RESOURCELIMIT
                             ))
-                        )
-                        && self.guard_refused(path.guard.id) > 0;
-                    if !guard_full
+                        );
+                    let freed_room = refused_by_guard && self.guard_refused(path.guard.id) > 0;
+                    if !freed_room
                         && !matches!(e, ClientError::NoPath(_) | ClientError::Shutdown)
                         && let Some(id) = failed_at
                     {

@@ -136,14 +136,14 @@ fn encap(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// `KDF(t, s, L) = HKDF-SHA256(salt = t, ikm = s, info = t, L)`.
-fn kdf(t: &[u8], s: &[u8], okm: &mut [u8]) -> Result<(), CryptoError> {
+pub(crate) fn kdf(t: &[u8], s: &[u8], okm: &mut [u8]) -> Result<(), CryptoError> {
     Hkdf::<Sha256>::new(Some(t), s)
         .expand(t, okm)
         .map_err(|_| FAIL)
 }
 
 /// `H(t, m) = HMAC-SHA256(key = t, m)` over the concatenation of `parts`.
-fn hmac_parts(t: &[u8], parts: &[&[u8]]) -> Result<HmacSha256, CryptoError> {
+pub(crate) fn hmac_parts(t: &[u8], parts: &[&[u8]]) -> Result<HmacSha256, CryptoError> {
     let mut m = HmacSha256::new_from_slice(t).map_err(|_| FAIL)?;
     for p in parts {
         m.update(p);
@@ -152,13 +152,18 @@ fn hmac_parts(t: &[u8], parts: &[&[u8]]) -> Result<HmacSha256, CryptoError> {
 }
 
 fn h(t: &[u8], m: &[u8]) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
-    let out = hmac_parts(t, &[m])?.finalize().into_bytes();
+    hmac32(t, &[m])
+}
+
+/// `H(t, parts)` as a zeroized 32-byte value.
+pub(crate) fn hmac32(t: &[u8], parts: &[&[u8]]) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
+    let out = hmac_parts(t, parts)?.finalize().into_bytes();
     let mut z = Zeroizing::new([0u8; 32]);
     z.copy_from_slice(&out);
     Ok(z)
 }
 
-fn contributory(s: SharedSecret) -> Result<Zeroizing<[u8; KEY_LEN]>, CryptoError> {
+pub(crate) fn contributory(s: SharedSecret) -> Result<Zeroizing<[u8; KEY_LEN]>, CryptoError> {
     if !s.was_contributory() {
         return Err(FAIL);
     }
@@ -510,4 +515,4 @@ pub mod tlv {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -4,7 +4,7 @@
 //! authorities. Lookups by identity use binary search (relays are sorted by identity); lookups
 //! by link key use an index built once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use allium_crypto::{RelayId, X25519Public};
@@ -29,6 +29,8 @@ pub mod params {
 pub struct NetDir {
     verified: VerifiedConsensus,
     by_link: HashMap<X25519Public, usize>,
+    /// Every address some relay listed (canonical form), for O(1) "is this a relay's address".
+    relay_ips: HashSet<IpAddr>,
 }
 
 impl NetDir {
@@ -41,7 +43,17 @@ impl NetDir {
             .enumerate()
             .map(|(i, r)| (r.link_key, i))
             .collect();
-        Self { verified, by_link }
+        let relay_ips = verified
+            .consensus()
+            .relays
+            .iter()
+            .flat_map(|r| r.addrs.iter().map(|a| a.ip().to_canonical()))
+            .collect();
+        Self {
+            verified,
+            by_link,
+            relay_ips,
+        }
     }
     /// The verified consensus it was built from.
     pub fn verified(&self) -> &VerifiedConsensus {
@@ -84,6 +96,11 @@ impl NetDir {
     /// A relay by link (Noise static) key: tells a relay whether an incoming link is from a relay.
     pub fn by_link_key(&self, key: &X25519Public) -> Option<&ConsensusEntry> {
         self.by_link.get(key).and_then(|&i| self.relays().get(i))
+    }
+    /// Whether some relay in the consensus lists `ip` (an IPv4-mapped IPv6 address counts as
+    /// its IPv4 address). Constant time: a relay asks it for every over-limit connection.
+    pub fn has_relay_at(&self, ip: IpAddr) -> bool {
+        self.relay_ips.contains(&ip.to_canonical())
     }
     /// A network parameter, or `default` when absent.
     pub fn param(&self, name: &str, default: i32) -> i32 {

@@ -397,11 +397,7 @@ impl Ctx {
 
     /// Whether `ip` is an address of a relay in the current consensus (or hand-added).
     pub(crate) fn is_listed_relay_addr(&self, ip: std::net::IpAddr) -> bool {
-        if self.netdir().is_some_and(|nd| {
-            nd.relays()
-                .iter()
-                .any(|e| e.addrs.iter().any(|a| a.ip() == ip))
-        }) {
+        if self.netdir().is_some_and(|nd| nd.has_relay_at(ip)) {
             return true;
         }
         let g = match self.extra_relays.read() {

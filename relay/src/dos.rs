@@ -684,17 +684,16 @@ impl Dos {
         let candidates: Vec<(u64, u64)> = g
             .iter()
             .map(|v| {
-                let (inbox, exit) = (v.probe.queued_bytes(), v.exit.bytes());
-                let since = match (inbox > 0, exit > 0) {
-                    (true, true) => v
-                        .probe
-                        .nonempty_since()
-                        .min(v.exit.since.load(Ordering::Relaxed)),
-                    (true, false) => v.probe.nonempty_since(),
-                    (false, true) => v.exit.since.load(Ordering::Relaxed),
-                    (false, false) => u64::MAX,
-                };
-                (inbox.saturating_add(exit), since)
+                let inbox = (v.probe.queued_bytes(), v.probe.nonempty_since());
+                let exit = (v.exit.bytes(), v.exit.since.load(Ordering::Relaxed));
+                // The oldest stamp among the queues that hold something.
+                let since = [inbox, exit]
+                    .iter()
+                    .filter(|(bytes, _)| *bytes > 0)
+                    .map(|&(_, since)| since)
+                    .min()
+                    .unwrap_or(u64::MAX);
+                (inbox.0.saturating_add(exit.0), since)
             })
             .collect();
         let chosen = oom_choose(&candidates, total, goal);

@@ -157,21 +157,7 @@ async fn oom_handler_destroys_the_circuit_with_the_oldest_queue() {
     };
     let r = dos_relay(dos, Limits::default());
     // The next hop never reads: the circuit's reactor blocks and its queue fills.
-    let mut nl = attach_next(&r, 1);
-    let mut ml = attach_full(&r.ctx, None, false, 8192, 4096);
-    let mut bad = create_circuit(&mut ml, &r.ctx).await;
-    let (_next_id, _) = extend_via(&mut ml, &mut bad, &mut nl).await;
-    let mut good = create_circuit(&mut ml, &r.ctx).await;
-    for _ in 0..200 {
-        let (c, _) = relay_cell(
-            &mut bad,
-            1,
-            CellCmd::RELAY,
-            0,
-            &RelayMsg::Drop(Default::default()),
-        );
-        ml.tx.send(c).await.unwrap();
-    }
+    let (mut ml, nl, bad, mut good) = stalled_beside_idle(&r, 200).await;
     let mem = Arc::clone(&r.ctx.dos.mem);
     wait_until(|| mem.bytes.load(std::sync::atomic::Ordering::Relaxed) > 50_000).await;
     assert_eq!(r.ctx.dos.handle_oom(&r.ctx.stats.dos, test_now()), 1);
@@ -182,16 +168,7 @@ async fn oom_handler_destroys_the_circuit_with_the_oldest_queue() {
     // Its queue is gone from the account, and the other circuit answers.
     wait_until(|| mem.bytes.load(std::sync::atomic::Ordering::Relaxed) == 0).await;
     assert_eq!(r.ctx.dos.handle_oom(&r.ctx.stats.dos, test_now()), 0);
-    let (c, _) = relay_cell(
-        &mut good,
-        0,
-        CellCmd::RELAY,
-        0,
-        &RelayMsg::Truncate(Default::default()),
-    );
-    ml.tx.send(c).await.unwrap();
-    let (_, _, msg, _) = open_backward(&mut good, ml.recv().await);
-    assert!(matches!(msg, RelayMsg::Truncated(_)), "{msg:?}");
+    assert_answers(&mut ml, &mut good).await;
     drop(nl.rx);
 }
 

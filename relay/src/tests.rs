@@ -1420,22 +1420,7 @@ async fn overflowing_circuit_is_destroyed_alone() {
         ..Limits::default()
     };
     let r = test_relay_limits(ExitPolicy::default(), |_| {}, limits);
-    // The next hop never reads: the circuit's reactor blocks and stops pulling its queue.
-    let mut nl = attach_next(&r, 1);
-    let mut ml = attach_full(&r.ctx, None, false, 8192, 4096);
-    let mut bad = create_circuit(&mut ml, &r.ctx).await;
-    let (_next_id, _) = extend_via(&mut ml, &mut bad, &mut nl).await;
-    let mut good = create_circuit(&mut ml, &r.ctx).await;
-    for _ in 0..400 {
-        let (c, _) = relay_cell(
-            &mut bad,
-            1,
-            CellCmd::RELAY,
-            0,
-            &RelayMsg::Drop(Default::default()),
-        );
-        ml.tx.send(c).await.unwrap();
-    }
+    let (mut ml, nl, bad, mut good) = stalled_beside_idle(&r, 400).await;
     let c = ml.recv().await;
     assert_eq!(c.cmd, CellCmd::DESTROY);
     assert_eq!(c.circ_id, Some(bad.id));
@@ -1445,17 +1430,44 @@ async fn overflowing_circuit_is_destroyed_alone() {
     );
     assert_eq!(r.ctx.stats.queue_overflows(), 1);
     // The other circuit on the link answers.
+    assert_answers(&mut ml, &mut good).await;
+    drop(nl.rx);
+}
+
+/// On one link from a client, two circuits: `bad` (returned third), extended to a next hop that
+/// never reads so that its reactor blocks and stops pulling its queue, then sent `n` DROP
+/// cells; and `good` (fourth), idle. Returns the client link and the next hop's link too.
+async fn stalled_beside_idle(r: &TestRelay, n: usize) -> (MemLink, MemLink, TestCirc, TestCirc) {
+    let mut nl = attach_next(r, 1);
+    let mut ml = attach_full(&r.ctx, None, false, 8192, 4096);
+    let mut bad = create_circuit(&mut ml, &r.ctx).await;
+    let (_next_id, _) = extend_via(&mut ml, &mut bad, &mut nl).await;
+    let good = create_circuit(&mut ml, &r.ctx).await;
+    for _ in 0..n {
+        let (c, _) = relay_cell(
+            &mut bad,
+            1,
+            CellCmd::RELAY,
+            0,
+            &RelayMsg::Drop(Default::default()),
+        );
+        ml.tx.send(c).await.unwrap();
+    }
+    (ml, nl, bad, good)
+}
+
+/// `circ` on `ml` is alive: it answers TRUNCATE with TRUNCATED.
+async fn assert_answers(ml: &mut MemLink, circ: &mut TestCirc) {
     let (c, _) = relay_cell(
-        &mut good,
+        circ,
         0,
         CellCmd::RELAY,
         0,
         &RelayMsg::Truncate(Default::default()),
     );
     ml.tx.send(c).await.unwrap();
-    let (_, _, msg, _) = open_backward(&mut good, ml.recv().await);
+    let (_, _, msg, _) = open_backward(circ, ml.recv().await);
     assert!(matches!(msg, RelayMsg::Truncated(_)), "{msg:?}");
-    drop(nl.rx);
 }
 
 #[tokio::test]

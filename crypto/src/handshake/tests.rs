@@ -10,8 +10,9 @@ use rand::rand_core::{TryCryptoRng, TryRng};
 use super::*;
 use crate::keys::IdentityKeypair;
 
-/// An "RNG" that returns fixed bytes: how the known-answer tests fix `x` and `y`.
-struct FixedRng(Vec<u8>);
+/// An "RNG" that returns fixed bytes: how the known-answer tests fix `x` and `y` (here and in
+/// the onion-service tests).
+pub(crate) struct FixedRng(pub(crate) Vec<u8>);
 
 impl TryRng for FixedRng {
     type Error = Infallible;
@@ -35,7 +36,8 @@ impl TryRng for FixedRng {
 }
 impl TryCryptoRng for FixedRng {}
 
-fn h32(s: &str) -> [u8; 32] {
+/// 32 bytes from 64 hex digits.
+pub(crate) fn h32(s: &str) -> [u8; 32] {
     hex::decode(s).unwrap().try_into().unwrap()
 }
 

@@ -34,17 +34,14 @@
 
 use std::fmt;
 
-use hkdf::Hkdf;
-use hmac::{Hmac, KeyInit as _, Mac as _};
 use rand::CryptoRng;
-use sha2::Sha256;
 use x25519_dalek::{EphemeralSecret, PublicKey, ReusableSecret, SharedSecret};
 use zeroize::Zeroizing;
 
 use super::subcred::Subcredential;
 use super::{HsError, hash};
 use crate::aead;
-use crate::handshake::HopKeys;
+use crate::handshake::{self, HopKeys};
 use crate::keys::{KEY_LEN, RelayId, X25519Public, X25519Secret};
 
 /// The protocol identifier of this handshake.
@@ -65,8 +62,6 @@ const SERVER_STR: &[u8] = b"Server";
 const ZERO_NONCE: [u8; aead::NONCE_LEN] = [0u8; aead::NONCE_LEN];
 const FAIL: HsError = HsError::HandshakeFailed;
 
-type HmacSha256 = Hmac<Sha256>;
-
 /// The public inputs both sides take from the descriptor.
 #[derive(Clone, Copy, Debug)]
 pub struct IntroKeys<'a> {
@@ -83,32 +78,18 @@ pub fn replay_token(encrypted: &[u8]) -> [u8; 32] {
     hash(DOMAIN_REPLAY, &[encrypted])
 }
 
-fn kdf(t: &[u8], s: &[u8], okm: &mut [u8]) -> Result<(), HsError> {
-    Hkdf::<Sha256>::new(Some(t), s)
-        .expand(t, okm)
-        .map_err(|_| FAIL)
-}
+// The circuit handshake's primitives (`crate::handshake`), with this module's one error.
 
-fn mac(t: &[u8], parts: &[&[u8]]) -> Result<HmacSha256, HsError> {
-    let mut m = HmacSha256::new_from_slice(t).map_err(|_| FAIL)?;
-    for p in parts {
-        m.update(p);
-    }
-    Ok(m)
+fn kdf(t: &[u8], s: &[u8], okm: &mut [u8]) -> Result<(), HsError> {
+    handshake::kdf(t, s, okm).map_err(|_| FAIL)
 }
 
 fn mac32(t: &[u8], parts: &[&[u8]]) -> Result<Zeroizing<[u8; 32]>, HsError> {
-    let out = mac(t, parts)?.finalize().into_bytes();
-    let mut z = Zeroizing::new([0u8; 32]);
-    z.copy_from_slice(&out);
-    Ok(z)
+    handshake::hmac32(t, parts).map_err(|_| FAIL)
 }
 
 fn contributory(s: SharedSecret) -> Result<Zeroizing<[u8; KEY_LEN]>, HsError> {
-    if !s.was_contributory() {
-        return Err(FAIL);
-    }
-    Ok(Zeroizing::new(s.to_bytes()))
+    handshake::contributory(s).map_err(|_| FAIL)
 }
 
 fn intro_key(

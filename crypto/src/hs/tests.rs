@@ -2,46 +2,14 @@
 //! authorization, the INTRODUCE handshake, and known-answer vectors (cross-checked for the address
 //! and the blinded key by `tools/hs-vectors.py`).
 
-use std::convert::Infallible;
-
-use rand::rand_core::{TryCryptoRng, TryRng};
-
 use super::ntor::{self, IntroKeys};
 use super::subcred::{
     AuthClientEntry, DescLayer, decrypt_layer, encrypt_layer, encrypt_layer_with_salt,
     open_client_entry,
 };
 use super::*;
+use crate::handshake::tests::{FixedRng, h32};
 use crate::keys::{IdentityKeypair, RelayId, X25519Secret};
-
-/// An "RNG" that returns fixed bytes: fixes `x` and `y` in the known-answer tests.
-struct FixedRng(Vec<u8>);
-
-impl TryRng for FixedRng {
-    type Error = Infallible;
-    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
-        let mut b = [0u8; 4];
-        self.try_fill_bytes(&mut b)?;
-        Ok(u32::from_le_bytes(b))
-    }
-    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
-        let mut b = [0u8; 8];
-        self.try_fill_bytes(&mut b)?;
-        Ok(u64::from_le_bytes(b))
-    }
-    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
-        assert!(self.0.len() >= dst.len(), "FixedRng exhausted");
-        let rest = self.0.split_off(dst.len());
-        dst.copy_from_slice(&self.0);
-        self.0 = rest;
-        Ok(())
-    }
-}
-impl TryCryptoRng for FixedRng {}
-
-fn h32(s: &str) -> [u8; 32] {
-    hex::decode(s).unwrap().try_into().unwrap()
-}
 
 /// The fixed inputs of every vector (also in `tools/hs-vectors.py` and the protocol doc).
 const SEED: &str = "a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebf";

@@ -64,32 +64,21 @@ pub enum AddrPattern {
     V6([u8; 16], u8),
 }
 
-fn prefix_match(a: &[u8], b: &[u8], bits: u8) -> bool {
-    let full = usize::from(bits / 8);
-    let rest = bits % 8;
-    if a.get(..full) != b.get(..full) {
-        return false;
-    }
-    if rest == 0 {
-        return true;
-    }
-    let mask = 0xffu8 << (8 - rest);
-    match (a.get(full), b.get(full)) {
-        (Some(x), Some(y)) => x & mask == y & mask,
-        _ => false,
-    }
+/// Byte `i` of an address with everything past the first `bits` bits cleared.
+fn masked(a: &[u8], bits: u8, i: usize) -> u8 {
+    let keep = usize::from(bits).saturating_sub(i * 8).min(8);
+    let mask = if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
+    a.get(i).map_or(0, |x| x & mask)
 }
 
+/// Whether `a` and `b` (of one length) agree in their first `bits` bits.
+fn prefix_match(a: &[u8], b: &[u8], bits: u8) -> bool {
+    a.len() == b.len() && (0..a.len()).all(|i| masked(a, bits, i) == masked(b, bits, i))
+}
+
+/// Whether every bit of `a` past the first `bits` is zero (a network address).
 fn host_bits_zero(a: &[u8], bits: u8) -> bool {
-    let mut zero = vec![0u8; a.len()];
-    // The network address with the host bits cleared must equal the address itself.
-    for (i, (z, x)) in zero.iter_mut().zip(a).enumerate() {
-        let start = i * 8;
-        let keep = usize::from(bits).saturating_sub(start).min(8);
-        let mask = if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
-        *z = x & mask;
-    }
-    zero == a
+    a.iter().enumerate().all(|(i, &x)| masked(a, bits, i) == x)
 }
 
 impl AddrPattern {
