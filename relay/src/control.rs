@@ -369,7 +369,7 @@ impl ControlBackend for RelayControl {
     }
 
     fn traffic(&self) -> (u64, u64) {
-        (self.ctx.stats.bytes_read(), self.ctx.stats.bytes_written())
+        (self.ctx.link_bytes.read(), self.ctx.link_bytes.written())
     }
 
     fn circuits(&self, _now: &Now) -> Vec<CircuitStatus> {

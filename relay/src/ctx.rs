@@ -173,6 +173,9 @@ pub struct Ctx {
     pub(crate) links: LinkManager,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) stats: Stats,
+    /// Bytes of frames on every link (counted per frame by the channel): the control port's
+    /// `traffic/*` and BW events and the `/metrics` byte counters.
+    pub(crate) link_bytes: Arc<allium_proto::channel::LinkBytes>,
     /// Wakes the consensus task early (e.g. an unknown relay asked us to extend).
     pub(crate) refetch: Notify,
     /// The address published in the descriptor.
@@ -237,6 +240,7 @@ impl Ctx {
             links: LinkManager::default(),
             shutdown,
             stats: Stats::default(),
+            link_bytes: Arc::default(),
             refetch: Notify::new(),
             advertised,
             dir: crate::dirsync::DirState::default(),
@@ -468,6 +472,7 @@ impl LinkManager {
             Err(_) => return None,
         };
         let peer_static = ch.peer_static();
+        ch.count_into(&ctx.link_bytes);
         let (tx, rx) = ch.split();
         // A peer that stops reading loses the link after the circuit stall timeout.
         tx.set_write_timeout(ctx.limits.blocked_cap);
