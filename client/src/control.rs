@@ -462,7 +462,6 @@ struct Consensus {
 /// The proxy's control backend.
 pub(crate) struct ProxyControl {
     mgr: Arc<CircMgr>,
-    cfg: Arc<ProxyConfig>,
     socks_addr: SocketAddr,
     ready: watch::Receiver<bool>,
     ids: Mutex<Ids>,
@@ -529,7 +528,7 @@ impl ProxyControl {
         ready: watch::Receiver<bool>,
     ) -> Self {
         let disk = Arc::new(DiskConsensus {
-            cfg: Arc::clone(&cfg),
+            cfg,
             cur: Mutex::new(None),
         });
         let names = Arc::clone(&disk);
@@ -545,7 +544,6 @@ impl ProxyControl {
         }));
         Self {
             mgr,
-            cfg,
             socks_addr,
             ready,
             ids: Mutex::new(Ids::default()),
@@ -620,7 +618,9 @@ impl ControlBackend for ProxyControl {
     }
 
     fn options(&self) -> Vec<ConfOption> {
-        let c = &self.cfg;
+        // The configuration as last reloaded (SIGHUP or SETCONF), so GETCONF shows what runs.
+        let live = self.mgr.config();
+        let c = &*live;
         let d = ProxyConfig::default();
         let opt = |name, allium_key, kind, values: Vec<String>, defaults: Vec<String>| ConfOption {
             name,

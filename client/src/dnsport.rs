@@ -717,6 +717,37 @@ mod tests {
         assert!(p.try_take(ip));
     }
 
+    #[tokio::test]
+    async fn tcp_framing_is_bounded() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut w, mut r) = tokio::io::duplex(64 * 1024);
+        let q = query(9, "example.com", rtype::A);
+        w.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+        w.write_all(&q).await.unwrap();
+        w.write_all(&[0, 0]).await.unwrap();
+        assert_eq!(read_tcp_message(&mut r).await.unwrap(), Some(q));
+        assert!(read_tcp_message(&mut r).await.is_err(), "length 0");
+        let (mut w, mut r) = tokio::io::duplex(64 * 1024);
+        w.write_all(&((MAX_TCP_QUERY + 1) as u16).to_be_bytes())
+            .await
+            .unwrap();
+        assert!(read_tcp_message(&mut r).await.is_err(), "too long");
+        let (w, mut r) = tokio::io::duplex(64);
+        drop(w);
+        assert_eq!(read_tcp_message(&mut r).await.unwrap(), None, "clean end");
+        // Over TCP an answer is not cut to 512 bytes.
+        let parsed = parse_query(&query(1, "example.com", rtype::A)).unwrap();
+        let many: Vec<IpAddr> = (0..60u8).map(|i| IpAddr::from([10, 0, 0, i])).collect();
+        let udp = parsed.answer(&many);
+        let tcp = parsed.answer_within(&many, MAX_TCP_ANSWER);
+        assert!(
+            udp.len() <= MAX_UDP_ANSWER && udp[2] & 0x02 != 0,
+            "TC over UDP"
+        );
+        assert_eq!(&tcp[6..8], &[0, 60]);
+        assert_eq!(tcp[2] & 0x02, 0);
+    }
+
     #[test]
     fn rcodes_for_failures() {
         use crate::err::StreamError;

@@ -79,8 +79,8 @@ mod tests {
         }
         assert!(matches!(
             rx.try_recv(),
-            Err(broadcast::error::TryRecvError::Lagged(6))
+            Err(broadcast::error::TryRecvError::Lagged(5))
         ));
-        assert_eq!(rx.try_recv().unwrap().body, "STREAM 6 NEW 0 a:1");
+        assert_eq!(rx.try_recv().unwrap().body, "STREAM 5 NEW 0 a:1");
     }
 }

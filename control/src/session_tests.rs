@@ -377,7 +377,7 @@ fn circuit_status_and_events() {
     *t.fake.progress.lock().unwrap() = 100;
     let ev = t.s.tick(&t.now);
     assert!(ev.starts_with("650 BW 1000 250\r\n"), "{ev}");
-    assert!(!ev.contains("CIRC"), "{ev}");
+    assert!(!ev.contains("650 CIRC"), "{ev}");
     assert!(
         ev.contains("650 ORCONN $AA~a CONNECTED NCIRCS=2 ID=9\r\n"),
         "{ev}"
@@ -392,11 +392,11 @@ fn circuit_status_and_events() {
     // Pushed events are written for the kinds subscribed to.
     let circ_ev = crate::events::Event {
         kind: "CIRC",
-        body: circ.line(CircState::Extended),
+        body: format!("CIRC {}", circ.line(CircState::Extended)),
     };
     assert_eq!(
         t.s.pushed_event(&circ_ev),
-        format!("650 {}\r\n", circ.line(CircState::Extended))
+        format!("650 CIRC {}\r\n", circ.line(CircState::Extended))
     );
     let stream_ev = crate::events::Event {
         kind: "STREAM",

@@ -157,7 +157,9 @@ impl ControlBackend for RelayControl {
     }
 
     fn options(&self) -> Vec<ConfOption> {
-        let c = &self.ctx.cfg;
+        // The configuration as last reloaded (SIGHUP or SETCONF), so GETCONF shows what runs.
+        let live = self.ctx.live();
+        let c = &*live;
         let d = crate::RelayConfig::for_test("x", "");
         let opt = |name, allium_key, kind, values: Vec<String>, defaults: Vec<String>| ConfOption {
             name,
@@ -475,6 +477,16 @@ mod tests {
         assert!(b.circuits(&now).is_empty() && b.orconns(&now).is_empty());
         assert!(b.signal(Signal::NewNym).is_ok() && b.signal(Signal::Heartbeat).is_ok());
         assert_eq!(b.traffic(), (0, 0));
+        // GETCONF shows the configuration in force after a live change (SETCONF or SIGHUP).
+        let mut changed = (*relay.config()).clone();
+        changed.bandwidth_rate = 5_000_000;
+        relay.reconfigure(&changed).unwrap();
+        let rate = b
+            .options()
+            .into_iter()
+            .find(|o| o.name == "BandwidthRate")
+            .unwrap();
+        assert_eq!(rate.values, vec!["5000000"]);
         relay.shutdown().await;
     }
 
