@@ -79,11 +79,15 @@ pub(crate) struct Events {
     bus: EventBus,
     next_circ: AtomicU64,
     next_stream: AtomicU64,
-    circs: Mutex<BTreeMap<u64, CircuitStatus>>,
+    /// Live circuits with their hops and how many are built (paths are named when read).
+    circs: Mutex<BTreeMap<u64, LiveCirc>>,
     streams: Mutex<BTreeMap<u64, StreamStatus>>,
     /// `$FP~nick` for a relay (set by the control backend, which holds the consensus).
     namer: OnceLock<Namer>,
 }
+
+/// A live circuit: its status, its hops, and how many of them are built.
+type LiveCirc = (CircuitStatus, [RelayId; 3], usize);
 
 /// Names a relay as `$FP~nick`.
 type Namer = Box<dyn Fn(&RelayId) -> String + Send + Sync>;
@@ -123,7 +127,7 @@ impl Events {
                 .publish("CIRC", format!("CIRC {}", status.line(CircState::Launched)));
         }
         if let Ok(mut m) = self.circs.lock() {
-            m.insert(id, status);
+            m.insert(id, (status, hops, 0));
         }
         Arc::new(CircTrack {
             events: Arc::clone(self),
@@ -143,11 +147,12 @@ impl Events {
         reason: Option<&str>,
     ) {
         let mut m = self.circs.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(c) = m.get_mut(&id) else {
+        let Some((c, _, built)) = m.get_mut(&id) else {
             return;
         };
         c.state = state;
         c.path = hops.iter().take(path_len).map(|h| self.name(h)).collect();
+        *built = path_len;
         let mut line = format!("CIRC {}", c.line(state));
         if state == CircState::Closed {
             m.remove(&id);
@@ -164,10 +169,18 @@ impl Events {
 
     /// Live circuits, oldest first (`circuit-status`).
     pub(crate) fn circuits(&self) -> Vec<CircuitStatus> {
-        self.circs
+        let live: Vec<_> = self
+            .circs
             .lock()
             .map(|m| m.values().cloned().collect())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        // Named now: nicknames come from the consensus held now (a circuit may predate it).
+        live.into_iter()
+            .map(|(mut c, hops, built)| {
+                c.path = hops.iter().take(built).map(|h| self.name(h)).collect();
+                c
+            })
+            .collect()
     }
 
     /// Live streams, oldest first (`stream-status`).
