@@ -5,7 +5,7 @@ Starts `allium testnet` (the binary given by --allium, default target/debug/alli
 testnet.json, then:
   - parses every node's /metrics with Prometheus's own text parser (prometheus_client),
   - queries the DNS port with dnspython (A for localhost: an answer resolved at an exit;
-    PTR: REFUSED),
+    PTR: REFUSED; A again over TCP),
   - fetches the test page through the HTTP CONNECT port with curl.
 A part whose library or tool is missing is skipped with a message (install them with
 `pip install prometheus_client dnspython`). Exit status 0 when every part that ran passed.
@@ -89,6 +89,13 @@ def check_dns(info):
         fail(f"dns PTR: {dns.rcode.to_text(r.rcode())} (expected REFUSED)")
     else:
         print("ok dns PTR refused")
+    q = dns.message.make_query("localhost", "A")
+    r = dns.query.tcp(q, host, port=int(port), timeout=30)
+    addrs = [a.to_text() for rr in r.answer for a in rr]
+    if r.rcode() != dns.rcode.NOERROR or "127.0.0.1" not in addrs:
+        fail(f"dns over TCP A localhost: {dns.rcode.to_text(r.rcode())} {addrs}")
+    else:
+        print(f"ok dns over TCP A localhost -> {addrs}")
 
 
 def check_tunnel(info):

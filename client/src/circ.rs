@@ -16,6 +16,7 @@ use allium_proto::flowctl::{CWND_MAX, XOFF_LIMIT};
 use allium_proto::relaymsg::EndReason;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::control::BuildProgress;
 use crate::core::{CircParams, ClientCircuit, DataCell, HopTarget, StreamId, StreamTarget};
 use crate::err::{CircError, ClientError, StreamError};
 use crate::link::Link;
@@ -53,8 +54,9 @@ pub(crate) enum StreamEvent {
 pub(crate) struct Shared {
     pub(crate) closed: AtomicBool,
     pub(crate) n_streams: AtomicUsize,
-    /// Hops added so far (the index of the hop being added, while building).
-    pub(crate) progress: Arc<AtomicUsize>,
+    /// Hops added so far (the index of the hop being added, while building), reported to the
+    /// control port for circuits the manager builds.
+    pub(crate) progress: Arc<BuildProgress>,
 }
 
 /// A handle on a client circuit.
@@ -81,6 +83,11 @@ impl Circuit {
     /// Whether the circuit is gone.
     pub(crate) fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire) || self.cmd.is_closed()
+    }
+
+    /// The circuit's id on the control port (0 if it is not listed there).
+    pub(crate) fn control_id(&self) -> u64 {
+        self.shared.progress.control_id()
     }
 
     /// Number of open streams (as last published by the reactor).
@@ -174,7 +181,7 @@ pub(crate) async fn build(
     link: Arc<Link>,
     path: &Path,
     params: CircParams,
-    progress: Arc<AtomicUsize>,
+    progress: Arc<BuildProgress>,
 ) -> Result<Arc<Circuit>, ClientError> {
     let shared = Arc::new(Shared {
         progress,

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+
 use std::time::Duration;
 
 use allium_proto::flowctl::{self, XOFF_LIMIT};
@@ -218,7 +218,7 @@ async fn run(how: Misbehave) -> (Arc<Circuit>, Vec<&'static str>, bool) {
         middle: infos[1].clone(),
         exit: infos[2].clone(),
     };
-    let progress = Arc::new(AtomicUsize::new(0));
+    let progress = Arc::new(crate::control::BuildProgress::default());
     let circ = build(link, &path, CircParams::default(), Arc::clone(&progress))
         .await
         .unwrap();

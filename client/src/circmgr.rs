@@ -37,7 +37,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -49,6 +49,7 @@ use tokio::time::Instant;
 use crate::cbt::{BuildTimes, CbtConfig, CbtState};
 use crate::circ::{self, Circuit};
 use crate::config::ProxyConfig;
+use crate::control::BuildProgress;
 use crate::core::CircParams;
 use crate::dir::DirView;
 use crate::err::{CircError, ClientError};
@@ -119,7 +120,7 @@ pub(crate) trait CircBuilder: Send + Sync + 'static {
     fn build<'a>(
         &'a self,
         path: &'a Path,
-        progress: Arc<AtomicUsize>,
+        progress: Arc<BuildProgress>,
     ) -> impl Future<Output = Result<Arc<Self::Circ>, ClientError>> + Send + 'a;
     /// Close every link (shutdown), waiting for links being connected.
     fn close_links(&self) -> impl Future<Output = ()> + Send + '_;
@@ -131,6 +132,8 @@ pub(crate) trait CircBuilder: Send + Sync + 'static {
 pub(crate) struct LinkBuilder {
     cfg: LiveConfig,
     links: tokio::sync::Mutex<HashMap<RelayId, Arc<Link>>>,
+    /// Where every guard link counts its frames.
+    bytes: Arc<allium_proto::channel::LinkBytes>,
 }
 
 impl LinkBuilder {
@@ -140,7 +143,12 @@ impl LinkBuilder {
             return Ok(Arc::clone(l));
         }
         links.retain(|_, l| !l.is_closed());
-        let l = Link::connect(guard, self.cfg.get().circuit_build_timeout).await?;
+        let l = Link::connect_counted(
+            guard,
+            self.cfg.get().circuit_build_timeout,
+            Some(&self.bytes),
+        )
+        .await?;
         links.insert(guard.id, Arc::clone(&l));
         Ok(l)
     }
@@ -152,7 +160,7 @@ impl CircBuilder for LinkBuilder {
     async fn build<'a>(
         &'a self,
         path: &'a Path,
-        progress: Arc<AtomicUsize>,
+        progress: Arc<BuildProgress>,
     ) -> Result<Arc<Circuit>, ClientError> {
         progress.store(0, Ordering::Release);
         let link = self.link_for(&path.guard).await?;
@@ -236,6 +244,10 @@ pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
     guard_refusals: std::sync::atomic::AtomicU64,
     /// Prometheus counters.
     pub(crate) metrics: Arc<crate::metrics::ClientMetrics>,
+    /// Circuits and streams as the control port shows them, and their events.
+    pub(crate) control: Arc<crate::control::Events>,
+    /// Bytes of frames on guard links (the real builder's links count into it).
+    pub(crate) link_bytes: Arc<allium_proto::channel::LinkBytes>,
 }
 
 impl<B: CircBuilder> std::fmt::Debug for CircMgr<B> {
@@ -246,24 +258,19 @@ impl<B: CircBuilder> std::fmt::Debug for CircMgr<B> {
 
 /// What the control port shows of one held circuit.
 pub(crate) struct ControlCirc {
-    /// The circuit's id on its guard link.
-    pub(crate) circ_id: u32,
     /// Its relays, guard first.
     pub(crate) hops: [RelayId; 3],
 }
 
 impl CircMgr<LinkBuilder> {
-    /// The open circuits in the pool, with their guard-link ids (control port).
+    /// The open circuits in the pool (control port).
     pub(crate) fn control_circuits(&self) -> Vec<ControlCirc> {
         self.pool
             .lock()
             .map(|p| {
                 p.iter()
                     .filter(|e| !e.circ.is_closed())
-                    .map(|e| ControlCirc {
-                        circ_id: e.circ.id.get(),
-                        hops: e.circ.hops,
-                    })
+                    .map(|e| ControlCirc { hops: e.circ.hops })
                     .collect()
             })
             .unwrap_or_default()
@@ -271,11 +278,15 @@ impl CircMgr<LinkBuilder> {
 
     pub(crate) fn new(cfg: Arc<ProxyConfig>, guards: GuardSet, ready: watch::Sender<bool>) -> Self {
         let live = LiveConfig::new(cfg);
+        let bytes = Arc::new(allium_proto::channel::LinkBytes::default());
         let builder = LinkBuilder {
             cfg: live.clone(),
             links: tokio::sync::Mutex::new(HashMap::new()),
+            bytes: Arc::clone(&bytes),
         };
-        Self::with_live(live, guards, ready, builder)
+        let mut mgr = Self::with_live(live, guards, ready, builder);
+        mgr.link_bytes = bytes;
+        mgr
     }
 }
 
@@ -315,6 +326,8 @@ impl<B: CircBuilder> CircMgr<B> {
             guard_limit_hits: std::sync::atomic::AtomicU64::new(0),
             guard_refusals: std::sync::atomic::AtomicU64::new(0),
             metrics: Arc::default(),
+            control: Arc::default(),
+            link_bytes: Arc::default(),
         }
     }
 
@@ -565,7 +578,8 @@ impl<B: CircBuilder> CircMgr<B> {
             let started = now();
             let path = self.choose_path(&view, ports, started)?;
             self.make_room(path.guard.id, started)?;
-            let progress = Arc::new(AtomicUsize::new(0));
+            let track = self.control.launch(path.hops().map(|r| r.id));
+            let progress = Arc::new(BuildProgress::tracked(Arc::clone(&track)));
             let (limit, learned) = self.build_timeout(attempt);
             let res =
                 tokio::time::timeout(limit, self.builder.build(&path, Arc::clone(&progress))).await;
@@ -587,6 +601,7 @@ impl<B: CircBuilder> CircMgr<B> {
                     return Ok(c);
                 }
                 Ok(Err(e)) => {
+                    track.failed(crate::control::build_failure_reason(&e));
                     self.metrics.circuit_failed();
                     tracing::debug!(attempt, "circuit build failed: {e}");
                     // The guard itself refused for lack of room (our link to it may be at its
@@ -615,6 +630,7 @@ impl<B: CircBuilder> CircMgr<B> {
                         "circuit build timed out"
                     );
                     self.record_build(Err(limit));
+                    track.failed("TIMEOUT");
                     self.metrics.circuit_failed();
                     if !learned && let Some(id) = failed_at {
                         self.mark_down(id, now());

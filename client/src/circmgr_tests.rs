@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 use allium_crypto::{IdentityKeypair, X25519Secret};
 
@@ -64,7 +64,7 @@ impl CircBuilder for FakeBuilder {
     async fn build<'a>(
         &'a self,
         path: &'a Path,
-        progress: Arc<AtomicUsize>,
+        progress: Arc<crate::control::BuildProgress>,
     ) -> Result<Arc<FakeCirc>, ClientError> {
         let hops = [path.guard.id, path.middle.id, path.exit.id];
         self.paths.lock().unwrap().push(hops);
@@ -433,7 +433,7 @@ impl CircBuilder for TimedBuilder {
     async fn build<'a>(
         &'a self,
         path: &'a Path,
-        progress: Arc<AtomicUsize>,
+        progress: Arc<crate::control::BuildProgress>,
     ) -> Result<Arc<FakeCirc>, ClientError> {
         let t = self.times.lock().unwrap().pop_front();
         match t {

@@ -10,6 +10,11 @@
 //!   Labels are at most 63 bytes, the name at most 255; anything else is FORMERR.
 //! - `serve`: the tokio UDP driver. At most [`MAX_PER_SOURCE`] queries in flight per source
 //!   address and [`MAX_IN_FLIGHT`] in all; beyond that a query is answered REFUSED at once.
+//! - `serve_tcp`: the same port over TCP (RFC 1035 §4.2.2, RFC 7766): each message is preceded
+//!   by its length in two bytes. At most [`MAX_TCP_CONNECTIONS`] connections; each answers its
+//!   queries in order, one at a time, with the same resolver path as UDP; a query longer than
+//!   [`MAX_TCP_QUERY`] closes the connection, and so does [`TCP_IDLE`] without a whole query.
+//!   Answers over TCP are not truncated to 512 bytes.
 //!
 //! Answers: A/AAAA of class IN are resolved (addresses of the other family are left out; a name
 //! with none of the asked family gets an empty NOERROR answer). PTR gets REFUSED (a reverse
@@ -38,6 +43,14 @@ pub const MAX_PER_SOURCE: usize = 16;
 pub const MAX_IN_FLIGHT: usize = 256;
 /// TTL given to answers (the exit's TTLs are not kept by the resolve path).
 pub const ANSWER_TTL: u32 = 60;
+/// Most DNS-over-TCP connections at once (the next wait to be accepted).
+pub const MAX_TCP_CONNECTIONS: usize = 64;
+/// Longest query accepted over TCP (a query is one question; EDNS options fit easily).
+pub const MAX_TCP_QUERY: usize = 4096;
+/// Longest a TCP client may take to send a whole query (or stay idle between queries).
+pub const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Largest answer over TCP (the two-byte length prefix's limit).
+pub const MAX_TCP_ANSWER: usize = 65_535;
 /// Longest a query waits for the exit.
 const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 /// Most attempts on different circuits.
@@ -259,6 +272,11 @@ impl Query {
     /// A NOERROR answer with the addresses of the asked family (others are left out), as many
     /// as fit in [`MAX_UDP_ANSWER`] bytes (TC set when some did not).
     pub fn answer(&self, addrs: &[IpAddr]) -> Vec<u8> {
+        self.answer_within(addrs, MAX_UDP_ANSWER)
+    }
+
+    /// [`Query::answer`] with room for `limit` bytes (TC set when some records did not fit).
+    pub fn answer_within(&self, addrs: &[IpAddr], limit: usize) -> Vec<u8> {
         let want_v6 = self.qtype == rtype::AAAA;
         let records: Vec<Vec<u8>> = addrs
             .iter()
@@ -287,7 +305,7 @@ impl Query {
         let mut size = base;
         let mut fit = 0usize;
         for rr in &records {
-            if size + rr.len() > MAX_UDP_ANSWER {
+            if size + rr.len() > limit {
                 break;
             }
             size += rr.len();
@@ -323,8 +341,8 @@ pub fn rcode_for(e: &ClientError) -> u8 {
     }
 }
 
-/// The answer to one datagram: `None` means send nothing.
-async fn answer(mgr: &CircMgr, msg: &[u8]) -> Option<Vec<u8>> {
+/// The answer to one message (answers at most `limit` bytes long): `None` means send nothing.
+async fn answer(mgr: &CircMgr, msg: &[u8], limit: usize) -> Option<Vec<u8>> {
     let q = match parse_query(msg) {
         Ok(q) => q,
         Err(Malformed { id }) => return id.map(formerr),
@@ -332,7 +350,7 @@ async fn answer(mgr: &CircMgr, msg: &[u8]) -> Option<Vec<u8>> {
     match q.action() {
         Action::Refuse(code) => Some(q.error(code)),
         Action::Resolve { .. } => match resolve(mgr, &q.name).await {
-            Ok(addrs) => Some(q.answer(&addrs)),
+            Ok(addrs) => Some(q.answer_within(&addrs, limit)),
             Err(e) => {
                 tracing::debug!("a DNS port query failed: {e}");
                 Some(q.error(rcode_for(&e)))
@@ -343,10 +361,31 @@ async fn answer(mgr: &CircMgr, msg: &[u8]) -> Option<Vec<u8>> {
 
 /// Resolve `name` at an exit, retrying on another circuit when one fails under us.
 async fn resolve(mgr: &CircMgr, name: &str) -> Result<Vec<IpAddr>, ClientError> {
+    let target = format!("{}:0", crate::control::printable(name));
+    let mut track = crate::control::StreamTrack::new(&mgr.control, target, true);
+    let r = resolve_tracked(mgr, name, &mut track).await;
+    match &r {
+        Ok(_) => track.succeeded(),
+        Err(e) => track.failed(match rcode_for(e) {
+            rcode::NXDOMAIN => "RESOLVEFAILED",
+            rcode::REFUSED => "EXITPOLICY",
+            _ if matches!(e, ClientError::Timeout(_)) => "TIMEOUT",
+            _ => "MISC",
+        }),
+    }
+    r
+}
+
+async fn resolve_tracked(
+    mgr: &CircMgr,
+    name: &str,
+    track: &mut crate::control::StreamTrack,
+) -> Result<Vec<IpAddr>, ClientError> {
     let attempt = async {
         let mut last = ClientError::Timeout("resolving at an exit");
         for _ in 0..ATTEMPTS {
             let circ = mgr.get_circuit(None, &IsolationKey::NoAuth).await?;
+            track.sent(circ.control_id());
             match crate::stream::lookup(&circ, name).await {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_retriable() => last = e,
@@ -422,7 +461,7 @@ pub(crate) async fn serve(sock: UdpSocket, mgr: Arc<CircMgr>, mut shutdown: watc
         let (sock, mgr, per_source) =
             (Arc::clone(&sock), Arc::clone(&mgr), Arc::clone(&per_source));
         tokio::spawn(async move {
-            if let Some(a) = answer(&mgr, &msg).await {
+            if let Some(a) = answer(&mgr, &msg, MAX_UDP_ANSWER).await {
                 // The rcode is the low nibble of the fourth byte.
                 if let Some(flags) = a.get(3) {
                     mgr.metrics.dns(flags & 0x0F);
@@ -432,6 +471,97 @@ pub(crate) async fn serve(sock: UdpSocket, mgr: Arc<CircMgr>, mut shutdown: watc
             per_source.give_back(from.ip());
             drop(permit);
         });
+    }
+}
+
+/// Answer DNS queries over TCP on `listener` until shutdown.
+pub(crate) async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    mgr: Arc<CircMgr>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let sem = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&sem).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = shutdown.changed() => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let sock = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("accepting a DNS-over-TCP connection failed: {e}");
+                #[allow(clippy::disallowed_methods)] // the listener is a tokio driver
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = sock.set_nodelay(true);
+        let mgr = Arc::clone(&mgr);
+        tokio::spawn(async move {
+            serve_tcp_conn(&mgr, sock).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Read one length-prefixed message: `Ok(None)` at a clean end between messages.
+async fn read_tcp_message<S: tokio::io::AsyncRead + Unpin>(
+    sock: &mut S,
+) -> std::io::Result<Option<Vec<u8>>> {
+    use tokio::io::AsyncReadExt as _;
+    let mut len = [0u8; 2];
+    match sock.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let n = usize::from(u16::from_be_bytes(len));
+    if n == 0 || n > MAX_TCP_QUERY {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "DNS-over-TCP query length out of bounds",
+        ));
+    }
+    let mut msg = vec![0u8; n];
+    sock.read_exact(&mut msg).await?;
+    Ok(Some(msg))
+}
+
+/// Answer one TCP client's queries in order until it closes, idles or misbehaves.
+async fn serve_tcp_conn<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mgr: &CircMgr,
+    mut sock: S,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    loop {
+        let msg = match tokio::time::timeout(TCP_IDLE, read_tcp_message(&mut sock)).await {
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) | Err(_) => return,
+            Ok(Err(e)) => {
+                tracing::debug!("DNS-over-TCP connection closed: {e}");
+                return;
+            }
+        };
+        let Some(a) = answer(mgr, &msg, MAX_TCP_ANSWER).await else {
+            // Not even a header: nothing sensible to say; close.
+            return;
+        };
+        if let Some(flags) = a.get(3) {
+            mgr.metrics.dns(flags & 0x0F);
+        }
+        let Ok(len) = u16::try_from(a.len()) else {
+            return;
+        };
+        let mut out = Vec::with_capacity(a.len() + 2);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&a);
+        if sock.write_all(&out).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -585,6 +715,37 @@ mod tests {
         assert!(p.try_take("127.0.0.2".parse().unwrap()));
         p.give_back(ip);
         assert!(p.try_take(ip));
+    }
+
+    #[tokio::test]
+    async fn tcp_framing_is_bounded() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut w, mut r) = tokio::io::duplex(64 * 1024);
+        let q = query(9, "example.com", rtype::A);
+        w.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+        w.write_all(&q).await.unwrap();
+        w.write_all(&[0, 0]).await.unwrap();
+        assert_eq!(read_tcp_message(&mut r).await.unwrap(), Some(q));
+        assert!(read_tcp_message(&mut r).await.is_err(), "length 0");
+        let (mut w, mut r) = tokio::io::duplex(64 * 1024);
+        w.write_all(&((MAX_TCP_QUERY + 1) as u16).to_be_bytes())
+            .await
+            .unwrap();
+        assert!(read_tcp_message(&mut r).await.is_err(), "too long");
+        let (w, mut r) = tokio::io::duplex(64);
+        drop(w);
+        assert_eq!(read_tcp_message(&mut r).await.unwrap(), None, "clean end");
+        // Over TCP an answer is not cut to 512 bytes.
+        let parsed = parse_query(&query(1, "example.com", rtype::A)).unwrap();
+        let many: Vec<IpAddr> = (0..60u8).map(|i| IpAddr::from([10, 0, 0, i])).collect();
+        let udp = parsed.answer(&many);
+        let tcp = parsed.answer_within(&many, MAX_TCP_ANSWER);
+        assert!(
+            udp.len() <= MAX_UDP_ANSWER && udp[2] & 0x02 != 0,
+            "TC over UDP"
+        );
+        assert_eq!(&tcp[6..8], &[0, 60]);
+        assert_eq!(tcp[2] & 0x02, 0);
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //!   at [`MAX_HEAD`] bytes and [`MAX_HEADERS`] headers. It reports how many bytes the head
 //!   takes, so whatever the client sends after it stays stream data.
 //! - `serve`: the tokio listener, a thin driver like the SOCKS one: peek, parse, read out
-//!   exactly the head, then open the stream with the SOCKS port's own code
-//!   (`socks::server::open`, same isolation, retries and timeouts) and splice.
+//!   exactly the head, then open the stream and splice with the SOCKS port's own code
+//!   (`socks::server::open_and_splice`: same isolation, retries, timeouts, control-port
+//!   stream events).
 //!
 //! Isolation: a `Proxy-Authorization: Basic` header becomes the same isolation key as SOCKS5
 //! username/password with those credentials (any other scheme: its whole value is the key);
@@ -28,9 +29,8 @@ use tokio::sync::{Semaphore, watch};
 use crate::circmgr::CircMgr;
 use crate::isolation::IsolationKey;
 use crate::metrics::Outcome as Ended;
-use crate::socks::server::{Failure, PeerGuard, open, outcome_of, reply_code_for};
+use crate::socks::server::{Failure, Front, open_and_splice, reply_code_for};
 use crate::socks::wire::{MAX_HOST_LEN, Target, reply};
-use crate::stream;
 
 /// Longest request head accepted (request line and headers, with the blank line).
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -392,27 +392,17 @@ async fn handle(mgr: &CircMgr, mut sock: TcpStream) {
             return;
         }
     };
-    match open(mgr, &req.target, &req.isolation, false).await {
-        Ok((circ, sid, rx)) => {
-            mgr.metrics.tunnel(Ended::Success);
-            if sock
-                .write_all(&established(req.minor_version))
-                .await
-                .is_err()
-            {
-                circ.end_stream(sid, allium_proto::relaymsg::EndReason::MISC)
-                    .await;
-                return;
-            }
-            let _peer = PeerGuard::new(mgr, &sock, &circ);
-            stream::splice(circ, sid, rx, sock).await;
-        }
-        Err(f) => {
-            mgr.metrics.tunnel(outcome_of(&f));
-            let _ = sock.write_all(&failure_response(&f)).await;
-            close_gently(sock).await;
-        }
-    }
+    open_and_splice(
+        mgr,
+        sock,
+        &req.target,
+        &req.isolation,
+        false,
+        Front::Tunnel,
+        &established(req.minor_version),
+        failure_response,
+    )
+    .await;
 }
 
 #[cfg(test)]

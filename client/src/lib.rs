@@ -79,7 +79,8 @@ impl ProxyHandle {
         self.http_tunnel_addr
     }
 
-    /// The address the DNS (UDP) listener is bound to, if `dns_port` is configured.
+    /// The address the DNS listeners (UDP and TCP, same port) are bound to, if `dns_port` is
+    /// configured.
     pub fn dns_addr(&self) -> Option<SocketAddr> {
         self.dns_addr
     }
@@ -149,13 +150,10 @@ impl ProxyHandle {
         self.mgr.circuits_built()
     }
 
-    /// Bytes read from and written to guard links since the process started (whole cells).
+    /// Bytes read from and written to guard links since the proxy started (whole Noise frames,
+    /// counted once per frame).
     pub fn traffic(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering;
-        (
-            control::TRAFFIC.read.load(Ordering::Relaxed),
-            control::TRAFFIC.written.load(Ordering::Relaxed),
-        )
+        (self.mgr.link_bytes.read(), self.mgr.link_bytes.written())
     }
 
     /// The proxy's control-port backend (circuits, traffic, consensus, NEWNYM), for
@@ -206,6 +204,9 @@ fn make_data_dir(dir: &std::path::Path) -> Result<(), ClientError> {
 fn render_metrics(mgr: &CircMgr, ready: &watch::Receiver<bool>) -> String {
     let circuits = mgr.circuits();
     let view = metrics::View {
+        bytes_read: mgr.link_bytes.read(),
+        bytes_written: mgr.link_bytes.written(),
+        queued_bytes: mgr.link_bytes.queued_bytes(),
         circuits_open: circuits.len(),
         streams_open: circuits.iter().map(|c| c.streams).sum(),
         has_dir: mgr.has_dir(),
@@ -281,7 +282,10 @@ pub(crate) async fn start_with(
                     "the DNS port {bound} is not on a loopback address: anyone who can reach it can use your circuits"
                 );
             }
-            Some((sock, bound))
+            // The same port over TCP (RFC 1035 §4.2.2; RFC 7766): resolvers retry there when
+            // an answer is truncated, and some only speak TCP.
+            let tcp = bind_tcp(bound, "DNS port over TCP (dns_port)").await?;
+            Some((sock, tcp.0, bound))
         }
         None => None,
     };
@@ -303,9 +307,14 @@ pub(crate) async fn start_with(
         http_tunnel_addr = Some(addr);
     }
     let mut dns_addr = None;
-    if let Some((sock, addr)) = dns {
+    if let Some((sock, tcp, addr)) = dns {
         tasks.spawn(dnsport::serve(sock, Arc::clone(&mgr), shutdown_rx.clone()));
-        tracing::info!("DNS port listening on {addr} (UDP)");
+        tasks.spawn(dnsport::serve_tcp(
+            tcp,
+            Arc::clone(&mgr),
+            shutdown_rx.clone(),
+        ));
+        tracing::info!("DNS port listening on {addr} (UDP and TCP)");
         dns_addr = Some(addr);
     }
     let mut metrics_addr = None;

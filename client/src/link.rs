@@ -142,6 +142,15 @@ impl Link {
         relay: &RelayInfo,
         timeout: Duration,
     ) -> Result<Arc<Self>, ClientError> {
+        Self::connect_counted(relay, timeout, None).await
+    }
+
+    /// [`Link::connect`], counting the link's frames into `bytes` (the proxy's traffic).
+    pub(crate) async fn connect_counted(
+        relay: &RelayInfo,
+        timeout: Duration,
+        bytes: Option<&Arc<channel::LinkBytes>>,
+    ) -> Result<Arc<Self>, ClientError> {
         let addr = relay.connect_addr().ok_or(ClientError::NoGuardAddress)?;
         let ch = tokio::time::timeout(
             timeout,
@@ -150,6 +159,9 @@ impl Link {
         .await
         .map_err(|_| ClientError::Timeout("connecting to the guard"))?
         .map_err(ClientError::Link)?;
+        if let Some(b) = bytes {
+            ch.count_into(b);
+        }
         let (sender, receiver) = ch.split();
         let link = Arc::new(Self {
             relay: relay.id,
@@ -189,7 +201,6 @@ impl Link {
 /// Route cells by circuit id until the link closes, then drop every route.
 async fn reader(link: Arc<Link>, mut rx: ChannelReceiver) {
     while let Some(cell) = rx.recv().await {
-        crate::control::TRAFFIC.cell_read();
         link.router.route(cell);
     }
     link.closed.store(true, Ordering::Release);

@@ -1,7 +1,8 @@
 //! The proxy's Prometheus metrics: counters the circuit manager and the front ends update, and
 //! the page [`crate::ProxyHandle::metrics_text`] renders with `allium_proto::metrics`.
 //!
-//! Families (all prefixed `allium_`): `circuits_open`, `circuits_created_total`,
+//! Families (all prefixed `allium_`): `proxy_bytes_total{direction}` (bytes of guard-link
+//! frames, counted by the channel once per frame), `link_queued_bytes`, `circuits_open`, `circuits_created_total`,
 //! `circuit_build_failures_total`, `circuit_build_seconds` (histogram), `streams_open`,
 //! `socks_requests_total{outcome}`, `http_tunnel_requests_total{outcome}`,
 //! `dns_queries_total{rcode}`, `consensus_age_seconds`, `bootstrap_percent`.
@@ -119,6 +120,19 @@ impl ClientMetrics {
     /// circuit manager.
     pub(crate) fn render(&self, view: &View, now: u64) -> Exposition {
         let mut e = Exposition::new();
+        e.family(
+            "allium_proxy_bytes_total",
+            MetricType::Counter,
+            "Bytes read from and written to guard links (whole frames, framing included).",
+        )
+        .sample(&[("direction", "read")], view.bytes_read as f64)
+        .sample(&[("direction", "written")], view.bytes_written as f64);
+        e.single(
+            "allium_link_queued_bytes",
+            MetricType::Gauge,
+            "Bytes of cells waiting in the send queues of guard links, now.",
+            view.queued_bytes as f64,
+        );
         e.single(
             "allium_circuits_open",
             MetricType::Gauge,
@@ -203,6 +217,9 @@ impl ClientMetrics {
 /// What the circuit manager says at render time.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct View {
+    pub(crate) bytes_read: u64,
+    pub(crate) bytes_written: u64,
+    pub(crate) queued_bytes: u64,
     pub(crate) circuits_open: usize,
     pub(crate) streams_open: usize,
     pub(crate) has_dir: bool,
@@ -225,6 +242,9 @@ mod tests {
         m.dns(3);
         m.dns(200);
         let view = View {
+            bytes_read: 5000,
+            bytes_written: 1042,
+            queued_bytes: 2048,
             circuits_open: 2,
             streams_open: 1,
             has_dir: true,
@@ -234,6 +254,9 @@ mod tests {
         assert!(e.errors().is_empty(), "{:?}", e.errors());
         let page = e.finish();
         for line in [
+            "allium_proxy_bytes_total{direction=\"read\"} 5000",
+            "allium_proxy_bytes_total{direction=\"written\"} 1042",
+            "allium_link_queued_bytes 2048",
             "allium_circuits_open 2",
             "allium_circuits_created_total 1",
             "allium_circuit_build_failures_total 1",

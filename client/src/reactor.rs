@@ -102,7 +102,6 @@ impl Reactor {
     /// Put the core's queued cells on the link, in order.
     async fn flush(&mut self) {
         while let Some(cell) = self.core.poll_transmit() {
-            crate::control::TRAFFIC.cell_written();
             match self.link.sender.try_send(cell) {
                 Ok(None) => {}
                 Ok(Some(cell)) => {
@@ -151,6 +150,9 @@ impl Reactor {
                         tracing::debug!(circ = %self.core.id(), "circuit closed: {reason}");
                     }
                     self.shared.closed.store(true, Ordering::Release);
+                    self.shared
+                        .progress
+                        .closed(crate::control::circ_reason(&reason));
                     if let Some(b) = self.built.take() {
                         let _ = b.send(Err(reason));
                     }
@@ -314,4 +316,5 @@ pub(crate) async fn run(mut r: Reactor) {
     }
     r.link.unregister(id);
     r.shared.closed.store(true, Ordering::Release);
+    r.shared.progress.closed("FINISHED");
 }

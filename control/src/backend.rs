@@ -94,8 +94,12 @@ pub fn tor_log_line(filter: &str) -> String {
 pub enum CircState {
     /// Being built.
     Launched,
+    /// One more hop added (not all yet).
+    Extended,
     /// All hops added.
     Built,
+    /// The build failed.
+    Failed,
     /// Gone.
     Closed,
 }
@@ -105,7 +109,9 @@ impl CircState {
     pub fn keyword(self) -> &'static str {
         match self {
             Self::Launched => "LAUNCHED",
+            Self::Extended => "EXTENDED",
             Self::Built => "BUILT",
+            Self::Failed => "FAILED",
             Self::Closed => "CLOSED",
         }
     }
@@ -153,10 +159,23 @@ impl CircuitStatus {
 pub struct StreamStatus {
     /// The control port's id for it.
     pub id: u64,
-    /// The circuit (control id) carrying it.
+    /// Tor's `StreamStatus` keyword: `NEW`, `NEWRESOLVE`, `SENTCONNECT`, `SENTRESOLVE`,
+    /// `SUCCEEDED`, `FAILED` or `CLOSED`.
+    pub status: &'static str,
+    /// The circuit (control id) carrying it; 0 while none is chosen.
     pub circ_id: u64,
     /// Its target as `host:port` (the controller is the local operator; Tor shows it too).
     pub target: String,
+}
+
+impl StreamStatus {
+    /// The stream-status line (also the start of a STREAM event): `ID STATUS CIRCID TARGET`.
+    pub fn line(&self) -> String {
+        format!(
+            "{} {} {} {}",
+            self.id, self.status, self.circ_id, self.target
+        )
+    }
 }
 
 /// One link to another relay.
@@ -304,6 +323,11 @@ pub trait ControlBackend: Send + Sync + 'static {
     fn orconns(&self, now: &Now) -> Vec<OrConnStatus>;
     /// Bootstrap progress.
     fn bootstrap(&self) -> Bootstrap;
+    /// The bus on which the node pushes CIRC and STREAM events as they happen (`None`: it has
+    /// none to push, as a relay, which originates no circuits).
+    fn events(&self) -> Option<&crate::events::EventBus> {
+        None
+    }
 }
 
 /// Answer a GETINFO `ns/all`, `ns/id/<fingerprint>` or `ns/name/<nickname>` key from `nd`

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Semaphore, broadcast, watch};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::auth::AuthConfig;
@@ -17,7 +17,7 @@ use crate::backend::{ControlBackend, Now};
 use crate::config::{ControlConfig, ControlError};
 use crate::framer::Framer;
 use crate::reply::{Code, single};
-use crate::session::{Action, ServerInfo, Session};
+use crate::session::{Action, ServerInfo, Session, SetConf};
 
 /// Most control connections at once (further ones get 451 and are closed).
 pub const MAX_CONNECTIONS: usize = 16;
@@ -27,6 +27,19 @@ pub const UNAUTH_TIMEOUT: Duration = Duration::from_secs(30);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Interval of the BW event and of the snapshot comparisons.
 pub const TICK: Duration = Duration::from_secs(1);
+
+/// Longest a controller waits for the process to apply a SETCONF.
+pub const SETCONF_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// SETCONF changes the process is asked to apply live (through its reload path); the answer
+/// goes back on `reply`: `Err(why)` becomes reply 553 with `why`.
+#[derive(Debug)]
+pub struct SetConfRequest {
+    /// The options to change, with their new values.
+    pub changes: Vec<SetConf>,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Result<(), String>>,
+}
 
 /// What the process should do because of a controller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +66,8 @@ pub struct ControlServer {
     requests: watch::Receiver<Option<Request>>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    setconf: std::sync::Mutex<Option<mpsc::Receiver<SetConfRequest>>>,
+    setconf_taken: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Shared {
@@ -62,6 +77,9 @@ struct Shared {
     slots: Arc<Semaphore>,
     requests: watch::Sender<Option<Request>>,
     stop: watch::Receiver<bool>,
+    setconf: mpsc::Sender<SetConfRequest>,
+    /// Whether the process takes SETCONF requests ([`ControlServer::take_setconf`]).
+    setconf_taken: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The user name of the process (from `/etc/passwd`; the numeric id if not found).
@@ -172,6 +190,8 @@ pub async fn start(
     });
     let (req_tx, req_rx) = watch::channel(None);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (setconf_tx, setconf_rx) = mpsc::channel(MAX_CONNECTIONS);
+    let setconf_taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let shared = Arc::new(Shared {
         backend,
         auth,
@@ -179,6 +199,8 @@ pub async fn start(
         slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         requests: req_tx,
         stop: stop_rx,
+        setconf: setconf_tx,
+        setconf_taken: Arc::clone(&setconf_taken),
     });
     let mut tasks = JoinSet::new();
     hold_sighup(&mut tasks);
@@ -257,6 +279,8 @@ pub async fn start(
         requests: req_rx,
         stop: stop_tx,
         tasks,
+        setconf: std::sync::Mutex::new(Some(setconf_rx)),
+        setconf_taken,
     }))
 }
 
@@ -264,6 +288,16 @@ impl ControlServer {
     /// The bound TCP address, if a TCP listener is configured.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp_addr
+    }
+
+    /// The SETCONF requests of every controller, for the process to apply live (once; `None`
+    /// after the first call). Until it is taken, SETCONF changes nothing that runs and gets the
+    /// backend's own answer (553 naming the key to edit).
+    pub fn take_setconf(&self) -> Option<mpsc::Receiver<SetConfRequest>> {
+        let rx = self.setconf.lock().ok()?.take()?;
+        self.setconf_taken
+            .store(true, std::sync::atomic::Ordering::Release);
+        Some(rx)
     }
 
     /// Wait until a controller asks the process to stop (SIGNAL SHUTDOWN or HALT, or the
@@ -324,6 +358,37 @@ async fn write<S: AsyncWrite + Unpin>(s: &mut S, text: &str) -> bool {
     )
 }
 
+/// Hand SETCONF changes to the process and turn its answer into the reply; `None` if the
+/// process does not take SETCONF requests.
+async fn setconf(shared: &Shared, changes: Vec<SetConf>) -> Option<String> {
+    if !shared
+        .setconf_taken
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        return None;
+    }
+    let (tx, rx) = oneshot::channel();
+    let asked = async {
+        shared
+            .setconf
+            .send(SetConfRequest { changes, reply: tx })
+            .await
+            .ok()?;
+        rx.await.ok()
+    };
+    Some(match tokio::time::timeout(SETCONF_TIMEOUT, asked).await {
+        Ok(Some(Ok(()))) => single(Code::OK, "OK"),
+        Ok(Some(Err(why))) => single(
+            Code::INVALID_CONFIG,
+            &format!("Unable to set option: {why}"),
+        ),
+        _ => single(
+            Code::INTERNAL,
+            "The process did not answer in time; check the option with GETCONF",
+        ),
+    })
+}
+
 fn raise_sighup() {
     use rustix::process::{Signal, getpid, kill_process};
     if let Err(e) = kill_process(getpid(), Signal::HUP) {
@@ -344,6 +409,10 @@ where
     );
     let mut framer = Framer::new();
     let mut logs = crate::logfeed::subscribe();
+    let mut pushed = shared
+        .backend
+        .events()
+        .map(crate::events::EventBus::subscribe);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let unauth_deadline = tokio::time::sleep(UNAUTH_TIMEOUT);
@@ -376,7 +445,12 @@ where
                             break;
                         }
                     };
-                    let out = session.handle(&cmd, &now());
+                    let mut out = session.handle(&cmd, &now());
+                    if let Some(changes) = out.setconf.take()
+                        && let Some(reply) = setconf(shared, changes).await
+                    {
+                        out.reply = reply;
+                    }
                     if !write(&mut stream, &out.reply).await {
                         close = true;
                         break;
@@ -416,6 +490,23 @@ where
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => logs = crate::logfeed::subscribe(),
+            },
+            r = async {
+                match pushed.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => match r {
+                Ok(ev) => {
+                    let out = session.pushed_event(&ev);
+                    if !write(&mut stream, &out).await {
+                        break;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::debug!("a slow controller missed {n} events");
+                }
+                Err(broadcast::error::RecvError::Closed) => pushed = None,
             },
             () = &mut unauth_deadline, if !session.is_authenticated() => {
                 let _ = write(

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod driver;
+pub mod events;
 pub mod framer;
 pub mod logfeed;
 pub mod reply;
@@ -16,4 +17,6 @@ pub use backend::{
     StreamStatus, fingerprint, long_name, ns_entry, ns_lookup,
 };
 pub use config::{ControlConfig, ControlError};
-pub use driver::{ControlServer, Request, start};
+pub use driver::{ControlServer, Request, SetConfRequest, start};
+pub use events::{Event, EventBus};
+pub use session::SetConf;

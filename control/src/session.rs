@@ -3,8 +3,9 @@
 //! [`Session::handle`] takes a framed [`Command`] and the time, and returns the reply bytes, whether
 //! to close, and a driver-level action (a signal, ownership). [`Session::tick`] (once a second from
 //! the driver) and [`Session::log_event`] produce asynchronous `650` events for the events the
-//! controller subscribed to. CIRC, STREAM, ORCONN and STATUS_CLIENT events come from comparing the
-//! backend's snapshots between ticks.
+//! controller subscribed to. ORCONN and STATUS_CLIENT events come from comparing the backend's
+//! snapshots between ticks; CIRC and STREAM events are pushed by the node as they happen
+//! ([`crate::events::EventBus`]) and written by [`Session::pushed_event`].
 //!
 //! Before authentication only PROTOCOLINFO, AUTHENTICATE, AUTHCHALLENGE and QUIT are accepted;
 //! anything else gets 514, and the connection is closed after [`MAX_UNAUTH_REFUSALS`] of them or
@@ -17,9 +18,7 @@ use std::time::Instant;
 
 use crate::args::{Arg, parse_args, quote};
 use crate::auth::{AuthConfig, Challenge, MAX_CLIENT_NONCE, NONCE_LEN};
-use crate::backend::{
-    Bootstrap, CircState, CircuitStatus, ControlBackend, Now, OrConnStatus, Signal, StreamStatus,
-};
+use crate::backend::{Bootstrap, ControlBackend, Now, OrConnStatus, Signal};
 use crate::framer::{Command, FrameError};
 use crate::reply::{Code, Reply, single};
 
@@ -172,6 +171,23 @@ pub struct Output {
     pub close: bool,
     /// Something for the driver to do.
     pub action: Option<Action>,
+    /// SETCONF/RESETCONF changes to apply live: the driver hands them to the process
+    /// ([`crate::driver::ControlServer::take_setconf`]) and replies `250` or `553` with its
+    /// answer; [`Output::reply`] is the answer when nothing in the process applies them.
+    pub setconf: Option<Vec<SetConf>>,
+}
+
+/// One option a controller wants changed (SETCONF/RESETCONF), for the process to apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetConf {
+    /// The name the controller used, as GETCONF shows it (Tor's where Tor has the option).
+    pub name: &'static str,
+    /// The Allium configuration key.
+    pub key: &'static str,
+    /// Tor's type name (see [`crate::backend::ConfOption::kind`]).
+    pub kind: &'static str,
+    /// The new values (the defaults for RESETCONF or a bare `KEY`).
+    pub values: Vec<String>,
 }
 
 impl Output {
@@ -185,7 +201,7 @@ impl Output {
         Self {
             reply,
             close: true,
-            action: None,
+            ..Self::default()
         }
     }
 }
@@ -203,8 +219,6 @@ pub struct LogRecord {
 #[derive(Debug, Default)]
 struct Seen {
     traffic: Option<(u64, u64)>,
-    circuits: Option<BTreeMap<u64, CircuitStatus>>,
-    streams: Option<BTreeMap<u64, StreamStatus>>,
     orconns: Option<BTreeMap<u64, OrConnStatus>>,
     bootstrap: Option<Bootstrap>,
 }
@@ -298,15 +312,15 @@ impl Session {
             "QUIT" => Output::closing(single(Code::OK, "closing connection")),
             "GETINFO" => Output::reply(self.getinfo(&args, now)),
             "GETCONF" => Output::reply(self.getconf(&args)),
-            "SETCONF" => Output::reply(self.setconf(&args, false)),
-            "RESETCONF" => Output::reply(self.setconf(&args, true)),
+            "SETCONF" => self.setconf(&args, false),
+            "RESETCONF" => self.setconf(&args, true),
             "SETEVENTS" => Output::reply(self.setevents(&args, now)),
             "SIGNAL" => self.signal(&args),
             "USEFEATURE" => Output::reply(usefeature(&args)),
             "TAKEOWNERSHIP" => Output {
                 reply: single(Code::OK, "OK"),
-                close: false,
                 action: Some(Action::TakeOwnership),
+                ..Output::default()
             },
             "SAVECONF" => Output::reply(single(
                 Code::UNRECOGNIZED_ENTITY,
@@ -448,11 +462,7 @@ impl Session {
             "circuit-status" => ok(lines(
                 self.backend.circuits(now).iter().map(|c| c.line(c.state)),
             )),
-            "stream-status" => {
-                ok(lines(self.backend.streams(now).iter().map(|s| {
-                    format!("{} SUCCEEDED {} {}", s.id, s.circ_id, s.target)
-                })))
-            }
+            "stream-status" => ok(lines(self.backend.streams(now).iter().map(|s| s.line()))),
             "orconn-status" => ok(lines(
                 self.backend
                     .orconns(now)
@@ -645,9 +655,9 @@ impl Session {
         r.end(&last)
     }
 
-    fn setconf(&self, args: &[Arg], reset: bool) -> String {
+    fn setconf(&self, args: &[Arg], reset: bool) -> Output {
         if args.is_empty() {
-            return single(Code::SYNTAX, "No options given");
+            return Output::reply(single(Code::SYNTAX, "No options given"));
         }
         let options = self.backend.options();
         let mut changes: Vec<(&'static str, Vec<String>)> = Vec::new();
@@ -656,24 +666,27 @@ impl Session {
                 (Some(k), false) => (k.as_str(), Some(a.value.clone())),
                 (None, _) if !a.quoted => (a.value.as_str(), None),
                 _ => {
-                    return single(Code::SYNTAX, "Syntax error: expected KEY or KEY=VALUE");
+                    return Output::reply(single(
+                        Code::SYNTAX,
+                        "Syntax error: expected KEY or KEY=VALUE",
+                    ));
                 }
             };
             let Some(o) = Self::find_option(&options, name) else {
-                return single(
+                return Output::reply(single(
                     Code::UNRECOGNIZED_ENTITY,
                     &format!(
                         "Unrecognized option: Unknown option {}. Check docs/CONTROL.md for the options Allium has",
                         quote(name)
                     ),
-                );
+                ));
             };
             let entry = match changes.iter_mut().find(|(n, _)| *n == o.name) {
                 Some(e) => e,
                 None => {
                     changes.push((o.name, Vec::new()));
                     let Some(e) = changes.last_mut() else {
-                        return single(Code::INTERNAL, "Internal error");
+                        return Output::reply(single(Code::INTERNAL, "Internal error"));
                     };
                     e
                 }
@@ -682,12 +695,35 @@ impl Session {
                 entry.1.push(v);
             }
         }
-        match self.backend.set_options(&changes) {
+        // What really changes, with the defaults filled in for reset options.
+        let live: Vec<SetConf> = changes
+            .iter()
+            .filter_map(|(name, values)| {
+                let o = options.iter().find(|o| o.name == *name)?;
+                let wanted = if values.is_empty() {
+                    o.defaults.clone()
+                } else {
+                    values.clone()
+                };
+                (wanted != o.values).then_some(SetConf {
+                    name: o.name,
+                    key: o.allium_key,
+                    kind: o.kind,
+                    values: wanted,
+                })
+            })
+            .collect();
+        let reply = match self.backend.set_options(&changes) {
             Ok(()) => single(Code::OK, "OK"),
             Err(why) => single(
                 Code::INVALID_CONFIG,
                 &format!("Unable to set option: {why}"),
             ),
+        };
+        Output {
+            reply,
+            setconf: (!live.is_empty()).then_some(live),
+            ..Output::default()
         }
     }
 
@@ -713,12 +749,6 @@ impl Session {
         // changes since the last tick are not lost); new kinds take theirs now.
         if !set.contains("BW") {
             self.seen.traffic = None;
-        }
-        if !set.contains("CIRC") {
-            self.seen.circuits = None;
-        }
-        if !set.contains("STREAM") {
-            self.seen.streams = None;
         }
         if !set.contains("ORCONN") {
             self.seen.orconns = None;
@@ -760,8 +790,8 @@ impl Session {
         }
         Output {
             reply,
-            close: false,
             action,
+            ..Output::default()
         }
     }
 
@@ -790,57 +820,6 @@ impl Session {
                 ));
             }
             self.seen.traffic = Some(cur);
-        }
-        if self.events.contains("CIRC") {
-            let cur: BTreeMap<u64, CircuitStatus> = self
-                .backend
-                .circuits(now)
-                .into_iter()
-                .map(|c| (c.id, c))
-                .collect();
-            if let Some(prev) = &self.seen.circuits {
-                for (id, c) in &cur {
-                    if prev.get(id).map(|p| p.state) != Some(c.state) {
-                        out.push_str(&single(Code::EVENT, &format!("CIRC {}", c.line(c.state))));
-                    }
-                }
-                for (id, c) in prev {
-                    if !cur.contains_key(id) {
-                        out.push_str(&single(
-                            Code::EVENT,
-                            &format!("CIRC {} REASON=FINISHED", c.line(CircState::Closed)),
-                        ));
-                    }
-                }
-            }
-            self.seen.circuits = Some(cur);
-        }
-        if self.events.contains("STREAM") {
-            let cur: BTreeMap<u64, StreamStatus> = self
-                .backend
-                .streams(now)
-                .into_iter()
-                .map(|s| (s.id, s))
-                .collect();
-            if let Some(prev) = &self.seen.streams {
-                for (id, s) in &cur {
-                    if !prev.contains_key(id) {
-                        out.push_str(&single(
-                            Code::EVENT,
-                            &format!("STREAM {} SUCCEEDED {} {}", s.id, s.circ_id, s.target),
-                        ));
-                    }
-                }
-                for (id, s) in prev {
-                    if !cur.contains_key(id) {
-                        out.push_str(&single(
-                            Code::EVENT,
-                            &format!("STREAM {} CLOSED {} {}", s.id, s.circ_id, s.target),
-                        ));
-                    }
-                }
-            }
-            self.seen.streams = Some(cur);
         }
         if self.events.contains("ORCONN") {
             let cur: BTreeMap<u64, OrConnStatus> = self
@@ -884,6 +863,14 @@ impl Session {
             self.seen.bootstrap = Some(cur);
         }
         out
+    }
+
+    /// An event the node pushed (CIRC, STREAM), if the controller subscribed to its kind.
+    pub fn pushed_event(&self, ev: &crate::events::Event) -> String {
+        if !self.authenticated || !self.events.contains(ev.kind) {
+            return String::new();
+        }
+        single(Code::EVENT, &ev.body)
     }
 
     /// A log event, if the controller subscribed to its severity.

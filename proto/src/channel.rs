@@ -13,6 +13,9 @@
 //! - Any error (bad frame length, failed authentication, unknown cell command, I/O, write stall)
 //!   closes the whole link: both halves see it closed.
 //! - Link PADDING cells are dropped by the receiver.
+//! - Traffic: a link counts whole frames as they cross the socket (length prefix and tag
+//!   included) into the [`LinkBytes`] given to [`Channel::count_into`], one relaxed atomic add
+//!   per frame and direction (never per cell).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,6 +63,52 @@ fn now_unix() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+/// Bytes a node's links moved, counted per Noise frame (length prefix and tag included) as the
+/// frame is written to or read from the socket. Shared by every link of a node.
+#[derive(Debug, Default)]
+pub struct LinkBytes {
+    read: AtomicU64,
+    written: AtomicU64,
+    /// The send queues of the links that count here (for [`LinkBytes::queued_bytes`]).
+    queues: std::sync::Mutex<Vec<std::sync::Weak<SendQueue>>>,
+}
+
+impl LinkBytes {
+    /// Bytes of frames read so far.
+    pub fn read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+    /// Bytes of frames written so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+    /// Bytes of cells waiting in the send queues of the open links that count here, now
+    /// (computed when asked: links pay nothing for it).
+    pub fn queued_bytes(&self) -> u64 {
+        let Ok(mut qs) = self.queues.lock() else {
+            return 0;
+        };
+        let mut cells = 0usize;
+        qs.retain(|w| match w.upgrade() {
+            Some(q) => {
+                cells += q.state.lock().map(|s| s.mux.len()).unwrap_or(0);
+                true
+            }
+            None => false,
+        });
+        (cells * CELL_LEN) as u64
+    }
+    fn add_read(&self, n: usize) {
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    fn add_written(&self, n: usize) {
+        self.written.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Where one link counts its frames (set once by [`Channel::count_into`]).
+type CounterSlot = Arc<std::sync::OnceLock<Arc<LinkBytes>>>;
 
 /// Open a link to the relay `peer_id` at `addr` whose Noise static key is `peer_link_key`.
 /// Relays pass their link key as `our_static` so the peer recognises them; clients pass `None`.
@@ -188,6 +237,7 @@ pub struct Channel {
     initiator: bool,
     sender: ChannelSender,
     receiver: ChannelReceiver,
+    counters: CounterSlot,
 }
 
 impl Channel {
@@ -208,12 +258,14 @@ impl Channel {
         let (sealer, opener) = t.split();
         let closed = CloseSignal::new();
         let (sender, queue) = ChannelSender::new(closed.clone(), MuxConfig::default());
+        let counters = CounterSlot::default();
         tokio::spawn(writer_task(
             wr,
             queue,
             sealer,
             closed.clone(),
             Arc::clone(&sender.inner.write_timeout_ms),
+            Arc::clone(&counters),
         ));
         Self {
             peer_static,
@@ -221,10 +273,12 @@ impl Channel {
             info,
             initiator,
             sender,
+            counters: Arc::clone(&counters),
             receiver: ChannelReceiver {
                 rd,
                 opener,
                 closed,
+                counters,
                 buf: BytesMut::with_capacity(2 * (MAX_FRAME_LEN + LEN_PREFIX)),
                 // As long as a whole frame, tag included: the AEAD then opens in place here
                 // instead of allocating a scratch copy of the frame.
@@ -261,6 +315,20 @@ impl Channel {
     /// Close the link (see [`ChannelSender::close`]).
     pub fn close(&self) {
         self.sender.close();
+    }
+
+    /// Count this link's frames into `to` from now on (call it before the first cell moves).
+    /// Returns false, changing nothing, if the link already counts somewhere.
+    pub fn count_into(&self, to: &Arc<LinkBytes>) -> bool {
+        if self.counters.set(Arc::clone(to)).is_err() {
+            return false;
+        }
+        if let Ok(mut qs) = to.queues.lock() {
+            // Forget closed links while here, so the list stays as long as the open ones.
+            qs.retain(|w| w.strong_count() > 0);
+            qs.push(Arc::downgrade(&self.sender.inner.queue));
+        }
+        true
     }
 
     /// The two halves. The link stays open while any [`ChannelSender`] clone exists (dropping the
@@ -460,6 +528,7 @@ pub struct ChannelReceiver {
     plain_len: usize,
     plain_off: usize,
     error: Option<LinkError>,
+    counters: CounterSlot,
 }
 
 impl std::fmt::Debug for ChannelReceiver {
@@ -549,6 +618,9 @@ impl ChannelReceiver {
             };
             let n = self.opener.open_frame(frame, &mut self.plain)?;
             self.buf.advance(used);
+            if let Some(c) = self.counters.get() {
+                c.add_read(used);
+            }
             self.plain_len = n;
             self.plain_off = 0;
         }
@@ -571,6 +643,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(
     mut sealer: LinkSealer,
     closed: CloseSignal,
     write_timeout_ms: Arc<AtomicU64>,
+    counters: CounterSlot,
 ) {
     // One slot per cell of a frame, zeroed once per link (every slot used is overwritten).
     let mut plain = vec![[0u8; CELL_LEN]; MAX_CELLS_PER_FRAME];
@@ -593,7 +666,10 @@ async fn writer_task<W: AsyncWrite + Unpin>(
                 continue;
             }
             let out = (&mut plain[..], &mut frame[..], &mut sealer, &mut wr);
-            write_batch(&mut batch, out, &write_timeout_ms).await?;
+            let n = write_batch(&mut batch, out, &write_timeout_ms).await?;
+            if let Some(c) = counters.get() {
+                c.add_written(n);
+            }
         }
         let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.shutdown()).await;
         Ok(())
@@ -615,12 +691,13 @@ type FrameOut<'a, W> = (
     &'a mut W,
 );
 
-/// Seal the cells of `batch` (at most one frame's worth; emptied) into one frame and write it.
+/// Seal the cells of `batch` (at most one frame's worth; emptied) into one frame and write it;
+/// returns the frame's length on the wire.
 async fn write_batch<W: AsyncWrite + Unpin>(
     batch: &mut Vec<Cell>,
     out: FrameOut<'_, W>,
     write_timeout_ms: &AtomicU64,
-) -> Result<(), LinkError> {
+) -> Result<usize, LinkError> {
     let (plain, frame, sealer, wr) = out;
     let limit = Duration::from_millis(write_timeout_ms.load(Ordering::Relaxed));
     let mut n = 0;
@@ -637,7 +714,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     tokio::time::timeout(limit, wr.write_all(bytes))
         .await
         .map_err(|_| LinkError::WriteTimeout)??;
-    Ok(())
+    Ok(bytes.len())
 }
 
 #[cfg(test)]
@@ -684,7 +761,14 @@ mod tests {
         let closed = CloseSignal::new();
         let (sender, queue) = ChannelSender::new(closed.clone(), MuxConfig::default());
         let timeout = Arc::clone(&sender.inner.write_timeout_ms);
-        tokio::spawn(writer_task(wr, queue, sealer, closed.clone(), timeout));
+        tokio::spawn(writer_task(
+            wr,
+            queue,
+            sealer,
+            closed.clone(),
+            timeout,
+            CounterSlot::default(),
+        ));
         if bulk {
             let s = sender.clone();
             tokio::spawn(async move { while s.send(relay_cell(1, 0)).await.is_ok() {} });
@@ -759,7 +843,14 @@ mod tests {
         let closed = CloseSignal::new();
         let (sender, queue) = ChannelSender::new(closed.clone(), MuxConfig::default());
         let timeout = Arc::clone(&sender.inner.write_timeout_ms);
-        tokio::spawn(writer_task(wr, queue, sealer, closed.clone(), timeout));
+        tokio::spawn(writer_task(
+            wr,
+            queue,
+            sealer,
+            closed.clone(),
+            timeout,
+            CounterSlot::default(),
+        ));
         let mut queued = 0;
         while sender.try_send(relay_cell(1, 0)).unwrap().is_none() {
             queued += 1;
@@ -780,5 +871,55 @@ mod tests {
             sender.try_send(relay_cell(3, 0)),
             Err(LinkError::Closed)
         ));
+    }
+
+    /// Frames are counted on both sides, once each: what one end writes, the other reads, and
+    /// the count is the cells plus each frame's length prefix and tag.
+    #[tokio::test]
+    async fn link_bytes_count_whole_frames() {
+        let id = RelayId([9; 32]);
+        let key = X25519Secret::generate();
+        let public = key.public();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            accept(tcp, &id, &key).await.unwrap()
+        });
+        let client = connect(addr, &id, &public, None).await.unwrap();
+        let server = server.await.unwrap();
+        let (sent, got) = (
+            Arc::new(LinkBytes::default()),
+            Arc::new(LinkBytes::default()),
+        );
+        assert!(client.count_into(&sent));
+        assert!(!client.count_into(&got), "a link counts into one place");
+        assert!(server.count_into(&got));
+        let (tx, _crx) = client.split();
+        let (_stx, mut rx) = server.split();
+        const N: usize = 40;
+        for i in 0..N {
+            tx.send(relay_cell(1, i as u8)).await.unwrap();
+        }
+        for _ in 0..N {
+            rx.recv().await.unwrap();
+        }
+        let frames = rx.frames_received() as usize;
+        assert!(frames >= 2, "{N} cells need at least two frames");
+        let overhead = got.read() as usize - N * CELL_LEN;
+        assert_eq!(overhead % frames, 0);
+        assert!(overhead / frames >= LEN_PREFIX && overhead / frames <= LEN_PREFIX + 32);
+        assert_eq!(sent.written(), got.read());
+        assert_eq!(sent.read(), 0);
+        assert_eq!(got.written(), 0);
+        assert_eq!(sent.queued_bytes(), 0, "everything was sent");
+        // Cells queued and not yet taken by the writer (it cannot run: this test's runtime has
+        // one thread and the loop does not yield) are counted when asked.
+        let mut queued = 0;
+        while tx.try_send(relay_cell(2, 0)).unwrap().is_none() {
+            queued += 1;
+        }
+        assert_eq!(queued, CIRC_QUEUE_CELLS);
+        assert_eq!(sent.queued_bytes(), (queued * CELL_LEN) as u64);
     }
 }

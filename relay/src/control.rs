@@ -163,7 +163,9 @@ impl ControlBackend for RelayControl {
     }
 
     fn options(&self) -> Vec<ConfOption> {
-        let c = &self.ctx.cfg;
+        // The configuration as last reloaded (SIGHUP or SETCONF), so GETCONF shows what runs.
+        let live = self.ctx.live();
+        let c = &*live;
         let d = crate::RelayConfig::for_test("x", "");
         let opt = |name, allium_key, kind, values: Vec<String>, defaults: Vec<String>| ConfOption {
             name,
@@ -375,7 +377,7 @@ impl ControlBackend for RelayControl {
     }
 
     fn traffic(&self) -> (u64, u64) {
-        (self.ctx.stats.bytes_read(), self.ctx.stats.bytes_written())
+        (self.ctx.link_bytes.read(), self.ctx.link_bytes.written())
     }
 
     fn circuits(&self, _now: &Now) -> Vec<CircuitStatus> {
@@ -481,6 +483,16 @@ mod tests {
         assert!(b.circuits(&now).is_empty() && b.orconns(&now).is_empty());
         assert!(b.signal(Signal::NewNym).is_ok() && b.signal(Signal::Heartbeat).is_ok());
         assert_eq!(b.traffic(), (0, 0));
+        // GETCONF shows the configuration in force after a live change (SETCONF or SIGHUP).
+        let mut changed = (*relay.config()).clone();
+        changed.bandwidth_rate = 5_000_000;
+        relay.reconfigure(&changed).unwrap();
+        let rate = b
+            .options()
+            .into_iter()
+            .find(|o| o.name == "BandwidthRate")
+            .unwrap();
+        assert_eq!(rate.values, vec!["5000000"]);
         relay.shutdown().await;
     }
 

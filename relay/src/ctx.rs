@@ -193,6 +193,9 @@ pub struct Ctx {
     pub(crate) stats: Stats,
     /// Per-address limits, the replay cache, the circuit registry for the out-of-memory handler.
     pub(crate) dos: Arc<crate::dos::Dos>,
+    /// Bytes of frames on every link (counted per frame by the channel): the control port's
+    /// `traffic/*` and BW events and the `/metrics` byte counters.
+    pub(crate) link_bytes: Arc<allium_proto::channel::LinkBytes>,
     /// Wakes the consensus task early (e.g. an unknown relay asked us to extend).
     pub(crate) refetch: Notify,
     /// The address published in the descriptor.
@@ -258,6 +261,7 @@ impl Ctx {
             shutdown,
             stats: Stats::default(),
             dos: Arc::new(crate::dos::Dos::new(cfg.dos.clone())),
+            link_bytes: Arc::default(),
             refetch: Notify::new(),
             advertised,
             dir: crate::dirsync::DirState::default(),
@@ -523,6 +527,7 @@ impl LinkManager {
             Err(_) => return None,
         };
         let peer_static = ch.peer_static();
+        ch.count_into(&ctx.link_bytes);
         let (tx, rx) = ch.split();
         // A peer that stops reading loses the link after the circuit stall timeout.
         tx.set_write_timeout(ctx.limits.blocked_cap);

@@ -117,6 +117,10 @@ impl RelayHandle {
     pub fn stats(&self) -> &Stats {
         &self.ctx.stats
     }
+    /// Bytes read from and written to links so far (whole frames, counted per frame).
+    pub fn link_traffic(&self) -> (u64, u64) {
+        (self.ctx.link_bytes.read(), self.ctx.link_bytes.written())
+    }
     /// The signed descriptor (envelope bytes) as last built for upload, if any yet.
     pub fn last_descriptor(&self) -> Option<Vec<u8>> {
         self.ctx
@@ -407,6 +411,7 @@ async fn run_listener(ctx: Arc<Ctx>, listener: TcpListener, slots: Arc<Semaphore
             let peer_relay = ctx
                 .netdir()
                 .and_then(|nd| nd.by_link_key(&peer_static).map(|e| e.identity));
+            ch.count_into(&ctx.link_bytes);
             let (tx, rx) = ch.split();
             // A peer that stops reading loses the link after the circuit stall timeout, so
             // circuits with nothing left to send cannot be held on a stuck link either.

@@ -1,8 +1,10 @@
 //! The relay's Prometheus metrics page ([`RelayHandle::metrics_text`]), written with
 //! `allium_proto::metrics` from the counters in [`crate::Stats`] and the consensus held.
 //!
-//! Families: `allium_relay_bytes_total{direction}` and `allium_relay_cells_total{direction}`
-//! (the counters count whole cells: read from links, and originated), `allium_circuits_open`,
+//! Families: `allium_relay_bytes_total{direction}` (bytes of link frames read and written, as
+//! the channel counts them once per frame), `allium_relay_cells_total{direction}` (the
+//! descriptor counters: cells read from links, and originated), `allium_link_queued_bytes`
+//! (cells waiting in link send queues), `allium_circuits_open`,
 //! `allium_circuits_created_total`, `allium_streams_open` (exit streams),
 //! `allium_dos_rejections_total{reason}` (reasons: the circuit layer's and every
 //! [`crate::dos::Refusal`]), `allium_relay_queued_bytes`, `allium_consensus_age_seconds`,
@@ -51,10 +53,10 @@ pub(crate) fn page(ctx: &Ctx, now: u64) -> Exposition {
     e.family(
         "allium_relay_bytes_total",
         MetricType::Counter,
-        "Bytes of cells read from links (read) and of cells this relay originated (written).",
+        "Bytes read from and written to links (whole frames, framing included).",
     )
-    .sample(&[("direction", "read")], read as f64)
-    .sample(&[("direction", "written")], written as f64);
+    .sample(&[("direction", "read")], ctx.link_bytes.read() as f64)
+    .sample(&[("direction", "written")], ctx.link_bytes.written() as f64);
     e.family(
         "allium_relay_cells_total",
         MetricType::Counter,
@@ -64,6 +66,12 @@ pub(crate) fn page(ctx: &Ctx, now: u64) -> Exposition {
     .sample(
         &[("direction", "written")],
         (written / CELL_LEN as u64) as f64,
+    );
+    e.single(
+        "allium_link_queued_bytes",
+        MetricType::Gauge,
+        "Bytes of cells waiting in the send queues of open links, now.",
+        ctx.link_bytes.queued_bytes() as f64,
     );
     e.single(
         "allium_circuits_open",
@@ -160,6 +168,8 @@ mod tests {
             "# TYPE allium_relay_cells_total counter",
             "allium_relay_cells_total{direction=\"read\"} 0",
             "allium_circuits_open 0",
+            "allium_link_queued_bytes 0",
+            "allium_relay_bytes_total{direction=\"read\"} 0",
             "allium_streams_open 0",
             "allium_dos_rejections_total{reason=\"queue_overflow\"} 0",
             "allium_dos_rejections_total{reason=\"create_rate\"} 0",

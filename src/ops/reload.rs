@@ -107,6 +107,69 @@ pub fn merge(running: &mut Map<String, Value>, new: &Map<String, Value>, plan: &
     }
 }
 
+/// A controller's SETCONF values for `key` as the JSON its configuration holds, shaped like
+/// the running value `current`: a list takes every value, a boolean `1`/`0`/`true`/`false`, a
+/// number a number (seconds for durations). `log_level` also takes Tor's `Log` form
+/// (`notice stderr`: the severity is mapped to Allium's filter).
+pub fn json_value(key: &str, current: Option<&Value>, values: &[String]) -> Result<Value, String> {
+    let one = || match values {
+        [v] => Ok(v.trim()),
+        [] => Err("needs a value".to_owned()),
+        _ => Err("takes one value".to_owned()),
+    };
+    if key == "log_level" {
+        let v = one()?;
+        let sev = v.split_whitespace().next().unwrap_or(v);
+        let level = match sev.to_ascii_lowercase().as_str() {
+            "err" => "error",
+            "warn" => "warn",
+            "notice" => "info",
+            "info" => "debug",
+            "debug" => "trace",
+            _ => v,
+        };
+        return Ok(Value::String(level.to_owned()));
+    }
+    let number = |v: &str| -> Result<Value, String> {
+        if let Ok(n) = v.parse::<u64>() {
+            return Ok(Value::from(n));
+        }
+        v.parse::<f64>()
+            .ok()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .and_then(serde_json::Number::from_f64)
+            .map(Value::Number)
+            .ok_or_else(|| format!("{v:?} is not a number (durations are in seconds)"))
+    };
+    match current {
+        Some(Value::Bool(_)) => match one()?.to_ascii_lowercase().as_str() {
+            "1" | "true" => Ok(Value::Bool(true)),
+            "0" | "false" => Ok(Value::Bool(false)),
+            other => Err(format!("{other:?} is not a boolean (1 or 0)")),
+        },
+        Some(Value::Number(_)) => number(one()?),
+        Some(Value::Array(items)) => {
+            let numbers = items.first().is_some_and(Value::is_number);
+            values
+                .iter()
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(|v| {
+                    if numbers {
+                        number(v)
+                    } else {
+                        Ok(Value::String(v.to_owned()))
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Value::Array)
+        }
+        Some(Value::Null) | None if values.is_empty() => Ok(Value::Null),
+        _ => Ok(Value::String(one()?.to_owned())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""Drive Allium's control ports with stem, unmodified: circuit listing, NEWNYM, BW events.
+"""Drive Allium's control ports with stem, unmodified: circuit listing, NEWNYM, CIRC, STREAM and
+BW events, GETCONF/SETCONF.
 
-Usage: check.py TESTNET_JSON   (the file `allium testnet` writes; the cargo test writes the same
-shape). Exits non-zero with a message on the first failure.
+Usage: check.py TESTNET_JSON [--live-setconf]   (the file `allium testnet` writes; the cargo test
+writes the same shape). With --live-setconf (the `allium` binary, whose SETCONF goes through its
+reload path), a reloadable option must change live. Exits non-zero with a message on the first
+failure.
 """
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -82,9 +86,11 @@ def check_proxy(info):
         if not fresh:
             fail(f"NEWNYM: no fresh circuit (before {sorted(before)})")
         print(f"proxy: NEWNYM ok: old circuits {sorted(before)} gone, fresh {sorted(fresh)}")
-        # BW events for 3 s while a request goes through the proxy.
+        # BW events for 3 s while a request goes through the proxy; its STREAM events.
         bw = []
+        streams = []
         c.add_event_listener(lambda e: bw.append(e), EventType.BW)
+        c.add_event_listener(lambda e: streams.append(e), EventType.STREAM)
         fetch(info)
         time.sleep(3.2)
         if len(bw) < 2:
@@ -95,6 +101,17 @@ def check_proxy(info):
               ", ".join(f"{e.id} {e.status}" for e in circ_events))
         if not any(e.status == "BUILT" for e in circ_events):
             fail("no CIRC BUILT event after NEWNYM")
+        for want in ("LAUNCHED", "EXTENDED"):
+            if not any(e.status == want for e in circ_events):
+                fail(f"no CIRC {want} event after NEWNYM")
+        mine = [e for e in streams if e.target == info["http_target"]]
+        print(f"proxy: STREAM events of the request: " +
+              ", ".join(f"{e.id} {e.status} circ={e.circ_id}" for e in mine))
+        if shutil.which("curl"):
+            got = [e.status for e in mine]
+            for want in ("NEW", "SENTCONNECT", "SUCCEEDED", "CLOSED"):
+                if want not in got:
+                    fail(f"no STREAM {want} event for the request ({got})")
         read = int(c.get_info("traffic/read"))
         print(f"proxy: traffic/read={read} traffic/written={c.get_info('traffic/written')}")
         if read == 0:
@@ -104,6 +121,16 @@ def check_proxy(info):
             fail("GETCONF of an unknown option succeeded")
         except stem.InvalidArguments:
             pass
+        try:
+            c.set_conf("SocksPort", "127.0.0.1:1")
+            fail("SETCONF SocksPort (needs a restart) succeeded")
+        except stem.InvalidRequest as e:
+            print(f"proxy: SETCONF SocksPort refused: {e}")
+        if "--live-setconf" in sys.argv:
+            c.set_conf("CircuitBuildTimeout", "33")
+            if c.get_conf("CircuitBuildTimeout") != "33":
+                fail(f"SETCONF CircuitBuildTimeout=33 left {c.get_conf('CircuitBuildTimeout')}")
+            print("proxy: SETCONF CircuitBuildTimeout=33 applied live")
         print(f"proxy: SocksPort={c.get_conf('SocksPort')} "
               f"bootstrap: {c.get_info('status/bootstrap-phase')}")
 

@@ -15,7 +15,7 @@ venv=${ALLIUM_STEM_VENV:-$target/stem-venv}
 if ! "$venv/bin/python" -c 'import stem' 2>/dev/null; then
     echo "== installing stem from PyPI into $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet stem
+    "$venv/bin/pip" install --quiet stem dnspython prometheus_client
 fi
 if ! command -v nyx >/dev/null || ! command -v tmux >/dev/null; then
     echo "== installing nyx and tmux from Debian"
@@ -46,7 +46,7 @@ done
 [ -s "$dir/net/testnet.json" ] || { echo "FAIL: testnet not ready"; exit 1; }
 
 echo "== stem"
-"$venv/bin/python" "$here/check.py" "$dir/net/testnet.json"
+"$venv/bin/python" "$here/check.py" "$dir/net/testnet.json" --live-setconf
 
 echo "== nyx"
 relay_port=$("$venv/bin/python" -c '
@@ -74,4 +74,7 @@ if ! grep -q "Download" "$dir/nyx-pane.txt" || ! grep -q "Upload" "$dir/nyx-pane
     echo "FAIL: nyx's bandwidth panel (Download/Upload graphs) is not on the screen"; status=1
 fi
 [ "$status" = 0 ] && echo "nyx: bandwidth panel rendered, no traceback"
+
+echo "== ports and metrics (Prometheus's parser, dnspython over UDP and TCP, curl)"
+"$venv/bin/python" "$root/tools/check-ports.py" --allium "$bin" || status=1
 exit "$status"

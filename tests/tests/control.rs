@@ -122,6 +122,9 @@ async fn drive_from_rust(net: &TestNet, relay: std::net::SocketAddr, proxy: std:
     let old: BTreeSet<String> = circs.into_iter().map(|(id, _)| id).collect();
     assert_eq!(p.cmd("SETEVENTS CIRC").await, "250 OK\r\n");
     assert_eq!(p.cmd("SIGNAL NEWNYM").await, "250 OK\r\n");
+    // Fresh circuits are reported as they are built: LAUNCHED, EXTENDED (path so far), BUILT.
+    let mut launched: BTreeSet<String> = BTreeSet::new();
+    let mut extended: BTreeSet<String> = BTreeSet::new();
     let (mut fresh, mut closed) = (false, BTreeSet::new());
     while !(fresh && closed == old) {
         let l = p.line().await;
@@ -132,13 +135,74 @@ async fn drive_from_rust(net: &TestNet, relay: std::net::SocketAddr, proxy: std:
             continue;
         };
         match state {
-            "BUILT" => fresh |= !old.contains(id),
+            "LAUNCHED" => {
+                launched.insert(id.to_owned());
+            }
+            "EXTENDED" => {
+                let path = f.next().unwrap_or("");
+                assert!(path.starts_with('$') && path.split(',').count() < 3, "{l}");
+                extended.insert(id.to_owned());
+            }
+            "BUILT" => {
+                fresh |= !old.contains(id) && launched.contains(id) && extended.contains(id);
+            }
             "CLOSED" => {
                 closed.insert(id.to_owned());
             }
             _ => {}
         }
     }
+    // Streams: every step of a SOCKS request, as it happens, then stream-status.
+    assert_eq!(p.cmd("SETEVENTS CIRC STREAM").await, "250 OK\r\n");
+    let (host, port) = net.http_target();
+    let target = format!("{host}:{port}");
+    let mut s = allium_tests::socks::connect(net.socks, &host, port, None, T)
+        .await
+        .expect("SOCKS connect");
+    let mut steps: Vec<(String, String, String)> = Vec::new();
+    while !steps.iter().any(|(_, st, _)| st == "SUCCEEDED") {
+        let l = p.line().await;
+        let f: Vec<&str> = l.trim_end().split(' ').collect();
+        if let ["650", "STREAM", id, status, circ, t, ..] = f[..]
+            && t == target
+        {
+            steps.push((id.to_owned(), status.to_owned(), circ.to_owned()));
+        }
+    }
+    let statuses: Vec<&str> = steps.iter().map(|(_, st, _)| st.as_str()).collect();
+    assert_eq!(statuses.first(), Some(&"NEW"), "{steps:?}");
+    assert!(statuses.contains(&"SENTCONNECT"), "{steps:?}");
+    let (sid, _, circ) = steps.last().cloned().expect("steps");
+    assert_ne!(circ, "0", "a SUCCEEDED stream names its circuit");
+    let status = p.cmd("GETINFO stream-status circuit-status").await;
+    assert!(
+        status.contains(&format!("{sid} SUCCEEDED {circ} {target}")),
+        "{status}"
+    );
+    assert!(status.contains(&format!("{circ} BUILT $")), "{status}");
+    let _ = allium_tests::http_exchange(&mut s, allium_tests::GET_HELLO, T).await;
+    drop(s);
+    loop {
+        let l = p.line().await;
+        if l.starts_with(&format!("650 STREAM {sid} CLOSED {circ} {target}")) {
+            break;
+        }
+    }
+    assert!(
+        !p.cmd("GETINFO stream-status").await.contains(&target),
+        "a closed stream is no longer listed"
+    );
+    // Traffic is counted per link frame: the request above moved whole frames both ways.
+    let read: u64 = p
+        .cmd("GETINFO traffic/read")
+        .await
+        .trim_start_matches("250-traffic/read=")
+        .split("\r\n")
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("traffic/read");
+    assert!(read >= 4 * 1024, "traffic/read {read}");
+
     let ns = p.cmd("GETINFO ns/all").await;
     assert_eq!(
         ns.lines().filter(|l| l.starts_with("r ")).count(),

@@ -194,6 +194,73 @@ fn dns_port_resolves_through_an_exit_and_refuses_the_rest() {
     });
 }
 
+/// Read one length-prefixed DNS message from a TCP stream.
+async fn read_tcp_answer(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut len = [0u8; 2];
+    tokio::time::timeout(T, s.read_exact(&mut len))
+        .await
+        .expect("an answer in time")
+        .expect("an answer length");
+    let mut a = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut a).await.expect("the whole answer");
+    a
+}
+
+#[test]
+fn dns_port_answers_over_tcp() {
+    let net = net();
+    let dns = net.proxy.dns_addr().expect("a DNS port");
+    net.rt.block_on(async {
+        // Two queries in one write, answered in order on the same connection.
+        let mut s = tokio::net::TcpStream::connect(dns).await.unwrap();
+        let q1 = dns_query(7, EXIT_ONLY_NAME, 1);
+        let q2 = dns_query(8, "1.0.0.127.in-addr.arpa", 12);
+        let mut out = Vec::new();
+        for q in [&q1, &q2] {
+            out.extend_from_slice(&(q.len() as u16).to_be_bytes());
+            out.extend_from_slice(q);
+        }
+        s.write_all(&out).await.unwrap();
+        let a = read_tcp_answer(&mut s).await;
+        assert_eq!(&a[..2], &[0, 7]);
+        assert_eq!(a[3] & 0x0F, 0, "NOERROR");
+        assert_eq!(&a[6..8], &[0, 1], "one answer");
+        assert_eq!(&a[q1.len() + 12..q1.len() + 16], &[127, 0, 0, 1]);
+        let a = read_tcp_answer(&mut s).await;
+        assert_eq!(&a[..2], &[0, 8]);
+        assert_eq!(a[3] & 0x0F, 5, "PTR is REFUSED over TCP too");
+        // A length beyond the bound closes the connection without an answer.
+        let mut s = tokio::net::TcpStream::connect(dns).await.unwrap();
+        s.write_all(&[0xFF, 0xFF, 0, 0]).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(T, s.read(&mut buf))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    });
+    // A real resolver library over TCP, when installed (dnspython).
+    let script = format!(
+        "import dns.message, dns.query\n\
+         q = dns.message.make_query('{EXIT_ONLY_NAME}', 'A')\n\
+         r = dns.query.tcp(q, '{}', port={}, timeout=60)\n\
+         print(r.rcode(), ' '.join(a.to_text() for rr in r.answer for a in rr))\n",
+        dns.ip(),
+        dns.port()
+    );
+    match Command::new("python3").args(["-c", &script]).output() {
+        Ok(o) if o.status.success() => {
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert_eq!(out.trim(), "0 127.0.0.1", "dnspython's answer");
+        }
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named 'dns'") => {
+            eprintln!("SKIPPED: dnspython is not installed (pip install dnspython)");
+        }
+        Ok(o) => panic!("dnspython failed: {}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => eprintln!("SKIPPED: python3 is not available ({e})"),
+    }
+}
+
 #[test]
 fn embedded_client_fetches_the_test_page() {
     let net = net();
@@ -271,6 +338,11 @@ fn proxy_and_relay_metrics_follow_the_exposition_format() {
             .unwrap()
                 >= 1.0
         );
+        // Link traffic is counted per frame: a request through the network moved bytes.
+        for dir in ["read", "written"] {
+            let b = value(&page, "allium_proxy_bytes_total", &[("direction", dir)]).unwrap();
+            assert!(b >= 1024.0, "proxy {dir} {b} bytes");
+        }
         let age = value(&page, "allium_consensus_age_seconds", &[]).unwrap();
         assert!((0.0..7200.0).contains(&age), "consensus age {age}");
         for fam in [
@@ -293,6 +365,9 @@ fn proxy_and_relay_metrics_follow_the_exposition_format() {
             value(&page, "allium_relay_flag", &[("flag", "Running")]),
             Some(1.0)
         );
+        let read = value(&page, "allium_relay_bytes_total", &[("direction", "read")]).unwrap();
+        assert!(read > 0.0, "a relay of the network read from its links");
+        assert!(read <= r.link_traffic().0 as f64);
         guards += value(&page, "allium_relay_flag", &[("flag", "Guard")]).unwrap();
         exits += value(&page, "allium_relay_flag", &[("flag", "Exit")]).unwrap();
         assert!(

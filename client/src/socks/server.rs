@@ -5,6 +5,10 @@
 //! then read out, so whatever the application sends after its request stays in the socket for
 //! the stream. Requests are then carried out on circuits and streams; every reply code comes
 //! from [`reply_code_for`]. Destinations and credentials are never logged.
+//!
+//! [`open_and_splice`] is the one stream-open path of the SOCKS and HTTP CONNECT ports (and
+//! [`resolve`] of SOCKS RESOLVE): every request is a control-port stream
+//! ([`crate::control::StreamTrack`]) from `NEW` to `CLOSED`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -20,6 +24,7 @@ use super::handshake::{
 use super::wire::{Target, reply};
 use crate::circ::{Circuit, StreamEvent};
 use crate::circmgr::CircMgr;
+use crate::control::{StreamTrack, control_target, stream_reason};
 use crate::isolation::IsolationKey;
 use crate::metrics::Outcome as Ended;
 use crate::stream::{self, OpenError};
@@ -173,27 +178,75 @@ fn warn_ip_literal(target: &Target) {
 
 /// CONNECT: open the stream, reply, then splice the socket to it. With `socks_optimistic` the
 /// reply goes out as soon as BEGIN is queued, so the application's first bytes follow BEGIN.
-async fn connect(mgr: &CircMgr, mut sock: TcpStream, req: &SocksRequest) {
+async fn connect(mgr: &CircMgr, sock: TcpStream, req: &SocksRequest) {
     warn_ip_literal(&req.target);
     let optimistic = mgr.config().socks_optimistic;
-    match open(mgr, &req.target, &req.isolation, optimistic).await {
-        Ok((circ, sid, rx)) => {
-            mgr.metrics.socks(Ended::Success);
-            if sock
-                .write_all(&req.reply(reply::SUCCEEDED, None))
-                .await
-                .is_err()
-            {
-                circ.end_stream(sid, allium_proto::relaymsg::EndReason::MISC)
+    let ok = req.reply(reply::SUCCEEDED, None);
+    open_and_splice(
+        mgr,
+        sock,
+        &req.target,
+        &req.isolation,
+        optimistic,
+        Front::Socks,
+        &ok,
+        |f| req.reply(reply_code_for(f), None),
+    )
+    .await;
+}
+
+/// Which port a request came in on (its metrics, and how a refused connection is closed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Front {
+    /// The SOCKS port.
+    Socks,
+    /// The HTTP CONNECT tunnel port.
+    Tunnel,
+}
+
+impl Front {
+    fn record(self, mgr: &CircMgr, o: Ended) {
+        match self {
+            Self::Socks => mgr.metrics.socks(o),
+            Self::Tunnel => mgr.metrics.tunnel(o),
+        }
+    }
+}
+
+/// Open a stream to `target` for a client of `front`, send it `ok` and splice the socket to
+/// the stream; or, on failure, send it `fail(..)` (and, for HTTP, let it read that before the
+/// close). The stream is on the control port from its request to its end.
+#[allow(clippy::too_many_arguments)] // one call per front end; a struct would only rename them
+pub(crate) async fn open_and_splice(
+    mgr: &CircMgr,
+    mut sock: TcpStream,
+    target: &Target,
+    iso: &IsolationKey,
+    optimistic: bool,
+    front: Front,
+    ok: &[u8],
+    fail: impl FnOnce(&Failure) -> Vec<u8>,
+) {
+    match open(mgr, target, iso, optimistic).await {
+        Ok(o) => {
+            front.record(mgr, Ended::Success);
+            if sock.write_all(ok).await.is_err() {
+                o.circ
+                    .end_stream(o.sid, allium_proto::relaymsg::EndReason::MISC)
                     .await;
                 return;
             }
-            let _peer = PeerGuard::new(mgr, &sock, &circ);
-            stream::splice(circ, sid, rx, sock).await;
+            let _peer = PeerGuard::new(mgr, &sock, &o.circ);
+            // Held until the stream ends: then CLOSED.
+            let _track = o.track;
+            stream::splice(o.circ, o.sid, o.rx, sock).await;
         }
         Err(f) => {
-            mgr.metrics.socks(outcome_of(&f));
-            let _ = sock.write_all(&req.reply(reply_code_for(&f), None)).await;
+            front.record(mgr, outcome_of(&f));
+            let _ = sock.write_all(&fail(&f)).await;
+            if front == Front::Tunnel {
+                crate::http_tunnel::close_gently(sock).await;
+            }
         }
     }
 }
@@ -268,7 +321,13 @@ impl Drop for PeerGuard<'_> {
     }
 }
 
-pub(crate) type Opened = (Arc<Circuit>, u16, tokio::sync::mpsc::Receiver<StreamEvent>);
+/// An open stream: its circuit, id and event queue, and its control-port record.
+pub(crate) struct Opened {
+    pub(crate) circ: Arc<Circuit>,
+    pub(crate) sid: u16,
+    pub(crate) rx: tokio::sync::mpsc::Receiver<StreamEvent>,
+    pub(crate) track: StreamTrack,
+}
 
 /// Open a stream to `target`, retrying on another circuit when one fails under us; never
 /// longer than [`OPEN_TIMEOUT`] in all. `optimistic`: do not wait for CONNECTED.
@@ -278,9 +337,28 @@ pub(crate) async fn open(
     iso: &IsolationKey,
     optimistic: bool,
 ) -> Result<Opened, Failure> {
-    tokio::time::timeout(OPEN_TIMEOUT, open_inner(mgr, target, iso, optimistic))
-        .await
-        .unwrap_or(Err(Failure::TimedOut))
+    let mut track = StreamTrack::new(&mgr.control, control_target(target), false);
+    let opened = tokio::time::timeout(
+        OPEN_TIMEOUT,
+        open_inner(mgr, target, iso, optimistic, &mut track),
+    )
+    .await
+    .unwrap_or(Err(Failure::TimedOut));
+    match opened {
+        Ok((circ, sid, rx)) => {
+            track.succeeded();
+            Ok(Opened {
+                circ,
+                sid,
+                rx,
+                track,
+            })
+        }
+        Err(f) => {
+            track.failed(stream_reason(&f));
+            Err(f)
+        }
+    }
 }
 
 async fn open_inner(
@@ -288,7 +366,8 @@ async fn open_inner(
     target: &Target,
     iso: &IsolationKey,
     optimistic: bool,
-) -> Result<Opened, Failure> {
+    track: &mut StreamTrack,
+) -> Result<(Arc<Circuit>, u16, tokio::sync::mpsc::Receiver<StreamEvent>), Failure> {
     let port = target.port();
     if !mgr.exit_exists(port) {
         return Err(Failure::NoExit {
@@ -300,6 +379,7 @@ async fn open_inner(
             Ok(c) => c,
             Err(e) => return Err(Failure::NoCircuit(e)),
         };
+        track.sent(circ.control_id());
         let opened = if optimistic {
             stream::begin_optimistic(&circ, target).await
         } else {
@@ -320,15 +400,22 @@ async fn resolve(
     target: &Target,
     iso: &IsolationKey,
 ) -> Result<std::net::IpAddr, Failure> {
-    tokio::time::timeout(OPEN_TIMEOUT, resolve_inner(mgr, target, iso))
+    let mut track = StreamTrack::new(&mgr.control, control_target(target), true);
+    let r = tokio::time::timeout(OPEN_TIMEOUT, resolve_inner(mgr, target, iso, &mut track))
         .await
-        .unwrap_or(Err(Failure::TimedOut))
+        .unwrap_or(Err(Failure::TimedOut));
+    match &r {
+        Ok(_) => track.succeeded(),
+        Err(f) => track.failed(stream_reason(f)),
+    }
+    r
 }
 
 async fn resolve_inner(
     mgr: &CircMgr,
     target: &Target,
     iso: &IsolationKey,
+    track: &mut StreamTrack,
 ) -> Result<std::net::IpAddr, Failure> {
     if let Target::Ip(a) = target {
         return Ok(a.ip());
@@ -338,6 +425,7 @@ async fn resolve_inner(
             .get_circuit(None, iso)
             .await
             .map_err(Failure::NoCircuit)?;
+        track.sent(circ.control_id());
         match stream::resolve(&circ, &target.host_string()).await {
             Ok(v) => {
                 // Prefer IPv4, as Tor does for SOCKS RESOLVE.
