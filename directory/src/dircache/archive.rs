@@ -66,13 +66,16 @@ struct Doc {
     diff: OnceLock<Option<Arc<[u8]>>>,
 }
 
+/// The certificate list and its compressed form (computed on first use).
+type Certs = (Arc<[u8]>, OnceLock<Arc<[u8]>>);
+
 /// Recent consensuses and the certificate list, served by [`DirArchive::respond`].
 #[derive(Debug)]
 pub struct DirArchive {
     cfg: ArchiveConfig,
     /// Oldest first; the last is the latest.
     docs: Vec<Doc>,
-    certs: Option<(Arc<[u8]>, OnceLock<Arc<[u8]>>)>,
+    certs: Option<Certs>,
     stats: ArchiveStats,
 }
 
@@ -116,13 +119,14 @@ impl DirArchive {
             ));
         }
         let digest = consensus_digest(consensus_raw);
-        if let Some(latest) = self.docs.last() {
-            if latest.digest != digest && valid_after < latest.valid_after {
-                return Err(DirError::Rollback {
-                    got: valid_after,
-                    held: latest.valid_after,
-                });
-            }
+        if let Some(latest) = self.docs.last()
+            && latest.digest != digest
+            && valid_after < latest.valid_after
+        {
+            return Err(DirError::Rollback {
+                got: valid_after,
+                held: latest.valid_after,
+            });
         }
         let certs_changed = self
             .certs

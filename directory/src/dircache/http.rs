@@ -208,8 +208,18 @@ fn rbad(why: &'static str) -> DirError {
     }
 }
 
-/// Parse the head of a response: (status, content length, deflate, diff-from, head length).
-fn parse_head(resp: &[u8]) -> Result<(u16, usize, bool, Option<[u8; 32]>, usize)> {
+/// A parsed response head.
+struct Head {
+    status: u16,
+    len: usize,
+    deflate: bool,
+    diff_from: Option<[u8; 32]>,
+    /// Length of the head, blank line included.
+    head_len: usize,
+}
+
+/// Parse the head of a response.
+fn parse_head(resp: &[u8]) -> Result<Head> {
     let window = resp
         .get(..MAX_RESPONSE_HEAD.min(resp.len()))
         .unwrap_or(resp);
@@ -268,7 +278,13 @@ fn parse_head(resp: &[u8]) -> Result<(u16, usize, bool, Option<[u8; 32]>, usize)
         }
     }
     let len = len.ok_or(rbad("no Content-Length"))?;
-    Ok((status, len, deflate, from, end + 4))
+    Ok(Head {
+        status,
+        len,
+        deflate,
+        diff_from: from,
+        head_len: end + 4,
+    })
 }
 
 /// The total length of the response at the start of `buf` once it has all arrived (head and
@@ -282,8 +298,8 @@ pub fn response_complete(buf: &[u8]) -> Result<Option<usize>> {
         }
         return Ok(None);
     }
-    let (_, len, _, _, head) = parse_head(buf)?;
-    let total = head.saturating_add(len);
+    let h = parse_head(buf)?;
+    let total = h.head_len.saturating_add(h.len);
     Ok((buf.len() >= total).then_some(total))
 }
 
@@ -295,8 +311,14 @@ fn parse_response(resp: &[u8]) -> Result<Response<'_>> {
             max: MAX_RESPONSE,
         });
     }
-    let (status, len, deflate, diff_from, head) = parse_head(resp)?;
-    let body = resp.get(head..).unwrap_or_default();
+    let Head {
+        status,
+        len,
+        deflate,
+        diff_from,
+        head_len,
+    } = parse_head(resp)?;
+    let body = resp.get(head_len..).unwrap_or_default();
     if body.len() != len {
         return Err(rbad("body length differs from Content-Length (truncated?)"));
     }

@@ -405,9 +405,8 @@ proptest! {
             let i = at % t.len();
             t[i] ^= x;
         }
-        match diff::apply(&r0, &t) {
-            Ok(out) => prop_assert_eq!(out, r1.clone()),
-            Err(_) => {}
+        if let Ok(out) = diff::apply(&r0, &t) {
+            prop_assert_eq!(out, r1.clone());
         }
         // Truncation is always refused.
         let short = &d[..cut % d.len()];
