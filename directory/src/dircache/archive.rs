@@ -58,7 +58,8 @@ struct Doc {
     raw: Arc<[u8]>,
     digest: [u8; 32],
     valid_after: u64,
-    layout: Layout,
+    /// Where its relay entries are, found on first use (computing a diff).
+    layout: OnceLock<Layout>,
     /// The compressed full document, computed on first use.
     z: OnceLock<Arc<[u8]>>,
     /// The compressed diff from this document to the latest, computed on first use (`None`
@@ -111,8 +112,8 @@ impl DirArchive {
         }
         let _: Vec<Vec<u8>> = decode_canonical(certs_raw, "certificate list")?;
         let signed = Signed::<Consensus>::from_bytes(consensus_raw)?;
-        let c = signed.dangerously_decode_unverified()?;
-        if c.valid_after != valid_after {
+        // The caller verified (so decoded) it: read only the leading fields, not the whole body.
+        if leading_valid_after(signed.body()) != Some(valid_after) {
             return Err(DirError::invalid(
                 "consensus",
                 "valid_after given does not match the document's",
@@ -146,7 +147,7 @@ impl DirArchive {
             raw: consensus_raw.into(),
             digest,
             valid_after,
-            layout: Layout::of(consensus_raw),
+            layout: OnceLock::new(),
             z: OnceLock::new(),
             diff: OnceLock::new(),
         });
@@ -238,8 +239,9 @@ impl DirArchive {
             && let Some(z) = b
                 .diff
                 .get_or_init(|| {
-                    let d =
-                        diff::compute_with(&b.raw, &b.layout, &latest.raw, &latest.layout).ok()?;
+                    let bl = b.layout.get_or_init(|| Layout::of(&b.raw));
+                    let ll = latest.layout.get_or_init(|| Layout::of(&latest.raw));
+                    let d = diff::compute_with(&b.raw, bl, &latest.raw, ll).ok()?;
                     let z = compress(&d);
                     (z.len() < full.len()).then(|| z.into())
                 })
@@ -251,6 +253,26 @@ impl DirArchive {
         self.count(&self.stats.full);
         ok_response(Body::Full(full))
     }
+}
+
+/// `valid_after` from the start of a consensus body: the third field, after the `version` and
+/// `method` varints (docs/protocol/80-directory.md, "Consensus").
+fn leading_valid_after(body: &[u8]) -> Option<u64> {
+    let mut it = body.iter();
+    let mut varint = || -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..70).step_by(7) {
+            let b = *it.next()?;
+            v |= u64::from(b & 0x7f).checked_shl(shift)?;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    };
+    varint()?;
+    varint()?;
+    varint()
 }
 
 /// The largest consensus an archive holds is the largest one a client accepts.
