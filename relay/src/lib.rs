@@ -45,6 +45,7 @@ mod control;
 pub mod core;
 mod create;
 mod ctx;
+mod dirserve;
 mod dirsync;
 pub mod err;
 mod exit;
