@@ -2,7 +2,7 @@
 //! fallback directory cache), a directory stream per request, and the consensus offered to the
 //! [`ConsensusCache`] (which verifies it: any source will do, the documents are signed).
 //!
-//! A request is exactly the head `allium_directory::dirshim::encode_request` writes (no user
+//! A request is exactly the head `allium_directory::dircache::encode_request` writes (no user
 //! agent, no other header); the response is read until the cache's END DONE, bounded by
 //! `MAX_RESPONSE` bytes and [`DIR_FETCH_TIMEOUT`]. A consensus is asked for as a diff from the
 //! one held; certificates only when the held ones do not verify the new consensus.
@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use allium_directory::DirError;
 use allium_directory::client::ConsensusCache;
-use allium_directory::dirshim::{
-    DirRequest, MAX_RESPONSE, encode_request, parse_certs_response, parse_consensus_response,
+use allium_directory::dircache::{
+    DirRequest, MAX_RESPONSE, consensus_digest, encode_request, parse_certs_response,
+    parse_consensus_response,
 };
 use allium_proto::relaymsg::EndReason;
 
@@ -125,14 +126,20 @@ pub(crate) async fn fetch_consensus(
     now: u64,
 ) -> Result<Outcome, ClientError> {
     let held = cache.current_raw();
-    let have: Vec<[u8; 32]> = cache
-        .current()
-        .map(|v| v.signed().digest())
-        .into_iter()
-        .collect();
+    let have: Vec<[u8; 32]> = held.iter().map(|(c, _)| consensus_digest(c)).collect();
+    let asked_diff = !have.is_empty();
     let resp = exchange(circ, &encode_request(&DirRequest::Consensus { have })).await?;
-    let raw = parse_consensus_response(&resp, held.as_ref().map(|(c, _)| c.as_slice()))
-        .map_err(dir_error)?;
+    let raw = match parse_consensus_response(&resp, held.as_ref().map(|(c, _)| c.as_slice())) {
+        Ok(raw) => raw,
+        Err(e) if asked_diff => {
+            // A diff that does not apply: ask for the whole document once.
+            tracing::debug!("consensus diff from the cache unusable ({e}); fetching it whole");
+            let req = encode_request(&DirRequest::Consensus { have: Vec::new() });
+            let resp = exchange(circ, &req).await?;
+            parse_consensus_response(&resp, None).map_err(dir_error)?
+        }
+        Err(e) => return Err(dir_error(e)),
+    };
     if let Some((_, certs)) = &held {
         match cache.offer(&raw, certs, now) {
             Ok(()) => return Ok(Outcome::Updated),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use allium_crypto::{RelayId, X25519Public};
 use allium_directory::NetDir;
-use allium_directory::dirshim::{ArchiveConfig, DirArchive};
+use allium_directory::dircache::{ArchiveConfig, DirArchive};
 use allium_proto::channel;
 use tokio::sync::{Notify, watch};
 

@@ -1,6 +1,6 @@
 //! Directory streams (BEGIN_DIR) at a relay: the admission rule and the request buffer of one
 //! stream. The reactor (`crate::reactor`) owns them and does the I/O-free serving: the request
-//! head goes to [`allium_directory::dirshim::DirArchive::respond`], the response is packaged under
+//! head goes to [`allium_directory::dircache::DirArchive::respond`], the response is packaged under
 //! the stream's flow control, then END DONE.
 //!
 //! Limits (docs/protocol/91-relay.md, "Directory streams"): at most
@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use allium_directory::dirshim::{MAX_REQUEST_HEAD, request_head_complete};
+use allium_directory::dircache::{MAX_REQUEST_HEAD, request_head_complete};
 use allium_proto::relaymsg::EndReason;
 
 /// Most directory streams open at once on one circuit.
@@ -93,7 +93,7 @@ impl RequestBuf {
 #[allow(clippy::disallowed_methods)] // tests need some instant to start from
 mod tests {
     use super::*;
-    use allium_directory::dirshim::{DirRequest, encode_request};
+    use allium_directory::dircache::{DirRequest, encode_request};
 
     #[test]
     fn admission_limits() {
