@@ -62,7 +62,9 @@ pub(crate) async fn connect_one_hop(
     timeout: Duration,
 ) -> Result<Arc<Circuit>, ClientError> {
     let link = Link::connect(relay, timeout).await?;
-    one_hop(link, relay, timeout).await
+    let c = one_hop(link, relay, timeout).await;
+    tracing::debug!(ok = c.is_ok(), "one-hop directory circuit built");
+    c
 }
 
 /// One directory exchange on `circ`: BEGIN_DIR, the request, END DONE, then the whole response.
@@ -83,6 +85,7 @@ async fn exchange_inner(circ: &Arc<Circuit>, request: &[u8]) -> Result<Vec<u8>, 
         }
         None => return Err(CircError::Closed.into()),
     }
+    tracing::debug!("directory stream connected");
     circ.send_data(sid, request.to_vec()).await?;
     circ.end_stream(sid.get(), EndReason::DONE).await;
     let mut out = Vec::new();

@@ -198,7 +198,14 @@ impl TestNet {
         )?;
         rt.block_on(async {
             let refs: Vec<&AuthorityHandle> = authorities.iter().collect();
-            authority::run_round(&refs, now)
+            // With a short voting interval the round must be for the period now (waiting for the
+            // descriptors may have taken longer than one period).
+            let va = if interval.is_some() {
+                allium_directory::now_unix()
+            } else {
+                now
+            };
+            authority::run_round(&refs, va)
                 .await
                 .map_err(|e| e.to_string())
         })?;
@@ -214,7 +221,10 @@ impl TestNet {
         // The proxy's fallback directory caches, from the consensus the relays now hold.
         let infos: Vec<_> = authorities.iter().map(AuthorityHandle::info).collect();
         let nd = rt
-            .block_on(allium_directory::fetch_consensus(&infos, now))
+            .block_on(allium_directory::fetch_consensus(
+                &infos,
+                allium_directory::now_unix(),
+            ))
             .map_err(|e| e.to_string())?;
         proxy_config.fallback_dirs = allium::cmd::testnet::fallback_dirs_from(
             &allium_directory::NetDir::new(nd),

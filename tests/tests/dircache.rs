@@ -107,6 +107,18 @@ fn after_bootstrap_the_proxy_fetches_only_from_its_guard() {
         dir_served(&net) >= served0 + 3,
         "the relays served the directory requests"
     );
+    let diffs: u64 = net
+        .relays
+        .lock()
+        .expect("lock")
+        .iter()
+        .flatten()
+        .map(|r| r.dir_cache_served().1)
+        .sum();
+    assert!(
+        diffs >= 2,
+        "the updates came as diffs from the consensus held ({diffs} diffs, fetches {fetches:?})"
+    );
     net.rt.block_on(fetch_hello(&net, proxy.socks_addr()));
     net.rt.block_on(proxy.shutdown());
 }
