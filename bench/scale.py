@@ -18,8 +18,10 @@ the subnet rules of path selection apply for real). It reports:
   - TCP connections from the client proxies' addresses to any authority's directory port, before
     and after each client's own bootstrap (every 4-tuple seen in /proc/net/tcp, sampled every
     second; a closed connection stays listed in TIME_WAIT for 60 s, so none is missed);
-  - the directory-cache counters that relays and authorities export on their /metrics pages
-    (every metric whose name contains "dir" on the relays; every authority metric).
+  - the directory counters that relays, clients and authorities export on their /metrics pages
+    (summed: every metric whose name contains "dir" on the relays and client proxies, e.g. the
+    clients' `allium_dir_fetches_total{source="guard"|"fallback"|"authority"}`; every
+    authority metric).
 Every process is started here and stopped by PID; every wait is bounded; traffic stays on loopback.
 The JSON goes to bench/results/scale-<UTC time>.json (or --out) and to stdout.
 """
@@ -293,7 +295,8 @@ def main():
             d = os.path.join(tmp, "clients", f"c{i}")
             os.makedirs(d)
             cfg = (f'socks_listen = "{ip}:9050"\ndata_dir = "{d}"\n'
-                   f'outbound_bind_address = "{ip}"\n' + base_cfg)
+                   f'outbound_bind_address = "{ip}"\nmetrics_address = "{ip}:9052"\n'
+                   + base_cfg)
             path = os.path.join(d, "proxy.toml")
             with open(path, "w") as f:
                 f.write(cfg)
@@ -387,6 +390,12 @@ def main():
                 if "dir" in k.split("{")[0]:
                     relay_dir[k] = relay_dir.get(k, 0.0) + v
         result["relay_dir_metrics_sum"] = relay_dir
+        client_dir = {}
+        for ip in ips:
+            for k, v in metrics(f"{ip}:9052").items():
+                if "dir" in k.split("{")[0]:
+                    client_dir[k] = client_dir.get(k, 0.0) + v
+        result["client_dir_metrics_sum"] = client_dir
         result["authority_metrics"] = [metrics(n["addrs"]["metrics"]) for n in auths
                                        if n["addrs"].get("metrics")]
         result["loadavg_end"] = os.getloadavg()[0]
