@@ -258,9 +258,11 @@ pub(crate) async fn build_hops(
         cmd: cmd_tx,
         shared: Arc::clone(&shared),
     });
-    tokio::spawn(reactor::run(reactor::Reactor::new(
-        core, link, reg, cmd_rx, shared, built_tx,
-    )));
+    let mut r = reactor::Reactor::new(core, link, reg, cmd_rx, shared, built_tx);
+    if hops.len() == 1 {
+        r = r.one_hop();
+    }
+    tokio::spawn(reactor::run(r));
     match built_rx.await {
         Ok(Ok(())) => Ok(circ),
         Ok(Err(e)) => Err(e.into()),

@@ -290,6 +290,39 @@ impl CircMgr<LinkBuilder> {
     }
 }
 
+impl CircMgr<LinkBuilder> {
+    /// A one-hop circuit to one of the primary guards (in order; a guard that fails is skipped),
+    /// for directory fetches over BEGIN_DIR. Returns the circuit and its guard's identity.
+    pub(crate) async fn dir_circuit(&self) -> Result<(Arc<Circuit>, RelayId), ClientError> {
+        let view = self.view()?;
+        let n = self.cfg.get().primary_guards;
+        let primary = self
+            .guards
+            .lock()
+            .map(|g| g.primary(&view.relays, n))
+            .unwrap_or_default();
+        let timeout = self.cfg.get().circuit_build_timeout;
+        let mut last = ClientError::NoPath("no usable guard for a directory fetch");
+        for id in primary {
+            let Some(guard) = view.relays.iter().find(|r| r.id == id) else {
+                continue;
+            };
+            let built = async {
+                let link = self.builder.link_for(guard).await?;
+                crate::dirfetch::one_hop(link, guard, timeout).await
+            };
+            match built.await {
+                Ok(c) => return Ok((c, id)),
+                Err(e) => {
+                    tracing::debug!("directory circuit to a guard failed: {e}");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
 impl<B: CircBuilder> CircMgr<B> {
     #[cfg(test)]
     pub(crate) fn with_builder(

@@ -97,6 +97,66 @@ pub struct ProxyConfig {
     /// `OutboundBindAddress`; none by default (the system picks). Not derived from
     /// `socks_listen`, which is usually loopback and could not reach remote authorities.
     pub outbound_bind_address: Option<IpAddr>,
+    /// Directory caches to bootstrap from when no usable consensus is cached (Tor's fallback
+    /// directories): `[[fallback_dirs]]` with `identity`, `link_key`, `onion_key` (64 hex digits
+    /// each) and `or_addr`. The proxy asks them over BEGIN_DIR on a one-hop circuit before it
+    /// falls back to the authorities' HTTP ports. Empty by default.
+    pub fallback_dirs: Vec<FallbackDir>,
+}
+
+/// A directory cache to bootstrap from (a relay: its keys and its OR address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "FallbackToml", into = "FallbackToml")]
+pub struct FallbackDir {
+    /// The relay's identity.
+    pub identity: allium_crypto::RelayId,
+    /// Its link (Noise static) key.
+    pub link_key: allium_crypto::X25519Public,
+    /// Its ntor onion key (it rotates, by default weekly: a fallback list must be refreshed as
+    /// often; an entry with an old key just fails and the next one is tried).
+    pub onion_key: allium_crypto::X25519Public,
+    /// Its OR (link) address.
+    pub or_addr: SocketAddr,
+}
+
+/// The text form of [`FallbackDir`].
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FallbackToml {
+    identity: String,
+    link_key: String,
+    onion_key: String,
+    or_addr: SocketAddr,
+}
+
+fn key32(what: &str, hex_text: &str) -> Result<[u8; 32], String> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_text, &mut out)
+        .map_err(|_| format!("fallback_dirs: `{what}` {hex_text:?} is not 64 hex digits"))?;
+    Ok(out)
+}
+
+impl TryFrom<FallbackToml> for FallbackDir {
+    type Error = String;
+    fn try_from(t: FallbackToml) -> Result<Self, String> {
+        Ok(Self {
+            identity: allium_crypto::RelayId(key32("identity", &t.identity)?),
+            link_key: allium_crypto::X25519Public(key32("link_key", &t.link_key)?),
+            onion_key: allium_crypto::X25519Public(key32("onion_key", &t.onion_key)?),
+            or_addr: t.or_addr,
+        })
+    }
+}
+
+impl From<FallbackDir> for FallbackToml {
+    fn from(f: FallbackDir) -> Self {
+        Self {
+            identity: f.identity.to_hex(),
+            link_key: hex::encode(f.link_key.0),
+            onion_key: hex::encode(f.onion_key.0),
+            or_addr: f.or_addr,
+        }
+    }
 }
 
 /// Keys a running proxy takes from a reloaded file ([`crate::ProxyHandle::reconfigure`]; the
@@ -146,6 +206,7 @@ impl Default for ProxyConfig {
             metrics_allow_public: false,
             guard_lifetime_days: crate::guard::GUARD_LIFETIME_DAYS,
             outbound_bind_address: None,
+            fallback_dirs: Vec::new(),
         }
     }
 }

@@ -11,7 +11,10 @@ use allium_directory::doc::Flags;
 use allium_directory::{NetDir, now_unix};
 use tokio::sync::watch;
 
+use rand::seq::SliceRandom as _;
+
 use crate::circmgr::CircMgr;
+use crate::dirfetch::{self, Outcome};
 use crate::path::{PositionWeights, RelayFlags, RelayInfo};
 
 /// The consensus file in the data directory.
@@ -113,6 +116,84 @@ fn expiry_action(
     }
 }
 
+/// Longest wait before asking a directory cache again when it had nothing newer.
+const NOT_NEWER_MAX: Duration = Duration::from_secs(60);
+
+/// Why a directory fetch failed.
+#[derive(Debug)]
+enum FetchError {
+    /// From the authorities (HTTP), or the document did not verify.
+    Dir(allium_directory::DirError),
+    /// Over BEGIN_DIR (circuit, stream or cache).
+    Client(crate::err::ClientError),
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dir(e) => e.fmt(f),
+            Self::Client(e) => e.fmt(f),
+        }
+    }
+}
+
+/// Fetch a newer consensus into `cache`. With a usable consensus (after bootstrap): only from a
+/// primary guard over BEGIN_DIR, never from an authority. Without one (first bootstrap, or the
+/// held one aged out): from the configured fallback directory caches over BEGIN_DIR (in random
+/// order), then from the authorities' HTTP ports as the last resort.
+///
+/// `unusable`: the held consensus cannot carry a circuit (a network that is just starting):
+/// then the guards are asked first and the other sources after them.
+async fn fetch_once(
+    mgr: &CircMgr,
+    cache: &mut ConsensusCache,
+    now: u64,
+    unusable: bool,
+) -> Result<Outcome, FetchError> {
+    if mgr.has_dir() {
+        let r = async {
+            let (circ, _guard) = mgr.dir_circuit().await?;
+            let r = dirfetch::fetch_consensus(&circ, cache, now).await;
+            circ.close_with_destroy();
+            r
+        }
+        .await;
+        mgr.metrics.dir_fetch(0, r.is_ok());
+        match r {
+            Ok(Outcome::NotNewer) | Err(_) if unusable => {}
+            r => return r.map_err(FetchError::Client),
+        }
+    }
+    let mut fallbacks = mgr.config().fallback_dirs.clone();
+    fallbacks.shuffle(&mut rand::rng());
+    let timeout = mgr.config().circuit_build_timeout;
+    for f in fallbacks.iter().take(MAX_FALLBACK_TRIES) {
+        let relay = dirfetch::fallback_relay(f);
+        let r = async {
+            let circ = dirfetch::connect_one_hop(&relay, timeout).await?;
+            let r = dirfetch::fetch_consensus(&circ, cache, now).await;
+            circ.close_with_destroy();
+            r
+        }
+        .await;
+        mgr.metrics.dir_fetch(1, r.is_ok());
+        match r {
+            Ok(Outcome::Updated) => {
+                tracing::info!("bootstrap: consensus fetched from a fallback directory cache");
+                return Ok(Outcome::Updated);
+            }
+            Ok(Outcome::NotNewer) => {}
+            Err(e) => tracing::debug!("fallback directory cache failed: {e}"),
+        }
+    }
+    let r = cache.refresh(now).await.map(|_| Outcome::Updated);
+    mgr.metrics.dir_fetch(2, r.is_ok());
+    r.map_err(FetchError::Dir)
+}
+
+/// Fallback directory caches tried per bootstrap attempt before the authorities.
+const MAX_FALLBACK_TRIES: usize = 3;
+
 /// Fetch the consensus now (or use a valid cached one), then again on Tor's client schedule.
 #[allow(clippy::disallowed_methods)] // the directory fetch driver sleeps until the next fetch
 pub(crate) async fn run(
@@ -140,11 +221,25 @@ pub(crate) async fn run(
     // than on the freshness schedule.
     let mut unusable = false;
     let mut expiry_warned = 0u64;
+    let mut not_newer = Duration::from_secs(1);
     loop {
         let now = now_unix();
         let wait = if unusable || cache.needs_fetch(now) {
-            match cache.refresh(now).await {
-                Ok(_) => {
+            match fetch_once(&mgr, &mut cache, now, unusable).await {
+                Ok(Outcome::NotNewer) => {
+                    // The cache has nothing newer yet: ask again later (doubling, capped), not
+                    // in a tight loop.
+                    tracing::debug!("the directory cache has no newer consensus yet");
+                    let w = if unusable {
+                        Duration::from_secs(1)
+                    } else {
+                        not_newer
+                    };
+                    not_newer = (not_newer * 2).min(NOT_NEWER_MAX);
+                    w
+                }
+                Ok(Outcome::Updated) => {
+                    not_newer = Duration::from_secs(1);
                     backoff = Duration::from_secs(1);
                     failures = 0;
                     match cache.netdir(now_unix()) {
@@ -179,7 +274,7 @@ pub(crate) async fn run(
                         )
                     }
                 }
-                Err(e) if not_published_yet(&e).is_some() => {
+                Err(FetchError::Dir(e)) if not_published_yet(&e).is_some() => {
                     // A network that is just starting: say when, not "check the configuration".
                     if failures.is_multiple_of(60) {
                         tracing::info!(
@@ -190,7 +285,7 @@ pub(crate) async fn run(
                     failures = failures.saturating_add(1);
                     Duration::from_secs(1)
                 }
-                Err(e @ allium_directory::DirError::Config(_)) => {
+                Err(FetchError::Dir(e @ allium_directory::DirError::Config(_))) => {
                     tracing::warn!("could not use the consensus: {e}");
                     let w = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(60));

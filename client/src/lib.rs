@@ -10,6 +10,7 @@ pub mod config;
 mod control;
 pub mod core;
 mod dir;
+mod dirfetch;
 pub mod dnsport;
 pub mod err;
 pub mod guard;
@@ -165,6 +166,17 @@ impl ProxyHandle {
             self.socks_addr,
             self.ready.clone(),
         ))
+    }
+
+    /// Directory fetches since start by source: `[guard, fallback, authority]`, each
+    /// `(answered, failed)`. Guards and fallbacks are asked over BEGIN_DIR, authorities over HTTP.
+    pub fn dir_fetches(&self) -> [(u64, u64); 3] {
+        self.mgr.metrics.dir_fetches()
+    }
+
+    /// `valid-after` of the consensus in use (Unix seconds; 0: none).
+    pub fn consensus_valid_after(&self) -> u64 {
+        self.mgr.metrics.consensus_valid_after()
     }
 
     /// Number of open circuits held for streams.

@@ -61,7 +61,14 @@ pub(crate) struct ClientMetrics {
     dns: [AtomicU64; 6],
     /// `valid-after` of the consensus in use (Unix seconds; 0: none yet).
     consensus_valid_after: AtomicU64,
+    /// Directory fetches by source ([`DIR_SOURCES`]), and those that failed.
+    dir_fetches: [AtomicU64; 3],
+    dir_failures: [AtomicU64; 3],
 }
+
+/// Where a directory fetch went: a guard (BEGIN_DIR), a fallback cache (BEGIN_DIR), an
+/// authority (HTTP), as `dir_fetches_total{source}` labels.
+pub(crate) const DIR_SOURCES: [&str; 3] = ["guard", "fallback", "authority"];
 
 impl Default for ClientMetrics {
     fn default() -> Self {
@@ -73,6 +80,8 @@ impl Default for ClientMetrics {
             tunnel: Default::default(),
             dns: Default::default(),
             consensus_valid_after: AtomicU64::new(0),
+            dir_fetches: Default::default(),
+            dir_failures: Default::default(),
         }
     }
 }
@@ -108,6 +117,36 @@ impl ClientMetrics {
         if let Some(c) = self.dns.get(usize::from(rcode)) {
             c.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A directory fetch from source `i` ([`DIR_SOURCES`]) ended (`ok`: a document came back,
+    /// newer or not).
+    pub(crate) fn dir_fetch(&self, i: usize, ok: bool) {
+        let set = if ok {
+            &self.dir_fetches
+        } else {
+            &self.dir_failures
+        };
+        if let Some(c) = set.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Directory fetches so far by source ([`DIR_SOURCES`] order): (succeeded, failed).
+    pub(crate) fn dir_fetches(&self) -> [(u64, u64); 3] {
+        let mut out = [(0, 0); 3];
+        for (o, (a, b)) in out
+            .iter_mut()
+            .zip(self.dir_fetches.iter().zip(&self.dir_failures))
+        {
+            *o = (a.load(Ordering::Relaxed), b.load(Ordering::Relaxed));
+        }
+        out
+    }
+
+    /// `valid-after` of the consensus in use (0: none).
+    pub(crate) fn consensus_valid_after(&self) -> u64 {
+        self.consensus_valid_after.load(Ordering::Relaxed)
     }
 
     /// The consensus in use became valid at `valid_after` (Unix seconds).
@@ -186,6 +225,24 @@ impl ClientMetrics {
         );
         for (label, c) in RCODES.iter().zip(&self.dns) {
             e.sample(&[("rcode", label)], c.load(Ordering::Relaxed) as f64);
+        }
+        for (name, help, counters) in [
+            (
+                "allium_dir_fetches_total",
+                "Directory fetches that got an answer, by source (guard and fallback over \
+                 BEGIN_DIR, authority over HTTP).",
+                &self.dir_fetches,
+            ),
+            (
+                "allium_dir_fetch_failures_total",
+                "Directory fetches that failed, by source.",
+                &self.dir_failures,
+            ),
+        ] {
+            e.family(name, MetricType::Counter, help);
+            for (label, c) in DIR_SOURCES.iter().zip(counters) {
+                e.sample(&[("source", label)], c.load(Ordering::Relaxed) as f64);
+            }
         }
         let va = self.consensus_valid_after.load(Ordering::Relaxed);
         e.single(

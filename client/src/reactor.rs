@@ -73,6 +73,9 @@ pub(crate) struct Reactor {
     cmds: mpsc::Receiver<Cmd>,
     shared: Arc<Shared>,
     built: Option<oneshot::Sender<Result<(), CircError>>>,
+    /// A one-hop circuit (directory fetches): built once its only hop is added (the core
+    /// announces `Built` only after extending).
+    one_hop: bool,
     slots: HashMap<StreamId, Slot>,
     n_pending: usize,
 }
@@ -94,9 +97,16 @@ impl Reactor {
             cmds,
             shared,
             built: Some(built),
+            one_hop: false,
             slots: HashMap::new(),
             n_pending: 0,
         }
+    }
+
+    /// Make this the reactor of a one-hop circuit: it reports the build done when hop 0 is added.
+    pub(crate) fn one_hop(mut self) -> Self {
+        self.one_hop = true;
+        self
     }
 
     /// Put the core's queued cells on the link, in order.
@@ -119,6 +129,12 @@ impl Reactor {
             match ev {
                 Event::HopAdded { hop } => {
                     self.shared.progress.store(hop + 1, Ordering::Release);
+                    if self.one_hop
+                        && hop == 0
+                        && let Some(b) = self.built.take()
+                    {
+                        let _ = b.send(Ok(()));
+                    }
                 }
                 Event::Built => {
                     if let Some(b) = self.built.take() {

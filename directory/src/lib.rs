@@ -6,6 +6,7 @@ pub mod authinfo;
 pub mod authority;
 pub mod client;
 pub mod datadir;
+pub mod dircache;
 pub mod doc;
 pub mod err;
 pub mod hs;

@@ -19,6 +19,92 @@ fn write(target: &str, name: &str, bytes: &[u8]) {
     fs::write(dir.join(name), bytes).expect("write seed");
 }
 
+/// Two consensuses a period apart (relays 1..=n, then one gone, one new and one changed),
+/// signed by one authority: seeds for the diff target.
+fn consensus_pair(n: u8) -> (Vec<u8>, Vec<u8>) {
+    use allium_crypto::X25519Secret;
+    use allium_directory::doc::consensus::{CONSENSUS_METHOD, CONSENSUS_VERSION};
+    use allium_directory::doc::{Consensus, ConsensusEntry, ExitPolicy, Flags, Signed};
+    let entry = |i: u8| ConsensusEntry {
+        identity: allium_fuzz::identity(i).public(),
+        link_key: X25519Secret::from_bytes([i; 32]).public(),
+        onion_key: X25519Secret::from_bytes([i ^ 0x55; 32]).public(),
+        nickname: format!("relay{i}"),
+        addrs: vec![std::net::SocketAddr::from(([127, 0, 0, 1], 9000 + u16::from(i)))],
+        flags: Flags(0b11),
+        weight: 100 * u32::from(i),
+        exit: ExitPolicy::reject_all(),
+        family: vec![],
+        desc_digest: [i; 32],
+        measured: false,
+    };
+    let auth = allium_fuzz::identity(200);
+    let make = |va: u64, ids: &[u8], bump: Option<u8>| {
+        let mut relays: Vec<ConsensusEntry> = ids.iter().map(|&i| entry(i)).collect();
+        for r in &mut relays {
+            if Some(r.nickname.as_str()) == bump.map(|b| format!("relay{b}")).as_deref() {
+                r.weight += 7;
+                r.flags = Flags(0b111);
+            }
+        }
+        relays.sort_by_key(|e| e.identity);
+        let c = Consensus {
+            version: CONSENSUS_VERSION,
+            method: CONSENSUS_METHOD,
+            valid_after: va,
+            fresh_until: va + 3600,
+            valid_until: va + 10_800,
+            voters: vec![auth.public()],
+            params: std::collections::BTreeMap::new(),
+            relays,
+            bandwidth_weights: std::collections::BTreeMap::new(),
+        };
+        Signed::sign(&c, &auth).expect("sign").to_bytes()
+    };
+    let old: Vec<u8> = (1..=n).collect();
+    let mut new: Vec<u8> = (2..=n).collect();
+    new.push(n + 1);
+    (
+        make(1_800_000_000, &old, None),
+        make(1_800_003_600, &new, Some(n / 2 + 1)),
+    )
+}
+
+/// Seeds for the `diff` target: `mode | [len u16] | base | rest`.
+fn diff_seeds() {
+    use allium_directory::dircache::{self, ArchiveConfig, DirArchive, DirRequest};
+    let (old, new) = consensus_pair(4);
+    let d = dircache::diff::compute(&old, &new).expect("diff");
+    let framed = |mode: u8, a: &[u8], b: &[u8]| {
+        let len = u16::try_from(a.len()).expect("small seed");
+        [&[mode][..], &len.to_be_bytes(), a, b].concat()
+    };
+    write("diff", "apply", &framed(0, &old, &d));
+    write("diff", "apply_fixed_base", &framed(1, &old, &d));
+    write("diff", "compute", &framed(2, &old, &new));
+    let mut a = DirArchive::new(ArchiveConfig::default());
+    let certs = allium_directory::client::encode_cert_list(&[]);
+    a.insert(&old, 1_800_000_000, &certs).expect("insert");
+    a.insert(&new, 1_800_003_600, &certs).expect("insert");
+    let have = DirRequest::Consensus {
+        have: vec![dircache::consensus_digest(&old)],
+    };
+    for (name, req) in [
+        ("request_have", have.clone()),
+        ("request_certs", DirRequest::Certs),
+    ] {
+        let head = dircache::encode_request(&req);
+        write("diff", name, &[&[3u8][..], &head].concat());
+    }
+    let resp = a.respond(&dircache::encode_request(&have), 1_800_003_600);
+    write("diff", "response_diff", &[&[3u8][..], &resp].concat());
+    let full = a.respond(
+        &dircache::encode_request(&DirRequest::Consensus { have: vec![] }),
+        1_800_003_600,
+    );
+    write("diff", "response_full", &[&[3u8][..], &full].concat());
+}
+
 fn relay_msgs() -> Vec<(u16, RelayMsg)> {
     let ttl = AddrTtl {
         addr: [93, 184, 216, 34].into(),
@@ -104,6 +190,7 @@ fn relay_msgs() -> Vec<(u16, RelayMsg)> {
 }
 
 fn main() {
+    diff_seeds();
     // link_frame: a minimal and a two-cell transport frame, a handshake prefix.
     let mut f = vec![0x04, 0x10];
     f.extend(vec![0u8; 1040]);

@@ -123,6 +123,21 @@ pub struct RelayConfig {
     /// observed one, to play a relay that lies about its capacity (bandwidth-measurement tests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_advertise_bandwidth: Option<u64>,
+    /// Serve the directory (consensus and certificates) over BEGIN_DIR to circuits that end
+    /// here (default true). Off: BEGIN_DIR is answered with END NOTDIRECTORY.
+    #[serde(default = "default_true")]
+    pub dir_cache: bool,
+    /// Most directory streams served at once over all circuits (default 256); one circuit may
+    /// have at most `crate::dirserve::MAX_DIR_STREAMS_PER_CIRCUIT`.
+    #[serde(default = "default_max_dir_streams")]
+    pub max_dir_streams: usize,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_dir_streams() -> usize {
+    256
 }
 
 fn default_log_level() -> String {
@@ -210,6 +225,8 @@ impl RelayConfig {
             metrics_allow_public: false,
             test_advertise_bandwidth: None,
             dos: crate::dos::DosConfig::default(),
+            dir_cache: true,
+            max_dir_streams: default_max_dir_streams(),
         }
     }
 
@@ -286,6 +303,7 @@ impl RelayConfig {
             || self.max_circuits_per_link == 0
             || self.max_streams_per_circuit == 0
             || self.max_exit_streams == 0
+            || self.max_dir_streams == 0
             || self.circuit_stall_timeout_secs == 0
         {
             return Err(bad("max_*", "limits must be at least 1"));

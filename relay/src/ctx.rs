@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use allium_crypto::{RelayId, X25519Public};
 use allium_directory::NetDir;
+use allium_directory::dircache::{ArchiveConfig, DirArchive};
 use allium_proto::channel;
 use tokio::sync::{Notify, watch};
 
@@ -33,6 +34,10 @@ pub struct Stats {
     link_cap_refusals: AtomicU64,
     /// Refusals of the DoS subsystem, by reason.
     pub(crate) dos: crate::dos::Rejections,
+    dir_open: AtomicU64,
+    dir_served: AtomicU64,
+    dir_refused: AtomicU64,
+    dir_bytes: AtomicU64,
 }
 
 impl Stats {
@@ -72,6 +77,38 @@ impl Stats {
     }
     pub(crate) fn note_violation(&self) {
         self.violations.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn dir_stream_opened(&self) {
+        self.dir_open.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn dir_stream_closed(&self) {
+        let _ = self
+            .dir_open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
+    }
+    pub(crate) fn note_dir_served(&self, bytes: u64) {
+        self.dir_served.fetch_add(1, Ordering::Relaxed);
+        self.dir_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+    pub(crate) fn note_dir_refused(&self) {
+        self.dir_refused.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Directory (BEGIN_DIR) streams open now.
+    pub fn dir_streams_open(&self) -> u64 {
+        self.dir_open.load(Ordering::Relaxed)
+    }
+    /// Directory requests answered in full since start.
+    pub fn dir_requests_served(&self) -> u64 {
+        self.dir_served.load(Ordering::Relaxed)
+    }
+    /// Directory streams refused (limits, or `dir_cache = false`), cut for a request that was
+    /// too long, or timed out waiting for one.
+    pub fn dir_streams_refused(&self) -> u64 {
+        self.dir_refused.load(Ordering::Relaxed)
+    }
+    /// Bytes of directory responses (head and body) served since start.
+    pub fn dir_bytes_served(&self) -> u64 {
+        self.dir_bytes.load(Ordering::Relaxed)
     }
     /// Circuits destroyed because their inbound queue overflowed (the peer sent beyond its
     /// windows, or the circuit was stalled).
@@ -206,6 +243,10 @@ pub struct Ctx {
     pub(crate) exit_slots: Arc<tokio::sync::Semaphore>,
     /// One permit per name resolution in progress (RESOLVE).
     pub(crate) resolve_slots: Arc<tokio::sync::Semaphore>,
+    /// The directory documents this relay serves over BEGIN_DIR (filled by the consensus task).
+    pub(crate) dir_archive: RwLock<DirArchive>,
+    /// One permit per directory stream being served.
+    pub(crate) dir_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -267,6 +308,8 @@ impl Ctx {
             dir: crate::dirsync::DirState::default(),
             exit_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_exit_streams)),
             resolve_slots: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_RESOLVES)),
+            dir_archive: RwLock::new(DirArchive::new(ArchiveConfig::default())),
+            dir_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_dir_streams)),
             cfg,
         })
     }

@@ -313,6 +313,19 @@ fn install_netdir(ctx: &Ctx, nd: NetDir, membership: &mut Membership) {
     ctx.set_netdir(nd);
 }
 
+/// Put the held (verified) consensus and its certificates into the directory archive this
+/// relay serves over BEGIN_DIR.
+fn archive_current(ctx: &Ctx, cache: &ConsensusCache) {
+    let (Some((consensus, certs)), Some(v)) = (cache.current_raw(), cache.current()) else {
+        return;
+    };
+    let va = v.consensus().valid_after;
+    let mut archive = ctx.dir_archive.write().unwrap_or_else(|p| p.into_inner());
+    if let Err(e) = archive.insert(&consensus, va, &certs) {
+        tracing::warn!("could not add the consensus to the directory cache: {e}");
+    }
+}
+
 /// Consensus task.
 #[allow(clippy::disallowed_methods)] // Driver task: its schedule is wall-clock time.
 pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
@@ -326,6 +339,7 @@ pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
     let mut membership = Membership::default();
     if let Some(nd) = cache.netdir(now_unix()) {
         install_netdir(&ctx, nd, &mut membership);
+        archive_current(&ctx, &cache);
     }
     let mut last_forced = tokio::time::Instant::now() - FORCED_FETCH_MIN_GAP;
     let mut force = false;
@@ -341,6 +355,7 @@ pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
                     if let Some(nd) = cache.netdir(now_unix()) {
                         install_netdir(&ctx, nd, &mut membership);
                     }
+                    archive_current(&ctx, &cache);
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);

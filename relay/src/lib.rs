@@ -45,6 +45,7 @@ mod control;
 pub mod core;
 mod create;
 mod ctx;
+mod dirserve;
 mod dirsync;
 pub mod dos;
 pub mod err;
@@ -113,6 +114,24 @@ impl RelayHandle {
     pub fn onion_key(&self) -> X25519Public {
         self.ctx.keys.onion_public()
     }
+    /// What this relay's directory cache served over BEGIN_DIR: (whole consensuses, diffs,
+    /// "not modified" answers, certificate lists).
+    pub fn dir_cache_served(&self) -> (u64, u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let a = self
+            .ctx
+            .dir_archive
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let s = a.stats();
+        (
+            s.full.load(Relaxed),
+            s.diffs.load(Relaxed),
+            s.not_modified.load(Relaxed),
+            s.certs.load(Relaxed),
+        )
+    }
+
     /// Traffic and circuit counters.
     pub fn stats(&self) -> &Stats {
         &self.ctx.stats

@@ -9,7 +9,8 @@
 //! `allium_dos_rejections_total{reason}` (reasons: the circuit layer's and every
 //! [`crate::dos::Refusal`]), `allium_relay_queued_bytes`, `allium_consensus_age_seconds`,
 //! `allium_bootstrap_percent` (0 without a consensus, 100 with one) and
-//! `allium_relay_flag{flag}` (1 when the consensus gives this relay the flag).
+//! `allium_relay_flag{flag}` (1 when the consensus gives this relay the flag),
+//! `allium_dir_streams_open`, `allium_dir_requests_total{outcome}`, `allium_dir_bytes_total`.
 
 use allium_directory::doc::Flags;
 use allium_proto::cell::CELL_LEN;
@@ -118,6 +119,26 @@ pub(crate) fn page(ctx: &Ctx, now: u64) -> Exposition {
         MetricType::Gauge,
         "Bytes queued in circuit queues now (capped by dos.max_queued_bytes).",
         ctx.dos.mem.bytes.load(std::sync::atomic::Ordering::Relaxed) as f64,
+    );
+    e.single(
+        "allium_dir_streams_open",
+        MetricType::Gauge,
+        "Directory (BEGIN_DIR) streams being served now.",
+        s.dir_streams_open() as f64,
+    );
+    e.family(
+        "allium_dir_requests_total",
+        MetricType::Counter,
+        "Directory streams by outcome: answered in full, or refused/cut (limits, timeout, \
+         oversized request, dir_cache off).",
+    )
+    .sample(&[("outcome", "served")], s.dir_requests_served() as f64)
+    .sample(&[("outcome", "refused")], s.dir_streams_refused() as f64);
+    e.single(
+        "allium_dir_bytes_total",
+        MetricType::Counter,
+        "Bytes of directory responses served over BEGIN_DIR.",
+        s.dir_bytes_served() as f64,
     );
     let nd = ctx.netdir();
     e.single(

@@ -21,6 +21,7 @@ use tokio::task::AbortHandle;
 
 use crate::core::{CircError, CircuitCore, Event, Next, ResolveFailure, Side};
 use crate::ctx::Ctx;
+use crate::dirserve::{self, Feed, RequestBuf};
 use crate::exit::{self, Io, WRITE_QUEUE, WriteItem};
 use crate::link::{CircHandle, Enqueue, InsertError, Kill, KillReason, Link, coarse_now};
 
@@ -44,6 +45,28 @@ struct StreamIo {
     tasks: Vec<AbortHandle>,
     writer_task: Option<AbortHandle>,
     _slot: OwnedSemaphorePermit,
+}
+
+/// A directory stream being served (BEGIN_DIR): its request, then its response.
+struct DirStream {
+    req: RequestBuf,
+    /// Response bytes the windows did not allow yet.
+    pending: Option<Bytes>,
+    /// Size of the whole response (for the counters).
+    len: usize,
+    _slot: DirSlot,
+}
+
+/// A relay-wide directory-stream permit that keeps the open-stream gauge.
+struct DirSlot {
+    ctx: Arc<Ctx>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for DirSlot {
+    fn drop(&mut self) {
+        self.ctx.stats.dir_stream_closed();
+    }
 }
 
 impl Drop for StreamIo {
@@ -90,6 +113,7 @@ pub(crate) fn spawn(
         io_tx,
         io_rx,
         streams: HashMap::new(),
+        dirs: HashMap::new(),
         stalled: Some((Side::Prev, created)),
         attempt: 0,
         classified_with: netdir_id(ctx),
@@ -111,6 +135,8 @@ struct Reactor {
     io_tx: mpsc::Sender<Io>,
     io_rx: mpsc::Receiver<Io>,
     streams: HashMap<u16, StreamIo>,
+    /// Directory streams, by stream id.
+    dirs: HashMap<u16, DirStream>,
     /// A cell that found its link full: it goes first once there is room.
     stalled: Option<(Side, Cell)>,
     /// Extension attempts so far (a late answer for an older one is ignored).
@@ -157,12 +183,14 @@ impl Reactor {
                 self.wait_for_room(&kill).await;
                 continue;
             }
-            let idle_at = self.idle_deadline();
-            let deadline = match (self.core.poll_timeout(), idle_at) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
-            .map(tokio::time::Instant::from_std);
+            let deadline = self
+                .core
+                .poll_timeout()
+                .into_iter()
+                .chain(self.idle_deadline())
+                .chain(self.dirs.values().filter_map(|d| d.req.deadline()))
+                .min()
+                .map(tokio::time::Instant::from_std);
             // Stop signals first; then exit I/O (bounded: one read per stream awaits its
             // go-ahead) so a busy inbound queue cannot starve the backward direction; then the
             // inbound queue; then the timer.
@@ -201,6 +229,7 @@ impl Reactor {
                     .note(crate::dos::Refusal::CircuitIdle, now);
                 self.core.destroy(CircError::Local);
             }
+            self.expire_dir_requests(now);
         }
         self.finish();
     }
@@ -208,7 +237,8 @@ impl Reactor {
     /// When the circuit expires if nothing happens: it has no stream, and the idle timeout is on.
     fn idle_deadline(&self) -> Option<Instant> {
         let t = self.ctx.dos.cfg.circuit_idle_timeout()?;
-        (self.core.n_streams() == 0 && !self.core.is_closed()).then(|| self.last_active + t)
+        (self.core.n_streams() == 0 && self.dirs.is_empty() && !self.core.is_closed())
+            .then(|| self.last_active + t)
     }
 
     /// Act on events and push cells until both are drained or a link is full.
@@ -338,6 +368,7 @@ impl Reactor {
                     },
                 );
             }
+            Event::OpenDirStream { sid } => self.open_dir(sid, now),
             Event::Resolve { sid, hostname } => {
                 let Ok(slot) = Arc::clone(&self.ctx.resolve_slots).try_acquire_owned() else {
                     self.core.resolved(sid, Err(ResolveFailure::Busy), now);
@@ -376,6 +407,10 @@ impl Reactor {
                     link.remove(*id, now);
                 }
             }
+            Event::StreamData { sid, data } if self.dirs.contains_key(&sid) => {
+                self.core.data_consumed(sid, 1, now);
+                self.dir_request(sid, data.bytes(), now);
+            }
             Event::StreamData { sid, data } => {
                 if let Some(w) = self.streams.get(&sid).and_then(|s| s.writer.as_ref()) {
                     // Bounded by the stream window the core enforces; cannot be full.
@@ -390,6 +425,9 @@ impl Reactor {
                 if let Some(w) = self.streams.get(&sid).and_then(|s| s.writer.as_ref()) {
                     let _ = w.try_send(WriteItem::Fin);
                 }
+            }
+            Event::StreamClosed { sid, .. } if self.dirs.contains_key(&sid) => {
+                self.dirs.remove(&sid);
             }
             Event::StreamClosed { sid, graceful } => {
                 if let Some(mut st) = self.streams.remove(&sid)
@@ -489,8 +527,113 @@ impl Reactor {
         }
     }
 
+    /// BEGIN_DIR: accept (CONNECTED) within the limits, or refuse with END.
+    fn open_dir(&mut self, sid: u16, now: Instant) {
+        let permit = Arc::clone(&self.ctx.dir_slots).try_acquire_owned().ok();
+        if let Err(reason) =
+            dirserve::admit(self.ctx.cfg.dir_cache, self.dirs.len(), permit.is_some())
+        {
+            self.ctx.stats.note_dir_refused();
+            self.core.stream_failed(sid, reason, now);
+            return;
+        }
+        let Some(permit) = permit else {
+            return;
+        };
+        self.ctx.stats.dir_stream_opened();
+        let slot = DirSlot {
+            ctx: Arc::clone(&self.ctx),
+            _permit: permit,
+        };
+        self.core.stream_connected(sid, None, now);
+        self.dirs.insert(
+            sid,
+            DirStream {
+                req: RequestBuf::new(now),
+                pending: None,
+                len: 0,
+                _slot: slot,
+            },
+        );
+    }
+
+    /// Request bytes of directory stream `sid`: once the head is complete, the archive answers.
+    fn dir_request(&mut self, sid: u16, bytes: &[u8], now: Instant) {
+        let Some(d) = self.dirs.get_mut(&sid) else {
+            return;
+        };
+        match d.req.feed(bytes) {
+            Feed::More | Feed::Ignored => {}
+            Feed::TooLong => {
+                self.ctx.stats.note_dir_refused();
+                self.dirs.remove(&sid);
+                self.core.stream_failed(sid, EndReason::TORPROTOCOL, now);
+            }
+            Feed::Complete(head) => {
+                let resp = self
+                    .ctx
+                    .dir_archive
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .respond(&head, allium_directory::now_unix());
+                d.len = resp.len();
+                d.pending = Some(Bytes::from(resp));
+                self.package_dir(sid, now);
+            }
+        }
+    }
+
+    /// Package a directory response as far as the windows allow; END DONE after the last byte.
+    fn package_dir(&mut self, sid: u16, now: Instant) {
+        let Some(d) = self.dirs.get_mut(&sid) else {
+            return;
+        };
+        let Some(data) = d.pending.take() else {
+            return;
+        };
+        let n = self.core.package(sid, &data, now);
+        if n < data.len() {
+            if self.core.stream_budget(sid).is_some() {
+                d.pending = Some(data.slice(n..));
+            } else {
+                self.dirs.remove(&sid);
+            }
+            return;
+        }
+        let len = d.len as u64;
+        self.dirs.remove(&sid);
+        self.ctx.stats.note_dir_served(len);
+        self.core.stream_eof(sid, now);
+    }
+
+    /// End the directory streams whose request did not come in time.
+    fn expire_dir_requests(&mut self, now: Instant) {
+        let late: Vec<u16> = self
+            .dirs
+            .iter()
+            .filter(|(_, d)| d.req.deadline().is_some_and(|t| t <= now))
+            .map(|(sid, _)| *sid)
+            .collect();
+        for sid in late {
+            self.ctx.stats.note_dir_refused();
+            self.dirs.remove(&sid);
+            self.core.stream_failed(sid, EndReason::TIMEOUT, now);
+        }
+    }
+
     /// After input that may have opened windows: retry streams with pending bytes.
     fn retry_pending(&mut self, now: Instant) {
+        let dirs: Vec<u16> = self
+            .dirs
+            .iter()
+            .filter(|(_, d)| d.pending.is_some())
+            .map(|(sid, _)| *sid)
+            .collect();
+        for sid in dirs {
+            if self.core.stream_budget(sid).unwrap_or(0) > 0 {
+                self.package_dir(sid, now);
+            }
+        }
         let waiting: Vec<u16> = self
             .streams
             .iter()
@@ -565,6 +708,7 @@ impl Reactor {
             link.remove(*id, now);
         }
         self.streams.clear();
+        self.dirs.clear();
         let stats = &self.ctx.stats;
         stats.circuit_closed();
         if let Some(e) = self.core.close_error() {

@@ -120,13 +120,20 @@ pub fn exit_policy() -> ExitPolicy {
 impl TestNet {
     /// Start a network; panics with a message if it cannot (tests cannot go on without one).
     pub fn start(opts: Options) -> Self {
-        match Self::try_start(opts) {
+        Self::start_with_voting_interval(opts, None)
+    }
+
+    /// [`TestNet::start`] with the authorities' voting interval set to `secs` (consensus
+    /// periods then last that long: `fresh_until = valid_after + secs`; rounds are still run by
+    /// hand with [`authority::run_round`]).
+    pub fn start_with_voting_interval(opts: Options, secs: Option<u64>) -> Self {
+        match Self::try_start(opts, secs) {
             Ok(n) => n,
             Err(e) => panic!("could not start the test network: {e}"),
         }
     }
 
-    fn try_start(opts: Options) -> Result<Self, String> {
+    fn try_start(opts: Options, interval: Option<u64>) -> Result<Self, String> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -134,7 +141,11 @@ impl TestNet {
             .map_err(|e| e.to_string())?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let now = allium_directory::now_unix();
-        let plan = NetworkBuilder::new()
+        let mut builder = NetworkBuilder::new();
+        if let Some(secs) = interval {
+            builder = builder.voting_interval_secs(secs);
+        }
+        let plan = builder
             .relays(opts.relays)
             .exits(opts.exits)
             .exit_policy(exit_policy())
@@ -145,7 +156,7 @@ impl TestNet {
         let allium::cmd::testnet::NetworkPlan {
             authorities: planned,
             relays: planned_relays,
-            proxy: proxy_config,
+            proxy: mut proxy_config,
             ..
         } = plan;
 
@@ -187,7 +198,14 @@ impl TestNet {
         )?;
         rt.block_on(async {
             let refs: Vec<&AuthorityHandle> = authorities.iter().collect();
-            authority::run_round(&refs, now)
+            // With a short voting interval the round must be for the period now (waiting for the
+            // descriptors may have taken longer than one period).
+            let va = if interval.is_some() {
+                allium_directory::now_unix()
+            } else {
+                now
+            };
+            authority::run_round(&refs, va)
                 .await
                 .map_err(|e| e.to_string())
         })?;
@@ -200,6 +218,18 @@ impl TestNet {
             || relays.iter().flatten().all(|r| r.has_consensus()),
         )?;
 
+        // The proxy's fallback directory caches, from the consensus the relays now hold.
+        let infos: Vec<_> = authorities.iter().map(AuthorityHandle::info).collect();
+        let nd = rt
+            .block_on(allium_directory::fetch_consensus(
+                &infos,
+                allium_directory::now_unix(),
+            ))
+            .map_err(|e| e.to_string())?;
+        proxy_config.fallback_dirs = allium::cmd::testnet::fallback_dirs_from(
+            &allium_directory::NetDir::new(nd),
+            allium::cmd::testnet::N_FALLBACK_DIRS,
+        );
         let (proxy, http) = rt.block_on(async {
             let (http, task) = httpd::spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
                 .await

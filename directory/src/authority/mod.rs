@@ -185,6 +185,17 @@ impl AuthorityHandle {
     pub fn limit_count(&self, limit: limits::Limit) -> u64 {
         self.inner.limit_log.count(limit)
     }
+    /// HTTP connections accepted since start from source address `ip` (the first 4096
+    /// distinct addresses are counted).
+    pub fn connections_from(&self, ip: std::net::IpAddr) -> u64 {
+        self.inner
+            .accepted_by_ip
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ip)
+            .copied()
+            .unwrap_or(0)
+    }
     /// HTTP connections open now.
     pub fn open_connections(&self) -> usize {
         self.inner

@@ -78,6 +78,7 @@ pub(crate) async fn serve(inner: App, listener: TcpListener, mut shutdown: watch
             }
         };
         let ip = peer.ip();
+        inner.note_accepted(ip);
         let authority = inner.is_authority_addr(ip);
         let admitted = inner
             .conns

@@ -75,6 +75,9 @@ pub(crate) struct Inner {
     pub(crate) sources: Mutex<SourceLimiter>,
     /// HTTP connection slots.
     pub(crate) conns: Mutex<ConnLimiter>,
+    /// HTTP connections accepted so far, by source address (at most
+    /// [`MAX_COUNTED_SOURCES`] addresses; tests and directory-load measurements read it).
+    pub(crate) accepted_by_ip: Mutex<std::collections::HashMap<std::net::IpAddr, u64>>,
     /// Refusal counters.
     pub(crate) limit_log: LimitLog,
     /// Descriptors accepted from an authority's address (exempt from the upload limits).
@@ -95,7 +98,24 @@ fn compress(bytes: &[u8]) -> Vec<u8> {
     e.finish().unwrap_or_default()
 }
 
+/// Most distinct source addresses whose accepted connections are counted.
+pub(crate) const MAX_COUNTED_SOURCES: usize = 4096;
+
 impl Inner {
+    /// Count an accepted HTTP connection from `ip` (addresses beyond
+    /// [`MAX_COUNTED_SOURCES`] are not counted).
+    pub(crate) fn note_accepted(&self, ip: std::net::IpAddr) {
+        let mut m = self
+            .accepted_by_ip
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&ip) {
+            *n = n.saturating_add(1);
+        } else if m.len() < MAX_COUNTED_SOURCES {
+            m.insert(ip, 1);
+        }
+    }
+
     /// The configuration as last reloaded (see `live`).
     pub(crate) fn live_cfg(&self) -> Arc<AuthorityConfig> {
         Arc::clone(&self.live.read().unwrap_or_else(|p| p.into_inner()))
@@ -181,6 +201,7 @@ impl Inner {
             authority_addrs,
             sources: Mutex::new(sources),
             conns: Mutex::new(conns),
+            accepted_by_ip: Mutex::new(std::collections::HashMap::new()),
             limit_log: LimitLog::default(),
             desc_accepted_exempt: std::sync::atomic::AtomicU64::new(0),
             desc_accepted_charged: std::sync::atomic::AtomicU64::new(0),

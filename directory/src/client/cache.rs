@@ -90,6 +90,14 @@ impl ConsensusCache {
             .map(|v| NetDir::new(v.clone()))
     }
 
+    /// The held consensus as envelope bytes and its certificate list as list bytes (what a
+    /// directory cache serves, and what a BEGIN_DIR fetch asks a diff against).
+    pub fn current_raw(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        self.current
+            .as_ref()
+            .map(|f| (f.verified.signed().to_bytes(), encode_cert_list(&f.certs)))
+    }
+
     /// Where the held consensus stands at `now` (`None` when nothing is held).
     pub fn liveness(&self, now: u64) -> Option<Liveness> {
         self.current().map(|v| Liveness::of(v.consensus(), now))

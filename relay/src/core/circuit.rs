@@ -356,11 +356,7 @@ impl CircuitCore {
         match msg {
             RelayMsg::Begin(b) => self.on_begin(sid, b),
             RelayMsg::Resolve(r) => self.on_resolve(sid, r),
-            RelayMsg::BeginDir(_) => {
-                // Relays are not directory caches: clients fetch from the authorities.
-                self.originate(sid, &RelayMsg::End(End::new(EndReason::NOTDIRECTORY)));
-                Ok(())
-            }
+            RelayMsg::BeginDir(_) => self.on_begin_dir(sid),
             RelayMsg::End(e) => {
                 self.on_end(sid, e.reason);
                 Ok(())
@@ -393,6 +389,30 @@ impl CircuitCore {
                 what: "backward-only relay message",
             }),
         }
+    }
+
+    /// BEGIN_DIR: a directory stream, served by the driver ([`Event::OpenDirStream`]), only
+    /// where this relay is the last hop (never on a circuit that extends or is extending).
+    fn on_begin_dir(&mut self, sid: u16) -> Result<(), CircError> {
+        if self.next != Next::Unextended {
+            self.originate(sid, &RelayMsg::End(End::new(EndReason::NOTDIRECTORY)));
+            return Ok(());
+        }
+        if self.streams.contains_key(&sid) {
+            return Err(CircError::Unexpected {
+                what: "BEGIN_DIR on a stream id in use",
+            });
+        }
+        if self.streams.len() >= self.cfg.max_streams {
+            self.originate(sid, &RelayMsg::End(End::new(EndReason::RESOURCELIMIT)));
+            return Ok(());
+        }
+        self.streams.insert(
+            sid,
+            Stream::new(StreamState::Connecting { client_done: false }),
+        );
+        self.events.push_back(Event::OpenDirStream { sid });
+        Ok(())
     }
 
     fn on_data(

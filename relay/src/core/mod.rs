@@ -169,6 +169,14 @@ pub enum Event {
         /// Candidate addresses, at most [`MAX_CONNECT_ADDRS`].
         addrs: Vec<SocketAddr>,
     },
+    /// BEGIN_DIR on stream `sid` (this relay is the last hop): serve a directory stream.
+    /// Accept it with [`CircuitCore::stream_connected`] (CONNECTED, no address) or refuse it
+    /// with [`CircuitCore::stream_failed`]; the request arrives as [`Event::StreamData`], the
+    /// response goes out with [`CircuitCore::package`], then [`CircuitCore::stream_eof`].
+    OpenDirStream {
+        /// The stream.
+        sid: u16,
+    },
     /// Resolve `hostname` for stream `sid`; answer with [`CircuitCore::resolved`].
     Resolve {
         /// The stream (a BEGIN with a host name, or a RESOLVE).

@@ -1252,3 +1252,79 @@ fn two_cores_in_memory_extend_and_stream() {
         ]
     );
 }
+
+#[test]
+fn begin_dir_opens_a_directory_stream_at_the_last_hop_only() {
+    use allium_proto::relaymsg::BeginDir;
+    // A one-hop circuit from a client: BEGIN_DIR is served (unlike BEGIN).
+    let (mut core, mut cl) = setup(cfg(true, ExitPolicy::default()));
+    let now = Instant::now();
+    let c = cl.cell(0, CellCmd::RELAY, 3, &RelayMsg::BeginDir(BeginDir));
+    core.handle_cell(Side::Prev, c, now).unwrap();
+    let ev = events(&mut core);
+    assert!(
+        matches!(&ev[..], [Event::OpenDirStream { sid: 3 }]),
+        "{ev:?}"
+    );
+    core.stream_connected(3, None, now);
+    let r = replies(&mut core, &mut cl);
+    assert!(
+        matches!(&r[..], [(3, RelayMsg::Connected(c))] if c.addr.is_none()),
+        "{r:?}"
+    );
+    // The request arrives as stream data; the client finishes; the response then END DONE.
+    let c = cl.cell(0, CellCmd::RELAY, 3, &data(b"request"));
+    core.handle_cell(Side::Prev, c, now).unwrap();
+    let c = cl.cell(
+        0,
+        CellCmd::RELAY,
+        3,
+        &RelayMsg::End(End::new(EndReason::DONE)),
+    );
+    core.handle_cell(Side::Prev, c, now).unwrap();
+    let ev = events(&mut core);
+    assert!(
+        matches!(
+            &ev[..],
+            [
+                Event::StreamData { sid: 3, .. },
+                Event::StreamEnd { sid: 3 }
+            ]
+        ),
+        "{ev:?}"
+    );
+    assert_eq!(core.package(3, b"response", now), 8);
+    core.stream_eof(3, now);
+    let r = replies(&mut core, &mut cl);
+    assert!(
+        matches!(&r[..], [(3, RelayMsg::Data(d)), (3, RelayMsg::End(e))]
+            if d.data == b"response" && e.reason == EndReason::DONE),
+        "{r:?}"
+    );
+    assert_eq!(
+        core.n_streams(),
+        0,
+        "the stream is forgotten after both ENDs"
+    );
+    // A second BEGIN_DIR on an id in use is a violation; a refused one gets the driver's END.
+    let c = cl.cell(0, CellCmd::RELAY, 4, &RelayMsg::BeginDir(BeginDir));
+    core.handle_cell(Side::Prev, c, now).unwrap();
+    let _ = events(&mut core);
+    core.stream_failed(4, EndReason::RESOURCELIMIT, now);
+    let r = replies(&mut core, &mut cl);
+    assert_eq!(
+        r,
+        vec![(4, RelayMsg::End(End::new(EndReason::RESOURCELIMIT)))]
+    );
+
+    // A middle hop (the circuit is extended) answers NOTDIRECTORY and opens nothing.
+    let (mut core, mut cl) = exit();
+    let _hop2 = extend_open(&mut core, &mut cl, now);
+    let c = cl.cell(0, CellCmd::RELAY, 5, &RelayMsg::BeginDir(BeginDir));
+    core.handle_cell(Side::Prev, c, now).unwrap();
+    assert!(events(&mut core).is_empty());
+    assert_eq!(
+        replies(&mut core, &mut cl),
+        vec![(5, RelayMsg::End(End::new(EndReason::NOTDIRECTORY)))]
+    );
+}

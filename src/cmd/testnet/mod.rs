@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use super::CmdResult;
 use plan::free_port;
-pub use plan::{N_AUTHORITIES, NetworkBuilder, NetworkPlan};
+pub use plan::{N_AUTHORITIES, N_FALLBACK_DIRS, NetworkBuilder, NetworkPlan, fallback_dirs_from};
 use procs::Node;
 /// Voting interval of a test network, seconds.
 pub const VOTING_INTERVAL_SECS: u64 = 2;
@@ -279,15 +279,25 @@ async fn start_and_serve(
         nodes.push(node);
     }
 
+    let mut fallback_dirs = Vec::new();
     for mut r in relays {
         r.config.metrics_address = Some(free_port()?);
         let name = r.name;
         let (control_port, control_cookie) = testnet_control(&r.config.data_dir)?;
         r.config.control_port = Some(control_port);
         r.config.cookie_authentication = true;
-        let identity = allium_relay::keys::RelayKeys::load_or_create(&r.config.data_dir)
-            .map_err(|e| format!("creating keys for {name}: {e}"))?
-            .id;
+        let keys = allium_relay::keys::RelayKeys::load_or_create(&r.config.data_dir)
+            .map_err(|e| format!("creating keys for {name}: {e}"))?;
+        let identity = keys.id;
+        // The first few relays are the proxy's fallback directory caches.
+        if fallback_dirs.len() < N_FALLBACK_DIRS {
+            fallback_dirs.push(allium_client::config::FallbackDir {
+                identity,
+                link_key: keys.link.public(),
+                onion_key: keys.onion_public(),
+                or_addr: r.config.advertised.unwrap_or(r.config.listen),
+            });
+        }
         let cfg_path = dir.join(format!("{name}.toml"));
         write_file(&cfg_path, &toml::to_string(&r.config)?)?;
         let log = dir.join(format!("{name}.log"));
@@ -352,6 +362,7 @@ async fn start_and_serve(
     }
 
     let mut pcfg = proxy;
+    pcfg.fallback_dirs = fallback_dirs;
     let (pcontrol_port, pcontrol_cookie) = testnet_control(&pcfg.data_dir)?;
     pcfg.control_port = Some(pcontrol_port);
     pcfg.cookie_authentication = true;

@@ -10,6 +10,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 
+use allium_client::config::FallbackDir;
 use allium_client::{AuthorityInfo, ProxyConfig};
 use allium_crypto::RelayId;
 use allium_directory::authority::AuthorityConfig;
@@ -242,6 +243,32 @@ impl NetworkBuilder {
             bandwidth_file: self.bandwidth_file.clone(),
         })
     }
+}
+
+/// How many relays a test network's proxy lists as fallback directory caches.
+pub const N_FALLBACK_DIRS: usize = 3;
+
+/// Fallback directory caches for a proxy: the first `n` relays of a consensus that carry the
+/// Guard flag (the others if too few do), with their keys and OR address.
+pub fn fallback_dirs_from(nd: &allium_directory::NetDir, n: usize) -> Vec<FallbackDir> {
+    let guard = |e: &&allium_directory::doc::ConsensusEntry| {
+        e.flags.contains(allium_directory::doc::Flags::GUARD)
+    };
+    let relays = nd.relays();
+    relays
+        .iter()
+        .filter(guard)
+        .chain(relays.iter().filter(|e| !guard(e)))
+        .filter_map(|e| {
+            Some(FallbackDir {
+                identity: e.identity,
+                link_key: e.link_key,
+                onion_key: e.onion_key,
+                or_addr: *e.addrs.first()?,
+            })
+        })
+        .take(n)
+        .collect()
 }
 
 /// A free port on 127.0.0.1 (bound, then released).
