@@ -144,6 +144,10 @@ impl Reactor {
                 Event::ExtendFailed { hop, error } => {
                     tracing::debug!(circ = %self.core.id(), hop, "extending failed: {error}");
                 }
+                Event::OnionService { .. } | Event::IncomingStream { .. } => {
+                    // Onion-service circuits are driven by their own layer (a later session).
+                    tracing::debug!(circ = %self.core.id(), "onion-service event on a general circuit");
+                }
                 Event::StreamConnected { stream } => self.deliver(stream, StreamEvent::Connected),
                 Event::StreamData { stream, data } => {
                     self.deliver(stream, StreamEvent::Data(data));

@@ -347,6 +347,49 @@ impl RelayHopCrypto {
     }
 }
 
+/// The associated data of every end-to-end layer: one byte that is no link command. The link
+/// command cannot serve, since the rendezvous point turns forward cells (RELAY or RELAY_EARLY)
+/// into backward ones (always RELAY); a fixed value also keeps an end-to-end ciphertext from ever
+/// authenticating as a hop layer.
+pub const E2E_AD: u8 = 0xE2;
+
+/// Which end of an onion-service rendezvous a circuit is (the two ends of the end-to-end layer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndToEndRole {
+    /// The client: its cells to the virtual hop are built like forward cells to a relay hop
+    /// (zero marker, with the `to_service` keys); it opens the service's cells with `to_client`.
+    Client,
+    /// The service: its cells to the virtual hop are built like backward origin cells (no
+    /// marker, `to_client` keys) wrapped in its circuit's forward layers; it opens the client's
+    /// cells with `to_service` after removing its own hops' backward layers.
+    Service,
+}
+
+/// The end-to-end virtual hop: one ratchet per direction, keyed from the onion-service
+/// handshake's `HopKeys` (`forward` = client to service, `backward` = service to client).
+struct EndToEnd {
+    role: EndToEndRole,
+    to_service: DirState,
+    to_client: DirState,
+}
+
+impl EndToEnd {
+    /// The state of the cells this end sends.
+    fn send_state(&mut self) -> &mut DirState {
+        match self.role {
+            EndToEndRole::Client => &mut self.to_service,
+            EndToEndRole::Service => &mut self.to_client,
+        }
+    }
+    /// The state of the cells this end receives.
+    fn recv_state(&mut self) -> &mut DirState {
+        match self.role {
+            EndToEndRole::Client => &mut self.to_client,
+            EndToEndRole::Service => &mut self.to_service,
+        }
+    }
+}
+
 /// One hop as the client sees it.
 struct ClientHop {
     fwd: DirState,
@@ -356,6 +399,8 @@ struct ClientHop {
 /// The client's crypto state for a whole circuit (up to [`MAX_HOPS`] hops). Not `Clone`.
 pub struct ClientCircuitCrypto {
     hops: Vec<ClientHop>,
+    /// The end-to-end virtual hop beyond the last real hop (onion-service rendezvous), if added.
+    e2e: Option<EndToEnd>,
     poisoned: Poison,
 }
 
@@ -380,6 +425,7 @@ impl ClientCircuitCrypto {
     pub fn new() -> Self {
         Self {
             hops: Vec::with_capacity(MAX_HOPS),
+            e2e: None,
             poisoned: Poison::default(),
         }
     }
@@ -387,7 +433,7 @@ impl ClientCircuitCrypto {
     /// Append a hop after its handshake completed.
     pub fn add_hop(&mut self, keys: &HopKeys) -> Result<(), CryptoError> {
         self.check()?;
-        if self.hops.len() >= MAX_HOPS {
+        if self.hops.len() >= MAX_HOPS || self.e2e.is_some() {
             return Err(CryptoError::TooManyHops { max: MAX_HOPS });
         }
         self.hops.push(ClientHop {
@@ -411,9 +457,39 @@ impl ClientCircuitCrypto {
         Ok(())
     }
 
-    /// Number of hops.
+    /// Number of hops, the end-to-end virtual hop included (it is the last one).
     pub fn n_hops(&self) -> usize {
-        self.hops.len()
+        self.hops.len() + usize::from(self.e2e.is_some())
+    }
+
+    /// Add the end-to-end virtual hop after the last real hop (the rendezvous point), keyed by
+    /// the onion-service handshake, in `role`. After this the circuit cannot be extended; hop
+    /// index [`ClientCircuitCrypto::n_hops`]` - 1` is the virtual hop. Fails unless there is at
+    /// least one real hop and at most `MAX_HOPS - 1` (the filler reserve holds `MAX_HOPS - 1`
+    /// tails), or if a virtual hop is already there.
+    pub fn add_end_to_end(
+        &mut self,
+        keys: &HopKeys,
+        role: EndToEndRole,
+    ) -> Result<(), CryptoError> {
+        self.check()?;
+        if self.e2e.is_some() || self.hops.len() >= MAX_HOPS {
+            return Err(CryptoError::TooManyHops { max: MAX_HOPS });
+        }
+        if self.hops.is_empty() {
+            return Err(CryptoError::NoSuchHop);
+        }
+        self.e2e = Some(EndToEnd {
+            role,
+            to_service: DirState::new(keys.forward()),
+            to_client: DirState::new(keys.backward()),
+        });
+        Ok(())
+    }
+
+    /// The role of the end-to-end virtual hop, if there is one.
+    pub fn end_to_end_role(&self) -> Option<EndToEndRole> {
+        self.e2e.as_ref().map(|e| e.role)
     }
 
     fn check(&self) -> Result<(), CryptoError> {
@@ -437,49 +513,29 @@ impl ClientCircuitCrypto {
                 max: RELAY_MSG_LEN,
             });
         }
-        let hops = self.hops.get_mut(..=hop).ok_or(CryptoError::NoSuchHop)?;
+        let n = self.hops.len();
+        let to_e2e = hop == n && self.e2e.is_some();
+        let real = if to_e2e { n } else { hop.saturating_add(1) };
+        let hops = self.hops.get_mut(..real).ok_or(CryptoError::NoSuchHop)?;
         let mut keys: [CellKeys; MAX_HOPS] = std::array::from_fn(|_| CellKeys::empty());
         for (h, k) in hops.iter_mut().zip(keys.iter_mut()) {
             h.fwd.peek_into(k)?;
         }
         let keys = keys.get(..hops.len()).ok_or(CryptoError::NoSuchHop)?;
-        let (dest, before) = keys.split_last().ok_or(CryptoError::NoSuchHop)?;
-
-        // The tail R that hops 1..k-1 will force onto the end of C_k.
-        let mut r_buf = [0u8; FILLER_LEN * (MAX_HOPS - 1)];
-        let mut r_len = 0usize;
-        for k in before {
-            let r = r_buf.get_mut(..r_len).ok_or(CryptoError::NoSuchHop)?;
-            aead::keystream_xor(k.k_aead(), &k.nonce, ks_offset(N - r_len), r);
-            let f = r_buf
-                .get_mut(r_len..r_len + FILLER_LEN)
-                .ok_or(CryptoError::NoSuchHop)?;
-            f.copy_from_slice(k.k_aux().get(..FILLER_LEN).ok_or(CryptoError::NoSuchHop)?);
-            r_len += FILLER_LEN;
-        }
-        let r = r_buf.get(..r_len).ok_or(CryptoError::NoSuchHop)?;
-
-        // P_k = marker | msg | random pad | (R xor KS_k[N-|R|..N]).
-        {
-            let (marker, rest) = out
-                .get_mut(TAG_LEN..)
-                .ok_or(CryptoError::NoSuchHop)?
-                .split_at_mut(MARKER_LEN);
-            marker.fill(0);
-            let (m, rest) = rest.split_at_mut(msg.len());
-            m.copy_from_slice(msg);
-            let (pad, tail) = rest.split_at_mut(rest.len() - r_len);
-            fill_padding(pad);
-            tail.copy_from_slice(r);
-            aead::keystream_xor(dest.k_aead(), &dest.nonce, ks_offset(N - r_len), tail);
-        }
-        let t_k = seal_layer(dest, cmd, out)?;
-        debug_assert!(out.ends_with(r), "filler tail mismatch");
-
-        for k in before.iter().rev() {
-            out.copy_within(0..N, TAG_LEN);
-            seal_layer(k, cmd, out)?;
-        }
+        let t_k = if to_e2e {
+            let e2e = self.e2e.as_mut().ok_or(CryptoError::NoSuchHop)?;
+            let mut dest = CellKeys::empty();
+            e2e.send_state().peek_into(&mut dest)?;
+            // The client's cells carry the zero marker (the service checks it, as a relay hop
+            // does); the service's cells are laid out as a backward origin cell.
+            let marker = e2e.role == EndToEndRole::Client;
+            let t = build_onion(keys, &dest, E2E_AD, marker, cmd, msg, out)?;
+            e2e.send_state().commit()?;
+            t
+        } else {
+            let (dest, before) = keys.split_last().ok_or(CryptoError::NoSuchHop)?;
+            build_onion(before, dest, cmd, true, cmd, msg, out)?
+        };
         for h in hops.iter_mut() {
             h.fwd.commit()?;
         }
@@ -489,6 +545,11 @@ impl ClientCircuitCrypto {
     /// Peel a backward cell that arrived with link command `cmd`. Returns the 0-based hop that
     /// originated it and its tag; the relay message is then at
     /// `body[BACKWARD_MSG_OFFSET..][..RELAY_MSG_LEN]`. Advances the ratchets of hops `0..=hop`.
+    ///
+    /// With an end-to-end virtual hop, a cell that authenticates under its layer (after every
+    /// real hop's layer came off) comes from hop `n_hops() - 1`, whichever the role; for the
+    /// service role its zero marker is checked and removed, so the message sits at the same
+    /// offset as in every other backward cell.
     pub fn decrypt_backward(
         &mut self,
         cmd: u8,
@@ -500,15 +561,44 @@ impl ClientCircuitCrypto {
         for (h, k) in self.hops.iter_mut().zip(keys.iter_mut()) {
             h.bwd.peek_into(k)?;
         }
+        let keys = keys.get(..n).ok_or(CryptoError::NoSuchHop)?;
         // The body as it came off the link, every layer still on: ciphertext that the first hop
         // also saw, so this copy needs no wiping (wiping 1019 bytes with volatile stores cost more
         // than the copy itself).
         let saved: CellBody = *body;
         // Fast path: almost every backward cell (DATA, CONNECTED, END, SENDME, EXTENDED) comes from
-        // the last hop, so peel the layers of hops 1..n-1 without trying their tags and try the last
+        // the last hop, so peel the layers before it without trying their tags and try the last
         // hop's tag once. This is exactly what the general loop below computes when the origin is
         // the last hop, at one AEAD open instead of n.
-        if let Some((last, inner)) = keys.get(..n).and_then(|k| k.split_last()) {
+        if let Some(e2e) = self.e2e.as_mut() {
+            for k in keys {
+                aead::keystream_xor(k.k_aux(), &k.nonce, 0, body);
+            }
+            let mut ek = CellKeys::empty();
+            e2e.recv_state().peek_into(&mut ek)?;
+            let tag: Tag = *body.first_chunk().ok_or(CryptoError::CellAuthFailed)?;
+            let p = body.get_mut(TAG_LEN..).ok_or(CryptoError::CellAuthFailed)?;
+            if aead::open(ek.k_aead(), &ek.nonce, &[E2E_AD], &tag, p).is_ok() {
+                if e2e.role == EndToEndRole::Service {
+                    // The client's cells carry the zero marker; without it the cell is not one
+                    // the client built for us (authenticated, so the client itself misbehaves).
+                    if !body
+                        .get(TAG_LEN..FORWARD_MSG_OFFSET)
+                        .is_some_and(ct_is_zero)
+                    {
+                        self.poisoned.set();
+                        return Err(CryptoError::CellAuthFailed);
+                    }
+                    body.copy_within(FORWARD_MSG_OFFSET.., BACKWARD_MSG_OFFSET);
+                }
+                e2e.recv_state().commit()?;
+                for h in self.hops.iter_mut() {
+                    h.bwd.commit()?;
+                }
+                return Ok((n, tag));
+            }
+            body.copy_from_slice(&saved[..]);
+        } else if let Some((last, inner)) = keys.split_last() {
             for k in inner {
                 aead::keystream_xor(k.k_aux(), &k.nonce, 0, body);
             }
@@ -522,9 +612,15 @@ impl ClientCircuitCrypto {
             }
             body.copy_from_slice(&saved[..]);
         }
-        // General path: try each hop in order (a cell from an intermediate hop, or a forgery).
+        // General path: try each real hop in order (a cell from an intermediate hop, or a
+        // forgery). Without a virtual hop the last hop was tried already.
+        let tries = if self.e2e.is_some() {
+            n
+        } else {
+            n.saturating_sub(1)
+        };
         let mut found = None;
-        for (j, k) in keys.iter().take(n.saturating_sub(1)).enumerate() {
+        for (j, k) in keys.iter().take(tries).enumerate() {
             let tag: Tag = *body.first_chunk().ok_or(CryptoError::CellAuthFailed)?;
             let before = Zeroizing::new(*body);
             let p = body.get_mut(TAG_LEN..).ok_or(CryptoError::CellAuthFailed)?;
@@ -544,6 +640,64 @@ impl ClientCircuitCrypto {
         }
         Ok((j, tag))
     }
+}
+
+/// Build the onion of a forward cell: the innermost layer with `dest` (AD `dest_ad`; with the
+/// zero marker before `msg` if `marker`), then one layer per key in `before`, last first (AD
+/// `cmd`). The innermost ciphertext ends with the tail the hops in `before` will force on it
+/// (design §3.4). Returns the innermost tag. Commits nothing.
+fn build_onion(
+    before: &[CellKeys],
+    dest: &CellKeys,
+    dest_ad: u8,
+    marker: bool,
+    cmd: u8,
+    msg: &[u8],
+    out: &mut CellBody,
+) -> Result<Tag, CryptoError> {
+    // The tail R that the hops in `before` will force onto the end of C_k.
+    let mut r_buf = [0u8; FILLER_LEN * (MAX_HOPS - 1)];
+    let mut r_len = 0usize;
+    for k in before {
+        let r = r_buf.get_mut(..r_len).ok_or(CryptoError::NoSuchHop)?;
+        aead::keystream_xor(k.k_aead(), &k.nonce, ks_offset(N - r_len), r);
+        let f = r_buf
+            .get_mut(r_len..r_len + FILLER_LEN)
+            .ok_or(CryptoError::TooManyHops { max: MAX_HOPS })?;
+        f.copy_from_slice(k.k_aux().get(..FILLER_LEN).ok_or(CryptoError::NoSuchHop)?);
+        r_len += FILLER_LEN;
+    }
+    let r = r_buf.get(..r_len).ok_or(CryptoError::NoSuchHop)?;
+    let marker_len = if marker { MARKER_LEN } else { 0 };
+    if marker_len + msg.len() + r_len > N {
+        return Err(CryptoError::MessageTooLong {
+            len: msg.len(),
+            max: N - marker_len - r_len,
+        });
+    }
+
+    // P_k = [marker] | msg | random pad | (R xor KS_k[N-|R|..N]).
+    {
+        let (marker_out, rest) = out
+            .get_mut(TAG_LEN..)
+            .ok_or(CryptoError::NoSuchHop)?
+            .split_at_mut(marker_len);
+        marker_out.fill(0);
+        let (m, rest) = rest.split_at_mut(msg.len());
+        m.copy_from_slice(msg);
+        let (pad, tail) = rest.split_at_mut(rest.len() - r_len);
+        fill_padding(pad);
+        tail.copy_from_slice(r);
+        aead::keystream_xor(dest.k_aead(), &dest.nonce, ks_offset(N - r_len), tail);
+    }
+    let t_k = seal_layer(dest, dest_ad, out)?;
+    debug_assert!(out.ends_with(r), "filler tail mismatch");
+
+    for k in before.iter().rev() {
+        out.copy_within(0..N, TAG_LEN);
+        seal_layer(k, cmd, out)?;
+    }
+    Ok(t_k)
 }
 
 /// Byte offset in the raw ChaCha20 stream of byte `a` of the AEAD message keystream.
@@ -586,6 +740,8 @@ pub(crate) mod test_hooks {
     }
 }
 
+#[cfg(test)]
+mod e2e_tests;
 #[cfg(test)]
 mod kat;
 #[cfg(test)]

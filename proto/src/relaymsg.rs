@@ -62,6 +62,24 @@ impl RelayCmd {
     pub const EXTEND: Self = Self(14);
     /// Reply to EXTEND.
     pub const EXTENDED: Self = Self(15);
+    /// Register this circuit as an onion service's introduction circuit (rend-spec-v3's number).
+    pub const ESTABLISH_INTRO: Self = Self(32);
+    /// Register this circuit as waiting at a rendezvous point under a cookie.
+    pub const ESTABLISH_RENDEZVOUS: Self = Self(33);
+    /// A client's introduction request, to the introduction point.
+    pub const INTRODUCE1: Self = Self(34);
+    /// The same request, from the introduction point to the service.
+    pub const INTRODUCE2: Self = Self(35);
+    /// The service's answer, to the rendezvous point (which joins the circuits).
+    pub const RENDEZVOUS1: Self = Self(36);
+    /// The service's answer, from the rendezvous point to the client.
+    pub const RENDEZVOUS2: Self = Self(37);
+    /// Reply to ESTABLISH_INTRO.
+    pub const INTRO_ESTABLISHED: Self = Self(38);
+    /// Reply to ESTABLISH_RENDEZVOUS.
+    pub const RENDEZVOUS_ESTABLISHED: Self = Self(39);
+    /// The introduction point's answer to INTRODUCE1.
+    pub const INTRODUCE_ACK: Self = Self(40);
     /// Stream flow control: stop sending DATA on this stream (Tor prop 344's XOFF).
     pub const XOFF: Self = Self(43);
     /// Stream flow control: resume sending DATA, with a rate advisory (Tor prop 344's XON).
@@ -83,6 +101,15 @@ impl RelayCmd {
             13 => "BEGIN_DIR",
             14 => "EXTEND",
             15 => "EXTENDED",
+            32 => "ESTABLISH_INTRO",
+            33 => "ESTABLISH_RENDEZVOUS",
+            34 => "INTRODUCE1",
+            35 => "INTRODUCE2",
+            36 => "RENDEZVOUS1",
+            37 => "RENDEZVOUS2",
+            38 => "INTRO_ESTABLISHED",
+            39 => "RENDEZVOUS_ESTABLISHED",
+            40 => "INTRODUCE_ACK",
             43 => "XOFF",
             44 => "XON",
             _ => "UNKNOWN",
@@ -101,9 +128,20 @@ impl RelayCmd {
             | Self::BEGIN_DIR
             | Self::XOFF
             | Self::XON => StreamIdRule::NonZero,
-            Self::EXTEND | Self::EXTENDED | Self::TRUNCATE | Self::TRUNCATED | Self::DROP => {
-                StreamIdRule::Zero
-            }
+            Self::EXTEND
+            | Self::EXTENDED
+            | Self::TRUNCATE
+            | Self::TRUNCATED
+            | Self::DROP
+            | Self::ESTABLISH_INTRO
+            | Self::ESTABLISH_RENDEZVOUS
+            | Self::INTRODUCE1
+            | Self::INTRODUCE2
+            | Self::RENDEZVOUS1
+            | Self::RENDEZVOUS2
+            | Self::INTRO_ESTABLISHED
+            | Self::RENDEZVOUS_ESTABLISHED
+            | Self::INTRODUCE_ACK => StreamIdRule::Zero,
             _ => StreamIdRule::Any,
         }
     }
@@ -864,6 +902,24 @@ pub enum RelayMsg {
     Xoff(Xoff),
     /// XON (44).
     Xon(Xon),
+    /// ESTABLISH_INTRO (32).
+    EstablishIntro(EstablishIntro),
+    /// ESTABLISH_RENDEZVOUS (33).
+    EstablishRendezvous(EstablishRendezvous),
+    /// INTRODUCE1 (34).
+    Introduce1(Introduce),
+    /// INTRODUCE2 (35): the same body as INTRODUCE1.
+    Introduce2(Introduce),
+    /// RENDEZVOUS1 (36).
+    Rendezvous1(Rendezvous1),
+    /// RENDEZVOUS2 (37).
+    Rendezvous2(Rendezvous2),
+    /// INTRO_ESTABLISHED (38).
+    IntroEstablished(IntroEstablished),
+    /// RENDEZVOUS_ESTABLISHED (39).
+    RendezvousEstablished(RendezvousEstablished),
+    /// INTRODUCE_ACK (40).
+    IntroduceAck(IntroduceAck),
     /// Any other command.
     Unrecognized(Unrecognized),
 }
@@ -887,6 +943,15 @@ impl RelayMsg {
             Self::Extended(_) => RelayCmd::EXTENDED,
             Self::Xoff(_) => RelayCmd::XOFF,
             Self::Xon(_) => RelayCmd::XON,
+            Self::EstablishIntro(_) => RelayCmd::ESTABLISH_INTRO,
+            Self::EstablishRendezvous(_) => RelayCmd::ESTABLISH_RENDEZVOUS,
+            Self::Introduce1(_) => RelayCmd::INTRODUCE1,
+            Self::Introduce2(_) => RelayCmd::INTRODUCE2,
+            Self::Rendezvous1(_) => RelayCmd::RENDEZVOUS1,
+            Self::Rendezvous2(_) => RelayCmd::RENDEZVOUS2,
+            Self::IntroEstablished(_) => RelayCmd::INTRO_ESTABLISHED,
+            Self::RendezvousEstablished(_) => RelayCmd::RENDEZVOUS_ESTABLISHED,
+            Self::IntroduceAck(_) => RelayCmd::INTRODUCE_ACK,
             Self::Unrecognized(u) => u.cmd,
         }
     }
@@ -958,6 +1023,20 @@ impl RelayMsg {
             Self::Xon(x) => {
                 w.write_u8(XON_VERSION)?;
                 w.write_u32(x.rate_kib)
+            }
+            Self::EstablishIntro(m) => m.write(w),
+            Self::EstablishRendezvous(m) => w.write_all(&m.cookie.0),
+            Self::Introduce1(m) | Self::Introduce2(m) => m.write(w),
+            Self::Rendezvous1(m) => {
+                w.write_all(&m.cookie.0)?;
+                write_handshake_info(w, &m.handshake_info)
+            }
+            Self::Rendezvous2(m) => write_handshake_info(w, &m.handshake_info),
+            Self::IntroEstablished(m) => write_extensions(w, &m.extensions),
+            Self::RendezvousEstablished(_) => Ok(()),
+            Self::IntroduceAck(m) => {
+                w.write_u16(m.status.0)?;
+                write_extensions(w, &m.extensions)
             }
             Self::Unrecognized(u) => {
                 if u.cmd.name() != "UNKNOWN" {
@@ -1037,6 +1116,27 @@ impl RelayMsg {
                     rate_kib: r.take_u32()?,
                 })
             }
+            RelayCmd::ESTABLISH_INTRO => Self::EstablishIntro(EstablishIntro::read(&mut r)?),
+            RelayCmd::ESTABLISH_RENDEZVOUS => Self::EstablishRendezvous(EstablishRendezvous {
+                cookie: RendCookie(r.take_array()?),
+            }),
+            RelayCmd::INTRODUCE1 => Self::Introduce1(Introduce::read(&mut r)?),
+            RelayCmd::INTRODUCE2 => Self::Introduce2(Introduce::read(&mut r)?),
+            RelayCmd::RENDEZVOUS1 => Self::Rendezvous1(Rendezvous1 {
+                cookie: RendCookie(r.take_array()?),
+                handshake_info: read_handshake_info(&mut r)?,
+            }),
+            RelayCmd::RENDEZVOUS2 => Self::Rendezvous2(Rendezvous2 {
+                handshake_info: read_handshake_info(&mut r)?,
+            }),
+            RelayCmd::INTRO_ESTABLISHED => Self::IntroEstablished(IntroEstablished {
+                extensions: read_extensions(&mut r)?,
+            }),
+            RelayCmd::RENDEZVOUS_ESTABLISHED => Self::RendezvousEstablished(RendezvousEstablished),
+            RelayCmd::INTRODUCE_ACK => Self::IntroduceAck(IntroduceAck {
+                status: IntroduceStatus(r.take_u16()?),
+                extensions: read_extensions(&mut r)?,
+            }),
             _ => Self::Unrecognized(Unrecognized {
                 cmd,
                 body: r.take_rest().to_vec(),
@@ -1061,4 +1161,15 @@ from_msg!(
     Truncate => Truncate, Truncated => Truncated, DropMsg => Drop, Resolve => Resolve,
     Resolved => Resolved, BeginDir => BeginDir, Extend => Extend, Extended => Extended,
     Xoff => Xoff, Xon => Xon, Unrecognized => Unrecognized,
+    EstablishIntro => EstablishIntro, EstablishRendezvous => EstablishRendezvous,
+    Rendezvous1 => Rendezvous1, Rendezvous2 => Rendezvous2, IntroEstablished => IntroEstablished,
+    RendezvousEstablished => RendezvousEstablished, IntroduceAck => IntroduceAck,
 );
+
+mod hs;
+pub use hs::{
+    AUTH_KEY_ED25519, ESTABLISH_INTRO_SIG_DOMAIN, EstablishIntro, EstablishRendezvous, HsExtension,
+    IntroEstablished, Introduce, IntroduceAck, IntroduceStatus, MAX_HS_EXTENSIONS, REND_COOKIE_LEN,
+    RendCookie, Rendezvous1, Rendezvous2, RendezvousEstablished,
+};
+use hs::{read_extensions, read_handshake_info, write_extensions, write_handshake_info};

@@ -439,6 +439,16 @@ impl Reactor {
                 }
             }
             Event::Destroyed { .. } => {}
+            // The cross-reactor wiring of introduction and rendezvous points (a registry and a
+            // table in `Ctx`, bounded queues between joined reactors) is not in this relay yet:
+            // refuse, so clients and services fail fast and try another relay.
+            Event::EstablishIntro { .. } => self.core.intro_registered(false),
+            Event::Introduce1 { .. } => self
+                .core
+                .introduce_acked(allium_proto::relaymsg::IntroduceStatus::UNKNOWN_SERVICE),
+            Event::EstablishRendezvous { .. } => self.core.rendezvous_registered(false),
+            Event::Rendezvous1 { .. } => self.core.rendezvous1_result(false),
+            Event::JoinedCell { .. } => self.core.join_closed(),
         }
     }
 

@@ -25,9 +25,13 @@ use allium_client::core::{
 use allium_crypto::{IdentityKeypair, RelayId, X25519Secret};
 use allium_proto::cell::{Cell, CellCmd, CircId, DestroyReason};
 use allium_proto::relaymsg::EndReason;
+use allium_proto::relaymsg::IntroduceStatus;
 use allium_relay::ExitPolicy;
+use allium_relay::core::intro::{self, IntroRegistry};
+use allium_relay::core::rendezvous::{self, RendezvousTable};
 use allium_relay::core::{
-    CircuitCore, CoreConfig, Event as RelayEvent, ResolveFailure, Side, answer_create_body,
+    CircError, CircuitCore, CoreConfig, Event as RelayEvent, ResolveFailure, Side,
+    answer_create_body,
 };
 
 /// Port of the in-memory echo destination (RFC 862's port).
@@ -215,6 +219,9 @@ pub struct Net {
     pub first_byte_at: HashMap<(usize, u16), Instant>,
     /// Cells held for a frozen client.
     pub held: Vec<Cell>,
+    /// Onion-service events of the hops (introduction and rendezvous requests, cells for a
+    /// joined circuit), with the hop index, for an [`Overlay`] to act on.
+    pub hs_events: Vec<(usize, RelayEvent)>,
 }
 
 impl Net {
@@ -270,6 +277,7 @@ impl Net {
             connecting: Vec::new(),
             connected_at: HashMap::new(),
             first_byte_at: HashMap::new(),
+            hs_events: Vec::new(),
         }
     }
 
@@ -634,6 +642,11 @@ impl Net {
                 self.relay_log
                     .push((i, format!("destroyed ({})", reason.name())));
             }
+            ev @ (RelayEvent::EstablishIntro { .. }
+            | RelayEvent::Introduce1 { .. }
+            | RelayEvent::EstablishRendezvous { .. }
+            | RelayEvent::Rendezvous1 { .. }
+            | RelayEvent::JoinedCell { .. }) => self.hs_events.push((i, ev)),
             other => self.relay_log.push((i, format!("{other:?}"))),
         }
     }
@@ -774,4 +787,213 @@ impl Net {
 /// Whether a cell carries a relay message (RELAY or RELAY_EARLY).
 pub fn is_relay(cell: &Cell) -> bool {
     cell.cmd == CellCmd::RELAY || cell.cmd == CellCmd::RELAY_EARLY
+}
+
+/// Several simulated circuits whose last hops are the same relay (the circuits of [`Net::new`]
+/// with the same relay count share relays, keys included), with that relay's introduction
+/// registry and rendezvous table: the part of the relay's driver that wires circuits to each
+/// other (`relay/src/reactor.rs` in the real relay). Circuit `k` is `nets[k]`; its handle and
+/// circuit key in the tables is `k`. Cells for a joined circuit cross at once, in order.
+pub struct Overlay {
+    /// The circuits.
+    pub nets: Vec<Net>,
+    /// The last relay's introduction registry.
+    pub intro: IntroRegistry<usize>,
+    /// The last relay's rendezvous table.
+    pub rend: RendezvousTable<usize>,
+    /// Joined pairs, both ways.
+    pub joined: HashMap<usize, usize>,
+    /// Every cell that crossed a join, as the rendezvous relay saw it: (from circuit, body).
+    pub crossed: Vec<(usize, Vec<u8>)>,
+    /// Circuits whose closing the overlay already handled.
+    closed: HashSet<usize>,
+}
+
+impl Overlay {
+    /// `n` circuits of `hops` hops each (not built yet), with default limits.
+    pub fn new(n: usize, hops: u8, latency: Duration) -> Self {
+        Self::with_limits(
+            n,
+            hops,
+            latency,
+            IntroRegistry::new(
+                intro::MAX_INTRO_REGISTRATIONS,
+                intro::REPLAY_CACHE_PER_KEY,
+                intro::REPLAY_TTL,
+            ),
+            RendezvousTable::new(
+                rendezvous::MAX_WAITING_COOKIES,
+                rendezvous::REND_WAIT_TTL,
+                rendezvous::MAX_JOINED,
+            ),
+        )
+    }
+
+    /// As [`Overlay::new`] with the given tables.
+    pub fn with_limits(
+        n: usize,
+        hops: u8,
+        latency: Duration,
+        intro: IntroRegistry<usize>,
+        rend: RendezvousTable<usize>,
+    ) -> Self {
+        let nets: Vec<Net> = (0..n).map(|_| Net::new(hops, latency)).collect();
+        // One clock for all.
+        let now = nets.first().map(|n| n.now).expect("at least one circuit");
+        let mut o = Self {
+            nets,
+            intro,
+            rend,
+            joined: HashMap::new(),
+            crossed: Vec::new(),
+            closed: HashSet::new(),
+        };
+        for n in &mut o.nets {
+            n.now = now;
+        }
+        o
+    }
+
+    /// Build every circuit.
+    pub fn build(&mut self) {
+        self.run_until(Duration::from_secs(10), |o| o.nets.iter().all(Net::built));
+    }
+
+    /// Process everything due now, on every circuit and across them, until nothing moves.
+    pub fn drive(&mut self) {
+        loop {
+            let mut progress = false;
+            for n in &mut self.nets {
+                n.drive();
+            }
+            for k in 0..self.nets.len() {
+                let evs = std::mem::take(&mut self.nets[k].hs_events);
+                for (hop, ev) in evs {
+                    progress = true;
+                    self.on_hs_event(k, hop, ev);
+                }
+            }
+            progress |= self.propagate_closes();
+            if !progress {
+                break;
+            }
+        }
+    }
+
+    /// Drive, then step every circuit's clock to the earliest wake-up; `false` when idle.
+    pub fn step(&mut self) -> bool {
+        self.drive();
+        let Some(t) = self.nets.iter().filter_map(Net::next_wakeup).min() else {
+            return false;
+        };
+        let t = t.max(self.now());
+        for n in &mut self.nets {
+            n.advance_to(t);
+        }
+        true
+    }
+
+    /// The common clock.
+    pub fn now(&self) -> Instant {
+        self.nets
+            .first()
+            .map(|n| n.now)
+            .expect("at least one circuit")
+    }
+
+    /// Step until `done(self)`; panics after `limit` of simulated time or when idle first.
+    pub fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Self) -> bool) {
+        let end = self.now() + limit;
+        self.drive();
+        while !done(self) {
+            assert!(self.now() <= end, "not reached within {limit:?}");
+            if !self.step() {
+                assert!(
+                    done(self),
+                    "the network went idle before the condition held"
+                );
+                return;
+            }
+        }
+    }
+
+    /// The last hop (the shared relay) of circuit `k`.
+    pub fn last(&mut self, k: usize) -> &mut CircuitCore {
+        let n = &mut self.nets[k];
+        let i = n.hops.len() - 1;
+        &mut n.hops[i]
+    }
+
+    fn on_hs_event(&mut self, k: usize, hop: usize, ev: RelayEvent) {
+        let now = self.now();
+        match ev {
+            RelayEvent::EstablishIntro { auth_key } => {
+                let ok = match self.intro.register(auth_key, k as u64, k) {
+                    Ok(Some((_, old))) => {
+                        self.last(old).destroy(CircError::Local);
+                        true
+                    }
+                    Ok(None) => true,
+                    Err(_) => false,
+                };
+                self.nets[k].hops[hop].intro_registered(ok);
+            }
+            RelayEvent::Introduce1 { msg } => {
+                let status = match self.intro.introduce(&msg, now) {
+                    Ok(h) if self.last(h).send_introduce2(msg) => IntroduceStatus::SUCCESS,
+                    Ok(_) => IntroduceStatus::CANT_RELAY,
+                    Err(s) => s,
+                };
+                self.nets[k].hops[hop].introduce_acked(status);
+            }
+            RelayEvent::EstablishRendezvous { cookie } => {
+                let ok = self.rend.establish(cookie, k as u64, k, now).is_ok();
+                self.nets[k].hops[hop].rendezvous_registered(ok);
+            }
+            RelayEvent::Rendezvous1 {
+                cookie,
+                handshake_info,
+            } => match self.rend.take(&cookie, now) {
+                Ok((_, h)) if self.last(h).rendezvous_joined(handshake_info) => {
+                    self.joined.insert(k, h);
+                    self.joined.insert(h, k);
+                    self.nets[k].hops[hop].rendezvous1_result(true);
+                }
+                Ok(_) => {
+                    self.rend.unjoin();
+                    self.nets[k].hops[hop].rendezvous1_result(false);
+                }
+                Err(_) => self.nets[k].hops[hop].rendezvous1_result(false),
+            },
+            RelayEvent::JoinedCell { cell } => {
+                self.crossed.push((k, cell.body.to_vec()));
+                if let Some(&other) = self.joined.get(&k) {
+                    self.last(other).joined_cell(cell);
+                }
+            }
+            other => self.nets[k].relay_log.push((hop, format!("{other:?}"))),
+        }
+    }
+
+    /// A closed last hop leaves the tables; its joined partner is destroyed too.
+    fn propagate_closes(&mut self) -> bool {
+        let mut progress = false;
+        for k in 0..self.nets.len() {
+            let Some(last) = self.nets[k].hops.last() else {
+                continue;
+            };
+            if !last.is_closed() || !self.closed.insert(k) {
+                continue;
+            }
+            progress = true;
+            self.intro.remove_circuit(k as u64);
+            self.rend.remove_circuit(k as u64);
+            if let Some(other) = self.joined.remove(&k) {
+                self.joined.remove(&other);
+                self.rend.unjoin();
+                self.last(other).join_closed();
+            }
+        }
+        progress
+    }
 }

@@ -5,8 +5,11 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use allium_crypto::handshake::HopKeys;
 use allium_crypto::handshake::{self, ClientHandshake};
-use allium_crypto::relaycell::{BACKWARD_MSG_OFFSET, ClientCircuitCrypto, RELAY_MSG_LEN, Tag};
+use allium_crypto::relaycell::{
+    BACKWARD_MSG_OFFSET, ClientCircuitCrypto, EndToEndRole, RELAY_MSG_LEN, Tag,
+};
 use allium_proto::cell::{
     Cell, CellCmd, CircId, Create, Created, Destroy, DestroyReason, HTYPE_NTOR3,
 };
@@ -15,6 +18,7 @@ use allium_proto::relaymsg::{
     self, End, EndReason, Extend, RELAY_HEADER_LEN, RelayCmd, RelayHeader, RelayMsg, ResolvedValue,
     Sendme, Xoff, Xon,
 };
+use zeroize::Zeroizing;
 
 use super::stream::{Stream, StreamState};
 use super::{CircParams, DataCell, Event, HopTarget, StreamId, StreamTarget};
@@ -55,6 +59,8 @@ pub struct ClientCircuit {
     transmit: VecDeque<Cell>,
     events: VecDeque<Event>,
     closed: Option<CircError>,
+    /// Each real hop's circuit-binding value `KH` (ESTABLISH_INTRO's MAC key), by hop.
+    bindings: Vec<Zeroizing<[u8; 32]>>,
 }
 
 impl std::fmt::Debug for ClientCircuit {
@@ -123,6 +129,7 @@ impl ClientCircuit {
             transmit: VecDeque::with_capacity(8),
             events: VecDeque::with_capacity(8),
             closed: None,
+            bindings: Vec::new(),
         };
         c.transmit.push_back(create);
         Ok(c)
@@ -131,6 +138,12 @@ impl ClientCircuit {
     /// The circuit id on the guard link.
     pub fn id(&self) -> CircId {
         self.id
+    }
+
+    /// The circuit-binding value `KH` of real hop `hop` (what an ESTABLISH_INTRO sent to that
+    /// hop must be MACed with). Secret: never log it.
+    pub fn hop_binding(&self, hop: usize) -> Option<&[u8; 32]> {
+        self.bindings.get(hop).map(|b| &**b)
     }
 
     /// Number of hops added so far.
@@ -378,6 +391,7 @@ impl ClientCircuit {
         self.crypto
             .add_hop(&keys)
             .map_err(|e| CircError::Crypto(Arc::new(e)))?;
+        self.bindings.push(Zeroizing::new(*keys.binding()));
         self.events.push_back(Event::HopAdded { hop });
         match self.path.pop_front() {
             Some(next) => self.start_extend(next),
@@ -652,7 +666,109 @@ impl ClientCircuit {
                 return Err(err);
             }
             RelayMsg::Drop(_) => {}
+            RelayMsg::IntroEstablished(_)
+            | RelayMsg::IntroduceAck(_)
+            | RelayMsg::Introduce2(_)
+            | RelayMsg::RendezvousEstablished(_)
+            | RelayMsg::Rendezvous2(_) => {
+                if self.crypto.end_to_end_role().is_some() {
+                    return Err(CircError::Protocol(
+                        "onion-service message after the rendezvous",
+                    ));
+                }
+                self.events.push_back(Event::OnionService { msg });
+            }
+            RelayMsg::Begin(begin)
+                if self.crypto.end_to_end_role() == Some(EndToEndRole::Service) =>
+            {
+                let Some(stream) = stream else {
+                    return Err(CircError::Protocol("BEGIN on stream 0"));
+                };
+                if self.streams.contains_key(&sid) {
+                    return Err(CircError::Protocol("BEGIN on a stream in use"));
+                }
+                if self.streams.len() >= self.params.max_streams {
+                    // Refuse this stream, keep the circuit.
+                    self.send_msg_last(sid, &RelayMsg::End(End::new(EndReason::RESOURCELIMIT)))?;
+                    return Ok(());
+                }
+                self.streams
+                    .insert(sid, Stream::new(StreamState::Open, false));
+                self.events
+                    .push_back(Event::IncomingStream { stream, begin });
+            }
             _ => return Err(CircError::Protocol("unexpected relay command")),
+        }
+        Ok(())
+    }
+
+    /// Send an onion-service message (ESTABLISH_INTRO, INTRODUCE1, ESTABLISH_RENDEZVOUS,
+    /// RENDEZVOUS1) to the last hop, on stream 0. Fails for any other message, or if the circuit
+    /// is closed, not built, or already joined end to end.
+    pub fn send_onion_service(&mut self, msg: &RelayMsg) -> Result<(), CircError> {
+        if let Some(e) = &self.closed {
+            return Err(e.clone());
+        }
+        if !self.is_ready() || self.crypto.end_to_end_role().is_some() {
+            return Err(CircError::NotReady("the circuit is not ready for this"));
+        }
+        if !matches!(
+            msg,
+            RelayMsg::EstablishIntro(_)
+                | RelayMsg::Introduce1(_)
+                | RelayMsg::EstablishRendezvous(_)
+                | RelayMsg::Rendezvous1(_)
+        ) {
+            return Err(CircError::Protocol("not an onion-service request"));
+        }
+        if let Err(e) = self.send_msg_last(0, msg) {
+            self.fail(e.clone(), true);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Add the end-to-end virtual hop (keys from the onion-service handshake) after the
+    /// rendezvous point, which is the last hop now: the client after RENDEZVOUS2, the service
+    /// after it sent RENDEZVOUS1. From then on streams and DATA go to and come from the other
+    /// end, and flow control runs end to end (a fresh window, default parameters). Emits
+    /// [`Event::HopAdded`] for the virtual hop.
+    pub fn add_end_to_end(&mut self, keys: &HopKeys, role: EndToEndRole) -> Result<(), CircError> {
+        if let Some(e) = &self.closed {
+            return Err(e.clone());
+        }
+        if !self.is_ready() {
+            return Err(CircError::NotReady("the circuit is still being built"));
+        }
+        if !self.streams.is_empty() {
+            return Err(CircError::NotReady(
+                "streams are open to the rendezvous point",
+            ));
+        }
+        self.crypto
+            .add_end_to_end(keys, role)
+            .map_err(|e| CircError::Crypto(Arc::new(e)))?;
+        self.cc = CongestionControl::new(CcParams::default());
+        self.recv = CircRecv::new(CcParams::default());
+        let hop = self.crypto.n_hops().saturating_sub(1);
+        self.events.push_back(Event::HopAdded { hop });
+        Ok(())
+    }
+
+    /// Service role: accept incoming stream `sid` (CONNECTED goes to the client).
+    pub fn accept_stream(&mut self, sid: StreamId) -> Result<(), CircError> {
+        if let Some(e) = &self.closed {
+            return Err(e.clone());
+        }
+        if self.crypto.end_to_end_role() != Some(EndToEndRole::Service)
+            || !self.streams.contains_key(&sid.get())
+        {
+            return Err(CircError::NotReady("no such incoming stream"));
+        }
+        let msg = RelayMsg::Connected(relaymsg::Connected::default());
+        if let Err(e) = self.send_msg_last(sid.get(), &msg) {
+            self.fail(e.clone(), true);
+            return Err(e);
         }
         Ok(())
     }

@@ -52,7 +52,7 @@ use std::time::Duration;
 
 use allium_crypto::relaycell::{BACKWARD_MSG_OFFSET, CellBody};
 use allium_crypto::{RelayId, X25519Public};
-use allium_proto::relaymsg::{Begin, LinkSpec, RELAY_HEADER_LEN};
+use allium_proto::relaymsg::{Begin, LinkSpec, RELAY_HEADER_LEN, RelayMsg};
 
 pub use crate::err::{CircError, StreamError};
 pub use circuit::{ClientCircuit, MAX_RELAY_EARLY};
@@ -203,6 +203,21 @@ pub enum Event {
         stream: StreamId,
         /// How it ended.
         result: Result<(), StreamError>,
+    },
+    /// An onion-service message from the last hop (INTRO_ESTABLISHED, INTRODUCE_ACK,
+    /// INTRODUCE2, RENDEZVOUS_ESTABLISHED, RENDEZVOUS2): the onion-service layer acts on it.
+    OnionService {
+        /// The message.
+        msg: RelayMsg,
+    },
+    /// Service role: the client opened stream `stream` through the end-to-end hop. It is open
+    /// for data at once; answer with [`ClientCircuit::accept_stream`] (CONNECTED) or
+    /// [`ClientCircuit::close_stream`] (END).
+    IncomingStream {
+        /// The stream.
+        stream: StreamId,
+        /// What the client asked for (the port selects the service's target).
+        begin: Begin,
     },
     /// The circuit is gone, and with it every stream.
     Destroyed {

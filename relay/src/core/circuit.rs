@@ -10,9 +10,11 @@ use allium_crypto::relaycell::{
 use allium_proto::cell::{Cell, CellCmd, Create, Created, Destroy, DestroyReason};
 use allium_proto::flowctl::{CircRecv, CongestionControl, StreamSignal};
 use allium_proto::relaymsg::{
-    self, End, EndReason, Extend, Extended, RelayCmd, RelayHeader, RelayMsg, Sendme, StreamIdRule,
-    Truncated, Xoff, Xon,
+    self, End, EndReason, EstablishIntro, Extend, Extended, IntroEstablished, Introduce,
+    IntroduceAck, IntroduceStatus, RelayCmd, RelayHeader, RelayMsg, Rendezvous2,
+    RendezvousEstablished, Sendme, StreamIdRule, Truncated, Xoff, Xon,
 };
+use zeroize::Zeroizing;
 
 use super::stream::{Stream, StreamState};
 use super::{CircError, CoreConfig, DataChunk, Event, Side};
@@ -36,6 +38,31 @@ pub enum Next {
     Closed(DestroyReason),
 }
 
+/// The onion-service role of a circuit at this relay (rend-spec-v3's introduction point and
+/// rendezvous point). A circuit takes at most one role, only while this relay is its last hop,
+/// and cannot be extended once it has one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HsRole {
+    /// None (yet).
+    None,
+    /// A verified ESTABLISH_INTRO awaits registration ([`Event::EstablishIntro`]).
+    IntroPending,
+    /// A service's introduction circuit: INTRODUCE2 goes down it.
+    Intro,
+    /// A client's circuit whose one INTRODUCE1 awaits its ACK.
+    Introducing,
+    /// A client's circuit that was introduced (no second INTRODUCE1).
+    Introduced,
+    /// ESTABLISH_RENDEZVOUS awaits registration.
+    RendPending,
+    /// A client's circuit waiting under a cookie.
+    RendWaiting,
+    /// A service's RENDEZVOUS1 awaits the table's answer.
+    Rendezvous1Pending,
+    /// Joined to another circuit: cells not for this relay cross to it.
+    Joined,
+}
+
 /// One circuit at a relay: hop crypto, RELAY_EARLY budget, windows, next hop and exit streams.
 #[derive(Debug)]
 pub struct CircuitCore {
@@ -51,6 +78,9 @@ pub struct CircuitCore {
     blocked_since: Option<Instant>,
     close_error: Option<CircError>,
     originated: u64,
+    /// The handshake's circuit-binding value `KH` (ESTABLISH_INTRO's MAC key).
+    binding: Zeroizing<[u8; 32]>,
+    hs: HsRole,
 }
 
 /// A flow-control error as a [`CircError`].
@@ -75,6 +105,128 @@ impl CircuitCore {
             blocked_since: None,
             close_error: None,
             originated: 0,
+            binding: Zeroizing::new([0; 32]),
+            hs: HsRole::None,
+        }
+    }
+
+    /// Keep the handshake's circuit-binding value (`HopKeys::binding`), which ESTABLISH_INTRO's
+    /// MAC must be keyed with. [`super::answer_create`] sets it.
+    pub fn set_binding(&mut self, binding: &[u8; 32]) {
+        self.binding.copy_from_slice(binding);
+    }
+
+    /// The onion-service role of this circuit.
+    pub fn hs_role(&self) -> HsRole {
+        self.hs
+    }
+
+    // ---- Onion-service driver inputs ----
+
+    /// The answer to [`Event::EstablishIntro`]: registered (INTRO_ESTABLISHED goes out) or
+    /// refused (the circuit is destroyed with RESOURCELIMIT).
+    pub fn intro_registered(&mut self, ok: bool) {
+        if self.hs != HsRole::IntroPending || self.is_closed() {
+            return;
+        }
+        if ok {
+            self.hs = HsRole::Intro;
+            self.originate(0, &RelayMsg::IntroEstablished(IntroEstablished::default()));
+        } else {
+            self.close(
+                CircError::HsRefused {
+                    what: "introduction registry full",
+                },
+                None,
+            );
+        }
+    }
+
+    /// Send INTRODUCE2 down this introduction circuit. `false` if it is not one (any more).
+    pub fn send_introduce2(&mut self, msg: Introduce) -> bool {
+        if self.hs != HsRole::Intro || self.is_closed() {
+            return false;
+        }
+        self.originate(0, &RelayMsg::Introduce2(msg));
+        !self.is_closed()
+    }
+
+    /// The answer to [`Event::Introduce1`]: INTRODUCE_ACK with `status` goes to the client.
+    pub fn introduce_acked(&mut self, status: IntroduceStatus) {
+        if self.hs != HsRole::Introducing || self.is_closed() {
+            return;
+        }
+        self.hs = HsRole::Introduced;
+        self.originate(0, &RelayMsg::IntroduceAck(IntroduceAck::new(status)));
+    }
+
+    /// The answer to [`Event::EstablishRendezvous`]: waiting (RENDEZVOUS_ESTABLISHED goes out)
+    /// or refused (destroyed with RESOURCELIMIT).
+    pub fn rendezvous_registered(&mut self, ok: bool) {
+        if self.hs != HsRole::RendPending || self.is_closed() {
+            return;
+        }
+        if ok {
+            self.hs = HsRole::RendWaiting;
+            self.originate(0, &RelayMsg::RendezvousEstablished(RendezvousEstablished));
+        } else {
+            self.close(
+                CircError::HsRefused {
+                    what: "rendezvous cookie refused",
+                },
+                None,
+            );
+        }
+    }
+
+    /// On the waiting client circuit: the service answered. RENDEZVOUS2 with `handshake_info`
+    /// goes to the client and the circuit is joined. `false` if it was not waiting.
+    pub fn rendezvous_joined(&mut self, handshake_info: Vec<u8>) -> bool {
+        if self.hs != HsRole::RendWaiting || self.is_closed() {
+            return false;
+        }
+        self.hs = HsRole::Joined;
+        self.originate(0, &RelayMsg::Rendezvous2(Rendezvous2 { handshake_info }));
+        !self.is_closed()
+    }
+
+    /// On the service's circuit: the answer to [`Event::Rendezvous1`]. Joined, or destroyed (no
+    /// circuit waits under that cookie, or a limit).
+    pub fn rendezvous1_result(&mut self, ok: bool) {
+        if self.hs != HsRole::Rendezvous1Pending || self.is_closed() {
+            return;
+        }
+        if ok {
+            self.hs = HsRole::Joined;
+        } else {
+            self.close(
+                CircError::HsRefused {
+                    what: "no circuit waits under that rendezvous cookie",
+                },
+                None,
+            );
+        }
+    }
+
+    /// A cell from the joined circuit ([`Event::JoinedCell`] there): add this hop's backward
+    /// layer and send it towards this circuit's origin.
+    pub fn joined_cell(&mut self, mut cell: Cell) {
+        if self.hs != HsRole::Joined || self.is_closed() {
+            return;
+        }
+        if let Err(e) = self.crypto.relay_backward(&mut cell.body) {
+            self.close(CircError::BackwardCrypto(Arc::new(e)), None);
+            return;
+        }
+        cell.circ_id = None;
+        cell.cmd = CellCmd::RELAY;
+        self.transmit.push_back((Side::Prev, cell));
+    }
+
+    /// The joined circuit was destroyed: so is this one (DESTROY towards the origin).
+    pub fn join_closed(&mut self) {
+        if self.hs == HsRole::Joined {
+            self.close(CircError::JoinClosed, None);
         }
     }
 
@@ -293,6 +445,13 @@ impl CircuitCore {
             .decrypt_forward(cmd.0, &mut cell.body)
             .map_err(|e| CircError::BadTag(Arc::new(e)))?
         {
+            Forward::Pass if self.hs == HsRole::Joined => {
+                // Not for this relay: its end-to-end layer belongs to the other end of the join.
+                cell.circ_id = None;
+                cell.cmd = CellCmd::RELAY;
+                self.events.push_back(Event::JoinedCell { cell });
+                Ok(())
+            }
             Forward::Pass => {
                 if self.next != Next::Open {
                     return Err(CircError::NoNextHop);
@@ -361,7 +520,30 @@ impl CircuitCore {
                 self.on_end(sid, e.reason);
                 Ok(())
             }
+            RelayMsg::Extend(_) if self.hs != HsRole::None => Err(CircError::Unexpected {
+                what: "EXTEND on an onion-service circuit",
+            }),
             RelayMsg::Extend(e) => self.on_extend(cmd, e, now),
+            RelayMsg::EstablishIntro(m) => self.on_establish_intro(&m),
+            RelayMsg::Introduce1(msg) => {
+                self.hs_start(HsRole::Introducing, "INTRODUCE1")?;
+                self.events.push_back(Event::Introduce1 { msg });
+                Ok(())
+            }
+            RelayMsg::EstablishRendezvous(m) => {
+                self.hs_start(HsRole::RendPending, "ESTABLISH_RENDEZVOUS")?;
+                self.events
+                    .push_back(Event::EstablishRendezvous { cookie: m.cookie });
+                Ok(())
+            }
+            RelayMsg::Rendezvous1(m) => {
+                self.hs_start(HsRole::Rendezvous1Pending, "RENDEZVOUS1")?;
+                self.events.push_back(Event::Rendezvous1 {
+                    cookie: m.cookie,
+                    handshake_info: m.handshake_info,
+                });
+                Ok(())
+            }
             RelayMsg::Truncate(_) => {
                 self.drop_next();
                 let t = Truncated {
@@ -412,6 +594,25 @@ impl CircuitCore {
             Stream::new(StreamState::Connecting { client_done: false }),
         );
         self.events.push_back(Event::OpenDirStream { sid });
+        Ok(())
+    }
+
+    /// Take onion-service role `role`: only as the last hop, only once per circuit.
+    fn hs_start(&mut self, role: HsRole, what: &'static str) -> Result<(), CircError> {
+        if self.hs != HsRole::None || self.next != Next::Unextended {
+            return Err(CircError::Unexpected { what });
+        }
+        self.hs = role;
+        Ok(())
+    }
+
+    fn on_establish_intro(&mut self, m: &EstablishIntro) -> Result<(), CircError> {
+        self.hs_start(HsRole::IntroPending, "ESTABLISH_INTRO")?;
+        m.verify(&self.binding)
+            .map_err(|e| CircError::IntroAuth(Arc::new(e)))?;
+        self.events.push_back(Event::EstablishIntro {
+            auth_key: m.auth_key,
+        });
         Ok(())
     }
 

@@ -75,7 +75,8 @@ pub fn answer_create(
     if !cc_requested {
         return Err(CreateError::NoCongestionControl);
     }
-    let core = CircuitCore::new(cfg, RelayHopCrypto::new(&hop));
+    let mut core = CircuitCore::new(cfg, RelayHopCrypto::new(&hop));
+    core.set_binding(hop.binding());
     drop(hop);
     Ok((core, Created { hdata: reply }))
 }

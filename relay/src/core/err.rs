@@ -76,6 +76,18 @@ pub enum CircError {
     /// The relay is shutting down, or the driver dropped the circuit.
     #[error("closed locally")]
     Local,
+    /// ESTABLISH_INTRO failed its circuit-binding MAC or its signature.
+    #[error("ESTABLISH_INTRO failed authentication")]
+    IntroAuth(#[source] Arc<CryptoError>),
+    /// An onion-service request was refused by this relay (a limit, an unknown cookie).
+    #[error("onion-service request refused: {what}")]
+    HsRefused {
+        /// What was refused and why.
+        what: &'static str,
+    },
+    /// The circuit this one was joined to at the rendezvous point closed.
+    #[error("the joined circuit closed")]
+    JoinClosed,
 }
 
 impl CircError {
@@ -86,6 +98,8 @@ impl CircError {
             Self::QueueOverflow { .. } => DestroyReason::RESOURCELIMIT,
             Self::Blocked { .. } => DestroyReason::TIMEOUT,
             Self::Local => DestroyReason::FINISHED,
+            Self::HsRefused { .. } => DestroyReason::RESOURCELIMIT,
+            Self::JoinClosed => DestroyReason::DESTROYED,
             _ => DestroyReason::NONE,
         }
     }
@@ -107,6 +121,9 @@ impl CircError {
             Self::DestroyReceived { .. } => "destroy-received",
             Self::LinkClosed => "link-closed",
             Self::Local => "local",
+            Self::IntroAuth(_) => "intro-auth",
+            Self::HsRefused { .. } => "hs-refused",
+            Self::JoinClosed => "join-closed",
         }
     }
 
@@ -114,7 +131,11 @@ impl CircError {
     pub fn is_violation(&self) -> bool {
         !matches!(
             self,
-            Self::DestroyReceived { .. } | Self::LinkClosed | Self::Local
+            Self::DestroyReceived { .. }
+                | Self::LinkClosed
+                | Self::Local
+                | Self::HsRefused { .. }
+                | Self::JoinClosed
         )
     }
 }

@@ -47,6 +47,8 @@ mod circuit;
 mod create;
 mod err;
 mod exit;
+pub mod intro;
+pub mod rendezvous;
 mod stream;
 #[cfg(test)]
 mod tests;
@@ -57,11 +59,12 @@ use std::time::Duration;
 
 use allium_crypto::RelayId;
 use allium_crypto::relaycell::CellBody;
-use allium_proto::cell::{Create, DestroyReason};
+use allium_proto::cell::{Cell, Create, DestroyReason};
 use allium_proto::flowctl::CcParams;
 use allium_proto::relaymsg::EndReason;
+use allium_proto::relaymsg::{Introduce, RendCookie};
 
-pub use circuit::{CircuitCore, MAX_RELAY_EARLY, Next};
+pub use circuit::{CircuitCore, HsRole, MAX_RELAY_EARLY, Next};
 pub use create::{CreateError, answer_create, answer_create_body};
 pub use err::CircError;
 pub use stream::{HalfClose, StreamState};
@@ -219,6 +222,40 @@ pub enum Event {
         sid: u16,
         /// Whether queued bytes should still be written.
         graceful: bool,
+    },
+    /// A verified ESTABLISH_INTRO: register this circuit for `auth_key` in the relay's
+    /// [`intro::IntroRegistry`], then answer with [`CircuitCore::intro_registered`].
+    EstablishIntro {
+        /// The service's introduction auth key.
+        auth_key: allium_crypto::RelayId,
+    },
+    /// An INTRODUCE1 from a client: look its auth key up in the registry; on success hand the
+    /// message to that circuit's [`CircuitCore::send_introduce2`]; answer this circuit with
+    /// [`CircuitCore::introduce_acked`].
+    Introduce1 {
+        /// The request (its encrypted part is opaque to the relay).
+        msg: Introduce,
+    },
+    /// ESTABLISH_RENDEZVOUS: put this circuit in the [`rendezvous::RendezvousTable`] under
+    /// `cookie`, then answer with [`CircuitCore::rendezvous_registered`].
+    EstablishRendezvous {
+        /// The client's cookie.
+        cookie: RendCookie,
+    },
+    /// RENDEZVOUS1 from a service: take the circuit waiting under `cookie`; give it
+    /// `handshake_info` with [`CircuitCore::rendezvous_joined`] and answer this circuit with
+    /// [`CircuitCore::rendezvous1_result`]. From then on the two circuits are joined.
+    Rendezvous1 {
+        /// The cookie.
+        cookie: RendCookie,
+        /// The service's handshake half, for RENDEZVOUS2.
+        handshake_info: Vec<u8>,
+    },
+    /// A cell for the joined circuit (its end-to-end layer intact, this relay's layer off): give
+    /// it to that circuit's [`CircuitCore::joined_cell`], in order, through a bounded queue.
+    JoinedCell {
+        /// The cell (no circuit id).
+        cell: Cell,
     },
     /// The circuit is destroyed; `reason` went out in the DESTROY cells. Nothing follows.
     Destroyed {
