@@ -8,8 +8,19 @@
 //! - The maintenance task keeps, for each port used in the last [`PREDICTED_PORT_TTL`] (Tor's
 //!   predicted ports), `prebuilt_circuits` clean circuits whose exit allows it (a circuit whose
 //!   exit allows several of them counts for each), so that a new stream to a port in use never
-//!   waits for a build; and it closes dirty circuits that are past `max_circuit_dirtiness` and
-//!   carry no stream.
+//!   waits for a build; and it closes dirty circuits that carry no stream and are past
+//!   `max_circuit_dirtiness`, or idle (no stream) for `circuit_idle_timeout` (60 s), or for
+//!   `isolated_circuit_idle_timeout` (30 s) when their key is per-client SOCKS credentials or a
+//!   token. Like Tor, a used circuit is kept for reuse while it is fresh; unlike Tor, an
+//!   isolated one is not kept for the whole dirtiness window once idle: with fresh credentials
+//!   per request (a scraper) thousands of one-stream circuits would otherwise stay open and
+//!   reach the guard's per-link circuit limit.
+//! - At most `max_circuits_per_guard` circuits (below a relay's `max_circuits_per_link`) are
+//!   kept through one guard: at the bound the longest-idle ones through it are closed first; if
+//!   every one carries a stream, the request fails with [`ClientError::GuardCircuitLimit`]
+//!   (logged once). A guard that refuses a CREATE with RESOURCELIMIT gets our idle circuits
+//!   through it closed, and the build is retried through it at once (it is not marked down
+//!   unless nothing could be freed).
 //! - Build timeout: learned from past build times ([`crate::cbt`], Tor's CBT) when
 //!   `learn_circuit_build_timeout` is on, with `circuit_build_timeout` as the initial value and
 //!   upper bound; the history is kept in `cbt.json` in the state directory. A learned timeout
@@ -31,7 +42,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use allium_crypto::RelayId;
-use allium_proto::cell::CircId;
+use allium_proto::cell::{CircId, DestroyReason};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -40,7 +51,7 @@ use crate::circ::{self, Circuit};
 use crate::config::ProxyConfig;
 use crate::core::CircParams;
 use crate::dir::DirView;
-use crate::err::ClientError;
+use crate::err::{CircError, ClientError};
 use crate::guard::GuardSet;
 use crate::isolation::IsolationKey;
 use crate::link::Link;
@@ -176,6 +187,8 @@ struct Entry<C> {
     dirty_since: Option<Instant>,
     /// The isolation key of its streams.
     isolation: Option<IsolationKey>,
+    /// When it was last seen carrying a stream (or was built, or claimed for a stream).
+    last_active: Instant,
 }
 
 /// Chooses, builds and retires circuits.
@@ -217,6 +230,10 @@ pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
     ready: watch::Sender<bool>,
     /// SOCKS client address → circuit id of its open stream (diagnostics and tests).
     by_peer: Mutex<HashMap<std::net::SocketAddr, CircId>>,
+    /// Requests refused at `max_circuits_per_guard` (the first is logged).
+    guard_limit_hits: std::sync::atomic::AtomicU64,
+    /// CREATEs a guard refused with RESOURCELIMIT (the first is logged).
+    guard_refusals: std::sync::atomic::AtomicU64,
     /// Prometheus counters.
     pub(crate) metrics: Arc<crate::metrics::ClientMetrics>,
 }
@@ -295,6 +312,8 @@ impl<B: CircBuilder> CircMgr<B> {
             wake: Notify::new(),
             ready,
             by_peer: Mutex::new(HashMap::new()),
+            guard_limit_hits: std::sync::atomic::AtomicU64::new(0),
+            guard_refusals: std::sync::atomic::AtomicU64::new(0),
             metrics: Arc::default(),
         }
     }
@@ -314,6 +333,9 @@ impl<B: CircBuilder> CircMgr<B> {
         let mut merged = (*self.cfg.get()).clone();
         merged.circuit_build_timeout = new.circuit_build_timeout;
         merged.max_circuit_dirtiness = new.max_circuit_dirtiness;
+        merged.circuit_idle_timeout = new.circuit_idle_timeout;
+        merged.isolated_circuit_idle_timeout = new.isolated_circuit_idle_timeout;
+        merged.max_circuits_per_guard = new.max_circuits_per_guard;
         merged.prebuilt_circuits = new.prebuilt_circuits;
         merged.socks_handshake_timeout = new.socks_handshake_timeout;
         merged.primary_guards = new.primary_guards;
@@ -542,6 +564,7 @@ impl<B: CircBuilder> CircMgr<B> {
             let view = self.view()?;
             let started = now();
             let path = self.choose_path(&view, ports, started)?;
+            self.make_room(path.guard.id, started)?;
             let progress = Arc::new(AtomicUsize::new(0));
             let (limit, learned) = self.build_timeout(attempt);
             let res =
@@ -566,7 +589,16 @@ impl<B: CircBuilder> CircMgr<B> {
                 Ok(Err(e)) => {
                     self.metrics.circuit_failed();
                     tracing::debug!(attempt, "circuit build failed: {e}");
-                    if !matches!(e, ClientError::NoPath(_) | ClientError::Shutdown)
+                    let guard_full = reached == 0
+                        && matches!(
+                            e,
+                            ClientError::Circuit(CircError::Destroyed(
+                                DestroyReason::RESOURCELIMIT
+                            ))
+                        )
+                        && self.guard_refused(path.guard.id) > 0;
+                    if !guard_full
+                        && !matches!(e, ClientError::NoPath(_) | ClientError::Shutdown)
                         && let Some(id) = failed_at
                     {
                         self.mark_down(id, now());
@@ -592,6 +624,95 @@ impl<B: CircBuilder> CircMgr<B> {
         Err(last)
     }
 
+    /// Make room for one more circuit through `guard`: at `max_circuits_per_guard`, close the
+    /// circuits through it that carry no stream, longest idle first; fail if none is idle.
+    fn make_room(&self, guard: RelayId, now: Instant) -> Result<(), ClientError> {
+        let limit = self.cfg.get().max_circuits_per_guard;
+        let Ok(mut pool) = self.pool.lock() else {
+            return Ok(());
+        };
+        pool.retain(|e| !e.circ.is_closed());
+        let through = |e: &Entry<B::Circ>| e.circ.hops().first() == Some(&guard);
+        let n = pool.iter().filter(|e| through(e)).count();
+        if n < limit {
+            return Ok(());
+        }
+        let mut idle: Vec<(Instant, usize)> = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| through(e) && e.circ.n_streams() == 0)
+            .map(|(i, e)| (e.last_active, i))
+            .collect();
+        idle.sort_unstable();
+        let excess = n + 1 - limit;
+        let mut doomed: Vec<usize> = idle.iter().take(excess).map(|&(_, i)| i).collect();
+        let freed = doomed.len();
+        doomed.sort_unstable_by(|a, b| b.cmp(a));
+        for i in doomed {
+            if i < pool.len() {
+                pool.swap_remove(i).circ.close();
+            }
+        }
+        drop(pool);
+        let idlest_secs = idle
+            .first()
+            .map_or(0, |(t, _)| now.saturating_duration_since(*t).as_secs());
+        tracing::debug!(
+            freed,
+            idlest_secs,
+            "closed idle circuits at max_circuits_per_guard"
+        );
+        if freed >= excess {
+            return Ok(());
+        }
+        if self.guard_limit_hits.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                limit,
+                "max_circuits_per_guard reached: every circuit through the guard carries a \
+                 stream, so new requests fail until some end (logged once). Fewer concurrent \
+                 isolated streams, or a higher max_circuits_per_guard (below the relays' \
+                 max_circuits_per_link), avoid it"
+            );
+        }
+        Err(ClientError::GuardCircuitLimit { limit })
+    }
+
+    /// The guard refused a CREATE with RESOURCELIMIT (our link to it may be at its per-link
+    /// circuit cap): close our circuits through it that carry no stream. Returns how many.
+    fn guard_refused(&self, guard: RelayId) -> usize {
+        let mut freed = 0usize;
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.retain(|e| {
+                let idle = !e.circ.is_closed()
+                    && e.circ.n_streams() == 0
+                    && e.circ.hops().first() == Some(&guard);
+                if idle {
+                    e.circ.close();
+                    freed += 1;
+                }
+                !idle && !e.circ.is_closed()
+            });
+        }
+        if self.guard_refusals.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                freed,
+                "a guard refused a circuit for lack of resources (RESOURCELIMIT); closed our \
+                 idle circuits through it and retrying (logged once)"
+            );
+        }
+        freed
+    }
+
+    /// Requests refused at `max_circuits_per_guard`, and CREATEs guards refused with
+    /// RESOURCELIMIT, since start.
+    #[cfg(test)]
+    pub(crate) fn limit_counts(&self) -> (u64, u64) {
+        (
+            self.guard_limit_hits.load(Ordering::Relaxed),
+            self.guard_refusals.load(Ordering::Relaxed),
+        )
+    }
+
     fn dirty_ok(&self, e: &Entry<B::Circ>, now: Instant) -> bool {
         e.dirty_since
             .is_none_or(|t| now.saturating_duration_since(t) < self.cfg.get().max_circuit_dirtiness)
@@ -614,6 +735,7 @@ impl<B: CircBuilder> CircMgr<B> {
             .or_else(|| pool.iter().position(fits))?;
         let e = pool.get_mut(pos)?;
         e.dirty_since.get_or_insert(now);
+        e.last_active = now;
         e.isolation.get_or_insert_with(|| iso.clone());
         let c = Arc::clone(&e.circ);
         drop(pool);
@@ -654,22 +776,42 @@ impl<B: CircBuilder> CircMgr<B> {
                 circ: Arc::clone(&c),
                 dirty_since: Some(now()),
                 isolation: Some(iso.clone()),
+                last_active: now(),
             });
         }
         self.wake.notify_one();
         Ok(c)
     }
 
-    /// Close idle circuits past their dirtiness limit at `now`; count clean ones.
+    /// Close the used circuits without a stream that are past their dirtiness limit or idle
+    /// for longer than their idle timeout at `now`; count clean ones.
     fn expire(&self, now: Instant) -> usize {
+        let cfg = self.cfg.get();
         let Ok(mut pool) = self.pool.lock() else {
             return 0;
         };
-        pool.retain(|e| {
+        pool.retain_mut(|e| {
             if e.circ.is_closed() {
                 return false;
             }
-            if !self.dirty_ok(e, now) && e.circ.n_streams() == 0 {
+            if e.circ.n_streams() > 0 {
+                e.last_active = now;
+                return true;
+            }
+            if e.dirty_since.is_none() {
+                return true;
+            }
+            let idle_limit = if e
+                .isolation
+                .as_ref()
+                .is_some_and(IsolationKey::is_per_client)
+            {
+                cfg.isolated_circuit_idle_timeout
+            } else {
+                cfg.circuit_idle_timeout
+            };
+            let idle = now.saturating_duration_since(e.last_active);
+            if !self.dirty_ok(e, now) || idle >= idle_limit {
                 e.circ.close();
                 return false;
             }
@@ -704,6 +846,7 @@ impl<B: CircBuilder> CircMgr<B> {
                             circ: c,
                             dirty_since: None,
                             isolation: None,
+                            last_active: now(),
                         });
                     }
                     Err(e) => failed = Err(e),

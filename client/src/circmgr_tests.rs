@@ -22,6 +22,8 @@ enum Outcome {
     FailAt(usize),
     /// Never finish (stuck at hop `n`).
     Hang(usize),
+    /// The guard refuses the CREATE (DESTROY RESOURCELIMIT: its link is at its circuit cap).
+    GuardFull,
 }
 
 #[derive(Debug)]
@@ -85,6 +87,10 @@ impl CircBuilder for FakeBuilder {
             Outcome::FailAt(n) => {
                 progress.store(n, Ordering::Release);
                 Err(CircError::Destroyed(allium_proto::cell::DestroyReason::CONNECTFAILED).into())
+            }
+            Outcome::GuardFull => {
+                progress.store(0, Ordering::Release);
+                Err(CircError::Destroyed(allium_proto::cell::DestroyReason::RESOURCELIMIT).into())
             }
             Outcome::Hang(n) => {
                 progress.store(n, Ordering::Release);
@@ -553,6 +559,7 @@ fn racing_claims_never_share_a_clean_circuit_between_keys() {
                 circ: Arc::clone(c),
                 dirty_since: None,
                 isolation: None,
+                last_active: t,
             }));
         }
         let barrier = std::sync::Barrier::new(RACERS);
@@ -594,4 +601,212 @@ fn racing_claims_never_share_a_clean_circuit_between_keys() {
             );
         }
     }
+}
+
+/// A rig whose proxy config is changed by `f`, where only the two port-22 exits are guards (so
+/// every circuit to port 80 goes through the first primary guard).
+fn rig_with(script: &[Outcome], f: impl FnOnce(&mut ProxyConfig)) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ProxyConfig {
+        data_dir: dir.path().to_path_buf(),
+        test_network: true,
+        primary_guards: 2,
+        ..ProxyConfig::default()
+    };
+    f(&mut cfg);
+    let guards = GuardSet::load(dir.path()).unwrap();
+    let (ready, _) = watch::channel(false);
+    let builder = FakeBuilder::default();
+    builder
+        .script
+        .lock()
+        .unwrap()
+        .extend(script.iter().copied());
+    let mgr = Arc::new(CircMgr::with_builder(Arc::new(cfg), guards, ready, builder));
+    let mut relays: Vec<RelayInfo> = (1..=4).map(|i| relay(i, vec![(1, 65535)])).collect();
+    for r in &mut relays {
+        r.flags.guard = false;
+    }
+    relays.push(relay(5, vec![(22, 22)]));
+    relays.push(relay(6, vec![(22, 22)]));
+    mgr.set_dir(DirView {
+        relays: relays.clone(),
+        weights: Default::default(),
+    });
+    Rig {
+        mgr,
+        _dir: dir,
+        relays,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_circuits_close_isolated_ones_sooner() {
+    let r = rig(&[]);
+    let cfg = r.mgr.config();
+    assert_eq!(cfg.isolated_circuit_idle_timeout, Duration::from_secs(30));
+    assert_eq!(cfg.circuit_idle_timeout, Duration::from_secs(60));
+    let alice = r
+        .mgr
+        .get_circuit(Some(80), &IsolationKey::credentials("alice", "pw"))
+        .await
+        .unwrap();
+    let token = r
+        .mgr
+        .get_circuit(Some(80), &IsolationKey::Token(9))
+        .await
+        .unwrap();
+    let busy = r
+        .mgr
+        .get_circuit(Some(80), &IsolationKey::credentials("bob", "pw"))
+        .await
+        .unwrap();
+    busy.streams.store(1, Ordering::Release);
+    let shared = r
+        .mgr
+        .get_circuit(Some(80), &IsolationKey::NoAuth)
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(29)).await;
+    r.mgr.expire(now());
+    assert!(!alice.is_closed() && !token.is_closed());
+    tokio::time::advance(Duration::from_secs(1)).await;
+    r.mgr.expire(now());
+    assert!(
+        alice.is_closed(),
+        "an isolated circuit idle for 30 s is closed"
+    );
+    assert!(token.is_closed());
+    assert!(!busy.is_closed(), "a circuit carrying a stream stays");
+    assert!(!shared.is_closed(), "an unauthenticated one gets 60 s");
+    // The busy one's stream ends: its idle time counts from when it was last seen busy.
+    busy.streams.store(0, Ordering::Release);
+    tokio::time::advance(Duration::from_secs(29)).await;
+    r.mgr.expire(now());
+    assert!(!busy.is_closed());
+    tokio::time::advance(Duration::from_secs(1)).await;
+    r.mgr.expire(now());
+    assert!(busy.is_closed());
+    assert!(shared.is_closed(), "idle 60 s");
+    // Reusing a circuit restarts its idle time.
+    let k = IsolationKey::credentials("carol", "pw");
+    let c = r.mgr.get_circuit(Some(80), &k).await.unwrap();
+    tokio::time::advance(Duration::from_secs(20)).await;
+    let c2 = r.mgr.get_circuit(Some(80), &k).await.unwrap();
+    assert!(Arc::ptr_eq(&c, &c2));
+    tokio::time::advance(Duration::from_secs(20)).await;
+    r.mgr.expire(now());
+    assert!(!c.is_closed());
+}
+
+/// The scraper: fresh SOCKS credentials for every request, 24 requests a second, each
+/// stream lasting a second, maintenance every 5 s, for 4 simulated minutes (when the proxy
+/// started failing). Circuits must not pile up towards the relay's per-link cap (2,048): at
+/// most about the last 35 s of requests stay open.
+#[tokio::test(start_paused = true)]
+async fn a_scraper_with_fresh_credentials_does_not_pile_up_circuits() {
+    let r = rig(&[]);
+    let mut open: VecDeque<(Instant, Arc<FakeCirc>)> = VecDeque::new();
+    let mut peak = 0;
+    let start = now();
+    let mut n = 0u64;
+    while now().saturating_duration_since(start) < Duration::from_secs(240) {
+        for _ in 0..24 {
+            n += 1;
+            let k = IsolationKey::credentials(format!("u{n}"), "pw");
+            let c = r.mgr.get_circuit(Some(443), &k).await.unwrap();
+            c.streams.fetch_add(1, Ordering::AcqRel);
+            open.push_back((now(), c));
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        while open
+            .front()
+            .is_some_and(|(t, _)| now().saturating_duration_since(*t) >= Duration::from_secs(1))
+        {
+            if let Some((_, c)) = open.pop_front() {
+                c.streams.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        if now()
+            .saturating_duration_since(start)
+            .as_secs()
+            .is_multiple_of(5)
+        {
+            r.mgr.expire(now());
+        }
+        peak = peak.max(r.mgr.n_circuits());
+    }
+    assert_eq!(builds(&r) as u64, n);
+    assert!(peak <= 24 * 37, "circuits piled up: peak {peak}");
+    assert!(peak >= 24 * 30, "peak {peak}");
+    assert_eq!(r.mgr.limit_counts(), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn circuits_per_guard_are_bounded_idle_ones_make_room() {
+    let r = rig_with(&[], |c| c.max_circuits_per_guard = 8);
+    let mut circs = Vec::new();
+    for i in 0..8 {
+        let k = IsolationKey::credentials(format!("u{i}"), "pw");
+        let c = r.mgr.get_circuit(Some(80), &k).await.unwrap();
+        c.streams.store(1, Ordering::Release);
+        circs.push(c);
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    let guard = circs[0].hops[0];
+    assert!(
+        circs.iter().all(|c| c.hops[0] == guard),
+        "one primary guard"
+    );
+    // Every circuit carries a stream: the ninth is refused, without trying to build.
+    let k = IsolationKey::credentials("late", "pw");
+    let e = r.mgr.get_circuit(Some(80), &k).await.unwrap_err();
+    assert!(
+        matches!(e, ClientError::GuardCircuitLimit { limit: 8 }),
+        "{e}"
+    );
+    assert_eq!(e.kind(), crate::err::ErrorKind::ResourceLimit);
+    assert!(!e.is_retriable());
+    assert_eq!(builds(&r), 8);
+    assert_eq!(r.mgr.limit_counts(), (1, 0));
+    // Two become idle: the one idle longest (by when last seen busy) makes room.
+    circs[5].streams.store(0, Ordering::Release);
+    circs[2].streams.store(0, Ordering::Release);
+    let c = r.mgr.get_circuit(Some(80), &k).await.unwrap();
+    assert!(circs[2].is_closed(), "the longest idle is closed");
+    assert!(!circs[5].is_closed());
+    assert_eq!(r.mgr.n_circuits(), 8);
+    assert!(!c.is_closed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_guard_at_its_circuit_cap_gets_our_idle_circuits_back() {
+    let r = rig_with(&[], |_| {});
+    let idle: Vec<Arc<FakeCirc>> = {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            let k = IsolationKey::credentials(format!("u{i}"), "pw");
+            v.push(r.mgr.get_circuit(Some(80), &k).await.unwrap());
+        }
+        v
+    };
+    idle[0].streams.store(1, Ordering::Release);
+    r.mgr
+        .builder
+        .script
+        .lock()
+        .unwrap()
+        .push_back(Outcome::GuardFull);
+    let k = IsolationKey::credentials("next", "pw");
+    let c = r.mgr.get_circuit(Some(80), &k).await.unwrap();
+    let paths = r.mgr.builder.paths.lock().unwrap().clone();
+    assert_eq!(paths.len(), 5);
+    assert_eq!(
+        paths[4][0], paths[3][0],
+        "the guard is retried at once, not marked down"
+    );
+    assert!(idle[1].is_closed() && idle[2].is_closed());
+    assert!(!idle[0].is_closed(), "a circuit carrying a stream is kept");
+    assert!(!c.is_closed());
+    assert_eq!(r.mgr.limit_counts(), (0, 1));
 }

@@ -36,6 +36,20 @@ pub struct ProxyConfig {
     /// A circuit takes no new streams this long after its first stream.
     #[serde(with = "secs")]
     pub max_circuit_dirtiness: Duration,
+    /// A used circuit with no stream left is closed after this long, even within
+    /// `max_circuit_dirtiness` (default 60 s; the next stream takes a prebuilt circuit).
+    #[serde(with = "secs")]
+    pub circuit_idle_timeout: Duration,
+    /// As `circuit_idle_timeout`, for circuits isolated by SOCKS credentials or an isolation
+    /// token, whose key is often never used again (a scraper's fresh credentials per request):
+    /// default 30 s. Applications that reuse credentials after a longer pause get a new circuit
+    /// (and exit) then.
+    #[serde(with = "secs")]
+    pub isolated_circuit_idle_timeout: Duration,
+    /// The most circuits kept open through one guard (default 1024, half a relay's default
+    /// `max_circuits_per_link`). At the bound, idle circuits through that guard are closed to
+    /// make room; if none is idle, the request fails (logged once).
+    pub max_circuits_per_guard: usize,
     /// The most SOCKS connections served at once; further ones wait.
     pub max_socks_connections: usize,
     /// How long a SOCKS client may take to send its handshake and request.
@@ -92,6 +106,9 @@ pub const RELOADABLE_KEYS: &[&str] = &[
     "heartbeat_period_secs",
     "circuit_build_timeout",
     "max_circuit_dirtiness",
+    "circuit_idle_timeout",
+    "isolated_circuit_idle_timeout",
+    "max_circuits_per_guard",
     "prebuilt_circuits",
     "socks_handshake_timeout",
     "primary_guards",
@@ -108,6 +125,9 @@ impl Default for ProxyConfig {
             learn_circuit_build_timeout: true,
             prebuilt_circuits: 2,
             max_circuit_dirtiness: Duration::from_secs(600),
+            circuit_idle_timeout: Duration::from_secs(60),
+            isolated_circuit_idle_timeout: Duration::from_secs(30),
+            max_circuits_per_guard: 1024,
             max_socks_connections: 1024,
             socks_handshake_timeout: Duration::from_secs(10),
             primary_guards: 3,
@@ -178,6 +198,16 @@ impl ProxyConfig {
         nonzero(self.circuit_build_timeout, "circuit_build_timeout")?;
         nonzero(self.max_circuit_dirtiness, "max_circuit_dirtiness")?;
         nonzero(self.socks_handshake_timeout, "socks_handshake_timeout")?;
+        nonzero(self.circuit_idle_timeout, "circuit_idle_timeout")?;
+        nonzero(
+            self.isolated_circuit_idle_timeout,
+            "isolated_circuit_idle_timeout",
+        )?;
+        if self.max_circuits_per_guard < 8 {
+            return Err(ClientError::Config(
+                "max_circuits_per_guard must be at least 8 (default 1024)".into(),
+            ));
+        }
         if self.max_socks_connections == 0 {
             return Err(ClientError::Config(
                 "max_socks_connections must be at least 1".into(),

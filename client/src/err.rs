@@ -178,6 +178,8 @@ pub enum ErrorKind {
     BadTarget,
     /// Something took too long.
     Timeout,
+    /// A local bound on circuits is reached: retry once some streams have ended.
+    ResourceLimit,
     /// The proxy is stopping.
     Shutdown,
     /// Anything else.
@@ -227,6 +229,16 @@ pub enum ClientError {
     /// Building a circuit failed just now for another stream that waited on the same build.
     #[error("building a circuit failed just now; see the log for why")]
     RecentBuildFailed,
+    /// `max_circuits_per_guard` circuits are open through the guard and every one carries a
+    /// stream.
+    #[error(
+        "{limit} circuits are open through the guard and all carry streams \
+         (max_circuits_per_guard); retry when some streams have ended"
+    )]
+    GuardCircuitLimit {
+        /// The bound in force.
+        limit: usize,
+    },
     /// A timeout expired.
     #[error("timed out while {0}")]
     Timeout(&'static str),
@@ -267,6 +279,7 @@ impl ClientError {
             },
             Self::Link(_) | Self::NoGuardAddress | Self::RecentBuildFailed => ErrorKind::Circuit,
             Self::Timeout(_) => ErrorKind::Timeout,
+            Self::GuardCircuitLimit { .. } => ErrorKind::ResourceLimit,
             Self::Shutdown => ErrorKind::Shutdown,
         }
     }

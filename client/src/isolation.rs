@@ -31,6 +31,13 @@ impl IsolationKey {
         }
     }
 
+    /// Whether the key belongs to one SOCKS client's credentials or one isolation token
+    /// (rather than every unauthenticated stream): circuits with such a key are often never
+    /// used again once their streams end, so they are closed sooner.
+    pub fn is_per_client(&self) -> bool {
+        matches!(self, Self::Credentials { .. } | Self::Token(_))
+    }
+
     /// Whether a stream with key `self` may join a circuit whose key is `circuit`
     /// (`None`: the circuit has carried no stream yet, so it takes any key).
     pub fn compatible_with(&self, circuit: Option<&Self>) -> bool {
@@ -64,6 +71,8 @@ mod tests {
         assert!(!a.compatible_with(Some(&c)));
         assert!(!a.compatible_with(Some(&IsolationKey::NoAuth)));
         assert!(IsolationKey::NoAuth.compatible_with(Some(&IsolationKey::NoAuth)));
+        assert!(a.is_per_client() && IsolationKey::Token(7).is_per_client());
+        assert!(!IsolationKey::NoAuth.is_per_client());
         // "ab"+"c" must differ from "a"+"bc" (no concatenation ambiguity).
         assert_ne!(
             IsolationKey::credentials("ab", "c"),

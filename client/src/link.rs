@@ -232,6 +232,33 @@ mod tests {
         assert_ne!(slow.id, busy.id);
     }
 
+    #[test]
+    fn circuit_ids_are_random_initiator_ids_and_never_collide() {
+        let r = Router::default();
+        let regs: Vec<Registration> = (0..2000).map(|_| r.register(1).unwrap()).collect();
+        let ids: Vec<u32> = regs.iter().map(|g| g.id.get()).collect();
+        assert!(
+            regs.iter().all(|g| g.id.allocatable_by(true)),
+            "role bit set"
+        );
+        let distinct: std::collections::HashSet<u32> = ids.iter().copied().collect();
+        assert_eq!(distinct.len(), ids.len(), "no id twice on one link");
+        // Not a counter: consecutive ids are not neighbours, and they spread over the space.
+        let neighbours = ids
+            .windows(2)
+            .filter(|w| w[1].wrapping_sub(w[0]) <= 16)
+            .count();
+        assert!(neighbours < 5, "{neighbours} near-sequential ids");
+        let low = ids
+            .iter()
+            .filter(|&&i| i & 0x7fff_ffff < 0x4000_0000)
+            .count();
+        assert!(
+            (800..1200).contains(&low),
+            "{low} of 2000 in the lower half"
+        );
+    }
+
     #[tokio::test]
     async fn unknown_circuits_are_dropped_and_clear_ends_every_queue() {
         let r = Router::default();

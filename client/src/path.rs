@@ -12,13 +12,14 @@
 //! - choices are weighted by consensus weight times the position weight of the relay's class
 //!   for that position (dir-spec §3.8.3: `Wee`/`Wed` for exits, `Wmg`/`Wmm`/`Wme`/`Wmd` for
 //!   middles; [`PositionWeights`]);
-//! - no relay twice; no two relays of one (mutually declared) family or sharing an IPv4 /16,
-//!   unless the network is a test network (`relaxed`), where only "no relay twice" holds.
+//! - no relay twice; no two relays of one (mutually declared) family or sharing an IPv4 /16 or
+//!   an IPv6 /32 (the directory's rule, `NetDir::related`), unless the network is a test network (`relaxed`), where only "no relay twice" holds.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use allium_crypto::{RelayId, X25519Public};
+use allium_directory::netdir::{RelationFacts, related_relays};
 use rand::{Rng, RngExt as _};
 
 /// The consensus flags the client uses.
@@ -80,6 +81,14 @@ impl RelayInfo {
             && !self.exit_ports.is_empty()
             && ports.iter().all(|&p| self.allows_port(p))
     }
+    /// What the directory's relatedness rule reads of this relay.
+    fn facts(&self) -> RelationFacts<'_> {
+        RelationFacts {
+            id: self.id,
+            family: &self.family,
+            addrs: &self.addrs,
+        }
+    }
     /// The address to connect to: the first IPv4 address, else the first one.
     pub fn connect_addr(&self) -> Option<SocketAddr> {
         self.addrs
@@ -88,30 +97,17 @@ impl RelayInfo {
             .or_else(|| self.addrs.first())
             .copied()
     }
-    fn ipv4_16s(&self) -> impl Iterator<Item = [u8; 2]> + '_ {
-        self.addrs.iter().filter_map(|a| match a.ip() {
-            IpAddr::V4(v4) => {
-                let o = v4.octets();
-                Some([o[0], o[1]])
-            }
-            IpAddr::V6(_) => None,
-        })
-    }
 }
 
 /// Whether `a` and `b` may be on one circuit. Always false for the same relay; with `relaxed`
-/// false, also false for a mutually declared family or a shared IPv4 /16.
+/// false, also false for relays that are related by the directory's one rule
+/// ([`allium_directory::netdir::related_relays`], as [`allium_directory::netdir::NetDir::related`]):
+/// a mutually declared family, or a shared IPv4 /16 or IPv6 /32.
 pub fn compatible(a: &RelayInfo, b: &RelayInfo, relaxed: bool) -> bool {
     if a.id == b.id {
         return false;
     }
-    if relaxed {
-        return true;
-    }
-    if a.family.contains(&b.id) && b.family.contains(&a.id) {
-        return false;
-    }
-    !a.ipv4_16s().any(|x| b.ipv4_16s().any(|y| x == y))
+    relaxed || !related_relays(a.facts(), b.facts(), true)
 }
 
 /// Ports whose streams live long: circuits for them use Stable relays only (Tor's
@@ -534,6 +530,28 @@ pub(crate) mod tests {
         assert!(!compatible(&a2, &c2, false));
         assert!(compatible(&a2, &c2, true));
         assert!(!compatible(&a, &a, true), "never the same relay twice");
+    }
+
+    #[test]
+    fn same_ipv6_32_excluded_unless_relaxed() {
+        let v6 = |i: u8, s: &str| {
+            let mut r = relay(i, [10, i, 0, 1], true, false, 1);
+            r.addrs = vec![SocketAddr::new(s.parse().unwrap(), 9001)];
+            r
+        };
+        let a = v6(1, "2001:db8:1::1");
+        let b = v6(2, "2001:db8:ffff::2");
+        let c = v6(3, "2001:db9::3");
+        assert!(!compatible(&a, &b, false), "one IPv6 /32");
+        assert!(compatible(&a, &b, true));
+        assert!(compatible(&a, &c, false), "different /32s");
+        // A dual-stack relay is related through either address.
+        let mut d = relay(4, [10, 40, 0, 1], true, false, 1);
+        d.addrs
+            .push(SocketAddr::new("2001:db9:5::5".parse().unwrap(), 9001));
+        assert!(!compatible(&c, &d, false));
+        let e = relay(5, [10, 40, 7, 7], true, false, 1);
+        assert!(!compatible(&d, &e, false));
     }
 
     #[test]

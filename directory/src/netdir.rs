@@ -5,7 +5,7 @@
 //! by link key use an index built once.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use allium_crypto::{RelayId, X25519Public};
 
@@ -105,21 +105,15 @@ impl NetDir {
     /// directions (as Tor does), or the same /16 (IPv4) or /32 (IPv6) when the
     /// `enforce_distinct_subnets` parameter is on.
     pub fn related(&self, a: &ConsensusEntry, b: &ConsensusEntry) -> bool {
-        if a.identity == b.identity {
-            return true;
+        fn facts(e: &ConsensusEntry) -> RelationFacts<'_> {
+            RelationFacts {
+                id: e.identity,
+                family: &e.family,
+                addrs: &e.addrs,
+            }
         }
-        if a.family.binary_search(&b.identity).is_ok()
-            && b.family.binary_search(&a.identity).is_ok()
-        {
-            return true;
-        }
-        if self.param_or_default(params::ENFORCE_DISTINCT_SUBNETS) != 0 {
-            return a
-                .addrs
-                .iter()
-                .any(|x| b.addrs.iter().any(|y| same_subnet(x.ip(), y.ip())));
-        }
-        false
+        let subnets = self.param_or_default(params::ENFORCE_DISTINCT_SUBNETS) != 0;
+        related_relays(facts(a), facts(b), subnets)
     }
     /// Start of validity.
     pub fn valid_after(&self) -> u64 {
@@ -135,11 +129,91 @@ impl NetDir {
     }
 }
 
-/// Whether two addresses share an IPv4 /16 or an IPv6 /32.
+/// What the relatedness rule ([`related_relays`]) reads of a relay, so that the client's own
+/// relay records (`allium_client`'s path selection) apply the same rule as [`NetDir::related`].
+#[derive(Clone, Copy, Debug)]
+pub struct RelationFacts<'a> {
+    /// Identity.
+    pub id: RelayId,
+    /// The relays it declares as family.
+    pub family: &'a [RelayId],
+    /// Its addresses.
+    pub addrs: &'a [SocketAddr],
+}
+
+/// Whether two relays must not share a circuit: the same identity; each declares the other as
+/// family (one-sided claims count for nothing, as in Tor); or, with `distinct_subnets`, some
+/// address of one shares an IPv4 /16 or an IPv6 /32 with some address of the other (Tor's
+/// `EnforceDistinctSubnets`).
+pub fn related_relays(a: RelationFacts<'_>, b: RelationFacts<'_>, distinct_subnets: bool) -> bool {
+    if a.id == b.id {
+        return true;
+    }
+    if a.family.contains(&b.id) && b.family.contains(&a.id) {
+        return true;
+    }
+    distinct_subnets
+        && a.addrs
+            .iter()
+            .any(|x| b.addrs.iter().any(|y| same_subnet(x.ip(), y.ip())))
+}
+
+/// Whether two addresses share an IPv4 /16 or an IPv6 /32 (an IPv4-mapped IPv6 address counts
+/// as its IPv4 address).
 pub fn same_subnet(a: IpAddr, b: IpAddr) -> bool {
-    match (a, b) {
+    match (a.to_canonical(), b.to_canonical()) {
         (IpAddr::V4(x), IpAddr::V4(y)) => x.octets().get(..2) == y.octets().get(..2),
         (IpAddr::V6(x), IpAddr::V6(y)) => x.octets().get(..4) == y.octets().get(..4),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts<'a>(id: u8, family: &'a [RelayId], addrs: &'a [SocketAddr]) -> RelationFacts<'a> {
+        RelationFacts {
+            id: RelayId([id; 32]),
+            family,
+            addrs,
+        }
+    }
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn related_by_identity_family_or_subnet() {
+        let a4 = [sa("198.51.7.1:9001")];
+        let b4 = [sa("198.51.200.9:9001")];
+        let c4 = [sa("198.52.0.1:9001")];
+        let (a, b, c) = (facts(1, &[], &a4), facts(2, &[], &b4), facts(3, &[], &c4));
+        assert!(related_relays(a, a, false), "the same relay");
+        assert!(related_relays(a, b, true), "one IPv4 /16");
+        assert!(!related_relays(a, b, false), "subnets not enforced");
+        assert!(!related_relays(a, c, true));
+        // IPv6: the /32 rule.
+        let a6 = [sa("[2001:67c:1::1]:9001")];
+        let b6 = [sa("[2001:67c:ffff::2]:9001")];
+        let c6 = [sa("[2001:67d::3]:9001")];
+        let (x, y, z) = (facts(4, &[], &a6), facts(5, &[], &b6), facts(6, &[], &c6));
+        assert!(related_relays(x, y, true), "one IPv6 /32");
+        assert!(!related_relays(x, z, true));
+        assert!(!related_relays(y, x, false));
+        // Dual stack: either address relates; a mapped address counts as IPv4.
+        let d = [sa("203.0.114.1:1"), sa("[2001:67d:9::9]:1")];
+        assert!(related_relays(facts(7, &[], &d), z, true));
+        let m = [sa("[::ffff:198.51.99.9]:1")];
+        assert!(related_relays(facts(8, &[], &m), a, true));
+        // Family counts only when declared both ways.
+        let fa = [RelayId([3; 32])];
+        let fc = [RelayId([1; 32])];
+        assert!(!related_relays(facts(1, &fa, &a4), c, true), "one-sided");
+        assert!(related_relays(
+            facts(1, &fa, &a4),
+            facts(3, &fc, &c4),
+            false
+        ));
     }
 }

@@ -47,6 +47,7 @@ fn entry(n: u8) -> ConsensusEntry {
         exit: DocPolicy {
             accept: vec![PortRange { lo: 80, hi: 80 }, PortRange { lo: 443, hi: 443 }],
             allow_private: n % 2 == 0,
+            rules: Vec::new(),
         },
         family: Vec::new(),
         desc_digest: [n; 32],
@@ -71,6 +72,7 @@ pub fn sample_descriptor(n: u8) -> Vec<u8> {
         exit_policy: DocPolicy {
             accept: vec![PortRange { lo: 1, hi: 65535 }],
             allow_private: false,
+            rules: Vec::new(),
         },
         family: Vec::new(),
         protocols: default_protocols(),

@@ -29,6 +29,8 @@ pub struct Stats {
     blocked_destroys: AtomicU64,
     creates_dropped: AtomicU64,
     violations: AtomicU64,
+    /// CREATEs refused because their link carried `max_circuits_per_link` circuits.
+    link_cap_refusals: AtomicU64,
 }
 
 impl Stats {
@@ -55,6 +57,16 @@ impl Stats {
     }
     pub(crate) fn note_create_dropped(&self) {
         self.creates_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A CREATE was refused because its link is at `max_circuits_per_link`; true the first
+    /// time (the caller logs it once).
+    pub(crate) fn note_link_circuit_cap(&self) -> bool {
+        self.link_cap_refusals.fetch_add(1, Ordering::Relaxed) == 0
+    }
+    /// CREATEs refused (RESOURCELIMIT) because their link carried `max_circuits_per_link`
+    /// circuits (also counted in [`Stats::creates_dropped`]).
+    pub fn link_circuit_cap_refusals(&self) -> u64 {
+        self.link_cap_refusals.load(Ordering::Relaxed)
     }
     pub(crate) fn note_violation(&self) {
         self.violations.fetch_add(1, Ordering::Relaxed);

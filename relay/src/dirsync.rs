@@ -24,7 +24,7 @@ use allium_directory::client::{
     AuthorityInfo, ConsensusCache, FetchRole, Liveness, not_published_yet, upload_descriptor_to_all,
 };
 use allium_directory::doc::descriptor::{DESC_VERSION, default_protocols};
-use allium_directory::doc::policy::{ExitPolicy as DescPolicy, PortRange};
+use allium_directory::doc::policy::ExitPolicy as DescPolicy;
 use allium_directory::doc::{Consensus, Flags};
 use allium_directory::doc::{RelayDescriptor, Signed};
 use allium_directory::now_unix;
@@ -67,14 +67,7 @@ pub(crate) fn authorities(ctx: &Ctx) -> Vec<AuthorityInfo> {
 
 /// The descriptor's view of the exit policy.
 pub(crate) fn desc_policy(ctx: &Ctx) -> DescPolicy {
-    let policy = ctx.exit_policy();
-    DescPolicy::from_ranges(
-        policy
-            .port_ranges()
-            .into_iter()
-            .map(|(lo, hi)| PortRange { lo, hi }),
-        policy.allow_private,
-    )
+    ctx.exit_policy().descriptor_policy()
 }
 
 /// Build and sign the current descriptor.

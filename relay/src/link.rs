@@ -551,6 +551,14 @@ fn on_create(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell) {
         Ok(()) => crate::create::submit(ctx, Arc::clone(link), id, cell, coarse_now()),
         Err(InsertError::Full) => {
             ctx.stats.note_create_dropped();
+            if link.n_circuits() >= link.max_circs && ctx.stats.note_link_circuit_cap() {
+                tracing::warn!(
+                    max_circuits_per_link = link.max_circs,
+                    "a link reached max_circuits_per_link; its new circuits are refused with \
+                     RESOURCELIMIT (logged once; the count is in the relay's statistics). \
+                     Raise the limit if honest clients hit it"
+                );
+            }
             link.send_destroy_detached(id, DestroyReason::RESOURCELIMIT);
         }
         Err(InsertError::InUse | InsertError::Closed) => {}

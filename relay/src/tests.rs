@@ -452,6 +452,7 @@ async fn per_link_circuit_limit() {
         Destroy::decode(&c.body[..]).unwrap().reason,
         DestroyReason::RESOURCELIMIT
     );
+    assert_eq!(r.ctx.stats.link_circuit_cap_refusals(), 1);
 }
 
 /// A TCP echo server that closes its write side when the client half-closes.

@@ -204,7 +204,7 @@ pub fn vote_entries(
                     addrs: desc.addrs.clone(),
                     flags: f,
                     weight: c.measured.unwrap_or(c.advertised).max(1),
-                    exit: desc.exit_policy.clone(),
+                    exit: desc.exit_policy.summary_only(),
                     family: desc.family.clone(),
                     desc_digest: c.d.digest(),
                     measured: c.measured.is_some(),

@@ -82,6 +82,12 @@ impl ConsensusEntry {
             ));
         }
         self.exit.check(object)?;
+        if !self.exit.rules.is_empty() {
+            return Err(DirError::invalid(
+                object,
+                "a consensus carries the exit port summary only, no rules",
+            ));
+        }
         if self.family.len() > MAX_FAMILY || !strictly_sorted(&self.family) {
             return Err(DirError::invalid(
                 object,
