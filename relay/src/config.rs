@@ -116,6 +116,9 @@ pub struct RelayConfig {
     /// Allow `metrics_address` on a non-loopback address.
     #[serde(default)]
     pub metrics_allow_public: bool,
+    /// Denial-of-service limits (`[dos]`; every key has a default, see `docs/OPERATING.md`).
+    #[serde(default)]
+    pub dos: crate::dos::DosConfig,
     /// TEST NETWORKS ONLY: publish this bandwidth (bytes/s) in the descriptor instead of the
     /// observed one, to play a relay that lies about its capacity (bandwidth-measurement tests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -206,6 +209,7 @@ impl RelayConfig {
             metrics_address: None,
             metrics_allow_public: false,
             test_advertise_bandwidth: None,
+            dos: crate::dos::DosConfig::default(),
         }
     }
 
@@ -285,6 +289,9 @@ impl RelayConfig {
             || self.circuit_stall_timeout_secs == 0
         {
             return Err(bad("max_*", "limits must be at least 1"));
+        }
+        if let Err((key, why)) = self.dos.validate() {
+            return Err(bad(key, why));
         }
         if self.user.as_deref().is_some_and(str::is_empty) {
             return Err(bad("user", "give a user name, or remove the key"));

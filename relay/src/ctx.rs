@@ -31,6 +31,8 @@ pub struct Stats {
     violations: AtomicU64,
     /// CREATEs refused because their link carried `max_circuits_per_link` circuits.
     link_cap_refusals: AtomicU64,
+    /// Refusals of the DoS subsystem, by reason.
+    pub(crate) dos: crate::dos::Rejections,
 }
 
 impl Stats {
@@ -88,6 +90,10 @@ impl Stats {
     /// Circuits destroyed for a protocol violation (bad tag, window, RELAY_EARLY, ...).
     pub fn protocol_violations(&self) -> u64 {
         self.violations.load(Ordering::Relaxed)
+    }
+    /// Connections, CREATEs and circuits refused or closed by the DoS subsystem for `reason`.
+    pub fn dos_rejections(&self, reason: crate::dos::Refusal) -> u64 {
+        self.dos.count(reason)
     }
     /// Bytes read from links and destinations so far.
     pub fn bytes_read(&self) -> u64 {
@@ -185,6 +191,8 @@ pub struct Ctx {
     pub(crate) links: LinkManager,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) stats: Stats,
+    /// Per-address limits, the replay cache, the circuit registry for the out-of-memory handler.
+    pub(crate) dos: Arc<crate::dos::Dos>,
     /// Wakes the consensus task early (e.g. an unknown relay asked us to extend).
     pub(crate) refetch: Notify,
     /// The address published in the descriptor.
@@ -249,6 +257,7 @@ impl Ctx {
             links: LinkManager::default(),
             shutdown,
             stats: Stats::default(),
+            dos: Arc::new(crate::dos::Dos::new(cfg.dos.clone())),
             refetch: Notify::new(),
             advertised,
             dir: crate::dirsync::DirState::default(),
@@ -362,6 +371,44 @@ impl Ctx {
             self.refetch.notify_one();
         }
         known
+    }
+
+    /// Whether `key` is the link key of a relay or authority in the current consensus (or of a
+    /// hand-added relay, tests only): such peers are exempt from the per-address DoS limits.
+    pub(crate) fn is_exempt_key(&self, key: &X25519Public) -> bool {
+        if self
+            .netdir()
+            .is_some_and(|nd| nd.by_link_key(key).is_some())
+        {
+            return true;
+        }
+        let g = match self.extra_relays.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.values().any(|r| r.link_key.ct_eq(key))
+    }
+
+    /// Whether `link` is exempt from the per-address DoS limits: we opened it to a relay, or the
+    /// peer's key is listed ([`Ctx::is_exempt_key`]).
+    pub(crate) fn is_exempt_link(&self, link: &Link) -> bool {
+        link.peer_relay.is_some() || link.peer_static.is_some_and(|k| self.is_exempt_key(&k))
+    }
+
+    /// Whether `ip` is an address of a relay in the current consensus (or hand-added).
+    pub(crate) fn is_listed_relay_addr(&self, ip: std::net::IpAddr) -> bool {
+        if self.netdir().is_some_and(|nd| {
+            nd.relays()
+                .iter()
+                .any(|e| e.addrs.iter().any(|a| a.ip() == ip))
+        }) {
+            return true;
+        }
+        let g = match self.extra_relays.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.values().any(|r| r.addrs.iter().any(|a| a.ip() == ip))
     }
 
     /// Whether shutdown has begun.

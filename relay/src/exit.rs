@@ -74,10 +74,25 @@ pub(crate) enum Io {
 /// One item of a stream's write queue.
 #[derive(Debug)]
 pub(crate) enum WriteItem {
-    /// A received DATA cell's bytes.
-    Data(DataChunk),
+    /// A received DATA cell's bytes, counted as queued memory until written (or dropped).
+    Data(DataChunk, crate::dos::Charge),
     /// The client sent END DONE: shut down the write side after what is queued.
     Fin,
+}
+
+/// What one queued DATA cell costs: the cell body it keeps, and the queue slot.
+const DATA_ITEM_COST: u64 = (allium_proto::cell::CELL_BODY_LEN + 64) as u64;
+
+impl WriteItem {
+    /// A DATA item for circuit `circ`, counted in `acct` (the out-of-memory handler's account)
+    /// until the writer has written it or it is dropped.
+    pub(crate) fn charged(
+        data: DataChunk,
+        circ: &Arc<crate::dos::CircQueued>,
+        acct: &Arc<crate::dos::MemAccount>,
+    ) -> Self {
+        Self::Data(data, circ.charge(acct, DATA_ITEM_COST))
+    }
 }
 
 async fn report(tx: &mpsc::Sender<Io>, io: Io) -> bool {
@@ -244,6 +259,8 @@ pub(crate) async fn write_pump(
     tx: mpsc::Sender<Io>,
 ) {
     let mut out: Vec<u8> = Vec::new();
+    // The charges of the cells in `out`: released once the destination took them.
+    let mut charges = Vec::new();
     loop {
         let Some(first) = rx.recv().await else {
             let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.shutdown()).await;
@@ -254,8 +271,9 @@ pub(crate) async fn write_pump(
         let mut item = Some(first);
         while let Some(it) = item.take() {
             match it {
-                WriteItem::Data(d) => {
+                WriteItem::Data(d, charge) => {
                     out.extend_from_slice(d.bytes());
+                    charges.push(charge);
                     cells += 1;
                 }
                 WriteItem::Fin => {
@@ -278,6 +296,7 @@ pub(crate) async fn write_pump(
                 return;
             }
             out.clear();
+            charges.clear();
         }
         if cells > 0 {
             // The reactor may be gone after a graceful close: keep draining regardless.

@@ -46,6 +46,7 @@ pub mod core;
 mod create;
 mod ctx;
 mod dirsync;
+pub mod dos;
 pub mod err;
 mod exit;
 pub mod keys;
@@ -232,9 +233,13 @@ fn add_known_relay(ctx: &Ctx, id: RelayId, addr: SocketAddr, link_key: X25519Pub
     );
 }
 
-/// Start a relay with the system resolver.
+/// Start a relay with the system resolver behind a bounded cache ([`resolver::CachingResolver`]).
 pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
-    start_with_resolver(config, Arc::new(SystemResolver)).await
+    start_with_resolver(
+        config,
+        Arc::new(resolver::CachingResolver::new(SystemResolver)),
+    )
+    .await
 }
 
 /// Start a relay whose exit resolves names with `resolver` (tests inject names only the exit knows).
@@ -297,6 +302,7 @@ pub async fn start_with_resolver(
         )),
         tokio::spawn(selftest::run(Arc::clone(&ctx))),
     ];
+    tasks.push(tokio::spawn(dos::run_oom(Arc::clone(&ctx))));
     tasks.extend(create::spawn_workers(&ctx));
     tasks.extend(metrics_task);
     Ok(RelayHandle {
@@ -364,6 +370,11 @@ async fn run_listener(ctx: Arc<Ctx>, listener: TcpListener, slots: Arc<Semaphore
             },
             _ = shutdown.changed() => return,
         };
+        // Per-address limits first: a refused connection costs no link slot and no handshake.
+        // Over a limit, only a relay's address gets the handshake, to prove the relay's key.
+        let Ok(dos_slot) = dos::admit_at_accept(&ctx, peer.ip(), link::coarse_now()) else {
+            continue;
+        };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             tracing::debug!("link limit reached; refusing a connection");
             continue;
@@ -389,6 +400,10 @@ async fn run_listener(ctx: Arc<Ctx>, listener: TcpListener, slots: Arc<Semaphore
                 return;
             }
             let peer_static = ch.peer_static();
+            let Some(dos_slot) = dos::admit_after_handshake(&ctx, dos_slot, &peer_static) else {
+                ch.close();
+                return;
+            };
             let peer_relay = ctx
                 .netdir()
                 .and_then(|nd| nd.by_link_key(&peer_static).map(|e| e.identity));
@@ -408,6 +423,7 @@ async fn run_listener(ctx: Arc<Ctx>, listener: TcpListener, slots: Arc<Semaphore
                 ctx.links.register(id, &link);
             }
             link::run_reader(Arc::clone(&ctx), link, CellSource::Channel(rx)).await;
+            drop(dos_slot);
             drop(permit);
         });
     }

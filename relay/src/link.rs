@@ -145,6 +145,8 @@ impl Kill {
 pub(crate) struct CircHandle {
     pub(crate) tx: InboxTx,
     pub(crate) kill: Arc<Kill>,
+    /// Bytes the circuit holds in its exit streams' queues (for the out-of-memory handler).
+    pub(crate) queued: Arc<crate::dos::CircQueued>,
 }
 
 /// The sending end of a circuit's inbound queue (capped in cells; never waits).
@@ -152,9 +154,17 @@ pub(crate) type InboxTx = allium_proto::inbox::InboxTx<(Side, Cell)>;
 /// The receiving end of a circuit's inbound queue (its reactor's).
 pub(crate) type InboxRx = allium_proto::inbox::InboxRx<(Side, Cell)>;
 
-/// A circuit's inbound queue holding at most `cap` cells.
+/// A circuit's inbound queue holding at most `cap` cells, not accounted (tests).
+#[cfg(test)]
 pub(crate) fn inbox(cap: usize) -> (InboxTx, InboxRx) {
     allium_proto::inbox::inbox(cap)
+}
+
+/// A circuit's inbound queue as the relay makes it: capped at [`crate::ctx::Limits::inbound_queue`]
+/// cells and counted in the DoS subsystem's queued-bytes account.
+pub(crate) fn circuit_inbox(ctx: &Ctx) -> (InboxTx, InboxRx) {
+    let unit = (allium_proto::cell::CELL_LEN + std::mem::size_of::<(Side, Cell)>()) as u64;
+    allium_proto::inbox::inbox_accounted(ctx.limits.inbound_queue, Arc::clone(&ctx.dos.mem), unit)
 }
 
 /// The reader's one-entry route cache.
@@ -547,8 +557,14 @@ fn on_create(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell) {
     if !id.allocatable_by(!link.initiator) {
         return;
     }
+    let now = coarse_now();
+    if let Err((refusal, reason)) = crate::dos::admit_create(ctx, link, &cell.body[..], now) {
+        ctx.stats.dos.note(refusal, now);
+        link.send_destroy_detached(id, reason);
+        return;
+    }
     match link.reserve_peer_id(id, ctx.limits.create_per_link) {
-        Ok(()) => crate::create::submit(ctx, Arc::clone(link), id, cell, coarse_now()),
+        Ok(()) => crate::create::submit(ctx, Arc::clone(link), id, cell, now),
         Err(InsertError::Full) => {
             ctx.stats.note_create_dropped();
             if link.n_circuits() >= link.max_circs && ctx.stats.note_link_circuit_cap() {

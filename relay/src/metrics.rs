@@ -4,7 +4,8 @@
 //! Families: `allium_relay_bytes_total{direction}` and `allium_relay_cells_total{direction}`
 //! (the counters count whole cells: read from links, and originated), `allium_circuits_open`,
 //! `allium_circuits_created_total`, `allium_streams_open` (exit streams),
-//! `allium_dos_rejections_total{reason}`, `allium_consensus_age_seconds`,
+//! `allium_dos_rejections_total{reason}` (reasons: the circuit layer's and every
+//! [`crate::dos::Refusal`]), `allium_relay_queued_bytes`, `allium_consensus_age_seconds`,
 //! `allium_bootstrap_percent` (0 without a consensus, 100 with one) and
 //! `allium_relay_flag{flag}` (1 when the consensus gives this relay the flag).
 
@@ -101,6 +102,15 @@ pub(crate) fn page(ctx: &Ctx, now: u64) -> Exposition {
         &[("reason", "protocol_violation")],
         s.protocol_violations() as f64,
     );
+    for r in crate::dos::Refusal::ALL {
+        e.sample(&[("reason", r.label())], s.dos_rejections(r) as f64);
+    }
+    e.single(
+        "allium_relay_queued_bytes",
+        MetricType::Gauge,
+        "Bytes queued in circuit queues now (capped by dos.max_queued_bytes).",
+        ctx.dos.mem.bytes.load(std::sync::atomic::Ordering::Relaxed) as f64,
+    );
     let nd = ctx.netdir();
     e.single(
         "allium_consensus_age_seconds",
@@ -152,6 +162,9 @@ mod tests {
             "allium_circuits_open 0",
             "allium_streams_open 0",
             "allium_dos_rejections_total{reason=\"queue_overflow\"} 0",
+            "allium_dos_rejections_total{reason=\"create_rate\"} 0",
+            "allium_dos_rejections_total{reason=\"conn_concurrent\"} 0",
+            "allium_relay_queued_bytes 0",
             "allium_consensus_age_seconds NaN",
             "allium_bootstrap_percent 0",
             "allium_relay_flag{flag=\"Guard\"} 0",

@@ -65,17 +65,19 @@ pub(crate) fn spawn(
     prev: Arc<Link>,
     prev_id: CircId,
     created: Cell,
-    _now: Instant,
+    now: Instant,
 ) {
-    let (tx, inbox) = crate::link::inbox(ctx.limits.inbound_queue);
+    let (tx, inbox) = crate::link::circuit_inbox(ctx);
     let handle = CircHandle {
         tx,
         kill: Arc::new(Kill::default()),
+        queued: Arc::default(),
     };
     if prev.install(prev_id, handle.clone()).is_err() {
         return;
     }
     ctx.stats.circuit_opened();
+    ctx.dos.victims.register_circuit(&handle);
     let (io_tx, io_rx) = mpsc::channel(IO_QUEUE);
     let r = Reactor {
         ctx: Arc::clone(ctx),
@@ -91,6 +93,7 @@ pub(crate) fn spawn(
         stalled: Some((Side::Prev, created)),
         attempt: 0,
         classified_with: netdir_id(ctx),
+        last_active: now,
     };
     tokio::spawn(r.run());
 }
@@ -115,6 +118,8 @@ struct Reactor {
     /// The consensus the previous hop was last classified against (its address), while the core
     /// takes the previous hop for a client.
     classified_with: Option<usize>,
+    /// When a cell or an I/O report last arrived (idle-circuit expiry, `dos.circuit_idle_timeout_secs`).
+    last_active: Instant,
 }
 
 /// Which consensus the relay holds now (its address; `None`: none yet).
@@ -152,19 +157,28 @@ impl Reactor {
                 self.wait_for_room(&kill).await;
                 continue;
             }
-            let deadline = self.core.poll_timeout().map(tokio::time::Instant::from_std);
+            let idle_at = self.idle_deadline();
+            let deadline = match (self.core.poll_timeout(), idle_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+            .map(tokio::time::Instant::from_std);
             // Stop signals first; then exit I/O (bounded: one read per stream awaits its
             // go-ahead) so a busy inbound queue cannot starve the backward direction; then the
             // inbound queue; then the timer.
             tokio::select! {
                 biased;
                 r = kill.fired() => self.on_kill(r),
-                Some(io) = self.io_rx.recv() => self.on_io(io, coarse_now()),
+                Some(io) = self.io_rx.recv() => {
+                    self.last_active = coarse_now();
+                    self.on_io(io, self.last_active);
+                }
                 n = self.inbox.recv_many(&mut batch, BATCH) => {
                     if n == 0 {
                         self.core.destroy(CircError::Local);
                     }
                     let now = coarse_now();
+                    self.last_active = now;
                     self.reclassify_prev();
                     for (side, cell) in batch.drain(..) {
                         if let Err(e) = self.core.handle_cell(side, cell, now) {
@@ -180,8 +194,21 @@ impl Reactor {
             if self.core.poll_timeout().is_some_and(|t| t <= now) {
                 self.core.handle_timeout(now);
             }
+            if self.idle_deadline().is_some_and(|t| t <= now) {
+                self.ctx
+                    .stats
+                    .dos
+                    .note(crate::dos::Refusal::CircuitIdle, now);
+                self.core.destroy(CircError::Local);
+            }
         }
         self.finish();
+    }
+
+    /// When the circuit expires if nothing happens: it has no stream, and the idle timeout is on.
+    fn idle_deadline(&self) -> Option<Instant> {
+        let t = self.ctx.dos.cfg.circuit_idle_timeout()?;
+        (self.core.n_streams() == 0 && !self.core.is_closed()).then(|| self.last_active + t)
     }
 
     /// Act on events and push cells until both are drained or a link is full.
@@ -352,7 +379,11 @@ impl Reactor {
             Event::StreamData { sid, data } => {
                 if let Some(w) = self.streams.get(&sid).and_then(|s| s.writer.as_ref()) {
                     // Bounded by the stream window the core enforces; cannot be full.
-                    let _ = w.try_send(WriteItem::Data(data));
+                    let _ = w.try_send(exit::WriteItem::charged(
+                        data,
+                        &self.handle.queued,
+                        &self.ctx.dos.mem,
+                    ));
                 }
             }
             Event::StreamEnd { sid } => {

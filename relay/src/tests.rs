@@ -1229,6 +1229,7 @@ async fn quarantine_of_own_ids() {
     let h = crate::link::CircHandle {
         tx,
         kill: Arc::default(),
+        queued: Arc::default(),
     };
     let now = crate::link::coarse_now();
     let id = ml.link.allocate(h, now).unwrap();
@@ -1565,3 +1566,6 @@ async fn reconfigure_applies_to_new_circuits_while_open_streams_keep_working() {
     assert_eq!(sid, 1);
     assert_eq!(msg, RelayMsg::End(End::new(EndReason::EXITPOLICY)));
 }
+
+#[path = "dos_tests.rs"]
+mod dos_tests;
