@@ -131,8 +131,8 @@ class Scraper:
         while True:
             due = self.t0 + i / self.a.rate
             now = time.monotonic()
-            if due - self.t0 >= secs:
-                break
+            if due - self.t0 >= secs or now - self.t0 >= secs:
+                break  # the duration is wall-clock time, even when requests start late
             if due > now:
                 time.sleep(due - now)
             if not self.inflight.acquire(timeout=0):
