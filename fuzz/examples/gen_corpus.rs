@@ -392,4 +392,34 @@ fn main() {
         "no_length",
         b"HTTP/1.1 503 Busy\r\nRetry-After: 10",
     );
+    // bwfile: a scanner's output (three relays), the optional fields, and lines the reader skips.
+    let mut bw = allium_directory::doc::BandwidthFile {
+        timestamp: 1_796_112_000,
+        ..Default::default()
+    };
+    bw.header.insert("software".into(), "allium".into());
+    bw.header.insert("scanner_country".into(), "ZZ".into());
+    for n in 1..=3u8 {
+        bw.relays.insert(
+            allium_fuzz::identity(n).public(),
+            allium_directory::doc::bwfile::BwLine {
+                bw: 250 * u32::from(n),
+                measured_at: 1_796_111_000 + u64::from(n),
+                nick: (n != 2).then(|| format!("relay{n}")),
+            },
+        );
+    }
+    write("bwfile", "three_relays", bw.to_text().as_bytes());
+    let id = allium_fuzz::identity(4).public().to_hex();
+    write(
+        "bwfile",
+        "odd_lines",
+        format!(
+            "1796112000\nversion=1.4.0\nfile_created=2026-11-30T00:00:00\n=====\n\
+             node_id=${id} bw=99999999999 extra=1\nnode_id=${id} bw=5\nbw=7\n\n\
+             node_id=$00 bw=1\n"
+        )
+        .as_bytes(),
+    );
+    write("bwfile", "empty", b"0\nversion=1.0.0\n=====\n");
 }

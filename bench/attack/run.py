@@ -1,0 +1,870 @@
+#!/usr/bin/env python3
+"""Attack suite: honest throughput, memory and survival of an `allium testnet` under attack.
+
+For every attack a fresh test network starts (3 authorities, 3 relays of which 1 exit, a proxy;
+every circuit crosses every relay), then:
+
+  1. baseline: the honest client (127.0.0.1) downloads /bytes/N through the SOCKS port, a new
+     SOCKS username per download (a new circuit each time), for --secs seconds;
+  2. the attack starts from 127.0.0.77; after --ramp seconds the same honest measurement runs
+     again while the attack goes on; then the attack stops;
+  3. recovery: one more short honest measurement.
+
+Each attack reports honest throughput during / without (the fraction), peak RSS of every node
+(sampled from /proc every 0.2 s) during the baseline and during the attack, whether any node
+died, and the attack's own counters (connections held, closed by the server, cells answered...).
+
+Attacks (--only NAME, repeatable; default all):
+  conn_flood         TCP connections to every relay's OR port, held and reopened (--conns per relay)
+  create_flood       real links to the exit, CREATE cells with a fresh onionskin each
+  create_replay      the same, one onionskin replayed under new circuit ids
+  slowloris          --slow connections on every TCP listener (OR, SOCKS, HTTP CONNECT, control,
+                     metrics, authority HTTP), each trickling a plausible request 1 byte at a time
+  client_never_reads --readers SOCKS streams downloading a huge object, never reading
+  dest_never_reads   --writers SOCKS streams uploading into a server that accepts and never reads
+  garbage            random bytes on every TCP port (4 connections each, reopened) and random
+                     datagrams on the DNS port
+
+    python3 bench/attack/run.py [--only NAME] [--secs N] [--allium PATH]
+
+Needs python3 (stdlib) and a release `allium` binary (default $CARGO_TARGET_DIR/release/allium,
+else target/release/allium; `cargo build --release --bin allium`). The CREATE flood is a Rust
+example (bench/attack/create_flood.rs), built with `cargo build --example create_flood` when
+absent. Writes bench/results/attack-<UTC stamp>.json and prints a Markdown table;
+`--table FILE` prints the table of an earlier run.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import random
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+ATTACKER = "127.0.0.77"
+HONEST = "127.0.0.1"
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+MIB = 1024 * 1024
+RELAY_RSS_GOAL_MIB = 256
+
+
+def target_dir():
+    return pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+
+
+def parse_addr(s):
+    host, port = s.rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+# ---------------------------------------------------------------------------------------------
+# The test network
+
+
+class Testnet:
+    """`allium testnet` as a child process; nodes and listeners from its testnet.json."""
+
+    def __init__(self, allium, workdir, relays=3, exits=1):
+        self.allium = allium
+        self.relays_n = relays
+        self.exits_n = exits
+        self.dir = pathlib.Path(workdir) / "net"
+        self.proc = None
+        self.info = None
+
+    def start(self, timeout=150):
+        self.log = open(self.dir.parent / "testnet.out", "w")
+        self.proc = subprocess.Popen(
+            [str(self.allium), "testnet", "--relays", str(self.relays_n), "--exits",
+             str(self.exits_n), "--socks-port", "0",
+             "--data-dir", str(self.dir)],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        path = self.dir / "testnet.json"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"allium testnet exited ({self.proc.returncode}); see "
+                                   f"{self.dir.parent / 'testnet.out'}")
+            if path.exists():
+                try:
+                    self.info = json.loads(path.read_text())
+                    break
+                except json.JSONDecodeError:
+                    pass
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("the test network was not ready in time")
+        self.nodes = [n for n in self.info["nodes"]]
+        self.socks = parse_addr(self.info["socks"])
+        self.http_target = parse_addr(self.info["http_target"])
+
+    def relay_dir(self, node):
+        cfg = tomllib.loads((self.dir / f"{node['name']}.toml").read_text())
+        return cfg["data_dir"]
+
+    def relays(self):
+        return [n for n in self.nodes if n["role"] == "relay"]
+
+    def exit_relay(self):
+        return next(n for n in self.relays() if n["exit"])
+
+    def tcp_listeners(self):
+        """(label, kind, (host, port)) of every TCP listener of every node."""
+        out = []
+        for n in self.nodes:
+            for kind, a in n.get("addrs", {}).items():
+                if kind == "dns":
+                    continue
+                out.append((f"{n['name']}/{kind}", kind, parse_addr(a)))
+            if n.get("control_port"):
+                out.append((f"{n['name']}/control", "control", parse_addr(n["control_port"])))
+        return out
+
+    def dns(self):
+        return parse_addr(self.info["dns"]) if self.info.get("dns") else None
+
+    def dead(self):
+        """Names of nodes whose process is gone (or a zombie)."""
+        out = []
+        for n in self.nodes:
+            try:
+                stat = pathlib.Path(f"/proc/{n['pid']}/stat").read_text()
+                state = stat.rsplit(")", 1)[1].split()[0]
+                if state in ("Z", "X"):
+                    out.append(n["name"])
+            except (OSError, IndexError):
+                out.append(n["name"])
+        if self.proc.poll() is not None:
+            out.append("testnet")
+        return out
+
+    def stop(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        # Any node the supervisor left behind (by pid, only the ones it started).
+        for n in self.nodes or []:
+            try:
+                stat = pathlib.Path(f"/proc/{n['pid']}/cmdline").read_bytes()
+                if b"allium" in stat:
+                    os.kill(n["pid"], signal.SIGKILL)
+            except OSError:
+                pass
+        self.log.close()
+
+
+def rss_kib(pid):
+    try:
+        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class RssSampler(threading.Thread):
+    """Peak RSS per node over phases, sampled every 0.2 s."""
+
+    def __init__(self, tn):
+        super().__init__(daemon=True)
+        self.tn = tn
+        self.phase = "start"
+        self.peaks = {}
+        self.stop_ev = threading.Event()
+
+    def run(self):
+        while not self.stop_ev.is_set():
+            ph = self.peaks.setdefault(self.phase, {})
+            for n in self.tn.nodes:
+                r = rss_kib(n["pid"])
+                if r is not None and r > ph.get(n["name"], 0):
+                    ph[n["name"]] = r
+            self.stop_ev.wait(0.2)
+
+    def mib(self, phase):
+        return {k: round(v / 1024, 1) for k, v in sorted(self.peaks.get(phase, {}).items())}
+
+
+# ---------------------------------------------------------------------------------------------
+# The honest client
+
+
+def recv_exact(s, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed during the SOCKS exchange")
+        buf += chunk
+    return bytes(buf)
+
+
+def socks_connect(proxy, host, port, user, password, source, timeout):
+    """SOCKS5 with username/password (a new username is a new circuit); returns the socket."""
+    s = socket.create_connection(proxy, timeout=timeout, source_address=(source, 0))
+    try:
+        s.sendall(b"\x05\x01\x02")
+        if recv_exact(s, 2) != b"\x05\x02":
+            raise ConnectionError("proxy refused username/password authentication")
+        u, p = user.encode(), password.encode()
+        s.sendall(b"\x01" + bytes([len(u)]) + u + bytes([len(p)]) + p)
+        if recv_exact(s, 2)[1] != 0:
+            raise ConnectionError("proxy refused the credentials")
+        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack(">H", port))
+        head = recv_exact(s, 4)
+        if head[1] != 0:
+            raise ConnectionError(f"SOCKS reply {head[1]}")
+        atyp = head[3]
+        rest = {1: 4, 4: 16}.get(atyp)
+        if rest is None:
+            rest = recv_exact(s, 1)[0]
+        recv_exact(s, rest + 2)
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+def download(proxy, target, size, timeout=20.0, source=HONEST):
+    """One GET /bytes/size through the proxy; returns body bytes received (raises on failure)."""
+    user = "honest-%016x" % random.getrandbits(64)
+    s = socks_connect(proxy, target[0], target[1], user, "x", source, timeout)
+    try:
+        s.settimeout(timeout)
+        s.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        buf = bytearray(256 * 1024)
+        view = memoryview(buf)
+        head = b""
+        got = 0
+        while True:
+            n = s.recv_into(view)
+            if n == 0:
+                break
+            if head is not None:
+                head += bytes(view[:n])
+                i = head.find(b"\r\n\r\n")
+                if i < 0:
+                    if len(head) > 8192:
+                        raise ConnectionError("no end of headers")
+                    continue
+                got = len(head) - i - 4
+                head = None
+            else:
+                got += n
+            if got >= size:
+                break
+        if got < size:
+            raise ConnectionError(f"short body: {got} of {size} bytes")
+        return got
+    finally:
+        s.close()
+
+
+def measure(tn, secs, size):
+    """Honest downloads back to back for `secs`; throughput over the whole time."""
+    t0 = time.monotonic()
+    total = 0
+    ok = failed = 0
+    errors = []
+    while time.monotonic() - t0 < secs:
+        try:
+            total += download(tn.socks, tn.http_target, size)
+            ok += 1
+        except (OSError, ConnectionError) as e:
+            failed += 1
+            if len(errors) < 5:
+                errors.append(str(e) or type(e).__name__)
+            time.sleep(0.2)
+    el = time.monotonic() - t0
+    return {"mib_per_s": round(total / MIB / el, 2), "secs": round(el, 2), "downloads": ok,
+            "failed": failed, "errors": errors}
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks
+
+
+class Attack:
+    name = "?"
+
+    def start(self, tn):
+        raise NotImplementedError
+
+    def stop(self):
+        raise NotImplementedError
+
+    def result(self):
+        return {}
+
+
+def attacker_socket():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    except OSError:
+        pass
+    s.bind((ATTACKER, 0))
+    s.setblocking(False)
+    return s
+
+
+def hard_close(s):
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    s.close()
+
+
+def slow_prefix(kind):
+    """What a slowloris sends on a listener of this kind, one byte at a time (never complete)."""
+    if kind in ("metrics", "dir", "http_tunnel"):
+        head = b"GET / HTTP/1.1\r\nHost: x\r\n" if kind != "http_tunnel" else \
+            b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: x\r\n"
+        return head + b"X-Slow: " + b"a" * 100000
+    if kind == "socks":
+        return b"\x05\xff" + bytes(range(255)) + b"\x05\x01\x00\x03\xff" + b"a" * 255
+    if kind == "control":
+        return b"PROTOCOLINFO " + b"1" * 100000
+    # OR: a Noise message-1 length prefix (96 bytes), then the message byte by byte.
+    return b"\x00\x60" + b"\x11" * 96 + b"\x00\x60" * 50000
+
+
+class Swarm(Attack):
+    """Many attacker sockets on a set of TCP listeners, driven by one selector thread.
+
+    mode "hold": connect and keep (connection flood); "trickle": send the next byte of the
+    listener's slow prefix every `interval` s (slowloris); "garbage": write random bytes as fast
+    as the socket takes them. Sockets the server closes are counted and reopened (at most
+    `reopen_per_s` per listener per second)."""
+
+    def __init__(self, name, per_target, mode, interval=3.0, reopen_per_s=500):
+        self.name = name
+        self.per_target = per_target
+        self.mode = mode
+        self.interval = interval
+        self.reopen_per_s = reopen_per_s
+        self.stop_ev = threading.Event()
+        self.junk = os.urandom(1024 * 1024)
+        self.udp = None
+
+    def targets(self, tn):
+        return tn.tcp_listeners()
+
+    def start(self, tn):
+        self.tgts = [{"label": lb, "kind": k, "addr": a, "open": 0, "opened": 0,
+                      "connected": 0, "refused": 0, "closed_by_server": 0, "max_held": 0,
+                      "bytes_sent": 0, "budget": float(self.per_target)}
+                     for (lb, k, a) in self.targets(tn)]
+        self.sel = selectors.DefaultSelector()
+        self.fd_errors = 0
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def open_one(self, t):
+        try:
+            s = attacker_socket()
+        except OSError:
+            self.fd_errors += 1
+            return False
+        err = s.connect_ex(t["addr"])
+        if err not in (0, 115, 11):  # EINPROGRESS, EAGAIN
+            s.close()
+            t["refused"] += 1
+            return True
+        st = {"t": t, "connected": False, "off": 0, "next": 0.0}
+        self.sel.register(s, selectors.EVENT_WRITE, st)
+        t["open"] += 1
+        t["opened"] += 1
+        return True
+
+    def drop(self, s, st, by_server):
+        t = st["t"]
+        try:
+            self.sel.unregister(s)
+        except (KeyError, ValueError):
+            pass
+        hard_close(s)
+        t["open"] -= 1
+        if by_server:
+            if st["connected"]:
+                t["closed_by_server"] += 1
+            else:
+                t["refused"] += 1
+
+    def loop(self):
+        last = time.monotonic()
+        while not self.stop_ev.is_set():
+            now = time.monotonic()
+            dt, last = now - last, now
+            for t in self.tgts:
+                t["budget"] = min(t["budget"] + dt * self.reopen_per_s, float(self.per_target))
+                while t["open"] < self.per_target and t["budget"] >= 1:
+                    t["budget"] -= 1
+                    if not self.open_one(t):
+                        break
+            for key, ev in self.sel.select(timeout=0.05):
+                s, st = key.fileobj, key.data
+                t = st["t"]
+                if not st["connected"]:
+                    err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        self.drop(s, st, True)
+                        continue
+                    st["connected"] = True
+                    t["connected"] += 1
+                    events = selectors.EVENT_READ
+                    if self.mode == "garbage":
+                        events |= selectors.EVENT_WRITE
+                    self.sel.modify(s, events, st)
+                    continue
+                if ev & selectors.EVENT_READ:
+                    try:
+                        data = s.recv(65536)
+                    except BlockingIOError:
+                        data = b"x"
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self.drop(s, st, True)
+                        continue
+                if ev & selectors.EVENT_WRITE and self.mode == "garbage":
+                    off = random.randrange(0, len(self.junk) - 65536)
+                    try:
+                        t["bytes_sent"] += s.send(self.junk[off:off + 65536])
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        self.drop(s, st, True)
+            if self.mode == "trickle":
+                self.trickle(now)
+            for t in self.tgts:
+                held = t["open"]
+                t["max_held"] = max(t["max_held"], held)
+            self.extra()
+        for key in list(self.sel.get_map().values()):
+            hard_close(key.fileobj)
+        self.sel.close()
+
+    def trickle(self, now):
+        for key in list(self.sel.get_map().values()):
+            st = key.data
+            if not st["connected"] or now < st["next"]:
+                continue
+            prefix = slow_prefix(st["t"]["kind"])
+            b = prefix[st["off"] % len(prefix):st["off"] % len(prefix) + 1]
+            try:
+                n = key.fileobj.send(b)
+                st["off"] += n
+                st["t"]["bytes_sent"] += n
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.drop(key.fileobj, st, True)
+                continue
+            st["next"] = now + self.interval * random.uniform(0.8, 1.2)
+
+    def extra(self):
+        pass
+
+    def stop(self):
+        self.stop_ev.set()
+        self.thread.join(timeout=30)
+
+    def result(self):
+        per = {t["label"]: {k: t[k] for k in ("max_held", "open", "opened", "connected",
+                                              "refused", "closed_by_server", "bytes_sent")}
+               for t in self.tgts}
+        return {"per_target": self.per_target, "mode": self.mode, "listeners": per,
+                "held_at_end_total": sum(t["open"] for t in self.tgts),
+                "max_held_total": sum(t["max_held"] for t in self.tgts),
+                "attacker_fd_errors": self.fd_errors}
+
+
+class ConnFlood(Swarm):
+    def __init__(self, conns):
+        super().__init__("conn_flood", conns, "hold", reopen_per_s=2000)
+
+    def targets(self, tn):
+        return [(f"{n['name']}/or", "or", parse_addr(n["addrs"]["or"])) for n in tn.relays()]
+
+
+class Slowloris(Swarm):
+    def __init__(self, conns, interval):
+        super().__init__("slowloris", conns, "trickle", interval=interval, reopen_per_s=200)
+
+
+class Garbage(Swarm):
+    def __init__(self):
+        super().__init__("garbage", 4, "garbage", reopen_per_s=20)
+        self.dgrams = 0
+
+    def start(self, tn):
+        dns = tn.dns()
+        if dns:
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.udp.bind((ATTACKER, 0))
+            self.udp.setblocking(False)
+            self.dns_addr = dns
+        self.last_udp = time.monotonic()
+        super().start(tn)
+
+    def extra(self):
+        # About 2,000 random datagrams a second on the DNS port.
+        if self.udp is None:
+            return
+        now = time.monotonic()
+        n = int((now - self.last_udp) * 2000)
+        if n <= 0:
+            return
+        self.last_udp = now
+        for _ in range(min(n, 500)):
+            off = random.randrange(0, len(self.junk) - 600)
+            try:
+                self.udp.sendto(self.junk[off:off + random.randint(1, 512)], self.dns_addr)
+                self.dgrams += 1
+            except OSError:
+                pass
+
+    def result(self):
+        r = super().result()
+        r["dns_datagrams"] = self.dgrams
+        return r
+
+
+class CreateFlood(Attack):
+    """The Rust example bench/attack/create_flood.rs against the exit (on every circuit)."""
+
+    def __init__(self, mode, links, exe):
+        self.name = "create_flood" if mode == "fresh" else "create_replay"
+        self.mode = mode
+        self.links = links
+        self.exe = exe
+
+    def start(self, tn, secs=None):
+        ex = tn.exit_relay()
+        self.target = ex["name"]
+        self.proc = subprocess.Popen(
+            [str(self.exe), "--target", ex["addrs"]["or"], "--relay-dir", tn.relay_dir(ex),
+             "--source", ATTACKER, "--links", str(self.links), "--secs", str(self.secs),
+             "--mode", self.mode],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def stop(self):
+        try:
+            out, err = self.proc.communicate(timeout=self.secs + 30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        try:
+            self.res = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            self.res = {"error": (err or out)[-500:]}
+
+    def result(self):
+        return {"target": self.target, **self.res}
+
+
+class ClientNeverReads(Attack):
+    """SOCKS streams that ask for a huge object and never read a byte."""
+
+    name = "client_never_reads"
+
+    def __init__(self, n):
+        self.n = n
+        self.socks = []
+        self.errors = 0
+
+    def start(self, tn):
+        for i in range(self.n):
+            try:
+                s = socks_connect(tn.socks, tn.http_target[0], tn.http_target[1],
+                                  f"reader-{i}", "x", ATTACKER, 20)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.sendall(b"GET /bytes/17179869184 HTTP/1.1\r\nHost: t\r\n\r\n")
+                self.socks.append(s)
+            except (OSError, ConnectionError):
+                self.errors += 1
+
+    def stop(self):
+        for s in self.socks:
+            hard_close(s)
+
+    def result(self):
+        return {"streams": len(self.socks), "failed_to_open": self.errors}
+
+
+class DestNeverReads(Attack):
+    """Streams uploading as fast as they can into a server that accepts and never reads."""
+
+    name = "dest_never_reads"
+
+    def __init__(self, n):
+        self.n = n
+        self.stop_ev = threading.Event()
+        self.sent = 0
+        self.errors = 0
+        self.accepted = []
+
+    def start(self, tn):
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.lsock.bind((HONEST, 0))
+        self.lsock.listen(4096)
+        self.sink = self.lsock.getsockname()
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+        self.socks = []
+        for i in range(self.n):
+            try:
+                s = socks_connect(tn.socks, self.sink[0], self.sink[1], f"writer-{i}", "x",
+                                  ATTACKER, 20)
+                s.setblocking(False)
+                self.socks.append(s)
+            except (OSError, ConnectionError):
+                self.errors += 1
+        self.thread = threading.Thread(target=self.write_loop, daemon=True)
+        self.thread.start()
+
+    def accept_loop(self):
+        self.lsock.settimeout(0.5)
+        while not self.stop_ev.is_set():
+            try:
+                c, _ = self.lsock.accept()
+                self.accepted.append(c)  # held, never read
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                break
+
+    def write_loop(self):
+        sel = selectors.DefaultSelector()
+        for s in self.socks:
+            sel.register(s, selectors.EVENT_WRITE)
+        junk = os.urandom(65536)
+        while not self.stop_ev.is_set():
+            for key, _ in sel.select(timeout=0.1):
+                try:
+                    self.sent += key.fileobj.send(junk)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    sel.unregister(key.fileobj)
+        sel.close()
+
+    def stop(self):
+        self.stop_ev.set()
+        self.thread.join(timeout=10)
+        for s in self.socks + self.accepted:
+            hard_close(s)
+        self.lsock.close()
+
+    def result(self):
+        return {"streams": len(self.socks), "failed_to_open": self.errors,
+                "sink_connections": len(self.accepted),
+                "mib_accepted_by_proxy": round(self.sent / MIB, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def make_attack(name, a, flood_exe):
+    return {
+        "conn_flood": lambda: ConnFlood(a.conns),
+        "create_flood": lambda: CreateFlood("fresh", a.links, flood_exe),
+        "create_replay": lambda: CreateFlood("replay", a.links, flood_exe),
+        "slowloris": lambda: Slowloris(a.slow, a.trickle),
+        "client_never_reads": lambda: ClientNeverReads(a.readers),
+        "dest_never_reads": lambda: DestNeverReads(a.writers),
+        "garbage": lambda: Garbage(),
+    }[name]()
+
+
+ATTACKS = ["conn_flood", "create_flood", "create_replay", "slowloris", "client_never_reads",
+           "dest_never_reads", "garbage"]
+
+
+def run_attack(name, a, allium, flood_exe):
+    with tempfile.TemporaryDirectory(prefix=f"allium-attack-{name}-") as work:
+        tn = Testnet(allium, work)
+        try:
+            tn.start()
+            sampler = RssSampler(tn)
+            sampler.start()
+            time.sleep(a.settle)
+            sampler.phase = "baseline"
+            base = measure(tn, a.secs, a.size)
+            attack = make_attack(name, a, flood_exe)
+            attack.secs = a.ramp + a.secs + 2
+            sampler.phase = "attack"
+            t0 = time.monotonic()
+            attack.start(tn)
+            time.sleep(max(0.0, a.ramp - (time.monotonic() - t0)))
+            during = measure(tn, a.secs, a.size)
+            dead_during = tn.dead()
+            attack.stop()
+            sampler.phase = "recovery"
+            time.sleep(2)
+            after = measure(tn, min(a.secs, 5), a.size)
+            dead = sorted(set(dead_during) | set(tn.dead()))
+            sampler.stop_ev.set()
+            sampler.join()
+            rss_attack = sampler.mib("attack")
+            relay_names = {n["name"] for n in tn.relays()}
+            relay_peak = max((v for k, v in rss_attack.items() if k in relay_names), default=0)
+            frac = round(during["mib_per_s"] / base["mib_per_s"], 3) if base["mib_per_s"] else None
+            return {
+                "attack": name,
+                "honest_without": base,
+                "honest_during": during,
+                "honest_after": after,
+                "fraction": frac,
+                "rss_mib_baseline": sampler.mib("baseline"),
+                "rss_mib_attack": rss_attack,
+                "rss_mib_recovery": sampler.mib("recovery"),
+                "relay_peak_rss_mib": relay_peak,
+                "died": dead,
+                "attack_stats": attack.result(),
+                "passes": {
+                    "throughput_80pct": frac is not None and frac >= 0.8,
+                    "no_node_died": not dead,
+                    f"relay_rss_under_{RELAY_RSS_GOAL_MIB}mib": relay_peak < RELAY_RSS_GOAL_MIB,
+                },
+            }
+        except Exception as e:  # one failed attack must not lose the others' figures
+            return {"attack": name, "error": f"{type(e).__name__}: {e}",
+                    "testnet_log_tail": tail(pathlib.Path(work) / "testnet.out")}
+        finally:
+            tn.stop()
+
+
+def tail(p, n=20):
+    try:
+        return p.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def table(doc):
+    lines = [
+        "| attack | honest MiB/s without | during | fraction | failed downloads | peak RSS MiB "
+        "(max relay / proxy / max authority) | died | attack |",
+        "|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in doc["results"]:
+        if "error" in r:
+            lines.append(f"| {r['attack']} | | | | | | | error: {r['error']} |")
+            continue
+        rss = r["rss_mib_attack"]
+        auth = max((v for k, v in rss.items() if k.startswith("auth")), default=0)
+        st = r["attack_stats"]
+        if r["attack"] in ("conn_flood", "slowloris", "garbage"):
+            what = (f"held max {st['max_held_total']}, end {st['held_at_end_total']}; closed by "
+                    f"server {sum(v['closed_by_server'] for v in st['listeners'].values())}, "
+                    f"refused {sum(v['refused'] for v in st['listeners'].values())}")
+        elif r["attack"].startswith("create"):
+            what = (f"{st.get('creates_per_sec', '?')} CREATE/s sent, "
+                    f"{st.get('created_per_sec', '?')} CREATED/s, "
+                    f"{st.get('destroy_received', '?')} DESTROY, "
+                    f"{st.get('links_closed_by_relay', '?')} links closed")
+        else:
+            what = ", ".join(f"{k} {v}" for k, v in st.items())
+        lines.append(
+            f"| {r['attack']} | {r['honest_without']['mib_per_s']} | "
+            f"{r['honest_during']['mib_per_s']} | {r['fraction']} | "
+            f"{r['honest_during']['failed']} | {r['relay_peak_rss_mib']} / "
+            f"{rss.get('proxy', '?')} / {auth} | {', '.join(r['died']) or 'none'} | {what} |")
+    return "\n".join(lines)
+
+
+def git(*args):
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap.add_argument("--only", action="append", choices=ATTACKS, help="run only this attack")
+    ap.add_argument("--secs", type=float, default=15, help="each honest measurement, seconds")
+    ap.add_argument("--ramp", type=float, default=3, help="attack time before measuring")
+    ap.add_argument("--settle", type=float, default=3, help="wait after the network is ready")
+    ap.add_argument("--size", type=int, default=16 * MIB, help="honest download size, bytes")
+    ap.add_argument("--conns", type=int, default=4000, help="conn_flood: per relay")
+    ap.add_argument("--links", type=int, default=4, help="create floods: links")
+    ap.add_argument("--slow", type=int, default=400, help="slowloris: per listener")
+    ap.add_argument("--trickle", type=float, default=3.0, help="slowloris: seconds per byte")
+    ap.add_argument("--readers", type=int, default=64, help="client_never_reads: streams")
+    ap.add_argument("--writers", type=int, default=400, help="dest_never_reads: streams")
+    ap.add_argument("--allium", type=pathlib.Path, default=None)
+    ap.add_argument("--label", default="", help="free text stored in the JSON (e.g. main)")
+    ap.add_argument("--out", type=pathlib.Path, default=None)
+    ap.add_argument("--table", type=pathlib.Path, help="print the table of a JSON file and exit")
+    a = ap.parse_args()
+    if a.table:
+        print(table(json.loads(a.table.read_text())))
+        return 0
+    allium = a.allium or target_dir() / "release" / "allium"
+    if not allium.exists():
+        sys.exit(f"{allium} not found: run `cargo build --release --bin allium` or pass --allium")
+    names = a.only or ATTACKS
+    flood_exe = target_dir() / "debug" / "examples" / "create_flood"
+    if any(n.startswith("create") for n in names) and not flood_exe.exists():
+        print("building the CREATE flood (cargo build --example create_flood)", file=sys.stderr)
+        subprocess.run(["cargo", "build", "--example", "create_flood"], cwd=ROOT, check=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+    doc = {
+        "date": stamp,
+        "label": a.label,
+        "commit": git("rev-parse", "HEAD"),
+        "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+        "allium": str(allium),
+        "params": {k: (str(v) if isinstance(v, pathlib.Path) else v)
+                   for k, v in vars(a).items() if k not in ("table",)},
+        "loadavg_start": os.getloadavg(),
+        "results": [],
+    }
+    out = a.out or ROOT / "bench" / "results" / f"attack-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        print(f"attack {name} ...", file=sys.stderr, flush=True)
+        r = run_attack(name, a, allium, flood_exe)
+        doc["results"].append(r)
+        doc["loadavg_end"] = os.getloadavg()
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+        if "error" in r:
+            print(f"  error: {r['error']}", file=sys.stderr)
+        else:
+            print(f"  honest {r['honest_without']['mib_per_s']} -> "
+                  f"{r['honest_during']['mib_per_s']} MiB/s ({r['fraction']}), relay peak "
+                  f"{r['relay_peak_rss_mib']} MiB, died: {r['died'] or 'none'}", file=sys.stderr)
+    print(table(doc))
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
