@@ -82,11 +82,10 @@ fn after_bootstrap_the_proxy_fetches_only_from_its_guard() {
             proxy.consensus_valid_after(),
             proxy.dir_fetches()
         );
-        let now = now_unix();
-        if now >= last_va + INTERVAL {
-            last_va = now;
-            net.rt
-                .block_on(authority::run_round(&refs, now))
+        if now_unix() >= last_va + INTERVAL {
+            last_va = net
+                .rt
+                .block_on(allium_tests::run_round_now(&refs))
                 .expect("round");
         }
         std::thread::sleep(Duration::from_millis(100));
