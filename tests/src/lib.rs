@@ -89,7 +89,6 @@ fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) -> Re
     Ok(())
 }
 
-/// Start a relay of a test network from its configuration.
 /// Run a voting round by hand for the period that starts now, on a network with a short voting
 /// interval. A round on a loaded machine can outlast a 2-second period, and the authorities then
 /// rightly refuse votes for a period that has passed; such a round is run again for the new
@@ -108,6 +107,7 @@ pub async fn run_round_now(refs: &[&AuthorityHandle]) -> Result<u64, String> {
     ))
 }
 
+/// Start a relay of a test network from its configuration.
 pub async fn start_relay(cfg: RelayConfig) -> Result<RelayHandle, String> {
     let resolver = Arc::new(StaticResolver::new(
         vec![(
