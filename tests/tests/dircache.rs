@@ -11,7 +11,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use allium_directory::authority::{self, AuthorityHandle};
+use allium_directory::authority::AuthorityHandle;
 use allium_directory::now_unix;
 use allium_tests::{GET_HELLO, Options, TestNet, http_exchange, socks};
 
