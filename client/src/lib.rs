@@ -18,6 +18,7 @@ pub mod http_tunnel;
 pub mod isolation;
 mod link;
 mod metrics;
+pub mod onion;
 pub mod path;
 mod reactor;
 pub mod socks;
