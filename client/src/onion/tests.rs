@@ -395,3 +395,32 @@ fn hsdir_requests_are_byte_exact() {
     let big = vec![0u8; allium_directory::hs::desc::MAX_HS_DESC_LEN + 1];
     assert!(super::hsdir::upload_request(&b, &big).is_none());
 }
+
+#[test]
+fn prepare_services_creates_keys_and_reports_bad_files() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let auth = dir.path().join("auth");
+    std::fs::create_dir(&auth).expect("mkdir");
+    std::fs::write(auth.join("a.auth"), hex::encode([9u8; 32])).expect("write");
+    let text = format!(
+        "[[authorities]]\nidentity = \"{}\"\naddress = \"127.0.0.1:7000\"\n\n[[onion_service]]\nname = \"web\"\nkey_dir = \"{}\"\nports = [\"80 -> 127.0.0.1:8080\"]\nauthorized_clients = \"{}\"\n",
+        "00".repeat(31) + "01",
+        dir.path().join("web").display(),
+        auth.display()
+    );
+    let cfg = crate::config::ProxyConfig::from_toml_str(&text).expect("config");
+    let got = super::prepare_services(&cfg).expect("prepared");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, "web");
+    let host = std::fs::read_to_string(dir.path().join("web").join(keys::HOSTNAME_FILE))
+        .expect("hostname");
+    assert_eq!(host.trim(), got[0].1.address().to_string());
+    std::fs::write(auth.join("b.auth"), "nonsense").expect("write");
+    let e = super::prepare_services(&cfg)
+        .expect_err("bad key")
+        .to_string();
+    assert!(
+        e.contains("[[onion_service]] web") && e.contains("b.auth"),
+        "{e}"
+    );
+}
