@@ -38,6 +38,8 @@ pub enum Command {
     Config(cmd::config::Args),
     /// Measure relays' bandwidth for an authority (the bandwidth scanner).
     Bwscan(cmd::bwscan::Args),
+    /// Print the `.allium.alt` address of an onion-service key directory (creating its key).
+    OnionAddress(cmd::onion_address::Args),
     /// Run a whole local network (authorities, relays, a proxy) on 127.0.0.1.
     Testnet(cmd::testnet::Args),
 }
@@ -62,6 +64,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Config(a) => cmd::config::run(a),
         Command::Testnet(a) => cmd::testnet::run(a),
         Command::Bwscan(a) => cmd::bwscan::run(a),
+        Command::OnionAddress(a) => cmd::onion_address::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

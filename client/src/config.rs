@@ -97,11 +97,68 @@ pub struct ProxyConfig {
     /// `OutboundBindAddress`; none by default (the system picks). Not derived from
     /// `socks_listen`, which is usually loopback and could not reach remote authorities.
     pub outbound_bind_address: Option<IpAddr>,
+    /// Client authorization for onion services this proxy connects to (Tor's
+    /// `ClientOnionAuthDir`): a directory of `*.auth_private` files, each with one line
+    /// `<address>:descriptor:x25519:<64 hex digits of the x25519 secret key>`. None by default.
+    #[serde(default)]
+    pub onion_client_auth_dir: Option<PathBuf>,
     /// Directory caches to bootstrap from when no usable consensus is cached (Tor's fallback
     /// directories): `[[fallback_dirs]]` with `identity`, `link_key`, `onion_key` (64 hex digits
     /// each) and `or_addr`. The proxy asks them over BEGIN_DIR on a one-hop circuit before it
     /// falls back to the authorities' HTTP ports. Empty by default.
     pub fallback_dirs: Vec<FallbackDir>,
+    /// Onion services this proxy runs (`[[onion_service]]` tables: `name`, `key_dir`, `ports`,
+    /// optional `authorized_clients`). None by default.
+    #[serde(default)]
+    pub onion_service: Vec<OnionServiceConfig>,
+}
+
+/// One `[[onion_service]]` table.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OnionServiceConfig {
+    /// A name for logs and the control port (not secret, not published).
+    pub name: String,
+    /// Where the service's identity key lives (created 0700 with a 0600 key if absent; the
+    /// address stays the same as long as this directory does).
+    pub key_dir: PathBuf,
+    /// `"VIRTPORT -> ADDRESS:PORT"` mappings, at least one (e.g. `["80 -> 127.0.0.1:8080"]`).
+    pub ports: Vec<crate::onion::PortMapping>,
+    /// A directory of `*.auth` files with the x25519 public keys of the only clients allowed
+    /// to read the descriptor (client authorization). None: every client who knows the address.
+    #[serde(default)]
+    pub authorized_clients: Option<PathBuf>,
+}
+
+impl OnionServiceConfig {
+    /// Check the table on its own (names are checked for uniqueness by [`ProxyConfig::validate`]).
+    pub fn validate(&self) -> Result<(), ClientError> {
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ClientError::Config(format!(
+                "[[onion_service]] name {:?}: use 1 to 64 letters, digits, '-' or '_'",
+                self.name.chars().take(64).collect::<String>()
+            )));
+        }
+        if self.ports.is_empty() {
+            return Err(ClientError::Config(format!(
+                "[[onion_service]] {}: `ports` is empty; add e.g. ports = [\"80 -> 127.0.0.1:8080\"]",
+                self.name
+            )));
+        }
+        if self.key_dir.as_os_str().is_empty() {
+            return Err(ClientError::Config(format!(
+                "[[onion_service]] {}: `key_dir` is empty",
+                self.name
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// A directory cache to bootstrap from (a relay: its keys and its OR address).
@@ -207,6 +264,8 @@ impl Default for ProxyConfig {
             guard_lifetime_days: crate::guard::GUARD_LIFETIME_DAYS,
             outbound_bind_address: None,
             fallback_dirs: Vec::new(),
+            onion_service: Vec::new(),
+            onion_client_auth_dir: None,
         }
     }
 }
@@ -289,6 +348,23 @@ impl ProxyConfig {
                 "guard_lifetime_days must be between 1 and 3650 (default 120)".into(),
             ));
         }
+        let mut names = std::collections::BTreeSet::new();
+        let mut dirs = std::collections::BTreeSet::new();
+        for svc in &self.onion_service {
+            svc.validate()?;
+            if !names.insert(&svc.name) {
+                return Err(ClientError::Config(format!(
+                    "two [[onion_service]] tables are named {}",
+                    svc.name
+                )));
+            }
+            if !dirs.insert(&svc.key_dir) {
+                return Err(ClientError::Config(format!(
+                    "[[onion_service]] {}: another service uses the same key_dir",
+                    svc.name
+                )));
+            }
+        }
         if self.prebuilt_circuits > 64 {
             return Err(ClientError::Config(
                 "prebuilt_circuits must be at most 64".into(),
@@ -332,6 +408,63 @@ mod tests {
         identity = "0000000000000000000000000000000000000000000000000000000000000001"
         address = "127.0.0.1:7000"
     "#;
+
+    #[test]
+    fn onion_service_tables() {
+        let text = format!(
+            r#"onion_client_auth_dir = "/var/lib/allium/client_auth"
+{AUTH}
+[[onion_service]]
+name = "web"
+key_dir = "/var/lib/allium/onion/web"
+ports = ["80 -> 127.0.0.1:8080", "443 -> [::1]:8443"]
+
+[[onion_service]]
+name = "ssh"
+key_dir = "/var/lib/allium/onion/ssh"
+ports = ["22 -> 127.0.0.1:22"]
+authorized_clients = "/var/lib/allium/onion/ssh/authorized_clients"
+"#
+        );
+        let c = ProxyConfig::from_toml_str(&text).unwrap();
+        assert_eq!(c.onion_service.len(), 2);
+        assert_eq!(c.onion_service[0].ports[1].virtual_port, 443);
+        assert_eq!(c.onion_service[0].authorized_clients, None);
+        assert!(c.onion_service[1].authorized_clients.is_some());
+        assert!(c.onion_client_auth_dir.is_some());
+        let again = toml::to_string(&c).unwrap();
+        assert_eq!(ProxyConfig::from_toml_str(&again).unwrap(), c);
+        // Old files (no tables) still parse: none.
+        assert!(
+            ProxyConfig::from_toml_str(AUTH)
+                .unwrap()
+                .onion_service
+                .is_empty()
+        );
+        for (bad, says) in [
+            (
+                text.replace("80 -> 127.0.0.1:8080", "80 127.0.0.1:8080"),
+                "VIRTPORT",
+            ),
+            (
+                text.replace("name = \"ssh\"", "name = \"web\""),
+                "two [[onion_service]]",
+            ),
+            (
+                text.replace("/onion/ssh\"\nports", "/onion/web\"\nports"),
+                "same key_dir",
+            ),
+            (text.replace("[\"22 -> 127.0.0.1:22\"]", "[]"), "ports"),
+            (text.replace("name = \"ssh\"", "name = \"a b\""), "letters"),
+            (
+                text.replace("name = \"ssh\"", "name = \"ssh\"\nport = 1"),
+                "unknown",
+            ),
+        ] {
+            let e = ProxyConfig::from_toml_str(&bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{says}: {e}");
+        }
+    }
 
     #[test]
     fn defaults_apply() {

@@ -18,6 +18,7 @@ pub mod http_tunnel;
 pub mod isolation;
 mod link;
 mod metrics;
+pub mod onion;
 pub mod path;
 mod reactor;
 pub mod socks;
@@ -260,6 +261,13 @@ pub(crate) async fn start_with(
     with_socks: bool,
 ) -> Result<ProxyHandle, ClientError> {
     config.validate()?;
+    for (name, _) in onion::prepare_services(&config)? {
+        // The address is in KEY_DIR/hostname (not logged: logs are often shared).
+        tracing::warn!(
+            "onion service {name}: keys ready (address in its key_dir's hostname file), but this \
+             proxy does not publish onion services yet"
+        );
+    }
     let auths = config.authorities.clone();
     make_data_dir(&config.data_dir)?;
     let lock = allium_directory::datadir::DataDirLock::acquire(&config.data_dir)?;

@@ -5,6 +5,7 @@ pub mod bwscan;
 pub mod config;
 pub mod consensus;
 pub mod keygen;
+pub mod onion_address;
 pub mod proxy;
 pub mod relay;
 pub mod testnet;

@@ -793,6 +793,22 @@ impl ClientCircuit {
         if self.streams.len() >= self.params.max_streams {
             return Err(CircError::TooManyStreams);
         }
+        // Onion addresses never reach an exit or its resolver (issue 13): the last check before
+        // a BEGIN or RESOLVE is encoded. Streams to an onion service send no host name.
+        let host = match target {
+            StreamTarget::Begin(b) => match &b.target {
+                relaymsg::Target::Hostname(h) => Some(h.as_str()),
+                relaymsg::Target::Ip(_) => None,
+            },
+            StreamTarget::Resolve(h) => Some(h.as_str()),
+            StreamTarget::BeginDir => None,
+        };
+        if host.is_some_and(allium_crypto::hs::is_hs_hostname) {
+            return Err(CircError::Encode(allium_proto::ProtoError::Invalid {
+                object: "host name",
+                problem: "an onion address (.allium.alt) is never sent to an exit or a resolver",
+            }));
+        }
         let mut id = self.next_stream;
         while id == 0 || self.streams.contains_key(&id) {
             id = id.wrapping_add(1);

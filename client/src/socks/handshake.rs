@@ -110,6 +110,35 @@ pub enum HandshakeError {
     /// with this port as an HTTP proxy. The refusal's bytes are an HTTP 501 page saying so.
     #[error("an HTTP request on the SOCKS port (the application is configured for an HTTP proxy)")]
     HttpRequest,
+    /// A `.allium.alt` name that is not a valid onion address (typo, wrong version, bad
+    /// checksum). Refused with Tor's "invalid onion address" code `0xF6`; the name never leaves.
+    #[error("a malformed onion address (.allium.alt): check it for typos")]
+    BadOnionAddress,
+    /// RESOLVE of a `.allium.alt` name: onion addresses have no IP address, and the name must
+    /// never reach an exit's resolver.
+    #[error("RESOLVE of an onion address (.allium.alt names have no IP address)")]
+    OnionResolve,
+}
+
+/// SOCKS5 reply for a malformed onion address (Tor's extended code).
+pub const REPLY_BAD_ONION_ADDRESS: u8 = 0xF6;
+
+/// Check a request's target before it is accepted: every `*.allium.alt` name must be a valid
+/// onion address, and is never resolved. `Ok(())` for every other target.
+pub fn check_onion_target(target: &Target, command: SocksCommand) -> Result<(), HandshakeError> {
+    let Target::Host(host, _) = target else {
+        return Ok(());
+    };
+    if !allium_crypto::hs::is_hs_hostname(host) {
+        return Ok(());
+    }
+    if allium_crypto::hs::HsAddress::parse(host).is_err() {
+        return Err(HandshakeError::BadOnionAddress);
+    }
+    if command == SocksCommand::Resolve {
+        return Err(HandshakeError::OnionResolve);
+    }
+    Ok(())
 }
 
 /// What one call of [`ServerHandshake::handle`] did.
@@ -446,6 +475,13 @@ fn parse_request(buf: &[u8], iso: &IsolationKey) -> Result<Step, Stop> {
             ));
         }
     };
+    match check_onion_target(&target, command) {
+        Ok(()) => {}
+        Err(e @ HandshakeError::BadOnionAddress) => {
+            return Err(refuse5(REPLY_BAD_ONION_ADDRESS, e));
+        }
+        Err(e) => return Err(refuse5(reply::NOT_ALLOWED, e)),
+    }
     Ok(Step::Finish {
         used,
         send: Vec::new(),
@@ -502,6 +538,7 @@ fn parse_socks4(buf: &[u8]) -> Result<Step, Stop> {
     if cmd != CMD_CONNECT {
         return Err(refuse4(HandshakeError::Command(cmd)));
     }
+    check_onion_target(&target, SocksCommand::Connect).map_err(refuse4)?;
     let isolation = if user.is_empty() {
         IsolationKey::NoAuth
     } else {

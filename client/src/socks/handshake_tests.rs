@@ -420,3 +420,66 @@ proptest! {
         prop_assert_eq!(r.command == SocksCommand::Resolve, resolve);
     }
 }
+
+fn onion_name() -> String {
+    let id = allium_crypto::IdentityKeypair::from_seed(&[0x11; 32]).public();
+    allium_crypto::hs::HsAddress::from_identity(&id)
+        .expect("address")
+        .to_string()
+}
+
+#[test]
+fn a_valid_onion_address_is_accepted_for_connect_only() {
+    let name = onion_name();
+    for host in [name.clone(), name.to_uppercase(), format!("www.{name}")] {
+        let mut input = vec![5, 1, 0];
+        input.extend(domain_request(CMD_CONNECT, host.as_bytes(), 80));
+        let (_, _, outcome) = both(&input);
+        let r = request(outcome);
+        assert_eq!(r.target, Target::Host(host, 80));
+    }
+    // RESOLVE of an onion name: refused, "not allowed", and the name goes nowhere.
+    let mut input = vec![5, 1, 0];
+    input.extend(domain_request(CMD_RESOLVE, name.as_bytes(), 0));
+    let (send, _, outcome) = both(&input);
+    assert_eq!(refused(outcome), HandshakeError::OnionResolve);
+    assert_eq!(send[3], reply::NOT_ALLOWED);
+}
+
+#[test]
+fn malformed_onion_addresses_get_a_clear_socks_error() {
+    let name = onion_name();
+    let label = &name[..56];
+    // A typo (checksum), a wrong length, a character outside base32, a bare suffix.
+    let mut typo = label.as_bytes().to_vec();
+    typo[3] = if typo[3] == b'a' { b'b' } else { b'a' };
+    let bad = [
+        format!("{}.allium.alt", String::from_utf8(typo).expect("ascii")),
+        format!("{}.allium.alt", &label[..55]),
+        format!("{}1.allium.alt", &label[..55]),
+        "allium.alt".to_owned(),
+        "x.allium.alt.".to_owned(),
+    ];
+    for host in &bad {
+        for cmd in [CMD_CONNECT, CMD_RESOLVE] {
+            let mut input = vec![5, 1, 0];
+            input.extend(domain_request(cmd, host.as_bytes(), 80));
+            let (send, _, outcome) = both(&input);
+            assert_eq!(refused(outcome), HandshakeError::BadOnionAddress, "{host}");
+            assert_eq!(send[0..2], [5, 0]);
+            assert_eq!(send[2], 5, "method choice, then the reply");
+            assert_eq!(send[3], REPLY_BAD_ONION_ADDRESS, "{host}");
+        }
+        // SOCKS4a: rejected.
+        let mut v4 = vec![4, 1, 0, 80, 0, 0, 0, 1, 0];
+        v4.extend_from_slice(host.as_bytes());
+        v4.push(0);
+        let (send, _, outcome) = both(&v4);
+        assert_eq!(refused(outcome), HandshakeError::BadOnionAddress);
+        assert_eq!(send[1], 0x5B);
+    }
+    // An ordinary name that merely contains the words is not an onion name.
+    let mut input = vec![5, 1, 0];
+    input.extend(domain_request(CMD_CONNECT, b"allium.alt.example.com", 80));
+    assert!(matches!(both(&input).2, Some(Outcome::Request(_))));
+}

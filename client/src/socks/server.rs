@@ -150,6 +150,11 @@ async fn read_request(
     }
 }
 
+/// Whether a request is for the onion-service namespace (`*.allium.alt`, valid or not).
+pub(crate) fn is_onion_target(target: &Target) -> bool {
+    matches!(target, Target::Host(h, _) if allium_crypto::hs::is_hs_hostname(h))
+}
+
 /// Warn (at most once a minute) that an application gave an IP literal.
 #[allow(clippy::disallowed_methods)] // a rate limit for a log line, in the tokio driver
 fn warn_ip_literal(target: &Target) {
@@ -178,7 +183,20 @@ fn warn_ip_literal(target: &Target) {
 
 /// CONNECT: open the stream, reply, then splice the socket to it. With `socks_optimistic` the
 /// reply goes out as soon as BEGIN is queued, so the application's first bytes follow BEGIN.
-async fn connect(mgr: &CircMgr, sock: TcpStream, req: &SocksRequest) {
+async fn connect(mgr: &CircMgr, mut sock: TcpStream, req: &SocksRequest) {
+    if is_onion_target(&req.target) {
+        // Never through an exit. The rendezvous client (crate::onion) has no driver in the
+        // proxy yet: refuse with a reply and a log line that say so.
+        tracing::warn!(
+            "a SOCKS client asked for an onion service (.allium.alt); this proxy cannot connect \
+             to onion services yet, and never sends such names to an exit"
+        );
+        mgr.metrics.socks(Ended::Failed);
+        let _ = sock
+            .write_all(&req.reply(reply::HOST_UNREACHABLE, None))
+            .await;
+        return;
+    }
     warn_ip_literal(&req.target);
     let optimistic = mgr.config().socks_optimistic;
     let ok = req.reply(reply::SUCCEEDED, None);
