@@ -63,8 +63,17 @@ echo "== testnet.json, Prometheus, Grafana, HTTP CONNECT, DNS, SOCKS, Nyx, READM
 "$venv/bin/python" "$here/tools.py" "$dir/net/testnet.json" --testnet-out "$dir/testnet.out" \
     --root "$root" | tee "$dir/tools.out" || status=1
 
+echo "== the README's metrics/ports command: python3 tools/check-ports.py (its own test network)"
+readme_n=0
+if "$venv/bin/python" "$root/tools/check-ports.py" --allium "$bin" | tee "$dir/check-ports.out" &&
+    grep -q '^PASSED$' "$dir/check-ports.out"; then
+    readme_n=1
+else
+    echo "FAIL: tools/check-ports.py" | tee -a "$dir/tools.out"; status=1
+fi
+
 stem_n=$(sed -n 's/^stem: \([0-9]*\) checks passed$/\1/p' "$dir/stem.out")
 tools_n=$(sed -n 's/^tools: \([0-9]*\) checks passed.*/\1/p' "$dir/tools.out")
 failed=$(grep -c '^FAIL' "$dir/stem.out" "$dir/tools.out" | awk -F: '{s += $2} END {print s}')
-echo "== summary: $(( ${stem_n:-0} + ${tools_n:-0} )) checks passed (stem ${stem_n:-0}, tools ${tools_n:-0}), $failed failed"
+echo "== summary: $(( ${stem_n:-0} + ${tools_n:-0} + readme_n )) checks passed (stem ${stem_n:-0}, tools ${tools_n:-0}, check-ports $readme_n), $failed failed"
 exit "$status"
