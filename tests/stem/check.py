@@ -153,10 +153,23 @@ def check_errors(c, who):
     if code_of(r) not in ("250", "511", "512", "513", "552"):
         fail(f"{who}: ADD_ONION answered {r}")
     ok(f"{who}: ADD_ONION answered {code_of(r)}, not a hang")
+    # HEARTBEAT logs a status line: it arrives as a NOTICE log event, and the SIGNAL event too.
+    notices, signals = [], []
+    c.add_event_listener(notices.append, EventType.NOTICE)
+    c.add_event_listener(signals.append, EventType.SIGNAL)
     r = c.msg("SIGNAL HEARTBEAT")
     if code_of(r) != "250":
         fail(f"{who}: SIGNAL HEARTBEAT answered {r}")
-    ok(f"{who}: SIGNAL HEARTBEAT -> 250")
+    deadline = time.time() + 10
+    while time.time() < deadline and not (notices and signals):
+        time.sleep(0.2)
+    if not notices or not signals or signals[0].signal != "HEARTBEAT":
+        fail(f"{who}: after SIGNAL HEARTBEAT: {len(notices)} NOTICE events, signals "
+             f"{[e.signal for e in signals]}")
+    ok(f"{who}: SIGNAL HEARTBEAT -> 250, a SIGNAL event and a NOTICE event: "
+       f"{notices[0].message[:80]!r}")
+    c.remove_event_listener(notices.append)
+    c.remove_event_listener(signals.append)
 
 
 def check_getinfo(c, who, keys):

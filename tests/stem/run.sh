@@ -74,6 +74,6 @@ fi
 
 stem_n=$(sed -n 's/^stem: \([0-9]*\) checks passed$/\1/p' "$dir/stem.out")
 tools_n=$(sed -n 's/^tools: \([0-9]*\) checks passed.*/\1/p' "$dir/tools.out")
-failed=$(grep -c '^FAIL' "$dir/stem.out" "$dir/tools.out" | awk -F: '{s += $2} END {print s}')
+failed=$(cat "$dir/stem.out" "$dir/tools.out" | { grep -c '^FAIL' || true; })
 echo "== summary: $(( ${stem_n:-0} + ${tools_n:-0} + readme_n )) checks passed (stem ${stem_n:-0}, tools ${tools_n:-0}, check-ports $readme_n), $failed failed"
 exit "$status"

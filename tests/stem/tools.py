@@ -40,6 +40,9 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 
+# Bytes of one cell (allium_proto::cell::CELL_LEN).
+CELL_LEN = 1024
+
 PASSED = []
 FAILED = []
 
@@ -127,6 +130,7 @@ WANT = {
     },
     "client": {
         "allium_proxy_bytes": ("counter", "direction"),
+        "allium_proxy_cells": ("counter", "direction"),
         "allium_circuits_open": ("gauge", None),
         "allium_circuits_created": ("counter", None),
         "allium_circuit_build_seconds": ("histogram", None),
@@ -191,6 +195,20 @@ def check_metrics(info):
                 dirs = {s.labels.get("direction") for s in fams[fam].samples}
                 if not {"read", "written"} <= dirs:
                     bad.append(f"{fam} directions {sorted(d for d in dirs if d)}")
+        # Cells and bytes count the same link frames: the cells' bytes are the frames' bytes
+        # less a small per-frame overhead (length prefix and tag).
+        kind = {"relay": "relay", "client": "proxy"}.get(n["role"])
+        if kind and f"allium_{kind}_cells" in fams and f"allium_{kind}_bytes" in fams:
+            cells = {s.labels["direction"]: s.value for s in fams[f"allium_{kind}_cells"].samples}
+            nbytes = {s.labels["direction"]: s.value
+                      for s in fams[f"allium_{kind}_bytes"].samples}
+            for d in ("read", "written"):
+                c, b = cells.get(d, 0), nbytes.get(d, 0)
+                if b > 0 and not 0.8 * b <= c * CELL_LEN <= b:
+                    bad.append(f"{kind} {d}: {c:.0f} cells of {CELL_LEN} bytes in {b:.0f} "
+                               "bytes of frames")
+                if b == 0 and n["role"] == "client":
+                    bad.append(f"proxy: no bytes {d} on guard links")
         if n["role"] in ("relay", "client"):
             boot = fams.get("allium_bootstrap_percent")
             if boot and boot.samples[0].value != 100:
