@@ -459,7 +459,8 @@ def check_nyx(n, who, home):
         text, _ = wait_pane(session, lambda t: "NYX-EXITED" in t or "Are you sure" in t, 10)
         if "Are you sure" in text:
             tmux("send-keys", "-t", session, "q")
-        text, done = wait_pane(session, lambda t: "NYX-EXITED" in t, 10)
+        # Nyx stops its resolver threads before it exits: allow for a loaded machine.
+        text, done = wait_pane(session, lambda t: "NYX-EXITED" in t, 45)
         stderr = open(err).read() if os.path.exists(err) else ""
         if not done or "NYX-EXITED 0" not in text or "Traceback" in stderr:
             show(text, 50)
