@@ -219,6 +219,8 @@ fn render_metrics(mgr: &CircMgr, ready: &watch::Receiver<bool>) -> String {
     let view = metrics::View {
         bytes_read: mgr.link_bytes.read(),
         bytes_written: mgr.link_bytes.written(),
+        cells_read: mgr.link_bytes.cells_read(),
+        cells_written: mgr.link_bytes.cells_written(),
         queued_bytes: mgr.link_bytes.queued_bytes(),
         circuits_open: circuits.len(),
         streams_open: circuits.iter().map(|c| c.streams).sum(),

@@ -2,7 +2,8 @@
 //! the page [`crate::ProxyHandle::metrics_text`] renders with `allium_proto::metrics`.
 //!
 //! Families (all prefixed `allium_`): `proxy_bytes_total{direction}` (bytes of guard-link
-//! frames, counted by the channel once per frame), `link_queued_bytes`, `circuits_open`, `circuits_created_total`,
+//! frames, counted by the channel once per frame), `proxy_cells_total{direction}` (the cells in
+//! those frames), `link_queued_bytes`, `circuits_open`, `circuits_created_total`,
 //! `circuit_build_failures_total`, `circuit_build_seconds` (histogram), `streams_open`,
 //! `socks_requests_total{outcome}`, `http_tunnel_requests_total{outcome}`,
 //! `dns_queries_total{rcode}`, `consensus_age_seconds`, `bootstrap_percent`.
@@ -166,6 +167,13 @@ impl ClientMetrics {
         )
         .sample(&[("direction", "read")], view.bytes_read as f64)
         .sample(&[("direction", "written")], view.bytes_written as f64);
+        e.family(
+            "allium_proxy_cells_total",
+            MetricType::Counter,
+            "Cells read from and written to guard links.",
+        )
+        .sample(&[("direction", "read")], view.cells_read as f64)
+        .sample(&[("direction", "written")], view.cells_written as f64);
         e.single(
             "allium_link_queued_bytes",
             MetricType::Gauge,
@@ -276,6 +284,8 @@ impl ClientMetrics {
 pub(crate) struct View {
     pub(crate) bytes_read: u64,
     pub(crate) bytes_written: u64,
+    pub(crate) cells_read: u64,
+    pub(crate) cells_written: u64,
     pub(crate) queued_bytes: u64,
     pub(crate) circuits_open: usize,
     pub(crate) streams_open: usize,
@@ -301,6 +311,8 @@ mod tests {
         let view = View {
             bytes_read: 5000,
             bytes_written: 1042,
+            cells_read: 9,
+            cells_written: 2,
             queued_bytes: 2048,
             circuits_open: 2,
             streams_open: 1,
@@ -313,6 +325,8 @@ mod tests {
         for line in [
             "allium_proxy_bytes_total{direction=\"read\"} 5000",
             "allium_proxy_bytes_total{direction=\"written\"} 1042",
+            "allium_proxy_cells_total{direction=\"read\"} 9",
+            "allium_proxy_cells_total{direction=\"written\"} 2",
             "allium_link_queued_bytes 2048",
             "allium_circuits_open 2",
             "allium_circuits_created_total 1",

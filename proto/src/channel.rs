@@ -70,6 +70,9 @@ fn now_unix() -> u64 {
 pub struct LinkBytes {
     read: AtomicU64,
     written: AtomicU64,
+    /// Cells in the frames read and written (every frame carries whole cells).
+    cells_read: AtomicU64,
+    cells_written: AtomicU64,
     /// The send queues of the links that count here (for [`LinkBytes::queued_bytes`]).
     queues: std::sync::Mutex<Vec<std::sync::Weak<SendQueue>>>,
 }
@@ -82,6 +85,14 @@ impl LinkBytes {
     /// Bytes of frames written so far.
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
+    }
+    /// Cells in the frames read so far.
+    pub fn cells_read(&self) -> u64 {
+        self.cells_read.load(Ordering::Relaxed)
+    }
+    /// Cells in the frames written so far.
+    pub fn cells_written(&self) -> u64 {
+        self.cells_written.load(Ordering::Relaxed)
     }
     /// Bytes of cells waiting in the send queues of the open links that count here, now
     /// (computed when asked: links pay nothing for it).
@@ -99,11 +110,14 @@ impl LinkBytes {
         });
         (cells * CELL_LEN) as u64
     }
-    fn add_read(&self, n: usize) {
+    fn add_read(&self, n: usize, cells: usize) {
         self.read.fetch_add(n as u64, Ordering::Relaxed);
+        self.cells_read.fetch_add(cells as u64, Ordering::Relaxed);
     }
-    fn add_written(&self, n: usize) {
+    fn add_written(&self, n: usize, cells: usize) {
         self.written.fetch_add(n as u64, Ordering::Relaxed);
+        self.cells_written
+            .fetch_add(cells as u64, Ordering::Relaxed);
     }
 }
 
@@ -619,7 +633,7 @@ impl ChannelReceiver {
             let n = self.opener.open_frame(frame, &mut self.plain)?;
             self.buf.advance(used);
             if let Some(c) = self.counters.get() {
-                c.add_read(used);
+                c.add_read(used, n / CELL_LEN);
             }
             self.plain_len = n;
             self.plain_off = 0;
@@ -665,10 +679,11 @@ async fn writer_task<W: AsyncWrite + Unpin>(
                 }
                 continue;
             }
+            let cells = batch.len();
             let out = (&mut plain[..], &mut frame[..], &mut sealer, &mut wr);
             let n = write_batch(&mut batch, out, &write_timeout_ms).await?;
             if let Some(c) = counters.get() {
-                c.add_written(n);
+                c.add_written(n, cells);
             }
         }
         let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.shutdown()).await;
@@ -912,6 +927,10 @@ mod tests {
         assert_eq!(sent.written(), got.read());
         assert_eq!(sent.read(), 0);
         assert_eq!(got.written(), 0);
+        // Cells are counted once each, on both sides.
+        assert_eq!(sent.cells_written(), N as u64);
+        assert_eq!(got.cells_read(), N as u64);
+        assert_eq!((sent.cells_read(), got.cells_written()), (0, 0));
         assert_eq!(sent.queued_bytes(), 0, "everything was sent");
         // Cells queued and not yet taken by the writer (it cannot run: this test's runtime has
         // one thread and the loop does not yield) are counted when asked.

@@ -3,7 +3,7 @@
 //!
 //! Families: `allium_relay_bytes_total{direction}` (bytes of link frames read and written, as
 //! the channel counts them once per frame), `allium_relay_cells_total{direction}` (the
-//! descriptor counters: cells read from links, and originated), `allium_link_queued_bytes`
+//! cells in those frames), `allium_link_queued_bytes`
 //! (cells waiting in link send queues), `allium_circuits_open`,
 //! `allium_circuits_created_total`, `allium_streams_open` (exit streams),
 //! `allium_dos_rejections_total{reason}` (reasons: the circuit layer's and every
@@ -13,7 +13,6 @@
 //! `allium_dir_streams_open`, `allium_dir_requests_total{outcome}`, `allium_dir_bytes_total`.
 
 use allium_directory::doc::Flags;
-use allium_proto::cell::CELL_LEN;
 use allium_proto::metrics::{Exposition, MetricType};
 
 use crate::RelayHandle;
@@ -50,7 +49,6 @@ pub(crate) async fn start(
 pub(crate) fn page(ctx: &Ctx, now: u64) -> Exposition {
     let s = &ctx.stats;
     let mut e = Exposition::new();
-    let (read, written) = (s.bytes_read(), s.bytes_written());
     e.family(
         "allium_relay_bytes_total",
         MetricType::Counter,
@@ -61,12 +59,12 @@ pub(crate) fn page(ctx: &Ctx, now: u64) -> Exposition {
     e.family(
         "allium_relay_cells_total",
         MetricType::Counter,
-        "Cells read from links (read) and originated by this relay (written).",
+        "Cells read from and written to links (the cells of the frames relay_bytes_total counts).",
     )
-    .sample(&[("direction", "read")], (read / CELL_LEN as u64) as f64)
+    .sample(&[("direction", "read")], ctx.link_bytes.cells_read() as f64)
     .sample(
         &[("direction", "written")],
-        (written / CELL_LEN as u64) as f64,
+        ctx.link_bytes.cells_written() as f64,
     );
     e.single(
         "allium_link_queued_bytes",

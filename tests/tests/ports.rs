@@ -315,6 +315,16 @@ async fn scrape(addr: SocketAddr) -> String {
     String::from_utf8(body.to_vec()).expect("UTF-8")
 }
 
+/// Cells and bytes count the same link frames: the cells' bytes are the frames' bytes less the
+/// per-frame overhead (length prefix and tag, a few percent at most).
+fn cells_fill_frames(who: &str, dir: &str, cells: f64, bytes: f64) {
+    let cell_bytes = cells * allium_proto::cell::CELL_LEN as f64;
+    assert!(
+        cell_bytes <= bytes && cell_bytes >= 0.8 * bytes,
+        "{who} {dir}: {cells} cells in {bytes} bytes of frames"
+    );
+}
+
 #[test]
 fn proxy_and_relay_metrics_follow_the_exposition_format() {
     use allium_tests::promtext::{check, value};
@@ -342,6 +352,8 @@ fn proxy_and_relay_metrics_follow_the_exposition_format() {
         for dir in ["read", "written"] {
             let b = value(&page, "allium_proxy_bytes_total", &[("direction", dir)]).unwrap();
             assert!(b >= 1024.0, "proxy {dir} {b} bytes");
+            let c = value(&page, "allium_proxy_cells_total", &[("direction", dir)]).unwrap();
+            cells_fill_frames("proxy", dir, c, b);
         }
         let age = value(&page, "allium_consensus_age_seconds", &[]).unwrap();
         assert!((0.0..7200.0).contains(&age), "consensus age {age}");
@@ -368,6 +380,11 @@ fn proxy_and_relay_metrics_follow_the_exposition_format() {
         let read = value(&page, "allium_relay_bytes_total", &[("direction", "read")]).unwrap();
         assert!(read > 0.0, "a relay of the network read from its links");
         assert!(read <= r.link_traffic().0 as f64);
+        for dir in ["read", "written"] {
+            let b = value(&page, "allium_relay_bytes_total", &[("direction", dir)]).unwrap();
+            let c = value(&page, "allium_relay_cells_total", &[("direction", dir)]).unwrap();
+            cells_fill_frames("relay", dir, c, b);
+        }
         guards += value(&page, "allium_relay_flag", &[("flag", "Guard")]).unwrap();
         exits += value(&page, "allium_relay_flag", &[("flag", "Exit")]).unwrap();
         assert!(
