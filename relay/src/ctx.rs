@@ -247,6 +247,10 @@ pub struct Ctx {
     pub(crate) dir_archive: RwLock<DirArchive>,
     /// One permit per directory stream being served.
     pub(crate) dir_slots: Arc<tokio::sync::Semaphore>,
+    /// The introduction registry and rendezvous table shared by the circuit reactors.
+    pub(crate) hs: Arc<crate::hs::HsState>,
+    /// The onion-service descriptors this relay keeps as an HSDir.
+    pub(crate) hsdir: Mutex<allium_directory::dircache::HsDescStore>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -310,6 +314,8 @@ impl Ctx {
             resolve_slots: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_RESOLVES)),
             dir_archive: RwLock::new(DirArchive::new(ArchiveConfig::default())),
             dir_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_dir_streams)),
+            hs: Arc::new(crate::hs::HsState::new(crate::hs::HsLimits::default())),
+            hsdir: Mutex::new(allium_directory::dircache::HsDescStore::default()),
             cfg,
         })
     }

@@ -10,7 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use allium_directory::dircache::{MAX_REQUEST_HEAD, request_head_complete};
+use allium_directory::dircache::{
+    DirRequest, MAX_REQUEST_HEAD, parse_request, request_head_complete,
+};
 use allium_proto::relaymsg::EndReason;
 
 /// Most directory streams open at once on one circuit.
@@ -38,6 +40,13 @@ pub(crate) enum Feed {
     More,
     /// The complete request head (bytes after it are ignored).
     Complete(Vec<u8>),
+    /// A descriptor upload: its head and the `Content-Length` bytes that followed it.
+    Upload {
+        /// The request head.
+        head: Vec<u8>,
+        /// The descriptor.
+        body: Vec<u8>,
+    },
     /// The head is longer than [`MAX_REQUEST_HEAD`]: end the stream.
     TooLong,
     /// The request was already taken; later bytes are ignored.
@@ -50,6 +59,9 @@ pub(crate) struct RequestBuf {
     buf: Vec<u8>,
     deadline: Instant,
     taken: bool,
+    /// An upload's head and body length, once its head is in (`buf` then collects the body,
+    /// never beyond that length, itself bounded by the descriptor size limit).
+    upload: Option<(Vec<u8>, usize)>,
 }
 
 impl RequestBuf {
@@ -59,6 +71,7 @@ impl RequestBuf {
             buf: Vec::new(),
             deadline: now.checked_add(DIR_REQUEST_TIMEOUT).unwrap_or(now),
             taken: false,
+            upload: None,
         }
     }
 
@@ -67,19 +80,49 @@ impl RequestBuf {
         if self.taken {
             return Feed::Ignored;
         }
+        if self.upload.is_some() {
+            return self.feed_body(bytes);
+        }
         let room = (MAX_REQUEST_HEAD + 1).saturating_sub(self.buf.len());
-        self.buf
-            .extend_from_slice(bytes.get(..room.min(bytes.len())).unwrap_or(&[]));
+        let (now, later) = bytes.split_at(room.min(bytes.len()));
+        self.buf.extend_from_slice(now);
         match request_head_complete(&self.buf) {
             Some(n) if n <= MAX_REQUEST_HEAD => {
-                self.taken = true;
                 let mut head = std::mem::take(&mut self.buf);
-                head.truncate(n);
+                let rest = head.split_off(n);
+                if let Ok(DirRequest::HsUpload { len, .. }) = parse_request(&head) {
+                    self.upload = Some((head, len));
+                    let _ = self.feed_body(&rest);
+                    return self.feed_body(later);
+                }
+                self.taken = true;
                 Feed::Complete(head)
             }
             Some(_) => Feed::TooLong,
             None if self.buf.len() > MAX_REQUEST_HEAD => Feed::TooLong,
             None => Feed::More,
+        }
+    }
+
+    /// Body bytes of an upload (the head is in): complete once `Content-Length` bytes came;
+    /// bytes beyond it are ignored.
+    fn feed_body(&mut self, bytes: &[u8]) -> Feed {
+        let Some((_, want)) = &self.upload else {
+            return Feed::Ignored;
+        };
+        let room = want.saturating_sub(self.buf.len());
+        self.buf
+            .extend_from_slice(bytes.get(..room.min(bytes.len())).unwrap_or(&[]));
+        if self.buf.len() < *want {
+            return Feed::More;
+        }
+        self.taken = true;
+        match self.upload.take() {
+            Some((head, _)) => Feed::Upload {
+                head,
+                body: std::mem::take(&mut self.buf),
+            },
+            None => Feed::Ignored,
         }
     }
 
@@ -118,6 +161,51 @@ mod tests {
         assert_eq!(b.feed(c), Feed::Complete(req.clone()));
         assert_eq!(b.deadline(), None, "no timeout once the request is in");
         assert_eq!(b.feed(&req), Feed::Ignored);
+    }
+
+    #[test]
+    fn upload_body_follows_the_head_in_any_split() {
+        use allium_crypto::hs::BlindedPublicKey;
+        use allium_directory::dircache::encode_hs_upload;
+        let key = BlindedPublicKey([5; 32]);
+        let desc: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let mut whole = encode_hs_upload(&key, &desc);
+        let head_len = whole.len() - desc.len();
+        whole.extend_from_slice(b"trailing bytes are ignored");
+        for split in [
+            1,
+            10,
+            head_len - 1,
+            head_len,
+            head_len + 1,
+            500,
+            whole.len() - 1,
+        ] {
+            let mut b = RequestBuf::new(Instant::now());
+            let (a, c) = whole.split_at(split);
+            let mut out = b.feed(a);
+            if out == Feed::More {
+                out = b.feed(c);
+            }
+            let want = Feed::Upload {
+                head: whole[..head_len].to_vec(),
+                body: desc.clone(),
+            };
+            assert_eq!(out, want, "split at {split}");
+            assert_eq!(b.deadline(), None);
+            assert_eq!(b.feed(b"more"), Feed::Ignored);
+        }
+        // Byte by byte too, and the body never grows past Content-Length.
+        let mut b = RequestBuf::new(Instant::now());
+        let mut got = None;
+        for byte in &whole {
+            match b.feed(std::slice::from_ref(byte)) {
+                Feed::More => assert!(b.buf.len() <= desc.len().max(MAX_REQUEST_HEAD + 1)),
+                Feed::Ignored => {}
+                other => got = Some(other),
+            }
+        }
+        assert!(matches!(got, Some(Feed::Upload { body, .. }) if body == desc));
     }
 
     #[test]

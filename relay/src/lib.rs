@@ -50,6 +50,8 @@ mod dirsync;
 pub mod dos;
 pub mod err;
 mod exit;
+pub mod hs;
+pub mod hsdir;
 pub mod keys;
 mod link;
 mod metrics;

@@ -10,7 +10,12 @@
 //! [`crate::dos::Refusal`]), `allium_relay_queued_bytes`, `allium_consensus_age_seconds`,
 //! `allium_bootstrap_percent` (0 without a consensus, 100 with one) and
 //! `allium_relay_flag{flag}` (1 when the consensus gives this relay the flag),
-//! `allium_dir_streams_open`, `allium_dir_requests_total{outcome}`, `allium_dir_bytes_total`.
+//! `allium_dir_streams_open`, `allium_dir_requests_total{outcome}`, `allium_dir_bytes_total`,
+//! and the onion-service points ([`crate::hs`]): `allium_hs_intro_registrations`,
+//! `allium_hs_intro_registrations_total`, `allium_hs_introduce_replays_total`,
+//! `allium_hs_rendezvous_waiting`, `allium_hs_rendezvous_joined`,
+//! `allium_hs_rendezvous_joins_total`; the HSDir store ([`crate::hsdir`]):
+//! `allium_hsdir_descriptors`, `allium_hsdir_requests_total{outcome}`.
 
 use allium_directory::doc::Flags;
 use allium_proto::metrics::{Exposition, MetricType};
@@ -138,6 +143,62 @@ pub(crate) fn page(ctx: &Ctx, now: u64) -> Exposition {
         "Bytes of directory responses served over BEGIN_DIR.",
         s.dir_bytes_served() as f64,
     );
+    let hs = ctx.hs.counts();
+    e.single(
+        "allium_hs_intro_registrations",
+        MetricType::Gauge,
+        "Introduction circuits registered at this relay now (onion services' intro points).",
+        hs.intro_registrations as f64,
+    );
+    e.single(
+        "allium_hs_intro_registrations_total",
+        MetricType::Counter,
+        "ESTABLISH_INTROs accepted since start.",
+        hs.intro_registrations_total as f64,
+    );
+    e.single(
+        "allium_hs_introduce_replays_total",
+        MetricType::Counter,
+        "INTRODUCE1s refused as replays since start.",
+        hs.introduce_replays_refused as f64,
+    );
+    e.single(
+        "allium_hs_rendezvous_waiting",
+        MetricType::Gauge,
+        "Client circuits waiting under a rendezvous cookie now.",
+        hs.rend_waiting as f64,
+    );
+    e.single(
+        "allium_hs_rendezvous_joined",
+        MetricType::Gauge,
+        "Joined rendezvous circuit pairs now.",
+        hs.rend_joined as f64,
+    );
+    e.single(
+        "allium_hs_rendezvous_joins_total",
+        MetricType::Counter,
+        "Rendezvous circuit pairs joined since start.",
+        hs.rend_joins_total as f64,
+    );
+    let hd = {
+        let store = ctx.hsdir.lock().unwrap_or_else(|p| p.into_inner());
+        crate::hsdir::counts(&store)
+    };
+    e.single(
+        "allium_hsdir_descriptors",
+        MetricType::Gauge,
+        "Onion-service descriptors held as an HSDir now.",
+        hd.stored as f64,
+    );
+    e.family(
+        "allium_hsdir_requests_total",
+        MetricType::Counter,
+        "Descriptor requests at this HSDir by outcome.",
+    )
+    .sample(&[("outcome", "stored")], hd.uploads_stored as f64)
+    .sample(&[("outcome", "upload_refused")], hd.uploads_refused as f64)
+    .sample(&[("outcome", "served")], hd.fetches_served as f64)
+    .sample(&[("outcome", "not_found")], hd.fetches_missed as f64);
     let nd = ctx.netdir();
     e.single(
         "allium_consensus_age_seconds",

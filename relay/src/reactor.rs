@@ -23,6 +23,7 @@ use crate::core::{CircError, CircuitCore, Event, Next, ResolveFailure, Side};
 use crate::ctx::Ctx;
 use crate::dirserve::{self, Feed, RequestBuf};
 use crate::exit::{self, Io, WRITE_QUEUE, WriteItem};
+use crate::hs::{PairGuard, PeerHandle, PeerMsg};
 use crate::link::{CircHandle, Enqueue, InsertError, Kill, KillReason, Link, coarse_now};
 
 /// Most inbound cells handled per batch.
@@ -118,6 +119,9 @@ pub(crate) fn spawn(
         attempt: 0,
         classified_with: netdir_id(ctx),
         last_active: now,
+        hs: None,
+        hs_rx: None,
+        hs_peer: None,
     };
     tokio::spawn(r.run());
 }
@@ -146,6 +150,25 @@ struct Reactor {
     classified_with: Option<usize>,
     /// When a cell or an I/O report last arrived (idle-circuit expiry, `dos.circuit_idle_timeout_secs`).
     last_active: Instant,
+    /// The onion-service wiring, once the circuit takes a role ([`crate::hs`]).
+    hs: Option<HsWire>,
+    /// Messages from other circuits (while `hs` is set).
+    hs_rx: Option<mpsc::Receiver<PeerMsg>>,
+    /// The joined circuit's queue.
+    hs_peer: Option<mpsc::Sender<PeerMsg>>,
+}
+
+/// A circuit's onion-service wiring at this relay.
+struct HsWire {
+    /// How other circuits reach this one (also its key in the tables).
+    handle: PeerHandle,
+    /// Keeps the joined pair counted.
+    _pair: Option<Arc<PairGuard>>,
+    /// A cell for the joined circuit that found its queue full: it goes first once there is
+    /// room, and nothing is read meanwhile.
+    stalled: Option<Cell>,
+    /// When a circuit waiting under a cookie gives up.
+    wait_until: Option<Instant>,
 }
 
 /// Which consensus the relay holds now (its address; `None`: none yet).
@@ -183,12 +206,17 @@ impl Reactor {
                 self.wait_for_room(&kill).await;
                 continue;
             }
+            if self.peer_stalled() {
+                self.wait_for_peer(&kill).await;
+                continue;
+            }
             let deadline = self
                 .core
                 .poll_timeout()
                 .into_iter()
                 .chain(self.idle_deadline())
                 .chain(self.dirs.values().filter_map(|d| d.req.deadline()))
+                .chain(self.hs.as_ref().and_then(|h| h.wait_until))
                 .min()
                 .map(tokio::time::Instant::from_std);
             // Stop signals first; then exit I/O (bounded: one read per stream awaits its
@@ -197,6 +225,17 @@ impl Reactor {
             tokio::select! {
                 biased;
                 r = kill.fired() => self.on_kill(r),
+                () = hs_close(&self.hs) => self.core.destroy(CircError::Local),
+                () = peer_gone(&self.hs_peer) => {
+                    self.hs_peer = None;
+                    self.core.join_closed();
+                }
+                Some(msg) = hs_recv(&mut self.hs_rx) => {
+                    let now = coarse_now();
+                    self.last_active = now;
+                    self.on_peer_msg(msg, now);
+                    self.drain_peer_msgs(now);
+                }
                 Some(io) = self.io_rx.recv() => {
                     self.last_active = coarse_now();
                     self.on_io(io, self.last_active);
@@ -230,6 +269,7 @@ impl Reactor {
                 self.core.destroy(CircError::Local);
             }
             self.expire_dir_requests(now);
+            self.expire_rend_wait(now);
         }
         self.finish();
     }
@@ -237,7 +277,11 @@ impl Reactor {
     /// When the circuit expires if nothing happens: it has no stream, and the idle timeout is on.
     fn idle_deadline(&self) -> Option<Instant> {
         let t = self.ctx.dos.cfg.circuit_idle_timeout()?;
-        (self.core.n_streams() == 0 && self.dirs.is_empty() && !self.core.is_closed())
+        // An introduction circuit idles by design (the registry bounds them).
+        (self.core.n_streams() == 0
+            && self.dirs.is_empty()
+            && !self.core.is_closed()
+            && self.core.hs_role() != crate::core::HsRole::Intro)
             .then(|| self.last_active + t)
     }
 
@@ -245,7 +289,7 @@ impl Reactor {
     fn step_outputs(&mut self, now: Instant) {
         loop {
             self.push_out(now);
-            if self.stalled.is_some() {
+            if self.stalled.is_some() || self.peer_stalled() {
                 return;
             }
             match self.core.poll_event() {
@@ -439,16 +483,170 @@ impl Reactor {
                 }
             }
             Event::Destroyed { .. } => {}
-            // The cross-reactor wiring of introduction and rendezvous points (a registry and a
-            // table in `Ctx`, bounded queues between joined reactors) is not in this relay yet:
-            // refuse, so clients and services fail fast and try another relay.
-            Event::EstablishIntro { .. } => self.core.intro_registered(false),
-            Event::Introduce1 { .. } => self
-                .core
-                .introduce_acked(allium_proto::relaymsg::IntroduceStatus::UNKNOWN_SERVICE),
-            Event::EstablishRendezvous { .. } => self.core.rendezvous_registered(false),
-            Event::Rendezvous1 { .. } => self.core.rendezvous1_result(false),
-            Event::JoinedCell { .. } => self.core.join_closed(),
+            Event::EstablishIntro { auth_key } => {
+                let h = self.hs_wire().handle.clone();
+                let ok = self.ctx.hs.register_intro(auth_key, &h);
+                self.core.intro_registered(ok);
+            }
+            Event::Introduce1 { msg } => {
+                let status = self.ctx.hs.introduce(msg, now);
+                self.core.introduce_acked(status);
+            }
+            Event::EstablishRendezvous { cookie } => {
+                let h = self.hs_wire().handle.clone();
+                let ok = self.ctx.hs.establish_rendezvous(cookie, &h, now);
+                if ok {
+                    let ttl = self.ctx.hs.wait_ttl();
+                    self.hs_wire().wait_until = Some(now.checked_add(ttl).unwrap_or(now));
+                }
+                self.core.rendezvous_registered(ok);
+            }
+            Event::Rendezvous1 {
+                cookie,
+                handshake_info,
+            } => {
+                let h = self.hs_wire().handle.clone();
+                match self.ctx.hs.rendezvous1(&cookie, handshake_info, &h, now) {
+                    Some((peer, pair)) => {
+                        self.hs_peer = Some(peer.tx);
+                        self.hs_wire()._pair = Some(pair);
+                        self.core.rendezvous1_result(true);
+                    }
+                    None => self.core.rendezvous1_result(false),
+                }
+            }
+            Event::JoinedCell { cell } => self.send_to_peer(cell, now),
+        }
+    }
+
+    /// This circuit's onion-service wiring, made on first use.
+    fn hs_wire(&mut self) -> &mut HsWire {
+        let ctx = &self.ctx;
+        let rx = &mut self.hs_rx;
+        self.hs.get_or_insert_with(|| {
+            let inbox = ctx.hs.inbox();
+            *rx = Some(inbox.rx);
+            HsWire {
+                handle: inbox.handle,
+                _pair: None,
+                stalled: None,
+                wait_until: None,
+            }
+        })
+    }
+
+    /// Whether a cell for the joined circuit waits for room in its queue.
+    fn peer_stalled(&self) -> bool {
+        self.hs.as_ref().is_some_and(|h| h.stalled.is_some())
+    }
+
+    /// A cell crosses to the joined circuit; a full queue stalls this circuit.
+    fn send_to_peer(&mut self, cell: Cell, now: Instant) {
+        let Some(tx) = &self.hs_peer else {
+            self.core.join_closed();
+            return;
+        };
+        match tx.try_send(PeerMsg::Cell(cell)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(PeerMsg::Cell(c))) => {
+                self.hs_wire().stalled = Some(c);
+                self.core.note_blocked(now);
+            }
+            Err(_) => {
+                self.hs_peer = None;
+                self.core.join_closed();
+            }
+        }
+    }
+
+    /// Stalled on the joined circuit's full queue: wait for room (still taking the joined
+    /// circuit's own cells, so two circuits full towards each other both move), a stop signal,
+    /// or the core's timeout (which destroys the circuit past the blocked cap).
+    async fn wait_for_peer(&mut self, kill: &Kill) {
+        let Some(tx) = self.hs_peer.clone() else {
+            if let Some(h) = &mut self.hs {
+                h.stalled = None;
+            }
+            self.core.join_closed();
+            return;
+        };
+        let deadline = self.core.poll_timeout().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            biased;
+            r = kill.fired() => self.on_kill(r),
+            permit = tx.reserve() => {
+                let cell = self.hs.as_mut().and_then(|h| h.stalled.take());
+                match permit {
+                    Ok(p) => {
+                        if let Some(c) = cell {
+                            p.send(PeerMsg::Cell(c));
+                        }
+                        self.core.note_unblocked();
+                    }
+                    Err(_) => {
+                        self.hs_peer = None;
+                        self.core.join_closed();
+                    }
+                }
+            }
+            Some(msg) = hs_recv(&mut self.hs_rx) => {
+                let now = coarse_now();
+                self.last_active = now;
+                self.on_peer_msg(msg, now);
+            }
+            () = sleep_until(deadline), if deadline.is_some() => {
+                self.core.handle_timeout(coarse_now());
+            }
+        }
+    }
+
+    /// A message from another circuit at this relay.
+    fn on_peer_msg(&mut self, msg: PeerMsg, _now: Instant) {
+        match msg {
+            PeerMsg::Introduce2(m) => {
+                let _ = self.core.send_introduce2(m);
+            }
+            PeerMsg::Join {
+                handshake_info,
+                peer,
+                pair,
+            } => {
+                if self.core.rendezvous_joined(handshake_info) {
+                    self.hs_peer = Some(peer.tx);
+                    let w = self.hs_wire();
+                    w._pair = Some(pair);
+                    w.wait_until = None;
+                }
+            }
+            PeerMsg::Cell(c) => self.core.joined_cell(c),
+        }
+    }
+
+    /// Take what else is queued from other circuits, up to a batch.
+    fn drain_peer_msgs(&mut self, now: Instant) {
+        for _ in 1..BATCH {
+            let Some(msg) = self.hs_rx.as_mut().and_then(|rx| rx.try_recv().ok()) else {
+                return;
+            };
+            self.on_peer_msg(msg, now);
+        }
+    }
+
+    /// A circuit that waited under a cookie past its time is closed.
+    fn expire_rend_wait(&mut self, now: Instant) {
+        let due = self
+            .hs
+            .as_ref()
+            .and_then(|h| h.wait_until)
+            .is_some_and(|t| t <= now);
+        if !due {
+            return;
+        }
+        if let Some(h) = &mut self.hs {
+            h.wait_until = None;
+        }
+        if self.core.hs_role() == crate::core::HsRole::RendWaiting {
+            self.core.destroy(CircError::Local);
         }
     }
 
@@ -572,20 +770,29 @@ impl Reactor {
         let Some(d) = self.dirs.get_mut(&sid) else {
             return;
         };
-        match d.req.feed(bytes) {
+        let fed = d.req.feed(bytes);
+        match fed {
             Feed::More | Feed::Ignored => {}
             Feed::TooLong => {
                 self.ctx.stats.note_dir_refused();
                 self.dirs.remove(&sid);
                 self.core.stream_failed(sid, EndReason::TORPROTOCOL, now);
             }
-            Feed::Complete(head) => {
-                let resp = self
-                    .ctx
-                    .dir_archive
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .respond(&head, allium_directory::now_unix());
+            Feed::Complete(_) | Feed::Upload { .. } => {
+                let (head, body) = match fed {
+                    Feed::Complete(head) => (head, Vec::new()),
+                    Feed::Upload { head, body } => (head, body),
+                    _ => return,
+                };
+                let unix = allium_directory::now_unix();
+                let resp =
+                    crate::hsdir::respond(&self.ctx, &head, &body, unix).unwrap_or_else(|| {
+                        self.ctx
+                            .dir_archive
+                            .read()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .respond(&head, unix)
+                    });
                 d.len = resp.len();
                 d.pending = Some(Bytes::from(resp));
                 self.package_dir(sid, now);
@@ -719,6 +926,11 @@ impl Reactor {
         }
         self.streams.clear();
         self.dirs.clear();
+        if let Some(h) = self.hs.take() {
+            self.ctx.hs.remove_circuit(h.handle.key);
+        }
+        self.hs_rx = None;
+        self.hs_peer = None;
         let stats = &self.ctx.stats;
         stats.circuit_closed();
         if let Some(e) = self.core.close_error() {
@@ -741,6 +953,30 @@ impl Reactor {
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The close signal of an onion-service circuit (never, for others).
+async fn hs_close(hs: &Option<HsWire>) {
+    match hs {
+        Some(h) => h.handle.close.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The joined circuit's reactor ended (never, while not joined).
+async fn peer_gone(peer: &Option<mpsc::Sender<PeerMsg>>) {
+    match peer {
+        Some(tx) => tx.closed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next message from another circuit (never, for a circuit without a role).
+async fn hs_recv(rx: &mut Option<mpsc::Receiver<PeerMsg>>) -> Option<PeerMsg> {
+    match rx {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }

@@ -205,6 +205,11 @@ impl DirArchive {
                 }
             },
             Ok(DirRequest::Consensus { have }) => self.respond_consensus(&have, now),
+            // Descriptors live in an HSDir's `HsDescStore`, which answers these first.
+            Ok(DirRequest::HsDesc { .. } | DirRequest::HsUpload { .. }) => {
+                self.count(&self.stats.errors);
+                status_response(404, "this relay is not an HSDir")
+            }
         };
         self.stats
             .bytes

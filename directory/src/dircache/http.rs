@@ -6,7 +6,9 @@ use super::diff;
 use crate::client::MAX_CERTS_LEN;
 use crate::doc::consensus::MAX_CONSENSUS_LEN;
 use crate::err::{DirError, Result};
+use crate::hs::desc::MAX_HS_DESC_LEN;
 use crate::paths;
+use allium_crypto::hs::BlindedPublicKey;
 
 /// Longest request head a cache reads (request line, `X-Have`, blank line).
 pub const MAX_REQUEST_HEAD: usize = 1024;
@@ -36,13 +38,59 @@ pub enum DirRequest {
     },
     /// The authority certificate list.
     Certs,
+    /// An onion-service descriptor by blinded key, from an HSDir (`GET /allium/v1/hs/KEY`).
+    HsDesc {
+        /// The blinded key it is stored under.
+        blinded: BlindedPublicKey,
+    },
+    /// A descriptor upload to an HSDir (`POST /allium/v1/hs/KEY`): the head announces `len`
+    /// bytes of descriptor (at most [`MAX_HS_DESC_LEN`]), which follow the head on the stream.
+    HsUpload {
+        /// The blinded key it is to be stored under (the descriptor's own).
+        blinded: BlindedPublicKey,
+        /// Length of the descriptor that follows.
+        len: usize,
+    },
+}
+
+/// The path prefix of descriptor requests; the blinded key follows in lowercase hex.
+pub const HS_PATH_PREFIX: &str = "/allium/v1/hs/";
+
+fn hs_path(out: &mut Vec<u8>, blinded: &BlindedPublicKey) {
+    out.extend_from_slice(HS_PATH_PREFIX.as_bytes());
+    out.extend_from_slice(hex::encode(blinded.0).as_bytes());
+}
+
+/// The whole upload of descriptor `desc` (head and body) for `blinded`.
+pub fn encode_hs_upload(blinded: &BlindedPublicKey, desc: &[u8]) -> Vec<u8> {
+    let mut out = encode_request(&DirRequest::HsUpload {
+        blinded: *blinded,
+        len: desc.len(),
+    });
+    out.extend_from_slice(desc);
+    out
 }
 
 /// The request head for `req`. Digests beyond [`MAX_HAVE`] are left out.
 pub fn encode_request(req: &DirRequest) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
+    if let DirRequest::HsUpload { blinded, len } = req {
+        out.extend_from_slice(b"POST ");
+        hs_path(&mut out, blinded);
+        out.push(b' ');
+        out.extend_from_slice(VERSION);
+        out.extend_from_slice(format!("\r\nContent-Length: {len}\r\n\r\n").as_bytes());
+        return out;
+    }
     out.extend_from_slice(b"GET ");
     match req {
+        DirRequest::HsDesc { blinded } => {
+            hs_path(&mut out, blinded);
+            out.push(b' ');
+            out.extend_from_slice(VERSION);
+            out.extend_from_slice(b"\r\n");
+        }
+        DirRequest::HsUpload { .. } => {}
         DirRequest::Consensus { have } => {
             out.extend_from_slice(paths::CONSENSUS.as_bytes());
             out.push(b' ');
@@ -111,12 +159,29 @@ pub fn parse_request(head: &[u8]) -> Result<DirRequest> {
             .ok_or(bad("lines must end with CRLF"))?,
         None => first,
     };
+    if let Some(rest) = first.strip_prefix(b"POST ") {
+        let path = rest
+            .strip_suffix(b" HTTP/1.0")
+            .ok_or(bad("request line must end with HTTP/1.0"))?;
+        let blinded = parse_hs_path(path)?.ok_or(bad("only descriptors are uploaded"))?;
+        let len = second
+            .and_then(|l| l.strip_prefix(b"Content-Length: "))
+            .ok_or(bad("an upload needs a Content-Length"))?;
+        let len = parse_len(len)?;
+        return Ok(DirRequest::HsUpload { blinded, len });
+    }
     let rest = first
         .strip_prefix(b"GET ")
-        .ok_or(bad("only GET is served"))?;
+        .ok_or(bad("only GET and POST are served"))?;
     let path = rest
         .strip_suffix(b" HTTP/1.0")
         .ok_or(bad("request line must end with HTTP/1.0"))?;
+    if let Some(blinded) = parse_hs_path(path)? {
+        if second.is_some() {
+            return Err(bad("unexpected header lines"));
+        }
+        return Ok(DirRequest::HsDesc { blinded });
+    }
     if path == paths::CERTS.as_bytes() {
         if second.is_some() {
             return Err(bad("unexpected header lines"));
@@ -149,6 +214,37 @@ pub fn parse_request(head: &[u8]) -> Result<DirRequest> {
     Ok(DirRequest::Consensus { have })
 }
 
+/// `Some(key)` if `path` is a descriptor path; an error if it is one with a bad key.
+fn parse_hs_path(path: &[u8]) -> Result<Option<BlindedPublicKey>> {
+    let Some(key) = path.strip_prefix(HS_PATH_PREFIX.as_bytes()) else {
+        return Ok(None);
+    };
+    let mut k = [0u8; 32];
+    if key.len() != 64
+        || key.iter().any(u8::is_ascii_uppercase)
+        || hex::decode_to_slice(key, &mut k).is_err()
+    {
+        return Err(bad("a descriptor path ends with 64 lowercase hex digits"));
+    }
+    Ok(Some(BlindedPublicKey(k)))
+}
+
+/// An upload's Content-Length: decimal, no leading zero, 1 to [`MAX_HS_DESC_LEN`].
+fn parse_len(v: &[u8]) -> Result<usize> {
+    if v.is_empty() || v.len() > 6 || !v.iter().all(u8::is_ascii_digit) || v.first() == Some(&b'0')
+    {
+        return Err(bad("bad Content-Length"));
+    }
+    let n = std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .ok_or(bad("bad Content-Length"))?;
+    if n > MAX_HS_DESC_LEN {
+        return Err(bad("descriptor larger than MAX_HS_DESC_LEN"));
+    }
+    Ok(n)
+}
+
 /// A response body and how it is encoded.
 pub(crate) enum Body<'a> {
     /// A zlib-compressed full document.
@@ -178,9 +274,11 @@ pub(crate) fn ok_response(body: Body<'_>) -> Vec<u8> {
 /// A response without a document: `status` with a one-line plain-text reason (empty for 304).
 pub(crate) fn status_response(status: u16, reason: &str) -> Vec<u8> {
     let phrase = match status {
+        200 => "OK",
         304 => "Not Modified",
         400 => "Bad Request",
         404 => "Not Found",
+        409 => "Conflict",
         _ => "Service Unavailable",
     };
     let mut out = format!(
@@ -402,6 +500,35 @@ pub fn parse_certs_response(resp: &[u8]) -> Result<Vec<u8>> {
         ));
     }
     super::inflate(r.body, MAX_CERTS_LEN, "certificate list")
+}
+
+/// The descriptor (raw envelope, not yet verified) from an HSDir's whole response to a
+/// [`DirRequest::HsDesc`]; a 404 (not held) is an error like any other status.
+pub fn parse_hs_desc_response(resp: &[u8]) -> Result<Vec<u8>> {
+    let r = parse_response(resp)?;
+    if r.status != 200 {
+        return Err(status_error(
+            "fetching an onion-service descriptor from an HSDir",
+            &r,
+        ));
+    }
+    if !r.deflate || r.diff_from.is_some() {
+        return Err(rbad("the descriptor must be a deflate-encoded document"));
+    }
+    super::inflate(r.body, MAX_HS_DESC_LEN, "onion-service descriptor")
+}
+
+/// `Ok` if an HSDir's whole response to a [`DirRequest::HsUpload`] says the descriptor was
+/// stored (200); the status and reason otherwise.
+pub fn parse_hs_upload_response(resp: &[u8]) -> Result<()> {
+    let r = parse_response(resp)?;
+    if r.status != 200 {
+        return Err(status_error(
+            "uploading an onion-service descriptor to an HSDir",
+            &r,
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

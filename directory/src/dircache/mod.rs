@@ -16,12 +16,15 @@
 
 mod archive;
 pub mod diff;
+mod hsdir;
 mod http;
 
 pub use archive::{ArchiveConfig, ArchiveStats, DirArchive};
+pub use hsdir::{HsDescStore, HsStoreError, HsStoreStats, MAX_HS_STORE_BYTES, MAX_HS_STORED};
 pub use http::{
-    DirRequest, MAX_HAVE, MAX_REQUEST_HEAD, MAX_RESPONSE, encode_request, parse_certs_response,
-    parse_consensus_response, parse_request, request_head_complete, response_complete,
+    DirRequest, HS_PATH_PREFIX, MAX_HAVE, MAX_REQUEST_HEAD, MAX_RESPONSE, encode_hs_upload,
+    encode_request, parse_certs_response, parse_consensus_response, parse_hs_desc_response,
+    parse_hs_upload_response, parse_request, request_head_complete, response_complete,
 };
 
 /// The digest that names a consensus in requests, responses and diffs: SHA-256 of the whole
@@ -63,5 +66,7 @@ pub(crate) fn inflate(z: &[u8], max: usize, object: &'static str) -> crate::Resu
     Ok(out)
 }
 
+#[cfg(test)]
+mod hsdir_tests;
 #[cfg(test)]
 mod tests;

@@ -191,4 +191,9 @@ impl<H> RendezvousTable<H> {
     pub fn joined(&self) -> usize {
         self.joined
     }
+
+    /// How long a circuit may wait under a cookie.
+    pub fn wait_ttl(&self) -> Duration {
+        self.wait_ttl
+    }
 }
