@@ -320,3 +320,30 @@ fn limits_and_bad_requests_are_refused() {
     let later = o.now() + Duration::from_secs(31);
     assert_eq!(o.rend.expire(later), vec![(0, 0)]);
 }
+
+#[test]
+fn an_introduction_circuit_is_no_exit_and_no_directory() {
+    let mut o = built(1);
+    establish_intro(&mut o, 0);
+    o.run_until(Duration::from_secs(5), |o| o.intro.registrations() == 1);
+    let targets = [
+        StreamTarget::Begin(Begin {
+            target: Target::Hostname("example.com".to_owned()),
+            port: 80,
+            flags: BeginFlags::default(),
+        }),
+        StreamTarget::BeginDir,
+    ];
+    let sids: Vec<_> = targets.into_iter().map(|t| o.nets[0].begin(t)).collect();
+    o.run_until(Duration::from_secs(5), |o| {
+        sids.iter().all(|sid| {
+            o.nets[0]
+                .client_events
+                .iter()
+                .any(|e| matches!(e, Event::StreamEnded { stream, .. } if stream == sid))
+        })
+    });
+    assert_eq!(o.last(0).n_streams(), 0, "the intro point opened no stream");
+    assert!(!o.nets[0].client.is_closed(), "the introduction stays up");
+    assert_eq!(o.intro.registrations(), 1);
+}

@@ -513,6 +513,14 @@ impl CircuitCore {
         now: Instant,
     ) -> Result<(), CircError> {
         match msg {
+            // An introduction or rendezvous circuit carries onion-service cells only: its last
+            // hop is no exit and no directory cache for whoever holds the circuit.
+            RelayMsg::Begin(_) | RelayMsg::Resolve(_) | RelayMsg::BeginDir(_)
+                if self.hs != HsRole::None =>
+            {
+                self.originate(sid, &RelayMsg::End(End::new(EndReason::TORPROTOCOL)));
+                Ok(())
+            }
             RelayMsg::Begin(b) => self.on_begin(sid, b),
             RelayMsg::Resolve(r) => self.on_resolve(sid, r),
             RelayMsg::BeginDir(_) => self.on_begin_dir(sid),
