@@ -564,7 +564,10 @@ mod tests {
         let spread = fetch_spread(2, c.relays.len(), 3);
         for r in [0u64, 1, 7, u64::MAX] {
             let t = next_fetch_at(&c, 3, r);
-            assert!(t >= c.fresh_until && t < c.fresh_until + spread.max(1), "{t}");
+            assert!(
+                t >= c.fresh_until && t < c.fresh_until + spread.max(1),
+                "{t}"
+            );
         }
     }
 

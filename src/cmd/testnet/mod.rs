@@ -711,6 +711,39 @@ async fn wait_for_stop(nodes: &mut [Node]) {
 }
 
 #[cfg(test)]
+mod start_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn readiness_limit_grows_with_the_network() {
+        assert_eq!(default_ready_timeout(6), Duration::from_secs(90));
+        assert_eq!(default_ready_timeout(20), Duration::from_secs(90));
+        assert_eq!(default_ready_timeout(1000), Duration::from_secs(335));
+    }
+
+    #[test]
+    fn a_lost_port_is_recognised_in_the_log() {
+        let dir = std::env::temp_dir().join(format!("allium-testnet-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("relay0.log");
+        std::fs::write(&log, "starting\nError: cannot listen on 127.0.0.1:12345: Address already in use (os error 98) (is another process using the port?)\n").unwrap();
+        assert!(lost_a_port(&log));
+        std::fs::write(&log, "starting\nError: bad configuration\n").unwrap();
+        assert!(!lost_a_port(&log));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn free_ports_are_handed_out_once() {
+        let ports: std::collections::BTreeSet<u16> = (0..200)
+            .map(|_| plan::free_port().unwrap().port())
+            .collect();
+        assert_eq!(ports.len(), 1000);
+    }
+}
+
+#[cfg(test)]
 mod bwscan_tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
