@@ -736,7 +736,7 @@ mod start_tests {
 
     #[test]
     fn free_ports_are_handed_out_once() {
-        let ports: std::collections::BTreeSet<u16> = (0..200)
+        let ports: std::collections::BTreeSet<u16> = (0..1000)
             .map(|_| plan::free_port().unwrap().port())
             .collect();
         assert_eq!(ports.len(), 1000);
