@@ -260,7 +260,8 @@ def main():
         net_log = open(os.path.join(tmp, "testnet.log"), "w")
         net = subprocess.Popen(
             [allium, "testnet", "--relays", str(args.relays), "--exits", str(exits),
-             "--socks-port", "0", "--data-dir", data],
+             "--socks-port", "0", "--data-dir", data,
+             "--ready-timeout", str(int(args.ready_timeout))],
             stdout=net_log, stderr=subprocess.STDOUT, start_new_session=True)
         info_path = os.path.join(data, "testnet.json")
         while not os.path.exists(info_path):
@@ -334,6 +335,7 @@ def main():
             {errors[i] for i in range(args.clients) if i not in ready and i in errors})[:5]
         log(f"{len(ready)}/{args.clients} clients ready; last after {result['clients_ready_all_s']} s")
 
+        result["loadavg_clients_ready"] = os.getloadavg()[0]
         # The measurement window: P voting periods with every client up.
         window = args.periods * VOTING_INTERVAL
         c_start = {n["pid"]: cpu_secs(n["pid"]) for n in auths}
@@ -343,6 +345,7 @@ def main():
         t_w = time.monotonic()
         time.sleep(max(0.0, window - (time.monotonic() - t_w)))
         elapsed = time.monotonic() - t_w
+        result["loadavg_window_end"] = os.getloadavg()[0]
         c_end = {n["pid"]: cpu_secs(n["pid"]) for n in auths}
         w_end = {n["pid"]: wchar(n["pid"]) for n in auths}
         periods = elapsed / VOTING_INTERVAL

@@ -369,7 +369,9 @@ pub fn ns_lookup(nd: &allium_directory::NetDir, rest: &str) -> Option<Result<Str
 pub fn ns_entry(e: &ConsensusEntry, published: SystemTime) -> String {
     let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
     let id20 = e.identity.0.get(..20).unwrap_or(&e.identity.0[..]);
-    let digest20 = e.desc_digest.get(..20).unwrap_or(&e.desc_digest[..]);
+    // The consensus carries no descriptor digest: the entry digest stands in for it.
+    let digest = e.entry_digest();
+    let digest20 = digest.get(..20).unwrap_or(&digest[..]);
     let (ip, port) = e
         .addrs
         .first()

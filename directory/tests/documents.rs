@@ -53,7 +53,6 @@ fn consensus(va: u64) -> Consensus {
             weight: 100,
             exit: d.exit_policy,
             family: vec![],
-            desc_digest: [7; 32],
             measured: false,
         }],
         bandwidth_weights: BTreeMap::new(),
@@ -294,17 +293,18 @@ fn vote_entry(r: &Relay, flags: Flags, weight: u32, published: u64) -> VoteEntry
             identity: d.identity,
             link_key: d.link_key,
             onion_key: d.onion_key,
-            nickname: d.nickname,
+            // Marks which descriptor an entry came from.
+            nickname: format!("r{}", published % 100_000),
             addrs: d.addrs,
             flags,
             weight,
             exit: d.exit_policy,
             family: vec![],
-            desc_digest: [published as u8; 32],
             measured: true,
         },
         published,
         advertised: u32::MAX,
+        desc_digest: [published as u8; 32],
     }
 }
 
@@ -366,7 +366,7 @@ fn consensus_computation_rules() {
     assert!(e.flags.contains(Flags::FAST));
     assert_eq!(e.weight, 20);
     // Newest descriptor (published NOW-40) supplies the descriptor fields.
-    assert_eq!(e.desc_digest, [(NOW - 40) as u8; 32]);
+    assert_eq!(e.nickname, format!("r{}", (NOW - 40) % 100_000));
     // Params: "a" voted by 3 of 5 -> low median of 1,2,3 = 2; "b" by 2 of 5 -> dropped.
     assert_eq!(c.params, BTreeMap::from([("a".to_string(), 2)]));
     let mut voters: Vec<RelayId> = auths[..3].iter().map(|a| a.public()).collect();

@@ -35,7 +35,6 @@ fn consensus_pair(n: u8) -> (Vec<u8>, Vec<u8>) {
         weight: 100 * u32::from(i),
         exit: ExitPolicy::reject_all(),
         family: vec![],
-        desc_digest: [i; 32],
         measured: false,
     };
     let auth = allium_fuzz::identity(200);

@@ -50,7 +50,6 @@ fn entry(n: u8) -> ConsensusEntry {
             rules: Vec::new(),
         },
         family: Vec::new(),
-        desc_digest: [n; 32],
         measured: n % 2 == 1,
     }
 }
@@ -99,6 +98,7 @@ pub fn sample_vote(n: u8) -> Vec<u8> {
                 entry: entry(i),
                 published: 1_799_999_000,
                 advertised: 2000 * u32::from(i),
+                desc_digest: [i; 32],
             })
             .collect(),
     };

@@ -5,9 +5,12 @@
 //!   `descriptor_publish_interval_secs`, and right after an onion-key rotation. Failed uploads are
 //!   retried with backoff (1 s doubling to 30 s) until every authority has it.
 //! - The consensus is fetched at start (retried every few seconds until one verifies), then at a
-//!   random time in `[fresh_until, fresh_until + interval/2)` (Tor's cache schedule), and early when
-//!   an unknown relay shows up (at most once per [`FORCED_FETCH_MIN_GAP`]). Until a consensus lists
-//!   this relay it still accepts links and circuits.
+//!   random time in `[fresh_until, fresh_until + spread)` where `spread` is Tor's cache window
+//!   `interval/2`, widened on large networks with short periods so that all relays together
+//!   fetch at most [`MAX_FETCHES_PER_AUTHORITY`] times a second from each authority
+//!   ([`fetch_spread`]); and early when an unknown relay shows up (at most once per
+//!   [`FORCED_FETCH_MIN_GAP`]). Until a consensus lists this relay it still accepts links and
+//!   circuits.
 //! - Before the first upload the relay tests its own reachability ([`crate::selftest`]).
 //! - Each consensus is checked for this relay: entering it (with its flags), a change of flags,
 //!   leaving it, and not appearing although the descriptor was accepted long enough ago, are
@@ -37,6 +40,33 @@ use crate::err::RelayError;
 
 /// Minimum gap between consensus fetches triggered by unknown relays.
 pub const FORCED_FETCH_MIN_GAP: Duration = Duration::from_secs(30);
+/// The relays' fetch rate at each authority that [`fetch_spread`] keeps below (fetches per
+/// second, every relay of the consensus counted). Tor's hourly consensus spreads 7,000 caches'
+/// fetches over half an hour: about 4 a second in all. A 1,000-relay test network with a 2-second
+/// voting interval and Tor's window would send each authority about 170 a second.
+pub const MAX_FETCHES_PER_AUTHORITY: u64 = 20;
+
+/// The width of the random window after `fresh_until` in which a relay fetches the next
+/// consensus: `interval/2` (Tor's cache schedule, dir-spec §5.1), or wide enough that `relays`
+/// relays each fetching once in the window send each of `authorities` authorities at most
+/// [`MAX_FETCHES_PER_AUTHORITY`] fetches a second, whichever is longer. On an hourly network it
+/// is always `interval/2`; on a 1,000-relay, 2-second test network relays lag the authorities by
+/// up to 17 s (well within a consensus' validity plus clock-skew allowance).
+pub fn fetch_spread(interval: u64, relays: usize, authorities: usize) -> u64 {
+    let relays = u64::try_from(relays).unwrap_or(u64::MAX);
+    let per_sec = MAX_FETCHES_PER_AUTHORITY.saturating_mul(authorities.max(1) as u64);
+    (interval / 2).max(relays.div_ceil(per_sec))
+}
+
+/// When to fetch the consensus after `c`: a random time (`random` drawn uniformly) in
+/// `[fresh_until, fresh_until + fetch_spread)`.
+pub fn next_fetch_at(c: &Consensus, authorities: usize, random: u64) -> u64 {
+    let interval = c.fresh_until.saturating_sub(c.valid_after);
+    let spread = fetch_spread(interval, c.relays.len(), authorities);
+    c.fresh_until
+        .saturating_add(if spread == 0 { 0 } else { random % spread })
+}
+
 /// Retry interval while no consensus is held.
 const BOOTSTRAP_RETRY: Duration = Duration::from_secs(2);
 /// Descriptor lifetime.
@@ -333,6 +363,7 @@ pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
     if auths.is_empty() {
         return;
     }
+    let n_auths = auths.len();
     let mut shutdown = ctx.shutdown.subscribe();
     let path = ctx.cfg.data_dir.join("consensus.cache");
     let mut cache = ConsensusCache::open(Some(&path), auths, FetchRole::Cache, now_unix());
@@ -345,12 +376,18 @@ pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
     let mut force = false;
     let mut failures: u32 = 0;
     let mut expiry_warned: u64 = 0;
+    let mut next_fetch = cache
+        .current()
+        .map(|v| next_fetch_at(v.consensus(), n_auths, allium_crypto::rng::random_u64()))
+        .unwrap_or(0);
     loop {
         let now = now_unix();
-        if force || cache.needs_fetch(now) {
+        if force || cache.current().is_none() || now >= next_fetch {
             match cache.refresh(now).await {
                 Ok(v) => {
                     failures = 0;
+                    next_fetch =
+                        next_fetch_at(v.consensus(), n_auths, allium_crypto::rng::random_u64());
                     tracing::info!(relays = v.consensus().relays.len(), "consensus updated");
                     if let Some(nd) = cache.netdir(now_unix()) {
                         install_netdir(&ctx, nd, &mut membership);
@@ -410,7 +447,7 @@ pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
             // Expired: ask again often for a newer one.
             BOOTSTRAP_RETRY.max(Duration::from_secs(30))
         } else {
-            Duration::from_secs(cache.next_fetch_at().saturating_sub(now).clamp(1, 600))
+            Duration::from_secs(next_fetch.saturating_sub(now).clamp(1, 600))
         };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
@@ -486,7 +523,6 @@ mod tests {
                 weight: 1,
                 exit: ExitPolicy::reject_all(),
                 family: vec![],
-                desc_digest: [0; 32],
                 measured: true,
             })
             .into_iter()
@@ -501,6 +537,37 @@ mod tests {
             params: BTreeMap::new(),
             relays,
             bandwidth_weights: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn fetch_spread_is_tors_window_unless_the_authorities_would_be_flooded() {
+        // Hourly consensus: Tor's half interval, whatever the size.
+        assert_eq!(fetch_spread(3600, 7000, 9), 1800);
+        assert_eq!(fetch_spread(3600, 1000, 3), 1800);
+        // A small test network keeps the half interval.
+        assert_eq!(fetch_spread(2, 20, 3), 1);
+        // 1,000 relays, 2-second periods, 3 authorities: 1000 / 60 per second.
+        assert_eq!(fetch_spread(2, 1000, 3), 17);
+        assert_eq!(fetch_spread(2, 1000, 0), 50);
+        // The rate it bounds: each relay fetches once per window, at most.
+        for (n, a) in [(1000usize, 3usize), (5000, 5), (61, 3)] {
+            let spread = fetch_spread(2, n, a).max(1);
+            assert!(n as u64 / spread <= MAX_FETCHES_PER_AUTHORITY * a as u64);
+        }
+    }
+
+    #[test]
+    fn next_fetch_is_in_the_window() {
+        let mut c = consensus(1_800_000_000, None);
+        c.fresh_until = c.valid_after + 2;
+        let spread = fetch_spread(2, c.relays.len(), 3);
+        for r in [0u64, 1, 7, u64::MAX] {
+            let t = next_fetch_at(&c, 3, r);
+            assert!(
+                t >= c.fresh_until && t < c.fresh_until + spread.max(1),
+                "{t}"
+            );
         }
     }
 

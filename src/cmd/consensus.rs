@@ -178,7 +178,7 @@ fn to_json(
             "exit_ports": r.exit.accept.iter().map(|p| [p.lo, p.hi]).collect::<Vec<_>>(),
             "exit_allow_private": r.exit.allow_private,
             "family": r.family.iter().map(|f| f.to_hex()).collect::<Vec<_>>(),
-            "desc_digest": hex::encode(r.desc_digest),
+            "entry_digest": hex::encode(r.entry_digest()),
         })).collect::<Vec<_>>(),
     })
 }
@@ -265,7 +265,6 @@ mod tests {
             weight: u32::from(n) * 10,
             exit: ExitPolicy::reject_all(),
             family: vec![],
-            desc_digest: [0; 32],
             measured,
         };
         let c = Consensus {

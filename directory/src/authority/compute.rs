@@ -167,9 +167,9 @@ fn combine_relay(
     }
     let (weight, measured) = combine_weight(&agreeing, rule);
     // Descriptor-derived fields from the most recent descriptor (ties: larger digest).
-    let newest = agreeing.iter().max_by(|a, b| {
-        (a.published, a.entry.desc_digest).cmp(&(b.published, b.entry.desc_digest))
-    })?;
+    let newest = agreeing
+        .iter()
+        .max_by(|a, b| (a.published, a.desc_digest).cmp(&(b.published, b.desc_digest)))?;
     let mut e = newest.entry.clone();
     e.flags = flags;
     e.weight = weight;

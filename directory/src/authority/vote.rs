@@ -206,11 +206,11 @@ pub fn vote_entries(
                     weight: c.measured.unwrap_or(c.advertised).max(1),
                     exit: desc.exit_policy.summary_only(),
                     family: desc.family.clone(),
-                    desc_digest: c.d.digest(),
                     measured: c.measured.is_some(),
                 },
                 published: desc.published,
                 advertised: c.advertised.max(1),
+                desc_digest: c.d.digest(),
             }
         })
         .collect()

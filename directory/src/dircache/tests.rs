@@ -57,7 +57,6 @@ pub(crate) fn entry(rng: &mut Rng, i: u64) -> ConsensusEntry {
             ExitPolicy::reject_all()
         },
         family: Vec::new(),
-        desc_digest: rng.bytes32(),
         measured: rng.below(2) == 0,
     }
 }
@@ -107,11 +106,17 @@ pub(crate) fn churn(
         match rng.below(4) {
             0 => r.flags = Flags(r.flags.0 ^ (1 << rng.below(8))),
             1 => r.weight = rng.below(50_000) as u32,
-            2 => r.desc_digest = rng.bytes32(),
+            // A new descriptor: the relay moved to another port.
+            2 => {
+                r.addrs = vec![SocketAddr::from((
+                    Ipv4Addr::LOCALHOST,
+                    20_000 + rng.below(10_000) as u16,
+                ))]
+            }
             _ => {
                 r.weight = rng.below(50_000) as u32;
                 r.measured = !r.measured;
-                r.desc_digest = rng.bytes32();
+                r.exit.allow_private = !r.exit.allow_private;
             }
         }
     }
@@ -353,6 +358,22 @@ fn one_period_diff_is_small_at_1000_relays() {
     let dz = compress(&d).len();
     assert_eq!(diff::apply(&r0, &d).unwrap(), r1);
     assert!(dz * 20 < full, "diff {dz} B vs full {full} B");
+}
+
+#[test]
+fn consensus_is_under_150_bytes_per_relay_compressed() {
+    // Issue 11's goal. Each entry carries three 32-byte keys no compressor shrinks (96 B); the
+    // rest (nickname, address, flags, weight, exit summary) must fit in the remaining 54 B.
+    let keys = signers();
+    let mut rng = Rng::new(11);
+    let c = network(&mut rng, 1000, 1_800_000_000);
+    let z = compress(&sign(&c, &keys)).len();
+    let per_relay = z as f64 / 1000.0;
+    assert!(per_relay < 150.0, "{per_relay:.1} B per relay compressed");
+    assert!(
+        per_relay > 96.0,
+        "{per_relay:.1} B per relay: below the keys alone?"
+    );
 }
 
 #[test]

@@ -63,8 +63,6 @@ pub struct ConsensusEntry {
     pub exit: ExitPolicy,
     /// Declared family (sorted).
     pub family: Vec<RelayId>,
-    /// SHA-256 of the descriptor body this entry was built from.
-    pub desc_digest: [u8; 32],
     /// Whether `weight` comes from bandwidth measurements (in a consensus: enough authorities
     /// measured it; otherwise the weight is capped at `maxunmeasuredbw`).
     pub measured: bool,
@@ -100,6 +98,13 @@ impl ConsensusEntry {
     pub fn has(&self, flags: Flags) -> bool {
         self.flags.contains(flags)
     }
+    /// SHA-256 of this entry's postcard encoding: a digest of everything the consensus says
+    /// about the relay (it changes whenever any listed field does). The consensus carries no
+    /// descriptor digest (votes do, [`VoteEntry::desc_digest`]); this stands in where a
+    /// per-relay digest is shown, e.g. the control port's `ns/` router status.
+    pub fn entry_digest(&self) -> [u8; 32] {
+        super::signed::sha256(&postcard::to_allocvec(self).unwrap_or_default())
+    }
 }
 
 /// One relay as listed in a vote: the consensus entry plus the descriptor's `published` time.
@@ -112,6 +117,9 @@ pub struct VoteEntry {
     /// The relay's self-reported bandwidth, kilobytes per second (capped by the authority's
     /// `max_weight_kbps`): an upper bound on its consensus weight.
     pub advertised: u32,
+    /// SHA-256 of the descriptor body this entry was built from (votes only: it breaks ties
+    /// between descriptors published in the same second; the consensus does not carry it).
+    pub desc_digest: [u8; 32],
 }
 
 /// An authority's vote for one consensus period (signed by its online signing key).

@@ -413,7 +413,6 @@ fn entry(i: u8, flags: Flags) -> ConsensusEntry {
         weight: 100,
         exit: ExitPolicy::reject_all(),
         family: vec![],
-        desc_digest: [0; 32],
         measured: false,
     }
 }

@@ -69,7 +69,150 @@ fn bwscan_toml(c: &allium_client::bwscan::BwScanConfig) -> Result<String, String
     toml::to_string(&t).map_err(|e| e.to_string())
 }
 
-const READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// The readiness limit for a network of `relays` relays: 90 s plus 0.25 s per relay above 20
+/// (a 1,000-relay start on two loaded cores spends minutes spawning processes and voting).
+fn default_ready_timeout(relays: usize) -> Duration {
+    let extra = u64::try_from(relays.saturating_sub(20)).unwrap_or(u64::MAX);
+    Duration::from_secs(90).saturating_add(Duration::from_millis(extra.saturating_mul(250)))
+}
+
+/// How often one relay is restarted on a new port after losing its ports to another process.
+const MAX_RESPAWNS: u32 = 5;
+
+/// A relay `allium testnet` may restart on new ports: its ports are picked, released and bound
+/// later by the child, and another process (another test network on the machine) can take one
+/// in between.
+struct RelaySlot {
+    /// Its index in `nodes` (and `infos`).
+    node: usize,
+    name: String,
+    exit: bool,
+    config: allium_relay::RelayConfig,
+    identity: allium_crypto::RelayId,
+    /// `--relay-port-base` fixed its OR port: a lost port is an error, not a retry.
+    fixed_port: bool,
+    respawns: u32,
+}
+
+/// Fix a relay's ports, write its configuration and start it.
+fn spawn_relay(
+    dir: &Path,
+    name: &str,
+    exit: bool,
+    config: &mut allium_relay::RelayConfig,
+    identity: allium_crypto::RelayId,
+) -> Result<(Node, NodeInfo), String> {
+    config.metrics_address = Some(free_port().map_err(|e| format!("a port for {name}: {e}"))?);
+    let (control_port, control_cookie) = testnet_control(&config.data_dir)?;
+    config.control_port = Some(control_port);
+    config.cookie_authentication = true;
+    let cfg_path = dir.join(format!("{name}.toml"));
+    write_file(
+        &cfg_path,
+        &toml::to_string(&*config).map_err(|e| format!("{name}'s configuration: {e}"))?,
+    )?;
+    let log = dir.join(format!("{name}.log"));
+    let cfg_s = cfg_path.display().to_string();
+    let node = procs::spawn(name, &["relay", "--config", &cfg_s], &log)
+        .map_err(|e| format!("starting {name}: {e}"))?;
+    let mut addrs = serde_json::Map::new();
+    addrs.insert("or".into(), config.listen.to_string().into());
+    if let Some(m) = config.metrics_address {
+        addrs.insert("metrics".into(), m.to_string().into());
+    }
+    let info = NodeInfo {
+        name: name.to_owned(),
+        role: "relay",
+        pid: node.child.id(),
+        identity: identity.to_hex(),
+        exit,
+        addrs,
+        log,
+        control_port: Some(control_port),
+        control_cookie: Some(control_cookie),
+    };
+    Ok((node, info))
+}
+
+/// Whether a node's log says it could not bind one of its ports.
+fn lost_a_port(log: &Path) -> bool {
+    log_tail(log, 20).contains("Address already in use")
+}
+
+/// If the relay in `slot` exited because another process took one of its ports, start it again
+/// on new ports and return true; false if it has not exited. An error for any other exit.
+fn respawn_if_port_lost(
+    dir: &Path,
+    slot: &mut RelaySlot,
+    nodes: &mut [Node],
+    infos: &mut [NodeInfo],
+) -> Result<bool, String> {
+    let Some(node) = nodes.get_mut(slot.node) else {
+        return Ok(false);
+    };
+    let Some(status) = procs::exited(node) else {
+        return Ok(false);
+    };
+    if slot.fixed_port || slot.respawns >= MAX_RESPAWNS || !lost_a_port(&node.log) {
+        return Err(format!(
+            "{} exited during start-up ({status}); the end of its log {}:\n{}",
+            node.name,
+            node.log.display(),
+            log_tail(&node.log, 15)
+        ));
+    }
+    slot.respawns += 1;
+    if slot.config.advertised == Some(slot.config.listen) {
+        slot.config.advertised = None;
+    }
+    slot.config.listen = free_port().map_err(|e| format!("a port for {}: {e}", slot.name))?;
+    eprintln!(
+        "allium testnet: {} lost a port to another process; restarting it on {}",
+        slot.name, slot.config.listen
+    );
+    let (new_node, info) =
+        spawn_relay(dir, &slot.name, slot.exit, &mut slot.config, slot.identity)?;
+    if let Some(n) = nodes.get_mut(slot.node) {
+        *n = new_node;
+    }
+    if let Some(i) = infos.get_mut(slot.node) {
+        *i = info;
+    }
+    Ok(true)
+}
+
+/// Wait (at most 20 s) until the relay in `slot` accepts connections on its OR port, restarting
+/// it on new ports if it lost one.
+async fn settle_relay(
+    dir: &Path,
+    slot: &mut RelaySlot,
+    nodes: &mut [Node],
+    infos: &mut [NodeInfo],
+) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        respawn_if_port_lost(dir, slot, nodes, infos)?;
+        let alive = nodes
+            .get_mut(slot.node)
+            .is_some_and(|n| procs::exited(n).is_none());
+        if alive
+            && tokio::net::TcpStream::connect(slot.config.listen)
+                .await
+                .is_ok()
+        {
+            // Still ours a moment later (a listener of another process would be, too, but then
+            // our relay exits and is restarted by `wait_ready`).
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!(
+        "{} did not listen on {} within 20 s; see {}",
+        slot.name,
+        slot.config.listen,
+        dir.join(format!("{}.log", slot.name)).display()
+    ))
+}
 
 /// Arguments of `allium testnet`.
 #[derive(clap::Args, Debug)]
@@ -98,6 +241,10 @@ pub struct Args {
     /// a link emulator forwards to the listener): every connection to it goes through there.
     #[arg(long, value_name = "BASE")]
     pub advertise_port_base: Option<u16>,
+    /// Give up if the proxy carries no stream after this many seconds (default: 90 plus a
+    /// quarter second per relay above 20).
+    #[arg(long, value_name = "SECS")]
+    pub ready_timeout: Option<u64>,
 }
 
 /// One node as recorded in `testnet.json`.
@@ -280,46 +427,44 @@ async fn start_and_serve(
     }
 
     let mut fallback_dirs = Vec::new();
-    for mut r in relays {
-        r.config.metrics_address = Some(free_port()?);
-        let name = r.name;
-        let (control_port, control_cookie) = testnet_control(&r.config.data_dir)?;
-        r.config.control_port = Some(control_port);
-        r.config.cookie_authentication = true;
+    let mut respawnable = Vec::new();
+    let n_relays = relays.len();
+    for (i, mut r) in relays.into_iter().enumerate() {
         let keys = allium_relay::keys::RelayKeys::load_or_create(&r.config.data_dir)
-            .map_err(|e| format!("creating keys for {name}: {e}"))?;
-        let identity = keys.id;
+            .map_err(|e| format!("creating keys for {}: {e}", r.name))?;
         // The first few relays are the proxy's fallback directory caches.
-        if fallback_dirs.len() < N_FALLBACK_DIRS {
-            fallback_dirs.push(allium_client::config::FallbackDir {
-                identity,
-                link_key: keys.link.public(),
-                onion_key: keys.onion_public(),
-                or_addr: r.config.advertised.unwrap_or(r.config.listen),
-            });
-        }
-        let cfg_path = dir.join(format!("{name}.toml"));
-        write_file(&cfg_path, &toml::to_string(&r.config)?)?;
-        let log = dir.join(format!("{name}.log"));
-        let cfg_s = cfg_path.display().to_string();
-        let node = procs::spawn(&name, &["relay", "--config", &cfg_s], &log)?;
-        let mut addrs = serde_json::Map::new();
-        addrs.insert("or".into(), r.config.listen.to_string().into());
-        if let Some(m) = r.config.metrics_address {
-            addrs.insert("metrics".into(), m.to_string().into());
-        }
-        infos.push(NodeInfo {
-            name: name.clone(),
-            role: "relay",
-            pid: node.child.id(),
-            identity: identity.to_hex(),
+        let fallback = fallback_dirs.len() < N_FALLBACK_DIRS;
+        let (node, info) = spawn_relay(dir, &r.name, r.exit, &mut r.config, keys.id)?;
+        respawnable.push(RelaySlot {
+            node: nodes.len(),
+            name: r.name,
             exit: r.exit,
-            addrs,
-            log,
-            control_port: Some(control_port),
-            control_cookie: Some(control_cookie),
+            config: r.config,
+            identity: keys.id,
+            fixed_port: args.relay_port_base.is_some(),
+            respawns: 0,
         });
         nodes.push(node);
+        infos.push(info);
+        if fallback {
+            // Its OR port must be its own before the proxy's configuration names it.
+            if let Some(slot) = respawnable.last_mut() {
+                settle_relay(dir, slot, nodes, infos).await?;
+                fallback_dirs.push(allium_client::config::FallbackDir {
+                    identity: slot.identity,
+                    link_key: keys.link.public(),
+                    onion_key: keys.onion_public(),
+                    or_addr: slot.config.advertised.unwrap_or(slot.config.listen),
+                });
+            }
+        }
+        if (i + 1) % 100 == 0 && i + 1 < n_relays {
+            eprintln!(
+                "allium testnet: {:>5.1} s: {} of {n_relays} relays started",
+                started.elapsed().as_secs_f64(),
+                i + 1
+            );
+        }
     }
 
     // The test page server, also the bandwidth scanner's download destination.
@@ -399,7 +544,21 @@ async fn start_and_serve(
     });
     nodes.push(proxy);
 
-    wait_ready(nodes, socks_addr, http_addr, started).await?;
+    let ready_timeout = args
+        .ready_timeout
+        .map(Duration::from_secs)
+        .unwrap_or_else(|| default_ready_timeout(n_relays));
+    wait_ready(
+        dir,
+        nodes,
+        infos,
+        &mut respawnable,
+        socks_addr,
+        http_addr,
+        started,
+        ready_timeout,
+    )
+    .await?;
     let ready_secs = started.elapsed().as_secs_f64();
 
     let info = TestnetInfo {
@@ -441,14 +600,22 @@ async fn start_and_serve(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)] // one call site; each argument is a different piece
 async fn wait_ready(
+    dir: &Path,
     nodes: &mut [Node],
+    infos: &mut [NodeInfo],
+    relays: &mut [RelaySlot],
     socks_addr: SocketAddr,
     http_addr: SocketAddr,
     started: Instant,
+    timeout: Duration,
 ) -> CmdResult {
     let mut last_report = Instant::now();
     loop {
+        for slot in relays.iter_mut() {
+            respawn_if_port_lost(dir, slot, nodes, infos)?;
+        }
         for n in nodes.iter_mut() {
             if let Some(status) = procs::exited(n) {
                 return Err(format!(
@@ -460,10 +627,12 @@ async fn wait_ready(
                 .into());
             }
         }
-        if started.elapsed() > READY_TIMEOUT {
+        if started.elapsed() > timeout {
             return Err(format!(
-                "the network did not carry a stream within {} s; see the logs in the data directory",
-                READY_TIMEOUT.as_secs()
+                "the network did not carry a stream within {} s; see the logs in {} \
+                 (a larger network may need a longer --ready-timeout)",
+                timeout.as_secs(),
+                dir.display()
             )
             .into());
         }
@@ -472,8 +641,9 @@ async fn wait_ready(
             Err(why) => {
                 if last_report.elapsed() >= Duration::from_secs(1) {
                     eprintln!(
-                        "allium testnet: {:>4.1} s: waiting for the first stream ({why})",
-                        started.elapsed().as_secs_f64()
+                        "allium testnet: {:>5.1} s of at most {}: waiting for the first stream ({why})",
+                        started.elapsed().as_secs_f64(),
+                        timeout.as_secs()
                     );
                     last_report = Instant::now();
                 }
@@ -537,6 +707,39 @@ async fn wait_for_stop(nodes: &mut [Node]) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod start_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn readiness_limit_grows_with_the_network() {
+        assert_eq!(default_ready_timeout(6), Duration::from_secs(90));
+        assert_eq!(default_ready_timeout(20), Duration::from_secs(90));
+        assert_eq!(default_ready_timeout(1000), Duration::from_secs(335));
+    }
+
+    #[test]
+    fn a_lost_port_is_recognised_in_the_log() {
+        let dir = std::env::temp_dir().join(format!("allium-testnet-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("relay0.log");
+        std::fs::write(&log, "starting\nError: cannot listen on 127.0.0.1:12345: Address already in use (os error 98) (is another process using the port?)\n").unwrap();
+        assert!(lost_a_port(&log));
+        std::fs::write(&log, "starting\nError: bad configuration\n").unwrap();
+        assert!(!lost_a_port(&log));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn free_ports_are_handed_out_once() {
+        let ports: std::collections::BTreeSet<u16> = (0..1000)
+            .map(|_| plan::free_port().unwrap().port())
+            .collect();
+        assert_eq!(ports.len(), 1000);
     }
 }
 

@@ -276,7 +276,23 @@ pub fn fallback_dirs_from(nd: &allium_directory::NetDir, n: usize) -> Vec<Fallba
 /// The port is released before the node binds it, so it is taken below the kernel's ephemeral
 /// range: a port the kernel hands out for an outgoing connection in the meantime (the nodes open
 /// many) would otherwise take it first, and the node would fail to start.
+///
+/// A port is handed out at most once per process: a 1,000-relay network takes 3,000 ports from a
+/// range of about 22,000, and without this ~200 of them would go twice (two nodes, one port).
 pub fn free_port() -> std::io::Result<SocketAddr> {
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..64 {
+        let a = free_port_once()?;
+        if handed.insert(a.port()) {
+            return Ok(a);
+        }
+    }
+    free_port_once()
+}
+
+fn free_port_once() -> std::io::Result<SocketAddr> {
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
