@@ -262,7 +262,7 @@ fn add_known_relay(ctx: &Ctx, id: RelayId, addr: SocketAddr, link_key: X25519Pub
 pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     start_with_resolver(
         config,
-        Arc::new(resolver::CachingResolver::new(SystemResolver)),
+        Arc::new(resolver::CachingResolver::new(SystemResolver::new())),
     )
     .await
 }

@@ -58,7 +58,7 @@ fn test_relay_limits(
             "only.the.exit".to_owned(),
             vec!["127.0.0.1".parse().unwrap()],
         )],
-        SystemResolver,
+        SystemResolver::new(),
     );
     let ctx = Ctx::with_limits(
         cfg,

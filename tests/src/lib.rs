@@ -114,7 +114,7 @@ pub async fn start_relay(cfg: RelayConfig) -> Result<RelayHandle, String> {
             EXIT_ONLY_NAME.to_owned(),
             vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
         )],
-        SystemResolver,
+        SystemResolver::new(),
     ));
     allium_relay::start_with_resolver(cfg, resolver)
         .await
