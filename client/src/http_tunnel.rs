@@ -320,6 +320,7 @@ pub(crate) async fn serve(
             }
         };
         let _ = sock.set_nodelay(true);
+        crate::socks::server::limit_unsent(&sock);
         let mgr = Arc::clone(&mgr);
         tokio::spawn(async move {
             handle(&mgr, sock).await;

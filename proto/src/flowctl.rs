@@ -64,6 +64,13 @@ pub const MAX_PENDING_TAGS: usize = (CWND_MAX / SENDME_INC_MIN as u32) as usize 
 pub const XOFF_THRESHOLD: u32 = 500;
 /// Once an XOFF was sent, XON goes out when the unconsumed cells drop to this.
 pub const XON_THRESHOLD: u32 = 100;
+/// An exit's XOFF threshold ([`StreamRecv::with_thresholds`]): it sends XOFF once this many
+/// DATA cells (about 62 KB) wait for a destination socket that already holds up to 64 KiB
+/// unsent in the kernel. Lower than a client's [`XOFF_THRESHOLD`] because a destination that
+/// never reads otherwise pins half a megabyte per stream at the exit, 200 MB for 400 streams.
+pub const EXIT_XOFF_THRESHOLD: u32 = 128;
+/// An exit's XON threshold (after an XOFF, XON goes out once this few cells wait).
+pub const EXIT_XON_THRESHOLD: u32 = 32;
 /// Most unconsumed DATA cells a stream may hold: the XOFF threshold plus a maximal congestion
 /// window (what the sender may have had in flight when the XOFF reached it). More is a violation.
 pub const XOFF_LIMIT: u32 = XOFF_THRESHOLD + CWND_MAX;
@@ -401,6 +408,8 @@ pub struct StreamRecv {
     xoff_since: Option<Instant>,
     /// Cells consumed since the XOFF.
     drained: u64,
+    /// This edge's own (XOFF, XON) thresholds; `None`: [`XOFF_THRESHOLD`] and [`XON_THRESHOLD`].
+    thresholds: Option<(u32, u32)>,
 }
 
 /// What the receiving edge must send after a stream event.
@@ -419,6 +428,27 @@ impl StreamRecv {
     pub fn new() -> Self {
         Self::default()
     }
+    /// A fresh stream whose edge sends XOFF at `xoff` unconsumed cells and XON once they drop
+    /// to `xon`. Each edge picks its own thresholds (an exit, whose destination socket buffers
+    /// too, stops a stream much earlier than a client): `xoff` is clamped to
+    /// `1..=`[`XOFF_THRESHOLD`] and `xon` to below it. The peer may still overshoot by a maximal
+    /// congestion window ([`CWND_MAX`]); past that it is in violation.
+    pub fn with_thresholds(xoff: u32, xon: u32) -> Self {
+        let xoff = xoff.clamp(1, XOFF_THRESHOLD);
+        Self {
+            thresholds: Some((xoff, xon.min(xoff - 1))),
+            ..Self::default()
+        }
+    }
+    /// The XOFF and XON thresholds of this edge, in cells.
+    pub fn thresholds(&self) -> (u32, u32) {
+        self.thresholds.unwrap_or((XOFF_THRESHOLD, XON_THRESHOLD))
+    }
+    /// Most unconsumed cells the peer may cause: the XOFF threshold plus a maximal congestion
+    /// window ([`XOFF_LIMIT`] with the default thresholds).
+    pub fn limit(&self) -> u32 {
+        self.thresholds().0 + CWND_MAX
+    }
     /// Cells delivered and not consumed yet.
     pub fn unconsumed(&self) -> u32 {
         self.unconsumed
@@ -431,10 +461,10 @@ impl StreamRecv {
     /// [`XOFF_LIMIT`].
     pub fn on_data(&mut self, now: Instant) -> Result<StreamSignal> {
         self.unconsumed += 1;
-        if self.unconsumed > XOFF_LIMIT {
+        if self.unconsumed > self.limit() {
             return Err(ProtoError::Flow("stream DATA beyond the XOFF limit"));
         }
-        if self.xoff_since.is_none() && self.unconsumed >= XOFF_THRESHOLD {
+        if self.xoff_since.is_none() && self.unconsumed >= self.thresholds().0 {
             self.xoff_since = Some(now);
             self.drained = 0;
             return Ok(StreamSignal::Xoff);
@@ -450,7 +480,7 @@ impl StreamRecv {
             return StreamSignal::None;
         };
         self.drained = self.drained.saturating_add(u64::from(cells));
-        if self.unconsumed > XON_THRESHOLD {
+        if self.unconsumed > self.thresholds().1 {
             return StreamSignal::None;
         }
         self.xoff_since = None;

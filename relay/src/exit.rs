@@ -6,9 +6,14 @@
 //!   bytes to the reactor and waits for a go-ahead before reading again (the reactor gives it
 //!   once the core packaged all of them), so a stream holds at most one read in memory and a
 //!   blocked circuit stops reading its sockets.
-//! - The writer pump drains the stream's queue of received DATA cells (bounded by the stream
-//!   window), coalesces them into one write, and reports how many cells it wrote so the core can
-//!   send stream SENDMEs.
+//! - The writer pump drains the stream's queue of received DATA cells (bounded by XON/XOFF),
+//!   coalesces them into one write, and reports how many cells it wrote so the core can count
+//!   them consumed (and send XON once the queue drained after an XOFF).
+//! - The destination socket keeps at most [`DEST_NOTSENT_LOWAT`] unsent bytes in the kernel
+//!   (`TCP_NOTSENT_LOWAT`). Without it a destination that never reads makes the kernel take
+//!   megabytes per stream (about 2.9 MiB on Linux loopback with a 4 KiB receive buffer) before
+//!   the writer blocks: all of it counts as consumed, no XOFF goes out, and 400 such streams
+//!   pull more than a gigabyte through the circuits that share their relays.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -40,6 +45,11 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const READ_CELLS: usize = 32;
 /// The writer coalesces at most this many bytes per write.
 const WRITE_COALESCE: usize = 64 * 1024;
+/// Unsent bytes the kernel may hold for a destination socket before the writer pump waits
+/// (`TCP_NOTSENT_LOWAT`, Linux only; elsewhere the kernel's default applies). It bounds unsent
+/// data only: bytes in flight still grow with the connection's window, so a fast destination
+/// far away is not slowed down.
+pub const DEST_NOTSENT_LOWAT: u32 = 64 * 1024;
 /// Queue of received DATA cells per stream: the XOFF limit plus slack for the FIN.
 pub(crate) const WRITE_QUEUE: usize = XOFF_LIMIT as usize + 16;
 
@@ -131,6 +141,7 @@ pub(crate) async fn connect(sid: u16, addrs: Vec<SocketAddr>, tx: mpsc::Sender<I
     let io = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
         Ok(Ok(tcp)) => {
             let _ = tcp.set_nodelay(true);
+            limit_unsent(&tcp);
             Io::Connected { sid, tcp }
         }
         Ok(Err(reason)) => Io::ConnectFailed { sid, reason },
@@ -140,6 +151,17 @@ pub(crate) async fn connect(sid: u16, addrs: Vec<SocketAddr>, tx: mpsc::Sender<I
         },
     };
     report(&tx, io).await;
+}
+
+/// Keep at most [`DEST_NOTSENT_LOWAT`] unsent bytes in the kernel for a destination socket
+/// (best effort: a failure is logged at debug level and the kernel's default applies).
+pub(crate) fn limit_unsent(tcp: &TcpStream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(DEST_NOTSENT_LOWAT) {
+        tracing::debug!(error = %e, "could not set TCP_NOTSENT_LOWAT on a destination socket");
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = tcp;
 }
 
 /// Whether extending to `relay` (link key `link_key`) at `addr` would go back to the previous
@@ -321,6 +343,50 @@ mod tests {
             l.set_peer_ip(ip.parse().unwrap());
         }
         l
+    }
+
+    /// Bytes `tcp` takes before its peer reads anything (writes until no room comes within
+    /// 200 ms).
+    async fn unread_capacity(tcp: &TcpStream) -> usize {
+        let buf = vec![0u8; 64 * 1024];
+        let mut total = 0;
+        while total < 64 << 20 {
+            match tcp.try_write(&buf) {
+                Ok(n) => total += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let room = tokio::time::timeout(Duration::from_millis(200), tcp.writable());
+                    if room.await.is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        total
+    }
+
+    /// A destination that accepts and never reads (4 KiB receive buffer, as in the attack suite):
+    /// the exit's socket to it takes a few tens of KiB, not the megabytes the kernel would
+    /// otherwise queue (which count as consumed, so no XOFF would stop the client).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[tokio::test]
+    async fn a_destination_that_never_reads_holds_little_in_the_kernel() {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = sock.listen(8).unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        connect(7, vec![listener.local_addr().unwrap()], tx).await;
+        let (_never_read, _) = listener.accept().await.unwrap();
+        let Some(Io::Connected { sid: 7, tcp }) = rx.recv().await else {
+            panic!("not connected");
+        };
+        let taken = unread_capacity(&tcp).await;
+        assert!(
+            taken <= 4 * DEST_NOTSENT_LOWAT as usize,
+            "{taken} bytes queued in the kernel for a destination that never reads"
+        );
+        assert!(taken > 0);
     }
 
     #[test]

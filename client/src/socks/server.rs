@@ -29,6 +29,25 @@ use crate::isolation::IsolationKey;
 use crate::metrics::Outcome as Ended;
 use crate::stream::{self, OpenError};
 
+/// Unsent bytes the kernel may hold for an application's socket before a stream's downstream
+/// writer waits (`TCP_NOTSENT_LOWAT`, Linux only). Without it an application that never reads
+/// makes the kernel take megabytes per stream (about 2.9 MiB on Linux loopback with a 4 KiB
+/// receive buffer) that all count as consumed, so no XOFF stops the exit and the circuits pull
+/// that much through the guard link the proxy's other users share. Bytes in flight still grow
+/// with the connection's window (a remote application over a LAN is not slowed down).
+pub(crate) const APP_NOTSENT_LOWAT: u32 = 64 * 1024;
+
+/// Keep at most [`APP_NOTSENT_LOWAT`] unsent bytes in the kernel for an application's socket
+/// (best effort: a failure is logged at debug level and the kernel's default applies).
+pub(crate) fn limit_unsent(sock: &TcpStream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = socket2::SockRef::from(sock).set_tcp_notsent_lowat(APP_NOTSENT_LOWAT) {
+        tracing::debug!(error = %e, "could not set TCP_NOTSENT_LOWAT on an application socket");
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = sock;
+}
+
 /// Most attempts to open one stream on different circuits.
 const STREAM_ATTEMPTS: usize = 3;
 /// Longest a SOCKS client waits for its reply once its request is read (circuit builds and
@@ -62,6 +81,7 @@ pub(crate) async fn serve(
             }
         };
         let _ = sock.set_nodelay(true);
+        limit_unsent(&sock);
         let mgr = Arc::clone(&mgr);
         tokio::spawn(async move {
             handle(mgr, sock).await;
@@ -460,6 +480,41 @@ async fn resolve_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An application that never reads (4 KiB receive buffer, as in the attack suite): its
+    /// socket takes a few tens of KiB from the proxy, not the megabytes the kernel would queue
+    /// otherwise (which count as consumed, so no XOFF would stop the exit).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[tokio::test]
+    async fn an_application_that_never_reads_holds_little_in_the_kernel() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = tokio::net::TcpSocket::new_v4().unwrap();
+        app.set_recv_buffer_size(4096).unwrap();
+        let _never_reads = app.connect(listener.local_addr().unwrap()).await.unwrap();
+        let (sock, _) = listener.accept().await.unwrap();
+        limit_unsent(&sock);
+        let buf = vec![0u8; 64 * 1024];
+        let mut taken = 0usize;
+        while taken < 64 << 20 {
+            match sock.try_write(&buf) {
+                Ok(n) => taken += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let room = tokio::time::timeout(
+                        std::time::Duration::from_millis(200),
+                        sock.writable(),
+                    );
+                    if room.await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(
+            taken > 0 && taken <= 4 * APP_NOTSENT_LOWAT as usize,
+            "{taken} bytes queued in the kernel for an application that never reads"
+        );
+    }
 
     #[test]
     fn reply_codes_come_from_one_table() {

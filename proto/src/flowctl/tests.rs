@@ -341,3 +341,32 @@ fn handshake_extension_round_trips() {
     assert!(parse_cc_reply(&[1, 1, 1]).is_err(), "short value");
     assert!(parse_cc_reply(&[1, 2, 1]).is_err(), "truncated");
 }
+
+#[test]
+fn an_edge_with_its_own_thresholds_stops_and_resumes_earlier() {
+    #[allow(clippy::disallowed_methods)] // simulated epoch
+    let t0 = Instant::now();
+    let mut r = StreamRecv::with_thresholds(64, 16);
+    assert_eq!(r.thresholds(), (64, 16));
+    assert_eq!(r.limit(), 64 + CWND_MAX);
+    for _ in 1..64 {
+        assert_eq!(r.on_data(t0).unwrap(), StreamSignal::None);
+    }
+    assert_eq!(r.on_data(t0).unwrap(), StreamSignal::Xoff);
+    // Drained to 17: still stopped; to 16: XON.
+    assert_eq!(r.on_consumed(47, t0), StreamSignal::None);
+    assert!(matches!(r.on_consumed(1, t0), StreamSignal::Xon(_)));
+    // The overshoot past its own threshold is bounded by a maximal window, not XOFF_LIMIT.
+    let mut r = StreamRecv::with_thresholds(64, 16);
+    for _ in 0..r.limit() {
+        r.on_data(t0).unwrap();
+    }
+    assert!(r.on_data(t0).is_err(), "past this edge's limit");
+    // Out-of-range thresholds are clamped.
+    assert_eq!(StreamRecv::with_thresholds(0, 9).thresholds(), (1, 0));
+    assert_eq!(
+        StreamRecv::with_thresholds(10_000, 10_000).thresholds(),
+        (XOFF_THRESHOLD, XOFF_THRESHOLD - 1)
+    );
+    assert_eq!(StreamRecv::new().limit(), XOFF_LIMIT);
+}

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use allium_proto::flowctl::{StreamRecv, StreamSend};
+use allium_proto::flowctl::{EXIT_XOFF_THRESHOLD, EXIT_XON_THRESHOLD, StreamRecv, StreamSend};
 
 use super::DataChunk;
 
@@ -79,7 +79,7 @@ impl Stream {
         Self {
             state,
             send: StreamSend::new(),
-            recv: StreamRecv::new(),
+            recv: StreamRecv::with_thresholds(EXIT_XOFF_THRESHOLD, EXIT_XON_THRESHOLD),
             early: VecDeque::new(),
             window_blocked_since: None,
         }

@@ -13,7 +13,7 @@ use allium_crypto::relaycell::{
 };
 use allium_crypto::{RelayId, X25519Secret};
 use allium_proto::cell::{Cell, CellCmd, CircId, Create, Destroy, DestroyReason};
-use allium_proto::flowctl::{self, SENDME_INC_DEFAULT, XOFF_LIMIT, XOFF_THRESHOLD, XON_THRESHOLD};
+use allium_proto::flowctl::{self, SENDME_INC_DEFAULT};
 use allium_proto::relaymsg::{
     Begin, BeginFlags, Data, End, EndReason, Extend, LinkSpec, RelayMsg, Resolve, ResolvedValue,
     Sendme, Target, Truncate, Xoff, Xon,
@@ -747,7 +747,7 @@ fn xoff_xon_and_a_client_ignoring_xoff_destroys() {
     let (mut core, mut cl) = exit();
     let now = Instant::now();
     open_stream(&mut core, &mut cl, 3, now);
-    for _ in 0..XOFF_THRESHOLD {
+    for _ in 0..flowctl::EXIT_XOFF_THRESHOLD {
         let c = cl.cell(0, CellCmd::RELAY, 3, &data(b"y"));
         core.handle_cell(Side::Prev, c, now).unwrap();
     }
@@ -759,22 +759,25 @@ fn xoff_xon_and_a_client_ignoring_xoff_destroys() {
             .count(),
         1
     );
-    // Draining to XON_THRESHOLD sends XON with the drain rate.
+    // Draining to the exit's XON threshold sends XON with the drain rate.
     core.data_consumed(
         3,
-        (XOFF_THRESHOLD - XON_THRESHOLD) as usize,
+        (flowctl::EXIT_XOFF_THRESHOLD - flowctl::EXIT_XON_THRESHOLD) as usize,
         now + Duration::from_secs(2),
     );
     let r = replies(&mut core, &mut cl);
-    let expect =
-        (XOFF_THRESHOLD - XON_THRESHOLD) * allium_crypto::relaycell::MAX_DATA as u32 / 1024 / 2;
+    let expect = (flowctl::EXIT_XOFF_THRESHOLD - flowctl::EXIT_XON_THRESHOLD)
+        * allium_crypto::relaycell::MAX_DATA as u32
+        / 1024
+        / 2;
     assert!(
         matches!(&r[..], [(3, RelayMsg::Xon(Xon { rate_kib }))] if rate_kib.abs_diff(expect) <= 1),
         "{r:?}"
     );
-    // The client's destination stops reading: the client may overshoot by up to a maximal
+    // The exit stops a stream well before a client would (its destination socket buffers
+    // too). The client's destination stops reading: the client may overshoot by up to a maximal
     // congestion window, then the circuit is destroyed.
-    for _ in XON_THRESHOLD..XOFF_LIMIT {
+    for _ in flowctl::EXIT_XON_THRESHOLD..flowctl::EXIT_XOFF_THRESHOLD + flowctl::CWND_MAX {
         let c = cl.cell(0, CellCmd::RELAY, 3, &data(b"y"));
         core.handle_cell(Side::Prev, c, now).unwrap();
     }
