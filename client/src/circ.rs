@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use allium_crypto::RelayId;
+use allium_crypto::handshake::HopKeys;
+use allium_crypto::relaycell::EndToEndRole;
 use allium_proto::cell::CircId;
 use allium_proto::flowctl::{CWND_MAX, XOFF_LIMIT};
-use allium_proto::relaymsg::EndReason;
+use allium_proto::relaymsg::{EndReason, RelayMsg};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::control::BuildProgress;
@@ -21,7 +23,7 @@ use crate::core::{CircParams, ClientCircuit, DataCell, HopTarget, StreamId, Stre
 use crate::err::{CircError, ClientError, StreamError};
 use crate::link::Link;
 use crate::path::{Path, RelayInfo};
-use crate::reactor::{self, Cmd};
+use crate::reactor::{self, Cmd, OnionEvent};
 
 /// Most open streams per circuit (relays accept 512 by default); a busier isolation key gets
 /// another circuit.
@@ -32,6 +34,10 @@ pub(crate) const MAX_STREAMS: usize = 500;
 pub(crate) const INBOUND_CAP: usize = CWND_MAX as usize + 2 * MAX_STREAMS + 64;
 /// Capacity of a stream's event queue: the XOFF limit plus control events.
 pub(crate) const STREAM_QUEUE: usize = XOFF_LIMIT as usize + 16;
+/// Capacity of a circuit's onion-service event queue (INTRODUCE2 bursts beyond it are dropped;
+/// the introduction layer's replay cache and PoW handle floods).
+#[allow(dead_code)] // used by `Circuit::onion_events` (see there)
+const ONION_QUEUE: usize = 64;
 /// Capacity of a circuit's command queue (shared by its streams; each has at most one data
 /// buffer in flight).
 const CMD_CAP: usize = 256;
@@ -154,6 +160,66 @@ impl Circuit {
         if let Some(sid) = StreamId::new(sid) {
             let _ = self.send(Cmd::End { sid, reason }).await;
         }
+    }
+}
+
+/// The onion-service side of a circuit (issue 13): its requests, events, the end-to-end hop
+/// and incoming streams.
+#[allow(dead_code)] // for the onion-service drivers (issue 13, steps 3-4), not yet wired in
+impl Circuit {
+    /// Onion-service events of this circuit (its messages, incoming streams) come on the
+    /// returned queue from now on; ask before sending the first onion-service request.
+    pub(crate) async fn onion_events(&self) -> Result<mpsc::Receiver<OnionEvent>, ClientError> {
+        let (tx, rx) = mpsc::channel(ONION_QUEUE);
+        self.send(Cmd::OnionEvents { tx }).await?;
+        Ok(rx)
+    }
+
+    /// Send an onion-service request (ESTABLISH_INTRO, INTRODUCE1, ESTABLISH_RENDEZVOUS,
+    /// RENDEZVOUS1) to the last hop.
+    pub(crate) async fn send_onion_service(&self, msg: RelayMsg) -> Result<(), ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::OnionSend {
+            msg: Box::new(msg),
+            reply: tx,
+        })
+        .await?;
+        rx.await
+            .map_err(|_| ClientError::Circuit(CircError::Closed))?
+    }
+
+    /// Add the end-to-end hop after the rendezvous point (the client after RENDEZVOUS2, the
+    /// service after sending RENDEZVOUS1).
+    pub(crate) async fn add_end_to_end(
+        &self,
+        keys: HopKeys,
+        role: EndToEndRole,
+    ) -> Result<(), ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::EndToEnd {
+            keys: Box::new(keys),
+            role,
+            reply: tx,
+        })
+        .await?;
+        rx.await
+            .map_err(|_| ClientError::Circuit(CircError::Closed))?
+    }
+
+    /// Service role: accept incoming stream `sid` (CONNECTED goes to the client).
+    pub(crate) async fn accept_stream(&self, sid: StreamId) -> Result<(), ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Accept { sid, reply: tx }).await?;
+        rx.await
+            .map_err(|_| ClientError::Circuit(CircError::Closed))?
+    }
+
+    /// The handshake binding of hop `hop` (0: first), `None` if it has no such hop.
+    pub(crate) async fn hop_binding(&self, hop: usize) -> Result<Option<[u8; 32]>, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Binding { hop, reply: tx }).await?;
+        rx.await
+            .map_err(|_| ClientError::Circuit(CircError::Closed))
     }
 }
 

@@ -131,6 +131,13 @@ async fn fake_relay(
                         hops.push(RelayHopCrypto::new(&k));
                         tx.send(c).await.unwrap();
                     }
+                    RelayMsg::EstablishRendezvous(_) => {
+                        assert_eq!(at, 2, "onion-service requests go to the last hop");
+                        let ok = RelayMsg::RendezvousEstablished(
+                            allium_proto::relaymsg::RendezvousEstablished,
+                        );
+                        tx.send(backward(&mut hops, 2, id, 0, &ok)).await.unwrap();
+                    }
                     RelayMsg::Begin(_) => {
                         assert_eq!(at, 2, "BEGIN must go to the exit");
                         let c = backward(
@@ -279,4 +286,80 @@ async fn end_closes_only_the_stream() {
     // The circuit still takes streams.
     let t = StreamTarget::Resolve("example.com".into());
     assert!(circ.open_stream(t).await.is_ok());
+}
+
+/// The onion-service commands reach the core and its events come back: ESTABLISH_RENDEZVOUS
+/// goes to the last hop, RENDEZVOUS_ESTABLISHED reaches the subscriber, the end-to-end hop is
+/// added, after which onion-service requests are refused; accepting a stream nobody opened
+/// fails.
+#[tokio::test]
+async fn onion_service_commands_and_events_go_through_the_reactor() {
+    use allium_crypto::relaycell::EndToEndRole;
+    use allium_proto::relaymsg::{EstablishRendezvous, RendCookie};
+    let keys: Vec<FakeHop> = (0..3)
+        .map(|_| FakeHop {
+            id: IdentityKeypair::generate(),
+            onion: X25519Secret::generate(),
+        })
+        .collect();
+    let link_key = X25519Secret::generate();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let infos: Vec<RelayInfo> = keys.iter().map(|k| info(k, &link_key, addr)).collect();
+    let guard_id = keys[0].id.public();
+    let (e2e_keys, _) = {
+        let c = allium_crypto::client_start(&keys[2].id.public(), &keys[2].onion.public(), &[])
+            .unwrap();
+        relay_respond(&keys[2].id.public(), &[&keys[2].onion], &c.1, |_| {
+            Vec::new()
+        })
+        .unwrap()
+    };
+    let _relay = tokio::spawn(async move {
+        let (tcp, _) = l.accept().await.unwrap();
+        let ch = channel::accept(tcp, &guard_id, &link_key).await.unwrap();
+        let (tx, rx) = ch.split();
+        fake_relay(tx, rx, keys, Misbehave::EndStream).await
+    });
+    let link = Link::connect(&infos[0], Duration::from_secs(5))
+        .await
+        .unwrap();
+    let circ = build_hops(link, &infos, CircParams::default())
+        .await
+        .unwrap();
+    assert!(circ.hop_binding(2).await.unwrap().is_some());
+    assert!(circ.hop_binding(3).await.unwrap().is_none());
+    let mut events = circ.onion_events().await.unwrap();
+    circ.send_onion_service(RelayMsg::EstablishRendezvous(EstablishRendezvous {
+        cookie: RendCookie([5; 20]),
+    }))
+    .await
+    .unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
+        Ok(Some(reactor::OnionEvent::Msg(m))) => {
+            assert!(matches!(*m, RelayMsg::RendezvousEstablished(_)), "{m:?}");
+        }
+        other => panic!("expected RENDEZVOUS_ESTABLISHED, got {other:?}"),
+    }
+    // Not an onion-service request: refused, the circuit stays.
+    assert!(
+        circ.send_onion_service(RelayMsg::Drop(Default::default()))
+            .await
+            .is_err()
+    );
+    circ.add_end_to_end(e2e_keys, EndToEndRole::Client)
+        .await
+        .unwrap();
+    let again = circ
+        .send_onion_service(RelayMsg::EstablishRendezvous(EstablishRendezvous {
+            cookie: RendCookie([6; 20]),
+        }))
+        .await;
+    assert!(
+        again.is_err(),
+        "joined circuits take no onion-service requests"
+    );
+    let sid = crate::core::StreamId::new(1).unwrap();
+    assert!(circ.accept_stream(sid).await.is_err(), "no such stream");
+    assert!(!circ.is_closed());
 }

@@ -321,6 +321,71 @@ impl CircMgr<LinkBuilder> {
         }
         Err(last)
     }
+
+    /// A three-hop circuit whose last hop is `last` (an HSDir, an introduction point or a
+    /// rendezvous point, for onion services): a primary guard and a middle relay compatible
+    /// with both, within the build timeout, up to [`BUILD_ATTEMPTS`] tries. It stays out of the
+    /// pool: its owner alone uses it, and dropping it closes it.
+    #[allow(dead_code)] // for the onion-service drivers (issue 13, steps 3-4), not yet wired in
+    pub(crate) async fn circuit_ending_at(
+        &self,
+        last: &RelayInfo,
+    ) -> Result<Arc<Circuit>, ClientError> {
+        let mut err = ClientError::NoPath("no attempt made");
+        for attempt in 1..=BUILD_ATTEMPTS {
+            let view = self.view()?;
+            let relaxed = self.cfg.get().test_network;
+            let primary = self
+                .guards
+                .lock()
+                .map(|g| g.primary(&view.relays, self.cfg.get().primary_guards))
+                .unwrap_or_default();
+            let guard = primary
+                .iter()
+                .filter_map(|id| view.relays.iter().find(|r| r.id == *id))
+                .find(|g| path::compatible(g, last, relaxed))
+                .ok_or(ClientError::NoPath(
+                    "no primary guard may share a circuit with this relay",
+                ))?;
+            let middle = {
+                let mut rng = rand::rng();
+                path::choose_middle_weighted(
+                    &view.relays,
+                    &view.weights,
+                    &[guard, last],
+                    false,
+                    relaxed,
+                    &mut rng,
+                )
+                .cloned()
+            }
+            .ok_or(ClientError::NoPath(
+                "no middle relay for an onion-service circuit",
+            ))?;
+            let (limit, _) = self.build_timeout(attempt);
+            let built = async {
+                let link = self.builder.link_for(guard).await?;
+                let params = CircParams {
+                    build_timeout: limit,
+                    max_streams: circ::MAX_STREAMS,
+                    ..CircParams::default()
+                };
+                circ::build_hops(link, &[guard.clone(), middle, last.clone()], params).await
+            };
+            match tokio::time::timeout(limit, built).await {
+                Ok(Ok(c)) => {
+                    self.built_total.fetch_add(1, Ordering::Relaxed);
+                    return Ok(c);
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(attempt, "onion-service circuit build failed: {e}");
+                    err = e;
+                }
+                Err(_) => err = ClientError::Timeout("building a circuit"),
+            }
+        }
+        Err(err)
+    }
 }
 
 impl<B: CircBuilder> CircMgr<B> {

@@ -18,7 +18,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use allium_proto::relaymsg::EndReason;
+use allium_crypto::handshake::HopKeys;
+use allium_crypto::relaycell::EndToEndRole;
+use allium_proto::relaymsg::{Begin, EndReason, RelayMsg};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::circ::{STREAM_QUEUE, Shared, StreamEvent};
@@ -49,6 +51,54 @@ pub(crate) enum Cmd {
     End { sid: StreamId, reason: EndReason },
     /// Close the circuit.
     Close,
+    /// Onion-service events of this circuit go to `tx` from now on (before: logged, dropped).
+    #[allow(dead_code)] // sent by the onion-service side of `Circuit` (circ.rs)
+    OnionEvents { tx: mpsc::Sender<OnionEvent> },
+    /// Send an onion-service request to the last hop.
+    #[allow(dead_code)] // sent by the onion-service side of `Circuit` (circ.rs)
+    OnionSend {
+        msg: Box<RelayMsg>,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    /// Add the end-to-end hop after the rendezvous point.
+    #[allow(dead_code)] // sent by the onion-service side of `Circuit` (circ.rs)
+    EndToEnd {
+        keys: Box<HopKeys>,
+        role: EndToEndRole,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    /// Service role: accept an incoming stream (CONNECTED).
+    #[allow(dead_code)] // sent by the onion-service side of `Circuit` (circ.rs)
+    Accept {
+        sid: StreamId,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    /// The handshake binding of hop `hop` (ESTABLISH_INTRO signs over it).
+    #[allow(dead_code)] // sent by the onion-service side of `Circuit` (circ.rs)
+    Binding {
+        hop: usize,
+        reply: oneshot::Sender<Option<[u8; 32]>>,
+    },
+}
+
+/// What the owner of an onion-service circuit hears from its reactor (after
+/// [`Cmd::OnionEvents`]).
+#[allow(dead_code)] // read by the onion-service drivers (issue 13, steps 3-4), not yet wired in
+#[derive(Debug)]
+pub(crate) enum OnionEvent {
+    /// An onion-service message from the last hop (INTRO_ESTABLISHED, INTRODUCE_ACK,
+    /// INTRODUCE2, RENDEZVOUS_ESTABLISHED, RENDEZVOUS2).
+    Msg(Box<RelayMsg>),
+    /// Service role: the client opened stream `sid` through the end-to-end hop; its data comes
+    /// on `rx`. Answer with `Circuit::accept_stream` or end it.
+    Incoming {
+        /// The stream.
+        sid: StreamId,
+        /// What the client asked for (its port selects the target).
+        begin: Box<Begin>,
+        /// The stream's events.
+        rx: mpsc::Receiver<StreamEvent>,
+    },
 }
 
 /// Data of a stream waiting for its windows to open.
@@ -78,6 +128,8 @@ pub(crate) struct Reactor {
     one_hop: bool,
     slots: HashMap<StreamId, Slot>,
     n_pending: usize,
+    /// Where onion-service events go, once someone asked for them.
+    onion: Option<mpsc::Sender<OnionEvent>>,
 }
 
 impl Reactor {
@@ -100,6 +152,7 @@ impl Reactor {
             one_hop: false,
             slots: HashMap::new(),
             n_pending: 0,
+            onion: None,
         }
     }
 
@@ -144,10 +197,19 @@ impl Reactor {
                 Event::ExtendFailed { hop, error } => {
                     tracing::debug!(circ = %self.core.id(), hop, "extending failed: {error}");
                 }
-                Event::OnionService { .. } | Event::IncomingStream { .. } => {
-                    // Onion-service circuits are driven by their own layer (a later session).
-                    tracing::debug!(circ = %self.core.id(), "onion-service event on a general circuit");
+                Event::OnionService { msg } => {
+                    let ev = OnionEvent::Msg(Box::new(msg));
+                    if self
+                        .onion
+                        .as_ref()
+                        .is_none_or(|tx| tx.try_send(ev).is_err())
+                    {
+                        // Nobody drives this circuit as an onion-service circuit, or its owner
+                        // is behind (its queue is bounded): the message is dropped.
+                        tracing::debug!(circ = %self.core.id(), "onion-service message dropped");
+                    }
                 }
+                Event::IncomingStream { stream, begin } => self.incoming(stream, begin),
                 Event::StreamConnected { stream } => self.deliver(stream, StreamEvent::Connected),
                 Event::StreamData { stream, data } => {
                     self.deliver(stream, StreamEvent::Data(data));
@@ -185,6 +247,22 @@ impl Reactor {
         self.shared
             .n_streams
             .store(self.core.n_streams(), Ordering::Release);
+    }
+
+    /// Service role: hand an incoming stream to the onion-service layer, or refuse it.
+    fn incoming(&mut self, sid: StreamId, begin: Begin) {
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let ev = OnionEvent::Incoming {
+            sid,
+            begin: Box::new(begin),
+            rx,
+        };
+        match self.onion.as_ref().map(|o| o.try_send(ev)) {
+            Some(Ok(())) => {
+                self.slots.insert(sid, Slot { tx, pending: None });
+            }
+            _ => self.core.close_stream(sid, EndReason::RESOURCELIMIT, now()),
+        }
     }
 
     fn drop_slot(&mut self, sid: StreamId) {
@@ -252,6 +330,22 @@ impl Reactor {
                 }
             }
             Cmd::Close => self.core.close(),
+            Cmd::OnionEvents { tx } => self.onion = Some(tx),
+            Cmd::OnionSend { msg, reply } => {
+                let r = self.core.send_onion_service(&msg);
+                let _ = reply.send(r.map_err(ClientError::from));
+            }
+            Cmd::EndToEnd { keys, role, reply } => {
+                let r = self.core.add_end_to_end(&keys, role);
+                let _ = reply.send(r.map_err(ClientError::from));
+            }
+            Cmd::Accept { sid, reply } => {
+                let r = self.core.accept_stream(sid);
+                let _ = reply.send(r.map_err(ClientError::from));
+            }
+            Cmd::Binding { hop, reply } => {
+                let _ = reply.send(self.core.hop_binding(hop).copied());
+            }
         }
     }
 

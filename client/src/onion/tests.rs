@@ -396,6 +396,71 @@ fn hsdir_requests_are_byte_exact() {
     assert!(super::hsdir::upload_request(&b, &big).is_none());
 }
 
+/// The HSDir role as a relay runs it (relay/src/hsdir.rs): the head is framed and parsed by
+/// the directory crate, the store answers.
+fn hsdir_answer(store: &mut allium_directory::dircache::HsDescStore, whole: &[u8]) -> Vec<u8> {
+    use allium_directory::dircache::{parse_request, request_head_complete};
+    let head_len = request_head_complete(whole).expect("a whole head");
+    let req = parse_request(&whole[..head_len]).expect("the relay parses our request");
+    store
+        .respond(&req, &whole[head_len..], NOW)
+        .expect("a descriptor request")
+}
+
+#[test]
+fn descriptors_go_through_an_hsdir_store_and_come_back_openable() {
+    use super::hsdir::{
+        ResponseProgress, fetch_request, fetch_response, response_progress, upload_request,
+        upload_response,
+    };
+    let (s, _) = service(vec![]);
+    let mut s = s;
+    let ups = s.build_descriptors(NOW).expect("built");
+    let mut store = allium_directory::dircache::HsDescStore::default();
+    let loc = client::descriptor_location(s.address(), &TP, NOW).expect("loc");
+    // Nothing stored yet: the client hears "not found" and moves on to the next HSDir.
+    let miss = hsdir_answer(&mut store, &fetch_request(&loc.blinded));
+    assert_eq!(
+        response_progress(&miss),
+        Ok(ResponseProgress::Complete(miss.len()))
+    );
+    assert_eq!(fetch_response(&miss), Err(OnionError::DescNotFound));
+    for up in &ups {
+        let req = upload_request(&up.blinded, &up.bytes).expect("fits");
+        let resp = hsdir_answer(&mut store, &req);
+        upload_response(&resp).expect("stored");
+    }
+    // A descriptor uploaded under another key is refused, and the service hears why.
+    let wrong = upload_request(&ups[1].blinded, &ups[0].bytes).expect("fits");
+    let e = upload_response(&hsdir_answer(&mut store, &wrong)).expect_err("refused");
+    assert!(e.contains("uploading"), "{e}");
+    let resp = hsdir_answer(&mut store, &fetch_request(&loc.blinded));
+    // Arriving a piece at a time: partial until the last byte.
+    for cut in [0, 5, resp.len() / 2, resp.len() - 1] {
+        assert_eq!(
+            response_progress(&resp[..cut]),
+            Ok(ResponseProgress::Partial)
+        );
+    }
+    let mut more = resp.clone();
+    more.extend_from_slice(b"trailing");
+    assert_eq!(
+        response_progress(&more),
+        Ok(ResponseProgress::Complete(resp.len()))
+    );
+    let raw = fetch_response(&resp).expect("served");
+    assert_eq!(raw, ups[0].bytes, "the HSDir serves the bytes uploaded");
+    let c = client::open_descriptor(&loc, &raw, NOW, None).expect("opens");
+    assert_eq!(c.intro_points.len(), 3);
+    // Hostile bytes are an error, not a panic or an endless wait.
+    let junk = vec![b'x'; 64 * 1024];
+    assert!(response_progress(&junk).is_err());
+    assert_eq!(
+        fetch_response(b"HTTP/1.0 200 OK\r\n\r\n"),
+        Err(OnionError::DescNotFound)
+    );
+}
+
 #[test]
 fn prepare_services_creates_keys_and_reports_bad_files() {
     let dir = tempfile::tempdir().expect("tmp");
