@@ -116,7 +116,7 @@ pub fn sample_consensus(n: u8) -> Vec<u8> {
     relays.sort_by_key(|e| e.identity);
     let c = Consensus {
         version: allium_directory::doc::consensus::CONSENSUS_VERSION,
-        method: 1,
+        method: allium_directory::doc::consensus::CONSENSUS_METHOD,
         valid_after: 1_800_000_000,
         fresh_until: 1_800_003_600,
         valid_until: 1_800_010_800,
