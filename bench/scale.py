@@ -186,8 +186,13 @@ def diff_sizes(tool, old, new, tmp):
         f.write(new)
     r = subprocess.run(tool + [a, b], cwd=ROOT, capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
-        return {"error": r.stderr.strip()[-500:]}
+        return {"error": "exit %s: %s" % (r.returncode, r.stderr.strip()[-500:])}
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def listed(tool, doc, tmp):
+    """How many relays consensus `doc` lists (the diff tool against itself), or None."""
+    return diff_sizes(tool, doc, doc, tmp).get("relays")
 
 
 def next_consensus(auth_dir, current, timeout):
@@ -340,6 +345,19 @@ def main():
         window = args.periods * VOTING_INTERVAL
         c_start = {n["pid"]: cpu_secs(n["pid"]) for n in auths}
         w_start = {n["pid"]: wchar(n["pid"]) for n in auths}
+        # Diffs measure churn only once the consensus has stopped growing: wait (bounded) until
+        # it lists every relay, or the same number three periods running.
+        first = http_get(auth_dirs[0], "/allium/v1/consensus")
+        counts = [listed(diff_tool, first, tmp)]
+        end = time.monotonic() + 60 * VOTING_INTERVAL
+        while (time.monotonic() < end and (counts[-1] or 0) < args.relays
+               and not (len(counts) >= 3 and len(set(counts[-3:])) == 1)):
+            nxt = next_consensus(auth_dirs[0], first, 6 * VOTING_INTERVAL)
+            if nxt:
+                first = nxt
+                counts.append(listed(diff_tool, first, tmp))
+        log(f"consensus lists {counts[-1]} relays before the window (history {counts})")
+        result["consensus_relays_before_window"] = counts
         first = http_get(auth_dirs[0], "/allium/v1/consensus")
         one = next_consensus(auth_dirs[0], first, 6 * VOTING_INTERVAL)
         t_w = time.monotonic()

@@ -3,7 +3,7 @@
 //! Not in this crate: protocol logic (see the workspace crates).
 
 pub mod cmd;
-mod logging;
+pub mod logging;
 pub mod ops;
 pub mod out;
 

@@ -8,6 +8,8 @@
 
 use std::sync::OnceLock;
 
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Registry, reload};
@@ -20,8 +22,22 @@ struct Installed {
 
 static INSTALLED: OnceLock<Installed> = OnceLock::new();
 
-/// Install the global subscriber. No dependency of ours logs SOCKS credentials or targets (the
-/// SOCKS parser is our own), so the filter is the operator's as given.
+/// Dependencies that log what Allium's own logs never may: hickory (the exit's DNS resolver) logs
+/// every queried name at debug level, which at an exit is a user's destination.
+const PRIVATE_BELOW_WARN: &[&str] = &["hickory_proto", "hickory_resolver", "hickory_net"];
+
+/// A filter that holds the dependencies in [`PRIVATE_BELOW_WARN`] at `warn` whatever the
+/// operator's filter says, installed beside it (and in the log-privacy test beside its own).
+pub fn privacy_filter() -> Targets {
+    PRIVATE_BELOW_WARN
+        .iter()
+        .fold(Targets::new().with_default(Level::TRACE), |t, target| {
+            t.with_target(*target, Level::WARN)
+        })
+}
+
+/// Install the global subscriber: the operator's filter (reloadable) and [`privacy_filter`], so
+/// no dependency's debug output carries a destination (the SOCKS parser is our own).
 pub(crate) fn init(filter: Option<&str>, configured: Option<&str>) {
     let from_env = filter
         .map(str::to_owned)
@@ -39,6 +55,7 @@ pub(crate) fn init(filter: Option<&str>, configured: Option<&str>) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if tracing_subscriber::registry()
         .with(layer)
+        .with(privacy_filter())
         .with(fmt)
         // Log events for control-port controllers (NOTICE/WARN/... events).
         .with(allium_control::logfeed::layer())

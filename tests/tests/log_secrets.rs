@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use allium_tests::{EXIT_ONLY_NAME, Options, REFUSED_PORT, TestNet, socks, spawn_echo};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 const T: Duration = Duration::from_secs(60);
 /// A name no resolver knows: the exit's lookup fails (the error paths log too).
@@ -91,10 +93,13 @@ fn secret_keys(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
 fn debug_logs_carry_no_destination_credential_or_key() {
     let capture = Capture::default();
     let writer = capture.clone();
+    // The binary's subscriber: the operator's filter (here `debug`) beside its privacy filter.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
         .with_ansi(false)
         .with_writer(move || writer.clone())
+        .finish()
+        .with(allium::logging::privacy_filter())
         .init();
 
     let net = TestNet::start(Options {
