@@ -277,8 +277,13 @@ impl TestNet {
 
     /// The configuration of another proxy on this network, with its data in `data_dir`.
     pub fn proxy_config(&self, data_dir: &Path) -> ProxyConfig {
+        // The network's proxy holds its fixed-port listeners: another proxy goes without them.
         ProxyConfig {
             data_dir: data_dir.to_path_buf(),
+            http_tunnel_port: None,
+            dns_port: None,
+            control_port: None,
+            metrics_address: None,
             ..self.proxy_config.clone()
         }
     }
