@@ -369,6 +369,7 @@ fn proxy_and_relay_metrics_follow_the_exposition_format() {
     let relays = net.relays.lock().unwrap();
     let mut guards = 0.0;
     let mut exits = 0.0;
+    let mut relays_read = 0.0;
     for r in relays.iter().flatten() {
         let text = r.metrics_text();
         let page = check(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
@@ -378,8 +379,10 @@ fn proxy_and_relay_metrics_follow_the_exposition_format() {
             Some(1.0)
         );
         let read = value(&page, "allium_relay_bytes_total", &[("direction", "read")]).unwrap();
-        assert!(read > 0.0, "a relay of the network read from its links");
         assert!(read <= r.link_traffic().0 as f64);
+        // A relay on none of the proxy's circuits may have seen only handshakes (frames are
+        // counted after them): the network as a whole read from its links.
+        relays_read += read;
         for dir in ["read", "written"] {
             let b = value(&page, "allium_relay_bytes_total", &[("direction", dir)]).unwrap();
             let c = value(&page, "allium_relay_cells_total", &[("direction", dir)]).unwrap();
@@ -400,6 +403,7 @@ fn proxy_and_relay_metrics_follow_the_exposition_format() {
         guards >= 1.0 && exits >= 1.0,
         "guards {guards}, exits {exits}"
     );
+    assert!(relays_read > 0.0, "the relays read from their links");
 }
 
 #[test]
