@@ -478,34 +478,14 @@ pub(crate) async fn serve(sock: UdpSocket, mgr: Arc<CircMgr>, mut shutdown: watc
 pub(crate) async fn serve_tcp(
     listener: tokio::net::TcpListener,
     mgr: Arc<CircMgr>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let sem = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&sem).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = shutdown.changed() => return,
-        };
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.changed() => return,
-        };
-        let sock = match accepted {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!("accepting a DNS-over-TCP connection failed: {e}");
-                #[allow(clippy::disallowed_methods)] // the listener is a tokio driver
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = sock.set_nodelay(true);
+    let port = "DNS-over-TCP";
+    crate::socks::server::accept_loop(listener, MAX_TCP_CONNECTIONS, port, shutdown, move |sock| {
         let mgr = Arc::clone(&mgr);
-        tokio::spawn(async move {
-            serve_tcp_conn(&mgr, sock).await;
-            drop(permit);
-        });
-    }
+        async move { serve_tcp_conn(&mgr, sock).await }
+    })
+    .await;
 }
 
 /// Read one length-prefixed message: `Ok(None)` at a clean end between messages.

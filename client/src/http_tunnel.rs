@@ -24,12 +24,14 @@ use std::sync::Arc;
 use base64::Engine as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::circmgr::CircMgr;
 use crate::isolation::IsolationKey;
 use crate::metrics::Outcome as Ended;
-use crate::socks::server::{Failure, Front, open_and_splice, reply_code_for};
+use crate::socks::server::{
+    Failure, Front, accept_loop, limit_unsent, open_and_splice, reply_code_for,
+};
 use crate::socks::wire::{MAX_HOST_LEN, Target, reply};
 
 /// Longest request head accepted (request line and headers, with the blank line).
@@ -298,35 +300,15 @@ pub(crate) async fn close_gently(mut sock: TcpStream) {
 pub(crate) async fn serve(
     listener: TcpListener,
     mgr: Arc<CircMgr>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let sem = Arc::new(Semaphore::new(mgr.config().max_socks_connections));
-    loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&sem).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = shutdown.changed() => return,
-        };
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.changed() => return,
-        };
-        let sock = match accepted {
-            Ok((s, _peer)) => s,
-            Err(e) => {
-                tracing::warn!("accepting an HTTP CONNECT connection failed: {e}");
-                #[allow(clippy::disallowed_methods)] // the listener is a tokio driver
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = sock.set_nodelay(true);
-        crate::socks::server::limit_unsent(&sock);
+    let limit = mgr.config().max_socks_connections;
+    accept_loop(listener, limit, "HTTP CONNECT", shutdown, move |sock| {
+        limit_unsent(&sock);
         let mgr = Arc::clone(&mgr);
-        tokio::spawn(async move {
-            handle(&mgr, sock).await;
-            drop(permit);
-        });
-    }
+        async move { handle(&mgr, sock).await }
+    })
+    .await;
 }
 
 /// Read the head and not a byte more: peek; while the head is incomplete every peeked byte is

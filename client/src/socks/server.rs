@@ -58,9 +58,31 @@ const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 pub(crate) async fn serve(
     listener: TcpListener,
     mgr: Arc<CircMgr>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let sem = Arc::new(Semaphore::new(mgr.config().max_socks_connections));
+    let limit = mgr.config().max_socks_connections;
+    accept_loop(listener, limit, "SOCKS", shutdown, move |sock| {
+        limit_unsent(&sock);
+        handle(Arc::clone(&mgr), sock)
+    })
+    .await;
+}
+
+/// Accept connections on a client port until shutdown, at most `limit` served at once, each by
+/// `serve` on its own task (with TCP_NODELAY set). `port` names the port in the warning an
+/// accept failure leaves; after one (out of file descriptors and the like) the loop waits a
+/// little instead of spinning. The SOCKS, HTTP CONNECT and DNS-over-TCP ports share it.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    limit: usize,
+    port: &'static str,
+    mut shutdown: watch::Receiver<bool>,
+    serve: F,
+) where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let sem = Arc::new(Semaphore::new(limit));
     loop {
         let permit = tokio::select! {
             p = Arc::clone(&sem).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -73,18 +95,16 @@ pub(crate) async fn serve(
         let sock = match accepted {
             Ok((s, _peer)) => s,
             Err(e) => {
-                // Out of file descriptors and the like: wait a little instead of spinning.
-                tracing::warn!("accepting a SOCKS connection failed: {e}");
+                tracing::warn!("accepting a {port} connection failed: {e}");
                 #[allow(clippy::disallowed_methods)] // the listener is a tokio driver
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
         let _ = sock.set_nodelay(true);
-        limit_unsent(&sock);
-        let mgr = Arc::clone(&mgr);
+        let fut = serve(sock);
         tokio::spawn(async move {
-            handle(mgr, sock).await;
+            fut.await;
             drop(permit);
         });
     }
