@@ -154,6 +154,7 @@ fn rig(script: &[Outcome]) -> Rig {
     mgr.set_dir(DirView {
         relays: relays.clone(),
         weights: Default::default(),
+        hs: Default::default(),
     });
     Rig {
         mgr,
@@ -465,6 +466,7 @@ async fn the_build_timeout_is_learned_saved_and_restored() {
         mgr.set_dir(DirView {
             relays,
             weights: Default::default(),
+            hs: Default::default(),
         });
         mgr
     };
@@ -632,6 +634,7 @@ fn rig_with(script: &[Outcome], f: impl FnOnce(&mut ProxyConfig)) -> Rig {
     mgr.set_dir(DirView {
         relays: relays.clone(),
         weights: Default::default(),
+        hs: Default::default(),
     });
     Rig {
         mgr,

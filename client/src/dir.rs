@@ -4,10 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use allium_crypto::hs::TimePeriod;
 use allium_directory::client::{
     AuthorityInfo, ConsensusCache, FetchRole, Liveness, not_published_yet,
 };
 use allium_directory::doc::Flags;
+use allium_directory::hs::{HsDirParams, HsDirRing, disaster_srv};
 use allium_directory::{NetDir, now_unix};
 use tokio::sync::watch;
 
@@ -27,6 +29,40 @@ pub(crate) struct DirView {
     pub(crate) relays: Vec<RelayInfo>,
     /// The consensus' position weights.
     pub(crate) weights: PositionWeights,
+    /// What onion services need from the consensus (issue 13).
+    #[allow(dead_code)] // for the onion-service drivers (issue 13)
+    pub(crate) hs: HsView,
+}
+
+/// The onion-service part of a consensus: the HSDir ring's inputs.
+#[derive(Debug, Default, Clone)]
+#[allow(dead_code)] // for the onion-service drivers (issue 13)
+pub(crate) struct HsView {
+    /// `hsdir_n_replicas`, `hsdir_spread_store`, `hsdir_spread_fetch`.
+    pub(crate) params: HsDirParams,
+}
+
+impl DirView {
+    /// The HSDir ring of `period`: the relays flagged HSDir, placed by the period's shared random
+    /// value. The consensus carries none yet, so this is the disaster value for now (predictable;
+    /// see `allium_directory::hs::ring`), until the authorities' commit-reveal protocol lands.
+    #[allow(dead_code)] // for the onion-service drivers (issue 13)
+    pub(crate) fn hsdir_ring(&self, period: &TimePeriod) -> HsDirRing {
+        HsDirRing::new(
+            self.relays
+                .iter()
+                .filter(|r| r.usable() && r.flags.hsdir)
+                .map(|r| r.id),
+            &disaster_srv(period),
+            period,
+        )
+    }
+
+    /// The relay with identity `id`, if listed.
+    #[allow(dead_code)] // for the onion-service drivers (issue 13)
+    pub(crate) fn relay(&self, id: &allium_crypto::RelayId) -> Option<&RelayInfo> {
+        self.relays.iter().find(|r| r.id == *id)
+    }
 }
 
 /// Convert a verified consensus.
@@ -47,6 +83,7 @@ pub(crate) fn view_from(nd: &NetDir) -> DirView {
                 bad_exit: e.flags.contains(Flags::BAD_EXIT),
                 fast: e.flags.contains(Flags::FAST),
                 stable: e.flags.contains(Flags::STABLE),
+                hsdir: e.flags.contains(Flags::HSDIR),
             },
             weight: u64::from(e.weight),
             family: e.family.clone(),
@@ -56,6 +93,9 @@ pub(crate) fn view_from(nd: &NetDir) -> DirView {
     DirView {
         relays,
         weights: PositionWeights::from_consensus(&nd.consensus().bandwidth_weights),
+        hs: HsView {
+            params: HsDirParams::from_consensus(nd.consensus()),
+        },
     }
 }
 

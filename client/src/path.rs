@@ -39,6 +39,8 @@ pub struct RelayFlags {
     pub fast: bool,
     /// Stable.
     pub stable: bool,
+    /// HSDir: stores onion-service descriptors (issue 13).
+    pub hsdir: bool,
 }
 
 /// What path selection needs to know about one relay.
@@ -446,6 +448,7 @@ pub(crate) mod tests {
                 bad_exit: false,
                 fast: true,
                 stable: true,
+                hsdir: false,
             },
             weight,
             family: vec![],

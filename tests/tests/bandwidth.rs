@@ -48,6 +48,7 @@ fn info(e: &allium_directory::doc::ConsensusEntry) -> RelayInfo {
             exit: e.has(Flags::EXIT),
             bad_exit: e.has(Flags::BAD_EXIT),
             fast: e.has(Flags::FAST),
+            hsdir: e.has(Flags::HSDIR),
             stable: e.has(Flags::STABLE),
         },
         weight: u64::from(e.weight),
