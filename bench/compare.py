@@ -992,6 +992,10 @@ def run_allium(cfg):
     data = os.path.join(w, "data")
     argv = [binp, "testnet", "--relays", str(cfg.relays), "--exits", str(cfg.exits),
             "--socks-port", str(socks_port), "--data-dir", data]
+    # binaries from before `--ready-timeout` (e.g. a baseline) keep their built-in limit
+    helptext = subprocess.run([binp, "testnet", "--help"], capture_output=True, text=True).stdout
+    if "--ready-timeout" in helptext:
+        argv += ["--ready-timeout", str(int(cfg.boot_timeout))]
     emu = None
     if cfg.wan_on:
         # relay i listens on BASE+80+i and advertises the emulator on BASE+150+i
