@@ -354,11 +354,6 @@ def main():
         result["loadavg_clients_ready"] = os.getloadavg()[0]
         # The measurement window: P voting periods with every client up.
         window = args.periods * VOTING_INTERVAL
-        c_start = {n["pid"]: cpu_secs(n["pid"]) for n in auths}
-        w_start = {n["pid"]: wchar(n["pid"]) for n in auths}
-        relay_pids = [n["pid"] for n in relays]
-        client_pids = [p.pid for p in procs]
-        r_start, cl_start = cpu_total(relay_pids), cpu_total(client_pids)
         # Diffs measure churn only once the consensus has stopped growing: wait (bounded) until
         # it lists every relay, or the same number three periods running.
         first = http_get(auth_dirs[0], "/allium/v1/consensus")
@@ -379,7 +374,7 @@ def main():
         while time.monotonic() < end and os.path.exists(bw_log):
             with open(bw_log, errors="replace") as f:
                 scans = [int(m) for m in re.findall(r"scan done measured=(\d+)", f.read())]
-            if any(n >= (counts[-1] or args.relays) for n in scans):
+            if any(n >= args.relays for n in scans):
                 break
             time.sleep(1.0)
         result["bwscan_scans_before_window"] = scans
@@ -389,8 +384,16 @@ def main():
             time.sleep(3 * VOTING_INTERVAL)
         result["consensus_relays_before_window"] = counts
         first = http_get(auth_dirs[0], "/allium/v1/consensus")
-        one = next_consensus(auth_dirs[0], first, 6 * VOTING_INTERVAL)
+        # CPU and bytes from here on: the window only (taken before the waits above, they
+        # counted the waits' minutes against the window's 60 s; runs of 2026-12-01 04:41 and
+        # 06:45 UTC were affected).
+        c_start = {n["pid"]: cpu_secs(n["pid"]) for n in auths}
+        w_start = {n["pid"]: wchar(n["pid"]) for n in auths}
+        relay_pids = [n["pid"] for n in relays]
+        client_pids = [p.pid for p in procs]
+        r_start, cl_start = cpu_total(relay_pids), cpu_total(client_pids)
         t_w = time.monotonic()
+        one = next_consensus(auth_dirs[0], first, 6 * VOTING_INTERVAL)
         time.sleep(max(0.0, window - (time.monotonic() - t_w)))
         elapsed = time.monotonic() - t_w
         result["loadavg_window_end"] = os.getloadavg()[0]
