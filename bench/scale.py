@@ -12,8 +12,8 @@ the subnet rules of path selection apply for real). It reports:
   - the consensus size (compressed, as served at `/allium/v1/consensus.z`) per relay;
   - the size of a consensus diff after one voting period and after the whole window
     (`consensus_diff`, an example of the directory crate: apply(diff) is checked too);
-  - authority CPU (utime + stime from /proc/<pid>/stat, in cores) and bytes written by each
-    authority process (/proc/<pid>/io `wchar`: sockets and files) per voting period, over a
+  - authority CPU (utime + stime from /proc/<pid>/stat, in cores; all relays and all client
+    proxies together too) and bytes written by each authority process (/proc/<pid>/io `wchar`: sockets and files) per voting period, over a
     window of P voting periods after every client is ready;
   - TCP connections from the client proxies' addresses to any authority's directory port, before
     and after each client's own bootstrap (every 4-tuple seen in /proc/net/tcp, sampled every
@@ -54,6 +54,17 @@ def cpu_secs(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def cpu_total(pids):
+    """utime + stime of every listed process that still runs (seconds)."""
+    t = 0.0
+    for pid in pids:
+        try:
+            t += cpu_secs(pid)
+        except (OSError, ValueError, IndexError):
+            pass
+    return t
 
 
 def wchar(pid):
@@ -343,8 +354,6 @@ def main():
         result["loadavg_clients_ready"] = os.getloadavg()[0]
         # The measurement window: P voting periods with every client up.
         window = args.periods * VOTING_INTERVAL
-        c_start = {n["pid"]: cpu_secs(n["pid"]) for n in auths}
-        w_start = {n["pid"]: wchar(n["pid"]) for n in auths}
         # Diffs measure churn only once the consensus has stopped growing: wait (bounded) until
         # it lists every relay, or the same number three periods running.
         first = http_get(auth_dirs[0], "/allium/v1/consensus")
@@ -357,15 +366,41 @@ def main():
                 first = nxt
                 counts.append(listed(diff_tool, first, tmp))
         log(f"consensus lists {counts[-1]} relays before the window (history {counts})")
+        # The bandwidth scanner's first pass turns unmeasured weights into measured ones relay
+        # by relay: not steady state either. Wait (bounded) for its first complete scan.
+        bw_log = os.path.join(data, "bwscan.log")
+        end = time.monotonic() + 150 * VOTING_INTERVAL
+        scans = []
+        while time.monotonic() < end and os.path.exists(bw_log):
+            with open(bw_log, errors="replace") as f:
+                scans = [int(m) for m in re.findall(r"scan done measured=(\d+)", f.read())]
+            if any(n >= args.relays for n in scans):
+                break
+            time.sleep(1.0)
+        result["bwscan_scans_before_window"] = scans
+        log(f"bandwidth scans done before the window: {scans}")
+        if scans:
+            # Two more periods, so every authority has voted the file.
+            time.sleep(3 * VOTING_INTERVAL)
         result["consensus_relays_before_window"] = counts
         first = http_get(auth_dirs[0], "/allium/v1/consensus")
-        one = next_consensus(auth_dirs[0], first, 6 * VOTING_INTERVAL)
+        # CPU and bytes from here on: the window only (taken before the waits above, they
+        # counted the waits' minutes against the window's 60 s; runs of 2026-12-01 04:41 and
+        # 06:45 UTC were affected).
+        c_start = {n["pid"]: cpu_secs(n["pid"]) for n in auths}
+        w_start = {n["pid"]: wchar(n["pid"]) for n in auths}
+        relay_pids = [n["pid"] for n in relays]
+        client_pids = [p.pid for p in procs]
+        r_start, cl_start = cpu_total(relay_pids), cpu_total(client_pids)
         t_w = time.monotonic()
+        one = next_consensus(auth_dirs[0], first, 6 * VOTING_INTERVAL)
         time.sleep(max(0.0, window - (time.monotonic() - t_w)))
         elapsed = time.monotonic() - t_w
         result["loadavg_window_end"] = os.getloadavg()[0]
         c_end = {n["pid"]: cpu_secs(n["pid"]) for n in auths}
         w_end = {n["pid"]: wchar(n["pid"]) for n in auths}
+        result["relays_cores_total"] = round((cpu_total(relay_pids) - r_start) / elapsed, 3)
+        result["clients_cores_total"] = round((cpu_total(client_pids) - cl_start) / elapsed, 3)
         periods = elapsed / VOTING_INTERVAL
         result["window_s"] = round(elapsed, 1)
         result["authority_cores"] = [round((c_end[p] - c_start[p]) / elapsed, 4) for p in c_start]
@@ -376,6 +411,11 @@ def main():
         z = http_get(auth_dirs[0], "/allium/v1/consensus.z")
         result["consensus_raw_bytes"] = len(last)
         result["consensus_z_bytes"] = len(z)
+        # The documents themselves, for a closer look (kept with the logs).
+        for name, doc in (("first", first), ("one", one), ("last", last)):
+            if doc:
+                with open(os.path.join(tmp, f"consensus-{name}.bin"), "wb") as f:
+                    f.write(doc)
         if one:
             result["diff_one_period"] = diff_sizes(diff_tool, first, one, tmp)
         result["diff_window"] = diff_sizes(diff_tool, first, last, tmp)

@@ -191,6 +191,10 @@ pub struct AuthorityLimits {
     /// Milliseconds one reachability probe may take (an address that drops packets costs no
     /// more than this).
     pub probe_timeout_ms: u64,
+    /// Re-probes of known relays started per second, at most, by the background prober: each
+    /// relay is re-probed every `max(voting_interval / 2, relays / probes_per_sec)` seconds (a
+    /// probe is a whole link handshake). New relays are probed regardless.
+    pub probes_per_sec: u32,
 }
 
 impl Default for AuthorityLimits {
@@ -210,6 +214,7 @@ impl Default for AuthorityLimits {
             header_timeout_secs: 10,
             idle_timeout_secs: 30,
             probe_timeout_ms: 10_000,
+            probes_per_sec: 20,
         }
     }
 }
@@ -356,10 +361,11 @@ impl AuthorityConfig {
         if !(1..=600).contains(&l.header_timeout_secs)
             || !(1..=3600).contains(&l.idle_timeout_secs)
             || !(100..=60_000).contains(&l.probe_timeout_ms)
+            || !(1..=100_000).contains(&l.probes_per_sec)
         {
             return Err(DirError::Config(
                 "[limits]: header_timeout_secs 1-600, idle_timeout_secs 1-3600, \
-                 probe_timeout_ms 100-60000"
+                 probe_timeout_ms 100-60000, probes_per_sec 1-100000"
                     .into(),
             ));
         }

@@ -65,10 +65,12 @@ impl Reachability for TcpReachability {
     }
 }
 
-/// A fake for tests: relays are reachable unless their identity is marked down.
+/// A fake for tests: relays are reachable unless their identity is marked down. It counts the
+/// probes it was asked for.
 #[derive(Debug, Default)]
 pub struct FakeReachability {
     down: Mutex<BTreeSet<RelayId>>,
+    probes: std::sync::atomic::AtomicU64,
 }
 
 impl FakeReachability {
@@ -85,10 +87,16 @@ impl FakeReachability {
             d.remove(&id);
         }
     }
+    /// How many probes were made so far.
+    pub fn probes(&self) -> u64 {
+        self.probes.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Reachability for FakeReachability {
     fn probe(&self, _addr: SocketAddr, id: RelayId, _link_key: X25519Public) -> ProbeFuture {
+        self.probes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let up = !self
             .down
             .lock()

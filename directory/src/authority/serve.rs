@@ -80,19 +80,28 @@ impl Inner {
     /// one /24 or /48, and at most `max_relays` are held. A new relay that finds the table full
     /// takes the place of the newest relay that is not reachable (never-reachable newcomers go
     /// first); reachable relays are never evicted, so then it is refused.
-    pub(crate) fn accept_descriptor(
+    ///
+    /// Returns the relay's identity and whether its first address or link key differs from the
+    /// descriptor this one replaced (`true` for a new relay): whether its reachability needs
+    /// testing again.
+    pub(crate) fn accept_descriptor_changed(
         &self,
         bytes: &[u8],
         now: u64,
-    ) -> std::result::Result<RelayId, UploadError> {
+    ) -> std::result::Result<(RelayId, bool), UploadError> {
         let d = Signed::<RelayDescriptor>::from_bytes(bytes)?.verify()?;
         d.check_valid_at(now, MAX_DESC_FUTURE)?;
         let desc = d.desc();
         check_addrs(&desc.addrs, self.live_cfg().allow_private_addresses)?;
         let id = desc.identity;
         let mut evicted = None;
+        let changed;
         {
             let mut st = self.lock();
+            changed = st.descs.get(&id).is_none_or(|old| {
+                old.desc().addrs.first() != desc.addrs.first()
+                    || old.desc().link_key != desc.link_key
+            });
             if let Some(old) = st.descs.get(&id)
                 && old.desc().published >= desc.published
             {
@@ -146,7 +155,7 @@ impl Inner {
             tracing::warn!(error = %e, "could not store descriptor");
         }
         tracing::debug!(relay = %id, "accepted descriptor");
-        Ok(id)
+        Ok((id, changed))
     }
 }
 

@@ -302,15 +302,15 @@ async fn post_descriptor(
         Ok(b) => b,
         Err(r) => return r,
     };
-    match app.accept_descriptor(&bytes, now_unix()) {
-        Ok(id) => {
+    match app.accept_descriptor_changed(&bytes, now_unix()) {
+        Ok((id, changed)) => {
             let counter = if app.is_authority_addr(peer.ip()) {
                 &app.desc_accepted_exempt
             } else {
                 &app.desc_accepted_charged
             };
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            app.spawn_probe(id);
+            app.spawn_probe(id, changed);
             line(StatusCode::OK, "accepted")
         }
         Err(UploadError::Dir(e)) => line(status_of(&e), e),

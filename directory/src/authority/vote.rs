@@ -203,17 +203,30 @@ pub fn vote_entries(
                     nickname: desc.nickname.clone(),
                     addrs: desc.addrs.clone(),
                     flags: f,
-                    weight: c.measured.unwrap_or(c.advertised).max(1),
+                    weight: round_weight(c.measured.unwrap_or(c.advertised)),
                     exit: desc.exit_policy.summary_only(),
                     family: desc.family.clone(),
                     measured: c.measured.is_some(),
                 },
                 published: desc.published,
-                advertised: c.advertised.max(1),
+                advertised: round_weight(c.advertised),
                 desc_digest: c.d.digest(),
             }
         })
         .collect()
+}
+
+/// A weight as voted: two significant decimal digits (1234 -> 1200, 1250 -> 1300, 99 -> 99),
+/// at least 1. A scanner's measurements of one relay wander by a few percent from scan to scan;
+/// voted exactly, every new measurement changes the relay's consensus entry and so every
+/// consensus diff (Tor's scanners round the same way; path selection cannot use the noise).
+pub fn round_weight(w: u32) -> u32 {
+    let mut unit = 1u32;
+    while w / unit >= 100 {
+        unit = unit.saturating_mul(10);
+    }
+    let r = (u64::from(w) + u64::from(unit / 2)) / u64::from(unit) * u64::from(unit);
+    u32::try_from(r).unwrap_or(w / unit * unit).max(1)
 }
 
 /// The fresh measurements of the configured bandwidth file (empty, with a log line, when none
@@ -306,5 +319,29 @@ pub fn build_vote_with(
         published: now,
         params: voted_params(cfg),
         relays: vote_entries(cfg, descs, history, measured, now),
+    }
+}
+
+#[cfg(test)]
+mod round_weight_tests {
+    use super::round_weight;
+
+    #[test]
+    fn weights_keep_two_significant_digits() {
+        assert_eq!(round_weight(0), 1);
+        assert_eq!(round_weight(1), 1);
+        assert_eq!(round_weight(99), 99);
+        assert_eq!(round_weight(100), 100);
+        assert_eq!(round_weight(1234), 1200);
+        assert_eq!(round_weight(1250), 1300);
+        assert_eq!(round_weight(987_654), 990_000);
+        assert_eq!(round_weight(999), 1000);
+        assert_eq!(round_weight(u32::MAX), 4_200_000_000);
+        // Measurements a few percent apart vote the same weight.
+        assert_eq!(round_weight(30_600), round_weight(31_400));
+        for w in [5u32, 150, 7_777, 123_456, 40_000_000] {
+            let r = round_weight(w);
+            assert!(r.abs_diff(w) * 20 <= w, "{w} -> {r}: more than 5 % off");
+        }
     }
 }
