@@ -123,6 +123,7 @@ pub fn sample_consensus(n: u8) -> Vec<u8> {
         voters,
         params: BTreeMap::new(),
         relays,
+        shared_rand: None,
         bandwidth_weights: BTreeMap::new(),
     };
     let mut s = Signed::sign(&c, &a).expect("sign");
