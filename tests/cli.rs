@@ -42,6 +42,7 @@ fn write_consensus(path: &Path) {
         voters: vec![],
         params: BTreeMap::from([("circwindow".to_owned(), 1000)]),
         relays: vec![],
+        shared_rand: None,
         bandwidth_weights: BTreeMap::new(),
     };
     let s = Signed::sign(&c, &IdentityKeypair::generate()).expect("sign");

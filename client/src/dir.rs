@@ -9,7 +9,7 @@ use allium_directory::client::{
     AuthorityInfo, ConsensusCache, FetchRole, Liveness, not_published_yet,
 };
 use allium_directory::doc::Flags;
-use allium_directory::hs::{HsDirParams, HsDirRing, disaster_srv};
+use allium_directory::hs::{HsDirParams, HsDirRing, period_srv};
 use allium_directory::{NetDir, now_unix};
 use tokio::sync::watch;
 
@@ -40,12 +40,32 @@ pub(crate) struct DirView {
 pub(crate) struct HsView {
     /// `hsdir_n_replicas`, `hsdir_spread_store`, `hsdir_spread_fetch`.
     pub(crate) params: HsDirParams,
+    /// The consensus' `valid_after` (which shared random value a period uses depends on it).
+    pub(crate) valid_after: u64,
+    /// `shared-rand-current-value`, if the consensus carries one.
+    pub(crate) srv_current: Option<[u8; 32]>,
+    /// `shared-rand-previous-value`, if the consensus carries one.
+    pub(crate) srv_previous: Option<[u8; 32]>,
+}
+
+impl HsView {
+    /// The shared random value of `period`: the consensus' current or previous value by
+    /// rend-spec-v3 §2.2.4's rule (`allium_directory::hs::period_srv`), or the disaster value when
+    /// the consensus carries no fitting one.
+    pub(crate) fn srv_for(&self, period: &TimePeriod) -> [u8; 32] {
+        period_srv(
+            period,
+            self.valid_after,
+            self.srv_current.as_ref(),
+            self.srv_previous.as_ref(),
+        )
+    }
 }
 
 impl DirView {
     /// The HSDir ring of `period`: the relays flagged HSDir, placed by the period's shared random
-    /// value. The consensus carries none yet, so this is the disaster value for now (predictable;
-    /// see `allium_directory::hs::ring`), until the authorities' commit-reveal protocol lands.
+    /// value ([`HsView::srv_for`]: the consensus' current or previous value, or the disaster
+    /// value when it has none).
     #[allow(dead_code)] // for the onion-service drivers (issue 13)
     pub(crate) fn hsdir_ring(&self, period: &TimePeriod) -> HsDirRing {
         HsDirRing::new(
@@ -53,7 +73,7 @@ impl DirView {
                 .iter()
                 .filter(|r| r.usable() && r.flags.hsdir)
                 .map(|r| r.id),
-            &disaster_srv(period),
+            &self.hs.srv_for(period),
             period,
         )
     }
@@ -95,6 +115,17 @@ pub(crate) fn view_from(nd: &NetDir) -> DirView {
         weights: PositionWeights::from_consensus(&nd.consensus().bandwidth_weights),
         hs: HsView {
             params: HsDirParams::from_consensus(nd.consensus()),
+            valid_after: nd.consensus().valid_after,
+            srv_current: nd
+                .consensus()
+                .shared_rand
+                .and_then(|s| s.current)
+                .map(|v| v.value),
+            srv_previous: nd
+                .consensus()
+                .shared_rand
+                .and_then(|s| s.previous)
+                .map(|v| v.value),
         },
     }
 }

@@ -423,6 +423,7 @@ fn vote_by(net: &Net, i: usize, valid_after: u64, published: u64) -> Vec<u8> {
         valid_until: valid_after + 3 * common::INTERVAL,
         published,
         params: Default::default(),
+        shared_rand: None,
         relays: vec![],
     };
     Signed::sign(&v, &keys.signing).expect("sign").to_bytes()

@@ -391,6 +391,7 @@ async fn hostile_votes_and_signatures_change_nothing() {
         valid_until: va + 4 * common::INTERVAL,
         published: now_unix(),
         params: Default::default(),
+        shared_rand: None,
         relays: vec![],
     };
     // (Counted as a vote by an unknown authority; pushes that arrived before the certificates

@@ -55,6 +55,7 @@ fn consensus(va: u64) -> Consensus {
             family: vec![],
             measured: false,
         }],
+        shared_rand: None,
         bandwidth_weights: BTreeMap::new(),
     }
 }
@@ -318,6 +319,7 @@ fn vote(by: &IdentityKeypair, mut relays: Vec<VoteEntry>, params: &[(&str, i32)]
         valid_until: NOW + 3 * 3600,
         published: NOW - 1000,
         params: params.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        shared_rand: None,
         relays,
     }
 }

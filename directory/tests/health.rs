@@ -46,6 +46,7 @@ fn signed_pair() -> (Vec<u8>, Vec<u8>, Vec<AuthorityInfo>) {
         voters: vec![],
         params: BTreeMap::new(),
         relays: vec![],
+        shared_rand: None,
         bandwidth_weights: BTreeMap::new(),
     };
     let mut s = Signed::sign(&c, &signing[0]).expect("sign");

@@ -56,6 +56,7 @@ fn consensus_pair(n: u8) -> (Vec<u8>, Vec<u8>) {
             voters: vec![auth.public()],
             params: std::collections::BTreeMap::new(),
             relays,
+            shared_rand: None,
             bandwidth_weights: std::collections::BTreeMap::new(),
         };
         Signed::sign(&c, &auth).expect("sign").to_bytes()

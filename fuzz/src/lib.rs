@@ -101,6 +101,19 @@ pub fn sample_vote(n: u8) -> Vec<u8> {
                 desc_digest: [i; 32],
             })
             .collect(),
+        // The shared-random part (a reveal-phase vote): commit, reveal and a current value.
+        shared_rand: Some(allium_directory::doc::SrVote {
+            commit: Some(allium_directory::doc::SrCommit {
+                timestamp: 1_800_000_000,
+                hashed_reveal: [n; 32],
+            }),
+            reveal: Some([n.wrapping_add(1); 32]),
+            current: Some(allium_directory::doc::SrvValue {
+                num_reveals: 3,
+                value: [7; 32],
+            }),
+            previous: None,
+        }),
     };
     let mut v = v;
     v.relays.sort_by_key(|e| e.entry.identity);
@@ -123,6 +136,14 @@ pub fn sample_consensus(n: u8) -> Vec<u8> {
         voters,
         params: BTreeMap::new(),
         relays,
+        // Odd sizes carry shared random values, even ones the older form without them.
+        shared_rand: (n % 2 == 1).then_some(allium_directory::doc::SharedRand {
+            current: Some(allium_directory::doc::SrvValue {
+                num_reveals: 2,
+                value: [n; 32],
+            }),
+            previous: None,
+        }),
         bandwidth_weights: BTreeMap::new(),
     };
     let mut s = Signed::sign(&c, &a).expect("sign");

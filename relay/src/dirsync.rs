@@ -536,6 +536,7 @@ mod tests {
             voters: vec![],
             params: BTreeMap::new(),
             relays,
+            shared_rand: None,
             bandwidth_weights: BTreeMap::new(),
         }
     }

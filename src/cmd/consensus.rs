@@ -276,6 +276,7 @@ mod tests {
             voters: vec![],
             params: Default::default(),
             relays: vec![entry(1, true), entry(2, false)],
+            shared_rand: None,
             bandwidth_weights: [("Wgg".to_string(), 7000)].into_iter().collect(),
         };
         let j = to_json(&c, None, 0, Liveness::Live);

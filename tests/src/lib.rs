@@ -145,13 +145,27 @@ impl TestNet {
     /// periods then last that long: `fresh_until = valid_after + secs`; rounds are still run by
     /// hand with [`authority::run_round`]).
     pub fn start_with_voting_interval(opts: Options, secs: Option<u64>) -> Self {
-        match Self::try_start(opts, secs) {
+        Self::start_with_authority_config(opts, secs, &|_| {})
+    }
+
+    /// [`TestNet::start_with_voting_interval`] with every authority's configuration passed
+    /// through `tweak` before the authority starts.
+    pub fn start_with_authority_config(
+        opts: Options,
+        secs: Option<u64>,
+        tweak: &dyn Fn(&mut authority::AuthorityConfig),
+    ) -> Self {
+        match Self::try_start(opts, secs, tweak) {
             Ok(n) => n,
             Err(e) => panic!("could not start the test network: {e}"),
         }
     }
 
-    fn try_start(opts: Options, interval: Option<u64>) -> Result<Self, String> {
+    fn try_start(
+        opts: Options,
+        interval: Option<u64>,
+        tweak: &dyn Fn(&mut authority::AuthorityConfig),
+    ) -> Result<Self, String> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -169,7 +183,13 @@ impl TestNet {
             .exit_policy(exit_policy())
             .plan(dir.path(), now)?;
         let configs = (0..plan.authorities.len())
-            .map(|i| plan.authority_config(i).ok_or("no authority configuration"))
+            .map(|i| {
+                let mut c = plan
+                    .authority_config(i)
+                    .ok_or("no authority configuration")?;
+                tweak(&mut c);
+                Ok::<_, &str>(c)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let allium::cmd::testnet::NetworkPlan {
             authorities: planned,

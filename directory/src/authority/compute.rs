@@ -91,6 +91,7 @@ pub fn compute_consensus(votes: &[&Vote], n_authorities: usize, valid_after: u64
         params,
         bandwidth_weights: bandwidth_weights(&relays),
         relays,
+        shared_rand: super::shared_random::agreed_values(&votes, n_authorities),
     }
 }
 

@@ -151,6 +151,12 @@ pub struct AuthorityConfig {
     /// bandwidth.
     #[serde(default = "default_max_relays_per_addr")]
     pub max_relays_per_addr: usize,
+    /// Length of each phase (commit, reveal) of a shared-random protocol run, in voting rounds;
+    /// 0 (the default) sizes the run to the onion-service time period (`hsdir_interval`, one new
+    /// shared random value per period). Non-zero is for tests of the protocol on a network
+    /// with a short voting interval: the value then changes within a period.
+    #[serde(default)]
+    pub shared_random_phase_rounds: u32,
 }
 
 /// Limits that keep one source from jamming the authority (docs/protocol/80-directory.md,
@@ -264,6 +270,7 @@ impl AuthorityConfig {
             bandwidth_file_max_age_secs: default_bwfile_max_age(),
             max_unmeasured_bw: default_max_unmeasured_bw(),
             max_relays_per_addr: default_max_relays_per_addr(),
+            shared_random_phase_rounds: 0,
         }
     }
 
@@ -283,7 +290,28 @@ impl AuthorityConfig {
         self.max_relays_per_addr = 0;
         self.params
             .insert("enforce_distinct_subnets".to_string(), 0);
+        // The test network's onion-service time period (20 minutes), which also sizes the
+        // shared-random protocol runs.
+        let tp = allium_crypto::hs::TimePeriodParams::TESTNET.length_minutes;
+        self.params
+            .entry(allium_crypto::hs::TimePeriodParams::CONSENSUS_PARAM.to_string())
+            .or_insert(i32::try_from(tp).unwrap_or(i32::MAX));
         self
+    }
+
+    /// The shared-random run schedule of this configuration: phases of
+    /// `shared_random_phase_rounds` rounds, or half the time period voted as `hsdir_interval`.
+    pub fn shared_random_schedule(&self) -> super::shared_random::SrSchedule {
+        let tp = allium_crypto::hs::TimePeriodParams::from_consensus(
+            self.params
+                .get(allium_crypto::hs::TimePeriodParams::CONSENSUS_PARAM)
+                .copied(),
+        );
+        super::shared_random::SrSchedule::new(
+            &tp,
+            self.voting_interval_secs,
+            self.shared_random_phase_rounds,
+        )
     }
 
     /// Parse TOML text and validate.
@@ -323,6 +351,12 @@ impl AuthorityConfig {
         if self.voting_interval_secs < 2 || self.voting_interval_secs > 24 * 3600 {
             return Err(DirError::Config(
                 "voting_interval_secs must be between 2 and 86400".into(),
+            ));
+        }
+        if self.shared_random_phase_rounds > 10_000 {
+            return Err(DirError::Config(
+                "shared_random_phase_rounds must be at most 10000 (0: follow the time period)"
+                    .into(),
             ));
         }
         if self.flags.history_decay_interval_secs == 0 {

@@ -18,6 +18,7 @@ mod round;
 mod schedule;
 mod serve;
 mod server;
+pub mod shared_random;
 mod state;
 pub mod store;
 pub mod vote;

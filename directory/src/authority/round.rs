@@ -202,17 +202,25 @@ impl Inner {
         }
         self.prune_expired(now);
         self.probe_all(now).await;
-        let vote = {
-            let st = self.lock();
-            build_vote(
-                &self.live_cfg(),
-                self.keys.identity(),
-                &st.descs,
-                &st.history,
-                va,
-                now,
-            )
+        let cfg = self.live_cfg();
+        let sched = cfg.shared_random_schedule();
+        let (vote, sr_state) = {
+            let mut st = self.lock();
+            let mut vote = build_vote(&cfg, me, &st.descs, &st.history, va, now);
+            // Shared randomness: a new run starts here, or the current one goes on (commit or
+            // reveal, by phase).
+            if st
+                .sr
+                .advance(&sched, va, &me, allium_crypto::rng::fill_random)
+            {
+                vote.shared_rand = st.sr.vote_part(&sched, va, &me);
+            }
+            (vote, st.sr.clone())
         };
+        // Kept before the commitment leaves: a restart must still be able to reveal.
+        if let Err(e) = self.store.save_shared_random(&sr_state) {
+            tracing::warn!(error = %e, "cannot save the shared-random state; after a restart this authority sits out the current run");
+        }
         let signed = Signed::sign(&vote, &self.keys.signing)?;
         let bytes = signed.to_bytes();
         self.accept_vote(&bytes, now)?;
@@ -319,6 +327,23 @@ impl Inner {
         }
         let refs: Vec<&Vote> = votes.iter().map(|v| v.vote()).collect();
         let consensus = compute_consensus(&refs, self.ids.len(), va);
+        let sched = self.live_cfg().shared_random_schedule();
+        let sr_state = {
+            let mut st = self.lock();
+            for bad in st.sr.absorb(&sched, &refs) {
+                tracing::warn!(
+                    valid_after = va,
+                    "the shared-random reveal of authority {} does not open its commitment; it \
+                     is left out of this run's value",
+                    bad.to_hex()
+                );
+            }
+            st.sr.adopt(&sched, &consensus);
+            st.sr.clone()
+        };
+        if let Err(e) = self.store.save_shared_random(&sr_state) {
+            tracing::warn!(error = %e, "cannot save the shared-random state");
+        }
         let body = encode(&consensus, "consensus")?;
         let mut signed = Signed::<Consensus>::from_body_unsigned(body);
         signed.add_own_signature(&self.keys.signing);

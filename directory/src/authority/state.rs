@@ -50,6 +50,8 @@ pub(super) struct State {
     pub(super) current: Option<Published>,
     /// `/descriptors` reply, rebuilt after a change.
     pub(super) descs_reply: Option<axum::body::Bytes>,
+    /// The shared-random protocol state.
+    pub(super) sr: super::shared_random::SrState,
 }
 
 /// The shared authority state.
@@ -147,6 +149,7 @@ impl Inner {
         let mut st = State {
             descs: store.load_descriptors(),
             history: store.load_history(),
+            sr: store.load_shared_random(),
             ..State::default()
         };
         st.descs.retain(|_, d| d.desc().expires > now);

@@ -3,7 +3,8 @@
 //!
 //! Layout (under `data_dir`): `keys/` (signing key, certificate), `descriptors/<id hex>`,
 //! `certs/<id hex>`, `votes/<id hex>` (the latest vote per authority), `history.json`,
-//! `consensus` (the published one), `consensus-next` (the one being signed).
+//! `consensus` (the published one), `consensus-next` (the one being signed), `shared-random`
+//! (the shared-random protocol state).
 //! Everything read back is verified again as if it came from the network.
 
 use std::collections::BTreeMap;
@@ -132,6 +133,29 @@ impl Store {
         m.into_iter()
             .filter_map(|(k, v)| RelayId::from_hex(&k).ok().map(|id| (id, v)))
             .collect()
+    }
+
+    /// Save the shared-random protocol state (it holds this run's secret reveal: the file is
+    /// as private as the data directory).
+    pub fn save_shared_random(&self, s: &super::shared_random::SrState) -> Result<()> {
+        let bytes = crate::doc::signed::encode(s, "shared-random state")?;
+        write_atomic(&self.root.join("shared-random"), &bytes)
+    }
+
+    /// Load the shared-random protocol state (a fresh one if missing or unreadable: the
+    /// authority then sits out the current run).
+    pub fn load_shared_random(&self) -> super::shared_random::SrState {
+        let p = self.root.join("shared-random");
+        let Ok(meta) = std::fs::metadata(&p) else {
+            return Default::default();
+        };
+        if meta.len() > 64 * 1024 {
+            return Default::default();
+        }
+        std::fs::read(&p)
+            .ok()
+            .and_then(|b| crate::doc::signed::decode_canonical(&b, "shared-random state").ok())
+            .unwrap_or_default()
     }
 
     fn consensus_path(&self, next: bool) -> PathBuf {

@@ -319,6 +319,7 @@ pub fn build_vote_with(
         published: now,
         params: voted_params(cfg),
         relays: vote_entries(cfg, descs, history, measured, now),
+        shared_rand: None,
     }
 }
 

@@ -73,6 +73,7 @@ pub(crate) fn network(rng: &mut Rng, n: u64, valid_after: u64) -> Consensus {
         voters: Vec::new(),
         params: BTreeMap::from([("circwindow".to_string(), 1000)]),
         relays,
+        shared_rand: None,
         bandwidth_weights: BANDWIDTH_WEIGHT_NAMES
             .iter()
             .map(|n| (n.to_string(), rng.below(10_001) as i32))

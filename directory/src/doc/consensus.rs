@@ -41,6 +41,69 @@ pub const MAX_VOTERS: usize = 16;
 /// Clock-skew tolerance when checking a consensus' validity window (5 minutes).
 pub const CLOCK_SKEW: u64 = 300;
 
+/// Most reveals one shared random value can count (a `u8`; at most [`MAX_VOTERS`] in practice).
+pub const MAX_SRV_REVEALS: u8 = MAX_VOTERS as u8;
+
+/// A shared random value (srv-spec's `shared-rand-current-value NUM_REVEALS VALUE`): the value and
+/// the number of authorities' reveals that went into it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SrvValue {
+    /// How many reveals were combined (1..=[`MAX_SRV_REVEALS`]).
+    pub num_reveals: u8,
+    /// The 32-byte value.
+    pub value: [u8; 32],
+}
+
+/// The shared random values a consensus carries (srv-spec's `shared-rand-current-value` and
+/// `shared-rand-previous-value`): each only when more than half of all configured authorities
+/// voted that exact value; at least one of the two is present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedRand {
+    /// The value of the protocol run that started most recently before `valid_after`.
+    pub current: Option<SrvValue>,
+    /// The value of the run before that.
+    pub previous: Option<SrvValue>,
+}
+
+/// An authority's commitment for one protocol run: `hashed_reveal = SHA-256("allium-sr-commit" |
+/// 0x00 | authority identity | u64be(timestamp) | reveal)` (see `authority::shared_random`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SrCommit {
+    /// When the commitment was made (the `valid_after` of the first vote carrying it): inside the
+    /// run it is for.
+    pub timestamp: u64,
+    /// The hash of the reveal, bound to the authority and the timestamp.
+    pub hashed_reveal: [u8; 32],
+}
+
+/// The shared-random part of a vote (srv-spec §3: commit and reveal lines, and the values the
+/// authority believes in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SrVote {
+    /// The voting authority's commitment for the current run (both phases).
+    pub commit: Option<SrCommit>,
+    /// Its reveal (the reveal phase only; needs `commit`).
+    pub reveal: Option<[u8; 32]>,
+    /// The current shared random value as this authority computed it.
+    pub current: Option<SrvValue>,
+    /// The previous one.
+    pub previous: Option<SrvValue>,
+}
+
+/// Deserialize an optional field added at the end of a document after its first format: older
+/// documents end before it. Postcard reports that end of input as an error, read here as
+/// "absent". Anything malformed in a present field is refused all the same: every document is
+/// decoded with a canonical re-encoding check (`signed::decode_canonical`), which a value read
+/// as absent while bytes remain cannot pass. Present fields are written as `0x01` + value and an
+/// absent one as nothing (`skip_serializing_if`), so each document keeps one byte form.
+fn trailing_option<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d).ok().flatten())
+}
+
 /// One relay as listed in a consensus.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsensusEntry {
@@ -141,6 +204,14 @@ pub struct Vote {
     pub params: BTreeMap<String, i32>,
     /// Relays, sorted by identity.
     pub relays: Vec<VoteEntry>,
+    /// Shared randomness: commit, reveal, believed values (absent from votes made before the
+    /// protocol existed, and from votes that have nothing to say).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "trailing_option"
+    )]
+    pub shared_rand: Option<SrVote>,
 }
 
 /// The consensus (signed by a majority of authorities' signing keys).
@@ -165,6 +236,15 @@ pub struct Consensus {
     /// Position weights (Tor's `bandwidth-weights`, dir-spec §3.8.3): either empty or exactly
     /// the [`BANDWIDTH_WEIGHT_NAMES`], each in `0..=WEIGHT_SCALE`.
     pub bandwidth_weights: BTreeMap<String, i32>,
+    /// The shared random values the authorities agreed on (absent from older consensuses and
+    /// when no majority agreed on either value: clients then use the disaster value,
+    /// `hs::disaster_srv`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "trailing_option"
+    )]
+    pub shared_rand: Option<SharedRand>,
 }
 
 fn strictly_sorted<T: Ord>(v: &[T]) -> bool {
@@ -229,6 +309,13 @@ impl Document for Vote {
             self.valid_until,
         )?;
         check_params(Self::NAME, &self.params)?;
+        if let Some(sr) = &self.shared_rand {
+            if sr.reveal.is_some() && sr.commit.is_none() {
+                return Err(DirError::invalid(Self::NAME, "a reveal needs its commit"));
+            }
+            check_srv(Self::NAME, sr.current.as_ref())?;
+            check_srv(Self::NAME, sr.previous.as_ref())?;
+        }
         check_relays(Self::NAME, self.relays.iter().map(|r| &r.entry))
     }
 }
@@ -262,7 +349,27 @@ impl Document for Consensus {
             ));
         }
         check_relays(Self::NAME, self.relays.iter())?;
+        if let Some(sr) = &self.shared_rand {
+            if sr.current.is_none() && sr.previous.is_none() {
+                return Err(DirError::invalid(
+                    Self::NAME,
+                    "shared random values present but both empty",
+                ));
+            }
+            check_srv(Self::NAME, sr.current.as_ref())?;
+            check_srv(Self::NAME, sr.previous.as_ref())?;
+        }
         check_bandwidth_weights(Self::NAME, &self.bandwidth_weights)
+    }
+}
+
+fn check_srv(object: &'static str, v: Option<&SrvValue>) -> Result<()> {
+    match v {
+        Some(v) if v.num_reveals == 0 || v.num_reveals > MAX_SRV_REVEALS => Err(DirError::invalid(
+            object,
+            "shared random value counts 1 to 16 reveals",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -453,6 +560,176 @@ impl VerifiedConsensus {
                 })
             }
             _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod shared_rand_tests {
+    use super::*;
+    use crate::doc::signed::{decode_canonical, encode};
+
+    fn consensus(shared_rand: Option<SharedRand>) -> Consensus {
+        Consensus {
+            version: CONSENSUS_VERSION,
+            method: CONSENSUS_METHOD,
+            valid_after: 1_800_000_000,
+            fresh_until: 1_800_003_600,
+            valid_until: 1_800_010_800,
+            voters: vec![RelayId([1; 32]), RelayId([2; 32])],
+            params: BTreeMap::from([("hsdir_interval".to_string(), 20)]),
+            relays: Vec::new(),
+            bandwidth_weights: BTreeMap::new(),
+            shared_rand,
+        }
+    }
+
+    /// The consensus as encoded before the shared random values existed.
+    #[derive(Serialize)]
+    struct OldConsensus {
+        version: u16,
+        method: u16,
+        valid_after: u64,
+        fresh_until: u64,
+        valid_until: u64,
+        voters: Vec<RelayId>,
+        params: BTreeMap<String, i32>,
+        relays: Vec<ConsensusEntry>,
+        bandwidth_weights: BTreeMap<String, i32>,
+    }
+
+    fn values() -> SharedRand {
+        SharedRand {
+            current: Some(SrvValue {
+                num_reveals: 3,
+                value: [7; 32],
+            }),
+            previous: Some(SrvValue {
+                num_reveals: 2,
+                value: [9; 32],
+            }),
+        }
+    }
+
+    #[test]
+    fn shared_random_values_round_trip_and_are_signed() {
+        let c = consensus(Some(values()));
+        let key = allium_crypto::IdentityKeypair::generate();
+        let signed = Signed::sign(&c, &key).expect("sign");
+        let again = Signed::<Consensus>::from_bytes(&signed.to_bytes()).expect("parse");
+        assert!(again.has_valid_sig_by(&key.public()));
+        assert_eq!(again.dangerously_decode_unverified().expect("decode"), c);
+        // The values are under the signature: the body ends with them.
+        let body = encode(&c, "t").expect("encode");
+        let tail: Vec<u8> = [&[1u8, 1, 3][..], &[7; 32], &[1, 2], &[9; 32]].concat();
+        assert!(body.ends_with(&tail), "0x01, then each Option and value");
+        // Only the previous value.
+        let only_prev = consensus(Some(SharedRand {
+            current: None,
+            ..values()
+        }));
+        let b = encode(&only_prev, "t").expect("encode");
+        assert_eq!(
+            decode_canonical::<Consensus>(&b, "t").expect("decode"),
+            only_prev
+        );
+    }
+
+    #[test]
+    fn a_consensus_without_the_values_still_parses() {
+        let c = consensus(None);
+        let old = OldConsensus {
+            version: c.version,
+            method: c.method,
+            valid_after: c.valid_after,
+            fresh_until: c.fresh_until,
+            valid_until: c.valid_until,
+            voters: c.voters.clone(),
+            params: c.params.clone(),
+            relays: Vec::new(),
+            bandwidth_weights: BTreeMap::new(),
+        };
+        let old_bytes = postcard::to_allocvec(&old).expect("encode");
+        assert_eq!(
+            encode(&c, "t").expect("encode"),
+            old_bytes,
+            "same byte form"
+        );
+        let back: Consensus = decode_canonical(&old_bytes, "t").expect("old form decodes");
+        assert_eq!(back, c);
+        // An explicit "absent" byte, or garbage after the old form, is not canonical.
+        for tail in [&[0u8][..], &[1, 1], &[2], &[1, 0, 0, 1]] {
+            let b = [old_bytes.as_slice(), tail].concat();
+            assert!(
+                decode_canonical::<Consensus>(&b, "t").is_err(),
+                "tail {tail:?} refused"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_values_are_refused() {
+        let empty = consensus(Some(SharedRand {
+            current: None,
+            previous: None,
+        }));
+        assert!(empty.check_body().is_err());
+        let zero = consensus(Some(SharedRand {
+            current: Some(SrvValue {
+                num_reveals: 0,
+                value: [1; 32],
+            }),
+            previous: None,
+        }));
+        assert!(zero.check_body().is_err());
+        let many = consensus(Some(SharedRand {
+            current: Some(SrvValue {
+                num_reveals: 17,
+                value: [1; 32],
+            }),
+            previous: None,
+        }));
+        assert!(many.check_body().is_err());
+        assert!(consensus(Some(values())).check_body().is_ok());
+        // A vote's reveal needs its commit.
+        let vote = Vote {
+            version: VOTE_VERSION,
+            authority: RelayId([1; 32]),
+            valid_after: 1_800_000_000,
+            fresh_until: 1_800_003_600,
+            valid_until: 1_800_010_800,
+            published: 1_800_000_000,
+            params: BTreeMap::new(),
+            relays: Vec::new(),
+            shared_rand: Some(SrVote {
+                commit: None,
+                reveal: Some([3; 32]),
+                current: None,
+                previous: None,
+            }),
+        };
+        assert!(vote.check_body().is_err());
+        let ok = Vote {
+            shared_rand: Some(SrVote {
+                commit: Some(SrCommit {
+                    timestamp: 1_800_000_000,
+                    hashed_reveal: [4; 32],
+                }),
+                ..vote.shared_rand.unwrap_or(SrVote {
+                    commit: None,
+                    reveal: None,
+                    current: None,
+                    previous: None,
+                })
+            }),
+            ..vote
+        };
+        assert!(ok.check_body().is_ok());
+        let b = encode(&ok, "t").expect("encode");
+        assert_eq!(decode_canonical::<Vote>(&b, "t").expect("decode"), ok);
+        // Truncated anywhere in the shared-random part: refused, no panic.
+        for cut in 1..60 {
+            assert!(decode_canonical::<Vote>(&b[..b.len() - cut], "t").is_err());
         }
     }
 }

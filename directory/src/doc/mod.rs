@@ -14,7 +14,10 @@ pub mod signed;
 
 pub use bwfile::BandwidthFile;
 pub use cert::{AuthCert, VerifiedCert, issue_cert};
-pub use consensus::{Consensus, ConsensusEntry, VerifiedConsensus, VerifiedVote, Vote, VoteEntry};
+pub use consensus::{
+    Consensus, ConsensusEntry, SharedRand, SrCommit, SrVote, SrvValue, VerifiedConsensus,
+    VerifiedVote, Vote, VoteEntry,
+};
 pub use descriptor::{RelayDescriptor, VerifiedDescriptor};
 pub use policy::{ExitPolicy, Flags, PortRange};
 pub use signed::{Document, Sig64, SigEntry, Signed};

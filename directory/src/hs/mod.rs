@@ -16,4 +16,7 @@ mod tests;
 pub use desc::{
     HsDescBuilder, HsDescContents, IntroPointInfo, PowParams, UncheckedHsDesc, VerifiedHsDesc,
 };
-pub use ring::{HsDirParams, HsDirRing, disaster_srv, hs_index, hsdir_index};
+pub use ring::{
+    HsDirParams, HsDirRing, SrvChoice, consensus_srv, disaster_srv, hs_index, hsdir_index,
+    period_srv, srv_choice,
+};

@@ -14,14 +14,22 @@
 //! `hsdir_spread_fetch` of each replica. The shared random value `srv` moves every relay each period,
 //! so no relay can choose its position next to a given service in advance.
 //!
-//! The consensus carries no shared random value yet; until it does, callers pass
-//! [`disaster_srv`] (Tor's fallback when the authorities fail to agree on one: predictable, so a
-//! relay that can choose its identity key can aim at a service's positions one period ahead).
+//! Which shared random value a period uses ([`period_srv`], rend-spec-v3 §2.2.4's rule): the
+//! authorities start a new protocol run at every multiple of the period length since the epoch,
+//! half a period before a period starts (see `authority::shared_random`), and a period uses the
+//! value that was current when it started. With a consensus valid after `va`, whose latest run
+//! switch is `S = floor(va / L) * L`: a period starting in `[S, S + L)` uses the consensus'
+//! *current* value, one starting in `[S - L, S)` its *previous* value. Between the SRV switch
+//! and the period switch, the running period uses the previous value and the next one the
+//! current value; between the period switch and the SRV switch the running period uses the
+//! current value. Any other period, or a value the consensus lacks, gets [`disaster_srv`] (Tor's
+//! fallback when the authorities fail to agree: predictable, so a relay that can choose its
+//! identity key can aim at a service's positions one period ahead).
 
 use std::collections::BTreeSet;
 
 use allium_crypto::RelayId;
-use allium_crypto::hs::{BlindedPublicKey, TimePeriod};
+use allium_crypto::hs::{BlindedPublicKey, TimePeriod, TimePeriodParams};
 use sha2::{Digest as _, Sha256};
 
 use crate::doc::{Consensus, Flags};
@@ -78,6 +86,59 @@ pub fn disaster_srv(period: &TimePeriod) -> [u8; 32] {
             &period.length_minutes.to_be_bytes(),
             &period.number.to_be_bytes(),
         ],
+    )
+}
+
+/// Which of a consensus' two shared random values a period uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SrvChoice {
+    /// `shared-rand-current-value`.
+    Current,
+    /// `shared-rand-previous-value`.
+    Previous,
+}
+
+/// The rule of the module docs: which value of a consensus valid after `valid_after` the ring of
+/// `period` uses (`None`: neither; the period is too far from the consensus).
+pub fn srv_choice(period: &TimePeriod, valid_after: u64) -> Option<SrvChoice> {
+    let tp = TimePeriodParams::with_length(period.length_minutes.max(1));
+    let run = tp.length_minutes.saturating_mul(60);
+    let switch = valid_after / run * run;
+    let start = tp.start_unix(period.number);
+    if (switch..switch.saturating_add(run)).contains(&start) {
+        Some(SrvChoice::Current)
+    } else if (switch.saturating_sub(run)..switch).contains(&start) && switch >= run {
+        Some(SrvChoice::Previous)
+    } else {
+        None
+    }
+}
+
+/// The shared random value the ring of `period` uses, given a consensus valid after
+/// `valid_after` that carries `current` and `previous` (each possibly absent): the one
+/// [`srv_choice`] picks, or [`disaster_srv`] when that one is absent or none applies.
+pub fn period_srv(
+    period: &TimePeriod,
+    valid_after: u64,
+    current: Option<&[u8; 32]>,
+    previous: Option<&[u8; 32]>,
+) -> [u8; 32] {
+    let v = match srv_choice(period, valid_after) {
+        Some(SrvChoice::Current) => current,
+        Some(SrvChoice::Previous) => previous,
+        None => None,
+    };
+    v.copied().unwrap_or_else(|| disaster_srv(period))
+}
+
+/// [`period_srv`] with the values of consensus `c`.
+pub fn consensus_srv(c: &Consensus, period: &TimePeriod) -> [u8; 32] {
+    let sr = c.shared_rand.as_ref();
+    period_srv(
+        period,
+        c.valid_after,
+        sr.and_then(|s| s.current.as_ref()).map(|v| &v.value),
+        sr.and_then(|s| s.previous.as_ref()).map(|v| &v.value),
     )
 }
 
@@ -209,5 +270,112 @@ impl HsDirRing {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod srv_rule_tests {
+    use super::*;
+    use crate::doc::consensus::{CONSENSUS_METHOD, CONSENSUS_VERSION};
+    use crate::doc::{SharedRand, SrvValue};
+    use std::collections::BTreeMap;
+
+    const TP: TimePeriodParams = TimePeriodParams::DEFAULT;
+    /// 00:00 UTC: an SRV switch (a multiple of the one-day run).
+    const MIDNIGHT: u64 = 1_800_000_000 - 1_800_000_000 % 86_400;
+
+    #[test]
+    fn between_srv_switch_and_period_switch_the_running_period_uses_the_previous_value() {
+        // 06:00: the running period started at 12:00 yesterday, before the switch.
+        let now = MIDNIGHT + 6 * 3600;
+        let running = TP.period_at(now);
+        assert_eq!(TP.start_unix(running.number), MIDNIGHT - 12 * 3600);
+        assert_eq!(srv_choice(&running, now), Some(SrvChoice::Previous));
+        assert_eq!(srv_choice(&running.next(), now), Some(SrvChoice::Current));
+        // 18:00: the running period started at 12:00 today, after the switch.
+        let now = MIDNIGHT + 18 * 3600;
+        let running = TP.period_at(now);
+        assert_eq!(srv_choice(&running, now), Some(SrvChoice::Current));
+        assert_eq!(srv_choice(&running.next(), now), None, "not drawn yet");
+        let before = TimePeriod {
+            number: running.number - 1,
+            ..running
+        };
+        assert_eq!(srv_choice(&before, now), Some(SrvChoice::Previous));
+        // The same period keeps the same value across the switch: current before, previous
+        // after.
+        let p = TP.period_at(MIDNIGHT - 3600);
+        assert_eq!(srv_choice(&p, MIDNIGHT - 3600), Some(SrvChoice::Current));
+        assert_eq!(srv_choice(&p, MIDNIGHT + 3600), Some(SrvChoice::Previous));
+    }
+
+    #[test]
+    fn the_test_network_period_follows_the_same_rule() {
+        let tp = TimePeriodParams::TESTNET;
+        let now = MIDNIGHT + 60; // a 20-minute run switched at MIDNIGHT
+        let p = tp.period_at(now);
+        assert_eq!(srv_choice(&p, now), Some(SrvChoice::Previous));
+        let now = MIDNIGHT + 11 * 60; // after the period switch at +10 minutes
+        let p = tp.period_at(now);
+        assert_eq!(srv_choice(&p, now), Some(SrvChoice::Current));
+    }
+
+    fn consensus(va: u64, shared_rand: Option<SharedRand>) -> Consensus {
+        Consensus {
+            version: CONSENSUS_VERSION,
+            method: CONSENSUS_METHOD,
+            valid_after: va,
+            fresh_until: va + 3600,
+            valid_until: va + 3 * 3600,
+            voters: Vec::new(),
+            params: BTreeMap::new(),
+            relays: Vec::new(),
+            bandwidth_weights: BTreeMap::new(),
+            shared_rand,
+        }
+    }
+
+    #[test]
+    fn absent_values_give_the_disaster_value() {
+        let now = MIDNIGHT + 6 * 3600;
+        let running = TP.period_at(now);
+        assert_eq!(
+            consensus_srv(&consensus(now, None), &running),
+            disaster_srv(&running)
+        );
+        let cur = SrvValue {
+            num_reveals: 3,
+            value: [1; 32],
+        };
+        let prev = SrvValue {
+            num_reveals: 3,
+            value: [2; 32],
+        };
+        let only_current = consensus(
+            now,
+            Some(SharedRand {
+                current: Some(cur),
+                previous: None,
+            }),
+        );
+        // The running period needs the previous value, which is absent.
+        assert_eq!(
+            consensus_srv(&only_current, &running),
+            disaster_srv(&running)
+        );
+        assert_eq!(consensus_srv(&only_current, &running.next()), [1; 32]);
+        let both = consensus(
+            now,
+            Some(SharedRand {
+                current: Some(cur),
+                previous: Some(prev),
+            }),
+        );
+        assert_eq!(consensus_srv(&both, &running), [2; 32]);
+        // The ring moves with the value.
+        let ids: Vec<RelayId> = (1..=8u8).map(|i| RelayId([i; 32])).collect();
+        let a = HsDirRing::new(ids.clone(), &consensus_srv(&both, &running), &running);
+        let b = HsDirRing::new(ids, &disaster_srv(&running), &running);
+        assert_ne!(a.ring, b.ring);
     }
 }

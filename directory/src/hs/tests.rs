@@ -443,6 +443,7 @@ fn ring_from_consensus_uses_hsdir_relays_and_params() {
                 )
             })
             .collect(),
+        shared_rand: None,
         bandwidth_weights: BTreeMap::new(),
     };
     let p = HsDirParams::from_consensus(&c);
