@@ -20,8 +20,11 @@ pub mod hsdir;
 pub mod intro;
 pub mod keys;
 pub mod ports;
+pub mod pow;
 pub mod service;
 
+#[cfg(test)]
+mod pow_tests;
 #[cfg(test)]
 mod tests;
 
@@ -54,6 +57,16 @@ pub fn prepare_services(
             allium_crypto::hs::TimePeriodParams::DEFAULT,
         )
         .map_err(|e| fail(&e))?;
+        let mut state = state;
+        if svc.pow {
+            state.enable_pow(
+                pow::PowConfig {
+                    queue_rate: svc.pow_queue_rate,
+                    queue_burst: svc.pow_queue_burst,
+                },
+                allium_directory::now_unix(),
+            );
+        }
         out.push((svc.name.clone(), state));
     }
     if let Some(dir) = &cfg.onion_client_auth_dir {
