@@ -496,6 +496,42 @@ impl<B: CircBuilder> CircMgr<B> {
         Ok((guard.clone(), middle))
     }
 
+    /// [`CircMgr::onion_hops`] for a last hop named by a [`crate::core::HopTarget`] (a
+    /// rendezvous point as a client named it): its consensus entry when listed, else what the
+    /// target says (identity and addresses, no family) for the compatibility rules. Returns the
+    /// guard, the vanguard and the last hop as a [`RelayInfo`].
+    #[allow(dead_code)] // for the onion-service drivers' HopTarget circuits (issue 13)
+    pub(crate) fn onion_hops_for_target(
+        &self,
+        view: &DirView,
+        target: &crate::core::HopTarget,
+    ) -> Result<(RelayInfo, RelayInfo, RelayInfo), ClientError> {
+        use allium_proto::relaymsg::LinkSpec;
+        let last = match view.relays.iter().find(|r| r.id == target.id) {
+            Some(r) => r.clone(),
+            None => RelayInfo {
+                id: target.id,
+                link_key: allium_crypto::X25519Public([0; 32]),
+                onion_key: target.onion_key,
+                addrs: target
+                    .specs
+                    .iter()
+                    .filter_map(|s| match s {
+                        LinkSpec::Ipv4(a) => Some(std::net::SocketAddr::V4(*a)),
+                        LinkSpec::Ipv6(a) => Some(std::net::SocketAddr::V6(*a)),
+                        _ => None,
+                    })
+                    .collect(),
+                flags: path::RelayFlags::default(),
+                weight: 0,
+                family: Vec::new(),
+                exit_ports: Vec::new(),
+            },
+        };
+        let (guard, middle) = self.onion_hops(view, &last)?;
+        Ok((guard, middle, last))
+    }
+
     /// The current layer-2 vanguards.
     #[cfg(test)]
     pub(crate) fn vanguard_ids(&self) -> Vec<RelayId> {

@@ -838,3 +838,26 @@ fn onion_service_paths_have_a_vanguard_as_middle() {
     let again = crate::vanguards::VanguardSet::load(r._dir.path()).unwrap();
     assert_eq!(again.ids(), vg);
 }
+
+/// The HopTarget sibling: a rendezvous point outside the consensus still gets a vanguard middle.
+#[test]
+fn a_target_outside_the_consensus_gets_a_vanguard_middle_too() {
+    let r = rig(&[]);
+    let vg = r.mgr.vanguard_ids();
+    let view = r.mgr.view().unwrap();
+    let stranger = relay(77, vec![]);
+    let t = crate::core::HopTarget::new(stranger.id, stranger.onion_key, &stranger.addrs);
+    for _ in 0..20 {
+        let (g, m, last) = r.mgr.onion_hops_for_target(&view, &t).unwrap();
+        assert!(vg.contains(&m.id));
+        assert_eq!(last.id, stranger.id);
+        assert_eq!(last.addrs, stranger.addrs);
+        assert_ne!(g.id, m.id);
+    }
+    // A listed target uses its consensus entry.
+    let listed = &r.relays[0];
+    let t = crate::core::HopTarget::new(listed.id, listed.onion_key, &listed.addrs);
+    let (_, m, last) = r.mgr.onion_hops_for_target(&view, &t).unwrap();
+    assert_eq!(last.flags, listed.flags);
+    assert!(vg.contains(&m.id) && m.id != listed.id);
+}

@@ -9,6 +9,8 @@
 //!   `allium_crypto::hs::ntor` handshake maps onto the INTRODUCE1 fields;
 //! - [`service`]: [`OnionService`], the service's state (introduction points and their keys,
 //!   descriptors per period, INTRODUCE2 → rendezvous, replay cache, port map);
+//! - [`pow`]: proof of work for introductions under load (puzzle, INTRODUCE extension, the
+//!   effort-ordered introduction queue and the suggested-effort rule);
 //! - [`hsdir`]: the HSDir fetch and upload requests (BEGIN_DIR);
 //! - [`client`]: descriptor location, verification and decryption, INTRODUCE1, the RENDEZVOUS2
 //!   check, and a per-isolation descriptor cache.
