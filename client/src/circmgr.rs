@@ -222,6 +222,8 @@ pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
     builder: B,
     dir: RwLock<Option<Arc<DirView>>>,
     guards: Mutex<GuardSet>,
+    /// Layer-2 vanguards: the middle hop of every onion-service circuit (vanguards-lite).
+    vanguards: Mutex<crate::vanguards::VanguardSet>,
     pool: Mutex<Vec<Entry<B::Circ>>>,
     /// Serialises builds on demand; holds whether the last one failed.
     build_lock: tokio::sync::Mutex<bool>,
@@ -334,34 +336,8 @@ impl CircMgr<LinkBuilder> {
         let mut err = ClientError::NoPath("no attempt made");
         for attempt in 1..=BUILD_ATTEMPTS {
             let view = self.view()?;
-            let relaxed = self.cfg.get().test_network;
-            let primary = self
-                .guards
-                .lock()
-                .map(|g| g.primary(&view.relays, self.cfg.get().primary_guards))
-                .unwrap_or_default();
-            let guard = primary
-                .iter()
-                .filter_map(|id| view.relays.iter().find(|r| r.id == *id))
-                .find(|g| path::compatible(g, last, relaxed))
-                .ok_or(ClientError::NoPath(
-                    "no primary guard may share a circuit with this relay",
-                ))?;
-            let middle = {
-                let mut rng = rand::rng();
-                path::choose_middle_weighted(
-                    &view.relays,
-                    &view.weights,
-                    &[guard, last],
-                    false,
-                    relaxed,
-                    &mut rng,
-                )
-                .cloned()
-            }
-            .ok_or(ClientError::NoPath(
-                "no middle relay for an onion-service circuit",
-            ))?;
+            let (guard, middle) = self.onion_hops(&view, last)?;
+            let guard = &guard;
             let (limit, _) = self.build_timeout(attempt);
             let built = async {
                 let link = self.builder.link_for(guard).await?;
@@ -406,11 +382,19 @@ impl<B: CircBuilder> CircMgr<B> {
         builder: B,
     ) -> Self {
         let cbt = load_cbt(&cfg.get());
+        let vanguards =
+            crate::vanguards::VanguardSet::load(&cfg.get().data_dir).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "could not read the vanguard state ({e}); keeping vanguards in memory"
+                );
+                crate::vanguards::VanguardSet::in_memory()
+            });
         Self {
             cfg,
             builder,
             dir: RwLock::new(None),
             guards: Mutex::new(guards),
+            vanguards: Mutex::new(vanguards),
             pool: Mutex::new(Vec::new()),
             build_lock: tokio::sync::Mutex::new(false),
             builds_done: std::sync::atomic::AtomicU64::new(0),
@@ -457,6 +441,103 @@ impl<B: CircBuilder> CircMgr<B> {
         self.wake.notify_one();
     }
 
+    /// Drop expired or unlisted vanguards and draw new ones (vanguards-lite), saving the set
+    /// when it changed.
+    fn refresh_vanguards(&self, view: &DirView) {
+        if let Ok(mut v) = self.vanguards.lock() {
+            let now = allium_directory::now_unix();
+            if v.refresh(&view.relays, &view.weights, now, &mut rand::rng())
+                && let Err(e) = v.save()
+            {
+                tracing::warn!("could not save the vanguard state: {e}");
+            }
+        }
+    }
+
+    /// The first two hops of an onion-service circuit (introduction, rendezvous or HSDir, for a
+    /// client or a service) ending at `last`: a primary guard compatible with it, and one of
+    /// the layer-2 vanguards compatible with both (never another middle: see
+    /// [`crate::vanguards`]). Every onion-service circuit builder calls this.
+    pub(crate) fn onion_hops(
+        &self,
+        view: &DirView,
+        last: &RelayInfo,
+    ) -> Result<(RelayInfo, RelayInfo), ClientError> {
+        let relaxed = self.cfg.get().test_network;
+        let primary = self
+            .guards
+            .lock()
+            .map(|g| g.primary(&view.relays, self.cfg.get().primary_guards))
+            .unwrap_or_default();
+        let guard = primary
+            .iter()
+            .filter_map(|id| view.relays.iter().find(|r| r.id == *id))
+            .find(|g| path::compatible(g, last, relaxed))
+            .ok_or(ClientError::NoPath(
+                "no primary guard may share a circuit with this relay",
+            ))?;
+        let mut v = self
+            .vanguards
+            .lock()
+            .map_err(|_| ClientError::NoPath("vanguard state unavailable"))?;
+        let now = allium_directory::now_unix();
+        // Expiry is checked at every use, not only when a consensus arrives.
+        if v.refresh(&view.relays, &view.weights, now, &mut rand::rng())
+            && let Err(e) = v.save()
+        {
+            tracing::warn!("could not save the vanguard state: {e}");
+        }
+        let middle = v
+            .choose_middle(&view.relays, &[guard, last], relaxed, &mut rand::rng())
+            .cloned()
+            .ok_or(ClientError::NoPath(
+                "no vanguard may share an onion-service circuit with this guard and relay",
+            ))?;
+        Ok((guard.clone(), middle))
+    }
+
+    /// [`CircMgr::onion_hops`] for a last hop named by a [`crate::core::HopTarget`] (a
+    /// rendezvous point as a client named it): its consensus entry when listed, else what the
+    /// target says (identity and addresses, no family) for the compatibility rules. Returns the
+    /// guard, the vanguard and the last hop as a [`RelayInfo`].
+    #[allow(dead_code)] // for the onion-service drivers' HopTarget circuits (issue 13)
+    pub(crate) fn onion_hops_for_target(
+        &self,
+        view: &DirView,
+        target: &crate::core::HopTarget,
+    ) -> Result<(RelayInfo, RelayInfo, RelayInfo), ClientError> {
+        use allium_proto::relaymsg::LinkSpec;
+        let last = match view.relays.iter().find(|r| r.id == target.id) {
+            Some(r) => r.clone(),
+            None => RelayInfo {
+                id: target.id,
+                link_key: allium_crypto::X25519Public([0; 32]),
+                onion_key: target.onion_key,
+                addrs: target
+                    .specs
+                    .iter()
+                    .filter_map(|s| match s {
+                        LinkSpec::Ipv4(a) => Some(std::net::SocketAddr::V4(*a)),
+                        LinkSpec::Ipv6(a) => Some(std::net::SocketAddr::V6(*a)),
+                        _ => None,
+                    })
+                    .collect(),
+                flags: path::RelayFlags::default(),
+                weight: 0,
+                family: Vec::new(),
+                exit_ports: Vec::new(),
+            },
+        };
+        let (guard, middle) = self.onion_hops(view, &last)?;
+        Ok((guard, middle, last))
+    }
+
+    /// The current layer-2 vanguards.
+    #[cfg(test)]
+    pub(crate) fn vanguard_ids(&self) -> Vec<RelayId> {
+        self.vanguards.lock().map(|v| v.ids()).unwrap_or_default()
+    }
+
     pub(crate) fn has_dir(&self) -> bool {
         self.dir.read().map(|d| d.is_some()).unwrap_or(false)
     }
@@ -475,6 +556,7 @@ impl<B: CircBuilder> CircMgr<B> {
                 tracing::warn!("the consensus lists no usable guard; circuits cannot be built");
             }
         }
+        self.refresh_vanguards(&view);
         if let Ok(mut d) = self.dir.write() {
             *d = Some(Arc::new(view));
         }

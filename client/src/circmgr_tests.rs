@@ -813,3 +813,51 @@ async fn a_guard_at_its_circuit_cap_gets_our_idle_circuits_back() {
     assert!(!c.is_closed());
     assert_eq!(r.mgr.limit_counts(), (0, 1));
 }
+
+/// Vanguards-lite: every onion-service path (`onion_hops`, what `circuit_ending_at` builds) has
+/// one of the persisted layer-2 vanguards as its middle, compatible with its guard and last hop.
+#[test]
+fn onion_service_paths_have_a_vanguard_as_middle() {
+    let r = rig(&[]);
+    let vg = r.mgr.vanguard_ids();
+    assert_eq!(vg.len(), crate::vanguards::N_VANGUARDS);
+    let view = r.mgr.view().unwrap();
+    let mut middles = std::collections::HashSet::new();
+    for last in &r.relays {
+        for _ in 0..25 {
+            let (g, m) = r.mgr.onion_hops(&view, last).unwrap();
+            assert!(vg.contains(&m.id), "middle is not a vanguard");
+            assert_ne!(m.id, last.id);
+            assert_ne!(m.id, g.id);
+            assert_ne!(g.id, last.id);
+            middles.insert(m.id);
+        }
+    }
+    assert!(middles.iter().all(|m| vg.contains(m)));
+    // Kept in the data directory: a restarted proxy has the same set.
+    let again = crate::vanguards::VanguardSet::load(r._dir.path()).unwrap();
+    assert_eq!(again.ids(), vg);
+}
+
+/// The HopTarget sibling: a rendezvous point outside the consensus still gets a vanguard middle.
+#[test]
+fn a_target_outside_the_consensus_gets_a_vanguard_middle_too() {
+    let r = rig(&[]);
+    let vg = r.mgr.vanguard_ids();
+    let view = r.mgr.view().unwrap();
+    let stranger = relay(77, vec![]);
+    let t = crate::core::HopTarget::new(stranger.id, stranger.onion_key, &stranger.addrs);
+    for _ in 0..20 {
+        let (g, m, last) = r.mgr.onion_hops_for_target(&view, &t).unwrap();
+        assert!(vg.contains(&m.id));
+        assert_eq!(last.id, stranger.id);
+        assert_eq!(last.addrs, stranger.addrs);
+        assert_ne!(g.id, m.id);
+    }
+    // A listed target uses its consensus entry.
+    let listed = &r.relays[0];
+    let t = crate::core::HopTarget::new(listed.id, listed.onion_key, &listed.addrs);
+    let (_, m, last) = r.mgr.onion_hops_for_target(&view, &t).unwrap();
+    assert_eq!(last.flags, listed.flags);
+    assert!(vg.contains(&m.id) && m.id != listed.id);
+}

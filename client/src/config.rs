@@ -128,6 +128,25 @@ pub struct OnionServiceConfig {
     /// to read the descriptor (client authorization). None: every client who knows the address.
     #[serde(default)]
     pub authorized_clients: Option<PathBuf>,
+    /// Ask clients for proof of work under load (Tor's `HiddenServicePoWDefensesEnabled`): the
+    /// descriptor carries a puzzle seed and a suggested effort, and introductions are served
+    /// highest effort first at `pow_queue_rate`. Off by default.
+    #[serde(default)]
+    pub pow: bool,
+    /// With `pow`, introductions served per second (Tor's `HiddenServicePoWQueueRate`, 250).
+    #[serde(default = "default_pow_queue_rate")]
+    pub pow_queue_rate: u32,
+    /// With `pow`, the burst of the same (Tor's `HiddenServicePoWQueueBurst`, 2500).
+    #[serde(default = "default_pow_queue_burst")]
+    pub pow_queue_burst: u32,
+}
+
+fn default_pow_queue_rate() -> u32 {
+    crate::onion::pow::DEFAULT_QUEUE_RATE
+}
+
+fn default_pow_queue_burst() -> u32 {
+    crate::onion::pow::DEFAULT_QUEUE_BURST
 }
 
 impl OnionServiceConfig {
@@ -154,6 +173,13 @@ impl OnionServiceConfig {
         if self.key_dir.as_os_str().is_empty() {
             return Err(ClientError::Config(format!(
                 "[[onion_service]] {}: `key_dir` is empty",
+                self.name
+            )));
+        }
+        if self.pow_queue_rate == 0 || self.pow_queue_burst == 0 {
+            return Err(ClientError::Config(format!(
+                "[[onion_service]] {}: `pow_queue_rate` and `pow_queue_burst` must be at least 1 \
+                 (defaults 250 and 2500)",
                 self.name
             )));
         }

@@ -23,6 +23,7 @@ pub mod path;
 mod reactor;
 pub mod socks;
 mod stream;
+pub mod vanguards;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

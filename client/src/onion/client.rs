@@ -6,6 +6,10 @@
 //! ([`new_cookie`]) → [`start_introduction`] (INTRODUCE1 for one of the descriptor's
 //! introduction points, and the target to extend to) → on RENDEZVOUS2,
 //! [`PendingIntro::finish`] gives the keys of the end-to-end hop.
+//!
+//! When the descriptor asks for proof of work, the driver first calls [`solve_pow`] (off the
+//! async threads: it takes about `effort` milliseconds) with the number of failed attempts so
+//! far, and passes the solution to [`start_introduction_pow`].
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -20,6 +24,7 @@ use allium_proto::relaymsg::{Introduce, RendCookie, Rendezvous2};
 use rand::{Rng, RngExt as _};
 
 use super::intro::{self, IntroPlaintext, RendPoint};
+use super::pow::{self, PowSolution};
 use crate::core::HopTarget;
 
 /// Most descriptors cached.
@@ -183,6 +188,36 @@ pub fn start_introduction(
     rend_point: RendPoint,
     cookie: RendCookie,
 ) -> Result<Introduction, OnionError> {
+    start_introduction_pow(loc, contents, which, rend_point, cookie, None)
+}
+
+/// The proof of work for introduction point `which` of `contents` on attempt `retry` (0: the
+/// first; each failed introduction to the service counts): the descriptor's suggested effort,
+/// doubled on each retry and bounded ([`pow::client_effort`]). `None`: the descriptor asks
+/// for none (no parameters, an unknown scheme, or effort 0), or `which` is out of range.
+/// CPU-bound: about `effort` milliseconds (at most [`pow::MAX_CLIENT_EFFORT`]).
+pub fn solve_pow(contents: &HsDescContents, which: usize, retry: u32) -> Option<PowSolution> {
+    let params = contents.pow.as_ref()?;
+    let ip = contents.intro_points.get(which)?;
+    let effort = pow::client_effort(params.suggested_effort, retry);
+    pow::solve(
+        params,
+        &ip.auth_key,
+        effort,
+        pow::max_tries_for(effort),
+        &mut rand::rng(),
+    )
+}
+
+/// [`start_introduction`] with a proof of work ([`solve_pow`]) in the encrypted part.
+pub fn start_introduction_pow(
+    loc: &DescLocation,
+    contents: &HsDescContents,
+    which: usize,
+    rend_point: RendPoint,
+    cookie: RendCookie,
+    pow: Option<&PowSolution>,
+) -> Result<Introduction, OnionError> {
     let ip = contents
         .intro_points
         .get(which)
@@ -193,8 +228,9 @@ pub fn start_introduction(
         enc_key: &ip.enc_key,
         subcredential: &loc.subcredential,
     };
+    let ext: Vec<_> = pow.map(PowSolution::to_extension).into_iter().collect();
     let (state, introduce1) =
-        intro::client_introduce(&keys, vec![], &IntroPlaintext { cookie, rend_point })
+        intro::client_introduce_with(&keys, vec![], &IntroPlaintext { cookie, rend_point }, &ext)
             .map_err(|_| OnionError::IntroFailed)?;
     Ok(Introduction {
         intro_point: HopTarget::new(ip.relay_id, ip.onion_key, &ip.addrs),

@@ -5,7 +5,9 @@
 //!
 //! ```text
 //! plaintext = version u8 (= 1) | cookie[20] | rp_id[32] | rp_onion_key[32]
-//!           | n_addrs u8 (1..=2) | addr × n_addrs | 0x00 padding to PLAINTEXT_LEN (128) bytes
+//!           | n_addrs u8 (1..=2) | addr × n_addrs
+//!           | n_ext u8 | (type u8 | len u8 | value) × n_ext      (encrypted extensions)
+//!           | 0x00 padding to PLAINTEXT_LEN (192) bytes
 //! addr      = 4 u8 | ipv4[4] | port u16be     or     6 u8 | ipv6[16] | port u16be
 //! hdr       = 0x01 | auth_key[32] | n_ext u8 | (type u8 | len u8 | value)×n_ext
 //!             (the cell's bytes before client_key; the handshake authenticates them)
@@ -15,7 +17,9 @@
 //! The cell's `mac` field is reserved (all zeros, checked): the AEAD tag at the end of
 //! `encrypted`, whose associated data covers `hdr` and `X`, already authenticates every byte
 //! before it. The plaintext has a fixed size, so the cell does not tell an IPv4 rendezvous point
-//! from an IPv6 one.
+//! from an IPv6 one, nor one with a proof of work (extension type 2, [`super::pow`]) from one
+//! without. A 128-byte plaintext without extensions (the first layout, whose padding reads as
+//! `n_ext = 0`) is still accepted.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -28,7 +32,11 @@ use zeroize::Zeroizing;
 /// Version of the plaintext layout.
 pub const PLAINTEXT_VERSION: u8 = 1;
 /// Size of every plaintext (padded).
-pub const PLAINTEXT_LEN: usize = 128;
+pub const PLAINTEXT_LEN: usize = 192;
+/// Size of plaintexts of the first layout (no room for extensions), still accepted.
+pub const PLAINTEXT_LEN_V1: usize = 128;
+/// Most bytes of encrypted extensions (type, length and value of each) that fit.
+pub const MAX_EXT_BYTES: usize = PLAINTEXT_LEN - 125;
 
 /// The rendezvous point as the client names it to the service.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +66,12 @@ pub struct BadPlaintext(pub &'static str);
 impl IntroPlaintext {
     /// The padded plaintext bytes.
     pub fn encode(&self) -> Result<Vec<u8>, BadPlaintext> {
+        self.encode_with(&[])
+    }
+
+    /// The padded plaintext bytes, with encrypted `extensions` (at most [`MAX_EXT_BYTES`] of
+    /// them, counting each one's type and length bytes).
+    pub fn encode_with(&self, extensions: &[HsExtension]) -> Result<Vec<u8>, BadPlaintext> {
         let addrs = &self.rend_point.addrs;
         if addrs.is_empty() || addrs.len() > 2 {
             return Err(BadPlaintext("the rendezvous point needs 1 or 2 addresses"));
@@ -81,14 +95,33 @@ impl IntroPlaintext {
             }
             v.extend_from_slice(&a.port().to_be_bytes());
         }
-        // At most 1 + 20 + 32 + 32 + 1 + 2 × 19 = 124 bytes.
+        // At most 1 + 20 + 32 + 32 + 1 + 2 × 19 = 124 bytes so far.
+        let ext_len: usize = extensions.iter().map(|e| 2 + e.value.len()).sum();
+        if ext_len > MAX_EXT_BYTES || extensions.iter().any(|e| e.value.len() > 255) {
+            return Err(BadPlaintext("extensions too long"));
+        }
+        v.push(extensions.len() as u8);
+        for e in extensions {
+            v.push(e.ty);
+            v.push(e.value.len() as u8);
+            v.extend_from_slice(&e.value);
+        }
+        if v.len() > PLAINTEXT_LEN {
+            return Err(BadPlaintext("extensions too long"));
+        }
         v.resize(PLAINTEXT_LEN, 0);
         Ok(v)
     }
 
-    /// Parse a plaintext (exactly [`PLAINTEXT_LEN`] bytes, zero padding).
+    /// Parse a plaintext (exactly [`PLAINTEXT_LEN`] or [`PLAINTEXT_LEN_V1`] bytes, zero
+    /// padding); its encrypted extensions are ignored.
     pub fn decode(b: &[u8]) -> Result<Self, BadPlaintext> {
-        if b.len() != PLAINTEXT_LEN {
+        Self::decode_with(b).map(|(p, _)| p)
+    }
+
+    /// Parse a plaintext and its encrypted extensions.
+    pub fn decode_with(b: &[u8]) -> Result<(Self, Vec<HsExtension>), BadPlaintext> {
+        if b.len() != PLAINTEXT_LEN && b.len() != PLAINTEXT_LEN_V1 {
             return Err(BadPlaintext("wrong length"));
         }
         let mut r = b;
@@ -125,17 +158,33 @@ impl IntroPlaintext {
             port.copy_from_slice(take(2)?);
             addrs.push(SocketAddr::new(ip, u16::from_be_bytes(port)));
         }
+        let n_ext = take(1)?.first().copied().unwrap_or(0);
+        let mut extensions = Vec::with_capacity(usize::from(n_ext).min(MAX_EXT_BYTES / 2));
+        for _ in 0..n_ext {
+            let hdr = take(2)?;
+            let (ty, len) = match hdr {
+                [t, l] => (*t, usize::from(*l)),
+                _ => return Err(BadPlaintext("truncated")),
+            };
+            extensions.push(HsExtension {
+                ty,
+                value: take(len)?.to_vec(),
+            });
+        }
         if r.iter().any(|&x| x != 0) {
             return Err(BadPlaintext("padding is not zeros"));
         }
-        Ok(Self {
-            cookie: RendCookie(cookie),
-            rend_point: RendPoint {
-                id: RelayId(id),
-                onion_key: X25519Public(onion_key),
-                addrs,
+        Ok((
+            Self {
+                cookie: RendCookie(cookie),
+                rend_point: RendPoint {
+                    id: RelayId(id),
+                    onion_key: X25519Public(onion_key),
+                    addrs,
+                },
             },
-        })
+            extensions,
+        ))
     }
 }
 
@@ -166,7 +215,21 @@ pub fn client_introduce(
     extensions: Vec<HsExtension>,
     plain: &IntroPlaintext,
 ) -> Result<(ClientIntro, Introduce), HsError> {
-    let pt = Zeroizing::new(plain.encode().map_err(|_| HsError::HandshakeFailed)?);
+    client_introduce_with(keys, extensions, plain, &[])
+}
+
+/// [`client_introduce`] with `encrypted_ext` inside the encrypted part (a proof of work).
+pub fn client_introduce_with(
+    keys: &IntroKeys<'_>,
+    extensions: Vec<HsExtension>,
+    plain: &IntroPlaintext,
+    encrypted_ext: &[HsExtension],
+) -> Result<(ClientIntro, Introduce), HsError> {
+    let pt = Zeroizing::new(
+        plain
+            .encode_with(encrypted_ext)
+            .map_err(|_| HsError::HandshakeFailed)?,
+    );
     let hdr = header_bytes(keys.auth_key, &extensions);
     let (state, out) = ntor::client_start(keys, &hdr, &pt)?;
     let (x, rest) = out.split_at_checked(32).ok_or(HsError::HandshakeFailed)?;
@@ -190,6 +253,15 @@ pub fn service_open(
     enc_secret: &X25519Secret,
     msg: &Introduce,
 ) -> Result<(IntroPlaintext, ServiceIntro), HsError> {
+    service_open_with(keys, enc_secret, msg).map(|(p, _, s)| (p, s))
+}
+
+/// [`service_open`], also returning the encrypted extensions.
+pub fn service_open_with(
+    keys: &IntroKeys<'_>,
+    enc_secret: &X25519Secret,
+    msg: &Introduce,
+) -> Result<(IntroPlaintext, Vec<HsExtension>, ServiceIntro), HsError> {
     if msg.mac != [0; 32] {
         return Err(HsError::HandshakeFailed);
     }
@@ -198,6 +270,6 @@ pub fn service_open(
     enc.extend_from_slice(&msg.client_key);
     enc.extend_from_slice(&msg.encrypted);
     let (pt, state) = ntor::service_open(keys, enc_secret, &hdr, &enc)?;
-    let plain = IntroPlaintext::decode(&pt).map_err(|_| HsError::HandshakeFailed)?;
-    Ok((plain, state))
+    let (plain, ext) = IntroPlaintext::decode_with(&pt).map_err(|_| HsError::HandshakeFailed)?;
+    Ok((plain, ext, state))
 }

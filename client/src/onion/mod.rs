@@ -9,6 +9,8 @@
 //!   `allium_crypto::hs::ntor` handshake maps onto the INTRODUCE1 fields;
 //! - [`service`]: [`OnionService`], the service's state (introduction points and their keys,
 //!   descriptors per period, INTRODUCE2 → rendezvous, replay cache, port map);
+//! - [`pow`]: proof of work for introductions under load (puzzle, INTRODUCE extension, the
+//!   effort-ordered introduction queue and the suggested-effort rule);
 //! - [`hsdir`]: the HSDir fetch and upload requests (BEGIN_DIR);
 //! - [`client`]: descriptor location, verification and decryption, INTRODUCE1, the RENDEZVOUS2
 //!   check, and a per-isolation descriptor cache.
@@ -20,8 +22,11 @@ pub mod hsdir;
 pub mod intro;
 pub mod keys;
 pub mod ports;
+pub mod pow;
 pub mod service;
 
+#[cfg(test)]
+mod pow_tests;
 #[cfg(test)]
 mod tests;
 
@@ -54,6 +59,16 @@ pub fn prepare_services(
             allium_crypto::hs::TimePeriodParams::DEFAULT,
         )
         .map_err(|e| fail(&e))?;
+        let mut state = state;
+        if svc.pow {
+            state.enable_pow(
+                pow::PowConfig {
+                    queue_rate: svc.pow_queue_rate,
+                    queue_burst: svc.pow_queue_burst,
+                },
+                allium_directory::now_unix(),
+            );
+        }
         out.push((svc.name.clone(), state));
     }
     if let Some(dir) = &cfg.onion_client_auth_dir {

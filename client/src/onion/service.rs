@@ -12,7 +12,12 @@
 //!   must not have been seen before (replay cache per point; a full cache retires the point),
 //!   then the RENDEZVOUS1 to send from a circuit to the client's rendezvous point and the keys of
 //!   the end-to-end hop;
-//! - for each incoming stream, the local target of its port ([`OnionService::target_for`]).
+//! - for each incoming stream, the local target of its port ([`OnionService::target_for`]);
+//! - with proof of work on ([`OnionService::enable_pow`], [`super::pow`]): the proof in each
+//!   INTRODUCE2 ([`OnionService::handle_introduce2_pow`]), the effort-ordered queue of accepted
+//!   introductions ([`OnionService::queue_introduce2`] in, [`OnionService::next_rendezvous`] out
+//!   at the configured rate), and the seed and suggested effort the descriptor carries
+//!   ([`OnionService::pow_tick`] once a second or so; a change makes a descriptor due).
 
 use std::collections::{HashSet, VecDeque};
 
@@ -27,6 +32,7 @@ use allium_proto::relaymsg::{EstablishIntro, Introduce, RelayMsg, Rendezvous1};
 
 use super::intro::{self, IntroPlaintext};
 use super::ports::{self, PortMapping};
+use super::pow::{IntroQueue, PowConfig, PowRefusal, PowSolution, PowVerifier, Pushed};
 use crate::core::HopTarget;
 
 /// Introduction points a service keeps (Tor's default).
@@ -109,6 +115,29 @@ pub enum IntroRefusal {
     /// The point's replay cache is full: the point is retired (close its circuit).
     #[error("introduction point retired after {MAX_INTRODUCTIONS_PER_POINT} introductions")]
     Retired,
+    /// Proof of work is on and the INTRODUCE2's proof is invalid, stale or replayed.
+    #[error("INTRODUCE2 refused: {0}")]
+    Pow(PowRefusal),
+    /// The introduction queue is full of introductions that paid more.
+    #[error("INTRODUCE2 dropped: the introduction queue is full of higher efforts")]
+    QueueFull,
+}
+
+/// An accepted INTRODUCE2: the rendezvous to do, and the effort its proof of work showed (0
+/// without one, or with proof of work off).
+#[derive(Debug)]
+pub struct AcceptedIntro {
+    /// What to do.
+    pub task: RendezvousTask,
+    /// The proven effort.
+    pub effort: u32,
+}
+
+/// Proof-of-work state of a service that turned it on.
+struct PowState {
+    verifier: PowVerifier,
+    /// The parameters in the last built descriptor.
+    published: Option<allium_directory::hs::PowParams>,
 }
 
 /// One onion service's state.
@@ -124,6 +153,9 @@ pub struct OnionService {
     dirty: bool,
     published_period: Option<u64>,
     last_upload: Option<u64>,
+    pow: Option<PowState>,
+    queue: Option<IntroQueue<(IntroId, RendezvousTask)>>,
+    queue_cfg: PowConfig,
 }
 
 impl std::fmt::Debug for OnionService {
@@ -156,7 +188,66 @@ impl OnionService {
             dirty: true,
             published_period: None,
             last_upload: None,
+            pow: None,
+            queue: None,
+            queue_cfg: PowConfig::default(),
         })
+    }
+
+    /// Turn proof of work on (the `pow = true` of its table) at `now_unix`, with the queue's
+    /// rate and burst from `cfg`. The next descriptor carries the puzzle seed.
+    pub fn enable_pow(&mut self, cfg: PowConfig, now_unix: u64) {
+        self.queue_cfg = cfg;
+        self.queue = None;
+        self.pow = Some(PowState {
+            verifier: PowVerifier::new(now_unix, &mut rand::rng()),
+            published: None,
+        });
+        self.dirty = true;
+    }
+
+    /// Whether proof of work is on.
+    pub fn pow_enabled(&self) -> bool {
+        self.pow.is_some()
+    }
+
+    /// The effort the service suggests now (`None`: proof of work is off).
+    pub fn suggested_effort(&self) -> Option<u32> {
+        self.pow.as_ref().map(|p| p.verifier.suggested_effort())
+    }
+
+    /// Proof-of-work housekeeping at `now_unix` (unix seconds) and `now_ms` (the queue's
+    /// clock): replace an expired seed, and once per [`super::pow::UPDATE_PERIOD_SECS`]
+    /// recompute the suggested effort from the queue's statistics. Returns whether the
+    /// descriptor's proof-of-work parameters changed (a descriptor is then due).
+    pub fn pow_tick(&mut self, now_unix: u64, now_ms: u64) -> bool {
+        let Some(pow) = self.pow.as_mut() else {
+            return false;
+        };
+        pow.verifier.rotate_if_due(now_unix, &mut rand::rng());
+        if pow.verifier.controller_mut().due(now_unix) {
+            let stats = self
+                .queue
+                .as_mut()
+                .map(|q| q.take_stats(now_ms))
+                .unwrap_or_default();
+            let before = pow.verifier.suggested_effort();
+            let after = pow.verifier.controller_mut().update(&stats, now_unix);
+            if before != after {
+                tracing::info!(
+                    "onion service: suggested proof-of-work effort {before} -> {after} \
+                     ({} served, {} dropped, {} waiting)",
+                    stats.served,
+                    stats.dropped,
+                    stats.waiting
+                );
+            }
+        }
+        let changed = pow.published.as_ref() != Some(&pow.verifier.params());
+        if changed && pow.published.is_some() {
+            self.dirty = true;
+        }
+        changed
     }
 
     /// Its address.
@@ -273,7 +364,7 @@ impl OnionService {
                     enc_key: s.enc.public(),
                 })
                 .collect(),
-            pow: None,
+            pow: self.pow.as_ref().map(|p| p.verifier.params()),
         };
         // Unix seconds, and always more than the last one: an HSDir keeps the highest revision,
         // so a restarted service (whose counter starts again) still replaces its old descriptor.
@@ -305,18 +396,37 @@ impl OnionService {
             });
         }
         self.dirty = false;
+        if let Some(p) = self.pow.as_mut() {
+            p.published = contents.pow;
+        }
         self.published_period = Some(self.tp.period_at(now_unix).number);
         self.last_upload = Some(now_unix);
         Ok(out)
     }
 
-    /// An INTRODUCE2 arrived on point `id`'s circuit.
+    /// An INTRODUCE2 arrived on point `id`'s circuit. With proof of work on, its proof is
+    /// checked as in [`OnionService::handle_introduce2_pow`] (whose effort this drops: use
+    /// [`OnionService::queue_introduce2`] to have it count).
     pub fn handle_introduce2(
         &mut self,
         id: IntroId,
         msg: &Introduce,
         now_unix: u64,
     ) -> Result<RendezvousTask, IntroRefusal> {
+        self.handle_introduce2_pow(id, msg, now_unix)
+            .map(|a| a.task)
+    }
+
+    /// [`OnionService::handle_introduce2`], with the effort proven. With proof of work on, an
+    /// INTRODUCE2 without a proof has effort 0; one whose proof is invalid, for a seed that is
+    /// neither the current nor the previous one, or replays a (seed, nonce) is refused
+    /// ([`IntroRefusal::Pow`]). With it off, a proof is ignored.
+    pub fn handle_introduce2_pow(
+        &mut self,
+        id: IntroId,
+        msg: &Introduce,
+        now_unix: u64,
+    ) -> Result<AcceptedIntro, IntroRefusal> {
         let identity = self.identity.public();
         let cur = self.tp.period_at(now_unix);
         let periods = [cur, cur.next(), cur.prev()];
@@ -346,15 +456,33 @@ impl OnionService {
                 enc_key: &enc_pub,
                 subcredential: &subcred,
             };
-            if let Ok((plain, state)) = intro::service_open(&keys, &slot.enc, msg) {
+            if let Ok((plain, ext, state)) = intro::service_open_with(&keys, &slot.enc, msg) {
                 let answer = state
                     .respond(&keys)
                     .map_err(|_| IntroRefusal::BadHandshake)?;
-                opened = Some((plain, answer));
+                opened = Some((plain, ext, answer));
                 break;
             }
         }
-        let (plain, (reply, keys)) = opened.ok_or(IntroRefusal::BadHandshake)?;
+        let (plain, ext, (reply, keys)) = opened.ok_or(IntroRefusal::BadHandshake)?;
+        let effort = match self.pow.as_mut() {
+            None => 0,
+            Some(pow) => {
+                let sol = match ext
+                    .iter()
+                    .find(|e| e.ty == allium_proto::relaymsg::HsExtension::POW)
+                {
+                    Some(e) => Some(
+                        PowSolution::from_extension(e)
+                            .map_err(|_| IntroRefusal::Pow(PowRefusal::Invalid))?,
+                    ),
+                    None => None,
+                };
+                pow.verifier
+                    .verify(sol.as_ref(), &auth, now_unix)
+                    .map_err(IntroRefusal::Pow)?
+            }
+        };
         slot.seen.insert(token);
         slot.order.push_back(token);
         if slot.order.len() >= MAX_INTRODUCTIONS_PER_POINT {
@@ -363,14 +491,59 @@ impl OnionService {
             self.intro_lost(id);
         }
         let IntroPlaintext { cookie, rend_point } = plain;
-        Ok(RendezvousTask {
-            rend_point: HopTarget::new(rend_point.id, rend_point.onion_key, &rend_point.addrs),
-            rendezvous1: RelayMsg::Rendezvous1(Rendezvous1 {
-                cookie,
-                handshake_info: reply.to_vec(),
-            }),
-            keys,
+        Ok(AcceptedIntro {
+            task: RendezvousTask {
+                rend_point: HopTarget::new(rend_point.id, rend_point.onion_key, &rend_point.addrs),
+                rendezvous1: RelayMsg::Rendezvous1(Rendezvous1 {
+                    cookie,
+                    handshake_info: reply.to_vec(),
+                }),
+                keys,
+            },
+            effort,
         })
+    }
+
+    /// Check an INTRODUCE2 ([`OnionService::handle_introduce2_pow`]) and queue the accepted
+    /// rendezvous by its effort, at `now_ms` on the queue's clock. The driver then takes work
+    /// with [`OnionService::next_rendezvous`]. `Ok(Some(id))`: to make room, an earlier
+    /// introduction (that came through point `id`) with a lower effort was dropped.
+    pub fn queue_introduce2(
+        &mut self,
+        id: IntroId,
+        msg: &Introduce,
+        now_unix: u64,
+        now_ms: u64,
+    ) -> Result<Option<IntroId>, IntroRefusal> {
+        let acc = self.handle_introduce2_pow(id, msg, now_unix)?;
+        let cfg = self.queue_cfg;
+        let q = self
+            .queue
+            .get_or_insert_with(|| IntroQueue::new(cfg.queue_rate, cfg.queue_burst, now_ms));
+        match q.push((id, acc.task), acc.effort, now_ms) {
+            Pushed::Queued => Ok(None),
+            Pushed::Evicted((old, _)) => Ok(Some(old)),
+            Pushed::Refused(_) => Err(IntroRefusal::QueueFull),
+        }
+    }
+
+    /// The next queued rendezvous to do at `now_ms` (highest effort first), if the queue's rate
+    /// allows one now; with the introduction point it came through.
+    pub fn next_rendezvous(&mut self, now_ms: u64) -> Option<(IntroId, RendezvousTask)> {
+        self.queue
+            .as_mut()
+            .and_then(|q| q.pop(now_ms))
+            .map(|(item, _)| item)
+    }
+
+    /// When [`OnionService::next_rendezvous`] may give something (`None`: nothing queued).
+    pub fn next_rendezvous_at(&self, now_ms: u64) -> Option<u64> {
+        self.queue.as_ref().and_then(|q| q.next_pop_at(now_ms))
+    }
+
+    /// Introductions waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.queue.as_ref().map_or(0, |q| q.len())
     }
 
     /// Whether point `id` still exists (a retired or lost point's circuit should be closed).

@@ -76,3 +76,13 @@ pub(crate) fn hash(domain: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     }
     h.finalize().into()
 }
+
+/// Domain of the onion-service proof-of-work hash.
+pub const DOMAIN_HS_POW: &[u8] = b"allium/v1/hs-pow";
+
+/// `SHA-256("allium/v1/hs-pow" || 0x00 || parts...)`: the one hash of the onion-service proof of
+/// work (its puzzle and check live in the client crate, `onion::pow`; the layout is in
+/// docs/protocol/96-onion-services.md, "Proof of work").
+pub fn pow_hash(parts: &[&[u8]]) -> [u8; 32] {
+    hash(DOMAIN_HS_POW, parts)
+}
