@@ -248,6 +248,8 @@ pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
     pub(crate) control: Arc<crate::control::Events>,
     /// Bytes of frames on guard links (the real builder's links count into it).
     pub(crate) link_bytes: Arc<allium_proto::channel::LinkBytes>,
+    /// Onion-service client state: descriptors, kept rendezvous circuits, attempts.
+    pub(crate) onion: crate::onion::clidrv::OnionClient,
 }
 
 impl<B: CircBuilder> std::fmt::Debug for CircMgr<B> {
@@ -386,6 +388,53 @@ impl CircMgr<LinkBuilder> {
         }
         Err(err)
     }
+
+    /// [`Self::circuit_ending_at`] for a relay named by a [`HopTarget`] (an introduction point
+    /// from a descriptor), which need not be in the consensus: its consensus entry when it is
+    /// listed (with the target's onion key and addresses, which the EXTEND uses), else a
+    /// stand-in with no flags, family or exit policy. As the last hop it is reached by EXTEND
+    /// only, so the stand-in's link key (the onion key, a placeholder) is never used.
+    pub(crate) async fn circuit_ending_at_target(
+        &self,
+        target: &crate::core::HopTarget,
+    ) -> Result<Arc<Circuit>, ClientError> {
+        use allium_proto::relaymsg::LinkSpec;
+        let addrs: Vec<std::net::SocketAddr> = target
+            .specs
+            .iter()
+            .filter_map(|s| match s {
+                LinkSpec::Ipv4(a) => Some(std::net::SocketAddr::V4(*a)),
+                LinkSpec::Ipv6(a) => Some(std::net::SocketAddr::V6(*a)),
+                _ => None,
+            })
+            .collect();
+        let listed = self.view()?.relay(&target.id).cloned();
+        let last = match listed {
+            Some(mut r) => {
+                r.onion_key = target.onion_key;
+                if !addrs.is_empty() {
+                    r.addrs = addrs;
+                }
+                r
+            }
+            None => RelayInfo {
+                id: target.id,
+                link_key: target.onion_key,
+                onion_key: target.onion_key,
+                addrs,
+                flags: path::RelayFlags::default(),
+                weight: 0,
+                family: Vec::new(),
+                exit_ports: Vec::new(),
+            },
+        };
+        self.circuit_ending_at(&last).await
+    }
+
+    /// The directory view in use, for the onion-service client (`crate::onion::clidrv`).
+    pub(crate) fn dir_view(&self) -> Result<Arc<DirView>, ClientError> {
+        self.view()
+    }
 }
 
 impl<B: CircBuilder> CircMgr<B> {
@@ -426,6 +475,7 @@ impl<B: CircBuilder> CircMgr<B> {
             metrics: Arc::default(),
             control: Arc::default(),
             link_bytes: Arc::default(),
+            onion: Default::default(),
         }
     }
 

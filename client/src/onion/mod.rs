@@ -11,10 +11,13 @@
 //!   descriptors per period, INTRODUCE2 → rendezvous, replay cache, port map);
 //! - [`hsdir`]: the HSDir fetch and upload requests (BEGIN_DIR);
 //! - [`client`]: descriptor location, verification and decryption, INTRODUCE1, the RENDEZVOUS2
-//!   check, and a per-isolation descriptor cache.
+//!   check, and a per-isolation descriptor cache;
+//! - `clidrv`: the client driver in the proxy (circuits, waits, kept rendezvous circuits) that
+//!   the SOCKS, HTTP CONNECT and transparent front ends use for `.allium.alt` names.
 //!
 //! Byte layouts: docs/protocol/96-onion-services.md.
 
+pub(crate) mod clidrv;
 pub mod client;
 pub mod hsdir;
 pub mod intro;
