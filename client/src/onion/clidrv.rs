@@ -44,13 +44,14 @@ use super::hsdir;
 use super::intro::RendPoint;
 use crate::circ::{Circuit, StreamEvent};
 use crate::circmgr::CircMgr;
+use crate::core::StreamTarget;
 use crate::dir::DirView;
+use crate::err::ClientError;
 use crate::isolation::IsolationKey;
 use crate::path::RelayInfo;
 use crate::reactor::OnionEvent;
-use crate::socks::server::Failure;
 use crate::socks::wire::Target;
-use crate::stream::{self, OpenError};
+use crate::stream;
 
 /// Longest one HSDir may take: circuit, BEGIN_DIR and the whole response.
 pub const HSDIR_TIMEOUT: Duration = Duration::from_secs(20);
@@ -227,17 +228,21 @@ fn unix_now() -> u64 {
 /// Open a stream to port `port` of the onion service named `host` for a stream with isolation
 /// key `iso`: on the kept rendezvous circuit if there is one, else after a new rendezvous.
 /// `optimistic`: do not wait for CONNECTED. Returns the circuit, the stream id and its events.
+/// A failure to reach the service is [`ClientError::Onion`]; a stream the service refused
+/// keeps its END reason, as for an exit.
 pub(crate) async fn open_stream(
     mgr: &CircMgr,
     host: &str,
     port: u16,
     iso: &IsolationKey,
     optimistic: bool,
-) -> Result<(Arc<Circuit>, u16, mpsc::Receiver<StreamEvent>), Failure> {
+) -> Result<(Arc<Circuit>, u16, mpsc::Receiver<StreamEvent>), ClientError> {
     let addr = HsAddress::parse(host)
-        .map_err(|e| Failure::Onion(OnionError::BadAddress(e.to_string())))?;
+        .map_err(|e| ClientError::Onion(OnionError::BadAddress(e.to_string())))?;
     if port == 0 {
-        return Err(Failure::Onion(OnionError::BadAddress("port 0".to_owned())));
+        return Err(ClientError::Onion(OnionError::BadAddress(
+            "port 0".to_owned(),
+        )));
     }
     let key: Key = (addr.label(), iso.clone());
     let target = Target::Ip(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port));
@@ -247,22 +252,25 @@ pub(crate) async fn open_stream(
             Some(c) => c,
             None => joined_circuit(mgr, &addr, &key)
                 .await
-                .map_err(Failure::Onion)?,
+                .map_err(ClientError::Onion)?,
         };
         let opened = if optimistic {
-            stream::begin_optimistic(&circ, &target).await
+            async {
+                let begin = stream::wire_target(&target)?;
+                let (sid, rx) = circ.open_stream(StreamTarget::Begin(begin)).await?;
+                Ok::<_, ClientError>((sid.get(), rx))
+            }
+            .await
         } else {
-            stream::begin(&circ, &target).await
+            stream::connect(&circ, &target).await
         };
         match opened {
             Ok((sid, rx)) => return Ok((circ, sid, rx)),
-            Err(OpenError::Retry) => mgr.onion.forget(&key),
-            // The service refused the port (or the stream failed): the END reason's reply, as
-            // for an exit.
-            Err(OpenError::Reply(code)) => return Err(Failure::Stream(code)),
+            Err(e) if e.is_retriable() => mgr.onion.forget(&key),
+            Err(e) => return Err(e),
         }
     }
-    Err(Failure::Onion(OnionError::RendFailed))
+    Err(ClientError::Onion(OnionError::RendFailed))
 }
 
 /// The joined rendezvous circuit for `key`, running or joining the attempt for it.

@@ -421,8 +421,12 @@ async fn open_inner(
         && is_onion_target(target)
     {
         // An onion service: the rendezvous client, never an exit.
-        let (circ, sid, rx) =
-            crate::onion::clidrv::open_stream(mgr, host, *port, iso, optimistic).await?;
+        let (circ, sid, rx) = crate::onion::clidrv::open_stream(mgr, host, *port, iso, optimistic)
+            .await
+            .map_err(|e| match e {
+                crate::ClientError::Onion(e) => Failure::Onion(e),
+                e => Failure::Stream(e.socks_reply()),
+            })?;
         track.sent(circ.control_id());
         return Ok((circ, sid, rx));
     }
