@@ -65,6 +65,8 @@ pub(crate) struct ClientMetrics {
     /// Directory fetches by source ([`DIR_SOURCES`]), and those that failed.
     dir_fetches: [AtomicU64; 3],
     dir_failures: [AtomicU64; 3],
+    /// The onion services' counters and status (issue 13).
+    pub(crate) onion_service: crate::onion::svcdrv::ServiceMetrics,
 }
 
 /// Where a directory fetch went: a guard (BEGIN_DIR), a fallback cache (BEGIN_DIR), an
@@ -83,6 +85,7 @@ impl Default for ClientMetrics {
             consensus_valid_after: AtomicU64::new(0),
             dir_fetches: Default::default(),
             dir_failures: Default::default(),
+            onion_service: Default::default(),
         }
     }
 }
@@ -275,6 +278,7 @@ impl ClientMetrics {
              held, 100 ready (a circuit is built).",
             percent,
         );
+        self.onion_service.render(&mut e);
         e
     }
 }
