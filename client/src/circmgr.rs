@@ -388,56 +388,62 @@ impl CircMgr<LinkBuilder> {
         }
         Err(err)
     }
+}
 
-    /// [`Self::circuit_ending_at`] for a relay named by a [`HopTarget`] (an introduction point
-    /// from a descriptor), which need not be in the consensus: its consensus entry when it is
-    /// listed (with the target's onion key and addresses, which the EXTEND uses), else a
-    /// stand-in with no flags, family or exit policy. As the last hop it is reached by EXTEND
-    /// only, so the stand-in's link key (the onion key, a placeholder) is never used.
+impl CircMgr<LinkBuilder> {
+    /// A three-hop circuit whose last hop is `last` as a client named it (a rendezvous point,
+    /// which may be absent from our consensus): as [`CircMgr::circuit_ending_at`], with the
+    /// relay's consensus entry (family, addresses for relatedness) when it is listed with the
+    /// same onion key, and only the target's identity, key and addresses otherwise.
     pub(crate) async fn circuit_ending_at_target(
         &self,
-        target: &crate::core::HopTarget,
+        last: &crate::core::HopTarget,
     ) -> Result<Arc<Circuit>, ClientError> {
-        use allium_proto::relaymsg::LinkSpec;
-        let addrs: Vec<std::net::SocketAddr> = target
-            .specs
-            .iter()
-            .filter_map(|s| match s {
-                LinkSpec::Ipv4(a) => Some(std::net::SocketAddr::V4(*a)),
-                LinkSpec::Ipv6(a) => Some(std::net::SocketAddr::V6(*a)),
-                _ => None,
-            })
-            .collect();
-        let listed = self.view()?.relay(&target.id).cloned();
-        let last = match listed {
-            Some(mut r) => {
-                r.onion_key = target.onion_key;
-                if !addrs.is_empty() {
-                    r.addrs = addrs;
+        let view = self.view()?;
+        let mut addrs = Vec::new();
+        for s in &last.specs {
+            match s {
+                allium_proto::relaymsg::LinkSpec::Ipv4(a) => {
+                    addrs.push(std::net::SocketAddr::V4(*a))
                 }
-                r
+                allium_proto::relaymsg::LinkSpec::Ipv6(a) => {
+                    addrs.push(std::net::SocketAddr::V6(*a))
+                }
+                _ => {}
             }
-            None => RelayInfo {
-                id: target.id,
-                link_key: target.onion_key,
-                onion_key: target.onion_key,
+        }
+        let relay = match view.relay(&last.id) {
+            Some(r) if r.onion_key == last.onion_key => RelayInfo { addrs, ..r.clone() },
+            _ => RelayInfo {
+                id: last.id,
+                // Only the first hop's link key is used; this relay is never first.
+                link_key: last.onion_key,
+                onion_key: last.onion_key,
                 addrs,
-                flags: path::RelayFlags::default(),
+                flags: crate::path::RelayFlags::default(),
                 weight: 0,
                 family: Vec::new(),
                 exit_ports: Vec::new(),
             },
         };
-        self.circuit_ending_at(&last).await
-    }
-
-    /// The directory view in use, for the onion-service client (`crate::onion::clidrv`).
-    pub(crate) fn dir_view(&self) -> Result<Arc<DirView>, ClientError> {
-        self.view()
+        self.circuit_ending_at(&relay).await
     }
 }
 
 impl<B: CircBuilder> CircMgr<B> {
+    /// The consensus view in use (onion-service drivers pick relays from it).
+    pub(crate) fn dir_view(&self) -> Result<Arc<DirView>, ClientError> {
+        self.view()
+    }
+
+    /// Our primary guards in `view` (an onion service never uses them as its last hops).
+    pub(crate) fn primary_guard_ids(&self, view: &DirView) -> Vec<RelayId> {
+        self.guards
+            .lock()
+            .map(|g| g.primary(&view.relays, self.cfg.get().primary_guards))
+            .unwrap_or_default()
+    }
+
     #[cfg(test)]
     pub(crate) fn with_builder(
         cfg: Arc<ProxyConfig>,

@@ -69,6 +69,8 @@ pub(crate) struct ClientMetrics {
     dir_failures: [AtomicU64; 3],
     /// Onion-service client counters.
     pub(crate) onion: OnionCounters,
+    /// The onion services' counters and status (issue 13).
+    pub(crate) onion_service: crate::onion::svcdrv::ServiceMetrics,
 }
 
 /// Buckets of the time to connect to an onion service (descriptor fetch, rendezvous and
@@ -192,6 +194,7 @@ impl Default for ClientMetrics {
             dir_fetches: Default::default(),
             dir_failures: Default::default(),
             onion: OnionCounters::default(),
+            onion_service: Default::default(),
         }
     }
 }
@@ -385,6 +388,7 @@ impl ClientMetrics {
             percent,
         );
         self.onion.render(&mut e);
+        self.onion_service.render(&mut e);
         e
     }
 }

@@ -24,6 +24,7 @@ pub mod intro;
 pub mod keys;
 pub mod ports;
 pub mod service;
+pub(crate) mod svcdrv;
 
 #[cfg(test)]
 mod tests;
@@ -31,6 +32,7 @@ mod tests;
 pub use client::{DescCache, OnionError};
 pub use ports::PortMapping;
 pub use service::{IntroId, IntroRelay, OnionService};
+pub use svcdrv::OnionServiceStatus;
 
 /// Check the onion-service parts of a configuration at start: every `[[onion_service]]` key
 /// directory gives a usable identity (created 0700/0600 if absent, its address written to

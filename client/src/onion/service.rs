@@ -310,6 +310,12 @@ impl OnionService {
         Ok(out)
     }
 
+    /// No HSDir stored the descriptors last built: they are due again (the driver waits its
+    /// backoff first).
+    pub fn descriptor_upload_failed(&mut self) {
+        self.dirty = true;
+    }
+
     /// An INTRODUCE2 arrived on point `id`'s circuit.
     pub fn handle_introduce2(
         &mut self,
