@@ -12,6 +12,7 @@
 // Whole-network tests: bounded real-time waits.
 #![allow(clippy::disallowed_methods)]
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,7 @@ async fn start_service(
     authorized: Option<&Path>,
 ) -> ProxyHandle {
     let mut cfg = net.proxy_config(data);
+    cfg.socks_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.onion_service = vec![OnionServiceConfig {
         name: "web".to_owned(),
         key_dir: key_dir.to_path_buf(),
@@ -63,7 +65,7 @@ async fn start_service(
 /// `GET /` on the service by its address through `proxy`, retried until the service's
 /// descriptor is up (at most [`PUBLISH`]); the first other error, or the last one.
 async fn get_page(
-    proxy: std::net::SocketAddr,
+    proxy: SocketAddr,
     addr: &str,
     auth: Option<(&str, &str)>,
 ) -> Result<Vec<u8>, socks::SocksClientError> {
@@ -238,6 +240,7 @@ fn client_authorization_refuses_a_client_without_the_key_and_accepts_one_with_it
         // A proxy with Alice's key gets the page.
         let mut cfg = net.proxy_config(&tmp.path().join("alice"));
         cfg.onion_client_auth_dir = Some(client_dir.clone());
+        cfg.socks_listen = SocketAddr::from(([127, 0, 0, 1], 0));
         let alice_proxy = allium_client::start(cfg).await.expect("alice's proxy");
         alice_proxy
             .wait_ready(Duration::from_secs(30))
