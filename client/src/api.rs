@@ -177,7 +177,8 @@ impl Client {
     }
 
     /// Open a stream to `target` through a circuit: the exit connects to it. Host names are
-    /// resolved by the exit.
+    /// resolved by the exit. A `.allium.alt` name is an onion service, reached by a rendezvous
+    /// (never through an exit); its failures are [`ClientError::Onion`].
     pub async fn connect(&self, target: impl IntoTarget) -> Result<DataStream, ClientError> {
         let target = target.into_target()?;
         let key = self.isolation.key();
@@ -193,6 +194,15 @@ impl Client {
         key: &IsolationKey,
     ) -> Result<(Arc<Circuit>, StreamId, mpsc::Receiver<StreamEvent>), ClientError> {
         let mgr = &self.handle.mgr;
+        if let Target::Host(host, port) = target
+            && crate::socks::server::is_onion_target(target)
+        {
+            // An onion service: the rendezvous client, never an exit.
+            let (circ, sid, rx) =
+                crate::onion::clidrv::open_stream(mgr, host, *port, key, false).await?;
+            let sid = StreamId::new(sid).ok_or(ClientError::Stream(StreamError::Unexpected))?;
+            return Ok((circ, sid, rx));
+        }
         let port = target.port();
         if !mgr.exit_exists(port) {
             return Err(ClientError::NoExitForPort(port));

@@ -250,6 +250,8 @@ pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
     pub(crate) control: Arc<crate::control::Events>,
     /// Bytes of frames on guard links (the real builder's links count into it).
     pub(crate) link_bytes: Arc<allium_proto::channel::LinkBytes>,
+    /// Onion-service client state: descriptors, kept rendezvous circuits, attempts.
+    pub(crate) onion: crate::onion::clidrv::OnionClient,
 }
 
 impl<B: CircBuilder> std::fmt::Debug for CircMgr<B> {
@@ -364,7 +366,60 @@ impl CircMgr<LinkBuilder> {
     }
 }
 
+impl CircMgr<LinkBuilder> {
+    /// A three-hop circuit whose last hop is `last` as a client named it (a rendezvous point,
+    /// which may be absent from our consensus): as [`CircMgr::circuit_ending_at`], with the
+    /// relay's consensus entry (family, addresses for relatedness) when it is listed with the
+    /// same onion key, and only the target's identity, key and addresses otherwise.
+    pub(crate) async fn circuit_ending_at_target(
+        &self,
+        last: &crate::core::HopTarget,
+    ) -> Result<Arc<Circuit>, ClientError> {
+        let view = self.view()?;
+        let mut addrs = Vec::new();
+        for s in &last.specs {
+            match s {
+                allium_proto::relaymsg::LinkSpec::Ipv4(a) => {
+                    addrs.push(std::net::SocketAddr::V4(*a))
+                }
+                allium_proto::relaymsg::LinkSpec::Ipv6(a) => {
+                    addrs.push(std::net::SocketAddr::V6(*a))
+                }
+                _ => {}
+            }
+        }
+        let relay = match view.relay(&last.id) {
+            Some(r) if r.onion_key == last.onion_key => RelayInfo { addrs, ..r.clone() },
+            _ => RelayInfo {
+                id: last.id,
+                // Only the first hop's link key is used; this relay is never first.
+                link_key: last.onion_key,
+                onion_key: last.onion_key,
+                addrs,
+                flags: crate::path::RelayFlags::default(),
+                weight: 0,
+                family: Vec::new(),
+                exit_ports: Vec::new(),
+            },
+        };
+        self.circuit_ending_at(&relay).await
+    }
+}
+
 impl<B: CircBuilder> CircMgr<B> {
+    /// The consensus view in use (onion-service drivers pick relays from it).
+    pub(crate) fn dir_view(&self) -> Result<Arc<DirView>, ClientError> {
+        self.view()
+    }
+
+    /// Our primary guards in `view` (an onion service never uses them as its last hops).
+    pub(crate) fn primary_guard_ids(&self, view: &DirView) -> Vec<RelayId> {
+        self.guards
+            .lock()
+            .map(|g| g.primary(&view.relays, self.cfg.get().primary_guards))
+            .unwrap_or_default()
+    }
+
     #[cfg(test)]
     pub(crate) fn with_builder(
         cfg: Arc<ProxyConfig>,
@@ -410,6 +465,7 @@ impl<B: CircBuilder> CircMgr<B> {
             metrics: Arc::default(),
             control: Arc::default(),
             link_bytes: Arc::default(),
+            onion: Default::default(),
         }
     }
 

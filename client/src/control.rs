@@ -360,6 +360,8 @@ pub(crate) fn stream_reason(f: &crate::socks::server::Failure) -> &'static str {
         F::Stream(reply::TTL_EXPIRED) | F::TimedOut => "TIMEOUT",
         F::Exhausted => "DESTROY",
         F::Stream(_) => "MISC",
+        F::Onion(crate::onion::OnionError::Timeout) => "TIMEOUT",
+        F::Onion(_) => "NOROUTE",
     }
 }
 

@@ -21,6 +21,8 @@
 //! lookup would name the user's peers to the exit), every other type and class NOTIMP, opcodes
 //! other than QUERY NOTIMP, garbage FORMERR (or nothing when not even the header reads). A name
 //! the exit cannot resolve is NXDOMAIN; a network failure SERVFAIL. Names are never logged.
+//! A `.allium.alt` name (an onion service) is answered NXDOMAIN at once, whatever the type: it
+//! has no address and never reaches an exit's resolver (see [`Query::action`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -235,6 +237,11 @@ impl Query {
         }
         match self.qtype {
             rtype::A | rtype::AAAA if self.name.is_empty() => Action::Refuse(rcode::REFUSED),
+            // An onion-service name has no address and never goes to an exit's resolver.
+            // NXDOMAIN, not REFUSED: the name does not exist in the DNS (RFC 9476 keeps `.alt`
+            // out of it, as RFC 7686 §2 asks resolvers to answer NXDOMAIN for `.onion`), and a
+            // stub resolver given REFUSED would try its next server, the public DNS.
+            _ if allium_crypto::hs::is_hs_hostname(&self.name) => Action::Refuse(rcode::NXDOMAIN),
             rtype::A => Action::Resolve { v6: false },
             rtype::AAAA => Action::Resolve { v6: true },
             rtype::PTR => Action::Refuse(rcode::REFUSED),
@@ -613,6 +620,11 @@ mod tests {
         );
         assert_eq!(act("example.com", 15), Action::Refuse(rcode::NOTIMP));
         assert_eq!(act("", rtype::A), Action::Refuse(rcode::REFUSED));
+        let onion = format!("{}.allium.alt", "a".repeat(56));
+        for t in [rtype::A, rtype::AAAA, rtype::PTR, 15] {
+            assert_eq!(act(&onion, t), Action::Refuse(rcode::NXDOMAIN));
+            assert_eq!(act("www.Allium.Alt", t), Action::Refuse(rcode::NXDOMAIN));
+        }
         let mut chaos = query(7, "version.bind", 16);
         let n = chaos.len();
         chaos[n - 1] = 3;

@@ -245,6 +245,9 @@ pub enum ClientError {
     /// The proxy is shutting down.
     #[error("the proxy is shutting down")]
     Shutdown,
+    /// Reaching an onion service failed.
+    #[error("onion service: {0}")]
+    Onion(crate::onion::OnionError),
 }
 
 impl ClientError {
@@ -281,6 +284,9 @@ impl ClientError {
             Self::Timeout(_) => ErrorKind::Timeout,
             Self::GuardCircuitLimit { .. } => ErrorKind::ResourceLimit,
             Self::Shutdown => ErrorKind::Shutdown,
+            Self::Onion(crate::onion::OnionError::Timeout) => ErrorKind::Timeout,
+            Self::Onion(crate::onion::OnionError::BadAddress(_)) => ErrorKind::BadTarget,
+            Self::Onion(_) => ErrorKind::Other,
         }
     }
 
@@ -294,6 +300,10 @@ impl ClientError {
     /// 0x02, timeout → 0x06.
     pub fn socks_reply(&self) -> u8 {
         use socks_code as c;
+        if let Self::Onion(e) = self {
+            // Tor's extended codes for onion services (0xF0-0xF7).
+            return e.socks_reply();
+        }
         match self.kind() {
             ErrorKind::StreamEnded(r) => match r {
                 EndReason::EXITPOLICY => c::NOT_ALLOWED,

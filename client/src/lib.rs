@@ -181,6 +181,12 @@ impl ProxyHandle {
         self.mgr.metrics.consensus_valid_after()
     }
 
+    /// The onion services this proxy runs (`[[onion_service]]` tables) and how far each got:
+    /// introduction points established, descriptors published and where.
+    pub fn onion_services(&self) -> Vec<onion::OnionServiceStatus> {
+        self.mgr.metrics.onion_service.status()
+    }
+
     /// Number of open circuits held for streams.
     pub fn n_circuits(&self) -> usize {
         self.mgr.n_circuits()
@@ -264,13 +270,8 @@ pub(crate) async fn start_with(
     with_socks: bool,
 ) -> Result<ProxyHandle, ClientError> {
     config.validate()?;
-    for (name, _) in onion::prepare_services(&config)? {
-        // The address is in KEY_DIR/hostname (not logged: logs are often shared).
-        tracing::warn!(
-            "onion service {name}: keys ready (address in its key_dir's hostname file), but this \
-             proxy does not publish onion services yet"
-        );
-    }
+    // The addresses are in each KEY_DIR/hostname (not logged: logs are often shared).
+    let services = onion::prepare_services(&config)?;
     let auths = config.authorities.clone();
     make_data_dir(&config.data_dir)?;
     let lock = allium_directory::datadir::DataDirLock::acquire(&config.data_dir)?;
@@ -323,6 +324,14 @@ pub(crate) async fn start_with(
         dir::run(Arc::clone(&mgr), auths, shutdown_rx.clone()),
     ));
     tasks.spawn(Arc::clone(&mgr).maintain(shutdown_rx.clone()));
+    for (name, svc) in services {
+        tasks.spawn(onion::svcdrv::run(
+            name,
+            svc,
+            Arc::clone(&mgr),
+            shutdown_rx.clone(),
+        ));
+    }
     let mut http_tunnel_addr = None;
     if let Some((l, addr)) = http_tunnel {
         tasks.spawn(http_tunnel::serve(l, Arc::clone(&mgr), shutdown_rx.clone()));

@@ -6,7 +6,9 @@
 //! those frames), `link_queued_bytes`, `circuits_open`, `circuits_created_total`,
 //! `circuit_build_failures_total`, `circuit_build_seconds` (histogram), `streams_open`,
 //! `socks_requests_total{outcome}`, `http_tunnel_requests_total{outcome}`,
-//! `dns_queries_total{rcode}`, `consensus_age_seconds`, `bootstrap_percent`.
+//! `dns_queries_total{rcode}`, `consensus_age_seconds`, `bootstrap_percent`,
+//! `onion_connect_attempts_total`, `onion_connections_total{outcome}` (success or the failure's
+//! reason), `onion_descriptor_fetches_total{result}`, `onion_connect_seconds` (histogram).
 //! Labels carry only fixed words: never a destination, a credential or an address.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +67,114 @@ pub(crate) struct ClientMetrics {
     /// Directory fetches by source ([`DIR_SOURCES`]), and those that failed.
     dir_fetches: [AtomicU64; 3],
     dir_failures: [AtomicU64; 3],
+    /// Onion-service client counters.
+    pub(crate) onion: OnionCounters,
+    /// The onion services' counters and status (issue 13).
+    pub(crate) onion_service: crate::onion::svcdrv::ServiceMetrics,
+}
+
+/// Buckets of the time to connect to an onion service (descriptor fetch, rendezvous and
+/// introduction circuits, the service's circuit to the rendezvous point), in seconds.
+pub(crate) const ONION_CONNECT_BUCKETS: &[f64] =
+    &[0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0];
+
+/// The onion-service client's counters (`crate::onion::clidrv`): connection attempts (a new
+/// rendezvous; a stream on a kept rendezvous circuit is none), how they ended, HSDir fetches.
+#[derive(Debug)]
+pub(crate) struct OnionCounters {
+    attempts: AtomicU64,
+    succeeded: AtomicU64,
+    failed: [AtomicU64; 8],
+    fetches: [AtomicU64; 4],
+    connect_seconds: Histogram,
+}
+
+impl Default for OnionCounters {
+    fn default() -> Self {
+        Self {
+            attempts: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
+            failed: Default::default(),
+            fetches: Default::default(),
+            connect_seconds: Histogram::new(ONION_CONNECT_BUCKETS),
+        }
+    }
+}
+
+impl OnionCounters {
+    /// A connection attempt (a new rendezvous) started.
+    pub(crate) fn attempted(&self) {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection attempt joined the rendezvous after `secs`.
+    pub(crate) fn succeeded(&self, secs: f64) {
+        self.succeeded.fetch_add(1, Ordering::Relaxed);
+        self.connect_seconds.observe(secs);
+    }
+
+    /// A connection attempt failed with `e`.
+    pub(crate) fn failed(&self, e: &crate::onion::OnionError) {
+        let label = crate::onion::clidrv::failure_label(e);
+        let i = crate::onion::clidrv::FAILURE_LABELS
+            .iter()
+            .position(|l| *l == label);
+        if let Some(c) = i.and_then(|i| self.failed.get(i)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An HSDir fetch ended so.
+    pub(crate) fn desc_fetch(&self, r: crate::onion::clidrv::DescFetch) {
+        let i = crate::onion::clidrv::DescFetch::ALL
+            .iter()
+            .position(|(x, _)| *x == r);
+        if let Some(c) = i.and_then(|i| self.fetches.get(i)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn render(&self, e: &mut Exposition) {
+        e.single(
+            "allium_onion_connect_attempts_total",
+            MetricType::Counter,
+            "Connections to onion services attempted (new rendezvous; streams on a kept \
+             rendezvous circuit are not counted).",
+            self.attempts.load(Ordering::Relaxed) as f64,
+        );
+        e.family(
+            "allium_onion_connections_total",
+            MetricType::Counter,
+            "Connection attempts to onion services by how they ended: success, or the reason \
+             they failed.",
+        );
+        e.sample(
+            &[("outcome", "success")],
+            self.succeeded.load(Ordering::Relaxed) as f64,
+        );
+        for (label, c) in crate::onion::clidrv::FAILURE_LABELS
+            .iter()
+            .zip(&self.failed)
+        {
+            e.sample(&[("outcome", label)], c.load(Ordering::Relaxed) as f64);
+        }
+        e.family(
+            "allium_onion_descriptor_fetches_total",
+            MetricType::Counter,
+            "Onion-service descriptor fetches from HSDirs, by result.",
+        );
+        for ((_, label), c) in crate::onion::clidrv::DescFetch::ALL
+            .iter()
+            .zip(&self.fetches)
+        {
+            e.sample(&[("result", label)], c.load(Ordering::Relaxed) as f64);
+        }
+        e.histogram(
+            "allium_onion_connect_seconds",
+            "Time to connect to an onion service (descriptor to joined rendezvous), in seconds.",
+            &self.connect_seconds.snapshot(),
+        );
+    }
 }
 
 /// Where a directory fetch went: a guard (BEGIN_DIR), a fallback cache (BEGIN_DIR), an
@@ -83,6 +193,8 @@ impl Default for ClientMetrics {
             consensus_valid_after: AtomicU64::new(0),
             dir_fetches: Default::default(),
             dir_failures: Default::default(),
+            onion: OnionCounters::default(),
+            onion_service: Default::default(),
         }
     }
 }
@@ -275,6 +387,8 @@ impl ClientMetrics {
              held, 100 ready (a circuit is built).",
             percent,
         );
+        self.onion.render(&mut e);
+        self.onion_service.render(&mut e);
         e
     }
 }
@@ -308,6 +422,12 @@ mod tests {
         m.tunnel(Outcome::NoExit);
         m.dns(3);
         m.dns(200);
+        m.onion.attempted();
+        m.onion.attempted();
+        m.onion.succeeded(1.5);
+        m.onion.failed(&crate::onion::OnionError::MissingClientAuth);
+        m.onion
+            .desc_fetch(crate::onion::clidrv::DescFetch::NotFound);
         let view = View {
             bytes_read: 5000,
             bytes_written: 1042,
@@ -341,6 +461,13 @@ mod tests {
             "allium_dns_queries_total{rcode=\"nxdomain\"} 1",
             "allium_consensus_age_seconds NaN",
             "allium_bootstrap_percent 40",
+            "allium_onion_connect_attempts_total 2",
+            "allium_onion_connections_total{outcome=\"success\"} 1",
+            "allium_onion_connections_total{outcome=\"missing_client_auth\"} 1",
+            "allium_onion_connections_total{outcome=\"timeout\"} 0",
+            "allium_onion_descriptor_fetches_total{result=\"not_found\"} 1",
+            "allium_onion_connect_seconds_bucket{le=\"2.5\"} 1",
+            "allium_onion_connect_seconds_bucket{le=\"1\"} 0",
         ] {
             assert!(
                 page.lines().any(|l| l == line),

@@ -62,6 +62,18 @@ pub(crate) fn counts(store: &HsDescStore) -> HsDirCounts {
 }
 
 impl crate::RelayHandle {
+    /// The descriptor this relay serves for `blinded` now, as a fetch over BEGIN_DIR would
+    /// return it (`None`: it answers 404). For tests and diagnostics; counts as a fetch.
+    pub fn hsdir_descriptor(
+        &self,
+        blinded: &allium_crypto::hs::BlindedPublicKey,
+    ) -> Option<Vec<u8>> {
+        let req = DirRequest::HsDesc { blinded: *blinded };
+        let head = allium_directory::dircache::encode_request(&req);
+        let resp = respond(&self.ctx, &head, &[], allium_directory::now_unix())?;
+        allium_directory::dircache::parse_hs_desc_response(&resp).ok()
+    }
+
     /// The HSDir counters of this relay.
     pub fn hsdir_counts(&self) -> HsDirCounts {
         let store = self.ctx.hsdir.lock().unwrap_or_else(|p| p.into_inner());

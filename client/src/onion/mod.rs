@@ -13,10 +13,13 @@
 //!   effort-ordered introduction queue and the suggested-effort rule);
 //! - [`hsdir`]: the HSDir fetch and upload requests (BEGIN_DIR);
 //! - [`client`]: descriptor location, verification and decryption, INTRODUCE1, the RENDEZVOUS2
-//!   check, and a per-isolation descriptor cache.
+//!   check, and a per-isolation descriptor cache;
+//! - `clidrv`: the client driver in the proxy (circuits, waits, kept rendezvous circuits) that
+//!   the SOCKS, HTTP CONNECT and transparent front ends use for `.allium.alt` names.
 //!
 //! Byte layouts: docs/protocol/96-onion-services.md.
 
+pub(crate) mod clidrv;
 pub mod client;
 pub mod hsdir;
 pub mod intro;
@@ -24,6 +27,7 @@ pub mod keys;
 pub mod ports;
 pub mod pow;
 pub mod service;
+pub(crate) mod svcdrv;
 
 #[cfg(test)]
 mod pow_tests;
@@ -33,6 +37,7 @@ mod tests;
 pub use client::{DescCache, OnionError};
 pub use ports::PortMapping;
 pub use service::{IntroId, IntroRelay, OnionService};
+pub use svcdrv::OnionServiceStatus;
 
 /// Check the onion-service parts of a configuration at start: every `[[onion_service]]` key
 /// directory gives a usable identity (created 0700/0600 if absent, its address written to

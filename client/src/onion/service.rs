@@ -404,6 +404,12 @@ impl OnionService {
         Ok(out)
     }
 
+    /// No HSDir stored the descriptors last built: they are due again (the driver waits its
+    /// backoff first).
+    pub fn descriptor_upload_failed(&mut self) {
+        self.dirty = true;
+    }
+
     /// An INTRODUCE2 arrived on point `id`'s circuit. With proof of work on, its proof is
     /// checked as in [`OnionService::handle_introduce2_pow`] (whose effort this drops: use
     /// [`OnionService::queue_introduce2`] to have it count).

@@ -223,20 +223,8 @@ fn warn_ip_literal(target: &Target) {
 
 /// CONNECT: open the stream, reply, then splice the socket to it. With `socks_optimistic` the
 /// reply goes out as soon as BEGIN is queued, so the application's first bytes follow BEGIN.
-async fn connect(mgr: &CircMgr, mut sock: TcpStream, req: &SocksRequest) {
-    if is_onion_target(&req.target) {
-        // Never through an exit. The rendezvous client (crate::onion) has no driver in the
-        // proxy yet: refuse with a reply and a log line that say so.
-        tracing::warn!(
-            "a SOCKS client asked for an onion service (.allium.alt); this proxy cannot connect \
-             to onion services yet, and never sends such names to an exit"
-        );
-        mgr.metrics.socks(Ended::Failed);
-        let _ = sock
-            .write_all(&req.reply(reply::HOST_UNREACHABLE, None))
-            .await;
-        return;
-    }
+/// A `.allium.alt` name goes to the onion-service client ([`open`]), never to an exit.
+async fn connect(mgr: &CircMgr, sock: TcpStream, req: &SocksRequest) {
     warn_ip_literal(&req.target);
     let optimistic = mgr.config().socks_optimistic;
     let ok = req.reply(reply::SUCCEEDED, None);
@@ -327,13 +315,15 @@ pub(crate) enum Failure {
     TimedOut,
     /// RESOLVED held no address.
     NoAddress,
+    /// Reaching an onion service failed (its reply is Tor's extended code for why).
+    Onion(crate::onion::OnionError),
 }
 
 /// The metrics outcome of a failure.
 pub(crate) fn outcome_of(f: &Failure) -> Ended {
     match f {
         Failure::NoExit { .. } => Ended::NoExit,
-        Failure::TimedOut => Ended::Timeout,
+        Failure::TimedOut | Failure::Onion(crate::onion::OnionError::Timeout) => Ended::Timeout,
         _ => Ended::Failed,
     }
 }
@@ -352,6 +342,7 @@ pub(crate) fn reply_code_for(f: &Failure) -> u8 {
         Failure::Exhausted => reply::GENERAL_FAILURE,
         Failure::TimedOut => reply::TTL_EXPIRED,
         Failure::NoAddress => reply::HOST_UNREACHABLE,
+        Failure::Onion(e) => e.socks_reply(),
     }
 }
 
@@ -426,6 +417,19 @@ async fn open_inner(
     optimistic: bool,
     track: &mut StreamTrack,
 ) -> Result<(Arc<Circuit>, u16, tokio::sync::mpsc::Receiver<StreamEvent>), Failure> {
+    if let Target::Host(host, port) = target
+        && is_onion_target(target)
+    {
+        // An onion service: the rendezvous client, never an exit.
+        let (circ, sid, rx) = crate::onion::clidrv::open_stream(mgr, host, *port, iso, optimistic)
+            .await
+            .map_err(|e| match e {
+                crate::ClientError::Onion(e) => Failure::Onion(e),
+                e => Failure::Stream(e.socks_reply()),
+            })?;
+        track.sent(circ.control_id());
+        return Ok((circ, sid, rx));
+    }
     let port = target.port();
     if !mgr.exit_exists(port) {
         return Err(Failure::NoExit {
@@ -477,6 +481,10 @@ async fn resolve_inner(
 ) -> Result<std::net::IpAddr, Failure> {
     if let Target::Ip(a) = target {
         return Ok(a.ip());
+    }
+    if is_onion_target(target) {
+        // An onion service has no address, and its name never goes to an exit's resolver.
+        return Err(Failure::NoAddress);
     }
     for _ in 0..STREAM_ATTEMPTS {
         let circ = mgr
@@ -546,5 +554,9 @@ mod tests {
         assert_eq!(reply_code_for(&Failure::Exhausted), 0x01);
         assert_eq!(reply_code_for(&Failure::TimedOut), 0x06);
         assert_eq!(reply_code_for(&Failure::NoAddress), 0x04);
+        let e = crate::onion::OnionError::MissingClientAuth;
+        assert_eq!(reply_code_for(&Failure::Onion(e)), 0xF4);
+        let t = crate::onion::OnionError::Timeout;
+        assert_eq!(outcome_of(&Failure::Onion(t)), Ended::Timeout);
     }
 }

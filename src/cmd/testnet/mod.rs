@@ -281,6 +281,8 @@ struct TestnetInfo {
     /// The proxy's DNS port (UDP).
     dns: Option<SocketAddr>,
     http_target: SocketAddr,
+    /// The address of the onion service in front of the test page.
+    onion_address: String,
     ready_secs: f64,
     data_dir: PathBuf,
     nodes: Vec<NodeInfo>,
@@ -515,6 +517,21 @@ async fn start_and_serve(
     pcfg.http_tunnel_port = Some(free_port()?);
     pcfg.dns_port = Some(free_port()?);
     pcfg.metrics_address = Some(free_port()?);
+    // One onion service in front of the test page (issue 13), its key in the data directory.
+    let onion_key_dir = dir.join("onion-service");
+    let (_, onion_addr) = allium_client::onion::keys::load_or_create_identity(&onion_key_dir)
+        .map_err(|e| format!("creating the test onion service's key: {e}"))?;
+    pcfg.onion_service
+        .push(allium_client::config::OnionServiceConfig {
+            name: "testpage".into(),
+            key_dir: onion_key_dir,
+            ports: vec![
+                format!("80 -> {http_addr}")
+                    .parse()
+                    .map_err(|e| format!("the test onion service's port map: {e}"))?,
+            ],
+            authorized_clients: None,
+        });
     let pcfg_path = dir.join("proxy.toml");
     write_file(&pcfg_path, &toml::to_string(&pcfg)?)?;
     let plog = dir.join("proxy.log");
@@ -566,6 +583,7 @@ async fn start_and_serve(
         http_tunnel: pcfg.http_tunnel_port,
         dns: pcfg.dns_port,
         http_target: http_addr,
+        onion_address: onion_addr.to_string(),
         ready_secs,
         data_dir: dir.to_path_buf(),
         nodes: std::mem::take(infos),
@@ -587,6 +605,7 @@ async fn start_and_serve(
         let _ = crate::outln!("  metrics:       http://{a}/metrics");
     }
     let _ = crate::outln!("  test page:     http://{http_addr}/");
+    let _ = crate::outln!("  onion service: http://{onion_addr}/  (the test page)");
     let _ = crate::outln!("  details:       {}", dir.join("testnet.json").display());
     let _ = crate::outln!();
     let _ = crate::outln!("Try it:");
