@@ -41,11 +41,14 @@ METRICS = ("allium_circuits_open", "allium_streams_open", "allium_dos_rejections
            "allium_socks_requests_total")
 
 
+sc_source = [net.HONEST]  # the scraper's own source address (set by main)
+
+
 def small_get(proxy, target, timeout):
     """GET / with fresh credentials; raises on anything but the full test page."""
     user = "scraper-%016x" % random.getrandbits(64)
     s = net.socks_connect(proxy, target[0], target[1], user, "pw-%08x" % random.getrandbits(32),
-                          net.HONEST, timeout)
+                          sc_source[0], timeout)
     try:
         s.settimeout(timeout)
         s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
@@ -107,7 +110,7 @@ class Scraper:
         try:
             if big:
                 net.download(self.tn.socks, self.tn.http_target, self.a.big_mib * MIB,
-                             timeout=self.a.timeout)
+                             timeout=self.a.timeout, source=sc_source[0])
             else:
                 small_get(self.tn.socks, self.tn.http_target, self.a.timeout)
             with self.lock:
@@ -169,7 +172,7 @@ class Monitor(threading.Thread):
         n = 0
         while not self.stop_ev.is_set():
             el = round(time.monotonic() - t0, 1)
-            row = {"t": el}
+            row = {"t": el, "load1": round(os.getloadavg()[0], 1)}
             for node in self.tn.nodes:
                 r = net.rss_kib(node["pid"])
                 if r is None:
@@ -182,7 +185,7 @@ class Monitor(threading.Thread):
                 m = {"t": el}
                 for node in self.tn.nodes:
                     addr = node.get("addrs", {}).get("metrics")
-                    if addr and node["role"] in ("relay", "client"):
+                    if addr and node["role"] in ("relay", "client", "scraper-proxy"):
                         m[node["name"]] = scrape_metrics(addr)
                 self.metrics.append(m)
             n += 1
@@ -197,6 +200,7 @@ def load_running(path):
     tn.socks = net.parse_addr(tn.info["socks"])
     tn.http_target = net.parse_addr(tn.info["http_target"])
     tn.proc = None
+    tn.attacker_proxy = None
 
     class Alive:
         returncode = None
@@ -220,11 +224,16 @@ def main():
     ap.add_argument("--exits", type=int, default=2)
     ap.add_argument("--allium", type=pathlib.Path, default=None)
     ap.add_argument("--testnet-json", type=pathlib.Path, default=None)
+    ap.add_argument("--client-address", default=None,
+                    help="run the scraper through its own `allium proxy` whose SOCKS port and "
+                    "outgoing connections use this local address (e.g. 127.0.0.2), instead of the "
+                    "test network's proxy, which shares 127.0.0.1 with the bandwidth scanner")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", type=pathlib.Path, default=None)
     a = ap.parse_args()
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+    loadavg_start = os.getloadavg()
     out = a.out or HERE / "results" / f"scraper-{stamp}.json"
     work = None
     if a.testnet_json:
@@ -238,6 +247,15 @@ def main():
         tn = net.Testnet(allium, work.name, relays=a.relays, exits=a.exits)
         tn.start()
         time.sleep(3)
+    if a.client_address:
+        own = net.AttackerProxy(tn, addr=a.client_address, name="scraper-proxy")
+        own.start()
+        tn.attacker_proxy = own
+        tn.socks = own.socks
+        source = a.client_address
+    else:
+        source = net.HONEST
+    sc_source[0] = source
     mon = Monitor(tn)
     mon.start()
     sc = Scraper(tn, a)
@@ -250,7 +268,7 @@ def main():
         while not stop_report.wait(60):
             with sc.lock:
                 print(f"  {time.monotonic() - sc.t0:5.0f} s: sent {sc.sent}, ok {sc.ok}, failed "
-                      f"{sc.failed}", file=sys.stderr, flush=True)
+                      f"{sc.failed}, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
 
     threading.Thread(target=report, daemon=True).start()
     try:
@@ -274,7 +292,10 @@ def main():
         "commit": net.git("rev-parse", "HEAD"),
         "branch": net.git("rev-parse", "--abbrev-ref", "HEAD"),
         "params": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(a).items()},
+        "loadavg_start": loadavg_start,
         "loadavg_end": os.getloadavg(),
+        "load1_range": [min((r["load1"] for r in mon.rss), default=None),
+                        max((r["load1"] for r in mon.rss), default=None)],
         "requests": total,
         "ok": sc.ok,
         "failed": sc.failed,
@@ -295,6 +316,7 @@ def main():
     out.write_text(json.dumps(doc, indent=1) + "\n")
     summary = {k: doc[k] for k in ("requests", "failed", "failed_pct", "big_ok", "big_failed",
                                    "late_starts", "first_failure_secs", "failure_reasons",
+                                   "load1_range",
                                    "peak_rss_mib", "peak_circuits_open", "died")}
     print(json.dumps(summary, indent=1))
     print(out)

@@ -27,10 +27,16 @@ Attacks (--only NAME, repeatable; default all):
 
     python3 bench/attack/run.py [--only NAME] [--secs N] [--allium PATH]
 
+The two attacks through SOCKS (client_never_reads, dest_never_reads) use the attacker's own
+`allium proxy` on the same network, with its SOCKS port on 127.0.0.77 and
+`outbound_bind_address = "127.0.0.77"` (guard links and directory fetches from that address);
+--shared-proxy sends them through the honest proxy instead (a local user of the same proxy).
+
 Needs python3 (stdlib) and a release `allium` binary (default $CARGO_TARGET_DIR/release/allium,
 else target/release/allium; `cargo build --release --bin allium`). The CREATE flood is a Rust
-example (bench/attack/create_flood.rs), built with `cargo build --example create_flood` when
-absent. Writes bench/results/attack-<UTC stamp>.json and prints a Markdown table;
+example (bench/attack/create_flood.rs), taken from beside the allium binary
+(`cargo build --release --example create_flood`), else built with
+`cargo build --example create_flood` when absent. Writes bench/results/attack-<UTC stamp>.json and prints a Markdown table;
 `--table FILE` prints the table of an earlier run.
 """
 
@@ -82,6 +88,7 @@ class Testnet:
         self.dir = pathlib.Path(workdir) / "net"
         self.proc = None
         self.info = None
+        self.attacker_proxy = None
 
     def start(self, timeout=150):
         self.log = open(self.dir.parent / "testnet.out", "w")
@@ -152,6 +159,8 @@ class Testnet:
         return out
 
     def stop(self):
+        if self.attacker_proxy is not None:
+            self.attacker_proxy.stop()
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -306,6 +315,10 @@ def measure(tn, secs, size):
 
 class Attack:
     name = "?"
+    shared = False
+
+    def prepare(self, tn):
+        """Set up before the baseline (an attacker's own proxy)."""
 
     def start(self, tn):
         raise NotImplementedError
@@ -315,6 +328,105 @@ class Attack:
 
     def result(self):
         return {}
+
+
+def free_port(host):
+    s = socket.socket()
+    s.bind((host, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class AttackerProxy:
+    """A second `allium proxy` on the test network for the attacks that go through SOCKS: its
+    SOCKS port and every connection it makes (guard links, directory fetches) on ATTACKER, so
+    the relays see the attacker as one address and the honest proxy (127.0.0.1) as another."""
+
+    OVERRIDDEN = ("socks_listen", "data_dir", "control_port", "cookie_authentication",
+                  "http_tunnel_port", "dns_port", "metrics_address", "outbound_bind_address")
+
+    def __init__(self, tn, extra=None, addr=ATTACKER, name="attacker-proxy"):
+        self.tn = tn
+        self.extra = extra or {}
+        self.addr = addr
+        self.name = name
+        self.proc = None
+
+    def start(self, timeout=90):
+        d = self.tn.dir / self.name
+        d.mkdir(parents=True, exist_ok=True)
+        self.socks = (self.addr, free_port(self.addr))
+        self.metrics = (HONEST, free_port(HONEST))
+        text = (self.tn.dir / "proxy.toml").read_text()
+        keep = []
+        top = True
+        for line in text.splitlines():
+            if line.startswith("["):
+                top = False
+            key = line.split("=", 1)[0].strip()
+            if top and (key in self.OVERRIDDEN or key in self.extra):
+                continue
+            keep.append(line)
+        head = [
+            f'socks_listen = "{self.socks[0]}:{self.socks[1]}"',
+            f'data_dir = "{d / "data"}"',
+            f'metrics_address = "{self.metrics[0]}:{self.metrics[1]}"',
+            f'outbound_bind_address = "{self.addr}"',
+        ] + [f"{k} = {json.dumps(v)}" for k, v in self.extra.items()]
+        cfg = d / "proxy.toml"
+        cfg.write_text("\n".join(head + keep) + "\n")
+        self.log = open(d / "proxy.log", "w")
+        self.proc = subprocess.Popen([str(self.tn.allium), "proxy", "--config", str(cfg)],
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.tn.nodes.append({"name": self.name, "role": self.name, "pid": self.proc.pid,
+                              "addrs": {"metrics": f"{self.metrics[0]}:{self.metrics[1]}"}})
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited; see {d / 'proxy.log'}")
+            try:
+                s = socks_connect(self.socks, self.tn.http_target[0], self.tn.http_target[1],
+                                  "probe", "x", self.addr, 10)
+                s.close()
+                return
+            except (OSError, ConnectionError) as e:
+                last = e
+                time.sleep(0.5)
+        raise RuntimeError(f"{self.name} carried no stream in {timeout} s: {last}")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def metrics_text(self):
+        try:
+            with socket.create_connection(self.metrics, timeout=3) as s:
+                s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            return data.decode(errors="replace")
+        except OSError:
+            return ""
+
+
+def own_proxy(tn, shared):
+    """The SOCKS address an attack going through SOCKS uses: the honest proxy (--shared-proxy,
+    a local user of the same proxy) or an attacker's proxy on ATTACKER."""
+    if shared:
+        return tn.socks
+    if tn.attacker_proxy is None:
+        tn.attacker_proxy = AttackerProxy(tn)
+        tn.attacker_proxy.start()
+    return tn.attacker_proxy.socks
 
 
 def attacker_socket():
@@ -590,15 +702,19 @@ class ClientNeverReads(Attack):
 
     name = "client_never_reads"
 
-    def __init__(self, n):
+    def __init__(self, n, shared):
         self.n = n
+        self.shared = shared
         self.socks = []
         self.errors = 0
+
+    def prepare(self, tn):
+        self.proxy = own_proxy(tn, self.shared)
 
     def start(self, tn):
         for i in range(self.n):
             try:
-                s = socks_connect(tn.socks, tn.http_target[0], tn.http_target[1],
+                s = socks_connect(self.proxy, tn.http_target[0], tn.http_target[1],
                                   f"reader-{i}", "x", ATTACKER, 20)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 s.sendall(b"GET /bytes/17179869184 HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -619,12 +735,16 @@ class DestNeverReads(Attack):
 
     name = "dest_never_reads"
 
-    def __init__(self, n):
+    def __init__(self, n, shared):
         self.n = n
+        self.shared = shared
         self.stop_ev = threading.Event()
         self.sent = 0
         self.errors = 0
         self.accepted = []
+
+    def prepare(self, tn):
+        self.proxy = own_proxy(tn, self.shared)
 
     def start(self, tn):
         self.lsock = socket.socket()
@@ -636,7 +756,7 @@ class DestNeverReads(Attack):
         self.socks = []
         for i in range(self.n):
             try:
-                s = socks_connect(tn.socks, self.sink[0], self.sink[1], f"writer-{i}", "x",
+                s = socks_connect(self.proxy, self.sink[0], self.sink[1], f"writer-{i}", "x",
                                   ATTACKER, 20)
                 s.setblocking(False)
                 self.socks.append(s)
@@ -693,8 +813,8 @@ def make_attack(name, a, flood_exe):
         "create_flood": lambda: CreateFlood("fresh", a.links, flood_exe),
         "create_replay": lambda: CreateFlood("replay", a.links, flood_exe),
         "slowloris": lambda: Slowloris(a.slow, a.trickle),
-        "client_never_reads": lambda: ClientNeverReads(a.readers),
-        "dest_never_reads": lambda: DestNeverReads(a.writers),
+        "client_never_reads": lambda: ClientNeverReads(a.readers, a.shared_proxy),
+        "dest_never_reads": lambda: DestNeverReads(a.writers, a.shared_proxy),
         "garbage": lambda: Garbage(),
     }[name]()
 
@@ -711,9 +831,10 @@ def run_attack(name, a, allium, flood_exe):
             sampler = RssSampler(tn)
             sampler.start()
             time.sleep(a.settle)
+            attack = make_attack(name, a, flood_exe)
+            attack.prepare(tn)
             sampler.phase = "baseline"
             base = measure(tn, a.secs, a.size)
-            attack = make_attack(name, a, flood_exe)
             attack.secs = a.ramp + a.secs + 2
             sampler.phase = "attack"
             t0 = time.monotonic()
@@ -819,6 +940,9 @@ def main():
     ap.add_argument("--trickle", type=float, default=3.0, help="slowloris: seconds per byte")
     ap.add_argument("--readers", type=int, default=64, help="client_never_reads: streams")
     ap.add_argument("--writers", type=int, default=400, help="dest_never_reads: streams")
+    ap.add_argument("--shared-proxy", action="store_true",
+                    help="SOCKS attacks through the honest proxy (a local user of it) instead "
+                    "of an attacker's own proxy on 127.0.0.77")
     ap.add_argument("--allium", type=pathlib.Path, default=None)
     ap.add_argument("--label", default="", help="free text stored in the JSON (e.g. main)")
     ap.add_argument("--out", type=pathlib.Path, default=None)
@@ -831,7 +955,10 @@ def main():
     if not allium.exists():
         sys.exit(f"{allium} not found: run `cargo build --release --bin allium` or pass --allium")
     names = a.only or ATTACKS
-    flood_exe = target_dir() / "debug" / "examples" / "create_flood"
+    # The CREATE flood: a release build beside the allium binary, else a debug one, else build.
+    flood_exe = allium.parent / "examples" / "create_flood"
+    if not flood_exe.exists():
+        flood_exe = target_dir() / "debug" / "examples" / "create_flood"
     if any(n.startswith("create") for n in names) and not flood_exe.exists():
         print("building the CREATE flood (cargo build --example create_flood)", file=sys.stderr)
         subprocess.run(["cargo", "build", "--example", "create_flood"], cwd=ROOT, check=True)

@@ -3,8 +3,9 @@
 //!
 //! - A stream takes an open circuit whose exit allows its port, whose isolation key matches (or
 //!   that has carried no stream yet), and that became dirty less than `max_circuit_dirtiness`
-//!   ago. Otherwise a circuit is built for it (builds on demand are serialised, so a burst of
-//!   streams shares the first new circuit instead of building one each).
+//!   ago. Otherwise a circuit is built for it (builds on demand for one isolation key are
+//!   serialised, so a burst of streams shares the first new circuit instead of building one
+//!   each; up to [`PARALLEL_BUILDS`] for different keys run at once).
 //! - The maintenance task keeps, for each port used in the last [`PREDICTED_PORT_TTL`] (Tor's
 //!   predicted ports), `prebuilt_circuits` clean circuits whose exit allows it (a circuit whose
 //!   exit allows several of them counts for each), so that a new stream to a port in use never
@@ -62,6 +63,15 @@ use crate::path::{self, Path, RelayInfo};
 const RELAY_RETRY: Duration = Duration::from_secs(60);
 /// How many paths one circuit request tries.
 const BUILD_ATTEMPTS: usize = 3;
+/// A request queued behind builds on demand fails at once (without building) when this many of
+/// them failed in a row while it waited: the network looks unreachable. One failed build is not
+/// enough: with fresh credentials per request (a scraper) hundreds of requests queue behind each
+/// build, and one refusal (a guard's CREATE rate limit) would fail them all.
+pub(crate) const FAIL_FAST_AFTER: u32 = 2;
+/// Builds on demand running at once (for requests with different isolation keys; requests with
+/// the same key wait for one build). One at a time made a client with fresh credentials per
+/// request (a scraper, 24 a second) wait behind every other request's build until it timed out.
+pub(crate) const PARALLEL_BUILDS: usize = 8;
 /// How many recently requested ports are predicted.
 const PREDICTED_PORTS: usize = 3;
 /// A port not requested for this long is no longer predicted (Tor: one hour).
@@ -147,6 +157,7 @@ impl LinkBuilder {
             guard,
             self.cfg.get().circuit_build_timeout,
             Some(&self.bytes),
+            self.cfg.get().outbound_bind_address,
         )
         .await?;
         links.insert(guard.id, Arc::clone(&l));
@@ -225,8 +236,13 @@ pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
     /// Layer-2 vanguards: the middle hop of every onion-service circuit (vanguards-lite).
     vanguards: Mutex<crate::vanguards::VanguardSet>,
     pool: Mutex<Vec<Entry<B::Circ>>>,
-    /// Serialises builds on demand; holds whether the last one failed.
-    build_lock: tokio::sync::Mutex<bool>,
+    /// Builds on demand that failed in a row (a success resets it).
+    failed_in_row: std::sync::atomic::AtomicU32,
+    /// One lock per isolation key with a build on demand running or queued: requests with the
+    /// same key wait for the first build and share its circuit.
+    key_locks: Mutex<HashMap<IsolationKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// At most [`PARALLEL_BUILDS`] builds on demand at once, across keys.
+    build_slots: tokio::sync::Semaphore,
     /// Builds on demand finished so far (a waiter compares it before and after queueing).
     builds_done: std::sync::atomic::AtomicU64,
     /// Circuits built since start (the heartbeat reports it).
@@ -257,6 +273,32 @@ pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
 impl<B: CircBuilder> std::fmt::Debug for CircMgr<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CircMgr").finish_non_exhaustive()
+    }
+}
+
+/// A request's hold on its isolation key's build lock; the map entry goes with the last holder.
+struct KeyLock<'a, B: CircBuilder> {
+    mgr: &'a CircMgr<B>,
+    key: &'a IsolationKey,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<'a, B: CircBuilder> KeyLock<'a, B> {
+    fn new(mgr: &'a CircMgr<B>, key: &'a IsolationKey) -> Self {
+        let mut m = mgr.key_locks.lock().unwrap_or_else(|p| p.into_inner());
+        let lock = Arc::clone(m.entry(key.clone()).or_default());
+        drop(m);
+        Self { mgr, key, lock }
+    }
+}
+
+impl<B: CircBuilder> Drop for KeyLock<'_, B> {
+    fn drop(&mut self) {
+        let mut m = self.mgr.key_locks.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map and this holder left: nobody waits on the key.
+        if Arc::strong_count(&self.lock) <= 2 {
+            m.remove(self.key);
+        }
     }
 }
 
@@ -451,7 +493,9 @@ impl<B: CircBuilder> CircMgr<B> {
             guards: Mutex::new(guards),
             vanguards: Mutex::new(vanguards),
             pool: Mutex::new(Vec::new()),
-            build_lock: tokio::sync::Mutex::new(false),
+            failed_in_row: std::sync::atomic::AtomicU32::new(0),
+            key_locks: Mutex::new(HashMap::new()),
+            build_slots: tokio::sync::Semaphore::new(PARALLEL_BUILDS),
             builds_done: std::sync::atomic::AtomicU64::new(0),
             built_total: std::sync::atomic::AtomicU64::new(0),
             predicted: Mutex::new(Vec::new()),
@@ -1011,18 +1055,28 @@ impl<B: CircBuilder> CircMgr<B> {
             return Ok(c);
         }
         let seen = self.builds_done.load(Ordering::Acquire);
-        let mut last_failed = self.build_lock.lock().await;
+        let key = KeyLock::new(self, iso);
+        let _same_key = key.lock.lock().await;
+        let Ok(_slot) = self.build_slots.acquire().await else {
+            return Err(ClientError::RecentBuildFailed); // never closed
+        };
         if let Some(c) = self.find(port, iso, now()) {
             return Ok(c);
         }
-        // A build that finished while we were queued failed: fail now rather than queue
-        // behind one failing build after another.
-        if *last_failed && self.builds_done.load(Ordering::Acquire) > seen {
+        // The builds that finished while we were queued failed, FAIL_FAST_AFTER in a row:
+        // fail now rather than queue behind one failing build after another.
+        if self.failed_in_row.load(Ordering::Acquire) >= FAIL_FAST_AFTER
+            && self.builds_done.load(Ordering::Acquire) > seen
+        {
             return Err(ClientError::RecentBuildFailed);
         }
         let ports: Vec<u16> = port.into_iter().collect();
         let r = self.build_one(&ports).await;
-        *last_failed = r.is_err();
+        if r.is_err() {
+            self.failed_in_row.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.failed_in_row.store(0, Ordering::Release);
+        }
         self.builds_done.fetch_add(1, Ordering::AcqRel);
         let c = r?;
         if let Ok(mut p) = self.pool.lock() {

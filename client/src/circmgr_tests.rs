@@ -279,27 +279,74 @@ async fn three_failures_fail_the_request_and_waiters_fail_fast() {
     assert_eq!(builds(&r), 4);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_request_queued_behind_a_failing_build_fails_at_once() {
-    let r = rig(&[Outcome::Hang(1), Outcome::Hang(1), Outcome::Hang(1)]);
-    let k = IsolationKey::credentials("a", "b");
-    let first = {
-        let mgr = Arc::clone(&r.mgr);
-        let k = k.clone();
-        tokio::spawn(async move { mgr.get_circuit(Some(80), &k).await.map(|_| ()) })
-    };
+/// Spawn `get_circuit(80, key)` and let it start (queue for the build lock).
+async fn spawn_request(
+    r: &Rig,
+    k: &IsolationKey,
+) -> tokio::task::JoinHandle<Result<(), ClientError>> {
+    let mgr = Arc::clone(&r.mgr);
+    let k = k.clone();
+    let h = tokio::spawn(async move { mgr.get_circuit(Some(80), &k).await.map(|_| ()) });
     tokio::task::yield_now().await;
-    let second = {
-        let mgr = Arc::clone(&r.mgr);
-        tokio::spawn(async move { mgr.get_circuit(Some(80), &k).await.map(|_| ()) })
-    };
+    h
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_queued_behind_failing_builds_fails_at_once() {
+    // Two builds of three attempts each hang: the network looks unreachable.
+    let r = rig(&[Outcome::Hang(1); 6]);
+    let k = IsolationKey::credentials("a", "b");
+    let first = spawn_request(&r, &k).await;
+    let second = spawn_request(&r, &k).await;
+    let third = spawn_request(&r, &k).await;
     let started = now();
     let e1 = first.await.unwrap().unwrap_err();
     assert!(matches!(e1, ClientError::Timeout(_)), "{e1}");
     // Three attempts, each cut at the build timeout (paused clock: no real wait).
     assert_eq!(started.elapsed(), 3 * r.mgr.cfg.get().circuit_build_timeout);
+    // One failed build is not enough to fail the queue: the second request builds its own.
     let e2 = second.await.unwrap().unwrap_err();
-    assert!(matches!(e2, ClientError::RecentBuildFailed), "{e2}");
+    assert!(matches!(e2, ClientError::Timeout(_)), "{e2}");
+    assert_eq!(builds(&r), 6);
+    // FAIL_FAST_AFTER (2) in a row: the third fails without building.
+    assert_eq!(FAIL_FAST_AFTER, 2);
+    let e3 = third.await.unwrap().unwrap_err();
+    assert!(matches!(e3, ClientError::RecentBuildFailed), "{e3}");
+    assert_eq!(builds(&r), 6);
+}
+
+/// The scraper's failure: hundreds of requests queue behind builds on demand; one failed build
+/// (three attempts) must not fail every request queued behind it.
+#[tokio::test(start_paused = true)]
+async fn one_failed_build_does_not_fail_the_requests_queued_behind_it() {
+    let r = rig(&[Outcome::Hang(1); 3]);
+    let k = IsolationKey::credentials("u", "p");
+    let first = spawn_request(&r, &k).await;
+    let mut queued = Vec::new();
+    for _ in 0..19 {
+        queued.push(spawn_request(&r, &k).await);
+    }
+    assert!(first.await.unwrap().is_err());
+    for q in queued {
+        q.await.unwrap().unwrap();
+    }
+    // The failed build's three attempts, then one circuit that the 19 share.
+    assert_eq!(builds(&r), 4);
+}
+
+/// Requests with different isolation keys build at the same time: one that hangs does not hold
+/// up another (with fresh credentials per request, one build at a time made requests time out).
+#[tokio::test(start_paused = true)]
+async fn builds_for_different_keys_run_in_parallel() {
+    let r = rig(&[Outcome::Hang(1)]);
+    let first = spawn_request(&r, &IsolationKey::credentials("a", "p")).await;
+    let started = now();
+    let second = spawn_request(&r, &IsolationKey::credentials("b", "p")).await;
+    second.await.unwrap().unwrap();
+    assert!(started.elapsed() < r.mgr.cfg.get().circuit_build_timeout);
+    // The hung build's next attempt succeeds; the key locks are gone with their requests.
+    first.await.unwrap().unwrap();
+    assert!(r.mgr.key_locks.lock().unwrap().is_empty());
     assert_eq!(builds(&r), 3);
 }
 

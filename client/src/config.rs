@@ -93,8 +93,8 @@ pub struct ProxyConfig {
     /// Days a sampled guard is kept before it is dropped and replaced (Tor's
     /// `guard-lifetime-days`, 120; 1 to 3650).
     pub guard_lifetime_days: u64,
-    /// Local IP that outgoing directory connections (consensus fetches) bind to, as Tor's
-    /// `OutboundBindAddress`; none by default (the system picks). Not derived from
+    /// Local IP that outgoing connections (guard links and directory fetches) bind to, as
+    /// Tor's `OutboundBindAddress`; none by default (the system picks). Not derived from
     /// `socks_listen`, which is usually loopback and could not reach remote authorities.
     pub outbound_bind_address: Option<IpAddr>,
     /// Client authorization for onion services this proxy connects to (Tor's

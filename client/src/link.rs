@@ -13,6 +13,7 @@
 //! another circuit's cells on the same guard link.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,6 +22,7 @@ use allium_crypto::RelayId;
 use allium_proto::cell::{Cell, CircId};
 use allium_proto::channel::{self, ChannelReceiver, ChannelSender};
 use allium_proto::inbox::{InboxFull, InboxRx, InboxTx, inbox};
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::err::ClientError;
 use crate::path::RelayInfo;
@@ -142,20 +144,24 @@ impl Link {
         relay: &RelayInfo,
         timeout: Duration,
     ) -> Result<Arc<Self>, ClientError> {
-        Self::connect_counted(relay, timeout, None).await
+        // From the outbound bind address of the directory task this runs in, if any.
+        let bind = allium_directory::client::http::outbound_bind();
+        Self::connect_counted(relay, timeout, None, bind).await
     }
 
-    /// [`Link::connect`], counting the link's frames into `bytes` (the proxy's traffic).
+    /// [`Link::connect`], counting the link's frames into `bytes` (the proxy's traffic), from
+    /// the local address `bind` when given (the config's `outbound_bind_address`).
     pub(crate) async fn connect_counted(
         relay: &RelayInfo,
         timeout: Duration,
         bytes: Option<&Arc<channel::LinkBytes>>,
+        bind: Option<IpAddr>,
     ) -> Result<Arc<Self>, ClientError> {
         let addr = relay.connect_addr().ok_or(ClientError::NoGuardAddress)?;
-        let ch = tokio::time::timeout(
-            timeout,
-            channel::connect(addr, &relay.id, &relay.link_key, None),
-        )
+        let ch = tokio::time::timeout(timeout, async {
+            let tcp = connect_tcp(addr, bind).await?;
+            channel::connect_over(tcp, &relay.id, &relay.link_key, None).await
+        })
         .await
         .map_err(|_| ClientError::Timeout("connecting to the guard"))?
         .map_err(ClientError::Link)?;
@@ -208,6 +214,23 @@ async fn reader(link: Arc<Link>, mut rx: ChannelReceiver) {
     link.router.clear();
 }
 
+/// A TCP connection to `addr`, from `bind` (port chosen by the system) when given and of the
+/// same address family (Tor's `OutboundBindAddress`).
+async fn connect_tcp(addr: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    match bind {
+        Some(ip) if ip.is_ipv4() == addr.is_ipv4() => {
+            let sock = if addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            sock.bind(SocketAddr::new(ip, 0))?;
+            sock.connect(addr).await
+        }
+        _ => TcpStream::connect(addr).await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use allium_proto::cell::CellCmd;
@@ -216,6 +239,22 @@ mod tests {
 
     fn cell(id: CircId) -> Cell {
         Cell::new_zeroed(Some(id), CellCmd::RELAY)
+    }
+
+    #[tokio::test]
+    async fn guard_connections_leave_from_the_outbound_bind_address() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let bind: IpAddr = "127.0.0.77".parse().unwrap();
+        let _c = connect_tcp(addr, Some(bind)).await.unwrap();
+        let (_s, peer) = l.accept().await.unwrap();
+        assert_eq!(peer.ip(), bind);
+        // No bind address, or one of the other family: the system picks.
+        let _c = connect_tcp(addr, Some("::1".parse().unwrap()))
+            .await
+            .unwrap();
+        let (_s, peer) = l.accept().await.unwrap();
+        assert_eq!(peer.ip(), IpAddr::from([127, 0, 0, 1]));
     }
 
     #[tokio::test]

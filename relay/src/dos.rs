@@ -19,8 +19,9 @@
 //!   with DESTROY PROTOCOL without any Diffie-Hellman.
 //! - **A global circuit cap** ([`DosConfig::max_circuits`]) and **idle-circuit expiry**
 //!   ([`DosConfig::circuit_idle_timeout_secs`]), the latter applied by each circuit's reactor.
-//! - **Queued bytes** ([`MemAccount`], [`run_oom`]): the bytes queued in circuit inboxes are one
-//!   atomic total; above [`DosConfig::max_queued_bytes`] the circuits whose queues have held data
+//! - **Queued bytes** ([`MemAccount`], [`run_oom`]): the bytes queued in circuit inboxes and exit
+//!   stream queues are one atomic total, to which the cells waiting in every link's send queue
+//!   are added at each check; above [`DosConfig::max_queued_bytes`] the circuits whose queues have held data
 //!   longest are destroyed first until the total is under 90% of it (Tor's
 //!   `circuits_handle_oom`).
 //!
@@ -672,9 +673,27 @@ impl Dos {
 
     /// Run the out-of-memory check once: if queued bytes exceed the cap, destroy the circuits
     /// holding the oldest queued data until under 90% of it. Returns how many were destroyed.
+    /// (Tests; the out-of-memory task adds the links' queues with [`Dos::handle_oom_with`].)
+    #[cfg(test)]
     pub(crate) fn handle_oom(&self, counts: &Rejections, now: Instant) -> usize {
+        self.handle_oom_with(counts, now, 0)
+    }
+
+    /// [`Dos::handle_oom`] with `link_queued` more bytes in the total: the cells waiting in the
+    /// links' send queues (their writers), which the circuits feeding them hold memory with as
+    /// surely as with their own queues. Destroying those circuits stops them feeding the links.
+    pub(crate) fn handle_oom_with(
+        &self,
+        counts: &Rejections,
+        now: Instant,
+        link_queued: u64,
+    ) -> usize {
         let max = self.cfg.max_queued_bytes;
-        let total = self.mem.bytes.load(Ordering::Relaxed);
+        let total = self
+            .mem
+            .bytes
+            .load(Ordering::Relaxed)
+            .saturating_add(link_queued);
         if max == 0 || total <= max {
             return 0;
         }
@@ -807,7 +826,11 @@ pub(crate) async fn run_oom(ctx: Arc<crate::ctx::Ctx>) {
         let now = tokio::time::Instant::now();
         let ms = u64::try_from(now.duration_since(start).as_millis()).unwrap_or(u64::MAX);
         ctx.dos.mem.clock_ms.store(ms, Ordering::Relaxed);
-        let n = ctx.dos.handle_oom(&ctx.stats.dos, now.into_std());
+        // The links' send queues count too (computed here, once a tick).
+        let link_queued = ctx.link_bytes.queued_bytes();
+        let n = ctx
+            .dos
+            .handle_oom_with(&ctx.stats.dos, now.into_std(), link_queued);
         if n > 0 {
             tracing::debug!(circuits = n, "out-of-memory handler destroyed circuits");
         }

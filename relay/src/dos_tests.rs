@@ -172,6 +172,37 @@ async fn oom_handler_destroys_the_circuit_with_the_oldest_queue() {
     drop(nl.rx);
 }
 
+/// The cells waiting in the links' send queues count towards `max_queued_bytes`: circuit queues
+/// under the cap alone, plus a full link queue over it, get the oldest circuit destroyed.
+#[tokio::test]
+async fn oom_handler_counts_the_links_send_queues() {
+    let dos = DosConfig {
+        max_queued_bytes: 1_000_000,
+        ..DosConfig::default()
+    };
+    let r = dos_relay(dos, Limits::default());
+    let (mut ml, nl, bad, mut good) = stalled_beside_idle(&r, 200).await;
+    let mem = Arc::clone(&r.ctx.dos.mem);
+    wait_until(|| mem.bytes.load(std::sync::atomic::Ordering::Relaxed) > 50_000).await;
+    assert!(mem.bytes.load(std::sync::atomic::Ordering::Relaxed) < 1_000_000);
+    assert_eq!(
+        r.ctx.dos.handle_oom_with(&r.ctx.stats.dos, test_now(), 0),
+        0
+    );
+    assert_eq!(
+        r.ctx
+            .dos
+            .handle_oom_with(&r.ctx.stats.dos, test_now(), 1_000_000),
+        1
+    );
+    let c = ml.recv().await;
+    assert_eq!(c.circ_id, Some(bad.id));
+    assert_eq!(destroy_reason(&c), DestroyReason::RESOURCELIMIT);
+    assert_eq!(r.ctx.stats.dos_rejections(Refusal::OutOfMemory), 1);
+    assert_answers(&mut ml, &mut good).await;
+    drop(nl.rx);
+}
+
 /// A TCP connection from `from` to `to`.
 async fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> tokio::net::TcpStream {
     let s = tokio::net::TcpSocket::new_v4().unwrap();
