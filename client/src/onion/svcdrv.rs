@@ -77,13 +77,14 @@ const INTRO_AVOID: Duration = Duration::from_secs(300);
 const TICK: Duration = Duration::from_secs(30);
 
 /// Why an introduction was not carried out, as `onion_service_introductions_total{outcome}`.
-const INTRO_OUTCOMES: [&str; 6] = [
+const INTRO_OUTCOMES: [&str; 7] = [
     "accepted",
     "unknown_point",
     "bad_handshake",
     "replay",
     "retired",
     "queue_full",
+    "bad_pow",
 ];
 
 fn refusal_index(r: IntroRefusal) -> usize {
@@ -92,6 +93,8 @@ fn refusal_index(r: IntroRefusal) -> usize {
         IntroRefusal::BadHandshake => 2,
         IntroRefusal::Replay => 3,
         IntroRefusal::Retired => 4,
+        IntroRefusal::QueueFull => 5,
+        IntroRefusal::Pow(_) => 6,
     }
 }
 
@@ -122,7 +125,7 @@ pub(crate) struct ServiceMetrics {
     intro_points: AtomicU64,
     uploads_ok: AtomicU64,
     uploads_failed: AtomicU64,
-    introductions: [AtomicU64; 6],
+    introductions: [AtomicU64; 7],
     rend_open: AtomicU64,
     rend_failed: AtomicU64,
     streams: [AtomicU64; 4],

@@ -531,6 +531,9 @@ async fn start_and_serve(
                     .map_err(|e| format!("the test onion service's port map: {e}"))?,
             ],
             authorized_clients: None,
+            pow: false,
+            pow_queue_rate: allium_client::onion::pow::DEFAULT_QUEUE_RATE,
+            pow_queue_burst: allium_client::onion::pow::DEFAULT_QUEUE_BURST,
         });
     let pcfg_path = dir.join("proxy.toml");
     write_file(&pcfg_path, &toml::to_string(&pcfg)?)?;
