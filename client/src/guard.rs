@@ -136,36 +136,15 @@ impl GuardSet {
             lifetime_secs: GUARD_LIFETIME_DAYS * 86_400,
             bias: std::collections::HashMap::new(),
         };
-        let meta = match std::fs::metadata(&set.path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(set),
-            Err(e) => return Err(ClientError::file(&set.path, "reading", e)),
-        };
-        let parsed = if meta.len() > MAX_FILE_LEN {
-            None
-        } else {
-            let text = std::fs::read_to_string(&set.path)
-                .map_err(|e| ClientError::file(&set.path, "reading", e))?;
-            serde_json::from_str::<GuardFile>(&text).ok()
-        };
-        match parsed {
-            Some(f) if f.version == 1 => {
-                for g in f.guards.into_iter().take(MAX_SAMPLED) {
-                    if let Ok(id) = RelayId::from_hex(&g.id)
-                        && !set.sampled.iter().any(|(x, _)| *x == id)
-                    {
-                        set.sampled.push((id, g.added));
-                    }
+        if let Some(f) =
+            load_state_file::<GuardFile>(&set.path, MAX_FILE_LEN, "guard", "sampling new guards")?
+        {
+            for g in f.guards.into_iter().take(MAX_SAMPLED) {
+                if let Ok(id) = RelayId::from_hex(&g.id)
+                    && !set.sampled.iter().any(|(x, _)| *x == id)
+                {
+                    set.sampled.push((id, g.added));
                 }
-            }
-            _ => {
-                let bad = set.path.with_extension("json.bad");
-                tracing::warn!(
-                    "guard state file {} is unreadable; moved it to {} and sampling new guards",
-                    set.path.display(),
-                    bad.display()
-                );
-                let _ = std::fs::rename(&set.path, &bad);
             }
         }
         Ok(set)
@@ -328,6 +307,54 @@ impl GuardSet {
     /// Every sampled guard, in order.
     pub fn sampled(&self) -> Vec<RelayId> {
         self.sampled.iter().map(|(id, _)| *id).collect()
+    }
+}
+
+/// A versioned JSON state file (`{"version": 1, ...}`) of the data directory: `None` when absent.
+/// One larger than `max_len`, unparsable or of another version is moved aside to `*.json.bad` with a warning
+/// (`what` names the file, `then` says what happens instead), and also gives `None`.
+pub(crate) fn load_state_file<T: serde::de::DeserializeOwned + StateVersion>(
+    path: &std::path::Path,
+    max_len: u64,
+    what: &str,
+    then: &str,
+) -> Result<Option<T>, ClientError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ClientError::file(path, "reading", e)),
+    };
+    let parsed = if meta.len() > max_len {
+        None
+    } else {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ClientError::file(path, "reading", e))?;
+        serde_json::from_str::<T>(&text).ok()
+    };
+    match parsed {
+        Some(f) if f.version() == 1 => Ok(Some(f)),
+        _ => {
+            let bad = path.with_extension("json.bad");
+            tracing::warn!(
+                "{what} state file {} is unreadable; moved it to {} and {then}",
+                path.display(),
+                bad.display()
+            );
+            let _ = std::fs::rename(path, &bad);
+            Ok(None)
+        }
+    }
+}
+
+/// The format version a state file declares.
+pub(crate) trait StateVersion {
+    /// Its `version` field.
+    fn version(&self) -> u16;
+}
+
+impl StateVersion for GuardFile {
+    fn version(&self) -> u16 {
+        self.version
     }
 }
 

@@ -86,36 +86,18 @@ impl VanguardSet {
             path: Some(path.clone()),
             set: Vec::new(),
         };
-        let meta = match std::fs::metadata(&path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(ClientError::file(&path, "reading", e)),
-        };
-        let parsed = if meta.len() > MAX_FILE_LEN {
-            None
-        } else {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| ClientError::file(&path, "reading", e))?;
-            serde_json::from_str::<VanguardFile>(&text).ok()
-        };
-        match parsed {
-            Some(f) if f.version == 1 => {
-                for v in f.vanguards.into_iter().take(N_VANGUARDS) {
-                    if let Ok(id) = RelayId::from_hex(&v.id)
-                        && !out.set.iter().any(|(x, _)| *x == id)
-                    {
-                        out.set.push((id, v.expires));
-                    }
+        if let Some(f) = crate::guard::load_state_file::<VanguardFile>(
+            &path,
+            MAX_FILE_LEN,
+            "vanguard",
+            "choosing new vanguards",
+        )? {
+            for v in f.vanguards.into_iter().take(N_VANGUARDS) {
+                if let Ok(id) = RelayId::from_hex(&v.id)
+                    && !out.set.iter().any(|(x, _)| *x == id)
+                {
+                    out.set.push((id, v.expires));
                 }
-            }
-            _ => {
-                let bad = path.with_extension("json.bad");
-                tracing::warn!(
-                    "vanguard state file {} is unreadable; moved it to {} and choosing new vanguards",
-                    path.display(),
-                    bad.display()
-                );
-                let _ = std::fs::rename(&path, &bad);
             }
         }
         Ok(out)
@@ -214,6 +196,12 @@ impl VanguardSet {
             return None;
         }
         cands.get(rng.random_range(0..cands.len())).copied()
+    }
+}
+
+impl crate::guard::StateVersion for VanguardFile {
+    fn version(&self) -> u16 {
+        self.version
     }
 }
 
