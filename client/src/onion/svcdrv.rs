@@ -362,10 +362,15 @@ pub(crate) async fn run(
             wake = wake.min(t + RETRY_MIN);
         }
         if due && !settling && !uploading && t >= next_upload {
-            match sh.svc().build_descriptors(now_unix) {
+            // Bind the result first: a guard held in the scrutinee would live through the
+            // arms, and locking again there deadlocks the driver.
+            let (built, points) = {
+                let mut svc = sh.svc();
+                (svc.build_descriptors(now_unix), svc.n_established())
+            };
+            match built {
                 Ok(ups) => {
                     uploading = true;
-                    let points = sh.svc().n_established();
                     tasks.spawn(upload_round(Arc::clone(&sh), ups, points));
                 }
                 Err(e) => tracing::warn!(service = %name, "building a descriptor failed: {e}"),
