@@ -108,7 +108,6 @@ fn assert_page(resp: &[u8]) {
 }
 
 #[test]
-#[ignore = "issue 13: the service driver establishes its introduction points but has not yet published a descriptor in this test (no upload attempt logged); run with --ignored while fixing"]
 fn the_page_and_20_mib_each_way_through_an_onion_service_and_again_after_a_restart() {
     allium_tests::init_logging();
     let net = TestNet::start(Options::default());
@@ -137,6 +136,38 @@ fn the_page_and_20_mib_each_way_through_an_onion_service_and_again_after_a_resta
             ) >= 1.0
         );
         assert!(!m.contains(&addr[..20]), "no address on the metrics page");
+
+        // curl, as a user would run it, through the SOCKS port by the onion name.
+        let (socks_at, url) = (net.socks.to_string(), format!("http://{addr}/"));
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "60",
+                    "--socks5-hostname",
+                    &socks_at,
+                    &url,
+                ])
+                .output()
+        })
+        .await
+        .expect("curl task");
+        match out {
+            Ok(o) => {
+                assert!(
+                    o.status.success(),
+                    "curl: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                assert_eq!(o.stdout, httpd::HELLO.as_bytes(), "the page through curl");
+            }
+            Err(e) => eprintln!("SKIPPED the curl step: curl is not installed ({e})"),
+        }
+        let attempts = metric(
+            &net.proxy.metrics_text(),
+            "allium_onion_connect_attempts_total ",
+        );
 
         // The same isolation again: the kept rendezvous circuit, no new introduction.
         let resp = get_page(net.socks, &addr, None)
@@ -203,7 +234,6 @@ fn the_page_and_20_mib_each_way_through_an_onion_service_and_again_after_a_resta
 }
 
 #[test]
-#[ignore = "issue 13: the service driver establishes its introduction points but has not yet published a descriptor in this test (no upload attempt logged); run with --ignored while fixing"]
 fn client_authorization_refuses_a_client_without_the_key_and_accepts_one_with_it() {
     allium_tests::init_logging();
     let net = TestNet::start(Options::default());
