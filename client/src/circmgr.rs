@@ -254,6 +254,9 @@ pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
     relay_down: Mutex<HashMap<RelayId, Instant>>,
     wake: Notify,
     ready: watch::Sender<bool>,
+    /// Counts installed consensuses: onion-service drivers wait on it to retry at once what
+    /// failed for lack of relays, instead of waiting out a backoff.
+    dir_gen: watch::Sender<u64>,
     /// SOCKS client address → circuit id of its open stream (diagnostics and tests).
     by_peer: Mutex<HashMap<std::net::SocketAddr, CircId>>,
     /// Requests refused at `max_circuits_per_guard` (the first is logged).
@@ -503,6 +506,7 @@ impl<B: CircBuilder> CircMgr<B> {
             relay_down: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             ready,
+            dir_gen: watch::Sender::new(0),
             by_peer: Mutex::new(HashMap::new()),
             guard_limit_hits: std::sync::atomic::AtomicU64::new(0),
             guard_refusals: std::sync::atomic::AtomicU64::new(0),
@@ -660,7 +664,13 @@ impl<B: CircBuilder> CircMgr<B> {
         if let Ok(mut d) = self.dir.write() {
             *d = Some(Arc::new(view));
         }
+        self.dir_gen.send_modify(|g| *g = g.wrapping_add(1));
         self.wake.notify_one();
+    }
+
+    /// Changes whenever a new consensus is installed.
+    pub(crate) fn dir_changes(&self) -> watch::Receiver<u64> {
+        self.dir_gen.subscribe()
     }
 
     /// Forget the relay list (the consensus became too old to use); new circuits wait for the

@@ -369,6 +369,7 @@ pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
     let mut cache = ConsensusCache::open(Some(&path), auths, FetchRole::Cache, now_unix());
     let mut membership = Membership::default();
     if let Some(nd) = cache.netdir(now_unix()) {
+        tracing::info!(valid_after = nd.valid_after(), "using the cached consensus");
         install_netdir(&ctx, nd, &mut membership);
         archive_current(&ctx, &cache);
     }

@@ -304,6 +304,7 @@ pub(crate) async fn run(
     let mut avoid: HashMap<RelayId, Instant> = HashMap::new();
     let mut established: usize = 0;
     let mut due_since: Option<Instant> = None;
+    let mut dir_changes = sh.mgr.dir_changes();
     tracing::info!(service = %name, "onion service starting");
     loop {
         while tasks.try_join_next().is_some() {}
@@ -423,6 +424,22 @@ pub(crate) async fn run(
                 None => break,
             },
             () = tokio::time::sleep_until(wake) => {}
+            r = dir_changes.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                // A new consensus: what failed for lack of relays (introduction points, an
+                // upload with no HSDir to take it) is retried now, with the backoff reset.
+                let t = now();
+                if next_intro > t {
+                    next_intro = t;
+                    intro_backoff = RETRY_MIN;
+                }
+                if !uploading && next_upload > t {
+                    next_upload = t;
+                    upload_backoff = RETRY_MIN;
+                }
+            }
             r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { break },
         }
     }

@@ -62,7 +62,9 @@ impl ConsensusCache {
                     let live = Liveness::of(f.verified.consensus(), now);
                     match live.warning() {
                         Some(w) => tracing::warn!("cached {w}"),
-                        None => tracing::info!(
+                        // Callers say at their own level what they do with it (the proxy's
+                        // bootstrap reports it; its control port re-reads the file often).
+                        None => tracing::debug!(
                             valid_after = f.verified.consensus().valid_after,
                             "using cached consensus"
                         ),
