@@ -78,9 +78,18 @@ def wchar(pid):
     return None
 
 
-def http_get(addr, path, timeout=20.0):
-    with urllib.request.urlopen(f"http://{addr}{path}", timeout=timeout) as r:
-        return r.read()
+def http_get(addr, path, timeout=20.0, tries=20):
+    """GET; a 503 or 429 (an authority whose connection slots are full under 1,000 relays'
+    uploads, or that rate-limits this address) is retried, at most `tries` times in all."""
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(f"http://{addr}{path}", timeout=timeout) as r:
+                return r.read()
+        except urllib.error.HTTPError as e:
+            if e.code not in (429, 503) or attempt == tries - 1:
+                raise
+            time.sleep(min(0.25 * (attempt + 1), 2.0))
+    raise OSError("unreachable")
 
 
 def metrics(addr):
