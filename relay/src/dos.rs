@@ -77,6 +77,10 @@ pub struct DosConfig {
     /// destroys the circuits holding the oldest queued data (Tor's `MaxMemInQueues`; default a
     /// fixed 128 MiB, half the relay's 256 MiB memory goal; 0: no cap).
     pub max_queued_bytes: u64,
+    /// Most DATA cells an exit circuit's streams may hold unwritten before its circuit SENDMEs
+    /// are withheld until the destinations drain (default 64, 32 KiB; 0: SENDMEs always go out
+    /// on arrival). Bounds what a client can push into destinations that never read.
+    pub exit_circuit_queue_cells: u32,
 }
 
 /// Default for [`DosConfig::max_queued_bytes`].
@@ -96,6 +100,7 @@ impl Default for DosConfig {
             max_circuits: 32768,
             circuit_idle_timeout_secs: 3600,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+            exit_circuit_queue_cells: crate::core::CIRC_QUEUE_CELLS,
         }
     }
 }
