@@ -12,7 +12,11 @@ every circuit crosses every relay), then:
 
 Each attack reports honest throughput during / without (the fraction), peak RSS of every node
 (sampled from /proc every 0.2 s) during the baseline and during the attack, whether any node
-died, and the attack's own counters (connections held, closed by the server, cells answered...).
+died, the attack's own counters (connections held, closed by the server, cells answered...), and
+the CPU each process used during the baseline and during the attack, in cores (`cpu_cores_*`:
+every node, the supervisor that serves the honest download, this script, the attack's own
+process), which tells an attack that costs the relays CPU from one that costs the attacker CPU
+on the same machine, or from a machine loaded by something else.
 
 Attacks (--only NAME, repeatable; default all):
   conn_flood         TCP connections to every relay's OR port, held and reopened (--conns per relay)
