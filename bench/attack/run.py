@@ -12,7 +12,11 @@ every circuit crosses every relay), then:
 
 Each attack reports honest throughput during / without (the fraction), peak RSS of every node
 (sampled from /proc every 0.2 s) during the baseline and during the attack, whether any node
-died, and the attack's own counters (connections held, closed by the server, cells answered...).
+died, the attack's own counters (connections held, closed by the server, cells answered...), and
+the CPU each process used during the baseline and during the attack, in cores (`cpu_cores_*`:
+every node, the supervisor that serves the honest download, this script, the attack's own
+process), which tells an attack that costs the relays CPU from one that costs the attacker CPU
+on the same machine, or from a machine loaded by something else.
 
 Attacks (--only NAME, repeatable; default all):
   conn_flood         TCP connections to every relay's OR port, held and reopened (--conns per relay)
@@ -189,6 +193,47 @@ def rss_kib(pid):
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def cpu_secs(pid):
+    """CPU time (user + system, seconds) a process has used so far, or None."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class CpuMeter:
+    """CPU used per process over a phase, in cores (CPU seconds / wall seconds): every node, the
+    test-network supervisor (which serves the honest download), this script (the honest client
+    and the Python attacks' threads) and an attack's own process."""
+
+    def __init__(self, tn, attack=None):
+        self.tn = tn
+        self.attack = attack
+
+    def pids(self):
+        out = {n["name"]: n["pid"] for n in self.tn.nodes}
+        out["testnet"] = self.tn.proc.pid
+        out["run.py"] = os.getpid()
+        proc = getattr(self.attack, "proc", None)
+        if proc is not None:
+            out[f"{self.attack.name}-process"] = proc.pid
+        return out
+
+    def start(self):
+        self.t0 = time.monotonic()
+        self.c0 = {k: cpu_secs(p) for k, p in self.pids().items()}
+
+    def cores(self):
+        el = max(time.monotonic() - self.t0, 1e-3)
+        out = {}
+        for k, p in self.pids().items():
+            c, c0 = cpu_secs(p), self.c0.get(k)
+            if c is not None:
+                out[k] = round((c - (c0 or 0.0)) / el, 2)
+        return dict(sorted(out.items()))
 
 
 class RssSampler(threading.Thread):
@@ -834,13 +879,19 @@ def run_attack(name, a, allium, flood_exe):
             attack = make_attack(name, a, flood_exe)
             attack.prepare(tn)
             sampler.phase = "baseline"
+            cpu = CpuMeter(tn)
+            cpu.start()
             base = measure(tn, a.secs, a.size)
+            cpu_base = cpu.cores()
             attack.secs = a.ramp + a.secs + 2
             sampler.phase = "attack"
             t0 = time.monotonic()
             attack.start(tn)
             time.sleep(max(0.0, a.ramp - (time.monotonic() - t0)))
+            cpu = CpuMeter(tn, attack)
+            cpu.start()
             during = measure(tn, a.secs, a.size)
+            cpu_during = cpu.cores()
             dead_during = tn.dead()
             attack.stop()
             sampler.phase = "recovery"
@@ -863,6 +914,8 @@ def run_attack(name, a, allium, flood_exe):
                 "rss_mib_attack": rss_attack,
                 "rss_mib_recovery": sampler.mib("recovery"),
                 "relay_peak_rss_mib": relay_peak,
+                "cpu_cores_baseline": cpu_base,
+                "cpu_cores_attack": cpu_during,
                 "died": dead,
                 "attack_stats": attack.result(),
                 "passes": {

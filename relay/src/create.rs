@@ -261,6 +261,7 @@ pub(crate) fn core_config(ctx: &Ctx, link: &Link) -> CoreConfig {
         ctx.exit_policy(),
     );
     cfg.max_streams = ctx.live().max_streams_per_circuit;
+    cfg.circ_queue_cells = ctx.dos.cfg.exit_circuit_queue_cells;
     cfg.blocked_cap = blocked_cap;
     cfg.extend_timeout = extend_timeout;
     cfg

@@ -38,6 +38,12 @@ pub struct Stats {
     dir_served: AtomicU64,
     dir_refused: AtomicU64,
     dir_bytes: AtomicU64,
+    /// Circuit SENDMEs an exit withheld because the circuit's streams held more than
+    /// `dos.exit_circuit_queue_cells` unwritten cells.
+    sendmes_withheld: AtomicU64,
+    /// Times a client link's reader paused because its refused CREATEs outran
+    /// `dos.link_refusal_rate`.
+    link_pauses: AtomicU64,
 }
 
 impl Stats {
@@ -55,6 +61,12 @@ impl Stats {
         let _ = self
             .circuits
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
+    }
+    pub(crate) fn note_link_paused(&self) {
+        self.link_pauses.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn note_sendmes_withheld(&self, n: u64) {
+        self.sendmes_withheld.fetch_add(n, Ordering::Relaxed);
     }
     pub(crate) fn note_queue_overflow(&self) {
         self.queue_overflows.fetch_add(1, Ordering::Relaxed);
@@ -123,6 +135,14 @@ impl Stats {
     /// too long in it.
     pub fn creates_dropped(&self) -> u64 {
         self.creates_dropped.load(Ordering::Relaxed)
+    }
+    /// Pauses of client links' readers for refused CREATEs past `dos.link_refusal_rate`.
+    pub fn link_pauses(&self) -> u64 {
+        self.link_pauses.load(Ordering::Relaxed)
+    }
+    /// Circuit SENDMEs withheld at this exit (`dos.exit_circuit_queue_cells`).
+    pub fn sendmes_withheld(&self) -> u64 {
+        self.sendmes_withheld.load(Ordering::Relaxed)
     }
     /// Circuits destroyed for a protocol violation (bad tag, window, RELAY_EARLY, ...).
     pub fn protocol_violations(&self) -> u64 {

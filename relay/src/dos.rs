@@ -77,6 +77,17 @@ pub struct DosConfig {
     /// destroys the circuits holding the oldest queued data (Tor's `MaxMemInQueues`; default a
     /// fixed 128 MiB, half the relay's 256 MiB memory goal; 0: no cap).
     pub max_queued_bytes: u64,
+    /// Most DATA cells an exit circuit's streams may hold unwritten before its circuit SENDMEs
+    /// are withheld until the destinations drain (default 64, 32 KiB; 0: SENDMEs always go out
+    /// on arrival). Bounds what a client can push into destinations that never read.
+    pub exit_circuit_queue_cells: u32,
+    /// Refused CREATEs per second one client link is answered at, sustained (default 10; 0:
+    /// no pacing). Past it the link's reader stops reading until the next refusal is due, so a
+    /// flood of CREATEs that are refused anyway (rate, replay, caps) waits in the peer's TCP
+    /// buffers instead of costing the relay a decryption, a lookup and a DESTROY each.
+    pub link_refusal_rate: u32,
+    /// Refused CREATEs a client link is answered at once in a burst (default 100).
+    pub link_refusal_burst: u32,
 }
 
 /// Default for [`DosConfig::max_queued_bytes`].
@@ -96,6 +107,9 @@ impl Default for DosConfig {
             max_circuits: 32768,
             circuit_idle_timeout_secs: 3600,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+            exit_circuit_queue_cells: crate::core::CIRC_QUEUE_CELLS,
+            link_refusal_rate: 10,
+            link_refusal_burst: 100,
         }
     }
 }
@@ -110,6 +124,12 @@ impl DosConfig {
             return Err((
                 "dos.create_burst",
                 "must be at least 1 when create_rate is set",
+            ));
+        }
+        if self.link_refusal_rate > 0 && self.link_refusal_burst == 0 {
+            return Err((
+                "dos.link_refusal_burst",
+                "must be at least 1 when link_refusal_rate is set",
             ));
         }
         if self.replay_cache_entries > 0 && self.replay_window_secs == 0 {
@@ -337,6 +357,45 @@ struct AddrState {
 pub const MAX_TRACKED_ADDRS: usize = 1 << 17;
 /// How often idle entries are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+/// Paces the refused CREATEs of one client link (sans-IO; the link's reader owns it): a bucket
+/// of [`DosConfig::link_refusal_rate`] per second and [`DosConfig::link_refusal_burst`]. While
+/// it has tokens a refusal costs nothing more; once it is empty the reader pauses for as long
+/// as the next token takes, so the link is read at the refusal rate and the rest of a flood
+/// waits in the peer's own buffers (its sender blocks).
+#[derive(Debug)]
+pub(crate) struct RefusalPacer {
+    bucket: Bucket,
+    rate: u32,
+    burst: u32,
+}
+
+impl RefusalPacer {
+    /// A pacer with a full bucket.
+    pub(crate) fn new(cfg: &DosConfig, now: Instant) -> Self {
+        Self {
+            bucket: Bucket::full(cfg.link_refusal_burst, now),
+            rate: cfg.link_refusal_rate,
+            burst: cfg.link_refusal_burst,
+        }
+    }
+
+    /// A CREATE from this link was refused at `now`: how long the reader must stop reading,
+    /// if at all.
+    pub(crate) fn on_refusal(&mut self, now: Instant) -> Option<Duration> {
+        if self.rate == 0 || self.bucket.take(self.rate, self.burst, now) {
+            return None;
+        }
+        // Microseconds until the bucket holds a whole token again; that token pays for this
+        // refusal (the bucket restarts empty at the end of the pause).
+        let missing = 1000u64.saturating_sub(self.bucket.milli);
+        let pause =
+            Duration::from_micros((missing.saturating_mul(1000) / u64::from(self.rate)).max(1));
+        self.bucket.milli = 0;
+        self.bucket.last = now.checked_add(pause).unwrap_or(now);
+        Some(pause)
+    }
+}
 
 /// Per-address state: concurrent links and the two buckets (sans-IO).
 #[derive(Debug)]
@@ -914,6 +973,41 @@ mod tests {
             AddrKey::of(ip("::ffff:10.0.0.1")),
             AddrKey::of(ip("10.0.0.1"))
         );
+    }
+
+    #[test]
+    fn refusal_pacer_pauses_a_link_past_its_burst_and_refills_with_time() {
+        let cfg = DosConfig {
+            link_refusal_rate: 4,
+            link_refusal_burst: 3,
+            ..DosConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut p = RefusalPacer::new(&cfg, t0);
+        for _ in 0..3 {
+            assert_eq!(p.on_refusal(t0), None);
+        }
+        // Empty: pause until the next token (a quarter second at 4 per second), which pays
+        // for this refusal; so does every refusal after it until the bucket refills.
+        let quarter = Duration::from_millis(250);
+        assert_eq!(p.on_refusal(t0), Some(quarter));
+        let t1 = t0 + quarter;
+        assert_eq!(p.on_refusal(t1), Some(quarter));
+        let t2 = t1 + quarter + Duration::from_millis(100);
+        assert_eq!(p.on_refusal(t2), Some(Duration::from_millis(150)));
+        // A quiet second later the burst is back.
+        let t3 = t2 + Duration::from_millis(150) + Duration::from_secs(1);
+        for _ in 0..3 {
+            assert_eq!(p.on_refusal(t3), None);
+        }
+        assert_eq!(p.on_refusal(t3), Some(quarter));
+        // Off: never a pause.
+        let off = DosConfig {
+            link_refusal_rate: 0,
+            ..cfg
+        };
+        let mut p = RefusalPacer::new(&off, t0);
+        assert!((0..1000).all(|_| p.on_refusal(t0).is_none()));
     }
 
     #[test]

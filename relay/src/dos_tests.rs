@@ -93,6 +93,53 @@ async fn replayed_onionskin_is_refused() {
     assert_eq!(r.ctx.stats.total_circuits(), 1);
 }
 
+/// A client link whose CREATEs keep being refused (here replays) is read at
+/// `link_refusal_rate` past `link_refusal_burst`: twelve refusals with a burst of 4 at 2 per
+/// second take 3.5 (simulated) seconds to be answered; with the pacing off, none. A relay's
+/// link is never paced.
+#[tokio::test(start_paused = true)]
+async fn refused_creates_pace_the_client_link() {
+    async fn twelve_replays(link_refusal_rate: u32, as_relay: bool) -> (Duration, u64) {
+        let dos = DosConfig {
+            link_refusal_rate,
+            link_refusal_burst: 4,
+            ..DosConfig::default()
+        };
+        let limits = Limits {
+            create_on_runtime: true,
+            ..Limits::default()
+        };
+        let r = dos_relay(dos, limits);
+        let mut ml = attach(&r.ctx, as_relay);
+        ml.link.set_peer_ip(attacker());
+        let (id, cell) = create_cell(&r.ctx);
+        ml.tx.send(cell.clone()).await.unwrap();
+        let c = ml.recv().await;
+        assert_eq!((c.cmd, c.circ_id), (CellCmd::CREATED, Some(id)));
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..12 {
+            let mut again = cell.clone();
+            again.circ_id = Some(CircId::random(true));
+            ml.tx.send(again).await.unwrap();
+        }
+        for _ in 0..12 {
+            assert_eq!(destroy_reason(&ml.recv().await), DestroyReason::PROTOCOL);
+        }
+        assert_eq!(r.ctx.stats.dos_rejections(Refusal::CreateReplay), 12);
+        (t0.elapsed(), r.ctx.stats.link_pauses())
+    }
+    // Refusals 5 to 12 each pause the reader half a second, the last one after its DESTROY.
+    let (paced, pauses) = twelve_replays(2, false).await;
+    assert!(paced >= Duration::from_millis(3500), "{paced:?}");
+    assert_eq!(pauses, 8);
+    let (unpaced, pauses) = twelve_replays(0, false).await;
+    assert!(unpaced < Duration::from_millis(100), "{unpaced:?}");
+    assert_eq!(pauses, 0);
+    let (relay, pauses) = twelve_replays(2, true).await;
+    assert!(relay < Duration::from_millis(100), "{relay:?}");
+    assert_eq!(pauses, 0);
+}
+
 /// Past `max_circuits` open circuits, CREATEs get DESTROY RESOURCELIMIT.
 #[tokio::test]
 async fn global_circuit_cap() {

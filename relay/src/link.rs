@@ -412,6 +412,14 @@ impl Link {
         self.send_detached(Cell::destroy(id, reason));
     }
 
+    /// Send a DESTROY for `id` if the link's queue has room now; else drop it (for refusals
+    /// before a circuit exists, which a flooding peer must not turn into waiting tasks).
+    pub(crate) fn try_send_destroy(&self, id: CircId, reason: DestroyReason) {
+        if !self.is_closed() {
+            let _ = self.sink.try_enqueue(Cell::destroy(id, reason));
+        }
+    }
+
     /// Queue `cell` without waiting, falling back to a small bounded task if the queue is full.
     pub(crate) fn send_detached(&self, cell: Cell) {
         let Enqueue::Full(cell) = self.sink.try_enqueue(cell) else {
@@ -459,6 +467,7 @@ pub(crate) async fn run_reader(ctx: Arc<Ctx>, link: Arc<Link>, mut source: CellS
     let mut cache = None;
     let already_stopping = *shutdown.borrow_and_update();
     let mut unreported: u64 = 0;
+    let mut pacer = crate::dos::RefusalPacer::new(&ctx.dos.cfg, coarse_now());
     loop {
         if already_stopping {
             break;
@@ -494,9 +503,25 @@ pub(crate) async fn run_reader(ctx: Arc<Ctx>, link: Arc<Link>, mut source: CellS
                 .note_read(64 * allium_proto::cell::CELL_LEN as u64);
             unreported = 0;
         }
-        if !route_cell(&ctx, &link, cell, &mut cache) {
-            tracing::debug!("closing link after a protocol violation");
-            break;
+        match route_cell(&ctx, &link, cell, &mut cache) {
+            Routed::Done => {}
+            Routed::Close => {
+                tracing::debug!("closing link after a protocol violation");
+                break;
+            }
+            Routed::Refused => {
+                // A client link whose CREATEs keep being refused is read at the refusal rate.
+                if ctx.is_exempt_link(&link) {
+                    continue;
+                }
+                if let Some(pause) = pacer.on_refusal(coarse_now()) {
+                    ctx.stats.note_link_paused();
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            }
         }
     }
     drop(cache);
@@ -505,34 +530,51 @@ pub(crate) async fn run_reader(ctx: Arc<Ctx>, link: Arc<Link>, mut source: CellS
     ctx.links.forget(&link);
 }
 
-/// Route one cell; never waits. Returns `false` if the link must close.
-fn route_cell(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell, cache: &mut Option<Cached>) -> bool {
+/// What routing one cell came to.
+enum Routed {
+    /// Routed (or dropped as harmless).
+    Done,
+    /// A CREATE refused before the handshake (DoS limits, caps, replay).
+    Refused,
+    /// A protocol violation: the link must close.
+    Close,
+}
+
+/// Route one cell; never waits.
+fn route_cell(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell, cache: &mut Option<Cached>) -> Routed {
     match cell.cmd {
-        CellCmd::PADDING => true,
+        CellCmd::PADDING => Routed::Done,
         CellCmd::CREATE => {
-            on_create(ctx, link, cell);
-            true
+            if on_create(ctx, link, cell) {
+                Routed::Done
+            } else {
+                Routed::Refused
+            }
         }
         CellCmd::CREATED | CellCmd::RELAY | CellCmd::RELAY_EARLY => {
             // Decoding guarantees an id on every command but PADDING.
-            let Some(id) = cell.circ_id else { return true };
+            let Some(id) = cell.circ_id else {
+                return Routed::Done;
+            };
             if let Some(c) = link.get_cached(id, cache)
                 && (c.side == Side::Next || cell.cmd != CellCmd::CREATED)
             {
                 deliver(ctx, link, id, &c.handle, c.side, cell);
             }
-            true
+            Routed::Done
         }
         CellCmd::DESTROY => {
-            let Some(id) = cell.circ_id else { return true };
+            let Some(id) = cell.circ_id else {
+                return Routed::Done;
+            };
             if let Some((h, side)) = link.get(id) {
                 // No more cells for this id from this link; the reactor hears the DESTROY.
                 link.remove(id, coarse_now());
                 deliver(ctx, link, id, &h, side, cell);
             }
-            true
+            Routed::Done
         }
-        _ => false,
+        _ => Routed::Close,
     }
 }
 
@@ -550,21 +592,26 @@ fn deliver(ctx: &Ctx, link: &Link, id: CircId, h: &CircHandle, side: Side, cell:
     }
 }
 
-/// CREATE: check the id, reserve it and queue the handshake; never runs it here.
-fn on_create(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell) {
-    let Some(id) = cell.circ_id else { return };
+/// CREATE: check the id, reserve it and queue the handshake; never runs it here. `false` if it
+/// was refused before the handshake (its DESTROY goes out only if the link has room: a peer
+/// that floods CREATEs and does not read gets no task per refusal).
+fn on_create(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell) -> bool {
+    let Some(id) = cell.circ_id else { return true };
     // The peer allocates ids on this link; it is the initiator iff we are not.
     if !id.allocatable_by(!link.initiator) {
-        return;
+        return true;
     }
     let now = coarse_now();
     if let Err((refusal, reason)) = crate::dos::admit_create(ctx, link, &cell.body[..], now) {
         ctx.stats.dos.note(refusal, now);
-        link.send_destroy_detached(id, reason);
-        return;
+        link.try_send_destroy(id, reason);
+        return false;
     }
     match link.reserve_peer_id(id, ctx.limits.create_per_link) {
-        Ok(()) => crate::create::submit(ctx, Arc::clone(link), id, cell, now),
+        Ok(()) => {
+            crate::create::submit(ctx, Arc::clone(link), id, cell, now);
+            true
+        }
         Err(InsertError::Full) => {
             ctx.stats.note_create_dropped();
             if link.n_circuits() >= link.max_circs && ctx.stats.note_link_circuit_cap() {
@@ -575,9 +622,10 @@ fn on_create(ctx: &Arc<Ctx>, link: &Arc<Link>, cell: Cell) {
                      Raise the limit if honest clients hit it"
                 );
             }
-            link.send_destroy_detached(id, DestroyReason::RESOURCELIMIT);
+            link.try_send_destroy(id, DestroyReason::RESOURCELIMIT);
+            false
         }
-        Err(InsertError::InUse | InsertError::Closed) => {}
+        Err(InsertError::InUse | InsertError::Closed) => true,
     }
 }
 

@@ -118,6 +118,20 @@ pub(crate) fn page(ctx: &Ctx, now: u64) -> Exposition {
         e.sample(&[("reason", r.label())], s.dos_rejections(r) as f64);
     }
     e.single(
+        "allium_dos_link_read_pauses_total",
+        MetricType::Counter,
+        "Times a client link was not read for a while because its refused CREATEs came faster \
+         than dos.link_refusal_rate.",
+        s.link_pauses() as f64,
+    );
+    e.single(
+        "allium_exit_sendmes_withheld_total",
+        MetricType::Counter,
+        "Circuit SENDMEs withheld because the circuit's exit streams held more than \
+         dos.exit_circuit_queue_cells unwritten cells.",
+        s.sendmes_withheld() as f64,
+    );
+    e.single(
         "allium_relay_queued_bytes",
         MetricType::Gauge,
         "Bytes queued in circuit queues now (capped by dos.max_queued_bytes).",

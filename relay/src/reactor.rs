@@ -301,6 +301,10 @@ impl Reactor {
                 }
             }
         }
+        let w = self.core.take_sendmes_withheld();
+        if w > 0 {
+            self.ctx.stats.note_sendmes_withheld(w);
+        }
         let n = self.core.take_originated();
         if n > 0 {
             self.ctx

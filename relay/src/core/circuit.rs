@@ -73,6 +73,11 @@ pub struct CircuitCore {
     pub(super) streams: HashMap<u16, Stream>,
     pub(super) cc: CongestionControl,
     recv: CircRecv,
+    /// Circuit SENDMEs withheld while the exit streams hold more than
+    /// [`CoreConfig::circ_queue_cells`] unwritten cells, oldest first.
+    withheld: VecDeque<Tag>,
+    /// SENDMEs withheld since the last [`CircuitCore::take_sendmes_withheld`].
+    withheld_count: u64,
     transmit: VecDeque<(Side, Cell)>,
     pub(super) events: VecDeque<Event>,
     blocked_since: Option<Instant>,
@@ -100,6 +105,8 @@ impl CircuitCore {
             streams: HashMap::new(),
             cc: CongestionControl::new(cc),
             recv: CircRecv::new(cc),
+            withheld: VecDeque::new(),
+            withheld_count: 0,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             blocked_since: None,
@@ -326,6 +333,58 @@ impl CircuitCore {
     /// The congestion controller of the data this relay sends towards the client.
     pub fn congestion(&self) -> &CongestionControl {
         &self.cc
+    }
+
+    /// Circuit SENDMEs withheld since the last call (for the relay's counters).
+    pub fn take_sendmes_withheld(&mut self) -> u64 {
+        std::mem::take(&mut self.withheld_count)
+    }
+
+    /// DATA cells the exit streams hold that their destinations have not taken yet.
+    pub fn queued_cells(&self) -> u32 {
+        self.streams
+            .values()
+            .fold(0u32, |n, s| n.saturating_add(s.recv.unconsumed()))
+    }
+
+    /// Circuit SENDMEs being withheld now.
+    pub fn sendmes_withheld(&self) -> usize {
+        self.withheld.len()
+    }
+
+    /// Whether the exit streams hold more than the circuit queue cap.
+    fn over_queue_cap(&self) -> bool {
+        let cap = self.cfg.circ_queue_cells;
+        cap > 0 && self.queued_cells() > cap
+    }
+
+    /// A circuit SENDME with `tag` is due: send it, or withhold it (after the ones already
+    /// withheld) while the exit streams hold more than the cap.
+    fn sendme_due(&mut self, tag: Tag) -> Result<(), CircError> {
+        if self.withheld.is_empty() && !self.over_queue_cap() {
+            self.originate(0, &RelayMsg::Sendme(Sendme { tag: Some(tag) }));
+            return Ok(());
+        }
+        if self.withheld.len() >= allium_proto::flowctl::MAX_PENDING_TAGS {
+            // The client had more than a maximal congestion window unacknowledged.
+            return Err(CircError::Unexpected {
+                what: "DATA beyond the congestion window while SENDMEs were withheld",
+            });
+        }
+        self.withheld.push_back(tag);
+        self.withheld_count += 1;
+        Ok(())
+    }
+
+    /// The exit streams drained (or closed): release the withheld SENDMEs once they hold no
+    /// more than the cap.
+    pub(super) fn release_sendmes(&mut self) {
+        if self.withheld.is_empty() || self.over_queue_cap() {
+            return;
+        }
+        while let Some(tag) = self.withheld.pop_front() {
+            self.originate(0, &RelayMsg::Sendme(Sendme { tag: Some(tag) }));
+        }
     }
 
     /// Cells this core originated since the last call (for traffic statistics).
@@ -631,10 +690,17 @@ impl CircuitCore {
         data: DataChunk,
         now: Instant,
     ) -> Result<(), CircError> {
-        if let Some(t) = self.recv.on_data_received(&tag) {
-            // The circuit SENDME goes out at once: it measures the path, not the destination.
-            self.originate(0, &RelayMsg::Sendme(Sendme { tag: Some(t) }));
+        let due = self.recv.on_data_received(&tag);
+        let r = self.accept_data(sid, data, now);
+        if let Some(t) = due {
+            // The circuit SENDME goes out at once (it measures the path) unless the exit
+            // streams already hold more than the cap (counting this cell).
+            self.sendme_due(t)?;
         }
+        r
+    }
+
+    fn accept_data(&mut self, sid: u16, data: DataChunk, now: Instant) -> Result<(), CircError> {
         let Some(st) = self.streams.get_mut(&sid) else {
             // A stream that just ended: the data is dropped.
             return Ok(());

@@ -128,7 +128,8 @@ impl CircuitCore {
     }
 
     /// The destination of stream `sid` accepted `cells` more DATA cells: an XON goes out if the
-    /// stream was stopped with XOFF and its queue has drained.
+    /// stream was stopped with XOFF and its queue has drained, and withheld circuit SENDMEs go
+    /// out once the circuit's streams hold no more than [`super::CoreConfig::circ_queue_cells`].
     pub fn data_consumed(&mut self, sid: u16, cells: usize, now: Instant) {
         let Some(st) = self.streams.get_mut(&sid) else {
             return;
@@ -137,6 +138,7 @@ impl CircuitCore {
         if let StreamSignal::Xon(rate_kib) = st.recv.on_consumed(cells, now) {
             self.originate(sid, &RelayMsg::Xon(Xon { rate_kib }));
         }
+        self.release_sendmes();
     }
 
     /// Package destination bytes of stream `sid` into DATA cells, as far as the congestion window
@@ -296,10 +298,12 @@ impl CircuitCore {
     }
 
     pub(super) fn remove_stream(&mut self, sid: u16, graceful: bool) {
-        if let Some(st) = self.streams.remove(&sid)
-            && st.state != StreamState::Lookup
-        {
-            self.events.push_back(Event::StreamClosed { sid, graceful });
+        if let Some(st) = self.streams.remove(&sid) {
+            if st.state != StreamState::Lookup {
+                self.events.push_back(Event::StreamClosed { sid, graceful });
+            }
+            // Its unwritten cells no longer count against the circuit's queue cap.
+            self.release_sendmes();
         }
     }
 

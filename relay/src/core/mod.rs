@@ -36,6 +36,13 @@
 //!   plus a few control cells, as long as the driver drains it before feeding more input. A
 //!   SENDME that comes before its cells were sent, one too many, or with a wrong tag destroys
 //!   the circuit; so does a stream-level SENDME (streams use XON/XOFF).
+//! - **Circuit queue cap.** Circuit SENDMEs go out when their DATA arrives while the exit
+//!   streams hold at most [`CoreConfig::circ_queue_cells`] unwritten cells; above that they are
+//!   withheld, in order, and released as the destinations drain (or their streams close). The
+//!   client's congestion window then neither grows nor reopens, so the cells a circuit can pin
+//!   at the exit are bounded by the cap plus the window it had when the cap was reached (not a
+//!   whole maximal window per stream). More withheld SENDMEs than a maximal window can owe is
+//!   a violation.
 //! - **Blocked cap.** The driver reports when the link it must write to is full
 //!   ([`CircuitCore::note_blocked`]) and when it has room again ([`CircuitCore::note_unblocked`]);
 //!   blocked for longer than [`CoreConfig::blocked_cap`], the circuit is destroyed at the next
@@ -77,6 +84,8 @@ pub const EXTEND_TIMEOUT: Duration = Duration::from_secs(20);
 pub const BLOCKED_CAP: Duration = Duration::from_secs(30);
 /// Default longest wait for the client to open a stream's package window.
 pub const WINDOW_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default [`CoreConfig::circ_queue_cells`]: 64 cells (32 KiB), two SENDME increments.
+pub const CIRC_QUEUE_CELLS: u32 = 64;
 /// TTL reported in CONNECTED and RESOLVED.
 pub const DNS_TTL: u32 = 300;
 /// Most answers in one RESOLVED.
@@ -114,6 +123,11 @@ pub struct CoreConfig {
     pub window_timeout: Duration,
     /// Congestion-control parameters this relay offers in CREATED (the SENDME increment).
     pub cc: CcParams,
+    /// Most DATA cells the circuit's exit streams may hold unwritten (over all its streams)
+    /// while circuit SENDMEs still go out on arrival; above it they are withheld until the
+    /// destinations drain, so a client cannot grow its window and push more into streams that
+    /// do not drain. 0: SENDMEs always go out on arrival.
+    pub circ_queue_cells: u32,
 }
 
 impl CoreConfig {
@@ -128,6 +142,7 @@ impl CoreConfig {
             blocked_cap: BLOCKED_CAP,
             window_timeout: WINDOW_TIMEOUT,
             cc: CcParams::default(),
+            circ_queue_cells: CIRC_QUEUE_CELLS,
         }
     }
 }
