@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use allium_crypto::hs::TimePeriod;
+use allium_crypto::hs::{TimePeriod, TimePeriodParams};
 use allium_directory::client::{
     AuthorityInfo, ConsensusCache, FetchRole, Liveness, not_published_yet,
 };
@@ -35,11 +35,15 @@ pub(crate) struct DirView {
 }
 
 /// The onion-service part of a consensus: the HSDir ring's inputs.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 #[allow(dead_code)] // for the onion-service drivers (issue 13)
 pub(crate) struct HsView {
     /// `hsdir_n_replicas`, `hsdir_spread_store`, `hsdir_spread_fetch`.
     pub(crate) params: HsDirParams,
+    /// The time periods (`hsdir_interval`): every period, blinded key and ring position the
+    /// onion-service drivers compute uses these, so a network with its own interval (the test
+    /// network's 20 minutes) is followed by services and clients alike.
+    pub(crate) period_params: TimePeriodParams,
     /// The consensus' `valid_after` (which shared random value a period uses depends on it).
     pub(crate) valid_after: u64,
     /// `shared-rand-current-value`, if the consensus carries one.
@@ -48,7 +52,33 @@ pub(crate) struct HsView {
     pub(crate) srv_previous: Option<[u8; 32]>,
 }
 
+impl Default for HsView {
+    /// What a consensus without onion-service parameters gives.
+    fn default() -> Self {
+        Self {
+            params: HsDirParams::default(),
+            period_params: TimePeriodParams::DEFAULT,
+            valid_after: 0,
+            srv_current: None,
+            srv_previous: None,
+        }
+    }
+}
+
 impl HsView {
+    /// The onion-service inputs of consensus `c`.
+    pub(crate) fn from_consensus(c: &allium_directory::doc::Consensus) -> Self {
+        Self {
+            params: HsDirParams::from_consensus(c),
+            period_params: TimePeriodParams::from_consensus(
+                c.params.get(TimePeriodParams::CONSENSUS_PARAM).copied(),
+            ),
+            valid_after: c.valid_after,
+            srv_current: c.shared_rand.and_then(|s| s.current).map(|v| v.value),
+            srv_previous: c.shared_rand.and_then(|s| s.previous).map(|v| v.value),
+        }
+    }
+
     /// The shared random value of `period`: the consensus' current or previous value by
     /// rend-spec-v3 §2.2.4's rule (`allium_directory::hs::period_srv`), or the disaster value when
     /// the consensus carries no fitting one.
@@ -113,20 +143,7 @@ pub(crate) fn view_from(nd: &NetDir) -> DirView {
     DirView {
         relays,
         weights: PositionWeights::from_consensus(&nd.consensus().bandwidth_weights),
-        hs: HsView {
-            params: HsDirParams::from_consensus(nd.consensus()),
-            valid_after: nd.consensus().valid_after,
-            srv_current: nd
-                .consensus()
-                .shared_rand
-                .and_then(|s| s.current)
-                .map(|v| v.value),
-            srv_previous: nd
-                .consensus()
-                .shared_rand
-                .and_then(|s| s.previous)
-                .map(|v| v.value),
-        },
+        hs: HsView::from_consensus(nd.consensus()),
     }
 }
 
