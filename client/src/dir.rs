@@ -463,4 +463,72 @@ mod tests {
         );
         assert_eq!(warned, 0);
     }
+
+    fn consensus(params: &[(&str, i32)]) -> allium_directory::doc::Consensus {
+        allium_directory::doc::Consensus {
+            version: 1,
+            method: 1,
+            valid_after: VU,
+            fresh_until: VU + 3600,
+            valid_until: VU + 3 * 3600,
+            voters: vec![],
+            params: params.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            relays: vec![],
+            bandwidth_weights: Default::default(),
+            shared_rand: None,
+        }
+    }
+
+    #[test]
+    fn onion_periods_follow_the_consensus_interval() {
+        use crate::onion::OnionService;
+        use crate::onion::client::descriptor_location;
+        // hsdir_interval sets the periods; absent or out of range, the default.
+        let v = HsView::from_consensus(&consensus(&[("hsdir_interval", 20)]));
+        assert_eq!(v.period_params, TimePeriodParams::TESTNET);
+        for bad in [
+            &[][..],
+            &[("hsdir_interval", 4)],
+            &[("hsdir_interval", 14_401)],
+        ] {
+            let d = HsView::from_consensus(&consensus(bad));
+            assert_eq!(d.period_params, TimePeriodParams::DEFAULT, "{bad:?}");
+        }
+        assert_eq!(HsView::default().period_params, TimePeriodParams::DEFAULT);
+
+        // A service given the view's periods (as its driver does) publishes under the blinded
+        // key a client computes from the same view; under the default periods it would not be
+        // found.
+        let ports = vec!["80 -> 127.0.0.1:8080".parse().expect("mapping")];
+        let mut svc = OnionService::new(
+            allium_crypto::IdentityKeypair::from_seed(&[5; 32]),
+            ports,
+            vec![],
+            TimePeriodParams::DEFAULT,
+        )
+        .expect("service");
+        svc.set_period_params(v.period_params);
+        let id = svc.add_intro_point(crate::onion::IntroRelay {
+            id: allium_crypto::IdentityKeypair::from_seed(&[6; 32]).public(),
+            link_key: allium_crypto::X25519Secret::from_bytes([7; 32]).public(),
+            onion_key: allium_crypto::X25519Secret::from_bytes([8; 32]).public(),
+            addrs: vec![std::net::SocketAddr::from(([127, 0, 0, 1], 9000))],
+        });
+        svc.intro_established(id);
+        let ups = svc.build_descriptors(VU).expect("descriptors");
+        let loc = descriptor_location(svc.address(), &v.period_params, VU).expect("location");
+        assert_eq!(loc.period.length_minutes, 20);
+        let up = ups
+            .iter()
+            .find(|u| u.blinded == loc.blinded)
+            .expect("published under the client's blinded key");
+        assert_eq!(up.period, loc.period);
+        let wrong =
+            descriptor_location(svc.address(), &TimePeriodParams::DEFAULT, VU).expect("location");
+        assert!(ups.iter().all(|u| u.blinded != wrong.blinded));
+        // A new interval in a later consensus makes a descriptor due at once.
+        assert!(!svc.descriptor_due(VU));
+        svc.set_period_params(TimePeriodParams::with_length(60));
+        assert!(svc.descriptor_due(VU));
+    }
 }

@@ -51,7 +51,9 @@ use allium_proto::relaymsg::{EstablishRendezvous, IntroduceStatus, RelayMsg};
 use rand::RngExt as _;
 use tokio::sync::{Semaphore, mpsc};
 
-use super::client::{self as hsclient, DescCache, DescLocation, IntroFailure, OnionError, PowRetry};
+use super::client::{
+    self as hsclient, DescCache, DescLocation, IntroFailure, OnionError, PowRetry,
+};
 use super::hsdir;
 use super::intro::RendPoint;
 use super::pow::PowSolution;
@@ -438,9 +440,7 @@ async fn solve(
         let permit = solvers.acquire_owned().await.ok()?;
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            hsclient::solve_pow_until(&contents, which, attempt, &|| {
-                !stop.load(Ordering::Relaxed)
-            })
+            hsclient::solve_pow_until(&contents, which, attempt, &|| !stop.load(Ordering::Relaxed))
         })
         .await
         .ok()

@@ -833,6 +833,23 @@ mod tests {
     }
 
     #[test]
+    fn a_solver_stops_when_told() {
+        let mut rng = rand::rng();
+        let p = params(random_seed(&mut rng), 0);
+        // An effort no one finds (about 2^52 hashes): only the stop ends it.
+        let asked = std::cell::Cell::new(0u32);
+        let keep_going = || {
+            asked.set(asked.get() + 1);
+            asked.get() < 3
+        };
+        let r = solve_until(&p, &AUTH, u32::MAX, u64::MAX, &mut rng, &keep_going);
+        assert!(r.is_none());
+        assert_eq!(asked.get(), 3, "asked every {SOLVE_CHECK_EVERY} hashes");
+        // Left to run, the same solver finds an easy one.
+        assert!(solve_until(&p, &AUTH, 2, max_tries_for(2), &mut rng, &|| true).is_some());
+    }
+
+    #[test]
     fn client_effort_doubles_and_is_bounded() {
         assert_eq!(client_effort(0, 0), 0);
         assert_eq!(client_effort(0, 1), 2 * MIN_RETRY_EFFORT);

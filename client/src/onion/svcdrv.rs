@@ -378,7 +378,8 @@ pub(crate) async fn run(
             svc.pow_tick(allium_directory::now_unix(), sh.now_ms());
             svc.suggested_effort()
         };
-        sh.m().update(&name, |s| s.pow_suggested_effort = pow_effort);
+        sh.m()
+            .update(&name, |s| s.pow_suggested_effort = pow_effort);
         // Introduction points.
         if t >= next_intro {
             let wanted = sh.svc().intro_points_wanted();
@@ -625,9 +626,7 @@ async fn serve_intro(sh: &Shared, id: IntroId, mut rx: mpsc::Receiver<OnionEvent
         let now_unix = allium_directory::now_unix();
         let pow = sh.svc().pow_enabled();
         if pow {
-            let r = sh
-                .svc()
-                .queue_introduce2(id, &intro, now_unix, sh.now_ms());
+            let r = sh.svc().queue_introduce2(id, &intro, now_unix, sh.now_ms());
             match r {
                 Ok(_) => {
                     sh.m().intro(0);
