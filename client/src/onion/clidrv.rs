@@ -39,7 +39,6 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher as _;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -49,7 +48,7 @@ use allium_crypto::relaycell::EndToEndRole;
 use allium_directory::hs::{HsDescContents, UncheckedHsDesc};
 use allium_proto::relaymsg::{EstablishRendezvous, IntroduceStatus, RelayMsg};
 use rand::RngExt as _;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 use super::client::{
     self as hsclient, DescCache, DescLocation, IntroFailure, OnionError, PowRetry,
@@ -57,6 +56,7 @@ use super::client::{
 use super::hsdir;
 use super::intro::RendPoint;
 use super::pow::PowSolution;
+use super::solvers::PowSolvers;
 use crate::circ::{Circuit, StreamEvent};
 use crate::circmgr::CircMgr;
 use crate::core::StreamTarget;
@@ -119,8 +119,8 @@ pub(crate) struct OnionClient {
     attempts: Mutex<HashMap<Key, Arc<Attempt>>>,
     /// Keys the isolation groups of the descriptor cache (per process, never shown).
     group_hasher: std::hash::RandomState,
-    /// Proof-of-work solvers ([`MAX_POW_SOLVERS`]).
-    solvers: Arc<Semaphore>,
+    /// Proof-of-work solvers ([`MAX_POW_SOLVERS`], [`SOLVE_TIMEOUT`]).
+    solvers: PowSolvers,
 }
 
 impl Default for OnionClient {
@@ -130,7 +130,7 @@ impl Default for OnionClient {
             joined: Arc::default(),
             attempts: Mutex::default(),
             group_hasher: std::hash::RandomState::new(),
-            solvers: Arc::new(Semaphore::new(MAX_POW_SOLVERS)),
+            solvers: PowSolvers::new(MAX_POW_SOLVERS, SOLVE_TIMEOUT),
         }
     }
 }
@@ -408,18 +408,9 @@ async fn connect(
     }
 }
 
-/// Tells a solver on a blocking thread to stop when its connection goes.
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-/// The proof of work for introduction point `which` at `pow`'s effort, solved on a blocking
-/// thread (one of [`MAX_POW_SOLVERS`]) within [`SOLVE_TIMEOUT`]. `None`: no proof wanted, or
-/// none found in time (the introduction then goes without one).
+/// The proof of work for introduction point `which` at `pow`'s effort, solved by one of the
+/// proxy's [`PowSolvers`]. `None`: no proof wanted, or none found in time (the introduction
+/// then goes without one).
 async fn solve(
     mgr: &CircMgr,
     contents: &HsDescContents,
@@ -430,26 +421,12 @@ async fn solve(
         return None;
     }
     let attempt = pow.attempt();
-    let solvers = Arc::clone(&mgr.onion.solvers);
     let contents = contents.clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let _stop_on_drop = StopOnDrop(Arc::clone(&stop));
-    let work = async move {
-        // The permit goes into the thread: a dropped connection does not free it before its
-        // solver has stopped.
-        let permit = solvers.acquire_owned().await.ok()?;
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            hsclient::solve_pow_until(&contents, which, attempt, &|| !stop.load(Ordering::Relaxed))
-        })
-        .await
-        .ok()
-        .flatten()
-    };
-    let sol = tokio::time::timeout(SOLVE_TIMEOUT, work)
-        .await
-        .ok()
-        .flatten();
+    let sol = mgr
+        .onion
+        .solvers
+        .run(move |keep_going| hsclient::solve_pow_until(&contents, which, attempt, keep_going))
+        .await;
     mgr.metrics.onion.pow_solved(sol.is_some());
     sol
 }
