@@ -120,7 +120,6 @@ fn assert_page(resp: &[u8]) {
 }
 
 #[test]
-#[ignore = "issue 13: the service driver establishes its introduction points but has not yet published a descriptor in this test (no upload attempt logged); run with --ignored while fixing"]
 fn the_page_and_20_mib_each_way_through_an_onion_service_and_again_after_a_restart() {
     allium_tests::init_logging();
     let net = TestNet::start(Options::default());
@@ -215,7 +214,6 @@ fn the_page_and_20_mib_each_way_through_an_onion_service_and_again_after_a_resta
 }
 
 #[test]
-#[ignore = "issue 13: the service driver establishes its introduction points but has not yet published a descriptor in this test (no upload attempt logged); run with --ignored while fixing"]
 fn client_authorization_refuses_a_client_without_the_key_and_accepts_one_with_it() {
     allium_tests::init_logging();
     let net = TestNet::start(Options::default());
@@ -271,7 +269,6 @@ fn client_authorization_refuses_a_client_without_the_key_and_accepts_one_with_it
 }
 
 #[test]
-#[ignore = "issue 13: the service driver establishes its introduction points but has not yet published a descriptor in this test (no upload attempt logged); run with --ignored while fixing"]
 fn the_page_through_a_service_with_proof_of_work_on() {
     allium_tests::init_logging();
     let net = TestNet::start(Options::default());
@@ -281,8 +278,7 @@ fn the_page_through_a_service_with_proof_of_work_on() {
     let addr = addr.to_string();
     net.rt.block_on(async {
         let echo = spawn_echo().await.expect("echo");
-        let svc =
-            start_service_pow(&net, &tmp.path().join("svc"), &kd, echo, None, true).await;
+        let svc = start_service_pow(&net, &tmp.path().join("svc"), &kd, echo, None, true).await;
         // The introduction goes through the effort-ordered queue and its dispatcher.
         let resp = get_page(net.socks, &addr, None).await.expect("the page");
         assert_page(&resp);
@@ -295,7 +291,10 @@ fn the_page_through_a_service_with_proof_of_work_on() {
             "{m}"
         );
         assert_eq!(metric(&m, "allium_onion_service_pow_queued "), 0.0, "{m}");
-        assert!(m.contains("\nallium_onion_service_pow_suggested_effort "), "{m}");
+        assert!(
+            m.contains("\nallium_onion_service_pow_suggested_effort "),
+            "{m}"
+        );
         assert_eq!(
             metric(&m, "allium_onion_service_pow_suggested_effort "),
             0.0,

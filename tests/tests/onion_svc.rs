@@ -160,7 +160,6 @@ fn n_hsdirs(net: &TestNet) -> usize {
 }
 
 #[test]
-#[ignore = "issue 13: the service driver establishes its introduction points but has not yet published a descriptor in this test (no upload attempt logged); run with --ignored while fixing"]
 fn a_proxy_runs_its_onion_service_and_republishes_after_a_restart() {
     init_logging();
     let net = TestNet::start(Options {
