@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use allium_crypto::hs::TimePeriod;
+use allium_crypto::hs::{TimePeriod, TimePeriodParams};
 use allium_directory::client::{
     AuthorityInfo, ConsensusCache, FetchRole, Liveness, not_published_yet,
 };
@@ -35,11 +35,15 @@ pub(crate) struct DirView {
 }
 
 /// The onion-service part of a consensus: the HSDir ring's inputs.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 #[allow(dead_code)] // for the onion-service drivers (issue 13)
 pub(crate) struct HsView {
     /// `hsdir_n_replicas`, `hsdir_spread_store`, `hsdir_spread_fetch`.
     pub(crate) params: HsDirParams,
+    /// The time periods (`hsdir_interval`): every period, blinded key and ring position the
+    /// onion-service drivers compute uses these, so a network with its own interval (the test
+    /// network's 20 minutes) is followed by services and clients alike.
+    pub(crate) period_params: TimePeriodParams,
     /// The consensus' `valid_after` (which shared random value a period uses depends on it).
     pub(crate) valid_after: u64,
     /// `shared-rand-current-value`, if the consensus carries one.
@@ -48,7 +52,33 @@ pub(crate) struct HsView {
     pub(crate) srv_previous: Option<[u8; 32]>,
 }
 
+impl Default for HsView {
+    /// What a consensus without onion-service parameters gives.
+    fn default() -> Self {
+        Self {
+            params: HsDirParams::default(),
+            period_params: TimePeriodParams::DEFAULT,
+            valid_after: 0,
+            srv_current: None,
+            srv_previous: None,
+        }
+    }
+}
+
 impl HsView {
+    /// The onion-service inputs of consensus `c`.
+    pub(crate) fn from_consensus(c: &allium_directory::doc::Consensus) -> Self {
+        Self {
+            params: HsDirParams::from_consensus(c),
+            period_params: TimePeriodParams::from_consensus(
+                c.params.get(TimePeriodParams::CONSENSUS_PARAM).copied(),
+            ),
+            valid_after: c.valid_after,
+            srv_current: c.shared_rand.and_then(|s| s.current).map(|v| v.value),
+            srv_previous: c.shared_rand.and_then(|s| s.previous).map(|v| v.value),
+        }
+    }
+
     /// The shared random value of `period`: the consensus' current or previous value by
     /// rend-spec-v3 §2.2.4's rule (`allium_directory::hs::period_srv`), or the disaster value when
     /// the consensus carries no fitting one.
@@ -113,20 +143,7 @@ pub(crate) fn view_from(nd: &NetDir) -> DirView {
     DirView {
         relays,
         weights: PositionWeights::from_consensus(&nd.consensus().bandwidth_weights),
-        hs: HsView {
-            params: HsDirParams::from_consensus(nd.consensus()),
-            valid_after: nd.consensus().valid_after,
-            srv_current: nd
-                .consensus()
-                .shared_rand
-                .and_then(|s| s.current)
-                .map(|v| v.value),
-            srv_previous: nd
-                .consensus()
-                .shared_rand
-                .and_then(|s| s.previous)
-                .map(|v| v.value),
-        },
+        hs: HsView::from_consensus(nd.consensus()),
     }
 }
 
@@ -445,5 +462,73 @@ mod tests {
             ExpiryAction::Nothing
         );
         assert_eq!(warned, 0);
+    }
+
+    fn consensus(params: &[(&str, i32)]) -> allium_directory::doc::Consensus {
+        allium_directory::doc::Consensus {
+            version: 1,
+            method: 1,
+            valid_after: VU,
+            fresh_until: VU + 3600,
+            valid_until: VU + 3 * 3600,
+            voters: vec![],
+            params: params.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            relays: vec![],
+            bandwidth_weights: Default::default(),
+            shared_rand: None,
+        }
+    }
+
+    #[test]
+    fn onion_periods_follow_the_consensus_interval() {
+        use crate::onion::OnionService;
+        use crate::onion::client::descriptor_location;
+        // hsdir_interval sets the periods; absent or out of range, the default.
+        let v = HsView::from_consensus(&consensus(&[("hsdir_interval", 20)]));
+        assert_eq!(v.period_params, TimePeriodParams::TESTNET);
+        for bad in [
+            &[][..],
+            &[("hsdir_interval", 4)],
+            &[("hsdir_interval", 14_401)],
+        ] {
+            let d = HsView::from_consensus(&consensus(bad));
+            assert_eq!(d.period_params, TimePeriodParams::DEFAULT, "{bad:?}");
+        }
+        assert_eq!(HsView::default().period_params, TimePeriodParams::DEFAULT);
+
+        // A service given the view's periods (as its driver does) publishes under the blinded
+        // key a client computes from the same view; under the default periods it would not be
+        // found.
+        let ports = vec!["80 -> 127.0.0.1:8080".parse().expect("mapping")];
+        let mut svc = OnionService::new(
+            allium_crypto::IdentityKeypair::from_seed(&[5; 32]),
+            ports,
+            vec![],
+            TimePeriodParams::DEFAULT,
+        )
+        .expect("service");
+        svc.set_period_params(v.period_params);
+        let id = svc.add_intro_point(crate::onion::IntroRelay {
+            id: allium_crypto::IdentityKeypair::from_seed(&[6; 32]).public(),
+            link_key: allium_crypto::X25519Secret::from_bytes([7; 32]).public(),
+            onion_key: allium_crypto::X25519Secret::from_bytes([8; 32]).public(),
+            addrs: vec![std::net::SocketAddr::from(([127, 0, 0, 1], 9000))],
+        });
+        svc.intro_established(id);
+        let ups = svc.build_descriptors(VU).expect("descriptors");
+        let loc = descriptor_location(svc.address(), &v.period_params, VU).expect("location");
+        assert_eq!(loc.period.length_minutes, 20);
+        let up = ups
+            .iter()
+            .find(|u| u.blinded == loc.blinded)
+            .expect("published under the client's blinded key");
+        assert_eq!(up.period, loc.period);
+        let wrong =
+            descriptor_location(svc.address(), &TimePeriodParams::DEFAULT, VU).expect("location");
+        assert!(ups.iter().all(|u| u.blinded != wrong.blinded));
+        // A new interval in a later consensus makes a descriptor due at once.
+        assert!(!svc.descriptor_due(VU));
+        svc.set_period_params(TimePeriodParams::with_length(60));
+        assert!(svc.descriptor_due(VU));
     }
 }

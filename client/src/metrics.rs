@@ -86,6 +86,9 @@ pub(crate) struct OnionCounters {
     succeeded: AtomicU64,
     failed: [AtomicU64; 8],
     fetches: [AtomicU64; 4],
+    /// Proofs of work: solved, not found in time.
+    pow_solves: [AtomicU64; 2],
+    pow_retries: AtomicU64,
     connect_seconds: Histogram,
 }
 
@@ -96,6 +99,8 @@ impl Default for OnionCounters {
             succeeded: AtomicU64::new(0),
             failed: Default::default(),
             fetches: Default::default(),
+            pow_solves: Default::default(),
+            pow_retries: AtomicU64::new(0),
             connect_seconds: Histogram::new(ONION_CONNECT_BUCKETS),
         }
     }
@@ -134,6 +139,19 @@ impl OnionCounters {
         }
     }
 
+    /// A proof of work was solved (`ok`), or none was found within the solver's bounds.
+    pub(crate) fn pow_solved(&self, ok: bool) {
+        let i = usize::from(!ok);
+        if let Some(c) = self.pow_solves.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An introduction was made again with a raised proof-of-work effort.
+    pub(crate) fn pow_retried(&self) {
+        self.pow_retries.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn render(&self, e: &mut Exposition) {
         e.single(
             "allium_onion_connect_attempts_total",
@@ -169,6 +187,22 @@ impl OnionCounters {
         {
             e.sample(&[("result", label)], c.load(Ordering::Relaxed) as f64);
         }
+        e.family(
+            "allium_onion_pow_solves_total",
+            MetricType::Counter,
+            "Onion-service proofs of work computed for introductions, by result (solved, or \
+             not found within the solver's time and work bounds).",
+        );
+        for (label, c) in ["solved", "failed"].iter().zip(&self.pow_solves) {
+            e.sample(&[("result", label)], c.load(Ordering::Relaxed) as f64);
+        }
+        e.single(
+            "allium_onion_pow_retries_total",
+            MetricType::Counter,
+            "Introductions made again with a raised proof-of-work effort after one was refused \
+             or not answered by a rendezvous.",
+            self.pow_retries.load(Ordering::Relaxed) as f64,
+        );
         e.histogram(
             "allium_onion_connect_seconds",
             "Time to connect to an onion service (descriptor to joined rendezvous), in seconds.",

@@ -38,6 +38,18 @@ async fn start_service(
     echo: u16,
     authorized: Option<&Path>,
 ) -> ProxyHandle {
+    start_service_pow(net, data, key_dir, echo, authorized, false).await
+}
+
+/// [`start_service`], with proof of work on or off.
+async fn start_service_pow(
+    net: &TestNet,
+    data: &Path,
+    key_dir: &Path,
+    echo: u16,
+    authorized: Option<&Path>,
+    pow: bool,
+) -> ProxyHandle {
     let mut cfg = net.proxy_config(data);
     cfg.socks_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.onion_service = vec![OnionServiceConfig {
@@ -52,7 +64,7 @@ async fn start_service(
                 .expect("mapping"),
         ],
         authorized_clients: authorized.map(Path::to_path_buf),
-        pow: false,
+        pow,
         pow_queue_rate: allium_client::onion::pow::DEFAULT_QUEUE_RATE,
         pow_queue_burst: allium_client::onion::pow::DEFAULT_QUEUE_BURST,
     }];
@@ -285,5 +297,40 @@ fn client_authorization_refuses_a_client_without_the_key_and_accepts_one_with_it
             .await
             .expect("alice gets the page");
         assert_page(&resp);
+    });
+}
+
+#[test]
+fn the_page_through_a_service_with_proof_of_work_on() {
+    allium_tests::init_logging();
+    let net = TestNet::start(Options::default());
+    let tmp = tempfile::tempdir().expect("tmp");
+    let kd = tmp.path().join("svc-keys");
+    let (_, addr) = keys::load_or_create_identity(&kd).expect("keys");
+    let addr = addr.to_string();
+    net.rt.block_on(async {
+        let echo = spawn_echo().await.expect("echo");
+        let svc = start_service_pow(&net, &tmp.path().join("svc"), &kd, echo, None, true).await;
+        // The introduction goes through the effort-ordered queue and its dispatcher.
+        let resp = get_page(net.socks, &addr, None).await.expect("the page");
+        assert_page(&resp);
+        let m = svc.metrics_text();
+        assert!(
+            metric(
+                &m,
+                "allium_onion_service_introductions_total{outcome=\"accepted\"} "
+            ) >= 1.0,
+            "{m}"
+        );
+        assert_eq!(metric(&m, "allium_onion_service_pow_queued "), 0.0, "{m}");
+        assert!(
+            m.contains("\nallium_onion_service_pow_suggested_effort "),
+            "{m}"
+        );
+        assert_eq!(
+            metric(&m, "allium_onion_service_pow_suggested_effort "),
+            0.0,
+            "no load, no effort asked"
+        );
     });
 }

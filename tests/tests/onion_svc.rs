@@ -95,7 +95,15 @@ fn check_published(
 ) -> u64 {
     assert_eq!(st.last_upload.len(), 2, "current and next period: {st:?}");
     let now = allium_directory::now_unix();
-    let loc = hsclient::descriptor_location(addr, &TimePeriodParams::DEFAULT, now).expect("loc");
+    // The network's own periods (`hsdir_interval`), as the service and the clients take them.
+    let tp = TimePeriodParams::from_consensus(
+        consensus(net)
+            .params
+            .get(TimePeriodParams::CONSENSUS_PARAM)
+            .copied(),
+    );
+    assert_eq!(tp, TimePeriodParams::TESTNET, "the test network's periods");
+    let loc = hsclient::descriptor_location(addr, &tp, now).expect("loc");
     let want = n_hsdirs
         .min(usize::from(HsDirParams::default().n_replicas) * HsDirParams::default().spread_store);
     let mut rev = None;
@@ -127,7 +135,7 @@ fn check_published(
     rev.expect("a descriptor for the current period")
 }
 
-fn n_hsdirs(net: &TestNet) -> usize {
+fn consensus(net: &TestNet) -> allium_directory::doc::Consensus {
     let infos: Vec<_> = net.authorities.iter().map(|a| a.info()).collect();
     let nd = net
         .rt
@@ -136,8 +144,12 @@ fn n_hsdirs(net: &TestNet) -> usize {
             allium_directory::now_unix(),
         ))
         .expect("consensus");
-    let nd = allium_directory::NetDir::new(nd);
-    nd.relays()
+    allium_directory::NetDir::new(nd).consensus().clone()
+}
+
+fn n_hsdirs(net: &TestNet) -> usize {
+    consensus(net)
+        .relays
         .iter()
         .filter(|e| {
             e.flags.contains(allium_directory::doc::Flags::HSDIR)

@@ -16,6 +16,17 @@
 //! 4. RENDEZVOUS2 on the rendezvous circuit within [`REND_TIMEOUT`], the handshake checked
 //!    ([`super::client::PendingIntro::finish`]) and the end-to-end hop added (client role).
 //!
+//! Periods and blinded keys follow the consensus' `hsdir_interval` (`DirView`'s
+//! `period_params`), as the services' do.
+//!
+//! **Proof of work.** When the descriptor carries puzzle parameters, each INTRODUCE1 carries a
+//! proof for its introduction point at the effort of a [`PowRetry`] schedule, solved on
+//! tokio's blocking threads (at most [`MAX_POW_SOLVERS`] at once for the whole proxy, each
+//! within [`SOLVE_TIMEOUT`]; a solver whose connection is dropped stops within
+//! [`super::pow::SOLVE_CHECK_EVERY`] hashes). An introduction that is refused, or whose
+//! rendezvous does not come within [`REND_TIMEOUT_POW`] while retries remain, is made again
+//! (new rendezvous point, raised effort), up to [`super::client::MAX_POW_ATTEMPTS`] in all.
+//!
 //! The joined rendezvous circuit is kept per (address, isolation key), so that further streams
 //! to the same service from the same isolation group cost no introduction; it is closed when it
 //! has carried no stream for the proxy's `isolated_circuit_idle_timeout`, or when it fails.
@@ -32,16 +43,20 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use allium_crypto::X25519Secret;
-use allium_crypto::hs::{HsAddress, TimePeriodParams};
+use allium_crypto::hs::HsAddress;
 use allium_crypto::relaycell::EndToEndRole;
 use allium_directory::hs::{HsDescContents, UncheckedHsDesc};
 use allium_proto::relaymsg::{EstablishRendezvous, IntroduceStatus, RelayMsg};
 use rand::RngExt as _;
 use tokio::sync::mpsc;
 
-use super::client::{self as hsclient, DescCache, DescLocation, OnionError};
+use super::client::{
+    self as hsclient, DescCache, DescLocation, IntroFailure, OnionError, PowRetry,
+};
 use super::hsdir;
 use super::intro::RendPoint;
+use super::pow::PowSolution;
+use super::solvers::PowSolvers;
 use crate::circ::{Circuit, StreamEvent};
 use crate::circmgr::CircMgr;
 use crate::core::StreamTarget;
@@ -69,9 +84,15 @@ pub const MAX_JOINED: usize = 64;
 /// How often a kept rendezvous circuit is checked for idleness.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
 
-/// The time period lengths the proxy assumes (the services in `[[onion_service]]` use the
-/// same; see `super::prepare_services`).
-pub const TIME_PERIODS: TimePeriodParams = TimePeriodParams::DEFAULT;
+/// The wait for RENDEZVOUS2 when the service asks for proof of work and another introduction
+/// at a higher effort remains: a service under load serves costlier introductions first, so a
+/// rendezvous that has not come by then is better asked for again with more work.
+pub const REND_TIMEOUT_POW: Duration = Duration::from_secs(15);
+/// Proof-of-work solvers running at once in the proxy (each holds a blocking thread).
+pub const MAX_POW_SOLVERS: usize = 2;
+/// Longest one proof of work may take, waiting for a solver included (the largest effort,
+/// [`super::pow::MAX_CLIENT_EFFORT`], takes a few seconds on one core).
+pub const SOLVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A kept rendezvous circuit.
 struct Joined {
@@ -92,13 +113,26 @@ struct Attempt {
 
 /// The onion-service client state of a proxy: descriptors, kept rendezvous circuits and
 /// attempts in progress.
-#[derive(Default)]
 pub(crate) struct OnionClient {
     descs: Mutex<DescCache>,
     joined: Arc<Mutex<HashMap<Key, Joined>>>,
     attempts: Mutex<HashMap<Key, Arc<Attempt>>>,
     /// Keys the isolation groups of the descriptor cache (per process, never shown).
     group_hasher: std::hash::RandomState,
+    /// Proof-of-work solvers ([`MAX_POW_SOLVERS`], [`SOLVE_TIMEOUT`]).
+    solvers: PowSolvers,
+}
+
+impl Default for OnionClient {
+    fn default() -> Self {
+        Self {
+            descs: Mutex::default(),
+            joined: Arc::default(),
+            attempts: Mutex::default(),
+            group_hasher: std::hash::RandomState::new(),
+            solvers: PowSolvers::new(MAX_POW_SOLVERS, SOLVE_TIMEOUT),
+        }
+    }
 }
 
 impl std::fmt::Debug for OnionClient {
@@ -331,7 +365,7 @@ async fn connect(
     let view = mgr.dir_view().map_err(|_| OnionError::DescNotFound)?;
     let group = mgr.onion.group(iso);
     let now_unix = unix_now();
-    let loc = hsclient::descriptor_location(addr, &TIME_PERIODS, now_unix)?;
+    let loc = hsclient::descriptor_location(addr, &view.hs.period_params, now_unix)?;
     let cached = mgr
         .onion
         .descs
@@ -348,18 +382,53 @@ async fn connect(
             c
         }
     };
-    match rendezvous(mgr, &view, &loc, &contents).await {
-        Ok(c) => Ok(c),
-        Err(e) => {
-            if e == OnionError::IntroFailed
-                && let Ok(mut cache) = mgr.onion.descs.lock()
-            {
-                // Perhaps the service moved its introduction points: fetch afresh next time.
-                cache.remove(addr, group);
-            }
-            Err(e)
+    let mut pow = PowRetry::new(&contents);
+    loop {
+        let (e, how) = match rendezvous(mgr, &view, &loc, &contents, &pow).await {
+            Ok(c) => return Ok(c),
+            Err(f) => f,
+        };
+        if let Some(how) = how
+            && pow.after_failure(how)
+        {
+            mgr.metrics.onion.pow_retried();
+            tracing::debug!(
+                effort = pow.effort(),
+                "introduction not served; introducing again with more proof of work"
+            );
+            continue;
         }
+        if e == OnionError::IntroFailed
+            && let Ok(mut cache) = mgr.onion.descs.lock()
+        {
+            // Perhaps the service moved its introduction points: fetch afresh next time.
+            cache.remove(addr, group);
+        }
+        return Err(e);
     }
+}
+
+/// The proof of work for introduction point `which` at `pow`'s effort, solved by one of the
+/// proxy's [`PowSolvers`]. `None`: no proof wanted, or none found in time (the introduction
+/// then goes without one).
+async fn solve(
+    mgr: &CircMgr,
+    contents: &HsDescContents,
+    which: usize,
+    pow: &PowRetry,
+) -> Option<PowSolution> {
+    if pow.effort() == 0 {
+        return None;
+    }
+    let attempt = pow.attempt();
+    let contents = contents.clone();
+    let sol = mgr
+        .onion
+        .solvers
+        .run(move |keep_going| hsclient::solve_pow_until(&contents, which, attempt, keep_going))
+        .await;
+    mgr.metrics.onion.pow_solved(sol.is_some());
+    sol
 }
 
 /// The client-authorization key configured for `addr`, if any (read at each new connection,
@@ -494,13 +563,15 @@ fn pick_rend_point<'a>(
     usable.get(i).copied()
 }
 
-/// Steps 2 to 4: a rendezvous point, the introduction, the join.
+/// Steps 2 to 4: a rendezvous point, the introduction (with the proof of work of `pow`'s
+/// attempt), the join. A failure says how the introduction went, when it got that far.
 async fn rendezvous(
     mgr: &CircMgr,
     view: &DirView,
     loc: &DescLocation,
     contents: &HsDescContents,
-) -> Result<Arc<Circuit>, OnionError> {
+    pow: &PowRetry,
+) -> Result<Arc<Circuit>, (OnionError, Option<IntroFailure>)> {
     // The rendezvous circuit, established.
     let mut tried = Vec::new();
     let mut rend = None;
@@ -538,7 +609,7 @@ async fn rendezvous(
         }
         tracing::debug!("a rendezvous point could not be established; trying another");
     }
-    let (circ, mut rx, point, cookie) = rend.ok_or(OnionError::RendFailed)?;
+    let (circ, mut rx, point, cookie) = rend.ok_or((OnionError::RendFailed, None))?;
 
     // Introduce through the introduction points, in a random order, until one acknowledges.
     let mut order: Vec<usize> = (0..contents.intro_points.len()).collect();
@@ -550,8 +621,18 @@ async fn rendezvous(
         }
     }
     let mut pending = None;
+    let mut refused = false;
     for which in order {
-        let intro = hsclient::start_introduction(loc, contents, which, point.clone(), cookie)?;
+        let sol = solve(mgr, contents, which, pow).await;
+        let intro = hsclient::start_introduction_pow(
+            loc,
+            contents,
+            which,
+            point.clone(),
+            cookie,
+            sol.as_ref(),
+        )
+        .map_err(|e| (e, None))?;
         let acked = tokio::time::timeout(STEP_TIMEOUT, async {
             let ic = mgr
                 .circuit_ending_at_target(&intro.intro_point)
@@ -577,27 +658,44 @@ async fn rendezvous(
                 pending = Some(intro.pending);
                 break;
             }
-            Some(_) => tracing::debug!("an introduction point refused the introduction"),
+            Some(_) => {
+                refused = true;
+                tracing::debug!("an introduction point refused the introduction");
+            }
             None => tracing::debug!("an introduction point did not answer"),
         }
     }
-    let pending = pending.ok_or(OnionError::IntroFailed)?;
+    let pending = pending.ok_or((
+        OnionError::IntroFailed,
+        Some(if refused {
+            IntroFailure::Refused
+        } else {
+            IntroFailure::Unreachable
+        }),
+    ))?;
 
-    // The service's RENDEZVOUS1, relayed as RENDEZVOUS2.
-    let r2 = wait_for(&mut rx, REND_TIMEOUT, |m| match m {
+    // The service's RENDEZVOUS1, relayed as RENDEZVOUS2; sooner given up when a costlier
+    // introduction may follow.
+    let mut more = pow.clone();
+    let wait = if more.after_failure(IntroFailure::NoRendezvous) {
+        REND_TIMEOUT_POW
+    } else {
+        REND_TIMEOUT
+    };
+    let r2 = wait_for(&mut rx, wait, |m| match m {
         RelayMsg::Rendezvous2(r) => Some(r),
         _ => None,
     })
     .await
     .ok_or(if circ.is_closed() {
-        OnionError::RendFailed
+        (OnionError::RendFailed, None)
     } else {
-        OnionError::Timeout
+        (OnionError::Timeout, Some(IntroFailure::NoRendezvous))
     })?;
-    let keys = pending.finish(&r2)?;
+    let keys = pending.finish(&r2).map_err(|e| (e, None))?;
     circ.add_end_to_end(keys, EndToEndRole::Client)
         .await
-        .map_err(|_| OnionError::RendFailed)?;
+        .map_err(|_| (OnionError::RendFailed, None))?;
     Ok(circ)
 }
 

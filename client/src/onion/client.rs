@@ -197,16 +197,103 @@ pub fn start_introduction(
 /// for none (no parameters, an unknown scheme, or effort 0), or `which` is out of range.
 /// CPU-bound: about `effort` milliseconds (at most [`pow::MAX_CLIENT_EFFORT`]).
 pub fn solve_pow(contents: &HsDescContents, which: usize, retry: u32) -> Option<PowSolution> {
+    solve_pow_until(contents, which, retry, &|| true)
+}
+
+/// [`solve_pow`] that gives up when `keep_going` says so ([`pow::solve_until`]).
+pub fn solve_pow_until(
+    contents: &HsDescContents,
+    which: usize,
+    retry: u32,
+    keep_going: &dyn Fn() -> bool,
+) -> Option<PowSolution> {
     let params = contents.pow.as_ref()?;
     let ip = contents.intro_points.get(which)?;
     let effort = pow::client_effort(params.suggested_effort, retry);
-    pow::solve(
+    pow::solve_until(
         params,
         &ip.auth_key,
         effort,
         pow::max_tries_for(effort),
         &mut rand::rng(),
+        keep_going,
     )
+}
+
+/// How far a client goes with proof of work at one service in one connection: introductions
+/// made (with a raised effort each time after the first), at most, when the descriptor asks
+/// for proof of work. Without it, one.
+pub const MAX_POW_ATTEMPTS: u32 = 3;
+
+/// How one introduction (INTRODUCE1 through the descriptor's points, then the wait for
+/// RENDEZVOUS2) failed, as [`PowRetry::after_failure`] sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IntroFailure {
+    /// An introduction point acknowledged with a failure status.
+    Refused,
+    /// The introduction was acknowledged but no RENDEZVOUS2 came in time: the service dropped
+    /// it (proof invalid for it, or its queue served costlier introductions first).
+    NoRendezvous,
+    /// No introduction point could be reached (no circuit, no acknowledgement): more work
+    /// would not help.
+    Unreachable,
+}
+
+/// The proof-of-work schedule of one connection to a service (Tor proposal 327's client, as
+/// arti's `HsPowClient`): the first introduction pays the descriptor's suggested effort; when
+/// an introduction is refused or its rendezvous never comes, the next one pays
+/// [`pow::client_effort`] of the attempt number (doubling from at least
+/// [`pow::MIN_RETRY_EFFORT`], at most [`pow::MAX_CLIENT_EFFORT`]), up to [`MAX_POW_ATTEMPTS`]
+/// introductions. A descriptor without proof-of-work parameters (or with a scheme this client
+/// does not know) gets one introduction and no proof.
+#[derive(Clone, Debug)]
+pub struct PowRetry {
+    suggested: Option<u32>,
+    attempt: u32,
+}
+
+impl PowRetry {
+    /// The schedule for a connection with descriptor `contents`.
+    pub fn new(contents: &HsDescContents) -> Self {
+        Self {
+            suggested: contents
+                .pow
+                .as_ref()
+                .filter(|p| p.scheme == pow::SCHEME_SHA256_V1)
+                .map(|p| p.suggested_effort),
+            attempt: 0,
+        }
+    }
+
+    /// Whether the service asks for proof of work.
+    pub fn enabled(&self) -> bool {
+        self.suggested.is_some()
+    }
+
+    /// The attempt number (0: the first introduction); what [`solve_pow`] takes.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The effort of this attempt (0: no proof to send).
+    pub fn effort(&self) -> u32 {
+        self.suggested
+            .map_or(0, |s| pow::client_effort(s, self.attempt))
+    }
+
+    /// The introduction of this attempt failed so: whether to introduce again (at the raised
+    /// [`PowRetry::effort`]). Only a refused or unanswered introduction to a service that asks
+    /// for proof of work is retried, at most [`MAX_POW_ATTEMPTS`] in all.
+    pub fn after_failure(&mut self, how: IntroFailure) -> bool {
+        if self.suggested.is_none()
+            || how == IntroFailure::Unreachable
+            || self.attempt.saturating_add(1) >= MAX_POW_ATTEMPTS
+        {
+            return false;
+        }
+        self.attempt += 1;
+        true
+    }
 }
 
 /// [`start_introduction`] with a proof of work ([`solve_pow`]) in the encrypted part.

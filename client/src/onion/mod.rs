@@ -14,6 +14,8 @@
 //! - [`hsdir`]: the HSDir fetch and upload requests (BEGIN_DIR);
 //! - [`client`]: descriptor location, verification and decryption, INTRODUCE1, the RENDEZVOUS2
 //!   check, and a per-isolation descriptor cache;
+//! - `solvers`: the client's proof-of-work solvers on blocking threads, bounded in number and
+//!   time;
 //! - `clidrv`: the client driver in the proxy (circuits, waits, kept rendezvous circuits) that
 //!   the SOCKS, HTTP CONNECT and transparent front ends use for `.allium.alt` names.
 //!
@@ -27,6 +29,7 @@ pub mod keys;
 pub mod ports;
 pub mod pow;
 pub mod service;
+pub(crate) mod solvers;
 pub(crate) mod svcdrv;
 
 #[cfg(test)]

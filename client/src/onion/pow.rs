@@ -197,13 +197,33 @@ pub fn solve<R: Rng + ?Sized>(
     max_tries: u64,
     rng: &mut R,
 ) -> Option<PowSolution> {
+    solve_until(params, auth_key, effort, max_tries, rng, &|| true)
+}
+
+/// Hashes tried between two looks at the `keep_going` of [`solve_until`].
+pub const SOLVE_CHECK_EVERY: u64 = 4096;
+
+/// [`solve`] that gives up (`None`) as soon as `keep_going` says so; it is asked every
+/// [`SOLVE_CHECK_EVERY`] hashes (the driver's solver stops when the connection it works for is
+/// dropped).
+pub fn solve_until<R: Rng + ?Sized>(
+    params: &PowParams,
+    auth_key: &RelayId,
+    effort: u32,
+    max_tries: u64,
+    rng: &mut R,
+    keep_going: &dyn Fn() -> bool,
+) -> Option<PowSolution> {
     if params.scheme != SCHEME_SHA256_V1 || effort == 0 {
         return None;
     }
     let mut start = [0u8; NONCE_LEN];
     rng.fill(&mut start[..]);
     let mut n = u128::from_le_bytes(start);
-    for _ in 0..max_tries {
+    for i in 0..max_tries {
+        if i % SOLVE_CHECK_EVERY == 0 && i > 0 && !keep_going() {
+            return None;
+        }
         let nonce = n.to_le_bytes();
         if meets(&params.seed, auth_key, &nonce, effort) {
             return Some(PowSolution {
@@ -455,6 +475,8 @@ pub struct IntroQueue<T> {
     tokens_milli: u64,
     last_ms: u64,
     stats: QueueStats,
+    /// Dropped since the queue was made (for the operator's counter).
+    dropped_total: u64,
 }
 
 impl<T> std::fmt::Debug for IntroQueue<T> {
@@ -510,6 +532,7 @@ impl<T> IntroQueue<T> {
             tokens_milli: u64::from(burst) * 1000,
             last_ms: now_ms,
             stats: QueueStats::default(),
+            dropped_total: 0,
         }
     }
 
@@ -528,7 +551,13 @@ impl<T> IntroQueue<T> {
         self.capacity
     }
 
+    /// Introductions dropped since the queue was made (no room, or waited too long).
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_total
+    }
+
     fn note_dropped(&mut self, effort: u32) {
+        self.dropped_total = self.dropped_total.saturating_add(1);
         self.stats.dropped = self.stats.dropped.saturating_add(1);
         self.stats.max_dropped_effort = self.stats.max_dropped_effort.max(effort);
     }
@@ -801,6 +830,23 @@ mod tests {
             value: ext.value,
         };
         assert!(PowSolution::from_extension(&other).is_err());
+    }
+
+    #[test]
+    fn a_solver_stops_when_told() {
+        let mut rng = rand::rng();
+        let p = params(random_seed(&mut rng), 0);
+        // An effort no one finds (about 2^52 hashes): only the stop ends it.
+        let asked = std::cell::Cell::new(0u32);
+        let keep_going = || {
+            asked.set(asked.get() + 1);
+            asked.get() < 3
+        };
+        let r = solve_until(&p, &AUTH, u32::MAX, u64::MAX, &mut rng, &keep_going);
+        assert!(r.is_none());
+        assert_eq!(asked.get(), 3, "asked every {SOLVE_CHECK_EVERY} hashes");
+        // Left to run, the same solver finds an easy one.
+        assert!(solve_until(&p, &AUTH, 2, max_tries_for(2), &mut rng, &|| true).is_some());
     }
 
     #[test]

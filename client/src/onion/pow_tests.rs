@@ -273,3 +273,155 @@ fn the_plaintext_carries_encrypted_extensions_and_old_ones_still_parse() {
     cut[114] = 255;
     assert!(IntroPlaintext::decode_with(&cut).is_err());
 }
+
+fn cookie(i: u32) -> RendCookie {
+    let mut c = [0u8; 20];
+    c[..4].copy_from_slice(&i.to_be_bytes());
+    RendCookie(c)
+}
+
+fn served_cookie(task: super::service::RendezvousTask) -> RendCookie {
+    let allium_proto::relaymsg::RelayMsg::Rendezvous1(r1) = task.rendezvous1 else {
+        panic!("not RENDEZVOUS1");
+    };
+    r1.cookie
+}
+
+#[test]
+fn a_low_effort_flood_does_not_delay_a_costlier_introduction() {
+    // Served at 10 per second (burst 10); the queue holds what it serves in 30 s (300).
+    let (mut s, ids) = pow_service(10);
+    let (loc, c) = fetch(&mut s, NOW);
+    let mut ms = 5_000u64;
+    // 250 introductions without proof within one second, through all three points.
+    for i in 0..250u32 {
+        let which = i as usize % ids.len();
+        let m = client::start_introduction_pow(&loc, &c, which, rp(), cookie(i), None)
+            .expect("intro")
+            .introduce1;
+        assert_eq!(s.queue_introduce2(ids[which], &m, NOW, ms), Ok(None));
+        ms += 4;
+    }
+    // The rate lets the burst and one second's worth through; the rest of the flood waits.
+    let mut early = 0;
+    while s.next_rendezvous(ms).is_some() {
+        early += 1;
+    }
+    assert!((10..=20).contains(&early), "{early} served at once");
+    let waiting = s.queued();
+    assert_eq!(waiting, 250 - early);
+    // A client paying effort 16 arrives behind the whole flood.
+    let sol = client::solve_pow(&c, 0, 1).expect("solved");
+    assert_eq!(sol.effort, 16);
+    let vip = cookie(0xFFFF_FFFF);
+    let m = client::start_introduction_pow(&loc, &c, 0, rp(), vip, Some(&sol))
+        .expect("intro")
+        .introduce1;
+    assert_eq!(s.queue_introduce2(ids[0], &m, NOW, ms), Ok(None));
+    // It is the next one served, as soon as the rate allows one (within 1/rate), not after
+    // the 25 s the flood ahead of it takes.
+    let at = s.next_rendezvous_at(ms).expect("queued");
+    assert!(at <= ms + 100, "served at +{} ms", at - ms);
+    let (_, task) = s.next_rendezvous(at).expect("served");
+    assert_eq!(served_cookie(task), vip);
+    // Then the flood, oldest first.
+    let (_, task) = s
+        .next_rendezvous(at + 100)
+        .expect("the flood goes on being served");
+    assert_eq!(served_cookie(task), cookie(early as u32));
+    assert_eq!(s.queued(), waiting - 1);
+}
+
+#[test]
+fn a_client_refused_under_load_retries_with_more_work_and_is_served_first() {
+    use super::client::{IntroFailure, MAX_POW_ATTEMPTS, PowRetry};
+    // Served at 1 per second: the queue holds 30 (its floor is 16, its size 30 s of service).
+    let (mut s, ids) = pow_service(1);
+    // The client's copy of the descriptor was fetched before the load: it suggests 0.
+    let (loc, c) = fetch(&mut s, NOW);
+    let ms = 1_000u64;
+    // A flood paying effort 8 fills the queue.
+    let mut paid = c.clone();
+    if let Some(p) = paid.pow.as_mut() {
+        p.suggested_effort = 8;
+    }
+    for i in 0..30u32 {
+        let sol = client::solve_pow(&paid, 0, 0).expect("solved");
+        let m = client::start_introduction_pow(&loc, &c, 0, rp(), cookie(i), Some(&sol))
+            .expect("intro")
+            .introduce1;
+        assert_eq!(s.queue_introduce2(ids[0], &m, NOW, ms), Ok(None));
+    }
+    // First attempt: the descriptor's effort, 0 (no proof); the full queue drops it, so no
+    // rendezvous ever comes.
+    let mut retry = PowRetry::new(&c);
+    assert!(retry.enabled());
+    assert_eq!(retry.effort(), 0);
+    assert!(client::solve_pow(&c, 0, retry.attempt()).is_none());
+    let me = cookie(1_000_000);
+    let m = client::start_introduction_pow(&loc, &c, 0, rp(), me, None)
+        .expect("intro")
+        .introduce1;
+    assert_eq!(
+        s.queue_introduce2(ids[0], &m, NOW, ms),
+        Err(IntroRefusal::QueueFull)
+    );
+    // The client introduces again, paying more than the flood.
+    assert!(retry.after_failure(IntroFailure::NoRendezvous));
+    assert_eq!(retry.effort(), pow::client_effort(0, 1));
+    assert!(retry.effort() > 8);
+    let sol = client::solve_pow(&c, 0, retry.attempt()).expect("solved");
+    assert_eq!(sol.effort, retry.effort());
+    let m = client::start_introduction_pow(&loc, &c, 0, rp(), me, Some(&sol))
+        .expect("intro")
+        .introduce1;
+    assert_eq!(
+        s.queue_introduce2(ids[0], &m, NOW, ms),
+        Ok(Some(ids[0])),
+        "an effort-8 introduction made room"
+    );
+    let (_, task) = s.next_rendezvous(ms).expect("served");
+    assert_eq!(served_cookie(task), me, "served before the flood");
+    // The schedule ends after MAX_POW_ATTEMPTS introductions.
+    let mut n = 2;
+    while retry.after_failure(IntroFailure::Refused) {
+        n += 1;
+    }
+    assert_eq!(n, MAX_POW_ATTEMPTS);
+}
+
+#[test]
+fn the_retry_schedule_raises_the_effort_only_where_work_can_help() {
+    use super::client::{IntroFailure, MAX_POW_ATTEMPTS, PowRetry};
+    let (mut s, _) = pow_service(10);
+    let (_, mut c) = fetch(&mut s, NOW);
+    if let Some(p) = c.pow.as_mut() {
+        p.suggested_effort = 100;
+    }
+    let mut r = PowRetry::new(&c);
+    let mut efforts = vec![r.effort()];
+    // An unreachable introduction point is no reason to pay more.
+    assert!(!r.after_failure(IntroFailure::Unreachable));
+    assert_eq!(r.effort(), 100);
+    while r.after_failure(IntroFailure::NoRendezvous) {
+        efforts.push(r.effort());
+    }
+    assert_eq!(efforts, vec![100, 200, 400]);
+    assert_eq!(efforts.len() as u32, MAX_POW_ATTEMPTS);
+    // No puzzle in the descriptor (or one this client does not know): one introduction, no
+    // proof.
+    for pow in [
+        None,
+        c.pow
+            .clone()
+            .map(|p| allium_directory::hs::PowParams { scheme: 9, ..p }),
+    ] {
+        let mut plain = c.clone();
+        plain.pow = pow;
+        let mut r = PowRetry::new(&plain);
+        assert!(!r.enabled());
+        assert_eq!(r.effort(), 0);
+        assert!(!r.after_failure(IntroFailure::Refused));
+        assert!(!r.after_failure(IntroFailure::NoRendezvous));
+    }
+}

@@ -552,6 +552,11 @@ impl OnionService {
         self.queue.as_ref().map_or(0, |q| q.len())
     }
 
+    /// Introductions the queue dropped so far (no room for their effort, or waited too long).
+    pub fn queue_dropped(&self) -> u64 {
+        self.queue.as_ref().map_or(0, |q| q.dropped_total())
+    }
+
     /// Whether point `id` still exists (a retired or lost point's circuit should be closed).
     pub fn has_intro_point(&self, id: IntroId) -> bool {
         self.intros.iter().any(|s| s.id == id)

@@ -18,6 +18,15 @@
 //!   accepted one goes through a queue of [`REND_QUEUE`] to at most [`REND_BUILDS`] concurrent
 //!   rendezvous builds, and at most [`REND_OPEN`] joined rendezvous circuits exist at once:
 //!   what does not fit is dropped and counted (a flood costs the service bounded work).
+//! - **Proof of work** (`pow = true`). An accepted INTRODUCE2 goes into the state's
+//!   effort-ordered queue instead ([`OnionService::queue_introduce2`]); one task takes the
+//!   costliest first at the queue's rate ([`OnionService::next_rendezvous`]), and only when
+//!   the rendezvous queue has room, so what waits stays ordered by effort. The main loop calls
+//!   [`OnionService::pow_tick`] at least every [`TICK`] (new seed, suggested effort), and a
+//!   change makes a descriptor due. Counters: the queue's length and drops, the suggested effort.
+//! - **Time periods** follow the consensus' `hsdir_interval` (`DirView`'s `period_params`,
+//!   given to the state at every turn of the loop): the periods, blinded keys and rings of the
+//!   descriptors are those the clients of that network compute.
 //! - **Streams.** A BEGIN on a rendezvous circuit goes to the port map's local target (TCP
 //!   connect within [`CONNECT_TIMEOUT`]), then is spliced exactly as a SOCKS stream is
 //!   (`crate::stream::splice`); an unmapped port or a refused connection is ended with
@@ -38,7 +47,7 @@ use allium_crypto::RelayId;
 use allium_crypto::relaycell::EndToEndRole;
 use allium_proto::metrics::{Exposition, MetricType};
 use allium_proto::relaymsg::{EndReason, RelayMsg};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -114,6 +123,10 @@ pub struct OnionServiceStatus {
     pub published_intro_points: usize,
     /// Per blinded key of the last upload: the HSDirs that stored it.
     pub last_upload: Vec<(allium_crypto::hs::BlindedPublicKey, Vec<RelayId>)>,
+    /// With proof of work on: the effort the service suggests now.
+    pub pow_suggested_effort: Option<u32>,
+    /// With proof of work on: introductions waiting in its queue.
+    pub pow_queued: usize,
 }
 
 /// The onion-service counters of the proxy (all services together), and each service's
@@ -129,6 +142,8 @@ pub(crate) struct ServiceMetrics {
     rend_open: AtomicU64,
     rend_failed: AtomicU64,
     streams: [AtomicU64; 4],
+    pow_queued: AtomicU64,
+    pow_dropped: AtomicU64,
     status: Mutex<Vec<OnionServiceStatus>>,
 }
 
@@ -227,6 +242,32 @@ impl ServiceMetrics {
         for (label, c) in STREAM_OUTCOMES.iter().zip(&self.streams) {
             e.sample(&[("outcome", label)], get(c));
         }
+        e.single(
+            "allium_onion_service_pow_queued",
+            MetricType::Gauge,
+            "Introductions waiting in the proof-of-work queues of the proxy's services.",
+            get(&self.pow_queued),
+        );
+        e.single(
+            "allium_onion_service_pow_queue_dropped_total",
+            MetricType::Counter,
+            "Introductions the proof-of-work queues dropped: no room for their effort, or \
+             waited longer than 30 s.",
+            get(&self.pow_dropped),
+        );
+        let effort = self
+            .status()
+            .iter()
+            .filter_map(|s| s.pow_suggested_effort)
+            .max()
+            .unwrap_or(0);
+        e.single(
+            "allium_onion_service_pow_suggested_effort",
+            MetricType::Gauge,
+            "The highest proof-of-work effort the proxy's services suggest now (0: none, or \
+             proof of work off).",
+            f64::from(effort),
+        );
     }
 }
 
@@ -253,6 +294,12 @@ struct Shared {
     metrics: Arc<crate::metrics::ClientMetrics>,
     events: mpsc::Sender<DrvEvent>,
     rend: mpsc::Sender<RendezvousTask>,
+    /// The proof-of-work queue's clock starts here.
+    epoch: Instant,
+    /// An introduction was put in the proof-of-work queue.
+    queued: Notify,
+    /// This service's share of the proof-of-work counters, as last shown.
+    pow_shown: Mutex<PowShown>,
 }
 
 impl Shared {
@@ -262,6 +309,11 @@ impl Shared {
 
     fn m(&self) -> &ServiceMetrics {
         &self.metrics.onion_service
+    }
+
+    /// Milliseconds on the proof-of-work queue's clock (monotonic).
+    fn now_ms(&self) -> u64 {
+        u64::try_from(now().saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 }
 
@@ -292,10 +344,16 @@ pub(crate) async fn run(
         metrics,
         events: ev_tx,
         rend: rend_tx,
+        epoch: now(),
+        queued: Notify::new(),
+        pow_shown: Mutex::default(),
     });
     sh.m().update(&name, |_| {});
     let mut tasks = JoinSet::new();
     tasks.spawn(rendezvous_loop(Arc::clone(&sh), rend_rx));
+    if sh.svc().pow_enabled() {
+        tasks.spawn(pow_loop(Arc::clone(&sh)));
+    }
     let mut intro_backoff = RETRY_MIN;
     let mut next_intro = now();
     let mut upload_backoff = RETRY_MIN;
@@ -310,6 +368,19 @@ pub(crate) async fn run(
         while tasks.try_join_next().is_some() {}
         let t = now();
         let mut wake = t + TICK;
+        // The consensus' time periods (a change makes a descriptor due).
+        if let Ok(view) = sh.mgr.dir_view() {
+            sh.svc().set_period_params(view.hs.period_params);
+        }
+        // Proof of work: seed rotation and the suggested effort (a change makes a descriptor
+        // due).
+        let pow_effort = {
+            let mut svc = sh.svc();
+            svc.pow_tick(allium_directory::now_unix(), sh.now_ms());
+            svc.suggested_effort()
+        };
+        sh.m()
+            .update(&name, |s| s.pow_suggested_effort = pow_effort);
         // Introduction points.
         if t >= next_intro {
             let wanted = sh.svc().intro_points_wanted();
@@ -444,6 +515,7 @@ pub(crate) async fn run(
         }
     }
     tasks.shutdown().await;
+    show_pow(&sh, true);
     set_share(&sh.m().intro_points, &mut established, 0);
     sh.m().update(&name, |s| s.intro_points = 0);
     tracing::info!(service = %name, "onion service stopped");
@@ -568,9 +640,26 @@ async fn serve_intro(sh: &Shared, id: IntroId, mut rx: mpsc::Receiver<OnionEvent
         let RelayMsg::Introduce2(intro) = *m else {
             continue;
         };
-        let r = sh
-            .svc()
-            .handle_introduce2(id, &intro, allium_directory::now_unix());
+        let now_unix = allium_directory::now_unix();
+        let pow = sh.svc().pow_enabled();
+        if pow {
+            let r = sh.svc().queue_introduce2(id, &intro, now_unix, sh.now_ms());
+            match r {
+                Ok(_) => {
+                    sh.m().intro(0);
+                    sh.queued.notify_one();
+                }
+                Err(refusal) => {
+                    sh.m().intro(refusal_index(refusal));
+                    tracing::debug!(service = %sh.name, "INTRODUCE2 refused: {refusal}");
+                }
+            }
+            if !sh.svc().has_intro_point(id) {
+                return;
+            }
+            continue;
+        }
+        let r = sh.svc().handle_introduce2(id, &intro, now_unix);
         match r {
             Ok(task) => match sh.rend.try_send(task) {
                 Ok(()) => sh.m().intro(0),
@@ -661,6 +750,62 @@ async fn upload_one(sh: &Shared, relay: &RelayInfo, req: &[u8]) -> bool {
         }
     }
     false
+}
+
+/// This service's share of the proof-of-work gauges, as last added.
+#[derive(Default)]
+struct PowShown {
+    queued: usize,
+    dropped: u64,
+}
+
+/// Bring the proof-of-work counters up to the state's queue (`stopped`: the service is
+/// stopping, its queue no longer counts).
+fn show_pow(sh: &Shared, stopped: bool) {
+    let (queued, dropped) = {
+        let svc = sh.svc();
+        (if stopped { 0 } else { svc.queued() }, svc.queue_dropped())
+    };
+    let m = sh.m();
+    let mut shown = sh.pow_shown.lock().unwrap_or_else(|p| p.into_inner());
+    set_share(&m.pow_queued, &mut shown.queued, queued);
+    m.pow_dropped
+        .fetch_add(dropped.saturating_sub(shown.dropped), Ordering::Relaxed);
+    shown.dropped = shown.dropped.max(dropped);
+    m.update(&sh.name, |s| s.pow_queued = queued);
+}
+
+/// With proof of work on: hand queued introductions to the rendezvous builders, costliest
+/// first, at the queue's rate, each only once the rendezvous queue has room for it (so the
+/// order by effort holds for everything not yet being built).
+async fn pow_loop(sh: Arc<Shared>) {
+    loop {
+        let Ok(permit) = sh.rend.reserve().await else {
+            break;
+        };
+        loop {
+            let ms = sh.now_ms();
+            let (next, at) = {
+                let mut svc = sh.svc();
+                let next = svc.next_rendezvous(ms);
+                (next, svc.next_rendezvous_at(ms))
+            };
+            show_pow(&sh, false);
+            if let Some((_, task)) = next {
+                permit.send(task);
+                break;
+            }
+            match at {
+                Some(at) => {
+                    tokio::select! {
+                        () = sleep(Duration::from_millis(at.saturating_sub(ms).max(1))) => {}
+                        () = sh.queued.notified() => {}
+                    }
+                }
+                None => sh.queued.notified().await,
+            }
+        }
+    }
 }
 
 /// Take accepted introductions off the queue: at most [`REND_BUILDS`] builds and
