@@ -488,10 +488,27 @@ pub(crate) async fn serve_tcp(
     shutdown: watch::Receiver<bool>,
 ) {
     let port = "DNS-over-TCP";
-    crate::socks::server::accept_loop(listener, MAX_TCP_CONNECTIONS, port, shutdown, move |sock| {
+    let local = Arc::clone(&mgr.local);
+    let live = Arc::clone(&mgr);
+    let per_source = move || crate::local_limits::PerSource::from_config(&live.config());
+    let serve = move |sock, mut adm: crate::local_limits::Admitted| {
+        // A DNS connection has no handshake: each query is bounded by TCP_IDLE.
+        adm.handshake_done();
         let mgr = Arc::clone(&mgr);
-        async move { serve_tcp_conn(&mgr, sock).await }
-    })
+        async move {
+            serve_tcp_conn(&mgr, sock).await;
+            drop(adm);
+        }
+    };
+    crate::socks::server::accept_loop(
+        listener,
+        MAX_TCP_CONNECTIONS,
+        port,
+        shutdown,
+        local,
+        per_source,
+        serve,
+    )
     .await;
 }
 
