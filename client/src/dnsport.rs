@@ -490,7 +490,10 @@ pub(crate) async fn serve_tcp(
     let port = "DNS-over-TCP";
     let local = Arc::clone(&mgr.local);
     let live = Arc::clone(&mgr);
-    let per_source = move || crate::local_limits::PerSource::from_config(&live.config());
+    let per_source = move || {
+        let per = crate::local_limits::PerSource::from_config(&live.config());
+        (per, TCP_IDLE)
+    };
     let serve = move |sock, mut adm: crate::local_limits::Admitted| {
         // A DNS connection has no handshake: each query is bounded by TCP_IDLE.
         adm.handshake_done();

@@ -306,7 +306,7 @@ pub(crate) async fn serve(
     let limit = mgr.config().max_socks_connections;
     let local = Arc::clone(&mgr.local);
     let live = Arc::clone(&mgr);
-    let per_source = move || PerSource::from_config(&live.config());
+    let per_source = move || PerSource::with_wait(&live.config());
     accept_loop(
         listener,
         limit,

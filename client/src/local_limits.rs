@@ -8,8 +8,8 @@
 //! | resource | limit (config key) | at the limit |
 //! |---|---|---|
 //! | open connections | `max_connections_per_source` (default 768; all sources: `max_socks_connections`, 1024) | the connection is closed at once |
-//! | connections still in their handshake (SOCKS request or HTTP head not read yet) | `max_handshakes_per_source` (64; each bounded by `socks_handshake_timeout`) | the connection is closed at once |
-//! | requests waiting for a circuit (finding one, or queued for a build) | `max_circuit_requests_per_source` (32; all sources share the manager's parallel builds) | the request waits its turn behind its own source's requests (FIFO per source) |
+//! | connections in their handshake (SOCKS request or HTTP head being read) | `max_handshakes_per_source` (64; each bounded by `socks_handshake_timeout`) | the connection waits its turn behind its own source's handshakes (FIFO per source), for at most `socks_handshake_timeout`, then is closed |
+//! | requests waiting for a circuit that is not ready (queued for a build) | `max_circuit_requests_per_source` (32; all sources share the manager's parallel builds) | the request waits its turn behind its own source's requests (FIFO per source) |
 //!
 //! Open streams and the bytes they buffer follow from the connections: one connection carries
 //! at most one stream, and a stream buffers a bounded amount (its circuit window, the upstream
@@ -17,6 +17,12 @@
 //! `max_connections_per_source` of each. Circuits a source holds are bounded the same way
 //! (a circuit in use carries one of its streams; idle isolated circuits are closed after
 //! `isolated_circuit_idle_timeout`, and first at `max_circuits_per_guard`).
+//!
+//! Handshakes queue rather than fail: a slow reader (slowloris) holds at most 64 handshakes and
+//! its further connections only their connection slot, while an honest program whose
+//! handshakes are slow because the machine is overloaded waits instead of being refused (the
+//! 15-minute scraper run at load average 300-600 had 1,241 connections closed when this limit
+//! refused instead of queueing).
 //!
 //! The circuit-request gate is what keeps the build queue fair: the manager's build slots are
 //! taken first come first served, so without it a program with 500 requests waiting would put
@@ -101,6 +107,12 @@ impl PerSource {
         }
     }
 
+    /// The limits of a config, with how long a connection may wait for its handshake turn
+    /// (`socks_handshake_timeout`).
+    pub(crate) fn with_wait(c: &crate::config::ProxyConfig) -> (Self, std::time::Duration) {
+        (Self::from_config(c), c.socks_handshake_timeout)
+    }
+
     /// The limits of a config.
     pub(crate) fn from_config(c: &crate::config::ProxyConfig) -> Self {
         Self {
@@ -166,8 +178,8 @@ impl SourceTable {
 #[derive(Debug, Default)]
 pub(crate) struct LocalLimits {
     table: Mutex<SourceTable>,
-    /// One FIFO queue per source with circuit requests waiting or running.
-    gates: Mutex<HashMap<IpAddr, Arc<Semaphore>>>,
+    /// One FIFO queue per source and resource ([`Resource::index`]) with turns waiting or held.
+    gates: Mutex<HashMap<(IpAddr, usize), Arc<Semaphore>>>,
     hits: [AtomicU64; 3],
 }
 
@@ -201,7 +213,7 @@ impl LocalLimits {
         self.table.lock().map_or(0, |t| t.held(ip, r))
     }
 
-    /// Take one `r` (a connection or a handshake) for `ip` within `limits`, or count the hit.
+    /// Take one connection for `ip` within `limits`, or count the hit.
     pub(crate) fn take(
         self: &Arc<Self>,
         ip: IpAddr,
@@ -226,31 +238,42 @@ impl LocalLimits {
 
     /// Wait for a turn to ask for a circuit: at most `limits.circuit_requests` requests of `ip`
     /// at once, the others queued in order. A request that has to queue counts as a hit.
-    pub(crate) async fn circuit_request(
-        self: &Arc<Self>,
-        ip: IpAddr,
-        limits: &PerSource,
-    ) -> CircuitTurn {
-        let n = limits.circuit_requests.max(1);
+    pub(crate) async fn circuit_request(self: &Arc<Self>, ip: IpAddr, limits: &PerSource) -> Turn {
+        self.turn(ip, Resource::CircuitRequest, limits).await
+    }
+
+    /// Wait for a turn to read a connection's handshake: at most `limits.handshakes` of `ip` at
+    /// once, the others queued in order. A connection that has to queue counts as a hit.
+    pub(crate) async fn handshake(self: &Arc<Self>, ip: IpAddr, limits: &PerSource) -> Turn {
+        self.turn(ip, Resource::Handshake, limits).await
+    }
+
+    /// Wait for `ip`'s turn at `r` (one FIFO queue per source and resource).
+    async fn turn(self: &Arc<Self>, ip: IpAddr, r: Resource, limits: &PerSource) -> Turn {
+        let n = limits.of(r).max(1);
         let gate = {
             let mut g = self.gates.lock().unwrap_or_else(|p| p.into_inner());
-            Arc::clone(g.entry(ip).or_insert_with(|| Arc::new(Semaphore::new(n))))
+            Arc::clone(
+                g.entry((ip, r.index()))
+                    .or_insert_with(|| Arc::new(Semaphore::new(n))),
+            )
         };
         let permit = match Arc::clone(&gate).try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
-                self.hit(Resource::CircuitRequest, n);
+                self.hit(r, n);
                 // Never closed: `acquire_owned` only fails on a closed semaphore.
                 Arc::clone(&gate).acquire_owned().await.ok()
             }
         };
         if let Ok(mut t) = self.table.lock() {
             // Counted for the metrics only: the semaphore is the limit.
-            t.try_take(ip, Resource::CircuitRequest, usize::MAX);
+            t.try_take(ip, r, usize::MAX);
         }
-        CircuitTurn {
+        Turn {
             limits: Arc::clone(self),
             ip,
+            r,
             gate: Some(gate),
             permit,
         }
@@ -261,8 +284,8 @@ impl LocalLimits {
         let f = e.family(
             "allium_proxy_local_limit_hits_total",
             MetricType::Counter,
-            "Times a local source address reached a per-source limit (connections and handshakes \
-             beyond it are closed; circuit requests beyond it wait their turn).",
+            "Times a local source address reached a per-source limit (connections beyond it are \
+             closed; handshakes and circuit requests beyond it wait their turn).",
         );
         for r in Resource::ALL {
             f.sample(&[("limit", r.label())], self.hits(r) as f64);
@@ -289,7 +312,7 @@ impl LocalLimits {
     }
 }
 
-/// One connection or handshake held by a source; given back when dropped.
+/// One connection held by a source; given back when dropped.
 #[derive(Debug)]
 pub(crate) struct Slot {
     limits: Arc<LocalLimits>,
@@ -312,44 +335,60 @@ impl Drop for Slot {
     }
 }
 
-/// A request's turn to ask for a circuit; the next request of its source goes when dropped.
+/// A source's turn at a queued resource (a handshake, a circuit request); the next in its
+/// source's queue goes when dropped.
 #[derive(Debug)]
-pub(crate) struct CircuitTurn {
+pub(crate) struct Turn {
     limits: Arc<LocalLimits>,
     ip: IpAddr,
+    r: Resource,
     gate: Option<Arc<Semaphore>>,
     permit: Option<OwnedSemaphorePermit>,
 }
 
-impl Drop for CircuitTurn {
+impl Drop for Turn {
     fn drop(&mut self) {
         drop(self.permit.take());
         if let Ok(mut t) = self.limits.table.lock() {
-            t.give_back(self.ip, Resource::CircuitRequest);
+            t.give_back(self.ip, self.r);
         }
         let gate = self.gate.take();
         let mut g = self.limits.gates.lock().unwrap_or_else(|p| p.into_inner());
         // Only the map and this turn hold the queue: nobody of this source waits.
         if gate.is_some_and(|s| Arc::strong_count(&s) <= 2) {
-            g.remove(&self.ip);
+            g.remove(&(self.ip, self.r.index()));
         }
     }
 }
 
-/// A connection let in by the per-source limits: its connection slot, and its handshake slot
+/// A connection let in by the per-source limits: its connection slot, and its turn to be read
 /// until [`Admitted::handshake_done`].
 #[derive(Debug)]
 pub(crate) struct Admitted {
     conn: Slot,
-    handshake: Option<Slot>,
+    handshake: Option<Turn>,
 }
 
 impl Admitted {
-    /// Let a connection from `ip` in, or count the limit it hit (connections, then handshakes).
+    /// Let a connection from `ip` in (without its handshake turn yet), or count the hit.
     pub(crate) fn admit(limits: &Arc<LocalLimits>, ip: IpAddr, per: &PerSource) -> Option<Self> {
         let conn = limits.take(ip, Resource::Connection, per)?;
-        let handshake = Some(limits.take(ip, Resource::Handshake, per)?);
-        Some(Self { conn, handshake })
+        Some(Self {
+            conn,
+            handshake: None,
+        })
+    }
+
+    /// Wait for the connection's turn to be read (`None`: not within `wait`; close it).
+    pub(crate) async fn wait_handshake(
+        mut self,
+        per: &PerSource,
+        wait: std::time::Duration,
+    ) -> Option<Self> {
+        let limits = Arc::clone(&self.conn.limits);
+        let turn = tokio::time::timeout(wait, limits.handshake(self.ip(), per)).await;
+        self.handshake = Some(turn.ok()?);
+        Some(self)
     }
 
     /// The request is read: the connection no longer counts as a handshake.

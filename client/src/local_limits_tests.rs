@@ -58,19 +58,27 @@ fn the_table_counts_each_source_apart_and_forgets_idle_ones() {
     assert_eq!(t.sources(), 0);
 }
 
-#[test]
-fn slots_are_given_back_when_dropped_and_hits_counted() {
+#[tokio::test]
+async fn slots_are_given_back_when_dropped_and_hits_counted() {
     let l = Arc::new(LocalLimits::default());
     let p = per(2, 1, 1);
+    let wait = Duration::from_secs(5);
     let a1 = Admitted::admit(&l, A, &p).expect("first connection");
-    assert!(
-        Admitted::admit(&l, A, &p).is_none(),
-        "a second connection of A is still in its handshake (limit 1)"
-    );
+    let mut a1 = a1
+        .wait_handshake(&p, wait)
+        .await
+        .expect("its handshake turn");
+    let a2 = Admitted::admit(&l, A, &p).expect("second connection");
+    let second = ready_now(a2.wait_handshake(&p, wait)).await;
+    assert!(second.is_none(), "A's second handshake waits (limit 1)");
     assert_eq!(l.hits(Resource::Handshake), 1);
-    let mut a1 = a1;
+    assert_eq!(l.held(A, Resource::Handshake), 1);
     a1.handshake_done();
-    let a2 = Admitted::admit(&l, A, &p).expect("the first one's handshake is done");
+    let a2 = Admitted::admit(&l, A, &p).expect("the second was dropped while it waited");
+    let a2 = ready_now(a2.wait_handshake(&p, wait))
+        .await
+        .flatten()
+        .expect("the first one's handshake is done");
     assert!(
         Admitted::admit(&l, A, &p).is_none(),
         "a third connection of A (limit 2)"
@@ -169,7 +177,12 @@ async fn wait_held(l: &LocalLimits, ip: IpAddr, r: Resource, n: usize) -> bool {
 
 /// A client port whose connections stay in their handshake (the served task never reads) or,
 /// with `done`, finish it at once; with per-source limits `p` and `global` slots in all.
-async fn port(p: PerSource, global: usize, done: bool) -> (SocketAddr, Arc<LocalLimits>) {
+async fn port(
+    p: PerSource,
+    global: usize,
+    done: bool,
+    wait: Duration,
+) -> (SocketAddr, Arc<LocalLimits>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let local = Arc::new(LocalLimits::default());
@@ -183,7 +196,7 @@ async fn port(p: PerSource, global: usize, done: bool) -> (SocketAddr, Arc<Local
             "test",
             rx,
             l,
-            move || p,
+            move || (p, wait),
             move |sock, mut adm: Admitted| async move {
                 if done {
                     adm.handshake_done();
@@ -204,7 +217,7 @@ async fn port(p: PerSource, global: usize, done: bool) -> (SocketAddr, Arc<Local
 /// second program (another source address) is still served.
 #[tokio::test]
 async fn one_source_cannot_take_every_connection() {
-    let (addr, local) = port(per(4, 100, 8), 6, true).await;
+    let (addr, local) = port(per(4, 100, 8), 6, true, Duration::from_secs(5)).await;
     let mut held = Vec::new();
     for _ in 0..4 {
         held.push(connect_from(A, addr).await);
@@ -227,10 +240,12 @@ async fn one_source_cannot_take_every_connection() {
     assert_eq!(local.held(A, Resource::Connection), 4);
 }
 
-/// Connections that never send their request: beyond the handshake limit they are closed.
+/// Connections that never send their request: beyond the handshake limit they wait their turn
+/// (and are closed when it does not come within the handshake timeout, 200 ms here), while
+/// another source's handshake is read at once.
 #[tokio::test]
 async fn one_source_cannot_hold_every_handshake() {
-    let (addr, local) = port(per(100, 3, 8), 100, false).await;
+    let (addr, local) = port(per(100, 3, 8), 100, false, Duration::from_millis(200)).await;
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(connect_from(A, addr).await);
@@ -239,9 +254,10 @@ async fn one_source_cannot_hold_every_handshake() {
     let mut fourth = connect_from(A, addr).await;
     assert!(
         closed_by_server(&mut fourth).await,
-        "A's fourth handshake is closed"
+        "A's fourth handshake got no turn and was closed"
     );
     assert_eq!(local.hits(Resource::Handshake), 1);
+    assert_eq!(local.held(A, Resource::Handshake), 3);
     let _other = connect_from(B, addr).await;
     assert!(
         wait_held(&local, B, Resource::Handshake, 1).await,

@@ -26,7 +26,7 @@ use crate::circ::{Circuit, StreamEvent};
 use crate::circmgr::CircMgr;
 use crate::control::{StreamTrack, control_target, stream_reason};
 use crate::isolation::IsolationKey;
-use crate::local_limits::{Admitted, CircuitTurn, LocalLimits, PerSource};
+use crate::local_limits::{Admitted, LocalLimits, PerSource, Turn};
 use crate::metrics::Outcome as Ended;
 use crate::stream::{self, OpenError};
 
@@ -64,7 +64,7 @@ pub(crate) async fn serve(
     let limit = mgr.config().max_socks_connections;
     let local = Arc::clone(&mgr.local);
     let live = Arc::clone(&mgr);
-    let per_source = move || PerSource::from_config(&live.config());
+    let per_source = move || PerSource::with_wait(&live.config());
     accept_loop(
         listener,
         limit,
@@ -85,10 +85,11 @@ pub(crate) async fn serve(
 /// accept failure leaves; after one (out of file descriptors and the like) the loop waits a
 /// little instead of spinning. The SOCKS, HTTP CONNECT and DNS-over-TCP ports share it.
 ///
-/// A connection whose source address already holds `per_source()` connections, or handshakes,
-/// is closed at once ([`crate::local_limits`]): the global `limit` is a queue (further
-/// connections wait to be accepted), so without the per-source limits one program could hold
-/// every slot and the others would wait for as long as it keeps them.
+/// A connection whose source address already holds `per_source().0` connections is closed at
+/// once ([`crate::local_limits`]): the global `limit` is a queue (further connections wait to be
+/// accepted), so without the per-source limits one program could hold every slot and the others
+/// would wait for as long as it keeps them. Handshakes beyond the source's limit wait their turn
+/// (at most `per_source().1`, the handshake timeout) before `serve` runs.
 #[allow(clippy::too_many_arguments)] // the three client ports call it alike
 pub(crate) async fn accept_loop<F, Fut, L>(
     listener: TcpListener,
@@ -99,10 +100,11 @@ pub(crate) async fn accept_loop<F, Fut, L>(
     per_source: L,
     serve: F,
 ) where
-    F: Fn(TcpStream, Admitted) -> Fut,
+    F: Fn(TcpStream, Admitted) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
-    L: Fn() -> PerSource,
+    L: Fn() -> (PerSource, std::time::Duration),
 {
+    let serve = Arc::new(serve);
     let sem = Arc::new(Semaphore::new(limit));
     loop {
         let permit = tokio::select! {
@@ -122,15 +124,21 @@ pub(crate) async fn accept_loop<F, Fut, L>(
                 continue;
             }
         };
-        let Some(admitted) = Admitted::admit(&local, peer.ip(), &per_source()) else {
+        let (per, wait) = per_source();
+        let Some(admitted) = Admitted::admit(&local, peer.ip(), &per) else {
             tracing::debug!("a {port} connection refused at a per-source limit");
             drop(sock);
             continue;
         };
         let _ = sock.set_nodelay(true);
-        let fut = serve(sock, admitted);
+        let serve = Arc::clone(&serve);
         tokio::spawn(async move {
-            fut.await;
+            // Queued behind the source's other handshakes (never another source's).
+            if let Some(admitted) = admitted.wait_handshake(&per, wait).await {
+                serve(sock, admitted).await;
+            } else {
+                tracing::debug!("a {port} connection waited too long for its handshake turn");
+            }
             drop(permit);
         });
     }
@@ -444,7 +452,7 @@ pub(crate) async fn open(
 /// Wait for `src`'s turn to ask the manager for a circuit that is not ready (no source: no
 /// turn): at most `max_circuit_requests_per_source` of one source at once, so that one
 /// program's burst does not queue ahead of every other program's requests for the builds.
-async fn circuit_turn(mgr: &CircMgr, src: Option<IpAddr>) -> Option<CircuitTurn> {
+async fn circuit_turn(mgr: &CircMgr, src: Option<IpAddr>) -> Option<Turn> {
     let ip = src?;
     let per = PerSource::from_config(&mgr.config());
     Some(mgr.local.circuit_request(ip, &per).await)
