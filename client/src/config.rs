@@ -56,8 +56,9 @@ pub struct ProxyConfig {
     /// (SOCKS, HTTP CONNECT, DNS): default 768, three quarters of `max_socks_connections`, so
     /// one program cannot take every slot. Further connections from it are closed at once.
     pub max_connections_per_source: usize,
-    /// The most connections of one source address still in their handshake (SOCKS request or
-    /// HTTP head not read yet; default 64). Further ones are closed at once.
+    /// The most connections of one source address whose handshake (SOCKS request or HTTP head)
+    /// is being read (default 64). Further ones wait their turn, in order, for at most
+    /// `socks_handshake_timeout`, and are closed if it does not come.
     pub max_handshakes_per_source: usize,
     /// The most requests of one source address asking for a circuit at once (default 32); the
     /// others wait their turn, so that one program's burst does not queue ahead of every other
