@@ -537,6 +537,7 @@ impl<B: CircBuilder> CircMgr<B> {
         merged.max_connections_per_source = new.max_connections_per_source;
         merged.max_handshakes_per_source = new.max_handshakes_per_source;
         merged.max_circuit_requests_per_source = new.max_circuit_requests_per_source;
+        merged.max_dns_queries_per_source = new.max_dns_queries_per_source;
         merged.prebuilt_circuits = new.prebuilt_circuits;
         merged.socks_handshake_timeout = new.socks_handshake_timeout;
         merged.primary_guards = new.primary_guards;

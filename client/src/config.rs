@@ -64,6 +64,9 @@ pub struct ProxyConfig {
     /// others wait their turn, so that one program's burst does not queue ahead of every other
     /// program's requests for the circuit builds.
     pub max_circuit_requests_per_source: usize,
+    /// The most queries of one source address in flight on the UDP DNS port (default 16); a
+    /// query beyond it is answered REFUSED at once.
+    pub max_dns_queries_per_source: usize,
     /// How long a SOCKS client may take to send its handshake and request.
     #[serde(with = "secs")]
     pub socks_handshake_timeout: Duration,
@@ -267,6 +270,7 @@ pub const RELOADABLE_KEYS: &[&str] = &[
     "max_connections_per_source",
     "max_handshakes_per_source",
     "max_circuit_requests_per_source",
+    "max_dns_queries_per_source",
     "prebuilt_circuits",
     "socks_handshake_timeout",
     "primary_guards",
@@ -290,6 +294,7 @@ impl Default for ProxyConfig {
             max_connections_per_source: 768,
             max_handshakes_per_source: 64,
             max_circuit_requests_per_source: 32,
+            max_dns_queries_per_source: 16,
             socks_handshake_timeout: Duration::from_secs(10),
             primary_guards: 3,
             log_level: "info".to_owned(),
@@ -386,6 +391,10 @@ impl ProxyConfig {
             (
                 self.max_circuit_requests_per_source,
                 "max_circuit_requests_per_source",
+            ),
+            (
+                self.max_dns_queries_per_source,
+                "max_dns_queries_per_source",
             ),
         ] {
             if v == 0 {
@@ -564,11 +573,20 @@ authorized_clients = "/var/lib/allium/onion/ssh/authorized_clients"
             "max_connections_per_source",
             "max_handshakes_per_source",
             "max_circuit_requests_per_source",
+            "max_dns_queries_per_source",
         ] {
             assert!(ProxyConfig::from_toml_str(&format!("{key} = 0\n{AUTH}")).is_err());
             let c = ProxyConfig::from_toml_str(&format!("{key} = 5\n{AUTH}")).unwrap();
             let per = crate::local_limits::PerSource::from_config(&c);
-            assert!([per.connections, per.handshakes, per.circuit_requests].contains(&5));
+            assert!(
+                [
+                    per.connections,
+                    per.handshakes,
+                    per.circuit_requests,
+                    per.dns_queries
+                ]
+                .contains(&5)
+            );
         }
     }
 

@@ -10,6 +10,7 @@
 //! | open connections | `max_connections_per_source` (default 768; all sources: `max_socks_connections`, 1024) | the connection is closed at once |
 //! | connections in their handshake (SOCKS request or HTTP head being read) | `max_handshakes_per_source` (64; each bounded by `socks_handshake_timeout`) | the connection waits its turn behind its own source's handshakes (FIFO per source), for at most `socks_handshake_timeout`, then is closed |
 //! | requests waiting for a circuit that is not ready (queued for a build) | `max_circuit_requests_per_source` (32; all sources share the manager's parallel builds) | the request waits its turn behind its own source's requests (FIFO per source) |
+//! | queries in flight on the UDP DNS port | `max_dns_queries_per_source` (16; all sources: 256) | the query is answered REFUSED at once |
 //!
 //! Open streams and the bytes they buffer follow from the connections: one connection carries
 //! at most one stream, and a stream buffers a bounded amount (its circuit window, the upstream
@@ -53,17 +54,25 @@ pub(crate) enum Resource {
     Handshake,
     /// A request waiting for a circuit.
     CircuitRequest,
+    /// A query on the UDP DNS port being answered.
+    DnsQuery,
 }
 
 impl Resource {
     /// Every resource, in the order of [`Resource::index`].
-    pub(crate) const ALL: [Self; 3] = [Self::Connection, Self::Handshake, Self::CircuitRequest];
+    pub(crate) const ALL: [Self; 4] = [
+        Self::Connection,
+        Self::Handshake,
+        Self::CircuitRequest,
+        Self::DnsQuery,
+    ];
 
     fn index(self) -> usize {
         match self {
             Self::Connection => 0,
             Self::Handshake => 1,
             Self::CircuitRequest => 2,
+            Self::DnsQuery => 3,
         }
     }
 
@@ -73,6 +82,7 @@ impl Resource {
             Self::Connection => "connections",
             Self::Handshake => "handshakes",
             Self::CircuitRequest => "circuit_requests",
+            Self::DnsQuery => "dns_queries",
         }
     }
 
@@ -82,6 +92,7 @@ impl Resource {
             Self::Connection => "max_connections_per_source",
             Self::Handshake => "max_handshakes_per_source",
             Self::CircuitRequest => "max_circuit_requests_per_source",
+            Self::DnsQuery => "max_dns_queries_per_source",
         }
     }
 }
@@ -95,6 +106,8 @@ pub(crate) struct PerSource {
     pub(crate) handshakes: usize,
     /// Requests waiting for a circuit.
     pub(crate) circuit_requests: usize,
+    /// Queries in flight on the UDP DNS port.
+    pub(crate) dns_queries: usize,
 }
 
 impl PerSource {
@@ -104,6 +117,7 @@ impl PerSource {
             Resource::Connection => self.connections,
             Resource::Handshake => self.handshakes,
             Resource::CircuitRequest => self.circuit_requests,
+            Resource::DnsQuery => self.dns_queries,
         }
     }
 
@@ -119,6 +133,7 @@ impl PerSource {
             connections: c.max_connections_per_source,
             handshakes: c.max_handshakes_per_source,
             circuit_requests: c.max_circuit_requests_per_source,
+            dns_queries: c.max_dns_queries_per_source,
         }
     }
 }
@@ -127,7 +142,7 @@ impl PerSource {
 /// entry, so the table is as large as the number of sources holding something.
 #[derive(Debug, Default)]
 pub(crate) struct SourceTable {
-    by_ip: HashMap<IpAddr, [usize; 3]>,
+    by_ip: HashMap<IpAddr, [usize; 4]>,
 }
 
 impl SourceTable {
@@ -180,7 +195,7 @@ pub(crate) struct LocalLimits {
     table: Mutex<SourceTable>,
     /// One FIFO queue per source and resource ([`Resource::index`]) with turns waiting or held.
     gates: Mutex<HashMap<(IpAddr, usize), Arc<Semaphore>>>,
-    hits: [AtomicU64; 3],
+    hits: [AtomicU64; 4],
 }
 
 impl LocalLimits {
@@ -213,7 +228,7 @@ impl LocalLimits {
         self.table.lock().map_or(0, |t| t.held(ip, r))
     }
 
-    /// Take one connection for `ip` within `limits`, or count the hit.
+    /// Take one connection (or DNS query) for `ip` within `limits`, or count the hit.
     pub(crate) fn take(
         self: &Arc<Self>,
         ip: IpAddr,
@@ -285,7 +300,7 @@ impl LocalLimits {
             "allium_proxy_local_limit_hits_total",
             MetricType::Counter,
             "Times a local source address reached a per-source limit (connections beyond it are \
-             closed; handshakes and circuit requests beyond it wait their turn).",
+             closed, DNS queries refused; handshakes and circuit requests wait their turn).",
         );
         for r in Resource::ALL {
             f.sample(&[("limit", r.label())], self.hits(r) as f64);
@@ -306,13 +321,13 @@ impl LocalLimits {
         e.single(
             "allium_proxy_local_sources",
             MetricType::Gauge,
-            "Local source addresses holding a connection or a circuit request now.",
+            "Local source addresses holding a connection, handshake, circuit request or DNS query now.",
             sources as f64,
         );
     }
 }
 
-/// One connection held by a source; given back when dropped.
+/// One connection (or DNS query) held by a source; given back when dropped.
 #[derive(Debug)]
 pub(crate) struct Slot {
     limits: Arc<LocalLimits>,

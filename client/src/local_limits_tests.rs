@@ -17,6 +17,7 @@ fn per(connections: usize, handshakes: usize, circuit_requests: usize) -> PerSou
         connections,
         handshakes,
         circuit_requests,
+        dns_queries: 16,
     }
 }
 
@@ -263,4 +264,27 @@ async fn one_source_cannot_hold_every_handshake() {
         wait_held(&local, B, Resource::Handshake, 1).await,
         "B's handshake is let in"
     );
+}
+
+/// The UDP DNS port's queries in flight: beyond the source's limit a query is refused (the
+/// driver answers REFUSED), counted and logged once; another source is not affected.
+#[test]
+fn dns_queries_are_bounded_per_source() {
+    let l = Arc::new(LocalLimits::default());
+    let p = PerSource {
+        dns_queries: 16,
+        ..per(1, 1, 1)
+    };
+    let held: Vec<Slot> = (0..16)
+        .map(|_| l.take(A, Resource::DnsQuery, &p).expect("within the limit"))
+        .collect();
+    assert!(
+        l.take(A, Resource::DnsQuery, &p).is_none(),
+        "A's 17th query"
+    );
+    assert_eq!(l.hits(Resource::DnsQuery), 1);
+    assert!(l.take(B, Resource::DnsQuery, &p).is_some(), "B is not A");
+    drop(held);
+    assert_eq!(l.held(A, Resource::DnsQuery), 0);
+    assert!(l.take(A, Resource::DnsQuery, &p).is_some());
 }
