@@ -38,7 +38,8 @@ import run as net  # noqa: E402  (bench/attack/run.py: the testnet driver and SO
 MIB = 1024 * 1024
 METRICS = ("allium_circuits_open", "allium_streams_open", "allium_dos_rejections_total",
            "allium_circuits_created_total", "allium_circuit_build_failures_total",
-           "allium_socks_requests_total")
+           "allium_socks_requests_total", "allium_proxy_local_limit_hits_total",
+           "allium_proxy_local_held")
 
 
 sc_source = [net.HONEST]  # the scraper's own source address (set by main)

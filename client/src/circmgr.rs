@@ -265,6 +265,8 @@ pub(crate) struct CircMgr<B: CircBuilder = LinkBuilder> {
     guard_refusals: std::sync::atomic::AtomicU64,
     /// Prometheus counters.
     pub(crate) metrics: Arc<crate::metrics::ClientMetrics>,
+    /// What each local source address holds, against the per-source limits.
+    pub(crate) local: Arc<crate::local_limits::LocalLimits>,
     /// Circuits and streams as the control port shows them, and their events.
     pub(crate) control: Arc<crate::control::Events>,
     /// Bytes of frames on guard links (the real builder's links count into it).
@@ -511,6 +513,7 @@ impl<B: CircBuilder> CircMgr<B> {
             guard_limit_hits: std::sync::atomic::AtomicU64::new(0),
             guard_refusals: std::sync::atomic::AtomicU64::new(0),
             metrics: Arc::default(),
+            local: Arc::default(),
             control: Arc::default(),
             link_bytes: Arc::default(),
             onion: Default::default(),
@@ -535,6 +538,10 @@ impl<B: CircBuilder> CircMgr<B> {
         merged.circuit_idle_timeout = new.circuit_idle_timeout;
         merged.isolated_circuit_idle_timeout = new.isolated_circuit_idle_timeout;
         merged.max_circuits_per_guard = new.max_circuits_per_guard;
+        merged.max_connections_per_source = new.max_connections_per_source;
+        merged.max_handshakes_per_source = new.max_handshakes_per_source;
+        merged.max_circuit_requests_per_source = new.max_circuit_requests_per_source;
+        merged.max_dns_queries_per_source = new.max_dns_queries_per_source;
         merged.prebuilt_circuits = new.prebuilt_circuits;
         merged.socks_handshake_timeout = new.socks_handshake_timeout;
         merged.primary_guards = new.primary_guards;
@@ -1049,6 +1056,19 @@ impl<B: CircBuilder> CircMgr<B> {
         drop(pool);
         self.wake.notify_one();
         Some(c)
+    }
+
+    /// An open circuit for a stream to `port` with isolation key `iso`, claimed, if one is
+    /// there now (never builds or waits).
+    pub(crate) fn ready_circuit(
+        &self,
+        port: Option<u16>,
+        iso: &IsolationKey,
+    ) -> Option<Arc<B::Circ>> {
+        if let Some(p) = port {
+            self.note_port(p, now());
+        }
+        self.find(port, iso, now())
     }
 
     /// A circuit for a stream to `port` (`None`: any exit, e.g. for RESOLVE) with isolation

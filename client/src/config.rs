@@ -52,6 +52,21 @@ pub struct ProxyConfig {
     pub max_circuits_per_guard: usize,
     /// The most SOCKS connections served at once; further ones wait.
     pub max_socks_connections: usize,
+    /// The most connections one local source address may hold open on each TCP client port
+    /// (SOCKS, HTTP CONNECT, DNS): default 768, three quarters of `max_socks_connections`, so
+    /// one program cannot take every slot. Further connections from it are closed at once.
+    pub max_connections_per_source: usize,
+    /// The most connections of one source address whose handshake (SOCKS request or HTTP head)
+    /// is being read (default 64). Further ones wait their turn, in order, for at most
+    /// `socks_handshake_timeout`, and are closed if it does not come.
+    pub max_handshakes_per_source: usize,
+    /// The most requests of one source address asking for a circuit at once (default 32); the
+    /// others wait their turn, so that one program's burst does not queue ahead of every other
+    /// program's requests for the circuit builds.
+    pub max_circuit_requests_per_source: usize,
+    /// The most queries of one source address in flight on the UDP DNS port (default 16); a
+    /// query beyond it is answered REFUSED at once.
+    pub max_dns_queries_per_source: usize,
     /// How long a SOCKS client may take to send its handshake and request.
     #[serde(with = "secs")]
     pub socks_handshake_timeout: Duration,
@@ -252,6 +267,10 @@ pub const RELOADABLE_KEYS: &[&str] = &[
     "circuit_idle_timeout",
     "isolated_circuit_idle_timeout",
     "max_circuits_per_guard",
+    "max_connections_per_source",
+    "max_handshakes_per_source",
+    "max_circuit_requests_per_source",
+    "max_dns_queries_per_source",
     "prebuilt_circuits",
     "socks_handshake_timeout",
     "primary_guards",
@@ -272,6 +291,10 @@ impl Default for ProxyConfig {
             isolated_circuit_idle_timeout: Duration::from_secs(30),
             max_circuits_per_guard: 1024,
             max_socks_connections: 1024,
+            max_connections_per_source: 768,
+            max_handshakes_per_source: 64,
+            max_circuit_requests_per_source: 32,
+            max_dns_queries_per_source: 16,
             socks_handshake_timeout: Duration::from_secs(10),
             primary_guards: 3,
             log_level: "info".to_owned(),
@@ -358,6 +381,25 @@ impl ProxyConfig {
             return Err(ClientError::Config(
                 "max_socks_connections must be at least 1".into(),
             ));
+        }
+        for (v, key) in [
+            (
+                self.max_connections_per_source,
+                "max_connections_per_source",
+            ),
+            (self.max_handshakes_per_source, "max_handshakes_per_source"),
+            (
+                self.max_circuit_requests_per_source,
+                "max_circuit_requests_per_source",
+            ),
+            (
+                self.max_dns_queries_per_source,
+                "max_dns_queries_per_source",
+            ),
+        ] {
+            if v == 0 {
+                return Err(ClientError::Config(format!("{key} must be at least 1")));
+            }
         }
         if self.primary_guards == 0 || self.primary_guards > 20 {
             return Err(ClientError::Config(
@@ -527,6 +569,25 @@ authorized_clients = "/var/lib/allium/onion/ssh/authorized_clients"
         );
         assert!(ProxyConfig::from_toml_str(&bad).is_err());
         assert!(ProxyConfig::from_toml_str(&format!("max_socks_connections = 0\n{AUTH}")).is_err());
+        for key in [
+            "max_connections_per_source",
+            "max_handshakes_per_source",
+            "max_circuit_requests_per_source",
+            "max_dns_queries_per_source",
+        ] {
+            assert!(ProxyConfig::from_toml_str(&format!("{key} = 0\n{AUTH}")).is_err());
+            let c = ProxyConfig::from_toml_str(&format!("{key} = 5\n{AUTH}")).unwrap();
+            let per = crate::local_limits::PerSource::from_config(&c);
+            assert!(
+                [
+                    per.connections,
+                    per.handshakes,
+                    per.circuit_requests,
+                    per.dns_queries
+                ]
+                .contains(&5)
+            );
+        }
     }
 
     #[test]

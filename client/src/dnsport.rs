@@ -8,8 +8,9 @@
 //!   authority records; additional records such as an EDNS OPT are ignored). Names in the
 //!   question may not use compression pointers (a query has nothing before it to point at).
 //!   Labels are at most 63 bytes, the name at most 255; anything else is FORMERR.
-//! - `serve`: the tokio UDP driver. At most [`MAX_PER_SOURCE`] queries in flight per source
-//!   address and [`MAX_IN_FLIGHT`] in all; beyond that a query is answered REFUSED at once.
+//! - `serve`: the tokio UDP driver. At most `max_dns_queries_per_source` (16) queries in flight
+//!   per source address ([`crate::local_limits`]: logged once, counted) and [`MAX_IN_FLIGHT`] in
+//!   all; beyond that a query is answered REFUSED at once.
 //! - `serve_tcp`: the same port over TCP (RFC 1035 §4.2.2, RFC 7766): each message is preceded
 //!   by its length in two bytes. At most [`MAX_TCP_CONNECTIONS`] connections; each answers its
 //!   queries in order, one at a time, with the same resolver path as UDP; a query longer than
@@ -24,9 +25,8 @@
 //! A `.allium.alt` name (an onion service) is answered NXDOMAIN at once, whatever the type: it
 //! has no address and never reaches an exit's resolver (see [`Query::action`]).
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use allium_proto::codec::Reader;
 use tokio::net::UdpSocket;
@@ -35,12 +35,11 @@ use tokio::sync::{Semaphore, watch};
 use crate::circmgr::CircMgr;
 use crate::err::ClientError;
 use crate::isolation::IsolationKey;
+use crate::local_limits::Resource;
 use crate::socks::wire::reply;
 
 /// Largest UDP answer without EDNS (RFC 1035 §4.2.1).
 pub const MAX_UDP_ANSWER: usize = 512;
-/// Queries in flight per source address.
-pub const MAX_PER_SOURCE: usize = 16;
 /// Queries in flight in all.
 pub const MAX_IN_FLIGHT: usize = 256;
 /// TTL given to answers (the exit's TTLs are not kept by the resolve path).
@@ -406,40 +405,10 @@ async fn resolve_tracked(
         .unwrap_or(Err(ClientError::Timeout("resolving at an exit")))
 }
 
-/// In-flight queries per source address.
-#[derive(Default)]
-struct PerSource(Mutex<HashMap<IpAddr, usize>>);
-
-impl PerSource {
-    fn try_take(&self, ip: IpAddr) -> bool {
-        let Ok(mut m) = self.0.lock() else {
-            return false;
-        };
-        let n = m.entry(ip).or_insert(0);
-        if *n >= MAX_PER_SOURCE {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    fn give_back(&self, ip: IpAddr) {
-        if let Ok(mut m) = self.0.lock()
-            && let Some(n) = m.get_mut(&ip)
-        {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&ip);
-            }
-        }
-    }
-}
-
 /// Answer DNS queries on `sock` until shutdown.
 pub(crate) async fn serve(sock: UdpSocket, mgr: Arc<CircMgr>, mut shutdown: watch::Receiver<bool>) {
     let sock = Arc::new(sock);
     let all = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let per_source = Arc::new(PerSource::default());
     let mut buf = vec![0u8; 4096];
     loop {
         let got = tokio::select! {
@@ -455,18 +424,19 @@ pub(crate) async fn serve(sock: UdpSocket, mgr: Arc<CircMgr>, mut shutdown: watc
             }
         };
         let msg = buf.get(..n).unwrap_or_default().to_vec();
-        let permit = match Arc::clone(&all).try_acquire_owned() {
-            Ok(p) if per_source.try_take(from.ip()) => p,
-            _ => {
-                if let Ok(q) = parse_query(&msg) {
-                    mgr.metrics.dns(rcode::REFUSED);
-                    let _ = sock.send_to(&q.error(rcode::REFUSED), from).await;
-                }
-                continue;
+        let per = crate::local_limits::PerSource::from_config(&mgr.config());
+        let taken = Arc::clone(&all).try_acquire_owned().ok().and_then(|p| {
+            let slot = mgr.local.take(from.ip(), Resource::DnsQuery, &per)?;
+            Some((p, slot))
+        });
+        let Some((permit, slot)) = taken else {
+            if let Ok(q) = parse_query(&msg) {
+                mgr.metrics.dns(rcode::REFUSED);
+                let _ = sock.send_to(&q.error(rcode::REFUSED), from).await;
             }
+            continue;
         };
-        let (sock, mgr, per_source) =
-            (Arc::clone(&sock), Arc::clone(&mgr), Arc::clone(&per_source));
+        let (sock, mgr) = (Arc::clone(&sock), Arc::clone(&mgr));
         tokio::spawn(async move {
             if let Some(a) = answer(&mgr, &msg, MAX_UDP_ANSWER).await {
                 // The rcode is the low nibble of the fourth byte.
@@ -475,7 +445,7 @@ pub(crate) async fn serve(sock: UdpSocket, mgr: Arc<CircMgr>, mut shutdown: watc
                 }
                 let _ = sock.send_to(&a, from).await;
             }
-            per_source.give_back(from.ip());
+            drop(slot);
             drop(permit);
         });
     }
@@ -488,10 +458,30 @@ pub(crate) async fn serve_tcp(
     shutdown: watch::Receiver<bool>,
 ) {
     let port = "DNS-over-TCP";
-    crate::socks::server::accept_loop(listener, MAX_TCP_CONNECTIONS, port, shutdown, move |sock| {
+    let local = Arc::clone(&mgr.local);
+    let live = Arc::clone(&mgr);
+    let per_source = move || {
+        let per = crate::local_limits::PerSource::from_config(&live.config());
+        (per, TCP_IDLE)
+    };
+    let serve = move |sock, mut adm: crate::local_limits::Admitted| {
+        // A DNS connection has no handshake: each query is bounded by TCP_IDLE.
+        adm.handshake_done();
         let mgr = Arc::clone(&mgr);
-        async move { serve_tcp_conn(&mgr, sock).await }
-    })
+        async move {
+            serve_tcp_conn(&mgr, sock).await;
+            drop(adm);
+        }
+    };
+    crate::socks::server::accept_loop(
+        listener,
+        MAX_TCP_CONNECTIONS,
+        port,
+        shutdown,
+        local,
+        per_source,
+        serve,
+    )
     .await;
 }
 
@@ -694,19 +684,6 @@ mod tests {
         let n = u16::from_be_bytes([a[6], a[7]]) as usize;
         assert_eq!(a.len(), 12 + q.qname_wire.len() + 4 + n * 28);
         assert!(n > 10);
-    }
-
-    #[test]
-    fn per_source_bound() {
-        let p = PerSource::default();
-        let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        for _ in 0..MAX_PER_SOURCE {
-            assert!(p.try_take(ip));
-        }
-        assert!(!p.try_take(ip));
-        assert!(p.try_take("127.0.0.2".parse().unwrap()));
-        p.give_back(ip);
-        assert!(p.try_take(ip));
     }
 
     #[tokio::test]

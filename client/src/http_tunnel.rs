@@ -28,6 +28,7 @@ use tokio::sync::watch;
 
 use crate::circmgr::CircMgr;
 use crate::isolation::IsolationKey;
+use crate::local_limits::{Admitted, PerSource};
 use crate::metrics::Outcome as Ended;
 use crate::socks::server::{
     Failure, Front, accept_loop, limit_unsent, open_and_splice, reply_code_for,
@@ -303,11 +304,22 @@ pub(crate) async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let limit = mgr.config().max_socks_connections;
-    accept_loop(listener, limit, "HTTP CONNECT", shutdown, move |sock| {
-        limit_unsent(&sock);
-        let mgr = Arc::clone(&mgr);
-        async move { handle(&mgr, sock).await }
-    })
+    let local = Arc::clone(&mgr.local);
+    let live = Arc::clone(&mgr);
+    let per_source = move || PerSource::with_wait(&live.config());
+    accept_loop(
+        listener,
+        limit,
+        "HTTP CONNECT",
+        shutdown,
+        local,
+        per_source,
+        move |sock, adm| {
+            limit_unsent(&sock);
+            let mgr = Arc::clone(&mgr);
+            async move { handle(&mgr, sock, adm).await }
+        },
+    )
     .await;
 }
 
@@ -343,9 +355,11 @@ async fn read_head(sock: &mut TcpStream) -> std::io::Result<Result<Head, HeadErr
     }
 }
 
-async fn handle(mgr: &CircMgr, mut sock: TcpStream) {
+async fn handle(mgr: &CircMgr, mut sock: TcpStream, mut adm: Admitted) {
     let t = mgr.config().socks_handshake_timeout;
-    let head = match tokio::time::timeout(t, read_head(&mut sock)).await {
+    let read = tokio::time::timeout(t, read_head(&mut sock)).await;
+    adm.handshake_done();
+    let head = match read {
         Ok(Ok(Ok(h))) => h,
         Ok(Ok(Err(e))) => {
             tracing::debug!("HTTP CONNECT request refused: {e}");

@@ -17,6 +17,7 @@ pub mod guard;
 pub mod http_tunnel;
 pub mod isolation;
 mod link;
+mod local_limits;
 mod metrics;
 pub mod onion;
 pub mod path;
@@ -234,9 +235,9 @@ fn render_metrics(mgr: &CircMgr, ready: &watch::Receiver<bool>) -> String {
         has_dir: mgr.has_dir(),
         ready: *ready.borrow(),
     };
-    mgr.metrics
-        .render(&view, allium_directory::now_unix())
-        .finish()
+    let mut page = mgr.metrics.render(&view, allium_directory::now_unix());
+    mgr.local.render(&mut page);
+    page.finish()
 }
 
 /// Bind an extra client port (`what` names it in errors) and warn when it is not on loopback.

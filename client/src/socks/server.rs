@@ -11,7 +11,7 @@
 //! ([`crate::control::StreamTrack`]) from `NEW` to `CLOSED`.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -26,6 +26,7 @@ use crate::circ::{Circuit, StreamEvent};
 use crate::circmgr::CircMgr;
 use crate::control::{StreamTrack, control_target, stream_reason};
 use crate::isolation::IsolationKey;
+use crate::local_limits::{Admitted, LocalLimits, PerSource, Turn};
 use crate::metrics::Outcome as Ended;
 use crate::stream::{self, OpenError};
 
@@ -61,10 +62,21 @@ pub(crate) async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let limit = mgr.config().max_socks_connections;
-    accept_loop(listener, limit, "SOCKS", shutdown, move |sock| {
-        limit_unsent(&sock);
-        handle(Arc::clone(&mgr), sock)
-    })
+    let local = Arc::clone(&mgr.local);
+    let live = Arc::clone(&mgr);
+    let per_source = move || PerSource::with_wait(&live.config());
+    accept_loop(
+        listener,
+        limit,
+        "SOCKS",
+        shutdown,
+        local,
+        per_source,
+        move |sock, adm| {
+            limit_unsent(&sock);
+            handle(Arc::clone(&mgr), sock, adm)
+        },
+    )
     .await;
 }
 
@@ -72,16 +84,27 @@ pub(crate) async fn serve(
 /// `serve` on its own task (with TCP_NODELAY set). `port` names the port in the warning an
 /// accept failure leaves; after one (out of file descriptors and the like) the loop waits a
 /// little instead of spinning. The SOCKS, HTTP CONNECT and DNS-over-TCP ports share it.
-pub(crate) async fn accept_loop<F, Fut>(
+///
+/// A connection whose source address already holds `per_source().0` connections is closed at
+/// once ([`crate::local_limits`]): the global `limit` is a queue (further connections wait to be
+/// accepted), so without the per-source limits one program could hold every slot and the others
+/// would wait for as long as it keeps them. Handshakes beyond the source's limit wait their turn
+/// (at most `per_source().1`, the handshake timeout) before `serve` runs.
+#[allow(clippy::too_many_arguments)] // the three client ports call it alike
+pub(crate) async fn accept_loop<F, Fut, L>(
     listener: TcpListener,
     limit: usize,
     port: &'static str,
     mut shutdown: watch::Receiver<bool>,
+    local: Arc<LocalLimits>,
+    per_source: L,
     serve: F,
 ) where
-    F: Fn(TcpStream) -> Fut,
+    F: Fn(TcpStream, Admitted) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
+    L: Fn() -> (PerSource, std::time::Duration),
 {
+    let serve = Arc::new(serve);
     let sem = Arc::new(Semaphore::new(limit));
     loop {
         let permit = tokio::select! {
@@ -92,8 +115,8 @@ pub(crate) async fn accept_loop<F, Fut>(
             a = listener.accept() => a,
             _ = shutdown.changed() => return,
         };
-        let sock = match accepted {
-            Ok((s, _peer)) => s,
+        let (sock, peer) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 tracing::warn!("accepting a {port} connection failed: {e}");
                 #[allow(clippy::disallowed_methods)] // the listener is a tokio driver
@@ -101,19 +124,32 @@ pub(crate) async fn accept_loop<F, Fut>(
                 continue;
             }
         };
+        let (per, wait) = per_source();
+        let Some(admitted) = Admitted::admit(&local, peer.ip(), &per) else {
+            tracing::debug!("a {port} connection refused at a per-source limit");
+            drop(sock);
+            continue;
+        };
         let _ = sock.set_nodelay(true);
-        let fut = serve(sock);
+        let serve = Arc::clone(&serve);
         tokio::spawn(async move {
-            fut.await;
+            // Queued behind the source's other handshakes (never another source's).
+            if let Some(admitted) = admitted.wait_handshake(&per, wait).await {
+                serve(sock, admitted).await;
+            } else {
+                tracing::debug!("a {port} connection waited too long for its handshake turn");
+            }
             drop(permit);
         });
     }
 }
 
-async fn handle(mgr: Arc<CircMgr>, mut sock: TcpStream) {
+async fn handle(mgr: Arc<CircMgr>, mut sock: TcpStream, mut adm: Admitted) {
     let t = mgr.config().socks_handshake_timeout;
     let tunnel = mgr.config().http_tunnel_port.filter(|a| a.port() != 0);
-    let req = match tokio::time::timeout(t, read_request(&mut sock, tunnel)).await {
+    let read = tokio::time::timeout(t, read_request(&mut sock, tunnel)).await;
+    adm.handshake_done();
+    let req = match read {
         Ok(Ok(Ok(req))) => req,
         Ok(Ok(Err(e))) => {
             tracing::debug!("SOCKS request refused: {e}");
@@ -142,7 +178,7 @@ async fn handle(mgr: Arc<CircMgr>, mut sock: TcpStream) {
     match req.command {
         SocksCommand::Connect => connect(&mgr, sock, &req).await,
         SocksCommand::Resolve => {
-            let bytes = match resolve(&mgr, &req.target, &req.isolation).await {
+            let bytes = match resolve(&mgr, &req.target, &req.isolation, Some(adm.ip())).await {
                 Ok(ip) => {
                     mgr.metrics.socks(Ended::Success);
                     req.reply(reply::SUCCEEDED, Some(SocketAddr::new(ip, 0)))
@@ -273,7 +309,8 @@ pub(crate) async fn open_and_splice(
     ok: &[u8],
     fail: impl FnOnce(&Failure) -> Vec<u8>,
 ) {
-    match open(mgr, target, iso, optimistic).await {
+    let src = sock.peer_addr().ok().map(|a| a.ip());
+    match open(mgr, target, iso, optimistic, src).await {
         Ok(o) => {
             front.record(mgr, Ended::Success);
             if sock.write_all(ok).await.is_err() {
@@ -379,17 +416,19 @@ pub(crate) struct Opened {
 }
 
 /// Open a stream to `target`, retrying on another circuit when one fails under us; never
-/// longer than [`OPEN_TIMEOUT`] in all. `optimistic`: do not wait for CONNECTED.
+/// longer than [`OPEN_TIMEOUT`] in all. `optimistic`: do not wait for CONNECTED. `src`: the
+/// local source address, whose circuit requests take turns ([`circuit_turn`]).
 pub(crate) async fn open(
     mgr: &CircMgr,
     target: &Target,
     iso: &IsolationKey,
     optimistic: bool,
+    src: Option<IpAddr>,
 ) -> Result<Opened, Failure> {
     let mut track = StreamTrack::new(&mgr.control, control_target(target), false);
     let opened = tokio::time::timeout(
         OPEN_TIMEOUT,
-        open_inner(mgr, target, iso, optimistic, &mut track),
+        open_inner(mgr, target, iso, optimistic, src, &mut track),
     )
     .await
     .unwrap_or(Err(Failure::TimedOut));
@@ -410,11 +449,21 @@ pub(crate) async fn open(
     }
 }
 
+/// Wait for `src`'s turn to ask the manager for a circuit that is not ready (no source: no
+/// turn): at most `max_circuit_requests_per_source` of one source at once, so that one
+/// program's burst does not queue ahead of every other program's requests for the builds.
+async fn circuit_turn(mgr: &CircMgr, src: Option<IpAddr>) -> Option<Turn> {
+    let ip = src?;
+    let per = PerSource::from_config(&mgr.config());
+    Some(mgr.local.circuit_request(ip, &per).await)
+}
+
 async fn open_inner(
     mgr: &CircMgr,
     target: &Target,
     iso: &IsolationKey,
     optimistic: bool,
+    src: Option<IpAddr>,
     track: &mut StreamTrack,
 ) -> Result<(Arc<Circuit>, u16, tokio::sync::mpsc::Receiver<StreamEvent>), Failure> {
     if let Target::Host(host, port) = target
@@ -437,7 +486,14 @@ async fn open_inner(
         });
     }
     for _ in 0..STREAM_ATTEMPTS {
-        let circ = match mgr.get_circuit(Some(port), iso).await {
+        let got = match mgr.ready_circuit(Some(port), iso) {
+            Some(c) => Ok(c),
+            None => {
+                let _turn = circuit_turn(mgr, src).await;
+                mgr.get_circuit(Some(port), iso).await
+            }
+        };
+        let circ = match got {
             Ok(c) => c,
             Err(e) => return Err(Failure::NoCircuit(e)),
         };
@@ -461,11 +517,15 @@ async fn resolve(
     mgr: &CircMgr,
     target: &Target,
     iso: &IsolationKey,
+    src: Option<IpAddr>,
 ) -> Result<std::net::IpAddr, Failure> {
     let mut track = StreamTrack::new(&mgr.control, control_target(target), true);
-    let r = tokio::time::timeout(OPEN_TIMEOUT, resolve_inner(mgr, target, iso, &mut track))
-        .await
-        .unwrap_or(Err(Failure::TimedOut));
+    let r = tokio::time::timeout(
+        OPEN_TIMEOUT,
+        resolve_inner(mgr, target, iso, src, &mut track),
+    )
+    .await
+    .unwrap_or(Err(Failure::TimedOut));
     match &r {
         Ok(_) => track.succeeded(),
         Err(f) => track.failed(stream_reason(f)),
@@ -477,6 +537,7 @@ async fn resolve_inner(
     mgr: &CircMgr,
     target: &Target,
     iso: &IsolationKey,
+    src: Option<IpAddr>,
     track: &mut StreamTrack,
 ) -> Result<std::net::IpAddr, Failure> {
     if let Target::Ip(a) = target {
@@ -487,10 +548,14 @@ async fn resolve_inner(
         return Err(Failure::NoAddress);
     }
     for _ in 0..STREAM_ATTEMPTS {
-        let circ = mgr
-            .get_circuit(None, iso)
-            .await
-            .map_err(Failure::NoCircuit)?;
+        let got = match mgr.ready_circuit(None, iso) {
+            Some(c) => Ok(c),
+            None => {
+                let _turn = circuit_turn(mgr, src).await;
+                mgr.get_circuit(None, iso).await
+            }
+        };
+        let circ = got.map_err(Failure::NoCircuit)?;
         track.sent(circ.control_id());
         match stream::resolve(&circ, &target.host_string()).await {
             Ok(v) => {
