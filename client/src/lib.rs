@@ -259,6 +259,43 @@ async fn bind_tcp(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAd
     Ok((l, bound))
 }
 
+/// Bind the DNS port: UDP, then TCP on the same port (RFC 1035 §4.2.2; RFC 7766: resolvers
+/// retry there when an answer is truncated, and some only speak TCP). With port 0 the system
+/// picks the UDP port, which may be taken over TCP: then another is picked (a few tries).
+async fn bind_dns(
+    addr: SocketAddr,
+) -> Result<(tokio::net::UdpSocket, TcpListener, SocketAddr), ClientError> {
+    const TRIES_FOR_PORT_0: usize = 8;
+    let tries = if addr.port() == 0 {
+        TRIES_FOR_PORT_0
+    } else {
+        1
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let sock = tokio::net::UdpSocket::bind(addr).await.map_err(|e| {
+            ClientError::io(
+                format!("binding the DNS port (dns_port) {addr} (is another program using it? choose another port)"),
+                e,
+            )
+        })?;
+        let bound = sock
+            .local_addr()
+            .map_err(|e| ClientError::io("reading the DNS port address", e))?;
+        if !bound.ip().is_loopback() {
+            tracing::warn!(
+                "the DNS port {bound} is not on a loopback address: anyone who can reach it can use your circuits"
+            );
+        }
+        match bind_tcp(bound, "DNS port over TCP (dns_port)").await {
+            Ok((tcp, _)) => return Ok((sock, tcp, bound)),
+            Err(_) if attempt < tries => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Start the proxy: bind the SOCKS port, then bootstrap in the background (fetch and verify the
 /// consensus, build circuits). Must be called inside a tokio runtime.
 pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ClientError> {
@@ -292,26 +329,7 @@ pub(crate) async fn start_with(
         None => None,
     };
     let dns = match config.dns_port {
-        Some(addr) => {
-            let sock = tokio::net::UdpSocket::bind(addr).await.map_err(|e| {
-                ClientError::io(
-                    format!("binding the DNS port (dns_port) {addr} (is another program using it? choose another port)"),
-                    e,
-                )
-            })?;
-            let bound = sock
-                .local_addr()
-                .map_err(|e| ClientError::io("reading the DNS port address", e))?;
-            if !bound.ip().is_loopback() {
-                tracing::warn!(
-                    "the DNS port {bound} is not on a loopback address: anyone who can reach it can use your circuits"
-                );
-            }
-            // The same port over TCP (RFC 1035 §4.2.2; RFC 7766): resolvers retry there when
-            // an answer is truncated, and some only speak TCP.
-            let tcp = bind_tcp(bound, "DNS port over TCP (dns_port)").await?;
-            Some((sock, tcp.0, bound))
-        }
+        Some(addr) => Some(bind_dns(addr).await?),
         None => None,
     };
     let cfg = Arc::new(config);

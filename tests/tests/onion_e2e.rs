@@ -97,6 +97,16 @@ async fn get_page(
             Err(e) if matches!(e.reply_code(), Some(0xF0 | 0xF2)) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
+            // Seen once in about ten runs of the whole file (three networks at once): the
+            // proxy reset a SOCKS connection instead of replying. Not yet explained (see the
+            // wave-2 closing note); retried within the deadline and reported, so a proxy that
+            // keeps resetting still fails the test.
+            Err(socks::SocksClientError::Io(e))
+                if e.kind() == std::io::ErrorKind::ConnectionReset && Instant::now() < deadline =>
+            {
+                eprintln!("the proxy reset a SOCKS connection to the onion service; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             Err(e) => return Err(e),
         }
     }
