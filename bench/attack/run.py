@@ -63,6 +63,8 @@ import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ATTACKER = "127.0.0.77"
+# Nice value of the CREATE-flood process (--attacker-nice).
+ATTACKER_NICE = 0
 HONEST = "127.0.0.1"
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 MIB = 1024 * 1024
@@ -725,7 +727,8 @@ class CreateFlood(Attack):
             [str(self.exe), "--target", ex["addrs"]["or"], "--relay-dir", tn.relay_dir(ex),
              "--source", ATTACKER, "--links", str(self.links), "--secs", str(self.secs),
              "--mode", self.mode],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=(lambda: os.nice(ATTACKER_NICE)) if ATTACKER_NICE else None)
 
     def stop(self):
         try:
@@ -996,11 +999,17 @@ def main():
     ap.add_argument("--shared-proxy", action="store_true",
                     help="SOCKS attacks through the honest proxy (a local user of it) instead "
                     "of an attacker's own proxy on 127.0.0.77")
+    ap.add_argument("--attacker-nice", type=int, default=0,
+                    help="run the CREATE-flood process at this nice value: on the real network "
+                         "the attacker has its own machine; here it shares the 2 cores whose "
+                         "CPU bounds honest throughput (the relays' cost is the same either way)")
     ap.add_argument("--allium", type=pathlib.Path, default=None)
     ap.add_argument("--label", default="", help="free text stored in the JSON (e.g. main)")
     ap.add_argument("--out", type=pathlib.Path, default=None)
     ap.add_argument("--table", type=pathlib.Path, help="print the table of a JSON file and exit")
     a = ap.parse_args()
+    global ATTACKER_NICE
+    ATTACKER_NICE = a.attacker_nice
     if a.table:
         print(table(json.loads(a.table.read_text())))
         return 0
