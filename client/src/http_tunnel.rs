@@ -28,11 +28,9 @@ use tokio::sync::watch;
 
 use crate::circmgr::CircMgr;
 use crate::isolation::IsolationKey;
-use crate::local_limits::{Admitted, PerSource};
+use crate::local_limits::Admitted;
 use crate::metrics::Outcome as Ended;
-use crate::socks::server::{
-    Failure, Front, accept_loop, limit_unsent, open_and_splice, reply_code_for,
-};
+use crate::socks::server::{Failure, Front, accept_client_port, open_and_splice, reply_code_for};
 use crate::socks::wire::{MAX_HOST_LEN, Target, reply};
 
 /// Longest request head accepted (request line and headers, with the blank line).
@@ -303,20 +301,14 @@ pub(crate) async fn serve(
     mgr: Arc<CircMgr>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let limit = mgr.config().max_socks_connections;
-    let local = Arc::clone(&mgr.local);
-    let live = Arc::clone(&mgr);
-    let per_source = move || PerSource::with_wait(&live.config());
-    accept_loop(
+    let m = Arc::clone(&mgr);
+    accept_client_port(
         listener,
-        limit,
+        &mgr,
         "HTTP CONNECT",
         shutdown,
-        local,
-        per_source,
         move |sock, adm| {
-            limit_unsent(&sock);
-            let mgr = Arc::clone(&mgr);
+            let mgr = Arc::clone(&m);
             async move { handle(&mgr, sock, adm).await }
         },
     )

@@ -61,20 +61,37 @@ pub(crate) async fn serve(
     mgr: Arc<CircMgr>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let limit = mgr.config().max_socks_connections;
-    let local = Arc::clone(&mgr.local);
-    let live = Arc::clone(&mgr);
-    let per_source = move || PerSource::with_wait(&live.config());
+    let m = Arc::clone(&mgr);
+    accept_client_port(listener, &mgr, "SOCKS", shutdown, move |sock, adm| {
+        handle(Arc::clone(&m), sock, adm)
+    })
+    .await;
+}
+
+/// [`accept_loop`] for a port whose limits are the proxy's (`max_socks_connections` in all,
+/// the per-source limits of the live configuration), with unsent data bounded on every
+/// connection: the SOCKS and HTTP CONNECT ports.
+pub(crate) async fn accept_client_port<F, Fut>(
+    listener: TcpListener,
+    mgr: &Arc<CircMgr>,
+    port: &'static str,
+    shutdown: watch::Receiver<bool>,
+    serve: F,
+) where
+    F: Fn(TcpStream, Admitted) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let live = Arc::clone(mgr);
     accept_loop(
         listener,
-        limit,
-        "SOCKS",
+        mgr.config().max_socks_connections,
+        port,
         shutdown,
-        local,
-        per_source,
+        Arc::clone(&mgr.local),
+        move || PerSource::with_wait(&live.config()),
         move |sock, adm| {
             limit_unsent(&sock);
-            handle(Arc::clone(&mgr), sock, adm)
+            serve(sock, adm)
         },
     )
     .await;
