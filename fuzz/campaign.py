@@ -8,7 +8,10 @@ Records, per target: executions, exec/s, libFuzzer's final `cov:` and `ft:`, cor
 it reached --runs, and any crash (its input stays in fuzz/artifacts/<target>/). Writes
 bench/results/fuzz-<UTC stamp>.json and prints a Markdown table.
 
-    python3 fuzz/campaign.py [--budget-min 75] [--runs 10000000] [--only TARGET ...]
+    python3 fuzz/campaign.py [--budget-min 75] [--runs 10000000] [--jobs 1] [--only TARGET ...]
+
+With --jobs N, N targets run at once (each on one core); a target's cap is then the budget left
+times N divided by the targets left.
 
 Builds with `cargo fuzz build -s none` (stable rustc; see README) unless --no-build.
 """
@@ -21,6 +24,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import threading
 import time
 
 FUZZ = pathlib.Path(__file__).resolve().parent
@@ -77,6 +81,7 @@ def main():
     ap.add_argument("--budget-min", type=float, default=75)
     ap.add_argument("--runs", type=int, default=10_000_000)
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--jobs", type=int, default=1, help="targets fuzzed at once")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--out", type=pathlib.Path)
     a = ap.parse_args()
@@ -103,18 +108,35 @@ def main():
                                     text=True).stdout.strip(),
            "sanitizer": "none", "flags": "-rss_limit_mb=1024 -malloc_limit_mb=256",
            "probe_exec_per_sec": probe, "targets": {}}
-    for i, t in enumerate(order):
-        left = budget - (time.monotonic() - start)
-        cap = max(30.0, left / (len(order) - i))
-        print(f"fuzz {t}: up to {a.runs} runs or {cap:.0f} s", file=sys.stderr, flush=True)
-        r = fuzz_once(t, a.runs, cap, logs / f"{t}.log")
-        r["reached_goal"] = (r["executions"] or 0) >= a.runs
-        doc["targets"][t] = r
-        doc["wall_min"] = round((time.monotonic() - start) / 60, 1)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"  {r['executions']} execs, {r['exec_per_sec']}/s, cov {r['cov']} ft {r['ft']}"
-              f"{' CRASH' if r['crash'] else ''}", file=sys.stderr, flush=True)
+    todo = list(order)
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                t = todo.pop(0)
+                left = budget - (time.monotonic() - start)
+                # The targets not yet started share what is left, a.jobs at a time.
+                cap = max(30.0, left * a.jobs / (len(todo) + 1))
+            print(f"fuzz {t}: up to {a.runs} runs or {cap:.0f} s", file=sys.stderr, flush=True)
+            r = fuzz_once(t, a.runs, cap, logs / f"{t}.log")
+            r["reached_goal"] = (r["executions"] or 0) >= a.runs
+            with lock:
+                doc["targets"][t] = r
+                doc["wall_min"] = round((time.monotonic() - start) / 60, 1)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(doc, indent=2) + "\n")
+            print(f"  {t}: {r['executions']} execs, {r['exec_per_sec']}/s, cov {r['cov']} "
+                  f"ft {r['ft']}{' CRASH' if r['crash'] else ''}", file=sys.stderr, flush=True)
+
+    doc["jobs"] = a.jobs
+    threads = [threading.Thread(target=worker) for _ in range(max(1, a.jobs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
     print(table(doc))
     print(out)
     return 1 if any(r["crash"] for r in doc["targets"].values()) else 0

@@ -6,6 +6,13 @@
 //! default) each CREATED is answered with DESTROY at once, so the relay's per-link circuit cap
 //! never stops the flood and every cell costs the relay a handshake.
 //!
+//! Like a flood tool on its own machine, it sends only as fast as the relay's socket takes the
+//! cells: at most [`MAX_QUEUED`] cells wait in the tool's own send queue per link. (The link's
+//! scheduler lets every new circuit id queue a few cells past the link's cap, and a CREATE flood
+//! uses a new id per cell, so without this bound the tool queued millions of cells in its own
+//! memory at 0.9 of a core, CPU that on this shared machine was taken from the honest clients
+//! being measured, not from the relay.)
+//!
 //! The relay's identity, link key and onion key are public (its descriptor); this tool reads them
 //! from the relay's data directory (`--relay-dir`) because a test network is local.
 //!
@@ -67,9 +74,14 @@ struct Args {
 }
 
 /// Everything counted, shared by the link tasks.
+/// Cells allowed to wait in the tool's own send queue per link before it waits for the socket.
+const MAX_QUEUED: u64 = 256;
+
 #[derive(Default)]
 struct Counts {
     sent: AtomicU64,
+    /// Cells the sockets took (written in frames), DESTROYs included.
+    written: AtomicU64,
     created: AtomicU64,
     destroyed: AtomicU64,
     other: AtomicU64,
@@ -124,6 +136,8 @@ async fn flood_link(
             continue;
         };
         counts.links_opened.fetch_add(1, Ordering::Relaxed);
+        let written = Arc::new(channel::LinkBytes::default());
+        ch.count_into(&written);
         let (tx, mut rx) = ch.split();
         let reader = {
             let tx = tx.clone();
@@ -150,7 +164,15 @@ async fn flood_link(
         };
         let left = deadline.saturating_duration_since(Instant::now());
         let writer = async {
+            let mut queued_here: u64 = 0;
             loop {
+                // Wait for the socket (the relay reading) rather than queue without bound.
+                while queued_here.saturating_sub(written.cells_written()) > MAX_QUEUED {
+                    if tx.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
                 let hdata = match args.mode {
                     Mode::Replay => replayed.as_ref().clone(),
                     Mode::Fresh => match onionskin(&peer) {
@@ -168,6 +190,7 @@ async fn flood_link(
                 if tx.send(cell).await.is_err() {
                     break;
                 }
+                queued_here += 1;
                 counts.sent.fetch_add(1, Ordering::Relaxed);
                 // A send into a queue with room never waits: give the link's writer and reader
                 // (and the timer) their turn.
@@ -177,6 +200,9 @@ async fn flood_link(
         let closed_by_relay = tokio::time::timeout(left, writer).await.is_ok();
         tx.close();
         reader.abort();
+        counts
+            .written
+            .fetch_add(written.cells_written(), Ordering::Relaxed);
         if closed_by_relay {
             counts.links_closed.fetch_add(1, Ordering::Relaxed);
         }
@@ -225,6 +251,7 @@ async fn main() -> Result<(), String> {
         "links": args.links,
         "secs": (secs * 100.0).round() / 100.0,
         "creates_sent": get(&counts.sent),
+        "cells_written": get(&counts.written),
         "created": get(&counts.created),
         "destroy_received": get(&counts.destroyed),
         "other_cells": get(&counts.other),
