@@ -19,6 +19,7 @@
 //! | relay `i` | 127.(1 + i % 99).(i / 99).1 ([`relay_ip`]) |
 //! | authority `i` | 127.(100 + i).0.1 ([`authority_ip`]) |
 //! | bandwidth scanner | 127.103.0.1 ([`BWSCAN_IP`]) |
+//! | extra client proxies (`bench/scale.py`) | 127.x.255.0/24, never a relay's |
 //!
 //! The first 99 relays each have a /16 of their own; beyond that, relay `i` shares its /16 with
 //! relays `i ± 99`. Relays and authorities listen on their own address and their outgoing
@@ -51,9 +52,9 @@ pub const ATTACKER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 77);
 pub const BWSCAN_IP: Ipv4Addr = Ipv4Addr::new(127, 103, 0, 1);
 /// How many /16s the relays are spread over in the distinct layout (127.1/16 to 127.99/16).
 pub const RELAY_SUBNETS: usize = 99;
-/// Most relays the distinct layout has addresses for (99 /16s times 256 values of the third
-/// octet).
-pub const MAX_DISTINCT_RELAYS: usize = RELAY_SUBNETS * 256;
+/// Most relays the distinct layout has addresses for (99 /16s times 255 values of the third
+/// octet: 127.x.255.0/24 is left to extra clients).
+pub const MAX_DISTINCT_RELAYS: usize = RELAY_SUBNETS * 255;
 
 /// Where the nodes of a test network listen (module docs, "Addresses").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,7 +106,7 @@ impl AddressLayout {
 /// [`MAX_DISTINCT_RELAYS`]; [`NetworkBuilder::plan`] refuses more relays than that).
 pub fn relay_ip(i: usize) -> Ipv4Addr {
     let b = 1 + (i % RELAY_SUBNETS) as u8;
-    let c = ((i / RELAY_SUBNETS) % 256) as u8;
+    let c = ((i / RELAY_SUBNETS) % 255) as u8;
     Ipv4Addr::new(127, b, c, 1)
 }
 
@@ -727,6 +728,10 @@ mod tests {
             );
         }
         assert!(all.iter().chain(&auths).all(|ip| ip.octets()[1] != 0));
+        assert!(
+            all.iter().all(|ip| ip.octets()[2] != 255),
+            "127.x.255/24 is the clients'"
+        );
     }
 
     #[test]
