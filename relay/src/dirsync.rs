@@ -682,22 +682,32 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // Only an origin: consensus_wait is arithmetic on it.
     fn a_held_back_forced_fetch_never_delays_the_regular_schedule() {
         let now = tokio::time::Instant::now();
         let secs = Duration::from_secs;
         // Nothing forced: the regular wait.
-        assert_eq!(consensus_wait(BOOTSTRAP_RETRY, None, now), (BOOTSTRAP_RETRY, false));
+        assert_eq!(
+            consensus_wait(BOOTSTRAP_RETRY, None, now),
+            (BOOTSTRAP_RETRY, false)
+        );
         // Before the first consensus, an unknown relay 1 s after the last forced fetch: the gap
         // holds the forced fetch back 29 s, the bootstrap retry still comes in 2 s (it used to
         // wait out the whole gap, refusing every EXTEND meanwhile).
         let held = Some(now + FORCED_FETCH_MIN_GAP - secs(1));
-        assert_eq!(consensus_wait(BOOTSTRAP_RETRY, held, now), (BOOTSTRAP_RETRY, false));
+        assert_eq!(
+            consensus_wait(BOOTSTRAP_RETRY, held, now),
+            (BOOTSTRAP_RETRY, false)
+        );
         // With a consensus due in 10 minutes, the forced fetch runs once the gap allows.
         assert_eq!(
             consensus_wait(secs(600), held, now),
             (FORCED_FETCH_MIN_GAP - secs(1), true)
         );
         // A forced fetch already allowed runs at once.
-        assert_eq!(consensus_wait(secs(600), Some(now), now), (Duration::ZERO, true));
+        assert_eq!(
+            consensus_wait(secs(600), Some(now), now),
+            (Duration::ZERO, true)
+        );
     }
 }
