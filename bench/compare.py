@@ -974,6 +974,14 @@ def wait_tor_network(names, dirp, n_exit, deadline, check_alive):
 
 # ----------------------------------------------------------------------------------- Allium
 
+def allium_relay_ip(i, own_addresses):
+    """Relay i's address in `allium testnet` (src/cmd/testnet/plan.rs, "Addresses"): 127.(1 + i %
+    99).(i / 99).1, or 127.0.0.1 for a binary that puts every node there."""
+    if not own_addresses:
+        return "127.0.0.1"
+    return "127.%d.%d.1" % (1 + i % 99, i // 99)
+
+
 def run_allium(cfg):
     if cfg.allium_na:
         raise Fatal(cfg.allium_na)
@@ -998,15 +1006,20 @@ def run_allium(cfg):
         argv += ["--ready-timeout", str(int(cfg.boot_timeout))]
     emu = None
     if cfg.wan_on:
-        # relay i listens on BASE+80+i and advertises the emulator on BASE+150+i
+        # relay i listens on BASE+80+i of its address and advertises the emulator on BASE+150+i
+        # of the same address (binaries with --single-address give relay i its own loopback
+        # address; older ones put every relay on 127.0.0.1)
+        own = "--single-address" in helptext
         real, via = cfg.base_port + 80, cfg.base_port + 150
         for i in range(cfg.relays):
             for port in (real + i, via + i):
-                if not port_free("127.0.0.1", port):
-                    raise Fatal("port 127.0.0.1:%d is busy: pick another --base-port" % port)
+                if not port_free(allium_relay_ip(i, own), port):
+                    raise Fatal("port %s:%d is busy: pick another --base-port"
+                                % (allium_relay_ip(i, own), port))
         argv += ["--relay-port-base", str(real), "--advertise-port-base", str(via)]
-        emu = start_wanem(cfg, "allium-links", ["127.0.0.1:%d=127.0.0.1:%d" % (via + i, real + i)
-                                                for i in range(cfg.relays)], cfg.rate,
+        emu = start_wanem(cfg, "allium-links",
+                          ["%s:%d=%s:%d" % (allium_relay_ip(i, own), via + i, allium_relay_ip(i, own), real + i)
+                           for i in range(cfg.relays)], cfg.rate,
                           os.path.join(w, "wanem.log"), client_cmdline=os.path.join(data, "proxy.toml"))
     res["argv"] = argv
     log("[allium] %s" % " ".join(argv))

@@ -6,8 +6,9 @@ usage: python3 bench/scale.py [--allium PATH] [--relays 1000] [--exits 50] [--cl
 
 Starts `allium testnet --relays N` (3 authorities, N relays, its own proxy; each its own process),
 then M more client proxies (`allium proxy`), client i with its SOCKS port and every outbound
-connection on 127.(i+1).0.1 (`socks_listen`, `outbound_bind_address`: a distinct /16 each, so
-the subnet rules of path selection apply for real). It reports:
+connection on 127.(i+1).255.1 (`socks_listen`, `outbound_bind_address`: an address and a /24 of
+its own; `allium testnet` leaves 127.x.255.0/24 to such clients, its relays sit on
+127.(1 + i % 99).(i / 99).1 and its authorities on 127.100.0.1 to 127.102.0.1). It reports:
   - time until every client proxy carries a stream (a SOCKS5 GET of the test page through it);
   - the consensus size (compressed, as served at `/allium/v1/consensus.z`) per relay;
   - the size of a consensus diff after one voting period and after the whole window
@@ -261,7 +262,7 @@ def main():
                          "time, the figure reported, does not depend on it)")
     args = ap.parse_args()
     if not 1 <= args.clients <= 250:
-        sys.exit("--clients must be 1..250 (one 127.x /16 each)")
+        sys.exit("--clients must be 1..250 (one 127.x.255.1 each)")
     exits = args.exits or max(2, args.relays // 10)
     allium = args.allium
     if not allium:
@@ -330,7 +331,7 @@ def main():
                 "socks_listen", "data_dir", "control_port", "control_socket",
                 "cookie_authentication", "http_tunnel_port", "dns_port", "metrics_address",
                 "outbound_bind_address"])
-        ips = [f"127.{i + 1}.0.1" for i in range(args.clients)]
+        ips = [f"127.{i + 1}.255.1" for i in range(args.clients)]
         watch = TcpWatch(auth_addrs, ips)
         watch.start()
         t0 = time.monotonic()

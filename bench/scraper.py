@@ -228,7 +228,8 @@ def main():
     ap.add_argument("--client-address", default=None,
                     help="run the scraper through its own `allium proxy` whose SOCKS port and "
                     "outgoing connections use this local address (e.g. 127.0.0.2), instead of the "
-                    "test network's proxy, which shares 127.0.0.1 with the bandwidth scanner")
+                    "test network's proxy on 127.0.0.1 (the bandwidth scanner has its own "
+                    "address, 127.103.0.1, since testnets give each node one)")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", type=pathlib.Path, default=None)
     a = ap.parse_args()

@@ -24,7 +24,8 @@ Model of one link direction (a FIFO, never reordered):
   buffer of megabytes.
   A new connection costs one round trip before the target sees data (the TCP handshake): the
   target is dialled one delay after the accept, and the first bytes leave no earlier than three
-  delays after it.
+  delays after it. On loopback the target is dialled from the dialler's own address (bound before
+  connect), so each node of a test network keeps its 127.x source address through the emulator.
 
 --rate-from SUBSTRING limits the rate cap to the connections dialled by a process whose command
 line contains SUBSTRING (found through /proc at accept time): e.g. the client's links to its
@@ -281,6 +282,18 @@ class Side(asyncio.Protocol):
         self.link.lost(self)
 
 
+def loopback_source(peer, target_host):
+    """The address to dial the target from: the dialler's own, when both are IPv4 loopback
+    addresses (an `allium testnet` node on its 127.x address), so the target counts the link
+    against the dialler as it would without the emulator; None otherwise (the system's choice)."""
+    if not peer or ":" in target_host:
+        return None
+    ip = peer[0]
+    if ip.startswith("127.") and target_host.startswith("127."):
+        return ip
+    return None
+
+
 class Link:
     def __init__(self, loop, cfg, target):
         self.loop = loop
@@ -320,6 +333,12 @@ class Link:
             sock.setblocking(False)
             if self.down.rate:
                 set_rcvbuf(sock, self.cfg)
+            src = loopback_source(self.client.transport.get_extra_info("peername"), host)
+            if src:
+                try:
+                    sock.bind((src, 0))
+                except OSError:
+                    pass
             await self.loop.sock_connect(sock, (host, port))
             _, proto = await self.loop.create_connection(lambda: Side(self, "server"), sock=sock)
         except OSError:

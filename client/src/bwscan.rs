@@ -89,12 +89,19 @@ pub struct BwScanConfig {
     /// under test. Default: the highest-weight suitable relays of the consensus.
     #[serde(default)]
     pub helpers: Vec<String>,
-    /// Test networks: relays on one address may share a circuit (as the proxy's `test_network`).
+    /// Test networks: relays on one address may share a circuit when the consensus turns
+    /// `enforce_distinct_subnets` off (as the proxy's `test_network`).
     #[serde(default)]
     pub test_network: bool,
     /// Log filter for the `allium bwscan` binary.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// Local IP that the scanner's connections (to the authorities and to the relays it
+    /// measures) bind to, as the proxy's `outbound_bind_address`. Default: none (the system's
+    /// choice). `allium testnet` gives the scanner its own loopback address, so relays do not
+    /// count its circuits against the proxy's.
+    #[serde(default)]
+    pub outbound_bind_address: Option<std::net::IpAddr>,
 }
 
 impl BwScanConfig {
@@ -113,6 +120,7 @@ impl BwScanConfig {
             helpers: Vec::new(),
             test_network: false,
             log_level: default_log_level(),
+            outbound_bind_address: None,
         }
     }
 
@@ -411,7 +419,7 @@ pub async fn scan(
                 &helpers,
                 &known,
                 &exclude,
-                cfg.test_network,
+                view.relaxed(cfg.test_network),
             ) else {
                 tracing::info!(relay = %target.id, "no helper relay to pair with");
                 break;
@@ -450,13 +458,23 @@ pub async fn scan(
 
 /// Run scans on the schedule until `shutdown` turns true. `scans` (if given) counts completed
 /// scans (tests and `allium testnet` wait on it).
-#[allow(clippy::disallowed_methods)] // the scan driver sleeps between scans
 pub async fn run(
+    cfg: BwScanConfig,
+    shutdown: watch::Receiver<bool>,
+    scans: Option<watch::Sender<u64>>,
+) -> Result<(), ClientError> {
+    cfg.validate()?;
+    let bind = cfg.outbound_bind_address;
+    allium_directory::client::http::with_outbound_bind(bind, run_scans(cfg, shutdown, scans)).await
+}
+
+/// [`run`]'s loop, inside the outbound bind address's scope.
+#[allow(clippy::disallowed_methods)] // the scan driver sleeps between scans
+async fn run_scans(
     cfg: BwScanConfig,
     mut shutdown: watch::Receiver<bool>,
     scans: Option<watch::Sender<u64>>,
 ) -> Result<(), ClientError> {
-    cfg.validate()?;
     let mut results = BTreeMap::new();
     let mut done = 0u64;
     loop {

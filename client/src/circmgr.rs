@@ -574,7 +574,7 @@ impl<B: CircBuilder> CircMgr<B> {
         view: &DirView,
         last: &RelayInfo,
     ) -> Result<(RelayInfo, RelayInfo), ClientError> {
-        let relaxed = self.cfg.get().test_network;
+        let relaxed = view.relaxed(self.cfg.get().test_network);
         let primary = self
             .guards
             .lock()
@@ -838,7 +838,7 @@ impl<B: CircBuilder> CircMgr<B> {
                 m.keys().copied().collect()
             })
             .unwrap_or_default();
-        let relaxed = self.cfg.get().test_network;
+        let relaxed = view.relaxed(self.cfg.get().test_network);
         let mut rng = rand::rng();
         let w = &view.weights;
         path::choose_path_weighted(&view.relays, w, &primary, &avoid, ports, relaxed, &mut rng)

@@ -155,6 +155,7 @@ fn rig(script: &[Outcome]) -> Rig {
         relays: relays.clone(),
         weights: Default::default(),
         hs: Default::default(),
+        distinct_subnets: false,
     });
     Rig {
         mgr,
@@ -514,6 +515,7 @@ async fn the_build_timeout_is_learned_saved_and_restored() {
             relays,
             weights: Default::default(),
             hs: Default::default(),
+            distinct_subnets: false,
         });
         mgr
     };
@@ -682,6 +684,7 @@ fn rig_with(script: &[Outcome], f: impl FnOnce(&mut ProxyConfig)) -> Rig {
         relays: relays.clone(),
         weights: Default::default(),
         hs: Default::default(),
+        distinct_subnets: false,
     });
     Rig {
         mgr,

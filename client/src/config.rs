@@ -23,7 +23,9 @@ pub struct ProxyConfig {
     /// The directory authorities (at least one): identity and HTTP address of each
     /// (`[[authorities]]`: `identity`, `dir_addr`; `address` is accepted for `dir_addr`).
     pub authorities: Vec<AuthorityInfo>,
-    /// A local test network: relaxes the family and same-/16 path rules (all relays share 127.0.0.0/16).
+    /// A local test network: relaxes the family and same-/16 path rules when its consensus sets
+    /// `enforce_distinct_subnets` to 0 (every relay on one address); a test network whose relays
+    /// sit on distinct loopback /16s keeps the parameter, and the rules, on.
     pub test_network: bool,
     /// How long one circuit build may take before it is abandoned and retried on another path.
     #[serde(with = "secs")]

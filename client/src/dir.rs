@@ -32,6 +32,9 @@ pub(crate) struct DirView {
     /// What onion services need from the consensus (issue 13).
     #[allow(dead_code)] // for the onion-service drivers (issue 13)
     pub(crate) hs: HsView,
+    /// The consensus' `enforce_distinct_subnets` parameter is on (its default): see
+    /// [`DirView::relaxed`].
+    pub(crate) distinct_subnets: bool,
 }
 
 /// The onion-service part of a consensus: the HSDir ring's inputs.
@@ -93,6 +96,15 @@ impl HsView {
 }
 
 impl DirView {
+    /// Whether path selection may put related relays (same /16, family) on one circuit: only in
+    /// a test network (`test_network` in the configuration) whose consensus turns the
+    /// `enforce_distinct_subnets` parameter off (every relay on one address). A test network
+    /// whose relays sit on distinct loopback /16s keeps the parameter on, and with it the rule;
+    /// outside test networks the rule always holds, whatever the parameter says.
+    pub(crate) fn relaxed(&self, test_network: bool) -> bool {
+        test_network && !self.distinct_subnets
+    }
+
     /// The HSDir ring of `period`: the relays flagged HSDir, placed by the period's shared random
     /// value ([`HsView::srv_for`]: the consensus' current or previous value, or the disaster
     /// value when it has none).
@@ -144,6 +156,9 @@ pub(crate) fn view_from(nd: &NetDir) -> DirView {
         relays,
         weights: PositionWeights::from_consensus(&nd.consensus().bandwidth_weights),
         hs: HsView::from_consensus(nd.consensus()),
+        distinct_subnets: nd
+            .param_or_default(allium_directory::netdir::params::ENFORCE_DISTINCT_SUBNETS)
+            != 0,
     }
 }
 

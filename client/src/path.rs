@@ -13,7 +13,9 @@
 //!   for that position (dir-spec §3.8.3: `Wee`/`Wed` for exits, `Wmg`/`Wmm`/`Wme`/`Wmd` for
 //!   middles; [`PositionWeights`]);
 //! - no relay twice; no two relays of one (mutually declared) family or sharing an IPv4 /16 or
-//!   an IPv6 /32 (the directory's rule, `NetDir::related`), unless the network is a test network (`relaxed`), where only "no relay twice" holds.
+//!   an IPv6 /32 (the directory's rule, `NetDir::related`), unless the network is a test network
+//!   whose consensus turns `enforce_distinct_subnets` off (`relaxed`, `DirView::relaxed`), where
+//!   only "no relay twice" holds.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -39,8 +39,8 @@ pub struct RelayConfig {
     /// specific, non-wildcard address).
     #[serde(default)]
     pub advertised: Option<SocketAddr>,
-    /// Local IP that outgoing directory connections (descriptor uploads, consensus fetches) bind
-    /// to, as Tor's `OutboundBindAddress`. Default: the listen IP when `listen` is a specific
+    /// Local IP that outgoing connections (links to other relays for EXTEND, descriptor uploads,
+    /// consensus fetches) bind to, as Tor's `OutboundBindAddress`. Default: the listen IP when `listen` is a specific
     /// address, none (the system's choice) when it is a wildcard.
     #[serde(default)]
     pub outbound_bind_address: Option<IpAddr>,
@@ -183,7 +183,7 @@ pub const RELOADABLE_KEYS: &[&str] = &[
 ];
 
 impl RelayConfig {
-    /// The local IP outgoing directory connections bind to: `outbound_bind_address` if set,
+    /// The local IP outgoing connections bind to: `outbound_bind_address` if set,
     /// else the listen IP when it is a specific (non-wildcard) address.
     pub fn effective_outbound_bind(&self) -> Option<IpAddr> {
         self.outbound_bind_address.or_else(|| {

@@ -575,10 +575,13 @@ impl LinkManager {
         if let Some(l) = self.get_open(&id) {
             return Some(l);
         }
-        let res = tokio::time::timeout(
-            EXTEND_CONNECT_TIMEOUT,
-            channel::connect(addr, &id, &link_key, Some(&ctx.keys.link)),
-        )
+        // From the relay's own address (`outbound_bind_address`, by default the listen IP), so
+        // the next relay counts this link against this relay's address.
+        let bind = ctx.cfg.effective_outbound_bind();
+        let res = tokio::time::timeout(EXTEND_CONNECT_TIMEOUT, async {
+            let tcp = allium_directory::client::http::connect_from(addr, bind).await?;
+            channel::connect_over(tcp, &id, &link_key, Some(&ctx.keys.link)).await
+        })
         .await;
         {
             let mut g = match self.connecting.lock() {

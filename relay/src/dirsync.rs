@@ -69,6 +69,26 @@ pub fn next_fetch_at(c: &Consensus, authorities: usize, random: u64) -> u64 {
 
 /// Retry interval while no consensus is held.
 const BOOTSTRAP_RETRY: Duration = Duration::from_secs(2);
+
+/// How long the consensus task sleeps, and whether a forced fetch is due when it wakes: the
+/// regular wait (`regular`: the bootstrap retry, or until the next scheduled fetch), cut short
+/// by a forced fetch that an unknown relay asked for (`force_at`: when
+/// [`FORCED_FETCH_MIN_GAP`] after the last forced fetch allows it). A forced fetch held back by
+/// the gap never holds back the regular schedule: before the first consensus the relay keeps
+/// retrying every [`BOOTSTRAP_RETRY`] however many unknown relays it meets (it would otherwise
+/// sit without a consensus, refusing every EXTEND, for the whole gap).
+fn consensus_wait(
+    regular: Duration,
+    force_at: Option<tokio::time::Instant>,
+    now: tokio::time::Instant,
+) -> (Duration, bool) {
+    match force_at {
+        Some(at) if at.saturating_duration_since(now) < regular => {
+            (at.saturating_duration_since(now), true)
+        }
+        _ => (regular, false),
+    }
+}
 /// Descriptor lifetime.
 const DESC_LIFETIME_SECS: u64 = 2 * 24 * 3600;
 /// Bandwidth reported before anything was measured.
@@ -374,6 +394,8 @@ pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
         archive_current(&ctx, &cache);
     }
     let mut last_forced = tokio::time::Instant::now() - FORCED_FETCH_MIN_GAP;
+    // A forced fetch asked for but held back by the gap: when it may run.
+    let mut force_at: Option<tokio::time::Instant> = None;
     let mut force = false;
     let mut failures: u32 = 0;
     let mut expiry_warned: u64 = 0;
@@ -384,6 +406,8 @@ pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
     loop {
         let now = now_unix();
         if force || cache.current().is_none() || now >= next_fetch {
+            // This fetch also answers any forced fetch still waiting for the gap.
+            force_at = None;
             match cache.refresh(now).await {
                 Ok(v) => {
                     failures = 0;
@@ -450,18 +474,22 @@ pub(crate) async fn run_consensus(ctx: Arc<Ctx>) {
         } else {
             Duration::from_secs(next_fetch.saturating_sub(now).clamp(1, 600))
         };
+        let (sleep_for, forced) = consensus_wait(wait, force_at, tokio::time::Instant::now());
         tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = ctx.refetch.notified() => {
-                let since = last_forced.elapsed();
-                if since < FORCED_FETCH_MIN_GAP {
-                    tokio::select! {
-                        () = tokio::time::sleep(FORCED_FETCH_MIN_GAP - since) => {}
-                        _ = shutdown.changed() => return,
-                    }
+            () = tokio::time::sleep(sleep_for) => {
+                if forced {
+                    last_forced = tokio::time::Instant::now();
+                    force = true;
                 }
-                last_forced = tokio::time::Instant::now();
-                force = true;
+            }
+            () = ctx.refetch.notified() => {
+                let allowed = last_forced + FORCED_FETCH_MIN_GAP;
+                if tokio::time::Instant::now() >= allowed {
+                    last_forced = tokio::time::Instant::now();
+                    force = true;
+                } else {
+                    force_at = Some(allowed);
+                }
             }
             _ = shutdown.changed() => return,
         }
@@ -650,6 +678,36 @@ mod tests {
         assert!(
             m.observe(&consensus(VA + 9 * I, None), &id, adv, 0)
                 .is_empty()
+        );
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // Only an origin: consensus_wait is arithmetic on it.
+    fn a_held_back_forced_fetch_never_delays_the_regular_schedule() {
+        let now = tokio::time::Instant::now();
+        let secs = Duration::from_secs;
+        // Nothing forced: the regular wait.
+        assert_eq!(
+            consensus_wait(BOOTSTRAP_RETRY, None, now),
+            (BOOTSTRAP_RETRY, false)
+        );
+        // Before the first consensus, an unknown relay 1 s after the last forced fetch: the gap
+        // holds the forced fetch back 29 s, the bootstrap retry still comes in 2 s (it used to
+        // wait out the whole gap, refusing every EXTEND meanwhile).
+        let held = Some(now + FORCED_FETCH_MIN_GAP - secs(1));
+        assert_eq!(
+            consensus_wait(BOOTSTRAP_RETRY, held, now),
+            (BOOTSTRAP_RETRY, false)
+        );
+        // With a consensus due in 10 minutes, the forced fetch runs once the gap allows.
+        assert_eq!(
+            consensus_wait(secs(600), held, now),
+            (FORCED_FETCH_MIN_GAP - secs(1), true)
+        );
+        // A forced fetch already allowed runs at once.
+        assert_eq!(
+            consensus_wait(secs(600), Some(now), now),
+            (Duration::ZERO, true)
         );
     }
 }

@@ -1581,3 +1581,34 @@ async fn reconfigure_applies_to_new_circuits_while_open_streams_keep_working() {
 
 #[path = "dos_tests.rs"]
 mod dos_tests;
+
+/// A link opened for an EXTEND leaves from the relay's own address (its listen IP, the default
+/// `outbound_bind_address`), so the next relay counts it against this relay, not against
+/// whatever else shares the machine's default source address (a test network's proxy).
+#[tokio::test]
+async fn extend_links_leave_from_the_listen_address() {
+    let (mine, next_ip) = (
+        SocketAddr::from(([127, 31, 0, 1], 0)),
+        SocketAddr::from(([127, 32, 0, 1], 0)),
+    );
+    if std::net::TcpListener::bind(mine).is_err() {
+        eprintln!("skipped: this system routes only 127.0.0.1 to loopback");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = RelayConfig::for_test("A", dir.path());
+    cfg.listen = mine;
+    let a = crate::start(cfg).await.unwrap();
+    // The "next relay": a listener that only records who connects.
+    let next = tokio::net::TcpListener::bind(next_ip).await.unwrap();
+    let to = next.local_addr().unwrap();
+    let ctx = Arc::clone(&a.ctx);
+    let (id, key) = (RelayId([9; 32]), a.link_key());
+    let extend = tokio::spawn(async move { ctx.links.get_or_connect(&ctx, id, to, key).await });
+    let (_s, from) = tokio::time::timeout(T, next.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(from.ip(), mine.ip());
+    extend.abort();
+}

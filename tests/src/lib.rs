@@ -1,4 +1,4 @@
-//! Whole-network test helpers: a complete Allium network in one process on 127.0.0.1.
+//! Whole-network test helpers: a complete Allium network in one process on loopback.
 //!
 //! [`TestNet::start`] plans the network with the same builder as `allium testnet`
 //! ([`allium::cmd::testnet::NetworkBuilder`]) and starts every node in this process: 3 directory
@@ -6,6 +6,12 @@
 //! `exits` of them exits whose policy allows loopback and every port but [`REFUSED_PORT`], with
 //! a resolver that knows [`EXIT_ONLY_NAME`]), a SOCKS proxy, and an HTTP server
 //! ([`allium::cmd::testnet::httpd`]). Every wait is bounded.
+//!
+//! The addresses are `allium testnet`'s ([`allium::cmd::testnet::plan`], "Addresses"): each
+//! authority and relay listens on, and connects from, its own loopback address (relays in
+//! distinct /16s, so the consensus keeps the /16 path rule on); the proxy, the HTTP server and
+//! the tests themselves use 127.0.0.1. Where only 127.0.0.1 is routed to loopback every node
+//! shares it ([`TestNet::layout`]).
 
 // Whole-network tests run real nodes on real sockets; their waits are bounded real time.
 #![allow(clippy::disallowed_methods)]
@@ -15,7 +21,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use allium::cmd::testnet::NetworkBuilder;
+use allium::cmd::testnet::{AddressLayout, NetworkBuilder};
 use allium_client::{ProxyConfig, ProxyHandle};
 use allium_directory::authority::{self, AuthorityHandle, StartOptions};
 use allium_relay::{ExitPolicy, RelayConfig, RelayHandle, StaticResolver, SystemResolver};
@@ -76,6 +82,8 @@ pub struct TestNet {
     pub socks: SocketAddr,
     /// The HTTP test server.
     pub http: SocketAddr,
+    /// Where the nodes listen.
+    pub layout: AddressLayout,
 }
 
 fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) -> Result<(), String> {
@@ -129,7 +137,8 @@ pub fn exit_policy() -> ExitPolicy {
             format!("{}-65535", REFUSED_PORT + 1),
         ],
         allow_private: true,
-        // Relays and destinations share 127.0.0.1 here.
+        // Destinations are on 127.0.0.1, which is also every relay's address in the
+        // single-address layout.
         reject_my_addresses: false,
         ..ExitPolicy::default()
     }
@@ -191,6 +200,7 @@ impl TestNet {
                 Ok::<_, &str>(c)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let layout = plan.layout;
         let allium::cmd::testnet::NetworkPlan {
             authorities: planned,
             relays: planned_relays,
@@ -292,6 +302,7 @@ impl TestNet {
             proxy,
             socks,
             http,
+            layout,
         })
     }
 

@@ -1,12 +1,13 @@
 //! Issue 10, "Must show": junk-descriptor and slowloris floods against the authorities, from
-//! 127.0.0.77, leave the honest relays (listening on 127.0.N.1) probed and listed, the votes
-//! exchanged on time by the authorities' own schedule, and a client bootstrapping.
+//! 127.0.0.77, leave the honest relays (each on its own address, 127.(N+1).0.1, as
+//! `allium testnet` places them) probed and listed, the votes exchanged on time by the
+//! authorities' own schedule, and a client bootstrapping.
 //!
 //! The honest nodes get through on their own merit: the relays bind their directory
 //! connections to their listen address (`outbound_bind_address`'s default) and the client to
-//! `CLIENT` (each its own /24), so none of them talks to the authorities from 127.0.0.1, the
-//! authorities' own address that the per-address limits exempt; the authorities' counters
-//! show every accepted descriptor charged to the limits.
+//! `CLIENT` (each its own /24), so none of them talks to the authorities from an authority's
+//! address (127.100.0.1 to 127.102.0.1, which the per-address limits exempt); the authorities'
+//! counters show every accepted descriptor charged to the limits.
 //!
 //! The network: 3 authorities on their real schedule (4 s periods, real link-handshake probes),
 //! 4 relays, a proxy. The attacker uploads self-signed descriptors for relays "at" addresses that
@@ -316,12 +317,10 @@ async fn run(dir: &std::path::Path, attacker: tokio::runtime::Handle) {
     }
     let flood_start = Instant::now();
 
-    // Honest relays, each on its own 127.0.N.1.
+    // Honest relays, each on the address the plan gave it (its own /16).
     let mut relays = Vec::new();
     let mut honest_ids = Vec::new();
-    for (i, mut r) in planned_relays.into_iter().enumerate() {
-        let n = u8::try_from(i + 1).expect("few relays");
-        r.config.listen = SocketAddr::from(([127, 0, n, 1], 0));
+    for r in planned_relays {
         let h = start_relay(r.config).await.expect("relay");
         honest_ids.push(h.identity());
         relays.push(h);

@@ -1,4 +1,5 @@
-//! Whole-network tests over one shared network (3 authorities, 6 relays, a proxy) on 127.0.0.1.
+//! Whole-network tests over one shared network (3 authorities, 6 relays, a proxy) on loopback,
+//! each authority and relay on its own address (`allium_tests`, module docs).
 //!
 //! Tests here must not damage the network; destructive tests live in `failures.rs`.
 
@@ -386,4 +387,71 @@ fn data_sent_with_the_request_reaches_the_destination() {
             "the request sent with the handshake was lost"
         );
     });
+}
+
+/// Every authority and relay listens on its own loopback address, the relays in distinct /16s;
+/// the consensus lists those addresses and keeps the /16 path rule on; and the authorities see
+/// each relay's uploads, and each other's votes, come from that node's own address (relays and
+/// authorities bind their outgoing connections), not from 127.0.0.1.
+#[test]
+fn nodes_listen_on_and_connect_from_distinct_addresses() {
+    use std::collections::BTreeSet;
+    use std::net::IpAddr;
+    let net = net();
+    if net.layout != allium::cmd::testnet::AddressLayout::Distinct {
+        eprintln!("skipped: this system routes only 127.0.0.1 to loopback");
+        return;
+    }
+    let relay_ips: Vec<IpAddr> = net.relay_configs.iter().map(|c| c.listen.ip()).collect();
+    let auth_ips: Vec<IpAddr> = net.authorities.iter().map(|a| a.dir_addr().ip()).collect();
+    let subnet = |ip: &IpAddr| match ip {
+        IpAddr::V4(v4) => v4.octets()[..2].to_vec(),
+        IpAddr::V6(v6) => v6.octets()[..4].to_vec(),
+    };
+    let all: BTreeSet<IpAddr> = relay_ips.iter().chain(&auth_ips).copied().collect();
+    assert_eq!(
+        all.len(),
+        relay_ips.len() + auth_ips.len(),
+        "one address per node"
+    );
+    assert!(!all.contains(&IpAddr::from([127, 0, 0, 1])));
+    let subnets: BTreeSet<Vec<u8>> = relay_ips.iter().map(subnet).collect();
+    assert_eq!(subnets.len(), relay_ips.len(), "one /16 per relay");
+
+    let infos: Vec<_> = net.authorities.iter().map(|a| a.info()).collect();
+    let nd = net
+        .rt
+        .block_on(allium_directory::fetch_consensus(
+            &infos,
+            allium_directory::now_unix(),
+        ))
+        .map(allium_directory::NetDir::new)
+        .expect("consensus");
+    assert_eq!(nd.param("enforce_distinct_subnets", 0), 1);
+    let relays = net.relays.lock().expect("relays");
+    for r in relays.iter().flatten() {
+        let at = r.advertised_addr();
+        assert!(relay_ips.contains(&at.ip()));
+        let listed = nd.by_id(&r.identity()).expect("listed");
+        assert_eq!(listed.addrs.first(), Some(&at), "listed at its own address");
+    }
+    drop(relays);
+
+    for (i, a) in net.authorities.iter().enumerate() {
+        for (c, ip) in net.relay_configs.iter().zip(&relay_ips) {
+            assert!(
+                a.connections_from(*ip) >= 1,
+                "authority {i} saw no upload from {}'s address {ip}",
+                c.nickname
+            );
+        }
+        for (j, ip) in auth_ips.iter().enumerate() {
+            if i != j {
+                assert!(
+                    a.connections_from(*ip) >= 1,
+                    "authority {i} saw nothing from authority {j}'s address {ip}"
+                );
+            }
+        }
+    }
 }

@@ -543,7 +543,7 @@ fn pick_intro(sh: &Shared, avoid: &HashMap<RelayId, Instant>, t: Instant) -> Opt
         .cloned()
         .collect();
     let stable = base.iter().any(|r| r.flags.stable);
-    let relaxed = sh.mgr.config().test_network;
+    let relaxed = view.relaxed(sh.mgr.config().test_network);
     let fresh: Vec<RelayInfo> = base
         .iter()
         .filter(|r| {

@@ -1,7 +1,7 @@
 //! Authority configuration (TOML). See `authority.example.toml` in the repository root.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use allium_crypto::RelayId;
@@ -88,6 +88,13 @@ pub struct AuthorityConfig {
     pub data_dir: PathBuf,
     /// HTTP listen address.
     pub listen: SocketAddr,
+    /// Local IP that this authority's outgoing connections bind to (reachability probes of
+    /// relays; certificates, votes and signatures exchanged with the other authorities), as
+    /// Tor's `OutboundBindAddress`, so the peers count them against this address. Default: none
+    /// (the system's choice). `allium testnet` sets it to the listen IP (each node on its own
+    /// loopback address).
+    #[serde(default)]
+    pub outbound_bind_address: Option<IpAddr>,
     /// Every authority of the network, this one included.
     pub authorities: Vec<AuthorityInfo>,
     /// Seconds between consensus periods (default 3600; test networks use a few seconds).
@@ -251,6 +258,7 @@ impl AuthorityConfig {
         Self {
             data_dir,
             listen,
+            outbound_bind_address: None,
             authorities,
             voting_interval_secs: default_interval(),
             allow_private_addresses: false,

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use super::limits::{Limit, Prefix, ProbeTarget, probe_order};
 use super::state::{Inner, PROBE_CONCURRENCY, State};
 use super::vote::RelayHistory;
+use crate::client::http::with_outbound_bind;
 use crate::now_unix;
 
 /// Seconds between two probes of one relay by one authority: half the voting interval, or
@@ -184,11 +185,15 @@ impl Inner {
         let mut stream = futures::stream::iter(ordered)
             .map(|(id, addr, lk)| {
                 let reach = self.reach.clone();
+                let bind = self.cfg.outbound_bind_address;
                 async move {
                     let r = match addr {
-                        Some(a) => tokio::time::timeout(timeout, reach.probe(a, id, lk))
-                            .await
-                            .ok(),
+                        Some(a) => tokio::time::timeout(
+                            timeout,
+                            with_outbound_bind(bind, reach.probe(a, id, lk)),
+                        )
+                        .await
+                        .ok(),
                         None => Some(false),
                     };
                     (id, r)
@@ -264,9 +269,9 @@ impl Inner {
                 return;
             };
             let timeout = Duration::from_millis(me.cfg.limits.probe_timeout_ms);
-            let ok = tokio::time::timeout(timeout, me.reach.probe(addr, id, lk))
-                .await
-                .unwrap_or(false);
+            let probe =
+                with_outbound_bind(me.cfg.outbound_bind_address, me.reach.probe(addr, id, lk));
+            let ok = tokio::time::timeout(timeout, probe).await.unwrap_or(false);
             let now = now_unix();
             if let Some(h) = me.lock().history.get_mut(&id) {
                 h.record_with(ok, now, me.cfg.flags.history_decay_interval_secs);

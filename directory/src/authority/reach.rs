@@ -24,18 +24,21 @@ pub trait Reachability: Send + Sync + 'static {
     fn probe(&self, addr: SocketAddr, id: RelayId, link_key: X25519Public) -> ProbeFuture;
 }
 
-/// The real probe: a full link handshake with `allium_proto::channel::connect`, as a client
-/// (no static key of ours), which succeeds only if the peer holds the advertised link key.
+/// The real probe: a full link handshake (`allium_proto::channel::connect_over`), as a client
+/// (no static key of ours), which succeeds only if the peer holds the advertised link key. The
+/// connection leaves from the outbound bind address in force for the task that polls the probe
+/// ([`crate::client::http::with_outbound_bind`]; the authority sets its `outbound_bind_address`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LinkReachability;
 
 impl Reachability for LinkReachability {
     fn probe(&self, addr: SocketAddr, id: RelayId, link_key: X25519Public) -> ProbeFuture {
         Box::pin(async move {
-            let r = tokio::time::timeout(
-                PROBE_TIMEOUT,
-                allium_proto::channel::connect(addr, &id, &link_key, None),
-            )
+            let bind = crate::client::http::outbound_bind();
+            let r = tokio::time::timeout(PROBE_TIMEOUT, async {
+                let tcp = crate::client::http::connect_from(addr, bind).await?;
+                allium_proto::channel::connect_over(tcp, &id, &link_key, None).await
+            })
             .await;
             match r {
                 Ok(Ok(_channel)) => true,
@@ -103,5 +106,39 @@ impl Reachability for FakeReachability {
             .unwrap_or_else(|e| e.into_inner())
             .contains(&id);
         Box::pin(async move { up })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The probe's connection leaves from the outbound bind address in force (the authority's
+    /// `outbound_bind_address`), so relays count probes against the authority's own address.
+    #[tokio::test]
+    async fn link_probe_leaves_from_the_outbound_bind_address() {
+        let (mine, relay_ip) = (
+            std::net::SocketAddr::from(([127, 41, 0, 1], 0)),
+            std::net::SocketAddr::from(([127, 42, 0, 1], 0)),
+        );
+        if std::net::TcpListener::bind(mine).is_err() {
+            eprintln!("skipped: this system routes only 127.0.0.1 to loopback");
+            return;
+        }
+        let relay = tokio::net::TcpListener::bind(relay_ip).await.unwrap();
+        let to = relay.local_addr().unwrap();
+        let probe = tokio::spawn(crate::client::http::with_outbound_bind(
+            Some(mine.ip()),
+            LinkReachability.probe(to, RelayId([1; 32]), X25519Public([2; 32])),
+        ));
+        let (s, from) = tokio::time::timeout(PROBE_TIMEOUT, relay.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(from.ip(), mine.ip());
+        // No handshake answer: the probe fails.
+        drop(s);
+        assert!(!probe.await.unwrap());
     }
 }

@@ -55,6 +55,24 @@ pub(crate) const MAX_PERIODS_PER_AUTHORITY: usize = 3;
 pub(crate) const MAX_DETACHED_LEN: usize = 256;
 
 impl Inner {
+    /// One HTTP request to another authority, from this authority's `outbound_bind_address`
+    /// (the peers reserve connection slots for the authorities' addresses).
+    async fn peer_request(
+        &self,
+        addr: std::net::SocketAddr,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        max_body: usize,
+        timeout: Duration,
+    ) -> Result<http::Response> {
+        http::with_outbound_bind(
+            self.cfg.outbound_bind_address,
+            http::request(addr, method, path, body, max_body, timeout),
+        )
+        .await
+    }
+
     /// Make sure we hold a valid certificate of every configured authority, fetching missing
     /// ones from the authorities themselves.
     pub(super) async fn refresh_certs(&self, now: u64) {
@@ -67,7 +85,8 @@ impl Inner {
         };
         for (id, addr) in missing {
             let r = async {
-                let b = http::request(addr, "GET", paths::CERT, None, 4096, PEER_TIMEOUT)
+                let b = self
+                    .peer_request(addr, "GET", paths::CERT, None, 4096, PEER_TIMEOUT)
                     .await?
                     .into_ok("fetching a certificate")?;
                 Signed::<AuthCert>::from_bytes(&b)?.verify()
@@ -233,7 +252,8 @@ impl Inner {
         let pushes = self.peers().into_iter().map(|(id, addr)| {
             let b = bytes.clone();
             async move {
-                let r = http::request(addr, "POST", paths::VOTE, Some(&b), 4096, PEER_TIMEOUT)
+                let r = self
+                    .peer_request(addr, "POST", paths::VOTE, Some(&b), 4096, PEER_TIMEOUT)
                     .await
                     .and_then(|r| r.into_ok("posting our vote"));
                 if let Err(e) = r {
@@ -259,16 +279,17 @@ impl Inner {
         let mut fetch_errors: Vec<(RelayId, String)> = Vec::new();
         for (id, addr) in missing {
             let r = async {
-                let b = http::request(
-                    addr,
-                    "GET",
-                    paths::VOTE_CURRENT,
-                    None,
-                    MAX_CONSENSUS_LEN,
-                    PEER_TIMEOUT,
-                )
-                .await?
-                .into_ok("fetching a vote")?;
+                let b = self
+                    .peer_request(
+                        addr,
+                        "GET",
+                        paths::VOTE_CURRENT,
+                        None,
+                        MAX_CONSENSUS_LEN,
+                        PEER_TIMEOUT,
+                    )
+                    .await?
+                    .into_ok("fetching a vote")?;
                 self.accept_vote(&b, now)
             }
             .await;
@@ -385,7 +406,8 @@ impl Inner {
         let pushes = self.peers().into_iter().map(|(id, addr)| {
             let b = bytes.clone();
             async move {
-                let r = http::request(addr, "POST", paths::SIGNATURE, Some(&b), 4096, PEER_TIMEOUT)
+                let r = self
+                    .peer_request(addr, "POST", paths::SIGNATURE, Some(&b), 4096, PEER_TIMEOUT)
                     .await
                     .and_then(|r| r.into_ok("posting our signature"));
                 if let Err(e) = r {
@@ -531,16 +553,17 @@ impl Inner {
                 continue;
             }
             let r = async {
-                let b = http::request(
-                    addr,
-                    "GET",
-                    paths::CONSENSUS_NEXT,
-                    None,
-                    MAX_CONSENSUS_LEN,
-                    PEER_TIMEOUT,
-                )
-                .await?
-                .into_ok("fetching signatures")?;
+                let b = self
+                    .peer_request(
+                        addr,
+                        "GET",
+                        paths::CONSENSUS_NEXT,
+                        None,
+                        MAX_CONSENSUS_LEN,
+                        PEER_TIMEOUT,
+                    )
+                    .await?
+                    .into_ok("fetching signatures")?;
                 Signed::<Consensus>::from_bytes(&b)
             }
             .await;

@@ -60,8 +60,11 @@ pub fn outbound_bind() -> Option<IpAddr> {
     OUTBOUND_BIND.try_with(|b| *b).ok().flatten()
 }
 
-/// Connect to `addr`, from `bind` (port 0) when given.
-async fn connect_from(addr: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<TcpStream> {
+/// Connect to `addr`, from `bind` (port chosen by the system) when given and of the same address
+/// family as `addr` (Tor's `OutboundBindAddress`). Relays' links to other relays and authorities'
+/// reachability probes use it too, so a peer counts each node's connections against that node's
+/// own address.
+pub async fn connect_from(addr: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<TcpStream> {
     let Some(ip) = bind else {
         return TcpStream::connect(addr).await;
     };

@@ -1,5 +1,7 @@
-//! `allium testnet`: a whole network on 127.0.0.1 — 3 directory authorities, N relays and a SOCKS
-//! proxy, each a child process of this one — plus a small HTTP server to try it with.
+//! `allium testnet`: a whole network on loopback — 3 directory authorities, N relays and a SOCKS
+//! proxy, each a child process of this one — plus a small HTTP server to try it with. Each
+//! authority and relay has its own loopback address (relays in distinct /16s; see
+//! [`plan`], "Addresses"); the proxy's ports and the test page stay on 127.0.0.1.
 //!
 //! It waits until the proxy carries a stream, prints the SOCKS address and a `curl` line, writes
 //! `testnet.json` in the data directory, and runs until Ctrl-C (or SIGTERM), then stops every child.
@@ -22,8 +24,10 @@ use allium_relay::ExitPolicy;
 use serde::Serialize;
 
 use super::CmdResult;
-use plan::free_port;
-pub use plan::{N_AUTHORITIES, N_FALLBACK_DIRS, NetworkBuilder, NetworkPlan, fallback_dirs_from};
+pub use plan::{
+    AddressLayout, N_AUTHORITIES, N_FALLBACK_DIRS, NetworkBuilder, NetworkPlan, fallback_dirs_from,
+};
+use plan::{free_port, free_port_on};
 use procs::Node;
 /// Voting interval of a test network, seconds.
 pub const VOTING_INTERVAL_SECS: u64 = 2;
@@ -66,6 +70,9 @@ fn bwscan_toml(c: &allium_client::bwscan::BwScanConfig) -> Result<String, String
     t.insert("sample_timeout_secs".into(), int(c.sample_timeout_secs)?);
     t.insert("test_network".into(), c.test_network.into());
     t.insert("authorities".into(), Value::Array(auths));
+    if let Some(ip) = c.outbound_bind_address {
+        t.insert("outbound_bind_address".into(), ip.to_string().into());
+    }
     toml::to_string(&t).map_err(|e| e.to_string())
 }
 
@@ -165,7 +172,11 @@ fn respawn_if_port_lost(
     if slot.config.advertised == Some(slot.config.listen) {
         slot.config.advertised = None;
     }
-    slot.config.listen = free_port().map_err(|e| format!("a port for {}: {e}", slot.name))?;
+    slot.config.listen = match slot.config.listen.ip() {
+        std::net::IpAddr::V4(ip) => free_port_on(ip),
+        std::net::IpAddr::V6(_) => free_port(),
+    }
+    .map_err(|e| format!("a port for {}: {e}", slot.name))?;
     eprintln!(
         "allium testnet: {} lost a port to another process; restarting it on {}",
         slot.name, slot.config.listen
@@ -233,14 +244,21 @@ pub struct Args {
     /// Exit as soon as the network is ready (for scripts and smoke tests).
     #[arg(long)]
     pub exit_when_ready: bool,
-    /// Relay i listens on 127.0.0.1:(BASE + i) instead of a free port (benchmarks that put a
-    /// link emulator in front of each relay).
+    /// Relay i listens on port BASE + i of its address instead of a free port (benchmarks that
+    /// put a link emulator in front of each relay).
     #[arg(long, value_name = "BASE")]
     pub relay_port_base: Option<u16>,
-    /// Relay i advertises 127.0.0.1:(BASE + i) in its descriptor instead of its listener (where
-    /// a link emulator forwards to the listener): every connection to it goes through there.
+    /// Relay i advertises port BASE + i of its address in its descriptor instead of its
+    /// listener (where a link emulator forwards to the listener): every connection to it goes
+    /// through there.
     #[arg(long, value_name = "BASE")]
     pub advertise_port_base: Option<u16>,
+    /// Put every node on 127.0.0.1 (the former layout) instead of giving each authority and
+    /// relay its own loopback address (relay i on 127.(1 + i % 99).(i / 99).1, authorities on
+    /// 127.100.0.1 to 127.102.0.1). Chosen on its own where 127.1.0.1 cannot be bound (macOS).
+    /// With it, the /16 path rule and the per-address limits cannot tell nodes apart.
+    #[arg(long)]
+    pub single_address: bool,
     /// Give up if the proxy carries no stream after this many seconds (default: 90 plus a
     /// quarter second per relay above 20).
     #[arg(long, value_name = "SECS")]
@@ -275,6 +293,9 @@ fn testnet_control(data_dir: &std::path::Path) -> Result<(SocketAddr, PathBuf), 
 /// The contents of `testnet.json`.
 #[derive(Serialize, Debug)]
 struct TestnetInfo {
+    /// `distinct` (each authority and relay on its own loopback address) or `single` (every
+    /// node on 127.0.0.1).
+    address_layout: &'static str,
     socks: SocketAddr,
     /// The proxy's HTTP CONNECT tunnel port.
     http_tunnel: Option<SocketAddr>,
@@ -351,11 +372,29 @@ async fn run_async(args: Args) -> CmdResult {
         }
         a
     };
+    let layout = if args.single_address {
+        AddressLayout::Single
+    } else {
+        let l = AddressLayout::detect();
+        if l == AddressLayout::Single {
+            eprintln!(
+                "allium testnet: this system does not route 127.1.0.1 to loopback (only \
+                 127.0.0.1?): every node goes on 127.0.0.1, and the /16 path rule and the \
+                 per-address limits cannot tell them apart"
+            );
+        }
+        l
+    };
     eprintln!(
-        "allium testnet: starting {N_AUTHORITIES} authorities, {} relays ({} exits) and a proxy in {}",
+        "allium testnet: starting {N_AUTHORITIES} authorities, {} relays ({} exits) and a proxy in {} ({})",
         args.relays,
         args.exits,
-        dir.display()
+        dir.display(),
+        match layout {
+            AddressLayout::Distinct =>
+                "each authority and relay on its own loopback address, relays from 127.1.0.1",
+            AddressLayout::Single => "every node on 127.0.0.1",
+        }
     );
 
     // One plan (keys, addresses, configurations) for every node; the authorities' listeners
@@ -371,6 +410,7 @@ async fn run_async(args: Args) -> CmdResult {
         .advertise_port_base(args.advertise_port_base)
         .socks_listen(socks_addr)
         .bandwidth_file(dir.join("bwscan").join("bandwidth"))
+        .address_layout(layout)
         .plan(&dir, now)?;
 
     let mut nodes: Vec<Node> = Vec::new();
@@ -394,6 +434,7 @@ async fn start_and_serve(
         .map(|i| plan.authority_toml(i))
         .collect::<Result<Vec<_>, _>>()?;
     let authorities_bwfile = plan.authority_config(0).and_then(|c| c.bandwidth_file);
+    let layout = plan.layout;
     let NetworkPlan {
         authorities,
         relays,
@@ -489,6 +530,7 @@ async fn start_and_serve(
         bcfg.sample_timeout_secs = 10;
         bcfg.scan_interval_secs = BWSCAN_INTERVAL_SECS;
         bcfg.test_network = true;
+        bcfg.outbound_bind_address = layout.bwscan().map(std::net::IpAddr::V4);
         let bpath = dir.join("bwscan.toml");
         write_file(&bpath, &bwscan_toml(&bcfg)?)?;
         let blog = dir.join("bwscan.log");
@@ -582,6 +624,10 @@ async fn start_and_serve(
     let ready_secs = started.elapsed().as_secs_f64();
 
     let info = TestnetInfo {
+        address_layout: match layout {
+            AddressLayout::Distinct => "distinct",
+            AddressLayout::Single => "single",
+        },
         socks: socks_addr,
         http_tunnel: pcfg.http_tunnel_port,
         dns: pcfg.dns_port,
@@ -784,6 +830,7 @@ mod bwscan_tests {
         c.object_size = BWSCAN_OBJECT_SIZE;
         c.samples = 1;
         c.test_network = true;
+        c.outbound_bind_address = Some(std::net::IpAddr::V4(plan::BWSCAN_IP));
         let back =
             allium_client::bwscan::BwScanConfig::from_toml(&bwscan_toml(&c).unwrap()).unwrap();
         assert_eq!(back.output, c.output);
@@ -791,6 +838,7 @@ mod bwscan_tests {
         assert_eq!(back.object_size, BWSCAN_OBJECT_SIZE);
         assert_eq!(back.samples, 1);
         assert!(back.test_network);
+        assert_eq!(back.outbound_bind_address, c.outbound_bind_address);
         assert_eq!(back.authorities, c.authorities);
     }
 }
