@@ -1581,3 +1581,6 @@ async fn reconfigure_applies_to_new_circuits_while_open_streams_keep_working() {
 
 #[path = "dos_tests.rs"]
 mod dos_tests;
+
+#[path = "sched_tests.rs"]
+mod sched_tests;
