@@ -883,6 +883,66 @@ mod tests {
         assert!(worst <= Duration::from_millis(45), "{shared:?}");
     }
 
+    /// Through the real writer task, a peer reading one frame per 10 ms (simulated): 20 bulk
+    /// circuits in one group and one ungrouped bulk circuit each get about half of the link;
+    /// with the 20 ungrouped, the lone circuit gets about 1/21.
+    #[tokio::test(start_paused = true)]
+    async fn a_group_of_bulk_circuits_shares_the_writer_as_one() {
+        async fn lone_share(grouped: bool) -> f64 {
+            let (ti, tr) = transports();
+            let (sealer, _) = ti.split();
+            let (_, mut opener) = tr.split();
+            let (wr, mut rd) = tokio::io::duplex(2 * (MAX_FRAME_LEN + LEN_PREFIX));
+            let closed = CloseSignal::new();
+            let (sender, queue) = ChannelSender::new(closed.clone(), MuxConfig::default());
+            let timeout = Arc::clone(&sender.inner.write_timeout_ms);
+            tokio::spawn(writer_task(
+                wr,
+                queue,
+                sealer,
+                closed.clone(),
+                timeout,
+                CounterSlot::default(),
+            ));
+            for circ in 1..=21u32 {
+                let s = sender.clone();
+                let group = (grouped && circ <= 20).then_some(CircGroup(9));
+                tokio::spawn(async move {
+                    while s.send_in(relay_cell(circ, 0), group).await.is_ok() {}
+                });
+            }
+            let mut buf = BytesMut::new();
+            let mut chunk = vec![0u8; MAX_FRAME_LEN + LEN_PREFIX];
+            let mut plain = vec![0u8; MAX_FRAME_LEN];
+            let (mut lone, mut all) = (0usize, 0usize);
+            // Skip the first frames (queued before every circuit had cells in).
+            let mut frames = 0;
+            while frames < 300 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let n = rd.read(&mut chunk).await.unwrap();
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some((frame, used)) = link::split_transport_frame(&buf).unwrap() {
+                    let m = opener.open_frame(frame, &mut plain).unwrap();
+                    buf.advance(used);
+                    frames += 1;
+                    if frames <= 20 {
+                        continue;
+                    }
+                    for c in plain[..m].chunks(CELL_LEN) {
+                        all += 1;
+                        lone += usize::from(Cell::decode(c).unwrap().circ_id.unwrap().get() == 21);
+                    }
+                }
+            }
+            sender.close();
+            lone as f64 / all as f64
+        }
+        let grouped = lone_share(true).await;
+        assert!((0.45..=0.55).contains(&grouped), "{grouped}");
+        let ungrouped = lone_share(false).await;
+        assert!(ungrouped < 0.1, "{ungrouped}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_full_circuit_waits_without_blocking_the_others() {
         let (ti, _tr) = transports();

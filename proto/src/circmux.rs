@@ -46,8 +46,13 @@
 //!   a push beyond either is refused and the cell handed back (the sender waits for room). A
 //!   circuit with fewer than [`MuxConfig::reserve`] cells queued (and link control) may exceed
 //!   the link's cap, so that bulk circuits filling the link cannot keep a light one out of it:
-//!   the link holds at most `total_cap + reserve` per circuit. (Caps are per circuit, not per
-//!   group: grouping decides the order cells leave in, not who may queue.)
+//!   the link's cap. A circuit whose group holds less than its fair share of the cap
+//!   (`total_cap` divided by the groups with cells queued, its own included) may exceed it too,
+//!   as long as the link holds less than twice the cap: otherwise the busy groups' many circuits
+//!   take all the room the writer frees, and a light group, however early the scheduler would
+//!   send its cells, only ever has its reserve queued (measured through the writer: 4 cells of
+//!   each 32-cell frame, 12.5 % instead of half). The link holds at most `2 * total_cap`
+//!   plus `reserve` per circuit.
 //! - A circuit's entry is dropped once its DESTROY has left, and idle entries are dropped on
 //!   rescale, so the table holds only circuits that sent recently. A group is dropped with its
 //!   last circuit, so there are never more groups than circuits.
@@ -167,6 +172,8 @@ struct Group {
     heap: BinaryHeap<Entry>,
     /// Circuits remembered in this group; at 0 the group is forgotten.
     members: usize,
+    /// Cells queued by its circuits.
+    queued: usize,
     /// A free entry (the group was forgotten).
     free: bool,
 }
@@ -273,14 +280,30 @@ impl CircuitMux {
 
     /// Whether a cell for `circ` (`None`: link control) would be accepted now.
     pub fn has_room(&self, circ: Option<CircId>) -> bool {
-        let mine = match circ {
-            Some(id) => self.queued_for(id),
-            None => self.control.len(),
+        let (mine, fair) = match circ {
+            Some(id) => match self.by_id.get(&id).and_then(|&i| self.slots.get(i)) {
+                Some(s) => (s.queue.len(), self.under_fair_share(s.group)),
+                // A new circuit is a new group, with nothing queued.
+                None => (0, self.under_fair_share(usize::MAX)),
+            },
+            None => (self.control.len(), false),
         };
-        if self.queued >= self.cfg.total_cap && mine >= self.cfg.reserve {
+        if self.queued >= self.cfg.total_cap && mine >= self.cfg.reserve && !fair {
             return false;
         }
         circ.is_none() || mine < self.cfg.circ_cap
+    }
+
+    /// Whether group `gi` (an unknown index: a new group) holds less than its share of the
+    /// link's cap, with the link under twice the cap (see the module docs).
+    fn under_fair_share(&self, gi: usize) -> bool {
+        if self.queued >= 2 * self.cfg.total_cap {
+            return false;
+        }
+        let mine = self.groups.get(gi).map_or(0, |g| g.queued);
+        // The heap holds each group with cells queued once.
+        let active = self.heap.len() + usize::from(mine == 0);
+        mine < self.cfg.total_cap / active.max(1)
     }
 
     /// The current exponentially weighted cell count of circuit `id` (cells; decayed to the
@@ -330,24 +353,28 @@ impl CircuitMux {
             }
             None => self.new_slot(id, group),
         };
-        let Some(slot) = self.slots.get_mut(idx) else {
+        let Some(slot) = self.slots.get(idx) else {
             return Err(Refused::LinkFull(cell));
         };
-        if link_full && slot.queue.len() >= self.cfg.reserve {
+        if link_full && slot.queue.len() >= self.cfg.reserve && !self.under_fair_share(slot.group) {
             // A new slot stays (empty, not in a heap) until the next rescale forgets it.
             return Err(Refused::LinkFull(cell));
         }
+        let Some(slot) = self.slots.get_mut(idx) else {
+            return Err(Refused::LinkFull(cell));
+        };
         if slot.queue.len() >= self.cfg.circ_cap {
             return Err(Refused::CircuitFull(cell));
         }
         slot.queue.push_back(cell);
         self.queued += 1;
+        let Some(g) = self.groups.get_mut(slot.group) else {
+            return Ok(());
+        };
+        g.queued += 1;
         if !slot.in_heap {
             slot.in_heap = true;
             let key = Key(slot.value);
-            let Some(g) = self.groups.get_mut(slot.group) else {
-                return Ok(());
-            };
             self.seq += 1;
             if g.heap.is_empty() {
                 self.heap
@@ -395,6 +422,7 @@ impl CircuitMux {
             value: 0.0,
             heap: BinaryHeap::new(),
             members: 1,
+            queued: 0,
             free: false,
         };
         let gi = if let Some(i) = self.free_groups.pop()
@@ -469,6 +497,7 @@ impl CircuitMux {
         let slot = self.slots.get_mut(idx)?;
         let cell = slot.queue.pop_front()?;
         self.queued -= 1;
+        g.queued = g.queued.saturating_sub(1);
         slot.value += weight;
         g.value += weight;
         if g.key.is_some() {

@@ -502,3 +502,67 @@ fn regroup_waits_for_an_empty_queue() {
     m.push_in(cell(1, 6), Some(G2)).unwrap();
     assert_eq!((m.n_groups(), m.group_of(id(1))), (1, Some(G2)));
 }
+
+/// Push cells for circuit `n` (in `group`) until refused; returns how many were taken.
+fn fill(m: &mut CircuitMux, n: u32, group: Option<CircGroup>) -> usize {
+    let mut taken = 0;
+    while m.push_in(cell(n, 0), group).is_ok() {
+        taken += 1;
+    }
+    taken
+}
+
+/// Admission follows the groups too: with the link at its cap, filled by one group's eight
+/// circuits, a light circuit may still queue up to half the cap (its fair share with two
+/// groups active), not only its 4-cell reserve; past that it waits.
+#[test]
+fn a_light_group_may_queue_its_fair_share_past_the_cap() {
+    let mut m = CircuitMux::new(MuxConfig {
+        circ_cap: 128,
+        total_cap: 64,
+        reserve: 4,
+        ..MuxConfig::default()
+    });
+    // Round robin, as eight busy senders would: 8 cells each fill the link; G1 then holds its
+    // whole fair share (the cap), and every circuit has its reserve: nothing more gets in.
+    let mut open = true;
+    while open {
+        open = false;
+        for n in 1..=8 {
+            open |= m.push_in(cell(n, 0), Some(G1)).is_ok();
+        }
+    }
+    assert_eq!(m.len(), 64);
+    assert!(!m.has_room(Some(id(1))));
+    assert!(m.has_room(Some(id(100))));
+    assert_eq!(fill(&mut m, 100, None), 32);
+    assert!(!m.has_room(Some(id(100))));
+    assert_eq!(m.len(), 96);
+    // The writer takes a frame's worth: the light circuit's cells are half of it.
+    let t0 = Instant::now();
+    let lone = (0..32)
+        .filter(|_| circ_of(&m.pop(t0).unwrap()) == 100)
+        .count();
+    assert_eq!(lone, 16);
+}
+
+/// However the groups come and go, the link holds at most twice its cap (plus the per-circuit
+/// reserve, 0 here): groups that each take their fair share one after another would otherwise
+/// pile up the cap times the harmonic number of their count.
+#[test]
+fn fair_share_admission_stays_under_twice_the_cap() {
+    let mut m = CircuitMux::new(MuxConfig {
+        circ_cap: 128,
+        total_cap: 64,
+        reserve: 0,
+        ..MuxConfig::default()
+    });
+    let mut taken = Vec::new();
+    for n in 1..=200u32 {
+        taken.push(fill(&mut m, n, Some(CircGroup(u128::from(n)))));
+    }
+    assert_eq!(m.len(), 128, "{taken:?}");
+    // The first filled the link, the second took its half, the third its third...
+    assert_eq!(taken[..3], [64, 32, 21]);
+    assert!(taken[10..].iter().all(|&t| t == 0), "{taken:?}");
+}
