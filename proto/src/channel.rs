@@ -45,8 +45,9 @@ pub use crate::link::HANDSHAKE_TIMEOUT;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A frame write that makes no progress for this long closes the link.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Cells queued per link (all circuits) before [`ChannelSender::send`] waits (a circuit with
-/// fewer than 4 cells queued may still add to them: see [`MuxConfig::reserve`]).
+/// Cells queued per link (all circuits) before [`ChannelSender::send`] waits (a group of
+/// circuits under its fair share of it may still add to them, up to twice it: see
+/// [`MuxConfig::reserve`]).
 pub const SEND_QUEUE_CELLS: usize = 512;
 /// Cells queued per circuit on a link before [`ChannelSender::send`] waits for that circuit.
 pub const CIRC_QUEUE_CELLS: usize = 128;

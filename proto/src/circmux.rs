@@ -43,16 +43,17 @@
 //! - Cells of one circuit leave in the order they were pushed; cells without a circuit
 //!   (link PADDING) leave before any circuit cell.
 //! - At most [`MuxConfig::circ_cap`] cells wait per circuit and [`MuxConfig::total_cap`] in all;
-//!   a push beyond either is refused and the cell handed back (the sender waits for room). A
-//!   circuit with fewer than [`MuxConfig::reserve`] cells queued (and link control) may exceed
-//!   the link's cap, so that bulk circuits filling the link cannot keep a light one out of it:
-//!   the link's cap. A circuit whose group holds less than its fair share of the cap
-//!   (`total_cap` divided by the groups with cells queued, its own included) may exceed it too,
-//!   as long as the link holds less than twice the cap: otherwise the busy groups' many circuits
-//!   take all the room the writer frees, and a light group, however early the scheduler would
-//!   send its cells, only ever has its reserve queued (measured through the writer: 4 cells of
-//!   each 32-cell frame, 12.5 % instead of half). The link holds at most `2 * total_cap`
-//!   plus `reserve` per circuit.
+//!   a push beyond either is refused and the cell handed back (the sender waits for room).
+//!   Admission past the link's cap is per group, as the order is: a circuit whose group holds
+//!   less than its fair share, `max(total_cap / G, reserve)` with G the groups with cells queued
+//!   (its own included), may still queue, while the link holds less than twice the cap (or the
+//!   group less than [`MuxConfig::reserve`] cells). So busy groups filling the link cannot keep a
+//!   light group out of it, nor hold it to a trickle: with a reserve per circuit instead, a busy
+//!   group of many circuits took all the room the writer freed and a light circuit only ever had
+//!   its reserve queued (measured through the writer: 4 cells of each 32-cell frame with 20 busy
+//!   circuits beside it, under 2 % with 400, instead of half). Link control (PADDING) has its
+//!   own reserve. The link holds at most `2 * total_cap` plus `reserve` per group. An ungrouped
+//!   circuit is a group: for it the reserve is per circuit, as before groups.
 //! - A circuit's entry is dropped once its DESTROY has left, and idle entries are dropped on
 //!   rescale, so the table holds only circuits that sent recently. A group is dropped with its
 //!   last circuit, so there are never more groups than circuits.
@@ -84,7 +85,8 @@ pub struct MuxConfig {
     pub circ_cap: usize,
     /// Most cells queued on the link in all (see [`MuxConfig::reserve`]).
     pub total_cap: usize,
-    /// Cells a circuit may always queue, even when the link is at `total_cap`.
+    /// Cells a group (an ungrouped circuit: the circuit) may always queue, even when the link is
+    /// at `total_cap` (see the module docs for the fair share it may queue beyond).
     pub reserve: usize,
 }
 
@@ -278,29 +280,30 @@ impl CircuitMux {
         self.groups.get(slot.group)?.key
     }
 
-    /// Whether a cell for `circ` (`None`: link control) would be accepted now.
+    /// Whether a cell for `circ` (`None`: link control) would be accepted now (a circuit not
+    /// seen yet: as an ungrouped one).
     pub fn has_room(&self, circ: Option<CircId>) -> bool {
-        let (mine, fair) = match circ {
-            Some(id) => match self.by_id.get(&id).and_then(|&i| self.slots.get(i)) {
-                Some(s) => (s.queue.len(), self.under_fair_share(s.group)),
-                // A new circuit is a new group, with nothing queued.
-                None => (0, self.under_fair_share(usize::MAX)),
-            },
-            None => (self.control.len(), false),
+        let link_full = self.queued >= self.cfg.total_cap;
+        let Some(id) = circ else {
+            return !link_full || self.control.len() < self.cfg.reserve;
         };
-        if self.queued >= self.cfg.total_cap && mine >= self.cfg.reserve && !fair {
-            return false;
+        match self.by_id.get(&id).and_then(|&i| self.slots.get(i)) {
+            Some(s) => s.queue.len() < self.cfg.circ_cap && (!link_full || self.admits(s.group)),
+            // A new circuit is a new group, with nothing queued.
+            None => !link_full || self.admits(usize::MAX),
         }
-        circ.is_none() || mine < self.cfg.circ_cap
     }
 
-    /// Whether group `gi` (an unknown index: a new group) holds less than its share of the
-    /// link's cap, with the link under twice the cap (see the module docs).
-    fn under_fair_share(&self, gi: usize) -> bool {
+    /// With the link at its cap: whether group `gi` (an unknown index: a new group) may queue
+    /// one more cell (see the module docs).
+    fn admits(&self, gi: usize) -> bool {
+        let mine = self.groups.get(gi).map_or(0, |g| g.queued);
+        if mine < self.cfg.reserve {
+            return true;
+        }
         if self.queued >= 2 * self.cfg.total_cap {
             return false;
         }
-        let mine = self.groups.get(gi).map_or(0, |g| g.queued);
         // The heap holds each group with cells queued once.
         let active = self.heap.len() + usize::from(mine == 0);
         mine < self.cfg.total_cap / active.max(1)
@@ -356,7 +359,7 @@ impl CircuitMux {
         let Some(slot) = self.slots.get(idx) else {
             return Err(Refused::LinkFull(cell));
         };
-        if link_full && slot.queue.len() >= self.cfg.reserve && !self.under_fair_share(slot.group) {
+        if link_full && !self.admits(slot.group) {
             // A new slot stays (empty, not in a heap) until the next rescale forgets it.
             return Err(Refused::LinkFull(cell));
         }

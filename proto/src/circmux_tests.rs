@@ -566,3 +566,27 @@ fn fair_share_admission_stays_under_twice_the_cap() {
     assert_eq!(taken[..3], [64, 32, 21]);
     assert!(taken[10..].iter().all(|&t| t == 0), "{taken:?}");
 }
+
+/// The reserve is per group: 400 busy circuits of one group stop at the link's cap (with a
+/// reserve per circuit they would hold 1600 cells and every light group would be held to its
+/// reserve), and a lone circuit still queues up to its own cap. 400 ungrouped circuits keep
+/// their reserve each.
+#[test]
+fn many_circuits_of_one_group_share_one_reserve() {
+    let round_robin = |m: &mut CircuitMux, group: Option<CircGroup>| {
+        let mut open = true;
+        while open {
+            open = false;
+            for n in 1..=400 {
+                open |= m.push_in(cell(n, 0), group).is_ok();
+            }
+        }
+    };
+    let mut m = CircuitMux::new(MuxConfig::default());
+    round_robin(&mut m, Some(G1));
+    assert_eq!(m.len(), 512);
+    assert_eq!(fill(&mut m, 1000, None), 128);
+    let mut m = CircuitMux::new(MuxConfig::default());
+    round_robin(&mut m, None);
+    assert_eq!(m.len(), 1600);
+}
