@@ -4,7 +4,8 @@
 //!   [`HANDSHAKE_TIMEOUT`] on a TCP socket with `TCP_NODELAY`.
 //! - [`Channel::split`] gives a [`ChannelSender`] (cloneable; per-circuit bounded queues in a
 //!   [`CircuitMux`], drained by one writer task that takes the next cells lowest-EWMA circuit
-//!   first, up to 32, into one Noise frame and one `write`) and a [`ChannelReceiver`] (reads and
+//!   first, up to 32, into one Noise frame and one `write`; circuits sent with
+//!   [`ChannelSender::send_in`] share the link per group) and a [`ChannelReceiver`] (reads and
 //!   opens frames in the caller's task, no extra task switch).
 //! - Fair sharing needs the queue to build up here, not in the kernel: link sockets get
 //!   `TCP_NOTSENT_LOWAT` ([`NOTSENT_LOWAT`]), so the writer only hands the kernel more once its
@@ -31,7 +32,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::cell::{CELL_LEN, Cell, CellCmd};
-use crate::circmux::{CircuitMux, MuxConfig};
+use crate::circmux::{CircGroup, CircuitMux, MuxConfig};
 use crate::err::LinkError;
 use crate::link::{
     self, HandshakeInfo, Initiator, LEN_PREFIX, LinkOpener, LinkSealer, LinkTransport,
@@ -44,8 +45,9 @@ pub use crate::link::HANDSHAKE_TIMEOUT;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A frame write that makes no progress for this long closes the link.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Cells queued per link (all circuits) before [`ChannelSender::send`] waits (a circuit with
-/// fewer than 4 cells queued may still add to them: see [`MuxConfig::reserve`]).
+/// Cells queued per link (all circuits) before [`ChannelSender::send`] waits (a group of
+/// circuits under its fair share of it may still add to them, up to twice it: see
+/// [`MuxConfig::reserve`]).
 pub const SEND_QUEUE_CELLS: usize = 512;
 /// Cells queued per circuit on a link before [`ChannelSender::send`] waits for that circuit.
 pub const CIRC_QUEUE_CELLS: usize = 128;
@@ -73,6 +75,8 @@ pub struct LinkBytes {
     /// Cells in the frames read and written (every frame carries whole cells).
     cells_read: AtomicU64,
     cells_written: AtomicU64,
+    /// Cells written from circuits scheduled in a group ([`ChannelSender::send_in`]).
+    cells_written_grouped: AtomicU64,
     /// The send queues of the links that count here (for [`LinkBytes::queued_bytes`]).
     queues: std::sync::Mutex<Vec<std::sync::Weak<SendQueue>>>,
 }
@@ -94,6 +98,11 @@ impl LinkBytes {
     pub fn cells_written(&self) -> u64 {
         self.cells_written.load(Ordering::Relaxed)
     }
+    /// Cells written from circuits that were scheduled in a group ([`ChannelSender::send_in`]):
+    /// shows that per-group scheduling is in use.
+    pub fn cells_written_grouped(&self) -> u64 {
+        self.cells_written_grouped.load(Ordering::Relaxed)
+    }
     /// Bytes of cells waiting in the send queues of the open links that count here, now
     /// (computed when asked: links pay nothing for it).
     pub fn queued_bytes(&self) -> u64 {
@@ -114,10 +123,14 @@ impl LinkBytes {
         self.read.fetch_add(n as u64, Ordering::Relaxed);
         self.cells_read.fetch_add(cells as u64, Ordering::Relaxed);
     }
-    fn add_written(&self, n: usize, cells: usize) {
+    fn add_written(&self, n: usize, cells: usize, grouped: u64) {
         self.written.fetch_add(n as u64, Ordering::Relaxed);
         self.cells_written
             .fetch_add(cells as u64, Ordering::Relaxed);
+        if grouped > 0 {
+            self.cells_written_grouped
+                .fetch_add(grouped, Ordering::Relaxed);
+        }
     }
 }
 
@@ -375,11 +388,12 @@ impl SendQueue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queue `cell`, or hand it back if its circuit's queue or the link's is full.
-    fn try_push(&self, cell: Cell) -> Option<Cell> {
+    /// Queue `cell` (in `group`, see [`CircuitMux::push_in`]), or hand it back if its circuit's
+    /// queue or the link's is full.
+    fn try_push(&self, cell: Cell, group: Option<CircGroup>) -> Option<Cell> {
         let mut st = self.lock();
         let was_empty = st.mux.is_empty();
-        match st.mux.push(cell) {
+        match st.mux.push_in(cell, group) {
             Ok(()) => {
                 drop(st);
                 if was_empty {
@@ -394,18 +408,22 @@ impl SendQueue {
         }
     }
 
-    /// Move up to `max` cells, in scheduler order at `now`, into `batch`.
-    fn take_batch(&self, batch: &mut Vec<Cell>, max: usize, now: std::time::Instant) {
+    /// Move up to `max` cells, in scheduler order at `now`, into `batch`; returns how many of
+    /// them came from grouped circuits.
+    fn take_batch(&self, batch: &mut Vec<Cell>, max: usize, now: std::time::Instant) -> u64 {
         let mut st = self.lock();
+        let grouped_before = st.mux.grouped_sent();
         while batch.len() < max {
             let Some(c) = st.mux.pop(now) else { break };
             batch.push(c);
         }
+        let grouped = st.mux.grouped_sent() - grouped_before;
         let wake = std::mem::take(&mut st.refused) && !batch.is_empty();
         drop(st);
         if wake {
             self.room.notify_waiters();
         }
+        grouped
     }
 }
 
@@ -473,6 +491,14 @@ impl ChannelSender {
     /// is closed, or if the cell breaks the link-cell rules (unknown command, circuit id 0 on a
     /// circuit command...).
     pub async fn send(&self, cell: Cell) -> Result<(), LinkError> {
+        self.send_in(cell, None).await
+    }
+
+    /// As [`ChannelSender::send`], scheduling the cell's circuit in `group`: the circuits of one
+    /// group share the link as one circuit does against the others (see
+    /// [`CircuitMux::push_in`]; `None` leaves the circuit's group as it is, ungrouped for a new
+    /// circuit). Pass the same group with every cell of the circuit.
+    pub async fn send_in(&self, cell: Cell, group: Option<CircGroup>) -> Result<(), LinkError> {
         cell.check()?;
         let q = &self.inner.queue;
         let mut cell = cell;
@@ -484,7 +510,7 @@ impl ChannelSender {
             let room = q.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            match q.try_push(cell) {
+            match q.try_push(cell, group) {
                 None => return Ok(()),
                 Some(c) => cell = c,
             }
@@ -498,11 +524,20 @@ impl ChannelSender {
     /// Queue a cell without waiting; fails with [`LinkError::Closed`] if the link is closed and
     /// returns the cell back if its circuit's queue (or the link's) is full.
     pub fn try_send(&self, cell: Cell) -> Result<Option<Cell>, LinkError> {
+        self.try_send_in(cell, None)
+    }
+
+    /// As [`ChannelSender::try_send`], in `group` (see [`ChannelSender::send_in`]).
+    pub fn try_send_in(
+        &self,
+        cell: Cell,
+        group: Option<CircGroup>,
+    ) -> Result<Option<Cell>, LinkError> {
         cell.check()?;
         if self.inner.closed.is_cancelled() {
             return Err(LinkError::Closed);
         }
-        Ok(self.inner.queue.try_push(cell))
+        Ok(self.inner.queue.try_push(cell, group))
     }
 
     /// Close the link: no new cells are accepted, the cells already queued are flushed (bounded
@@ -667,7 +702,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(
         loop {
             // Closing: flush what is already queued, then shut down.
             let closing = closed.is_cancelled();
-            queue.take_batch(&mut batch, MAX_CELLS_PER_FRAME, writer_now());
+            let grouped = queue.take_batch(&mut batch, MAX_CELLS_PER_FRAME, writer_now());
             if batch.is_empty() {
                 if closing {
                     break;
@@ -683,7 +718,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(
             let out = (&mut plain[..], &mut frame[..], &mut sealer, &mut wr);
             let n = write_batch(&mut batch, out, &write_timeout_ms).await?;
             if let Some(c) = counters.get() {
-                c.add_written(n, cells);
+                c.add_written(n, cells, grouped);
             }
         }
         let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.shutdown()).await;
@@ -849,6 +884,66 @@ mod tests {
         assert!(worst <= Duration::from_millis(45), "{shared:?}");
     }
 
+    /// Through the real writer task, a peer reading one frame per 10 ms (simulated): 20 bulk
+    /// circuits in one group and one ungrouped bulk circuit each get about half of the link;
+    /// with the 20 ungrouped, the lone circuit gets about 1/21.
+    #[tokio::test(start_paused = true)]
+    async fn a_group_of_bulk_circuits_shares_the_writer_as_one() {
+        async fn lone_share(grouped: bool) -> f64 {
+            let (ti, tr) = transports();
+            let (sealer, _) = ti.split();
+            let (_, mut opener) = tr.split();
+            let (wr, mut rd) = tokio::io::duplex(2 * (MAX_FRAME_LEN + LEN_PREFIX));
+            let closed = CloseSignal::new();
+            let (sender, queue) = ChannelSender::new(closed.clone(), MuxConfig::default());
+            let timeout = Arc::clone(&sender.inner.write_timeout_ms);
+            tokio::spawn(writer_task(
+                wr,
+                queue,
+                sealer,
+                closed.clone(),
+                timeout,
+                CounterSlot::default(),
+            ));
+            for circ in 1..=21u32 {
+                let s = sender.clone();
+                let group = (grouped && circ <= 20).then_some(CircGroup(9));
+                tokio::spawn(async move {
+                    while s.send_in(relay_cell(circ, 0), group).await.is_ok() {}
+                });
+            }
+            let mut buf = BytesMut::new();
+            let mut chunk = vec![0u8; MAX_FRAME_LEN + LEN_PREFIX];
+            let mut plain = vec![0u8; MAX_FRAME_LEN];
+            let (mut lone, mut all) = (0usize, 0usize);
+            // Skip the first frames (queued before every circuit had cells in).
+            let mut frames = 0;
+            while frames < 300 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let n = rd.read(&mut chunk).await.unwrap();
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some((frame, used)) = link::split_transport_frame(&buf).unwrap() {
+                    let m = opener.open_frame(frame, &mut plain).unwrap();
+                    buf.advance(used);
+                    frames += 1;
+                    if frames <= 20 {
+                        continue;
+                    }
+                    for c in plain[..m].chunks(CELL_LEN) {
+                        all += 1;
+                        lone += usize::from(Cell::decode(c).unwrap().circ_id.unwrap().get() == 21);
+                    }
+                }
+            }
+            sender.close();
+            lone as f64 / all as f64
+        }
+        let grouped = lone_share(true).await;
+        assert!((0.45..=0.55).contains(&grouped), "{grouped}");
+        let ungrouped = lone_share(false).await;
+        assert!(ungrouped < 0.1, "{ungrouped}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_full_circuit_waits_without_blocking_the_others() {
         let (ti, _tr) = transports();
@@ -914,7 +1009,13 @@ mod tests {
         let (_stx, mut rx) = server.split();
         const N: usize = 40;
         for i in 0..N {
-            tx.send(relay_cell(1, i as u8)).await.unwrap();
+            if i % 4 == 0 {
+                tx.send_in(relay_cell(3, i as u8), Some(CircGroup(7)))
+                    .await
+                    .unwrap();
+            } else {
+                tx.send(relay_cell(1, i as u8)).await.unwrap();
+            }
         }
         for _ in 0..N {
             rx.recv().await.unwrap();
@@ -931,6 +1032,9 @@ mod tests {
         assert_eq!(sent.cells_written(), N as u64);
         assert_eq!(got.cells_read(), N as u64);
         assert_eq!((sent.cells_read(), got.cells_written()), (0, 0));
+        // The cells of the grouped circuit are counted apart as well.
+        assert_eq!(sent.cells_written_grouped(), N as u64 / 4);
+        assert_eq!(got.cells_written_grouped(), 0);
         assert_eq!(sent.queued_bytes(), 0, "everything was sent");
         // Cells queued and not yet taken by the writer (it cannot run: this test's runtime has
         // one thread and the loop does not yield) are counted when asked.

@@ -1,4 +1,5 @@
-//! The circuit scheduler of a link: per-circuit outgoing queues, drained lowest-EWMA first.
+//! The circuit scheduler of a link: per-circuit outgoing queues, drained lowest-EWMA first,
+//! fairly between groups of circuits.
 //!
 //! Every circuit on a link keeps its own bounded queue of outgoing cells. When the link's writer
 //! has room it asks [`CircuitMux::pop`] for the next cell, which comes from the circuit with the
@@ -8,26 +9,57 @@
 //! it has a cell queued, and two bulk circuits alternate. Old activity decays with a half-life
 //! ([`MuxConfig::half_life`], 30 s by default), counted in whole ticks ([`MuxConfig::tick`]).
 //!
+//! Groups: a circuit may belong to a [`CircGroup`] (a relay puts every circuit that came from one
+//! client address in one group, see [`CircuitMux::push_in`]). Each group keeps its own average
+//! as well: a cell sent counts for its circuit and for its group. The mux first picks the group
+//! with the smallest average, then within it the circuit with the smallest average. So two busy
+//! groups share the link equally whatever their number of circuits (400 circuits of one address
+//! get what one circuit of another address gets), and an interactive circuit of a big group
+//! still goes before that group's bulk circuits. A circuit without a group is a group of its own
+//! (with the same average as the circuit), so without groups the order is exactly the
+//! per-circuit EWMA order.
+//!
 //! How the decay stays cheap: instead of scaling every circuit's average down at every tick,
 //! a cell sent in tick `k` (counted from the epoch) adds `2^(k * tick / half_life)` to its
-//! circuit's value. All values share that scale, so comparing them compares the true averages,
-//! and a circuit's value only changes when it sends. When the weight grows past
+//! circuit's value and to its group's. All values share that scale, so comparing them compares
+//! the true averages, and a value only changes when it sends. When the weight grows past
 //! [`RESCALE_AT`], every value is divided by it and the epoch moves to the current tick (one pass
-//! over the circuits, every ~16 minutes with the defaults); idle circuits whose average decayed
-//! below a hundredth of a cell are forgotten then.
+//! over the circuits and groups, every ~16 minutes with the defaults); idle circuits whose average
+//! decayed below a hundredth of a cell are forgotten then.
+//!
+//! Selection: a heap of the groups that have cells queued, keyed by the group's value, and in
+//! each group a heap of its circuits that have cells queued, keyed by the circuit's value. A pop
+//! takes the top group and its top circuit and puts both back with their new values:
+//! O(log G + log C) for G groups with cells queued (an ungrouped circuit counts as one) and C
+//! circuits with cells queued in the chosen group. A push is O(1), plus the same when the
+//! circuit's queue was empty. There is no per-circuit blocked state inside the mux: a circuit is
+//! in its group's heap exactly while it has a cell queued, and a group is in the link's heap
+//! exactly while one of its circuits is, so a pop never has to skip anything. A group whose
+//! circuits are all held back by their own state (windows closed, reactor waiting elsewhere) has
+//! nothing queued, is absent from the heap and costs the others nothing; it keeps its (decaying)
+//! value, so coming back does not give it a head start over the groups that kept sending.
 //!
 //! Invariants (the writer relies on them):
 //! - Cells of one circuit leave in the order they were pushed; cells without a circuit
 //!   (link PADDING) leave before any circuit cell.
 //! - At most [`MuxConfig::circ_cap`] cells wait per circuit and [`MuxConfig::total_cap`] in all;
-//!   a push beyond either is refused and the cell handed back (the sender waits for room). A
-//!   circuit with fewer than [`MuxConfig::reserve`] cells queued (and link control) may exceed
-//!   the link's cap, so that bulk circuits filling the link cannot keep a light one out of it:
-//!   the link holds at most `total_cap + reserve` per circuit.
+//!   a push beyond either is refused and the cell handed back (the sender waits for room).
+//!   Admission past the link's cap is per group, as the order is: a circuit whose group holds
+//!   less than its fair share, `max(total_cap / G, reserve)` with G the groups with cells queued
+//!   (its own included), may still queue, while the link holds less than twice the cap (or the
+//!   group less than [`MuxConfig::reserve`] cells). So busy groups filling the link cannot keep a
+//!   light group out of it, nor hold it to a trickle: with a reserve per circuit instead, a busy
+//!   group of many circuits took all the room the writer freed and a light circuit only ever had
+//!   its reserve queued (measured through the writer: 4 cells of each 32-cell frame with 20 busy
+//!   circuits beside it, under 2 % with 400, instead of half). Link control (PADDING) has its
+//!   own reserve. The link holds at most `2 * total_cap` plus `reserve` per group. An ungrouped
+//!   circuit is a group: for it the reserve is per circuit, as before groups.
 //! - A circuit's entry is dropped once its DESTROY has left, and idle entries are dropped on
-//!   rescale, so the table holds only circuits that sent recently.
-//! - No allocation per cell: queues keep their capacity while the circuit lives; the heap and
-//!   the slot table grow only with the number of circuits.
+//!   rescale, so the table holds only circuits that sent recently. A group is dropped with its
+//!   last circuit, so there are never more groups than circuits.
+//! - No allocation per cell: queues keep their capacity while the circuit lives, a group's heap
+//!   while the group lives; the heaps and the slot tables grow only with the number of circuits
+//!   and groups.
 //!
 //! Sans-IO: time comes in as an argument to [`CircuitMux::pop`]; pushes need no time.
 
@@ -53,7 +85,8 @@ pub struct MuxConfig {
     pub circ_cap: usize,
     /// Most cells queued on the link in all (see [`MuxConfig::reserve`]).
     pub total_cap: usize,
-    /// Cells a circuit may always queue, even when the link is at `total_cap`.
+    /// Cells a group (an ungrouped circuit: the circuit) may always queue, even when the link is
+    /// at `total_cap` (see the module docs for the fair share it may queue beyond).
     pub reserve: usize,
 }
 
@@ -68,6 +101,12 @@ impl Default for MuxConfig {
         }
     }
 }
+
+/// The scheduling group of a circuit: the circuits of one group share the link as much as one
+/// circuit does against the other groups (see the module docs). An opaque key; a relay derives
+/// it from the previous hop's client address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CircGroup(pub u128);
 
 /// Why a push was refused; the cell comes back with it.
 #[derive(Debug)]
@@ -105,6 +144,10 @@ impl Ord for Key {
     }
 }
 
+/// A heap entry: smallest value first, ties by push order; the last field indexes a slot (in a
+/// group's heap) or a group (in the link's heap).
+type Entry = Reverse<(Key, u64, usize)>;
+
 /// One circuit's state.
 #[derive(Debug)]
 struct Slot {
@@ -112,9 +155,28 @@ struct Slot {
     queue: VecDeque<Cell>,
     /// Cells sent, weighted by when (see the module docs), in epoch units.
     value: f64,
-    /// Whether the slot is in the heap (it is iff its queue is not empty).
+    /// Whether the slot is in its group's heap (it is iff its queue is not empty).
     in_heap: bool,
     /// A free slot (its circuit was forgotten).
+    free: bool,
+    /// Index of its group in [`CircuitMux::groups`].
+    group: usize,
+}
+
+/// One group's state.
+#[derive(Debug)]
+struct Group {
+    /// `None`: the group of one ungrouped circuit.
+    key: Option<CircGroup>,
+    /// Cells its circuits sent, weighted as the circuits' values.
+    value: f64,
+    /// Its circuits with queued cells (it is in the link's heap iff this is not empty).
+    heap: BinaryHeap<Entry>,
+    /// Circuits remembered in this group; at 0 the group is forgotten.
+    members: usize,
+    /// Cells queued by its circuits.
+    queued: usize,
+    /// A free entry (the group was forgotten).
     free: bool,
 }
 
@@ -125,12 +187,18 @@ pub struct CircuitMux {
     by_id: HashMap<CircId, usize>,
     slots: Vec<Slot>,
     free: Vec<usize>,
-    /// Circuits with queued cells, smallest value first; ties by push order.
-    heap: BinaryHeap<Reverse<(Key, u64, usize)>>,
+    /// The named groups, by key.
+    by_group: HashMap<CircGroup, usize>,
+    groups: Vec<Group>,
+    free_groups: Vec<usize>,
+    /// Groups with queued cells, smallest value first; ties by push order.
+    heap: BinaryHeap<Entry>,
     seq: u64,
     /// Cells without a circuit (link PADDING): sent first.
     control: VecDeque<Cell>,
     queued: usize,
+    /// Cells sent from circuits of named groups (statistics).
+    grouped_sent: u64,
     /// Start of tick 0, set by the first pop.
     epoch: Option<Instant>,
     /// The tick of the cached weight, and the weight of a cell sent in it.
@@ -153,10 +221,14 @@ impl CircuitMux {
             by_id: HashMap::new(),
             slots: Vec::new(),
             free: Vec::new(),
+            by_group: HashMap::new(),
+            groups: Vec::new(),
+            free_groups: Vec::new(),
             heap: BinaryHeap::new(),
             seq: 0,
             control: VecDeque::new(),
             queued: 0,
+            grouped_sent: 0,
             epoch: None,
             tick: 0,
             weight: 1.0,
@@ -191,16 +263,50 @@ impl CircuitMux {
         self.by_id.len()
     }
 
-    /// Whether a cell for `circ` (`None`: link control) would be accepted now.
+    /// Named groups the scheduler remembers (each has at least one circuit remembered;
+    /// ungrouped circuits are not counted).
+    pub fn n_groups(&self) -> usize {
+        self.by_group.len()
+    }
+
+    /// Cells sent so far by circuits that belong to a named group.
+    pub fn grouped_sent(&self) -> u64 {
+        self.grouped_sent
+    }
+
+    /// The group circuit `id` is scheduled in (`None`: ungrouped, or not remembered).
+    pub fn group_of(&self, id: CircId) -> Option<CircGroup> {
+        let slot = self.slots.get(*self.by_id.get(&id)?)?;
+        self.groups.get(slot.group)?.key
+    }
+
+    /// Whether a cell for `circ` (`None`: link control) would be accepted now (a circuit not
+    /// seen yet: as an ungrouped one).
     pub fn has_room(&self, circ: Option<CircId>) -> bool {
-        let mine = match circ {
-            Some(id) => self.queued_for(id),
-            None => self.control.len(),
+        let link_full = self.queued >= self.cfg.total_cap;
+        let Some(id) = circ else {
+            return !link_full || self.control.len() < self.cfg.reserve;
         };
-        if self.queued >= self.cfg.total_cap && mine >= self.cfg.reserve {
+        match self.by_id.get(&id).and_then(|&i| self.slots.get(i)) {
+            Some(s) => s.queue.len() < self.cfg.circ_cap && (!link_full || self.admits(s.group)),
+            // A new circuit is a new group, with nothing queued.
+            None => !link_full || self.admits(usize::MAX),
+        }
+    }
+
+    /// With the link at its cap: whether group `gi` (an unknown index: a new group) may queue
+    /// one more cell (see the module docs).
+    fn admits(&self, gi: usize) -> bool {
+        let mine = self.groups.get(gi).map_or(0, |g| g.queued);
+        if mine < self.cfg.reserve {
+            return true;
+        }
+        if self.queued >= 2 * self.cfg.total_cap {
             return false;
         }
-        circ.is_none() || mine < self.cfg.circ_cap
+        // The heap holds each group with cells queued once.
+        let active = self.heap.len() + usize::from(mine == 0);
+        mine < self.cfg.total_cap / active.max(1)
     }
 
     /// The current exponentially weighted cell count of circuit `id` (cells; decayed to the
@@ -212,9 +318,26 @@ impl CircuitMux {
             .map_or(0.0, |s| s.value / self.weight)
     }
 
+    /// As [`CircuitMux::ewma`], for a named group (all its circuits together).
+    pub fn group_ewma(&self, group: CircGroup) -> f64 {
+        self.by_group
+            .get(&group)
+            .and_then(|&i| self.groups.get(i))
+            .map_or(0.0, |g| g.value / self.weight)
+    }
+
     /// Queue `cell` behind its circuit's earlier cells; refused (cell handed back) if its
-    /// circuit's queue or the link's is full.
+    /// circuit's queue or the link's is full. A circuit first seen here is ungrouped; one seen
+    /// with [`CircuitMux::push_in`] keeps its group.
     pub fn push(&mut self, cell: Cell) -> Result<(), Refused> {
+        self.push_in(cell, None)
+    }
+
+    /// As [`CircuitMux::push`], with the circuit's group: `Some` puts the circuit in that group
+    /// (from this cell on if it is new, once its queue is empty if it was in another group),
+    /// `None` leaves it where it is. Passing the group with every cell costs one comparison and
+    /// keeps it right after the circuit was forgotten for being idle.
+    pub fn push_in(&mut self, cell: Cell, group: Option<CircGroup>) -> Result<(), Refused> {
         let link_full = self.queued >= self.cfg.total_cap;
         let Some(id) = cell.circ_id else {
             if link_full && self.control.len() >= self.cfg.reserve {
@@ -225,37 +348,55 @@ impl CircuitMux {
             return Ok(());
         };
         let idx = match self.by_id.get(&id) {
-            Some(&i) => i,
-            None => self.new_slot(id),
+            Some(&i) => {
+                if let Some(g) = group {
+                    self.regroup(i, g);
+                }
+                i
+            }
+            None => self.new_slot(id, group),
         };
+        let Some(slot) = self.slots.get(idx) else {
+            return Err(Refused::LinkFull(cell));
+        };
+        if link_full && !self.admits(slot.group) {
+            // A new slot stays (empty, not in a heap) until the next rescale forgets it.
+            return Err(Refused::LinkFull(cell));
+        }
         let Some(slot) = self.slots.get_mut(idx) else {
             return Err(Refused::LinkFull(cell));
         };
-        if link_full && slot.queue.len() >= self.cfg.reserve {
-            // A new slot stays (empty, not in the heap) until the next rescale forgets it.
-            return Err(Refused::LinkFull(cell));
-        }
         if slot.queue.len() >= self.cfg.circ_cap {
             return Err(Refused::CircuitFull(cell));
         }
         slot.queue.push_back(cell);
         self.queued += 1;
+        let Some(g) = self.groups.get_mut(slot.group) else {
+            return Ok(());
+        };
+        g.queued += 1;
         if !slot.in_heap {
             slot.in_heap = true;
             let key = Key(slot.value);
             self.seq += 1;
-            self.heap.push(Reverse((key, self.seq, idx)));
+            if g.heap.is_empty() {
+                self.heap
+                    .push(Reverse((Key(g.value), self.seq, slot.group)));
+            }
+            g.heap.push(Reverse((key, self.seq, idx)));
         }
         Ok(())
     }
 
-    fn new_slot(&mut self, id: CircId) -> usize {
+    fn new_slot(&mut self, id: CircId, group: Option<CircGroup>) -> usize {
+        let gi = self.join_group(group);
         let slot = Slot {
             id,
             queue: VecDeque::new(),
             value: 0.0,
             in_heap: false,
             free: false,
+            group: gi,
         };
         let idx = if let Some(i) = self.free.pop()
             && let Some(s) = self.slots.get_mut(i)
@@ -270,43 +411,129 @@ impl CircuitMux {
         idx
     }
 
+    /// The index of group `key` (a new group of one for `None`), counting one more member.
+    fn join_group(&mut self, key: Option<CircGroup>) -> usize {
+        if let Some(k) = key
+            && let Some(&gi) = self.by_group.get(&k)
+            && let Some(g) = self.groups.get_mut(gi)
+        {
+            g.members += 1;
+            return gi;
+        }
+        let group = Group {
+            key,
+            value: 0.0,
+            heap: BinaryHeap::new(),
+            members: 1,
+            queued: 0,
+            free: false,
+        };
+        let gi = if let Some(i) = self.free_groups.pop()
+            && let Some(g) = self.groups.get_mut(i)
+        {
+            *g = group;
+            i
+        } else {
+            self.groups.push(group);
+            self.groups.len() - 1
+        };
+        if let Some(k) = key {
+            self.by_group.insert(k, gi);
+        }
+        gi
+    }
+
+    /// One member of group `gi` is gone; forget the group with its last one.
+    fn leave_group(&mut self, gi: usize) {
+        let Some(g) = self.groups.get_mut(gi) else {
+            return;
+        };
+        g.members = g.members.saturating_sub(1);
+        if g.members > 0 {
+            return;
+        }
+        // Its circuits were all idle (a forgotten circuit has nothing queued): not in the heap.
+        if let Some(k) = g.key.take() {
+            self.by_group.remove(&k);
+        }
+        g.heap = BinaryHeap::new();
+        g.value = 0.0;
+        g.free = true;
+        self.free_groups.push(gi);
+    }
+
+    /// Move circuit `idx` into group `key` if it is elsewhere and has nothing queued (its cells
+    /// queued in its old group's heap stay there until sent; the move waits for the next push).
+    fn regroup(&mut self, idx: usize, key: CircGroup) {
+        let Some(slot) = self.slots.get(idx) else {
+            return;
+        };
+        let old = slot.group;
+        if slot.in_heap || self.groups.get(old).is_some_and(|g| g.key == Some(key)) {
+            return;
+        }
+        self.leave_group(old);
+        let gi = self.join_group(Some(key));
+        if let Some(s) = self.slots.get_mut(idx) {
+            s.group = gi;
+        }
+    }
+
     /// The next cell to send at `now`: link control cells first, then the head of the circuit
-    /// with the lowest EWMA, which is charged one cell.
+    /// with the lowest EWMA in the group with the lowest EWMA; both are charged one cell.
     pub fn pop(&mut self, now: Instant) -> Option<Cell> {
         if let Some(c) = self.control.pop_front() {
             self.queued -= 1;
             return Some(c);
         }
         self.advance(now);
-        let Reverse((_, _, idx)) = self.heap.pop()?;
         let weight = self.weight;
+        // A group is in the heap iff it has a circuit with cells queued: the loop only guards
+        // against a broken invariant (it would otherwise stall the link).
+        let (gi, idx) = loop {
+            let Reverse((_, _, gi)) = self.heap.pop()?;
+            if let Some(Reverse((_, _, idx))) = self.groups.get_mut(gi).and_then(|g| g.heap.pop()) {
+                break (gi, idx);
+            }
+        };
+        let g = self.groups.get_mut(gi)?;
         let slot = self.slots.get_mut(idx)?;
         let cell = slot.queue.pop_front()?;
         self.queued -= 1;
+        g.queued = g.queued.saturating_sub(1);
         slot.value += weight;
+        g.value += weight;
+        if g.key.is_some() {
+            self.grouped_sent += 1;
+        }
+        self.seq += 1;
         if slot.queue.is_empty() {
             slot.in_heap = false;
-            if cell.cmd == CellCmd::DESTROY {
-                // The circuit is over on this link: forget it (a new one may reuse the id).
-                let id = slot.id;
-                self.forget(idx, id);
-            }
         } else {
-            let key = Key(slot.value);
-            self.seq += 1;
-            self.heap.push(Reverse((key, self.seq, idx)));
+            g.heap.push(Reverse((Key(slot.value), self.seq, idx)));
+        }
+        if !g.heap.is_empty() {
+            self.heap.push(Reverse((Key(g.value), self.seq, gi)));
+        }
+        if !slot.in_heap && cell.cmd == CellCmd::DESTROY {
+            // The circuit is over on this link: forget it (a new one may reuse the id).
+            let id = slot.id;
+            self.forget(idx, id);
         }
         Some(cell)
     }
 
     fn forget(&mut self, idx: usize, id: CircId) {
         self.by_id.remove(&id);
-        if let Some(s) = self.slots.get_mut(idx) {
-            s.queue = VecDeque::new();
-            s.free = true;
-            s.value = 0.0;
-        }
+        let Some(s) = self.slots.get_mut(idx) else {
+            return;
+        };
+        s.queue = VecDeque::new();
+        s.free = true;
+        s.value = 0.0;
+        let gi = s.group;
         self.free.push(idx);
+        self.leave_group(gi);
     }
 
     /// Move the cached weight to the tick of `now`, rescaling everything when it grows large.
@@ -330,7 +557,8 @@ impl CircuitMux {
     }
 
     /// Divide every value by the weight of the tick of `now` (`2^exp`) and restart the epoch
-    /// there; forget idle circuits whose average fell below [`FORGET_BELOW`].
+    /// there; forget idle circuits whose average fell below [`FORGET_BELOW`] (and the groups
+    /// they leave empty).
     fn rescale(&mut self, now: Instant, exp: f64) {
         let factor = (-exp).exp2();
         let mut forget = Vec::new();
@@ -346,10 +574,22 @@ impl CircuitMux {
         for (i, id) in forget {
             self.forget(i, id);
         }
+        for g in self.groups.iter_mut().filter(|g| !g.free) {
+            g.value *= factor;
+            if !g.heap.is_empty() {
+                let mut entries = std::mem::take(&mut g.heap).into_vec();
+                for Reverse((key, _, idx)) in &mut entries {
+                    if let Some(s) = self.slots.get(*idx) {
+                        *key = Key(s.value);
+                    }
+                }
+                g.heap = BinaryHeap::from(entries);
+            }
+        }
         let mut entries = std::mem::take(&mut self.heap).into_vec();
-        for Reverse((key, _, idx)) in &mut entries {
-            if let Some(s) = self.slots.get(*idx) {
-                *key = Key(s.value);
+        for Reverse((key, _, gi)) in &mut entries {
+            if let Some(g) = self.groups.get(*gi) {
+                *key = Key(g.value);
             }
         }
         self.heap = BinaryHeap::from(entries);
@@ -360,226 +600,5 @@ impl CircuitMux {
 }
 
 #[cfg(test)]
-mod tests {
-    // A fixed origin for simulated time; the clock itself is never read again.
-    #![allow(clippy::disallowed_methods)]
-
-    use super::*;
-    use crate::cell::DestroyReason;
-
-    fn id(n: u32) -> CircId {
-        CircId::new(n).unwrap()
-    }
-
-    fn cell(n: u32, tag: u8) -> Cell {
-        let mut c = Cell::new_zeroed(Some(id(n)), CellCmd::RELAY);
-        c.body[0] = tag;
-        c
-    }
-
-    fn mux() -> CircuitMux {
-        CircuitMux::new(MuxConfig {
-            circ_cap: 10_000,
-            total_cap: 100_000,
-            ..MuxConfig::default()
-        })
-    }
-
-    fn circ_of(c: &Cell) -> u32 {
-        c.circ_id.unwrap().get()
-    }
-
-    #[test]
-    fn two_backlogged_circuits_share_equally() {
-        let mut m = mux();
-        let t0 = Instant::now();
-        for _ in 0..1000 {
-            m.push(cell(1, 0)).unwrap();
-            m.push(cell(2, 0)).unwrap();
-        }
-        let mut counts = [0usize; 3];
-        for i in 0..1000u64 {
-            let c = m.pop(t0 + Duration::from_millis(i)).unwrap();
-            counts[circ_of(&c) as usize] += 1;
-        }
-        assert!(counts[1].abs_diff(counts[2]) <= 1, "{counts:?}");
-    }
-
-    #[test]
-    fn interactive_cell_overtakes_a_bulk_backlog() {
-        let mut m = mux();
-        let t0 = Instant::now();
-        // A bulk circuit keeps its queue full for 100 simulated seconds; an interactive one
-        // sends one cell every 200 ms. Each interactive cell must go out next.
-        let mut now = t0;
-        let mut waited = Vec::new();
-        for _ in 0..500 {
-            while m.queued_for(id(1)) < 64 {
-                m.push(cell(1, 0)).unwrap();
-            }
-            m.push(cell(2, 1)).unwrap();
-            let mut pops = 0;
-            loop {
-                let c = m.pop(now).unwrap();
-                pops += 1;
-                if circ_of(&c) == 2 {
-                    break;
-                }
-            }
-            waited.push(pops);
-            // The link carries 100 bulk cells between two interactive cells.
-            for _ in 0..100 {
-                while m.queued_for(id(1)) < 64 {
-                    m.push(cell(1, 0)).unwrap();
-                }
-                assert_eq!(circ_of(&m.pop(now).unwrap()), 1);
-            }
-            now += Duration::from_millis(200);
-        }
-        // At the very start neither has a history (the bulk circuit queued first goes first);
-        // from then on the interactive cell is always next.
-        assert!(waited[0] <= 2);
-        assert!(waited[1..].iter().all(|&p| p == 1), "{waited:?}");
-    }
-
-    #[test]
-    fn order_within_a_circuit_is_kept_and_control_goes_first() {
-        let mut m = mux();
-        let t0 = Instant::now();
-        for tag in 0..50u8 {
-            m.push(cell(7, tag)).unwrap();
-            m.push(cell(9, tag)).unwrap();
-        }
-        m.push(Cell::padding()).unwrap();
-        assert_eq!(m.pop(t0).unwrap().cmd, CellCmd::PADDING);
-        let mut next = [0u8; 10];
-        while let Some(c) = m.pop(t0) {
-            let k = circ_of(&c) as usize;
-            assert_eq!(c.body[0], next[k]);
-            next[k] += 1;
-        }
-        assert_eq!((next[7], next[9]), (50, 50));
-        assert!(m.is_empty());
-    }
-
-    #[test]
-    fn history_decays_with_the_half_life() {
-        let mut m = mux();
-        let t0 = Instant::now();
-        // Circuit 1 sent 1000 cells at t0, circuit 2 sent 10.
-        for _ in 0..1000 {
-            m.push(cell(1, 0)).unwrap();
-        }
-        for _ in 0..10 {
-            m.push(cell(2, 0)).unwrap();
-        }
-        while m.pop(t0).is_some() {}
-        assert!((m.ewma(id(1)) - 1000.0).abs() < 1e-6);
-        // Right away, circuit 2 is preferred.
-        m.push(cell(1, 0)).unwrap();
-        m.push(cell(2, 0)).unwrap();
-        assert_eq!(circ_of(&m.pop(t0).unwrap()), 2);
-        assert_eq!(circ_of(&m.pop(t0).unwrap()), 1);
-        // Five half-lives later circuit 1 counts for 1001/32 ≈ 31 cells; circuit 2 sends 40
-        // then, and now circuit 1 is preferred.
-        let later = t0 + 5 * Duration::from_secs(30);
-        for _ in 0..40 {
-            m.push(cell(2, 0)).unwrap();
-        }
-        for _ in 0..40 {
-            assert_eq!(circ_of(&m.pop(later).unwrap()), 2);
-        }
-        let e1 = m.ewma(id(1));
-        assert!((e1 - 1001.0 / 32.0).abs() < 0.01, "{e1}");
-        m.push(cell(1, 0)).unwrap();
-        m.push(cell(2, 0)).unwrap();
-        assert_eq!(circ_of(&m.pop(later).unwrap()), 1);
-    }
-
-    #[test]
-    fn caps_refuse_and_hand_the_cell_back() {
-        let mut m = CircuitMux::new(MuxConfig {
-            circ_cap: 3,
-            total_cap: 5,
-            reserve: 1,
-            ..MuxConfig::default()
-        });
-        for _ in 0..3 {
-            m.push(cell(1, 0)).unwrap();
-        }
-        assert!(!m.has_room(Some(id(1))));
-        assert!(matches!(m.push(cell(1, 4)), Err(Refused::CircuitFull(c)) if c.body[0] == 4));
-        m.push(cell(2, 0)).unwrap();
-        m.push(cell(3, 0)).unwrap();
-        // The link is at its cap: circuits 2 and 3 have their reserve queued already...
-        assert!(!m.has_room(Some(id(2))));
-        assert!(matches!(m.push(cell(2, 0)), Err(Refused::LinkFull(_))));
-        // ...but a circuit with nothing queued still gets its one reserved cell in, and so does
-        // one control cell.
-        assert!(m.has_room(Some(id(4))));
-        m.push(cell(4, 0)).unwrap();
-        assert!(matches!(m.push(cell(4, 0)), Err(Refused::LinkFull(_))));
-        m.push(Cell::padding()).unwrap();
-        assert!(matches!(m.push(Cell::padding()), Err(Refused::LinkFull(_))));
-        assert_eq!(m.len(), 7);
-        m.pop(Instant::now()).unwrap();
-        m.pop(Instant::now()).unwrap();
-        m.pop(Instant::now()).unwrap();
-        assert!(m.has_room(Some(id(2))));
-        assert_eq!(m.len(), 4);
-    }
-
-    #[test]
-    fn table_stays_bounded_over_hours_of_churn() {
-        let mut m = mux();
-        let t0 = Instant::now();
-        // 20 000 circuits over ten simulated hours, each sends 5 cells and half end with a
-        // DESTROY; the table may only hold the recently active ones.
-        let mut max_known = 0;
-        for n in 1..=20_000u32 {
-            let now = t0 + Duration::from_millis(u64::from(n) * 1800);
-            for _ in 0..5 {
-                m.push(cell(n, 0)).unwrap();
-            }
-            if n % 2 == 0 {
-                m.push(Cell::destroy(id(n), DestroyReason::NONE)).unwrap();
-            }
-            while m.pop(now).is_some() {}
-            max_known = max_known.max(m.n_circuits());
-        }
-        // Idle circuits are forgotten once their average is below 0.01 cells: about
-        // log2(500) = 9 half-lives = 270 s = 150 circuits at this rate; rescales happen every
-        // 15 min, so up to ~650 are remembered, never the 20 000.
-        assert!(max_known < 1000, "{max_known}");
-        assert!(m.slots.len() < 1000, "{}", m.slots.len());
-    }
-
-    #[test]
-    fn rescale_keeps_the_order() {
-        let mut m = mux();
-        let t0 = Instant::now();
-        let hl = Duration::from_secs(30);
-        m.push(cell(3, 0)).unwrap();
-        m.pop(t0).unwrap();
-        // 29 half-lives on (weight 2^29, no rescale yet) circuit 1 sends 30 cells, circuit 2 10.
-        let t1 = t0 + 29 * hl;
-        for _ in 0..30 {
-            m.push(cell(1, 0)).unwrap();
-        }
-        for _ in 0..10 {
-            m.push(cell(2, 0)).unwrap();
-        }
-        while m.pop(t1).is_some() {}
-        assert!((m.ewma(id(1)) - 30.0).abs() < 1e-6);
-        // Two more half-lives: the weight passes 2^30 and everything is rescaled. The averages
-        // are 7.5 and 2.5 cells, circuit 3 (idle since t0) is forgotten, the order holds.
-        let t2 = t1 + 2 * hl;
-        m.push(cell(1, 0)).unwrap();
-        m.push(cell(2, 0)).unwrap();
-        assert_eq!(circ_of(&m.pop(t2).unwrap()), 2);
-        assert_eq!(circ_of(&m.pop(t2).unwrap()), 1);
-        assert_eq!(m.tick, 0);
-        assert!((m.ewma(id(1)) - 8.5).abs() < 1e-6, "{}", m.ewma(id(1)));
-        assert_eq!(m.n_circuits(), 2);
-    }
-}
+#[path = "circmux_tests.rs"]
+mod tests;

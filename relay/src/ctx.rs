@@ -44,6 +44,9 @@ pub struct Stats {
     /// Times a client link's reader paused because its refused CREATEs outran
     /// `dos.link_refusal_rate`.
     link_pauses: AtomicU64,
+    /// Circuits open now that are scheduled under their client address's group on their next
+    /// link (`allium_proto::circmux` groups).
+    grouped: AtomicU64,
 }
 
 impl Stats {
@@ -56,6 +59,14 @@ impl Stats {
     pub(crate) fn circuit_opened(&self) {
         self.circuits.fetch_add(1, Ordering::Relaxed);
         self.circuits_total.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn grouped_circuit_opened(&self) {
+        self.grouped.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn grouped_circuit_closed(&self) {
+        let _ = self
+            .grouped
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
     }
     pub(crate) fn circuit_closed(&self) {
         let _ = self
@@ -167,6 +178,11 @@ impl Stats {
     /// Circuits created since start.
     pub fn total_circuits(&self) -> u64 {
         self.circuits_total.load(Ordering::Relaxed)
+    }
+    /// Circuits open now whose previous hop is a client and which are scheduled under that
+    /// client address's group on their next link.
+    pub fn grouped_circuits(&self) -> u64 {
+        self.grouped.load(Ordering::Relaxed)
     }
 }
 

@@ -343,6 +343,18 @@ impl AddrKey {
             },
         }
     }
+
+    /// The scheduling group of the circuits from this address on the relay's outgoing links
+    /// ([`allium_proto::circmux`]): the address as an IPv6 number, an IPv4 address in its
+    /// IPv4-mapped form. Distinct keys give distinct groups (an IPv6 key never is IPv4-mapped
+    /// and has its low 64 bits clear).
+    pub fn sched_group(self) -> allium_proto::circmux::CircGroup {
+        let v6 = match self.0 {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        allium_proto::circmux::CircGroup(u128::from(v6))
+    }
 }
 
 #[derive(Debug)]
@@ -973,6 +985,21 @@ mod tests {
             AddrKey::of(ip("::ffff:10.0.0.1")),
             AddrKey::of(ip("10.0.0.1"))
         );
+    }
+
+    /// One scheduling group per address key: an IPv6 /64 is one group, and no IPv4 address
+    /// shares a group with an IPv6 prefix.
+    #[test]
+    fn sched_groups_follow_the_address_keys() {
+        let g = |s: &str| AddrKey::of(ip(s)).sched_group();
+        assert_eq!(g("10.0.0.1"), g("::ffff:10.0.0.1"));
+        assert_ne!(g("10.0.0.1"), g("10.0.0.2"));
+        assert_eq!(g("2001:db8:1:2::1"), g("2001:db8:1:2:abcd::9"));
+        assert_ne!(g("2001:db8:1:2::1"), g("2001:db8:1:3::1"));
+        // ::/64 against 0.0.0.0, and an IPv6 prefix against the IPv4 address of its bits.
+        assert_ne!(g("::1"), g("0.0.0.0"));
+        assert_ne!(g("0:0:0:a00::1"), g("10.0.0.1"));
+        assert_eq!(g("::1"), allium_proto::circmux::CircGroup(0));
     }
 
     #[test]

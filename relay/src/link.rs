@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use allium_crypto::{RelayId, X25519Public};
 use allium_proto::cell::{Cell, CellCmd, CircId, DestroyReason};
 use allium_proto::channel::{ChannelReceiver, ChannelSender};
+use allium_proto::circmux::CircGroup;
 use tokio::sync::{Notify, mpsc};
 
 use crate::core::Side;
@@ -43,6 +44,18 @@ pub enum CellSink {
     /// An in-memory queue (tests).
     #[cfg_attr(not(test), allow(dead_code))]
     Mpsc(mpsc::Sender<Cell>),
+    /// An in-memory scheduler that the test drains (tests of the per-group scheduling).
+    #[cfg(test)]
+    Mux(Arc<MemMux>),
+}
+
+/// A link's scheduler without a socket: the test pops cells as a link writer would.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct MemMux {
+    pub(crate) mux: Mutex<allium_proto::circmux::CircuitMux>,
+    /// Popped cells made room.
+    pub(crate) room: Notify,
 }
 
 /// Result of a non-blocking enqueue.
@@ -59,8 +72,14 @@ pub(crate) enum Enqueue {
 impl CellSink {
     /// Enqueue without waiting.
     pub(crate) fn try_enqueue(&self, cell: Cell) -> Enqueue {
+        self.try_enqueue_in(cell, None)
+    }
+
+    /// Enqueue without waiting, scheduling the cell's circuit in `group` on this link (see
+    /// [`ChannelSender::send_in`]; in-memory queues have no scheduler and ignore it).
+    pub(crate) fn try_enqueue_in(&self, cell: Cell, group: Option<CircGroup>) -> Enqueue {
         match self {
-            Self::Channel(s) => match s.try_send(cell) {
+            Self::Channel(s) => match s.try_send_in(cell, group) {
                 Ok(None) => Enqueue::Done,
                 Ok(Some(c)) => Enqueue::Full(c),
                 Err(_) => Enqueue::Closed,
@@ -70,15 +89,43 @@ impl CellSink {
                 Err(mpsc::error::TrySendError::Full(c)) => Enqueue::Full(c),
                 Err(mpsc::error::TrySendError::Closed(_)) => Enqueue::Closed,
             },
+            #[cfg(test)]
+            Self::Mux(m) => match m.mux.lock() {
+                Ok(mut mux) => match mux.push_in(cell, group) {
+                    Ok(()) => Enqueue::Done,
+                    Err(r) => Enqueue::Full(r.into_cell()),
+                },
+                Err(_) => Enqueue::Closed,
+            },
         }
     }
 
     /// Enqueue, waiting for room (unbounded wait: callers bound it). `false` if the link closed.
     /// Dropping the future before it completes drops the cell.
     pub(crate) async fn send(&self, cell: Cell) -> bool {
+        self.send_in(cell, None).await
+    }
+
+    /// As [`CellSink::send`], in `group` (see [`CellSink::try_enqueue_in`]).
+    pub(crate) async fn send_in(&self, cell: Cell, group: Option<CircGroup>) -> bool {
         match self {
-            Self::Channel(s) => s.send(cell).await.is_ok(),
+            Self::Channel(s) => s.send_in(cell, group).await.is_ok(),
             Self::Mpsc(s) => s.send(cell).await.is_ok(),
+            #[cfg(test)]
+            Self::Mux(m) => {
+                let mut cell = cell;
+                loop {
+                    let room = m.room.notified();
+                    tokio::pin!(room);
+                    room.as_mut().enable();
+                    match self.try_enqueue_in(cell, group) {
+                        Enqueue::Done => return true,
+                        Enqueue::Closed => return false,
+                        Enqueue::Full(c) => cell = c,
+                    }
+                    room.await;
+                }
+            }
         }
     }
 }

@@ -4,7 +4,9 @@
 //! Families: `allium_relay_bytes_total{direction}` (bytes of link frames read and written, as
 //! the channel counts them once per frame), `allium_relay_cells_total{direction}` (the
 //! cells in those frames), `allium_link_queued_bytes`
-//! (cells waiting in link send queues), `allium_circuits_open`,
+//! (cells waiting in link send queues), `allium_sched_grouped_circuits` and
+//! `allium_sched_grouped_cells_total` (circuits scheduled per client address on their next link,
+//! and the cells they sent: `allium_proto::circmux` groups), `allium_circuits_open`,
 //! `allium_circuits_created_total`, `allium_streams_open` (exit streams),
 //! `allium_dos_rejections_total{reason}` (reasons: the circuit layer's and every
 //! [`crate::dos::Refusal`]), `allium_relay_queued_bytes`, `allium_consensus_age_seconds`,
@@ -76,6 +78,19 @@ pub(crate) fn page(ctx: &Ctx, now: u64) -> Exposition {
         MetricType::Gauge,
         "Bytes of cells waiting in the send queues of open links, now.",
         ctx.link_bytes.queued_bytes() as f64,
+    );
+    e.single(
+        "allium_sched_grouped_circuits",
+        MetricType::Gauge,
+        "Open circuits from clients that share their next link by client address (one \
+         scheduling group per IPv4 address or IPv6 /64), now.",
+        s.grouped_circuits() as f64,
+    );
+    e.single(
+        "allium_sched_grouped_cells_total",
+        MetricType::Counter,
+        "Cells written to links by circuits scheduled in a client-address group.",
+        ctx.link_bytes.cells_written_grouped() as f64,
     );
     e.single(
         "allium_circuits_open",
@@ -263,6 +278,9 @@ mod tests {
             "allium_relay_cells_total{direction=\"read\"} 0",
             "allium_circuits_open 0",
             "allium_link_queued_bytes 0",
+            "allium_sched_grouped_circuits 0",
+            "# TYPE allium_sched_grouped_cells_total counter",
+            "allium_sched_grouped_cells_total 0",
             "allium_relay_bytes_total{direction=\"read\"} 0",
             "allium_streams_open 0",
             "allium_dos_rejections_total{reason=\"queue_overflow\"} 0",

@@ -8,12 +8,19 @@
 //!   room on that link and meanwhile stops pulling its own inbound queue and its exit sockets'
 //!   reads. No other circuit waits for it. Blocked past the core's cap, the circuit is destroyed.
 //! - Time enters here (`coarse_now`, tokio's clock) and is passed to the core.
+//! - Fair sharing of the next link between clients: when the previous hop is a client (not a
+//!   relay of the consensus), the circuit's cells go onto its next link in the scheduling group
+//!   of the client's address (IPv6: its /64; [`crate::dos::AddrKey::sched_group`]), so all
+//!   circuits from one address, over any number of links, share each outgoing link as one
+//!   circuit would. Circuits whose previous hop is a relay stay ungrouped (a guard's clients
+//!   are not lumped together at the middle). The address itself is never logged.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use allium_proto::cell::{Cell, CellCmd, CircId, DestroyReason};
+use allium_proto::circmux::CircGroup;
 use allium_proto::relaymsg::EndReason;
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -109,6 +116,7 @@ pub(crate) fn spawn(
         prev,
         prev_id,
         next: None,
+        next_group: None,
         handle,
         inbox,
         io_tx,
@@ -134,6 +142,9 @@ struct Reactor {
     /// The next hop's link and our id on it (kept after NextClosed until replaced, so a DESTROY
     /// queued before it still goes out).
     next: Option<(Arc<Link>, CircId)>,
+    /// The scheduling group of this circuit's cells on its next link (its client's address),
+    /// set with the next link; counted in `Stats::grouped_circuits` while set.
+    next_group: Option<CircGroup>,
     handle: CircHandle,
     inbox: crate::link::InboxRx,
     io_tx: mpsc::Sender<Io>,
@@ -329,13 +340,13 @@ impl Reactor {
                 return;
             };
             // Borrowed, not cloned: this runs once per cell.
-            let (link, id) = match (side, &self.next) {
-                (Side::Prev, _) => (&self.prev, self.prev_id),
-                (Side::Next, Some((l, id))) => (l, *id),
+            let (link, id, group) = match (side, &self.next) {
+                (Side::Prev, _) => (&self.prev, self.prev_id, None),
+                (Side::Next, Some((l, id))) => (l, *id, self.next_group),
                 (Side::Next, None) => continue,
             };
             cell.circ_id = Some(id);
-            match link.sink.try_enqueue(cell) {
+            match link.sink.try_enqueue_in(cell, group) {
                 Enqueue::Done => {}
                 Enqueue::Full(c) => {
                     self.stalled = Some((side, c));
@@ -356,7 +367,11 @@ impl Reactor {
         let Some((link, _)) = self.route(side) else {
             return;
         };
-        let send = link.sink.send(cell);
+        let group = match side {
+            Side::Prev => None,
+            Side::Next => self.next_group,
+        };
+        let send = link.sink.send_in(cell, group);
         tokio::pin!(send);
         loop {
             let deadline = self.core.poll_timeout().map(tokio::time::Instant::from_std);
@@ -902,8 +917,27 @@ impl Reactor {
             return;
         };
         self.next = Some((link, id));
+        self.set_next_group();
         // Nothing is stalled while I/O is handled: the CREATE goes out first on the new link.
         self.stalled = Some((Side::Next, cell));
+    }
+
+    /// Choose the circuit's scheduling group on its next link (see the module docs): its
+    /// previous hop's address if that is a client, none if it is a relay.
+    fn set_next_group(&mut self) {
+        let group = if self.ctx.is_exempt_link(&self.prev) {
+            None
+        } else {
+            self.prev
+                .peer_ip()
+                .map(|ip| crate::dos::AddrKey::of(ip).sched_group())
+        };
+        match (self.next_group.is_some(), group.is_some()) {
+            (false, true) => self.ctx.stats.grouped_circuit_opened(),
+            (true, false) => self.ctx.stats.grouped_circuit_closed(),
+            _ => {}
+        }
+        self.next_group = group;
     }
 
     /// The circuit is destroyed: send what is left (DESTROYs without waiting), unroute, count.
@@ -937,6 +971,9 @@ impl Reactor {
         self.hs_peer = None;
         let stats = &self.ctx.stats;
         stats.circuit_closed();
+        if self.next_group.is_some() {
+            stats.grouped_circuit_closed();
+        }
         if let Some(e) = self.core.close_error() {
             match e {
                 CircError::Blocked { .. } => stats.note_blocked_destroy(),

@@ -1612,3 +1612,6 @@ async fn extend_links_leave_from_the_listen_address() {
     assert_eq!(from.ip(), mine.ip());
     extend.abort();
 }
+
+#[path = "sched_tests.rs"]
+mod sched_tests;
