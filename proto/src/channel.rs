@@ -800,14 +800,13 @@ mod tests {
         c
     }
 
-    /// Run a link whose peer reads one frame per 10 ms (simulated) through a pipe that holds
-    /// two frames. Circuit 1 keeps its queue full if `bulk`; circuit 2 sends one cell every
-    /// 200 ms. Returns circuit 2's per-cell delays (queued to read) and the bulk cells read.
-    async fn interactive_delays(bulk: bool) -> (Vec<Duration>, usize) {
+    /// A sender whose writer task seals into a pipe that holds two frames; the test reads the
+    /// pipe (`rd`) and opens the frames (`opener`) at the pace it wants.
+    fn slow_link() -> (ChannelSender, LinkOpener, tokio::io::DuplexStream) {
         let (ti, tr) = transports();
         let (sealer, _) = ti.split();
-        let (_, mut opener) = tr.split();
-        let (wr, mut rd) = tokio::io::duplex(2 * (MAX_FRAME_LEN + LEN_PREFIX));
+        let (_, opener) = tr.split();
+        let (wr, rd) = tokio::io::duplex(2 * (MAX_FRAME_LEN + LEN_PREFIX));
         let closed = CloseSignal::new();
         let (sender, queue) = ChannelSender::new(closed.clone(), MuxConfig::default());
         let timeout = Arc::clone(&sender.inner.write_timeout_ms);
@@ -819,6 +818,14 @@ mod tests {
             timeout,
             CounterSlot::default(),
         ));
+        (sender, opener, rd)
+    }
+
+    /// Run a link whose peer reads one frame per 10 ms (simulated) through a pipe that holds
+    /// two frames. Circuit 1 keeps its queue full if `bulk`; circuit 2 sends one cell every
+    /// 200 ms. Returns circuit 2's per-cell delays (queued to read) and the bulk cells read.
+    async fn interactive_delays(bulk: bool) -> (Vec<Duration>, usize) {
+        let (sender, mut opener, mut rd) = slow_link();
         if bulk {
             let s = sender.clone();
             tokio::spawn(async move { while s.send(relay_cell(1, 0)).await.is_ok() {} });
@@ -890,21 +897,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_group_of_bulk_circuits_shares_the_writer_as_one() {
         async fn lone_share(grouped: bool) -> f64 {
-            let (ti, tr) = transports();
-            let (sealer, _) = ti.split();
-            let (_, mut opener) = tr.split();
-            let (wr, mut rd) = tokio::io::duplex(2 * (MAX_FRAME_LEN + LEN_PREFIX));
-            let closed = CloseSignal::new();
-            let (sender, queue) = ChannelSender::new(closed.clone(), MuxConfig::default());
-            let timeout = Arc::clone(&sender.inner.write_timeout_ms);
-            tokio::spawn(writer_task(
-                wr,
-                queue,
-                sealer,
-                closed.clone(),
-                timeout,
-                CounterSlot::default(),
-            ));
+            let (sender, mut opener, mut rd) = slow_link();
             for circ in 1..=21u32 {
                 let s = sender.clone();
                 let group = (grouped && circ <= 20).then_some(CircGroup(9));
