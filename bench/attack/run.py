@@ -6,8 +6,10 @@ every circuit crosses every relay), then:
 
   1. baseline: the honest client (127.0.0.1) downloads /bytes/N through the SOCKS port, a new
      SOCKS username per download (a new circuit each time), for --secs seconds;
-  2. the attack starts from 127.0.0.77; after --ramp seconds the same honest measurement runs
-     again while the attack goes on; then the attack stops;
+  2. the attack starts from 127.0.0.77; after --ramp seconds, and once the attack has reached
+     its steady state (dest_never_reads: its uploads have filled every window and stopped;
+     `ramp_secs` in the JSON), the same honest measurement runs again while the attack goes on;
+     then the attack stops;
   3. recovery: one more short honest measurement.
 
 Each attack reports honest throughput during / without (the fraction), peak RSS of every node
@@ -37,16 +39,16 @@ The two attacks through SOCKS (client_never_reads, dest_never_reads) use the att
 --shared-proxy sends them through the honest proxy instead (a local user of the same proxy).
 
 Needs python3 (stdlib) and a release `allium` binary (default $CARGO_TARGET_DIR/release/allium,
-else target/release/allium; `cargo build --release --bin allium`). The CREATE flood is a Rust
-example (bench/attack/create_flood.rs), taken from beside the allium binary
-(`cargo build --release --example create_flood`), else built with
-`cargo build --example create_flood` when absent. Writes bench/results/attack-<UTC stamp>.json and prints a Markdown table;
-`--table FILE` prints the table of an earlier run.
+else target/release/allium; `cargo build --release --bin allium`). The CREATE floods and the
+socket attacks (conn_flood, slowloris, garbage) are Rust examples (bench/attack/create_flood.rs,
+bench/attack/swarm.rs), taken from beside the allium binary
+(`cargo build --release --example create_flood --example swarm`), else built with
+`cargo build --example NAME` when absent. Writes bench/results/attack-<UTC stamp>.json and prints
+a Markdown table; `--table FILE` prints the table of an earlier run.
 """
 
 import argparse
 import datetime
-import heapq
 import json
 import multiprocessing
 import os
@@ -65,12 +67,13 @@ import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ATTACKER = "127.0.0.77"
-# Nice value of the attacker: the CREATE-flood process and the threads of the socket attacks (--attacker-nice).
+# Nice value of the attack processes (--attacker-nice).
 ATTACKER_NICE = 0
 HONEST = "127.0.0.1"
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 MIB = 1024 * 1024
 RELAY_RSS_GOAL_MIB = 256
+# Longest wait, after --ramp, for an attack to reach its steady state (Attack.settled).
+MAX_SETTLE_S = 60
 
 
 def target_dir():
@@ -398,6 +401,15 @@ class Attack:
     def stop(self):
         raise NotImplementedError
 
+    def settled(self):
+        """Whether the attack has reached its steady state (polled every 0.5 s after --ramp,
+        for at most MAX_SETTLE_S, before the honest measurement under attack starts)."""
+        return True
+
+    def mark(self, phase):
+        """Called as the honest measurement under attack starts and ends ("start", "end"):
+        attacks with a byte count snapshot it, so the JSON shows what flowed while measured."""
+
     def result(self):
         return {}
 
@@ -501,17 +513,6 @@ def own_proxy(tn, shared):
     return tn.attacker_proxy.socks
 
 
-def attacker_socket():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-    except OSError:
-        pass
-    s.bind((ATTACKER, 0))
-    s.setblocking(False)
-    return s
-
-
 def hard_close(s):
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -520,236 +521,81 @@ def hard_close(s):
     s.close()
 
 
-def slow_prefix(kind):
-    """What a slowloris sends on a listener of this kind, one byte at a time (never complete)."""
-    if kind in ("metrics", "dir", "http_tunnel"):
-        head = b"GET / HTTP/1.1\r\nHost: x\r\n" if kind != "http_tunnel" else \
-            b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: x\r\n"
-        return head + b"X-Slow: " + b"a" * 100000
-    if kind == "socks":
-        return b"\x05\xff" + bytes(range(255)) + b"\x05\x01\x00\x03\xff" + b"a" * 255
-    if kind == "control":
-        return b"PROTOCOLINFO " + b"1" * 100000
-    # OR: a Noise message-1 length prefix (96 bytes), then the message byte by byte.
-    return b"\x00\x60" + b"\x11" * 96 + b"\x00\x60" * 50000
-
-
 class Swarm(Attack):
-    """Many attacker sockets on a set of TCP listeners, driven by one selector thread.
+    """Many attacker sockets on a set of TCP listeners: the Rust example bench/attack/swarm.rs
+    (one tokio thread; as a Python selector thread the same attack used 0.5-0.8 of a core in the
+    interpreter, taken from the two cores the honest client is measured on).
 
     mode "hold": connect and keep (connection flood); "trickle": send the next byte of the
     listener's slow prefix every `interval` s (slowloris); "garbage": write random bytes as fast
     as the socket takes them. Sockets the server closes are counted and reopened (at most
     `reopen_per_s` per listener per second)."""
 
-    def __init__(self, name, per_target, mode, interval=3.0, reopen_per_s=500):
+    def __init__(self, name, per_target, mode, exe, interval=3.0, reopen_per_s=500):
         self.name = name
         self.per_target = per_target
         self.mode = mode
+        self.exe = exe
         self.interval = interval
         self.reopen_per_s = reopen_per_s
-        self.stop_ev = threading.Event()
-        self.junk = os.urandom(1024 * 1024)
         self.udp = None
+        self.res = {}
 
     def targets(self, tn):
         return tn.tcp_listeners()
 
     def start(self, tn):
-        self.tgts = [{"label": lb, "kind": k, "addr": a, "open": 0, "opened": 0,
-                      "connected": 0, "refused": 0, "closed_by_server": 0, "max_held": 0,
-                      "bytes_sent": 0, "budget": float(self.per_target)}
-                     for (lb, k, a) in self.targets(tn)]
-        self.sel = selectors.DefaultSelector()
-        self.fd_errors = 0
-        self.thread = threading.Thread(target=self.loop, daemon=True)
-        self.thread.start()
-
-    def open_one(self, t):
-        try:
-            s = attacker_socket()
-        except OSError:
-            self.fd_errors += 1
-            return False
-        err = s.connect_ex(t["addr"])
-        if err not in (0, 115, 11):  # EINPROGRESS, EAGAIN
-            s.close()
-            t["refused"] += 1
-            return True
-        st = {"t": t, "connected": False, "off": 0, "next": 0.0}
-        self.sel.register(s, selectors.EVENT_WRITE, st)
-        t["open"] += 1
-        t["opened"] += 1
-        return True
-
-    def drop(self, s, st, by_server):
-        t = st["t"]
-        try:
-            self.sel.unregister(s)
-        except (KeyError, ValueError):
-            pass
-        hard_close(s)
-        t["open"] -= 1
-        if by_server:
-            if st["connected"]:
-                t["closed_by_server"] += 1
-            else:
-                t["refused"] += 1
-
-    def loop(self):
-        if ATTACKER_NICE:
-            # Linux: niceness is per thread, so the attacker's thread alone runs at it.
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ATTACKER_NICE)
-        self.due = []
-        self.seq = 0
-        last = time.monotonic()
-        while not self.stop_ev.is_set():
-            now = time.monotonic()
-            dt, last = now - last, now
-            for t in self.tgts:
-                t["budget"] = min(t["budget"] + dt * self.reopen_per_s, float(self.per_target))
-                while t["open"] < self.per_target and t["budget"] >= 1:
-                    t["budget"] -= 1
-                    if not self.open_one(t):
-                        break
-            for key, ev in self.sel.select(timeout=0.05):
-                s, st = key.fileobj, key.data
-                t = st["t"]
-                if not st["connected"]:
-                    err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        self.drop(s, st, True)
-                        continue
-                    st["connected"] = True
-                    t["connected"] += 1
-                    if self.mode == "trickle":
-                        self.schedule(s, now)
-                    events = selectors.EVENT_READ
-                    if self.mode == "garbage":
-                        events |= selectors.EVENT_WRITE
-                    self.sel.modify(s, events, st)
-                    continue
-                if ev & selectors.EVENT_READ:
-                    try:
-                        data = s.recv(65536)
-                    except BlockingIOError:
-                        data = b"x"
-                    except OSError:
-                        data = b""
-                    if not data:
-                        self.drop(s, st, True)
-                        continue
-                if ev & selectors.EVENT_WRITE and self.mode == "garbage":
-                    off = random.randrange(0, len(self.junk) - 65536)
-                    try:
-                        t["bytes_sent"] += s.send(self.junk[off:off + 65536])
-                    except BlockingIOError:
-                        pass
-                    except OSError:
-                        self.drop(s, st, True)
-            if self.mode == "trickle":
-                self.trickle(now)
-            for t in self.tgts:
-                held = t["open"]
-                t["max_held"] = max(t["max_held"], held)
-            self.extra()
-        for key in list(self.sel.get_map().values()):
-            hard_close(key.fileobj)
-        self.sel.close()
-
-    def trickle(self, now):
-        # Only the connections that are due (a heap by due time): scanning all of them at every
-        # wake-up cost the tool a whole core at 7,600 connections, on the cores being measured.
-        while self.due and self.due[0][0] <= now:
-            _, _, sock = heapq.heappop(self.due)
-            try:
-                key = self.sel.get_key(sock)
-            except (KeyError, ValueError):
-                continue  # dropped meanwhile
-            st = key.data
-            prefix = slow_prefix(st["t"]["kind"])
-            b = prefix[st["off"] % len(prefix):st["off"] % len(prefix) + 1]
-            try:
-                n = sock.send(b)
-                st["off"] += n
-                st["t"]["bytes_sent"] += n
-            except BlockingIOError:
-                pass
-            except OSError:
-                self.drop(sock, st, True)
-                continue
-            self.schedule(sock, now + self.interval * random.uniform(0.8, 1.2))
-
-    def schedule(self, sock, when):
-        self.seq += 1
-        heapq.heappush(self.due, (when, self.seq, sock))
-
-    def extra(self):
-        pass
+        cmd = [str(self.exe), "--mode", self.mode, "--per-target", str(self.per_target),
+               "--interval", str(self.interval), "--reopen-per-s", str(self.reopen_per_s),
+               "--secs", str(self.secs + MAX_SETTLE_S), "--source", ATTACKER]
+        for (label, kind, (host, port)) in self.targets(tn):
+            cmd += ["--target", f"{label},{kind},{host}:{port}"]
+        if self.udp:
+            cmd += ["--udp", f"{self.udp[0]}:{self.udp[1]}"]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=(lambda: os.nice(ATTACKER_NICE)) if ATTACKER_NICE else None)
 
     def stop(self):
-        self.stop_ev.set()
-        self.thread.join(timeout=30)
+        self.proc.terminate()
+        try:
+            out, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        try:
+            self.res = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            self.res = {"error": (err or out)[-500:], "listeners": {},
+                        "held_at_end_total": 0, "max_held_total": 0}
 
     def result(self):
-        per = {t["label"]: {k: t[k] for k in ("max_held", "open", "opened", "connected",
-                                              "refused", "closed_by_server", "bytes_sent")}
-               for t in self.tgts}
-        return {"per_target": self.per_target, "mode": self.mode, "listeners": per,
-                "held_at_end_total": sum(t["open"] for t in self.tgts),
-                "max_held_total": sum(t["max_held"] for t in self.tgts),
-                "attacker_fd_errors": self.fd_errors}
+        return self.res
 
 
 class ConnFlood(Swarm):
-    def __init__(self, conns):
-        super().__init__("conn_flood", conns, "hold", reopen_per_s=2000)
+    def __init__(self, conns, exe):
+        super().__init__("conn_flood", conns, "hold", exe, reopen_per_s=2000)
 
     def targets(self, tn):
         return [(f"{n['name']}/or", "or", parse_addr(n["addrs"]["or"])) for n in tn.relays()]
 
 
 class Slowloris(Swarm):
-    def __init__(self, conns, interval):
-        super().__init__("slowloris", conns, "trickle", interval=interval, reopen_per_s=200)
+    def __init__(self, conns, interval, exe):
+        super().__init__("slowloris", conns, "trickle", exe, interval=interval, reopen_per_s=200)
 
 
 class Garbage(Swarm):
-    def __init__(self):
-        super().__init__("garbage", 4, "garbage", reopen_per_s=20)
-        self.dgrams = 0
+    """Random bytes on every TCP listener, and about 2,000 random datagrams a second on the DNS
+    port."""
+
+    def __init__(self, exe):
+        super().__init__("garbage", 4, "garbage", exe, reopen_per_s=20)
 
     def start(self, tn):
-        dns = tn.dns()
-        if dns:
-            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.udp.bind((ATTACKER, 0))
-            self.udp.setblocking(False)
-            self.dns_addr = dns
-        self.last_udp = time.monotonic()
+        self.udp = tn.dns()
         super().start(tn)
-
-    def extra(self):
-        # About 2,000 random datagrams a second on the DNS port.
-        if self.udp is None:
-            return
-        now = time.monotonic()
-        n = int((now - self.last_udp) * 2000)
-        if n <= 0:
-            return
-        self.last_udp = now
-        for _ in range(min(n, 500)):
-            off = random.randrange(0, len(self.junk) - 600)
-            try:
-                self.udp.sendto(self.junk[off:off + random.randint(1, 512)], self.dns_addr)
-                self.dgrams += 1
-            except OSError:
-                pass
-
-    def result(self):
-        r = super().result()
-        r["dns_datagrams"] = self.dgrams
-        return r
 
 
 class CreateFlood(Attack):
@@ -831,6 +677,22 @@ class DestNeverReads(Attack):
         self.sent = 0
         self.errors = 0
         self.accepted = []
+        self.marks = {}
+        self.last_sample = None
+
+    def settled(self):
+        # Steady state: every stream's windows and queues are full and the upload has stopped
+        # (under 1 MiB/s). Until then the attack is 400 bulk uploads competing for the same
+        # two cores, which is load, not the attack (holding a relay's memory with data that
+        # never leaves).
+        now, sent = time.monotonic(), self.sent
+        prev, self.last_sample = self.last_sample, (now, sent)
+        if prev is None:
+            return False
+        return (sent - prev[1]) / MIB / max(now - prev[0], 1e-3) < 1.0
+
+    def mark(self, phase):
+        self.marks[phase] = (time.monotonic(), self.sent)
 
     def prepare(self, tn):
         self.proxy = own_proxy(tn, self.shared)
@@ -890,21 +752,28 @@ class DestNeverReads(Attack):
     def result(self):
         return {"streams": len(self.socks), "failed_to_open": self.errors,
                 "sink_connections": len(self.accepted),
-                "mib_accepted_by_proxy": round(self.sent / MIB, 1)}
+                "mib_accepted_by_proxy": round(self.sent / MIB, 1),
+                "mib_per_s_accepted_while_measured": self.rate_while_measured()}
+
+    def rate_while_measured(self):
+        if "start" not in self.marks or "end" not in self.marks:
+            return None
+        (t0, b0), (t1, b1) = self.marks["start"], self.marks["end"]
+        return round((b1 - b0) / MIB / max(t1 - t0, 1e-9), 2)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def make_attack(name, a, flood_exe):
+def make_attack(name, a, exes):
     return {
-        "conn_flood": lambda: ConnFlood(a.conns),
-        "create_flood": lambda: CreateFlood("fresh", a.links, flood_exe),
-        "create_replay": lambda: CreateFlood("replay", a.links, flood_exe),
-        "slowloris": lambda: Slowloris(a.slow, a.trickle),
+        "conn_flood": lambda: ConnFlood(a.conns, exes["swarm"]),
+        "create_flood": lambda: CreateFlood("fresh", a.links, exes["create_flood"]),
+        "create_replay": lambda: CreateFlood("replay", a.links, exes["create_flood"]),
+        "slowloris": lambda: Slowloris(a.slow, a.trickle, exes["swarm"]),
         "client_never_reads": lambda: ClientNeverReads(a.readers, a.shared_proxy),
         "dest_never_reads": lambda: DestNeverReads(a.writers, a.shared_proxy),
-        "garbage": lambda: Garbage(),
+        "garbage": lambda: Garbage(exes["swarm"]),
     }[name]()
 
 
@@ -912,7 +781,7 @@ ATTACKS = ["conn_flood", "create_flood", "create_replay", "slowloris", "client_n
            "dest_never_reads", "garbage"]
 
 
-def run_attack(name, a, allium, flood_exe):
+def run_attack(name, a, allium, exes):
     with tempfile.TemporaryDirectory(prefix=f"allium-attack-{name}-") as work:
         tn = Testnet(allium, work)
         try:
@@ -920,7 +789,7 @@ def run_attack(name, a, allium, flood_exe):
             sampler = RssSampler(tn)
             sampler.start()
             time.sleep(a.settle)
-            attack = make_attack(name, a, flood_exe)
+            attack = make_attack(name, a, exes)
             attack.prepare(tn)
             sampler.phase = "baseline"
             cpu = CpuMeter(tn)
@@ -932,9 +801,14 @@ def run_attack(name, a, allium, flood_exe):
             t0 = time.monotonic()
             attack.start(tn)
             time.sleep(max(0.0, a.ramp - (time.monotonic() - t0)))
+            while not attack.settled() and time.monotonic() - t0 < a.ramp + MAX_SETTLE_S:
+                time.sleep(0.5)
+            ramp_secs = round(time.monotonic() - t0, 1)
             cpu = CpuMeter(tn, attack)
             cpu.start()
+            attack.mark("start")
             during = measure(tn, a.secs, a.size)
+            attack.mark("end")
             cpu_during = cpu.cores()
             dead_during = tn.dead()
             attack.stop()
@@ -954,6 +828,7 @@ def run_attack(name, a, allium, flood_exe):
                 "honest_during": during,
                 "honest_after": after,
                 "fraction": frac,
+                "ramp_secs": ramp_secs,
                 "rss_mib_baseline": sampler.mib("baseline"),
                 "rss_mib_attack": rss_attack,
                 "rss_mib_recovery": sampler.mib("recovery"),
@@ -1041,7 +916,7 @@ def main():
                     help="SOCKS attacks through the honest proxy (a local user of it) instead "
                     "of an attacker's own proxy on 127.0.0.77")
     ap.add_argument("--attacker-nice", type=int, default=0,
-                    help="run the CREATE-flood process at this nice value: on the real network "
+                    help="run the attack processes at this nice value: on the real network "
                          "the attacker has its own machine; here it shares the 2 cores whose "
                          "CPU bounds honest throughput (the relays' cost is the same either way)")
     ap.add_argument("--allium", type=pathlib.Path, default=None)
@@ -1058,13 +933,18 @@ def main():
     if not allium.exists():
         sys.exit(f"{allium} not found: run `cargo build --release --bin allium` or pass --allium")
     names = a.only or ATTACKS
-    # The CREATE flood: a release build beside the allium binary, else a debug one, else build.
-    flood_exe = allium.parent / "examples" / "create_flood"
-    if not flood_exe.exists():
-        flood_exe = target_dir() / "debug" / "examples" / "create_flood"
-    if any(n.startswith("create") for n in names) and not flood_exe.exists():
-        print("building the CREATE flood (cargo build --example create_flood)", file=sys.stderr)
-        subprocess.run(["cargo", "build", "--example", "create_flood"], cwd=ROOT, check=True)
+    # The attack tools (Rust examples): a release build beside the allium binary, else a debug
+    # one, else build the debug one.
+    exes = {}
+    for ex, users in (("create_flood", ("create_flood", "create_replay")),
+                      ("swarm", ("conn_flood", "slowloris", "garbage"))):
+        exe = allium.parent / "examples" / ex
+        if not exe.exists():
+            exe = target_dir() / "debug" / "examples" / ex
+        if any(n in users for n in names) and not exe.exists():
+            print(f"building {ex} (cargo build --example {ex})", file=sys.stderr)
+            subprocess.run(["cargo", "build", "--example", ex], cwd=ROOT, check=True)
+        exes[ex] = exe
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
     doc = {
         "date": stamp,
@@ -1081,7 +961,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         print(f"attack {name} ...", file=sys.stderr, flush=True)
-        r = run_attack(name, a, allium, flood_exe)
+        r = run_attack(name, a, allium, exes)
         doc["results"].append(r)
         doc["loadavg_end"] = os.getloadavg()
         out.write_text(json.dumps(doc, indent=2) + "\n")
