@@ -27,13 +27,14 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
 
 /// What each connection does once it is open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -89,37 +90,34 @@ struct Stats {
     bytes_sent: AtomicU64,
 }
 
-/// Reopen budget of one listener: `rate` tokens a second, at most `cap`, starting full.
-struct Bucket {
-    tokens: f64,
-    cap: f64,
-    rate: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    /// Take a token, or say how long until one is there.
-    fn take(&mut self, now: Instant) -> Result<(), Duration> {
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.rate).min(self.cap);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - self.tokens) / self.rate.max(1e-3),
-            ))
-        }
-    }
-}
-
 struct Target {
     label: String,
     kind: String,
     addr: SocketAddr,
     stats: Stats,
-    bucket: Mutex<Bucket>,
+    /// Reopen budget: one permit per new connection, refilled by [`refill`].
+    tokens: Semaphore,
+}
+
+/// Refill every listener's reopen budget: `rate` permits a second, at most `cap` waiting. (A
+/// semaphore, so the thousands of slots that wait for a permit sleep instead of polling a clock.)
+async fn refill(targets: Vec<Arc<Target>>, rate: f64, cap: usize) {
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = Instant::now();
+    let mut owed = 0.0f64;
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        owed += now.saturating_duration_since(last).as_secs_f64() * rate;
+        last = now;
+        let whole = owed.floor();
+        owed -= whole;
+        for t in &targets {
+            let room = cap.saturating_sub(t.tokens.available_permits());
+            t.tokens.add_permits((whole as usize).min(room));
+        }
+    }
 }
 
 /// What a slowloris sends on a listener of this kind, one byte at a time (never complete).
@@ -199,15 +197,9 @@ async fn slot(t: Arc<Target>, a: Arc<Args>, prefix: Arc<Vec<u8>>, junk: Arc<Vec<
     let mut rng = Rng(seed() ^ id.wrapping_mul(0x2545_f491_4f6c_dd1d));
     loop {
         // Wait for the listener's reopen budget.
-        loop {
-            let r = match t.bucket.lock() {
-                Ok(mut b) => b.take(Instant::now()),
-                Err(_) => return,
-            };
-            match r {
-                Ok(()) => break,
-                Err(wait) => tokio::time::sleep(wait).await,
-            }
+        match t.tokens.acquire().await {
+            Ok(p) => p.forget(),
+            Err(_) => return,
         }
         t.stats.opened.fetch_add(1, Ordering::Relaxed);
         let held = t.stats.open.fetch_add(1, Ordering::Relaxed) + 1;
@@ -313,7 +305,6 @@ fn parse_target(s: &str) -> Result<(String, String, SocketAddr), String> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), String> {
     let a = Arc::new(Args::parse());
-    let now = Instant::now();
     let mut targets = Vec::new();
     for s in &a.targets {
         let (label, kind, addr) = parse_target(s)?;
@@ -322,12 +313,7 @@ async fn main() -> Result<(), String> {
             kind,
             addr,
             stats: Stats::default(),
-            bucket: Mutex::new(Bucket {
-                tokens: f64::from(a.per_target),
-                cap: f64::from(a.per_target),
-                rate: a.reopen_per_s,
-                last: now,
-            }),
+            tokens: Semaphore::new(a.per_target as usize),
         }));
     }
     let mut rng = Rng(seed());
@@ -337,6 +323,11 @@ async fn main() -> Result<(), String> {
             .collect::<Vec<u8>>(),
     );
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(refill(
+        targets.clone(),
+        a.reopen_per_s,
+        a.per_target as usize,
+    ));
     let mut id = 0u64;
     for t in &targets {
         let prefix = Arc::new(slow_prefix(&t.kind));
