@@ -12,12 +12,14 @@
 //! SO_LINGER 0, so the tool's closes are resets and leave no TIME_WAIT behind. `--udp ADDR` adds
 //! about `--udp-per-s` random datagrams a second to that address (garbage on a DNS port).
 //!
-//! The same attack was a Python selector thread in run.py until 2026-12-02; at about 2,200 new
+//! The same attack was a Python selector thread in run.py until 2026-12-01; at about 2,200 new
 //! connections a second that thread used 0.5 to 0.8 of a core in the interpreter, on the two
-//! cores whose CPU bounds the honest throughput being measured. Here it is one thread of tokio.
+//! cores whose CPU bounds the honest throughput being measured. Here it is one thread of tokio:
+//! 0.13 of a core for slowloris (2,100 new connections a second), 0.2 for the connection flood
+//! (5,600 a second), most of it the kernel's loopback handshakes.
 //!
-//! After `--secs`, or at SIGTERM, it prints one JSON object: per listener `max_held`, `open`, `opened`,
-//! `connected`, `refused`, `closed_by_server`, `bytes_sent`, and totals.
+//! After `--secs`, or at SIGTERM, it prints one JSON object: per listener `max_held`, `open`,
+//! `opened`, `connected`, `refused`, `closed_by_server`, `bytes_sent`, and totals.
 //!
 //!     cargo build --release --example swarm
 //!     swarm --mode trickle --per-target 400 --secs 20 \
