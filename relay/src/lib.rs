@@ -378,16 +378,6 @@ impl Drop for PendingSlot {
     }
 }
 
-/// Drop a connection refused at accept with a reset (SO_LINGER 0), not a FIN: the relay keeps
-/// no socket for it (a FIN leaves ours in FIN_WAIT, then in TIME_WAIT for a minute if the peer
-/// closes politely: an address refused a few thousand times a second would hold that many
-/// sockets in the relay's kernel), and the refusal costs one packet instead of four. The peer
-/// sees "connection reset" at once, which is also the truth: it was never served.
-fn refuse(tcp: tokio::net::TcpStream) {
-    let _ = tcp.set_zero_linger();
-    drop(tcp);
-}
-
 #[allow(clippy::disallowed_methods)] // Driver: back off after an accept error.
 async fn run_listener(ctx: Arc<Ctx>, listener: TcpListener, slots: Arc<Semaphore>) {
     let mut shutdown = ctx.shutdown.subscribe();
@@ -408,17 +398,14 @@ async fn run_listener(ctx: Arc<Ctx>, listener: TcpListener, slots: Arc<Semaphore
         // Per-address limits first: a refused connection costs no link slot and no handshake.
         // Over a limit, only a relay's address gets the handshake, to prove the relay's key.
         let Ok(dos_slot) = dos::admit_at_accept(&ctx, peer.ip(), link::coarse_now()) else {
-            refuse(tcp);
             continue;
         };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             tracing::debug!("link limit reached; refusing a connection");
-            refuse(tcp);
             continue;
         };
         let Some(pending_slot) = pending.try_take(peer.ip()) else {
             tracing::debug!("too many handshakes from one address; refusing a connection");
-            refuse(tcp);
             continue;
         };
         let _ = tcp.set_nodelay(true);
