@@ -13,28 +13,18 @@
 // A measuring driver: real time and sleeps are the point.
 #![allow(clippy::disallowed_methods)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use allium_crypto::{RelayId, X25519Secret};
 use allium_proto::cell::{Cell, CellCmd, CircId};
-use allium_proto::channel;
 use allium_proto::circmux::CircGroup;
 
 /// The lone circuit's id (the busy client's are 1..=n).
 const LONE: u32 = 100_000;
 
 async fn case(busy: u32, grouped: bool, secs: f64, rate: f64) -> (f64, u64) {
-    let id = RelayId([8; 32]);
-    let key = X25519Secret::generate();
-    let pubkey = key.public();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        let (tcp, _) = l.accept().await.unwrap();
-        channel::accept(tcp, &id, &key).await.unwrap()
-    });
-    let client = channel::connect(addr, &id, &pubkey, None).await.unwrap();
-    let server = server.await.unwrap();
+    let (client, server) = common::loopback_link().await;
     let (tx, _client_rx) = client.split();
     let (_server_tx, mut rx) = server.split();
     let mut senders = Vec::new();

@@ -5,11 +5,12 @@
 //! GiB/s ("thrpt").
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::hint::black_box;
 
 use allium_crypto::{RelayId, X25519Secret};
 use allium_proto::cell::{CELL_LEN, Cell, CellCmd, CircId};
-use allium_proto::channel;
 use allium_proto::link::{Initiator, LinkTransport, MAX_CELLS_PER_FRAME, MAX_FRAME_LEN, Responder};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group};
 
@@ -131,17 +132,7 @@ fn bench_channel(c: &mut Criterion) {
         .build()
         .unwrap();
     let (tx, mut rx, _client_rx, _server_tx) = rt.block_on(async {
-        let id = RelayId([8; 32]);
-        let key = X25519Secret::generate();
-        let pubkey = key.public();
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (tcp, _) = l.accept().await.unwrap();
-            channel::accept(tcp, &id, &key).await.unwrap()
-        });
-        let client = channel::connect(addr, &id, &pubkey, None).await.unwrap();
-        let server = server.await.unwrap();
+        let (client, server) = common::loopback_link().await;
         // The unused halves are kept alive: dropping every sender would close the link.
         let (tx, client_rx) = client.split();
         let (server_tx, rx) = server.split();
